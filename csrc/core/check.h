@@ -1,0 +1,63 @@
+// Errors that cross into Python with a precise type: TypeError, ValueError, and CudaError
+// (RuntimeError) carrying file, line and the CUDA error string. Registered in
+// csrc/python/module.cpp. Every check names the argument and what was expected.
+#pragma once
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#include <utility>
+
+#include "core/array.h"
+
+namespace curvkit {
+
+struct TypeError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+struct ValueError : std::invalid_argument {
+  using std::invalid_argument::invalid_argument;
+};
+struct CudaError : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+template <class... Args>
+std::string cat(Args&&... args) {
+  std::ostringstream os;
+  (os << ... << std::forward<Args>(args));
+  return os.str();
+}
+
+// CK_CHECK_TYPE(cond, "x", " must be float32 or float64, got ", dt.name())
+#define CK_CHECK_TYPE(cond, ...) \
+  do { if (!(cond)) throw ::curvkit::TypeError(::curvkit::cat(__VA_ARGS__)); } while (0)
+#define CK_CHECK_VALUE(cond, ...) \
+  do { if (!(cond)) throw ::curvkit::ValueError(::curvkit::cat(__VA_ARGS__)); } while (0)
+
+inline void check_floating(const ArrayView& a, const char* name) {
+  CK_CHECK_TYPE(a.dtype.is_floating(), "argument '", name,
+                "' must have dtype float16, bfloat16, float32 or float64, got ", a.dtype.name());
+}
+
+inline void check_writable(const ArrayView& a, const char* name) {
+  CK_CHECK_VALUE(a.writable, "argument '", name, "' is read-only; an output must be writable");
+}
+
+inline void check_same_device(const ArrayView& a, const char* a_name, const ArrayView& b,
+                              const char* b_name) {
+  CK_CHECK_VALUE(a.device == b.device, "arguments '", a_name, "' and '", b_name,
+                 "' must be on the same device, got ", a.device.name(), " and ", b.device.name());
+}
+
+inline void check_same_shape(const ArrayView& a, const char* a_name, const ArrayView& b,
+                             const char* b_name) {
+  auto fmt = [](const ArrayView& x) {
+    std::string s = "(";
+    for (int d = 0; d < x.ndim(); ++d) s += (d ? ", " : "") + std::to_string(x.shape[d]);
+    return s + (x.ndim() == 1 ? ",)" : ")");
+  };
+  CK_CHECK_VALUE(a.shape == b.shape, "arguments '", a_name, "' and '", b_name,
+                 "' must have the same shape, got ", fmt(a), " and ", fmt(b));
+}
+
+}  // namespace curvkit

@@ -1,0 +1,198 @@
+#include "python/interop.h"
+
+#include <pybind11/stl.h>
+
+#include <cstring>
+
+#include "core/check.h"
+#include "core/convert.h"
+#include "python/dlpack.h"
+
+namespace curvkit::interop {
+
+ImportedArray::Owner::~Owner() {
+  if (legacy && legacy->deleter) legacy->deleter(legacy);
+  if (versioned && versioned->deleter) versioned->deleter(versioned);
+  if (has_buffer) PyBuffer_Release(&buffer);
+}
+
+namespace {
+
+std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__qualname__")); }
+
+DType dtype_from_dlpack(const dlpack::DLDataType& t, const char* name) {
+  CK_CHECK_TYPE(t.lanes == 1, "argument '", name, "' has a vector dtype (", int(t.lanes),
+                " lanes), which is not supported");
+  switch (t.code) {
+    case dlpack::kDLInt: return {DTypeCode::Int, t.bits};
+    case dlpack::kDLUInt: return {DTypeCode::UInt, t.bits};
+    case dlpack::kDLFloat: return {DTypeCode::Float, t.bits};
+    case dlpack::kDLBfloat: return {DTypeCode::BFloat, t.bits};
+    case dlpack::kDLComplex: return {DTypeCode::Complex, t.bits};
+    case dlpack::kDLBool: return {DTypeCode::Bool, t.bits};
+    default: return {DTypeCode::Other, t.bits};
+  }
+}
+
+ArrayView view_from_dltensor(const dlpack::DLTensor& t, const char* name) {
+  ArrayView v;
+  v.dtype = dtype_from_dlpack(t.dtype, name);
+  switch (t.device.device_type) {
+    case dlpack::kDLCPU:
+    case dlpack::kDLCUDAHost: v.device = {DeviceKind::CPU, 0}; break;
+    case dlpack::kDLCUDA: v.device = {DeviceKind::CUDA, t.device.device_id}; break;
+    default:
+      throw ValueError(cat("argument '", name, "' lives on an unsupported device (DLPack device type ",
+                           t.device.device_type, "); curvkit takes CPU and CUDA arrays"));
+  }
+  v.data = static_cast<char*>(t.data) + t.byte_offset;
+  v.shape.assign(t.shape, t.shape + t.ndim);
+  v.strides.resize(t.ndim);
+  int64_t expected = 1;
+  for (int d = t.ndim - 1; d >= 0; --d) {
+    v.strides[d] = t.strides ? t.strides[d] : expected;
+    expected *= t.shape[d];
+  }
+  return v;
+}
+
+// A Python exception of the given type (e.g. PyExc_TypeError) is pending in `e`.
+bool is_error(const py::error_already_set& e, PyObject* type) { return e.matches(type); }
+
+bool import_dlpack(py::handle obj, const char* name, StreamHandle stream, ImportedArray& out) {
+  py::object dev = obj.attr("__dlpack_device__")();
+  const int device_type = dev[py::int_(0)].cast<int>();
+  py::object stream_arg = py::none();
+  if (device_type == dlpack::kDLCUDA) stream_arg = py::int_(stream == 0 ? 1 : stream);  // 0 is not valid DLPack
+
+  py::object capsule;
+  try {
+    capsule = obj.attr("__dlpack__")(py::arg("stream") = stream_arg,
+                                     py::arg("max_version") = py::make_tuple(1, 0));
+  } catch (py::error_already_set& e) {
+    if (is_error(e, PyExc_BufferError)) return false;  // e.g. a read-only NumPy array on old NumPy
+    if (!is_error(e, PyExc_TypeError)) {
+      throw ValueError(cat("argument '", name, "' could not be exported through DLPack: ", e.what()));
+    }
+    try {  // producer predates DLPack 1.0 (no max_version): legacy capsule
+      capsule = obj.attr("__dlpack__")(py::arg("stream") = stream_arg);
+    } catch (py::error_already_set& e2) {
+      if (is_error(e2, PyExc_BufferError)) return false;
+      throw ValueError(cat("argument '", name, "' could not be exported through DLPack: ", e2.what()));
+    }
+  }
+  PyObject* cap = capsule.ptr();
+  auto owner = std::make_unique<ImportedArray::Owner>();
+  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+    auto* t = static_cast<dlpack::DLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
+    PyCapsule_SetName(cap, "used_dltensor_versioned");
+    owner->versioned = t;
+    CK_CHECK_VALUE(t->version.major == 1, "argument '", name, "' was exported with DLPack ",
+                   t->version.major, ".", t->version.minor, "; curvkit reads DLPack 1.x");
+    out.view = view_from_dltensor(t->dl_tensor, name);
+    out.view.writable = !(t->flags & dlpack::kFlagReadOnly);
+    out.path = "dlpack_versioned";
+  } else if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* t = static_cast<dlpack::DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    PyCapsule_SetName(cap, "used_dltensor");
+    owner->legacy = t;
+    out.view = view_from_dltensor(t->dl_tensor, name);
+    out.path = "dlpack";
+  } else {
+    throw TypeError(cat("argument '", name, "': __dlpack__ of ", type_name(obj),
+                        " returned something other than a DLPack capsule"));
+  }
+  out.owner = std::move(owner);
+  return true;
+}
+
+DType dtype_from_format(const char* format, Py_ssize_t itemsize, const char* name) {
+  std::string f = format ? format : "B";
+  if (!f.empty() && (f[0] == '@' || f[0] == '=' || f[0] == '<')) f = f.substr(1);
+  CK_CHECK_TYPE(!f.empty() && f[0] != '>' && f[0] != '!', "argument '", name,
+                "' is not in native byte order; convert it first (e.g. numpy.asarray(x, dtype='=f8'))");
+  const uint8_t bits = uint8_t(itemsize * 8);
+  if (f == "e" || f == "f" || f == "d") return {DTypeCode::Float, bits};
+  if (f == "Zf" || f == "Zd") return {DTypeCode::Complex, bits};
+  if (f == "?") return {DTypeCode::Bool, bits};
+  if (f.size() == 1 && std::strchr("bhilq", f[0])) return {DTypeCode::Int, bits};
+  if (f.size() == 1 && std::strchr("BHILQ", f[0])) return {DTypeCode::UInt, bits};
+  return {DTypeCode::Other, bits};
+}
+
+void import_buffer(py::handle obj, const char* name, ImportedArray& out) {
+  auto owner = std::make_unique<ImportedArray::Owner>();
+  if (PyObject_GetBuffer(obj.ptr(), &owner->buffer, PyBUF_RECORDS_RO) != 0) {
+    PyErr_Clear();
+    throw TypeError(cat("argument '", name, "' must be an array (NumPy, PyTorch or CuPy), got ",
+                        type_name(obj)));
+  }
+  owner->has_buffer = true;
+  const Py_buffer& b = owner->buffer;
+  ArrayView& v = out.view;
+  v.dtype = dtype_from_format(b.format, b.itemsize, name);
+  v.device = {DeviceKind::CPU, 0};
+  v.data = b.buf;
+  v.writable = !b.readonly;
+  v.shape.assign(b.shape, b.shape + b.ndim);
+  v.strides.resize(b.ndim);
+  for (int d = 0; d < b.ndim; ++d) {
+    CK_CHECK_VALUE(b.strides[d] % b.itemsize == 0, "argument '", name,
+                   "' has strides that are not a multiple of its item size");
+    v.strides[d] = b.strides[d] / b.itemsize;
+  }
+  out.path = "buffer";
+  out.owner = std::move(owner);
+}
+
+}  // namespace
+
+ImportedArray import_array(py::handle obj, const char* name, StreamHandle stream) {
+  ImportedArray out;
+  if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__") &&
+      import_dlpack(obj, name, stream, out)) {
+    return out;
+  }
+  import_buffer(obj, name, out);
+  return out;
+}
+
+ImportedArray import_output(py::handle obj, const char* name, StreamHandle stream) {
+  ImportedArray out = import_array(obj, name, stream);
+  check_writable(out.view, name);
+  return out;
+}
+
+void register_interop(py::module_& m) {
+  m.def(
+      "array_info",
+      [](py::handle x, const std::string& name, StreamHandle stream) {
+        ImportedArray a = import_array(x, name.c_str(), stream);
+        py::dict d;
+        d["path"] = a.path;
+        d["dtype"] = a.view.dtype.name();
+        d["device"] = a.view.device.name();
+        d["shape"] = py::tuple(py::cast(a.view.shape));
+        d["strides"] = py::tuple(py::cast(a.view.strides));
+        d["writable"] = a.view.writable;
+        d["contiguous"] = a.view.is_contiguous();
+        d["data"] = reinterpret_cast<uintptr_t>(a.view.data);
+        return d;
+      },
+      py::arg("x"), py::arg("name") = "x", py::arg("stream") = 0,
+      "How curvkit sees an array: the intake path taken, dtype, device, shape, strides "
+      "(elements), writability and data pointer. For tests and debugging.");
+  m.def(
+      "convert",
+      [](py::handle src, py::handle dst, StreamHandle stream) {
+        ImportedArray s = import_array(src, "src", stream);
+        ImportedArray d = import_output(dst, "dst", stream);
+        py::gil_scoped_release release;
+        convert(s.view, d.view, stream);
+      },
+      py::arg("src"), py::arg("dst"), py::arg("stream") = 0,
+      "dst[...] = src[...] for any strides and float16/bfloat16/float32/float64 dtypes, rounding "
+      "once to nearest-even. Runs on the arrays' device (CUDA: on `stream`).");
+}
+
+}  // namespace curvkit::interop

@@ -1,0 +1,49 @@
+// The one intake path from Python arrays to ArrayView, zero-copy:
+//   1. __dlpack__ (versioned capsule first, then the legacy one), passing the CUDA stream
+//      the kernel will run on so the producer orders its pending work before ours;
+//   2. the buffer protocol (NumPy arrays DLPack refuses, e.g. read-only ones on old NumPy).
+// Strides are kept as they are (negative and zero included); kernels that need a layout
+// check it and the Python layer copies explicitly (curvkit._arrays.contiguous).
+#pragma once
+#include <pybind11/pybind11.h>
+
+#include <memory>
+#include <optional>
+
+#include "core/array.h"
+#include "python/dlpack.h"
+
+namespace curvkit::interop {
+
+namespace py = pybind11;
+
+// Owns what keeps an imported array alive (a DLPack tensor or a Py_buffer). Destroy it
+// with the GIL held; bindings do, since they release the GIL only around compute.
+struct ImportedArray {
+  // Calls the DLPack deleter or releases the Py_buffer.
+  struct Owner {
+    dlpack::DLManagedTensor* legacy = nullptr;
+    dlpack::DLManagedTensorVersioned* versioned = nullptr;
+    Py_buffer buffer{};
+    bool has_buffer = false;
+    Owner() = default;
+    Owner(const Owner&) = delete;
+    Owner& operator=(const Owner&) = delete;
+    ~Owner();
+  };
+
+  ArrayView view;
+  std::string path;  // "dlpack_versioned", "dlpack", or "buffer"
+  std::unique_ptr<Owner> owner;
+};
+
+// `name` is the argument name used in error messages; `stream` is the CUDA stream the
+// caller will run on (ignored for CPU arrays).
+ImportedArray import_array(py::handle obj, const char* name, StreamHandle stream = 0);
+
+// Same, then requires a writable array.
+ImportedArray import_output(py::handle obj, const char* name, StreamHandle stream = 0);
+
+void register_interop(py::module_& m);
+
+}  // namespace curvkit::interop

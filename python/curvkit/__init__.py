@@ -1,0 +1,22 @@
+"""curvkit: native CPU and CUDA kernels for second-order optimization and optimal transport.
+
+Functions take NumPy arrays, PyTorch tensors and CuPy arrays and return the caller's kind,
+on the caller's device. See the README for the contracts.
+"""
+import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the extension links)
+
+from . import _core
+from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
+from .hutchinson import probes
+
+__version__ = _core.build_info()["version"]
+
+__all__ = [
+    "__version__",
+    "config",
+    "get_num_threads",
+    "has_cuda",
+    "probes",
+    "set_num_threads",
+    "show_config",
+]

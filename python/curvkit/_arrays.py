@@ -1,0 +1,191 @@
+"""Which framework an array belongs to, allocation with that framework, and its stream.
+
+curvkit's extension never links PyTorch or CuPy: it reads arrays through DLPack or the
+buffer protocol. This module is the only place that knows the frameworks. It imports
+torch or cupy only when handed one of their objects (or asked for a CUDA device), so
+``import curvkit`` stays cheap and NumPy is the only hard dependency.
+"""
+from __future__ import annotations
+
+import operator
+
+import numpy as np
+
+from . import _core
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+
+
+def framework_of(x, name="x"):
+    """'numpy', 'torch' or 'cupy' for an array; TypeError naming `name` otherwise."""
+    module = type(x).__module__.split(".", 1)[0]
+    if module in ("numpy", "torch", "cupy") and hasattr(x, "shape") and hasattr(x, "dtype"):
+        return module
+    raise TypeError(
+        f"argument '{name}' must be a NumPy array, PyTorch tensor or CuPy array, "
+        f"got {type(x).__module__}.{type(x).__qualname__}"
+    )
+
+
+def device_of(x):
+    """('cpu', 0) or ('cuda', index) for an array of any supported framework."""
+    fw = framework_of(x)
+    if fw == "numpy":
+        return ("cpu", 0)
+    if fw == "torch":
+        dev = x.device
+        if dev.type == "cpu":
+            return ("cpu", 0)
+        if dev.type == "cuda":
+            return ("cuda", dev.index if dev.index is not None else 0)
+        raise ValueError(f"curvkit takes CPU and CUDA tensors, got a tensor on {dev}")
+    return ("cuda", x.device.id)
+
+
+def dtype_name(dtype, name="dtype"):
+    """Canonical name ('float32', ...) of a NumPy, PyTorch or CuPy dtype, or of a string."""
+    if isinstance(dtype, str):
+        s = dtype
+    elif type(dtype).__module__.startswith("torch"):
+        s = str(dtype).replace("torch.", "")
+    else:
+        try:
+            s = np.dtype(dtype).name
+        except TypeError:
+            raise TypeError(f"argument '{name}' is not a dtype: {dtype!r}") from None
+    aliases = {"half": "float16", "float": "float32", "double": "float64", "bf16": "bfloat16"}
+    return aliases.get(s, s)
+
+
+def native_dtype(name, framework):
+    """The framework's dtype object for a canonical float dtype name."""
+    if name not in FLOAT_DTYPES:
+        raise TypeError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got '{name}'")
+    if framework == "torch":
+        import torch
+
+        return getattr(torch, name)
+    if name == "bfloat16":
+        raise TypeError(f"{'NumPy' if framework == 'numpy' else 'CuPy'} has no bfloat16; use a PyTorch tensor")
+    return np.dtype(name)
+
+
+def parse_device(device):
+    """(kind, index) from 'cpu', 'cuda', 'cuda:1', an int (a CUDA index), or a torch/cupy device."""
+    if device is None:
+        return ("cpu", 0)
+    if isinstance(device, int) and not isinstance(device, bool):
+        return ("cuda", device)
+    module = type(device).__module__.split(".", 1)[0]
+    if module == "torch":
+        if device.type not in ("cpu", "cuda"):
+            raise ValueError(f"argument 'device' must be a CPU or CUDA device, got {device}")
+        return (device.type, device.index or 0)
+    if module == "cupy":
+        return ("cuda", device.id)
+    if isinstance(device, str):
+        kind, _, index = device.partition(":")
+        if kind in ("cpu", "cuda") and (index == "" or index.isdigit()) and not (kind == "cpu" and index):
+            return (kind, int(index) if index else 0)
+    raise ValueError(f"argument 'device' must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+
+
+def cuda_framework():
+    """The framework that allocates CUDA arrays when the caller names none: torch, else cupy."""
+    for fw in ("torch", "cupy"):
+        try:
+            module = __import__(fw)
+        except ImportError:
+            continue
+        if fw == "torch" and not module.cuda.is_available():
+            continue
+        return fw
+    raise ValueError("a CUDA device was asked for, but neither PyTorch with CUDA nor CuPy is available")
+
+
+def empty(shape, dtype, framework, device=("cpu", 0)):
+    """Uninitialized array of canonical `dtype` with `framework` on `device` ((kind, index))."""
+    kind, index = device
+    native = native_dtype(dtype, framework)
+    if framework == "numpy":
+        if kind != "cpu":
+            raise ValueError("NumPy arrays live on the CPU; pass a torch or cupy array or device for CUDA")
+        return np.empty(shape, dtype=native)
+    if framework == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=native, device=f"cuda:{index}" if kind == "cuda" else "cpu")
+    import cupy
+
+    if kind != "cuda":
+        raise ValueError("CuPy arrays live on a CUDA device")
+    with cupy.cuda.Device(index):
+        return cupy.empty(shape, dtype=native)
+
+
+def current_stream(framework, device):
+    """The framework's current CUDA stream on `device` as a DLPack stream integer (0 for CPU)."""
+    kind, index = device
+    if kind != "cuda":
+        return 0
+    if framework == "torch":
+        import torch
+
+        return torch.cuda.current_stream(index).cuda_stream
+    if framework == "cupy":
+        import cupy
+
+        with cupy.cuda.Device(index):
+            return cupy.cuda.get_current_stream().ptr
+    return 0
+
+
+def stream_of(x):
+    """Current stream of x's framework on x's device (0 for CPU arrays)."""
+    return current_stream(framework_of(x), device_of(x))
+
+
+def convert(x, dtype=None, out=None):
+    """Copy `x` into a new C-contiguous array of its own framework and device (or into
+    `out`), converting to `dtype` with one rounding to nearest-even. Any strides are read.
+
+    >>> import numpy as np
+    >>> from curvkit._arrays import convert
+    >>> x = np.arange(6.0).reshape(2, 3)[:, ::2]
+    >>> convert(x, "float32")
+    array([[0., 2.],
+           [3., 5.]], dtype=float32)
+    """
+    fw = framework_of(x)
+    device = device_of(x)
+    if fw == "torch" and x.requires_grad:
+        x = x.detach()  # DLPack refuses tensors that require grad; the copy carries no graph
+    if out is None:
+        target = dtype_name(dtype if dtype is not None else x.dtype)
+        out = empty(tuple(x.shape), target, fw, device)
+    _core.convert(x, out, current_stream(fw, device))
+    return out
+
+
+def contiguous(x, dtype=None):
+    """x itself when already C-contiguous with the wanted dtype, else an explicit copy."""
+    target = dtype_name(dtype if dtype is not None else x.dtype)
+    info = _core.array_info(x)
+    if info["contiguous"] and info["dtype"] == target:
+        return x
+    return convert(x, target)
+
+
+def index(value, name, low=0, high=None):
+    """An integer argument (Python or NumPy int, not bool) checked to lie in [low, high)."""
+    if isinstance(value, bool):
+        raise TypeError(f"argument '{name}' must be an integer, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError:
+        raise TypeError(f"argument '{name}' must be an integer, got {type(value).__name__}") from None
+    if v < low or (high is not None and v >= high):
+        bound = f"[{low}, {high})" if high is not None else f">= {low}"
+        raise ValueError(f"argument '{name}' must be in {bound}, got {v}")
+    return v
+
