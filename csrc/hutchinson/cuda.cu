@@ -48,7 +48,7 @@ __global__ void rademacher_matrix_kernel(T* __restrict__ out, ProbeLayout L, uin
     const Philox4x32 r = philox_block(seed, offset + uint64_t(b * L.k + j), uint64_t(g / 4));
     const uint32_t word = r.v[g & 3];
     T* p = out + (b * L.n + g * 32) * L.k + j;
-    const int64_t rows = min<int64_t>(32, L.n - g * 32);
+    const int64_t rows = L.n - g * 32 < 32 ? L.n - g * 32 : 32;
     for (int i = 0; i < rows; ++i) p[i * L.k] = (word >> i) & 1 ? plus : minus;
   }
 }

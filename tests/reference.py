@@ -1,0 +1,81 @@
+"""Float64 NumPy references for curvkit's kernels, written from the definitions (not from
+curvkit's code): Philox4x32-10, the probe constructions, and correctly rounded casts."""
+import numpy as np
+
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(c0, c1, c2, c3, k0, k1):
+    """Philox4x32-10 on uint64 arrays holding 32-bit words (Salmon et al., SC 2011)."""
+    c0, c1, c2, c3, k0, k1 = (np.asarray(v, dtype=np.uint64) for v in (c0, c1, c2, c3, k0, k1))
+    m0, m1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+    w0, w1 = np.uint64(0x9E3779B9), np.uint64(0xBB67AE85)
+    for _ in range(10):
+        p0, p1 = m0 * c0, m1 * c2
+        c0, c1, c2, c3 = (p1 >> np.uint64(32)) ^ c1 ^ k0, p1 & MASK32, (p0 >> np.uint64(32)) ^ c3 ^ k1, p0 & MASK32
+        k0, k1 = (k0 + w0) & MASK32, (k1 + w1) & MASK32
+    return c0, c1, c2, c3
+
+
+def _block(seed, probe, block):
+    lo = lambda v: v & MASK32  # noqa: E731
+    hi = lambda v: v >> np.uint64(32)  # noqa: E731
+    seed = np.uint64(seed)
+    return philox4x32_10(lo(block), hi(block), lo(probe), hi(probe), lo(seed), hi(seed))
+
+
+def probes(shape, kind, seed=0, offset=0):
+    """Probes exactly as curvkit.probes defines them, in float64 (NumPy's log/cos/sin)."""
+    shape = tuple(shape)
+    n, k = (shape[0], 1) if len(shape) == 1 else shape[-2:]
+    batch = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    i = np.arange(n, dtype=np.uint64)[None, :, None]
+    probe = (np.uint64(offset) + np.arange(batch * k, dtype=np.uint64).reshape(batch, 1, k))
+    i, probe = np.broadcast_arrays(i, probe)
+    if kind == "rademacher":
+        words = _block(seed, probe, i // np.uint64(128))
+        word = np.choose(((i % np.uint64(128)) // np.uint64(32)).astype(np.int64), words)
+        out = np.where((word >> (i % np.uint64(32))) & np.uint64(1), 1.0, -1.0)
+    else:
+        v0, v1, v2, v3 = _block(seed, probe, i // np.uint64(2))
+        a, b = v0 | (v1 << np.uint64(32)), v2 | (v3 << np.uint64(32))
+        u = ((a >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0**-53
+        t = (b >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        radius = np.sqrt(-2.0 * np.log(u))
+        cos, sin = cos_sin_2pi(t)
+        out = np.where(i % np.uint64(2) == 0, radius * cos, radius * sin)
+        if kind == "sphere":
+            out = out / np.linalg.norm(out, axis=1, keepdims=True)
+    return out.reshape(shape)
+
+
+def cos_sin_2pi(t):
+    """cos(2 pi t), sin(2 pi t) for t in [0, 1), accurate near their zeros: 4t = q + f is
+    split exactly and only the quarter-turn remainder f is rounded into radians (NumPy's
+    cos(2*np.pi*t) loses relative accuracy near the zeros, up to ~1e-11 here)."""
+    r = 4.0 * t
+    q = np.floor(r + 0.5)
+    x = (r - q) * (np.pi / 2)
+    c, s = np.cos(x), np.sin(x)
+    quarter = q.astype(np.int64) % 4
+    cos = np.choose(quarter, [c, -s, -c, s])
+    sin = np.choose(quarter, [s, c, -s, -c])
+    return cos, sin
+
+
+def round_to_bfloat16_bits(x):
+    """Bits of x (float64) rounded once, to nearest-even, to bfloat16."""
+    bits = np.asarray(x, dtype=np.float64).view(np.uint64)
+    sign = (bits >> np.uint64(48)) & np.uint64(0x8000)
+    mag = np.abs(np.asarray(x, dtype=np.float64))
+    # Scale into bfloat16's grid: ulp = 2^(max(e, -126) - 7); round half to even with rint.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        e = np.floor(np.log2(np.where(mag > 0, mag, 1.0)))
+        ulp = np.exp2(np.maximum(e, -126) - 7)
+        r = np.rint(mag / ulp) * ulp
+        r = np.where((r >= 2.0**128) | np.isinf(mag), np.inf, r)
+        r = np.where(np.isnan(mag), np.nan, r)
+    r32 = r.astype(np.float32).view(np.uint32)  # exact: r has at most 8 significant bits
+    out = (r32 >> np.uint32(16)).astype(np.uint64)
+    out = np.where(np.isnan(mag), np.uint64(0x7FC0), out)
+    return (out | sign).astype(np.uint16)

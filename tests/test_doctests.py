@@ -1,0 +1,14 @@
+"""The runnable examples in the docstrings run and give what they show."""
+import doctest
+import importlib
+
+import pytest
+
+MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson"]
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
+    assert result.attempted > 0, f"{name} has no examples"
+    assert result.failed == 0

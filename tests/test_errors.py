@@ -1,0 +1,103 @@
+"""Bad input gets a Python exception naming the argument, never a crash."""
+import numpy as np
+import pytest
+
+import curvkit
+from curvkit import _core
+from conftest import needs_torch
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(kind="bernoulli"), ValueError, "'kind'"),
+        (dict(seed=-1), ValueError, "'seed'"),
+        (dict(seed=2**64), ValueError, "'seed'"),
+        (dict(seed=1.5), TypeError, "'seed'"),
+        (dict(seed=True), TypeError, "'seed'"),
+        (dict(offset=-3), ValueError, "'offset'"),
+        (dict(offset=2**64 - 2), ValueError, "'offset'"),  # 3 probes past 2^64
+        (dict(dtype="int32"), TypeError, "'dtype'"),
+        (dict(dtype="bfloat16"), TypeError, "bfloat16"),  # NumPy has none
+        (dict(dtype=object()), TypeError, "'dtype'"),
+        (dict(like=[1.0, 2.0]), TypeError, "'like'"),
+        (dict(like=np.zeros(2, dtype=np.int64)), TypeError, "'like'"),
+        (dict(device="tpu"), ValueError, "'device'"),
+        (dict(device="cpu:1"), ValueError, "'device'"),
+        (dict(like=np.zeros(2), device="cuda"), ValueError, "CUDA|CPU"),
+    ],
+)
+def test_probes_argument_errors(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        curvkit.probes((4, 3), **kwargs)
+
+
+@pytest.mark.parametrize("shape, error", [((-1, 3), ValueError), ((2.5,), TypeError), ((), ValueError),
+                                          ("12", TypeError), ((2**40, 2**40), ValueError)])
+def test_probes_shape_errors(shape, error):
+    with pytest.raises(error, match="'shape'"):
+        curvkit.probes(shape)
+
+
+@pytest.mark.skipif(curvkit.has_cuda(), reason="checks the message of a build or machine without CUDA")
+def test_cuda_request_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA"):
+        curvkit.probes(3, device="cuda")
+
+
+def test_native_layer_checks_outputs():
+    with pytest.raises(ValueError, match="'out'.*read-only"):
+        ro = np.zeros((4, 2))
+        ro.flags.writeable = False
+        _core.probes(ro, "gaussian", 0, 0)
+    with pytest.raises(ValueError, match="'out' must be C-contiguous"):
+        _core.probes(np.zeros((4, 6))[:, ::2], "gaussian", 0, 0)
+    with pytest.raises(ValueError, match="'out' must have shape"):
+        _core.probes(np.zeros(()), "gaussian", 0, 0)
+    with pytest.raises(TypeError, match="'out'.*int64"):
+        _core.probes(np.zeros(4, dtype=np.int64), "rademacher", 0, 0)
+    with pytest.raises(TypeError, match="'out' must be an array"):
+        _core.probes([0.0, 0.0], "rademacher", 0, 0)
+    with pytest.raises(ValueError, match="'kind'"):
+        _core.probes(np.zeros(4), "uniform", 0, 0)
+    with pytest.raises(ValueError, match="'offset'"):
+        _core.probes(np.zeros((3, 2)), "gaussian", 0, 2**64 - 1)
+
+
+def test_native_layer_type_errors_name_the_argument():
+    with pytest.raises(TypeError, match="'src'.*complex128"):
+        _core.convert(np.zeros(3, dtype=complex), np.zeros(3))
+    with pytest.raises(TypeError, match="'dst'.*bool"):
+        _core.convert(np.zeros(3), np.zeros(3, dtype=bool))
+    with pytest.raises(TypeError, match="'src'.*native byte order"):
+        _core.convert(memoryview(np.zeros(3, dtype=">f8")), np.zeros(3))
+    with pytest.raises(TypeError, match="'src' must be an array.*dict"):
+        _core.convert({}, np.zeros(3))
+    with pytest.raises(ValueError, match="'src' and 'dst' must have the same shape, got \\(3,\\) and \\(4,\\)"):
+        _core.convert(np.zeros(3), np.zeros(4))
+
+
+def test_numpy_refusing_dlpack_falls_back_or_errors_cleanly():
+    # Non-native byte order: NumPy's __dlpack__ raises BufferError, the buffer path reports it.
+    with pytest.raises(TypeError, match="native byte order"):
+        _core.array_info(np.zeros(3, dtype=">f8"))
+    # Object arrays come in through the buffer protocol and are refused by dtype.
+    with pytest.raises(TypeError, match="'src' must have dtype float16"):
+        _core.convert(np.array([None, 1], dtype=object), np.zeros(2))
+
+
+@needs_torch
+def test_torch_errors():
+    import torch
+
+    with pytest.raises(TypeError, match="'like'"):
+        curvkit.probes(3, like=torch.zeros(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="'device'"):
+        curvkit.probes(3, device=torch.device("meta"))
+
+
+def test_thread_setting_errors():
+    with pytest.raises(ValueError, match="'n'"):
+        curvkit.set_num_threads(0)
+    with pytest.raises(TypeError, match="'n'"):
+        curvkit.set_num_threads("2")

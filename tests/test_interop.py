@@ -1,0 +1,210 @@
+"""The intake path: every framework, device, dtype, layout and size goes in and comes back
+unchanged (through curvkit's strided copy), and the three import paths all work."""
+import array
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import curvkit
+from curvkit import _arrays, _core
+from conftest import dtypes_for, make, needs_torch, raw_bits, to_numpy
+import reference
+
+
+def _values(rng, shape):
+    return rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3, size=shape)
+
+
+def _data_ptr(x):
+    fw = type(x).__module__.split(".")[0]
+    if fw == "torch":
+        return x.data_ptr()
+    if fw == "cupy":
+        return x.data.ptr
+    return x.__array_interface__["data"][0]
+
+
+def _device_str(x):
+    return str(getattr(x, "device", "cpu"))
+
+
+def test_round_trip_preserves_framework_device_dtype_shape_values(backend, rng):
+    for dtype in dtypes_for(backend):
+        x = make(_values(rng, (3, 5, 4)), backend, dtype)
+        y = _arrays.convert(x)
+        assert type(y) is type(x) and y.dtype == x.dtype and tuple(y.shape) == tuple(x.shape)
+        assert _device_str(y) == _device_str(x)
+        np.testing.assert_array_equal(raw_bits(y), raw_bits(x), err_msg=dtype)
+
+
+def test_strided_inputs_are_read_in_place(backend, rng):
+    base = make(_values(rng, (6, 8, 10)), backend, "float64")
+    views = [base[::2], base[:, 1::3], base[..., ::4], base.transpose(2, 0, 1) if backend[0] != "torch"
+             else base.permute(2, 0, 1), base[1, :, 3], base[2:4, 5:6, 1:9:3]]
+    if backend[0] != "torch":  # torch has no negative strides
+        views.append(base[::-1, :, ::-2])
+    for v in views:
+        assert _core.array_info(v)["data"] == _data_ptr(v)  # read in place, not copied
+        out = _arrays.convert(v, "float64")
+        np.testing.assert_array_equal(to_numpy(out), to_numpy(v))
+        assert _core.array_info(out)["contiguous"]
+
+
+def test_strides_are_reported_in_elements_including_negative_and_zero():
+    x = np.arange(24.0).reshape(4, 6)
+    assert _core.array_info(x[::-1, ::2])["strides"] == (-6, 2)
+    b = np.broadcast_to(np.arange(3.0), (4, 3))
+    info = _core.array_info(b)
+    assert info["strides"] == (0, 1) and info["writable"] is False
+    np.testing.assert_array_equal(_arrays.convert(b), b)
+
+
+def test_strided_output_is_written_in_place(backend, rng):
+    src = make(_values(rng, (4, 3)), backend, "float32")
+    dst = make(np.zeros((4, 6)), backend, "float64")
+    _core.convert(src, dst[:, ::2], _arrays.stream_of(dst))
+    got = to_numpy(dst)
+    np.testing.assert_array_equal(got[:, ::2], to_numpy(src))
+    assert not got[:, 1::2].any()
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (3, 0), (2, 0, 4), ()])
+def test_zero_size_and_zero_dim(backend, shape, rng):
+    x = make(_values(rng, shape), backend, "float32")
+    y = _arrays.convert(x, "float64")
+    assert tuple(y.shape) == shape
+    np.testing.assert_array_equal(to_numpy(y), to_numpy(x))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+def test_every_dtype_pair_rounds_once_to_nearest_even(backend, rng):
+    # float64 -> float16 against NumPy's correctly rounded cast, subnormals and overflow included
+    v = np.concatenate([_values(rng, 2000), rng.uniform(-1, 1, 200) * 2.0**-20, [7e4, -1e5, 0.0, -0.0, np.inf]])
+    x = make(v, backend, "float64")
+    np.testing.assert_array_equal(raw_bits(_arrays.convert(x, "float16")), raw_bits(v.astype(np.float16)))
+    np.testing.assert_array_equal(to_numpy(_arrays.convert(x, "float32")), v.astype(np.float32))
+    for src in dtypes_for(backend):
+        for dst in dtypes_for(backend):
+            xs = _arrays.convert(x, src)
+            y = _arrays.convert(xs, dst)
+            expected = to_numpy(xs)
+            if dst == "bfloat16":
+                np.testing.assert_array_equal(raw_bits(y), reference.round_to_bfloat16_bits(expected))
+            else:
+                np.testing.assert_array_equal(to_numpy(y), expected.astype(dst).astype(np.float64))
+
+
+def test_nan_survives_conversion(backend):
+    x = make(np.array([np.nan, 1.0, -np.nan]), backend, "float64")
+    for dtype in dtypes_for(backend):
+        assert np.isnan(to_numpy(_arrays.convert(x, dtype))[[0, 2]]).all()
+
+
+def test_import_paths():
+    x = np.arange(6.0).reshape(2, 3)
+    assert _core.array_info(x)["path"] == "dlpack_versioned"
+
+    class LegacyOnly:  # a producer that predates DLPack 1.0
+        def __init__(self, a):
+            self.a = a
+
+        def __dlpack__(self, stream=None):
+            return self.a.__dlpack__(stream=stream)
+
+        def __dlpack_device__(self):
+            return self.a.__dlpack_device__()
+
+    info = _core.array_info(LegacyOnly(x))
+    assert info["path"] == "dlpack" and info["shape"] == (2, 3)
+    out = np.empty(6)
+    _core.convert(LegacyOnly(x.ravel()), out)
+    np.testing.assert_array_equal(out, x.ravel())
+
+    mv = memoryview(x)
+    assert _core.array_info(mv)["path"] == "buffer"
+    buf = array.array("f", [1.0, 2.0, 3.0])
+    info = _core.array_info(buf)
+    assert info["path"] == "buffer" and info["dtype"] == "float32" and info["shape"] == (3,)
+    _core.convert(np.array([4.0, 5.0, 6.0]), buf)
+    assert list(buf) == [4.0, 5.0, 6.0]
+
+
+def test_read_only_inputs_are_accepted_read_only_outputs_refused():
+    x = np.arange(4.0)
+    x.flags.writeable = False
+    assert _core.array_info(x)["writable"] is False
+    np.testing.assert_array_equal(_arrays.convert(x), x)
+    with pytest.raises(ValueError, match="'dst' is read-only"):
+        _core.convert(np.zeros(4), x)
+
+
+@needs_torch
+def test_torch_tensors_requiring_grad_and_bfloat16():
+    import torch
+
+    w = torch.randn(3, 4, requires_grad=True)
+    y = _arrays.convert(w, "float64")
+    assert y.dtype == torch.float64 and not y.requires_grad
+    np.testing.assert_array_equal(y.numpy(), w.detach().double().numpy())
+    b = torch.randn(5, 7).to(torch.bfloat16)
+    assert _core.array_info(b)["dtype"] == "bfloat16"
+    np.testing.assert_array_equal(_arrays.convert(b, "float32").numpy(), b.float().numpy())
+
+
+def test_cuda_work_is_ordered_on_the_callers_stream(cuda_backend, rng):
+    fw, _ = cuda_backend
+    v = _values(rng, (1 << 20,))
+    if fw == "torch":
+        import torch
+
+        s = torch.cuda.Stream()
+        with torch.cuda.stream(s):
+            x = torch.from_numpy(v).cuda() * 2  # queued on s
+            y = _arrays.convert(x, "float32")     # must run after it, on s
+            z = y * 1
+        s.synchronize()
+    else:
+        import cupy
+
+        s = cupy.cuda.Stream(non_blocking=True)
+        with s:
+            x = cupy.asarray(v) * 2
+            y = _arrays.convert(x, "float32")
+            z = y * 1
+        s.synchronize()
+    np.testing.assert_array_equal(to_numpy(z), (v * 2).astype(np.float32))
+
+
+def test_device_mix_is_refused(cuda_backend):
+    fw, _ = cuda_backend
+    gpu = make(np.zeros(3), cuda_backend, "float32")
+    with pytest.raises(ValueError, match="same device"):
+        _core.convert(np.zeros(3), gpu, _arrays.stream_of(gpu))
+
+
+def test_gil_is_released_during_compute():
+    before = curvkit.get_num_threads()
+    curvkit.set_num_threads(1)
+    try:
+        done = threading.Event()
+        ticks = 0
+
+        def work():
+            curvkit.probes((8_000_000,), "gaussian")
+            done.set()
+
+        t = threading.Thread(target=work)
+        start = time.perf_counter()
+        t.start()
+        while not done.is_set():
+            ticks += 1
+        t.join()
+        elapsed = time.perf_counter() - start
+    finally:
+        curvkit.set_num_threads(before)
+    # With the GIL held for the whole call this loop would barely run; released, it spins
+    # at well over 10^5 iterations per second of the call.
+    assert elapsed > 0.05
+    assert ticks > 1e5 * elapsed
