@@ -1,0 +1,27 @@
+"""Benchmark session helpers: each benchmark records its implementation and bytes written;
+the summary prints, per group, every implementation's time, GB/s and ratio to curvkit."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    session = getattr(config, "_benchmarksession", None)
+    if session is None or not session.benchmarks:
+        return
+    groups = {}
+    for bench in session.benchmarks:
+        if bench.stats is None:  # pragma: no cover - a benchmark that failed
+            continue
+        groups.setdefault(bench.group, []).append(bench)
+    tr = terminalreporter
+    tr.write_sep("=", "curvkit vs anchors (median time; ratio = anchor time / curvkit time)")
+    tr.write_line(f"{'group':34s} {'impl':10s} {'median ms':>10s} {'GB/s':>8s} {'ratio':>7s}")
+    for group, benches in sorted(groups.items()):
+        ours = next((b for b in benches if b.extra_info.get("impl") == "curvkit"), None)
+        for b in sorted(benches, key=lambda b: b.extra_info.get("impl", "")):
+            median = b.stats.median
+            gbs = b.extra_info.get("bytes", 0) / median / 1e9
+            ratio = median / ours.stats.median if ours else float("nan")
+            tr.write_line(f"{group:34s} {b.extra_info.get('impl', '?'):10s} {median * 1e3:10.3f} {gbs:8.2f} {ratio:7.2f}")
