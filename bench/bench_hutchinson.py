@@ -72,3 +72,21 @@ def test_numpy(benchmark, kind, dtype):
     _record(benchmark, "numpy", dtype)
     rng = np.random.default_rng(1)
     benchmark(lambda: numpy_probes(N, kind, np.dtype(dtype), rng))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", KINDS)
+def test_fill_roofline(benchmark, kind, dtype, device):
+    """Allocate and fill the same n entries with a constant: the write-bandwidth ceiling
+    that any probe generator (which also allocates its result) can reach."""
+    benchmark.group = f"{kind}-{dtype}-{device}"
+    _record(benchmark, "fill", dtype)
+    if device == "cpu":
+        benchmark(lambda: np.full(N, 1.0, dtype=dtype))
+    else:
+        def fn():
+            z = torch.full((N,), 1.0, dtype=getattr(torch, dtype), device=device)
+            _sync(device)
+            return z
+        benchmark(fn)

@@ -16,7 +16,7 @@ def pytest_terminal_summary(terminalreporter, config):
             continue
         groups.setdefault(bench.group, []).append(bench)
     tr = terminalreporter
-    tr.write_sep("=", "curvkit vs anchors (median time; ratio = anchor time / curvkit time)")
+    tr.write_sep("=", "curvkit vs anchors (median time; ratio = other time / curvkit time; fill = write roofline)")
     tr.write_line(f"{'group':34s} {'impl':10s} {'median ms':>10s} {'GB/s':>8s} {'ratio':>7s}")
     for group, benches in sorted(groups.items()):
         ours = next((b for b in benches if b.extra_info.get("impl") == "curvkit"), None)

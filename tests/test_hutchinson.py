@@ -189,3 +189,10 @@ def test_torch_bfloat16_probes():
     assert z.dtype == torch.bfloat16
     expected = reference.round_to_bfloat16_bits(reference.probes((64, 2), "gaussian"))
     np.testing.assert_array_equal(raw_bits(z), expected)
+
+
+def test_vectorized_cpu_kernel_equals_scalar_definition_bit_for_bit(rng):
+    seed, offset = int(rng.integers(0, 2**63)), int(rng.integers(0, 2**40))
+    z = curvkit.probes((3001, 3), "gaussian", seed=seed, offset=offset)
+    for i, j in zip(rng.integers(0, 3001, 300), rng.integers(0, 3, 300)):
+        assert z[i, j] == curvkit._core.gaussian_entry(seed, offset + int(j), int(i))

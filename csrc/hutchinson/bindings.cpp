@@ -95,6 +95,12 @@ void register_hutchinson(py::module_& m) {
         return std::array<uint32_t, 4>{r.v[0], r.v[1], r.v[2], r.v[3]};
       },
       py::arg("counter"), py::arg("key"), "One Philox4x32-10 block (for known-answer tests).");
+  m.def(
+      "gaussian_entry",
+      [](uint64_t seed, uint64_t probe, uint64_t i) { return probe_math::gaussian_entry(seed, probe, i); },
+      py::arg("seed"), py::arg("probe"), py::arg("i"),
+      "Entry i of gaussian probe `probe`, from the scalar definition (tests compare the "
+      "vectorized kernels against it bit for bit).");
 }
 
 }  // namespace curvkit

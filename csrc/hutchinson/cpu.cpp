@@ -15,6 +15,17 @@ using namespace probe_math;
 
 constexpr int64_t kRowsPerTask = 128;  // rows of the (n, k) probe matrix per parallel task
 
+// Gaussian pairs pair0 .. pair0+count-1 of one probe into z0[], z1[]. The loop vectorizes
+// (branch-free portable math); clones for AVX-512 and AVX2 run the same IEEE operations per
+// lane, so every clone gives the same bits as the scalar definition.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
+void gaussian_pairs(uint64_t seed, uint64_t probe, uint64_t pair0, int64_t count, double* __restrict__ z0,
+                    double* __restrict__ z1) {
+  for (int64_t p = 0; p < count; ++p) gaussian_pair(seed, probe, pair0 + uint64_t(p), z0[p], z1[p]);
+}
+
 // Runs body(b, row_block) over all (batch, row block) tasks on curvkit's threads. Tasks are
 // independent and every entry is a fixed function of its indices, so the result does not
 // depend on the thread count.
@@ -61,16 +72,15 @@ void gaussian(T* out, const ProbeLayout& L, uint64_t seed, uint64_t offset, cons
   for_row_blocks(L, [&](int64_t b, int64_t rb) {
     const int64_t row0 = rb * kRowsPerTask, rows = std::min(kRowsPerTask, L.n - row0);
     T* base = out + (b * L.n + row0) * L.k;
+    double z[2][kRowsPerTask / 2];
     for (int64_t j = 0; j < L.k; ++j) {
       const uint64_t q = offset + uint64_t(b * L.k + j);
-      const double norm = norms ? norms[b * L.k + j] : 1.0;
-      for (int64_t i = 0; i < rows; i += 2) {
-        double z[2];
-        gaussian_pair(seed, q, uint64_t(row0 + i) / 2, z[0], z[1]);
-        for (int h = 0; h < 2 && i + h < rows; ++h) {
-          const double v = norms ? sphere_entry(z[h], row0 + i + h, norm) : z[h];
-          base[(i + h) * L.k + j] = from_double<T>(v);
-        }
+      gaussian_pairs(seed, q, uint64_t(row0 / 2), (rows + 1) / 2, z[0], z[1]);
+      if (norms) {
+        const double norm = norms[b * L.k + j];
+        for (int64_t i = 0; i < rows; ++i) base[i * L.k + j] = from_double<T>(sphere_entry(z[i & 1][i / 2], row0 + i, norm));
+      } else {
+        for (int64_t i = 0; i < rows; ++i) base[i * L.k + j] = from_double<T>(z[i & 1][i / 2]);
       }
     }
   });
@@ -85,13 +95,12 @@ std::vector<double> sphere_norms(const ProbeLayout& L, uint64_t seed, uint64_t o
     const int64_t c = t / chunks, chunk = t % chunks;
     const uint64_t q = offset + uint64_t(c);
     const int64_t count = std::min<int64_t>(kNormChunk, L.n - chunk * kNormChunk);
-    double z[kNormChunk];
-    for (int64_t p = 0; p < (count + 1) / 2; ++p)
-      gaussian_pair(seed, q, uint64_t(chunk * kNormChunk / 2 + p), z[2 * p], z[2 * p + 1]);
+    double z[2][kNormChunk / 2];
+    gaussian_pairs(seed, q, uint64_t(chunk * kNormChunk / 2), (count + 1) / 2, z[0], z[1]);
     double lanes[kNormLanes];
     for (int l = 0; l < kNormLanes; ++l) {
       double s = 0.0;
-      for (int64_t i = l; i < count; i += kNormLanes) s = pmath::add(s, pmath::mul(z[i], z[i]));
+      for (int64_t i = l; i < count; i += kNormLanes) s = pmath::add(s, pmath::mul(z[i & 1][i / 2], z[i & 1][i / 2]));
       lanes[l] = s;
     }
     for (int off = kNormLanes / 2; off >= 1; off /= 2) {
