@@ -1,6 +1,7 @@
-// CUDA helpers (CUDA builds only): error checks that throw CudaError with file, line and
-// the error string; DLPack stream numbers to cudaStream_t; a device guard; launch sizes.
+// CUDA helpers (CUDA builds only): CUDA and cuBLAS error checks that throw CudaError with
+// file, line and the error string; a cuBLAS handle per thread and device; DLPack stream numbers to cudaStream_t; a device guard; launch sizes.
 #pragma once
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -18,7 +19,20 @@
     }                                                                                    \
   } while (0)
 
+#define CK_CUBLAS_CHECK(expr)                                                              \
+  do {                                                                                     \
+    const cublasStatus_t _status = (expr);                                                 \
+    if (_status != CUBLAS_STATUS_SUCCESS) {                                                \
+      throw ::curvkit::CudaError(::curvkit::cat("cuBLAS error at ", __FILE__, ":", __LINE__, \
+                                                ": ", cublasGetStatusString(_status), " (", #expr, ")")); \
+    }                                                                                      \
+  } while (0)
+
 namespace curvkit {
+
+// This host thread's cuBLAS handle for the current device, bound to `stream`. Handles are
+// created once per (thread, device) and kept for the life of the process.
+cublasHandle_t cublas_handle(cudaStream_t stream);
 
 inline cudaStream_t to_cuda_stream(StreamHandle s) {
   if (s == 0 || s == 1) return cudaStreamLegacy;
