@@ -79,3 +79,32 @@ def round_to_bfloat16_bits(x):
     out = (r32 >> np.uint32(16)).astype(np.uint64)
     out = np.where(np.isnan(mag), np.uint64(0x7FC0), out)
     return (out | sign).astype(np.uint16)
+
+
+def polar_factor(G):
+    """U V^T from the float64 SVD of each matrix in G (..., m, n)."""
+    U, _, Vt = np.linalg.svd(np.asarray(G, dtype=np.float64), full_matrices=False)
+    return U @ Vt
+
+
+def newton_schulz(G, schedule, norm_scale=1.0, eps=1e-7):
+    """The polar iteration with plain float64 products: X = G / ((s + eps) ||G||_F), then
+    X <- a X + (b A + c A^2) X with A = X X^T on the short side, for (a, b, c) in schedule."""
+    X = np.asarray(G, dtype=np.float64)
+    tall = X.shape[-2] > X.shape[-1]
+    if tall:
+        X = np.swapaxes(X, -1, -2)
+    norm = np.linalg.norm(X, axis=(-2, -1), keepdims=True)
+    X = np.divide(X, (norm_scale + eps) * norm, out=np.zeros_like(X), where=norm > 0)
+    for a, b, c in schedule:
+        A = X @ np.swapaxes(X, -1, -2)
+        X = a * X + (b * A + c * A @ A) @ X
+    return np.swapaxes(X, -1, -2) if tall else X
+
+
+def matrix_with_spectrum(rng, m, n, singular_values):
+    """Random m x n matrix with the given singular values (and random singular vectors)."""
+    r = min(m, n)
+    U, _ = np.linalg.qr(rng.standard_normal((m, r)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, r)))
+    return (U * np.asarray(singular_values, dtype=np.float64)) @ V.T

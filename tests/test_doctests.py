@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson"]
+MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson", "curvkit.newton_schulz"]
 
 
 @pytest.mark.parametrize("name", MODULES)

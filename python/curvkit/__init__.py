@@ -8,6 +8,7 @@ import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the exte
 from . import _core
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
 from .hutchinson import probes
+from .newton_schulz import polar, polar_update_
 
 __version__ = _core.build_info()["version"]
 
@@ -16,6 +17,8 @@ __all__ = [
     "config",
     "get_num_threads",
     "has_cuda",
+    "polar",
+    "polar_update_",
     "probes",
     "set_num_threads",
     "show_config",

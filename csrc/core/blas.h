@@ -1,0 +1,67 @@
+// CPU BLAS (OpenBLAS from scipy-openblas32, 32-bit integers) as typed templates over
+// float/double. Row-major throughout; symmetric results are written to the lower triangle.
+#pragma once
+#include <cblas.h>
+
+#include <climits>
+#include <cstdint>
+
+#include "core/check.h"
+
+namespace curvkit::blas {
+
+// BLAS dimensions are 32-bit: refuse larger ones with a clear error.
+inline int dim(int64_t n, const char* what) {
+  CK_CHECK_VALUE(n <= INT_MAX, what, " (", n, ") exceeds the 2^31-1 limit of the CPU BLAS");
+  return static_cast<int>(n);
+}
+
+// C (n x n, lower) = alpha * op(A) op(A)^T + beta * C; op(A) = A (n x k) or A^T (A is k x n).
+inline void syrk(bool trans, int n, int k, float alpha, const float* a, int lda, float beta, float* c, int ldc) {
+  scipy_cblas_ssyrk(CblasRowMajor, CblasLower, trans ? CblasTrans : CblasNoTrans, n, k, alpha, a, lda, beta, c, ldc);
+}
+inline void syrk(bool trans, int n, int k, double alpha, const double* a, int lda, double beta, double* c, int ldc) {
+  scipy_cblas_dsyrk(CblasRowMajor, CblasLower, trans ? CblasTrans : CblasNoTrans, n, k, alpha, a, lda, beta, c, ldc);
+}
+
+// C (m x n) = alpha * S B + beta * C (left) or alpha * B S + beta * C (right), S symmetric
+// (lower triangle read).
+inline void symm(bool left, int m, int n, float alpha, const float* s, int lds, const float* b, int ldb, float beta,
+                 float* c, int ldc) {
+  scipy_cblas_ssymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasLower, m, n, alpha, s, lds, b, ldb, beta, c, ldc);
+}
+inline void symm(bool left, int m, int n, double alpha, const double* s, int lds, const double* b, int ldb,
+                 double beta, double* c, int ldc) {
+  scipy_cblas_dsymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasLower, m, n, alpha, s, lds, b, ldb, beta, c, ldc);
+}
+
+// Lower triangle of C (n x n) = alpha * A B + beta * C, A and B n x n: for products known to
+// be symmetric (polynomials in one matrix), at half the flops of a full product.
+inline void gemmt(int n, float alpha, const float* a, const float* b, float beta, float* c) {
+  scipy_cblas_sgemmt(CblasRowMajor, CblasLower, CblasNoTrans, CblasNoTrans, n, n, alpha, a, n, b, n, beta, c, n);
+}
+inline void gemmt(int n, double alpha, const double* a, const double* b, double beta, double* c) {
+  scipy_cblas_dgemmt(CblasRowMajor, CblasLower, CblasNoTrans, CblasNoTrans, n, n, alpha, a, n, b, n, beta, c, n);
+}
+
+// Copy the lower triangle of a row-major n x n matrix to its upper triangle.
+template <class T>
+void mirror_lower(T* a, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) a[j * n + i] = a[i * n + j];
+}
+
+// Sets OpenBLAS's thread count for a scope (e.g. 1 while OpenMP runs one matrix per thread)
+// and restores it after. The pool is curvkit's own (NumPy and PyTorch bring their own BLAS).
+class ScopedBlasThreads {
+ public:
+  explicit ScopedBlasThreads(int n) : previous_(scipy_openblas_get_num_threads()) { scipy_openblas_set_num_threads(n); }
+  ~ScopedBlasThreads() { scipy_openblas_set_num_threads(previous_); }
+  ScopedBlasThreads(const ScopedBlasThreads&) = delete;
+  ScopedBlasThreads& operator=(const ScopedBlasThreads&) = delete;
+
+ private:
+  int previous_;
+};
+
+}  // namespace curvkit::blas

@@ -1,0 +1,179 @@
+"""Newton–Schulz family: orthogonal polar factors of (batched, ragged) matrices, as Muon
+and its successors use them to orthogonalize updates."""
+from __future__ import annotations
+
+from . import _arrays, _core
+
+# Published coefficient schedules: (a, b, c) of p(x) = a x + b x^3 + c x^5 per step, and the
+# factor on ||G||_F in the normalization.
+MUON = (3.4445, -4.7750, 2.0315)  # Keller Jordan's Muon, every step
+YOU = [  # per-step coefficients by Jiacheng You (as in Dion and HeavyBall)
+    (4.0848, -6.8946, 2.9270),
+    (3.9505, -6.3029, 2.6377),
+    (3.7418, -5.5913, 2.3037),
+    (2.8769, -3.1427, 1.2046),
+    (2.8366, -3.0525, 1.2012),
+]
+_POLAR_EXPRESS_RAW = [  # Amsel, Persson, Musco, Gower: "The Polar Express" (arXiv 2505.16932), Alg. 1
+    (8.28721201814563, -23.595886519098837, 17.300387312530933),
+    (4.107059111542203, -2.9478499167379106, 0.5448431082926601),
+    (3.9486908534822946, -2.908902115962949, 0.5518191394370137),
+    (3.3184196573706015, -2.488488024314874, 0.51004894012372),
+    (2.300652019954817, -1.6689039845747493, 0.4188073119525673),
+    (1.891301407787398, -1.2679958271945868, 0.37680408948524835),
+    (1.8750014808534479, -1.2500016453999487, 0.3750001645474248),
+    (1.875, -1.25, 0.375),
+]
+# The paper's safety factor 1.01 on every polynomial but the last, and on the normalization.
+POLAR_EXPRESS = [(a / 1.01, b / 1.01**3, c / 1.01**5) for a, b, c in _POLAR_EXPRESS_RAW[:-1]] + [_POLAR_EXPRESS_RAW[-1]]
+SCHEDULES = {"muon": ([MUON], 1.0), "you": (YOU, 1.0), "polar_express": (POLAR_EXPRESS, 1.01)}
+METHODS = ("auto", "standard", "gram")
+_GRAM_MIN_ASPECT = 2  # auto: the Gram route when the long side is at least this times the short one
+_GRAM_RESTART = 2     # Gram route: restart (X = Q X_0, A = X X^T) after every this many steps
+
+
+def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None):
+    """Orthogonal polar factor approximation U V^T of G = U S V^T by Newton–Schulz steps.
+
+    Normalizes ``X = G / ((s + eps) ||G||_F)`` (s = 1.01 for "polar_express", else 1) and
+    applies ``steps`` odd quintics ``X <- a X + (b A + c A^2) X``, ``A = X X^T`` on the short
+    side, exactly as Muon does, in fewer flops (symmetric products) and with no Python loop
+    over matrices.
+
+    Parameters
+    ----------
+    G : array (..., m, n), or a list of such arrays of different shapes
+        NumPy, PyTorch or CuPy; float16, bfloat16, float32 or float64. Batched over leading
+        dimensions; a list is processed in one call (no padding, no Python loop per matrix)
+        and gives a list. float64 computes in float64, the others in float32.
+    steps : int
+        Number of iterations.
+    coefficients : "muon", "you", "polar_express", or a sequence of (a, b, c)
+        "muon": (3.4445, -4.7750, 2.0315) every step. "you": Jiacheng You's per-step set.
+        "polar_express": the per-step optimal set of Amsel et al. (2025) with its safety
+        factor. A schedule shorter than ``steps`` repeats its last triple.
+    eps : float
+        Relative guard on the normalization. Unlike an absolute one, it keeps the result
+        invariant to the scale of G down to the smallest normal numbers; G = 0 gives 0.
+    method : "auto", "standard" or "gram"
+        "standard" iterates on X (3 r^2 c + r^3 flops a step for r = min(m, n), c = max).
+        "gram" iterates on the r x r Gram matrix (4 r^3 a step) and forms X = Q X_0 every 2
+        steps (3 r^2 c), restarting from it: without restarts the squared spectrum loses
+        the small singular values in float32 and Polar Express diverges; with them, float32
+        stays within 4e-5 of the float64 iteration for spectra down to 1e-8 (measured, as
+        does "standard"). "auto" picks "gram" when max(m, n) >= 2 min(m, n).
+    out : array or list of arrays, optional
+        Where to write the result (same shape, any float dtype, C-contiguous).
+
+    Returns
+    -------
+    array, or list of arrays, like G (out if given).
+
+    Notes
+    -----
+    Singular values of the result after 5 steps, for Gaussian 256 x 1024 inputs in float64
+    (measured; tests/test_newton_schulz.py checks them): "muon" [0.68, 1.14], "you"
+    [0.97, 1.04], "polar_express" [0.86, 1.13]. With enough steps of "polar_express" the
+    result converges to U V^T (to 1e-10 in float64 for condition numbers up to 1e3 in 12
+    steps). Input containing NaN or Inf raises ValueError. Non-contiguous input is copied
+    (explicitly) to a contiguous buffer first.
+
+    Examples
+    --------
+    >>> import numpy as np, curvkit
+    >>> G = np.random.default_rng(0).standard_normal((64, 256))
+    >>> X = curvkit.polar(G, steps=12, coefficients="polar_express")
+    >>> np.allclose(X @ X.T, np.eye(64), atol=1e-8)
+    True
+    >>> Xs = curvkit.polar([G, G[:32].T])          # a list of shapes in one call
+    >>> [x.shape for x in Xs]
+    [(64, 256), (256, 32)]
+    """
+    return _run(G, steps, coefficients, eps, method, out, alpha=1.0, beta=0.0)
+
+
+def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficients="muon", eps=1e-7,
+                  method="auto"):
+    """Muon's parameter update in place, fused into the last Newton–Schulz product:
+
+    ``param <- param * (1 - lr * weight_decay) - lr * scale * polar(G)``
+
+    ``param`` and ``G`` are arrays of the same shape (or lists of them); other arguments as
+    in :func:`polar`. Returns ``param``.
+
+    >>> import numpy as np, curvkit
+    >>> rng = np.random.default_rng(1)
+    >>> W, G = rng.standard_normal((32, 64)), rng.standard_normal((32, 64))
+    >>> expected = W * (1 - 0.1 * 0.01) - 0.1 * curvkit.polar(G)
+    >>> _ = curvkit.polar_update_(W, G, lr=0.1, weight_decay=0.01)
+    >>> np.allclose(W, expected)
+    True
+    """
+    _run(G, steps, coefficients, eps, method, param, alpha=-float(lr) * float(scale),
+         beta=1.0 - float(lr) * float(weight_decay), name_out="param")
+    return param
+
+
+def schedule(coefficients, steps):
+    """(list of (a, b, c) for each step, normalization factor) for a schedule name or list."""
+    steps = _arrays.index(steps, "steps", 0)
+    if isinstance(coefficients, str):
+        if coefficients not in SCHEDULES:
+            raise ValueError(f"argument 'coefficients' must be one of {', '.join(map(repr, SCHEDULES))} "
+                             f"or a sequence of (a, b, c), got {coefficients!r}")
+        table, norm_scale = SCHEDULES[coefficients]
+    else:
+        try:
+            table = [tuple(float(v) for v in abc) for abc in coefficients]
+        except (TypeError, ValueError):
+            raise TypeError("argument 'coefficients' must be a schedule name or a sequence of (a, b, c)") from None
+        if not table or any(len(abc) != 3 for abc in table):
+            raise ValueError("argument 'coefficients' must hold at least one (a, b, c) triple")
+        norm_scale = 1.0
+    return [table[min(k, len(table) - 1)] for k in range(steps)], norm_scale
+
+
+def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
+    single = not isinstance(G, (list, tuple))
+    inputs = [G] if single else list(G)
+    if out is None:
+        outputs = None
+    else:
+        outputs = [out] if single else list(out)
+        if single == isinstance(out, (list, tuple)) or len(outputs) != len(inputs):
+            raise ValueError(f"argument '{name_out}' must match 'G': one array for an array, a list of the same length for a list")
+    table, norm_scale = schedule(coefficients, steps)
+    if method not in METHODS:
+        raise ValueError(f"argument 'method' must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if not (isinstance(eps, (int, float)) and eps >= 0):
+        raise ValueError(f"argument 'eps' must be a number >= 0, got {eps!r}")
+
+    prepared, results, stream = [], [], 0
+    for i, g in enumerate(inputs):
+        fw = _arrays.framework_of(g, "G")
+        if len(g.shape) < 2:
+            raise ValueError(f"argument 'G' must have shape (..., m, n), got shape {tuple(g.shape)}")
+        if _arrays.dtype_name(g.dtype) not in _arrays.FLOAT_DTYPES:
+            raise TypeError(f"argument 'G' must have a float dtype ({', '.join(_arrays.FLOAT_DTYPES)}), "
+                            f"got {_arrays.dtype_name(g.dtype)}")
+        if fw == "torch" and g.requires_grad:
+            g = g.detach()
+        g = _arrays.contiguous(g)
+        dev = _arrays.device_of(g)
+        stream = _arrays.current_stream(fw, dev)
+        prepared.append(g)
+        results.append(outputs[i] if outputs is not None else
+                       _arrays.empty(tuple(g.shape), _arrays.dtype_name(g.dtype), fw, dev))
+
+    # Group by route: the native call takes one method for all its matrices.
+    routes = {"standard": ([], []), "gram": ([], [])}
+    for g, o in zip(prepared, results):
+        m, n = g.shape[-2], g.shape[-1]
+        route = method if method != "auto" else ("gram" if max(m, n) >= _GRAM_MIN_ASPECT * max(min(m, n), 1) else "standard")
+        routes[route][0].append(g)
+        routes[route][1].append(o)
+    for route, (gs, os_) in routes.items():
+        if gs:
+            restart = _GRAM_RESTART if route == "gram" else 0
+            _core.polar(gs, os_, table, norm_scale, float(eps), route, restart, alpha, beta, stream)
+    return results[0] if single else results

@@ -1,0 +1,171 @@
+"""curvkit.polar and polar_update_ against float64 references (SVD and a plain-product
+iteration), over schedules, routes, shapes, dtypes and frameworks."""
+import numpy as np
+import pytest
+
+import curvkit
+from curvkit.newton_schulz import schedule
+from conftest import dtypes_for, make, needs_torch, to_numpy
+import reference
+
+# Distance from the float64 plain-product iteration after 5 steps, per compute dtype
+# (float16/bfloat16 compute in float32 and differ by their input and output rounding).
+TOL = {"float64": 1e-11, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
+METHODS = ["standard", "gram"]
+SHAPES = [(32, 32), (24, 64), (64, 24), (3, 16, 40), (2, 2, 40, 16), (1, 7), (7, 1)]
+
+
+@pytest.mark.parametrize("coefficients, band", [("muon", (0.6818, 1.1344)), ("you", (0.9778, 1.0318)),
+                                                ("polar_express", (0.8703, 1.1236))])
+@pytest.mark.parametrize("method", METHODS)
+def test_singular_value_bands_after_five_steps(coefficients, band, method):
+    # Gaussian 256 x 1024 in float64: the bands the docstring states (Muon's is the published
+    # [0.68, 1.13] of its scalar map).
+    G = np.random.default_rng(0).standard_normal((256, 1024))
+    X = curvkit.polar(G, 5, coefficients, method=method)
+    s = np.linalg.svd(X, compute_uv=False)
+    assert band[0] - 2e-3 <= s.min() and s.max() <= band[1] + 2e-3
+    table, norm_scale = schedule(coefficients, 5)
+    np.testing.assert_allclose(X, reference.newton_schulz(G, table, norm_scale), atol=1e-12)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_matches_reference_iteration_per_dtype(backend, method, shape, rng):
+    G = rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 3)
+    table, norm_scale = schedule("you", 5)
+    for dtype in dtypes_for(backend):
+        g = make(G, backend, dtype)
+        X = curvkit.polar(g, 5, "you", method=method)
+        assert type(X) is type(g) and X.dtype == g.dtype and tuple(X.shape) == shape
+        expected = reference.newton_schulz(to_numpy(g), table, norm_scale)
+        np.testing.assert_allclose(to_numpy(X), expected, atol=TOL[dtype], err_msg=dtype)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("shape", [(48, 48), (40, 100), (100, 40), (4, 30, 50)])
+@pytest.mark.parametrize("cond", [1e1, 1e3])
+def test_converges_to_svd_polar_factor_in_float64(method, shape, cond, rng):
+    r = min(shape[-2:])
+    G = np.stack([reference.matrix_with_spectrum(rng, *shape[-2:], np.logspace(0, -np.log10(cond), r))
+                  for _ in range(int(np.prod(shape[:-2])))]).reshape(shape)
+    X = curvkit.polar(G, 14, "polar_express", method=method)
+    np.testing.assert_allclose(X, reference.polar_factor(G), atol=1e-10)
+
+
+@pytest.mark.parametrize("coefficients, steps", [("muon", 5), ("polar_express", 5), ("polar_express", 10)])
+@pytest.mark.parametrize("smallest", [1e-2, 1e-4, 1e-8])
+def test_float32_routes_follow_the_float64_iteration_on_wide_spectra(coefficients, steps, smallest, rng):
+    # Singular values from 1 down to `smallest`: how each one is mapped, compared along the
+    # singular vectors. The Gram route squares the spectrum; its restarts keep it as close
+    # to the float64 iteration as the standard route (documented bound 4e-5).
+    s = np.logspace(0, np.log10(smallest), 64)
+    G = reference.matrix_with_spectrum(rng, 64, 512, s)
+    U, _, Vt = np.linalg.svd(G, full_matrices=False)
+    table, norm_scale = schedule(coefficients, steps)
+    expected = np.diag(U.T @ reference.newton_schulz(G, table, norm_scale) @ Vt.T)
+    for method in METHODS:
+        X = curvkit.polar(G.astype(np.float32), steps, coefficients, method=method).astype(np.float64)
+        np.testing.assert_allclose(np.diag(U.T @ X @ Vt.T), expected, atol=4e-5, err_msg=method)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_rank_deficient_zero_and_scale_invariance(method, rng):
+    low_rank = rng.standard_normal((40, 3)) @ rng.standard_normal((3, 90))
+    X = curvkit.polar(low_rank, 14, "polar_express", method=method)
+    s = np.linalg.svd(X, compute_uv=False)
+    np.testing.assert_allclose(s[:3], 1.0, atol=1e-9)
+    assert np.all(s[3:] < 1e-6)
+
+    batch = np.stack([rng.standard_normal((20, 30)), np.zeros((20, 30)), rng.standard_normal((20, 30))])
+    Xb = curvkit.polar(batch, 5, method=method)
+    assert np.isfinite(Xb).all() and not Xb[1].any()
+    np.testing.assert_array_equal(curvkit.polar(np.zeros((5, 8)), method=method), 0.0)
+
+    G = rng.standard_normal((20, 30))
+    reference_x = curvkit.polar(G, 5, method=method)
+    for scale in (1e-300, 1e-30, 1e30, 1e300):
+        np.testing.assert_allclose(curvkit.polar(G * scale, 5, method=method), reference_x, atol=1e-12)
+    g32 = G.astype(np.float32)
+    for scale in (1e-35, 1e35):  # near float32's range ends
+        np.testing.assert_allclose(curvkit.polar(g32 * np.float32(scale), 5, method=method),
+                                   curvkit.polar(g32, 5, method=method), atol=1e-5)
+
+
+@needs_torch
+def test_half_precision_input_is_normalized_before_any_cast():
+    import torch
+
+    G = torch.randn(16, 48)
+    G = G / G.abs().max() * 6e4  # up to float16's maximum: squaring in float16 would overflow
+    for dtype in (torch.float16, torch.bfloat16):
+        X = curvkit.polar(G.to(dtype), 5)
+        assert torch.isfinite(X).all()
+        np.testing.assert_allclose(X.double().numpy(), curvkit.polar(G.double().numpy(), 5), atol=TOL[str(dtype)[6:]])
+
+
+def test_transpose_invariance_and_noncontiguous_input(rng):
+    G = rng.standard_normal((30, 70))
+    np.testing.assert_allclose(curvkit.polar(G.T), curvkit.polar(G).T, atol=1e-13)
+    strided = rng.standard_normal((60, 140))[::2, ::2]
+    np.testing.assert_allclose(curvkit.polar(strided), curvkit.polar(np.ascontiguousarray(strided)), atol=0)
+
+
+def test_list_of_shapes_in_one_call_equals_separate_calls(backend, rng):
+    shapes = [(64, 256), (256, 64), (3, 32, 32), (128, 128), (1, 5), (2, 0, 4)]
+    Gs = [make(rng.standard_normal(s), backend, "float32") for s in shapes]
+    together = curvkit.polar(Gs, 5, "polar_express")
+    assert isinstance(together, list) and len(together) == len(shapes)
+    for G, X in zip(Gs, together):
+        assert tuple(X.shape) == tuple(G.shape) and type(X) is type(G)
+        np.testing.assert_allclose(to_numpy(X), to_numpy(curvkit.polar(G, 5, "polar_express")), atol=1e-6)
+
+
+def test_out_and_fused_update(rng):
+    G = rng.standard_normal((3, 20, 50))
+    out = np.empty_like(G)
+    assert curvkit.polar(G, out=out) is out
+    np.testing.assert_allclose(out, curvkit.polar(G), atol=0)
+    for dtype in (np.float64, np.float32):
+        W = rng.standard_normal((3, 20, 50)).astype(dtype)
+        expected = W * (1 - 0.02 * 0.1) - 0.02 * 1.5 * curvkit.polar(G.astype(dtype))
+        curvkit.polar_update_(W, G.astype(dtype), lr=0.02, weight_decay=0.1, scale=1.5)
+        np.testing.assert_allclose(W, expected, atol=1e-6 if dtype == np.float32 else 1e-14)
+    W32 = rng.standard_normal((20, 50)).astype(np.float32)  # param and update of different dtypes
+    expected = W32 - 0.1 * curvkit.polar(G[0]).astype(np.float32)
+    curvkit.polar_update_(W32, G[0], lr=0.1)
+    np.testing.assert_allclose(W32, expected, atol=1e-6)
+    Ws = [rng.standard_normal((8, 16)), rng.standard_normal((16, 4))]
+    copies = [w.copy() for w in Ws]
+    curvkit.polar_update_(Ws, [rng.standard_normal((8, 16)), rng.standard_normal((16, 4))], lr=0.0)
+    for w, c in zip(Ws, copies):
+        np.testing.assert_array_equal(w, c)
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 4, 4)])
+def test_empty_inputs(shape):
+    assert curvkit.polar(np.zeros(shape)).shape == shape
+
+
+@pytest.mark.parametrize(
+    "args, kwargs, error, match",
+    [
+        ((np.array([[1.0, np.nan], [0.0, 1.0]]),), {}, ValueError, "'G' contains NaN or Inf"),
+        ((np.array([[1.0, np.inf]]),), {}, ValueError, "'G' contains NaN or Inf"),
+        ((np.ones(4),), {}, ValueError, "'G' must have shape"),
+        ((np.ones((2, 2), dtype=np.int32),), {}, TypeError, "'G'"),
+        (([[1.0, 2.0]],), {}, TypeError, "'G'"),
+        ((np.ones((2, 2)),), {"steps": -1}, ValueError, "'steps'"),
+        ((np.ones((2, 2)),), {"coefficients": "fast"}, ValueError, "'coefficients'"),
+        ((np.ones((2, 2)),), {"coefficients": [(1.0, 2.0)]}, ValueError, "'coefficients'"),
+        ((np.ones((2, 2)),), {"coefficients": [(1.0, np.nan, 0.0)]}, ValueError, "'coefficients'"),
+        ((np.ones((2, 2)),), {"method": "svd"}, ValueError, "'method'"),
+        ((np.ones((2, 2)),), {"eps": -1.0}, ValueError, "'eps'"),
+        ((np.ones((2, 2)),), {"out": np.empty((2, 3))}, ValueError, "same shape"),
+        ((np.ones((2, 2)),), {"out": [np.empty((2, 2))]}, ValueError, "'out' must match"),
+        ((np.ones((4, 4)),), {"out": np.empty((4, 8))[:, ::2]}, ValueError, "'out' must be C-contiguous"),
+    ],
+)
+def test_errors(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        curvkit.polar(*args, **kwargs)
