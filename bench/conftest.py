@@ -1,5 +1,6 @@
-"""Benchmark session helpers: each benchmark records its implementation and bytes written;
-the summary prints, per group, every implementation's time, GB/s and ratio to curvkit."""
+"""Benchmark session helpers: each benchmark records its implementation and the bytes it
+writes or the flops it does; the summary prints, per group, every implementation's time,
+rate (GB/s or GFLOP/s) and ratio to curvkit's."""
 import sys
 from pathlib import Path
 
@@ -17,11 +18,14 @@ def pytest_terminal_summary(terminalreporter, config):
         groups.setdefault(bench.group, []).append(bench)
     tr = terminalreporter
     tr.write_sep("=", "curvkit vs anchors (median time; ratio = other time / curvkit time; fill = write roofline)")
-    tr.write_line(f"{'group':34s} {'impl':10s} {'median ms':>10s} {'GB/s':>8s} {'ratio':>7s}")
+    tr.write_line(f"{'group':34s} {'impl':18s} {'median ms':>10s} {'rate':>14s} {'ratio':>7s}")
     for group, benches in sorted(groups.items()):
         ours = next((b for b in benches if b.extra_info.get("impl") == "curvkit"), None)
         for b in sorted(benches, key=lambda b: b.extra_info.get("impl", "")):
             median = b.stats.median
-            gbs = b.extra_info.get("bytes", 0) / median / 1e9
+            if "flops" in b.extra_info:
+                rate = f"{b.extra_info['flops'] / median / 1e9:9.1f} GF/s"
+            else:
+                rate = f"{b.extra_info.get('bytes', 0) / median / 1e9:9.2f} GB/s"
             ratio = median / ours.stats.median if ours else float("nan")
-            tr.write_line(f"{group:34s} {b.extra_info.get('impl', '?'):10s} {median * 1e3:10.3f} {gbs:8.2f} {ratio:7.2f}")
+            tr.write_line(f"{group:34s} {b.extra_info.get('impl', '?'):18s} {median * 1e3:10.3f} {rate:>14s} {ratio:7.2f}")

@@ -1,0 +1,138 @@
+"""Polar factor (Muon's orthogonalization): curvkit.polar against Muon's NS5 in plain PyTorch
+(bench/baselines/newton_schulz.py), same coefficients, steps and dtype, in one run.
+Run: python -m pytest bench/bench_newton_schulz.py --benchmark-only
+
+Rates are each implementation's own flop count over its time (symmetric products count
+their useful flops: r^2 c for X X^T), so curvkit's gain shows as fewer flops at a similar
+rate; `gemm` times one plain X X^T product in torch for the machine's GEMM rate.
+"""
+import numpy as np
+import pytest
+
+import curvkit
+from curvkit.newton_schulz import _GRAM_RESTART, schedule
+
+torch = pytest.importorskip("torch")
+from baselines.newton_schulz import muon_newton_schulz  # noqa: E402
+
+STEPS = 5
+CASES = [(1024, 4096), (8, 1024, 1024), (32, 256, 256), (2, 2048, 2048)]
+
+
+def _dims(shape):
+    batch = int(np.prod(shape[:-2])) if len(shape) > 2 else 1
+    m, n = shape[-2:]
+    return batch, min(m, n), max(m, n)
+
+
+def baseline_flops(shape, steps):
+    batch, r, c = _dims(shape)
+    return batch * steps * (4 * r * r * c + 2 * r**3)
+
+
+def standard_flops(shape, steps):
+    batch, r, c = _dims(shape)
+    return batch * steps * (3 * r * r * c + r**3)
+
+
+def gram_flops(shape, steps, restart=_GRAM_RESTART):
+    batch, r, c = _dims(shape)
+    total, have_q = r * r * c, False
+    for k in range(steps):
+        total += r**3  # A^2
+        if k + 1 == steps:
+            break
+        total += r**3 if have_q else 0  # P Q
+        have_q = True
+        if restart and (k + 1) % restart == 0:
+            total += 3 * r * r * c  # X = Q X0, A = X X^T
+            have_q = False
+            continue
+        total += 2 * r**3  # P^2, A P^2
+    total += (r**3 if have_q else 0) + 2 * r * r * c
+    return batch * total
+
+
+def _route(shape):
+    _, r, c = _dims(shape)
+    return "gram" if c >= 2 * r else "standard"
+
+
+def _name(shape):
+    return "x".join(map(str, shape))
+
+
+@pytest.mark.parametrize("shape", CASES, ids=_name)
+def test_baseline(benchmark, shape):
+    benchmark.group = f"polar-float32-{_name(shape)}"
+    benchmark.extra_info.update(impl="torch NS5", flops=baseline_flops(shape, STEPS))
+    G = torch.randn(shape)
+    benchmark(lambda: muon_newton_schulz(G, STEPS))
+
+
+@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("shape", CASES, ids=_name)
+def test_curvkit(benchmark, shape, method):
+    benchmark.group = f"polar-float32-{_name(shape)}"
+    flops = standard_flops(shape, STEPS) if method == "standard" else gram_flops(shape, STEPS)
+    impl = "curvkit" if method == _route(shape) else f"curvkit {method}"
+    benchmark.extra_info.update(impl=impl, flops=flops)
+    G = torch.randn(shape)
+    benchmark(lambda: curvkit.polar(G, STEPS, method=method))
+
+
+@pytest.mark.parametrize("shape", CASES, ids=_name)
+def test_gemm_rate(benchmark, shape):
+    benchmark.group = f"polar-float32-{_name(shape)}"
+    batch, r, c = _dims(shape)
+    benchmark.extra_info.update(impl="gemm (rate only)", flops=2 * batch * r * r * c)
+    X = torch.randn(batch, r, c)
+    benchmark(lambda: X @ X.mT)
+
+
+# Equal final accuracy: Muon's 5 steps against the fewest steps of a better schedule that
+# reach the same singular-value band, on a spectrum spread from 1 to 0.1.
+ACCURACY_SHAPE = (1024, 4096)
+
+
+def _spread_input():
+    rng = np.random.default_rng(0)
+    m, n = ACCURACY_SHAPE
+    U, _ = np.linalg.qr(rng.standard_normal((m, m)))
+    V, _ = np.linalg.qr(rng.standard_normal((n, m)))
+    return torch.from_numpy(((U * np.logspace(0, -1, m)) @ V.T).astype(np.float32))
+
+
+def _deviation(X):
+    s = np.linalg.svd(np.asarray(X, dtype=np.float64), compute_uv=False)
+    return float(np.abs(s - 1).max())
+
+
+@pytest.fixture(scope="module")
+def accuracy_case():
+    G = _spread_input()
+    target = _deviation(muon_newton_schulz(G, STEPS).numpy())
+    best = None
+    for coefficients in ("you", "polar_express"):
+        for steps in range(1, STEPS + 1):
+            if _deviation(curvkit.polar(G, steps, coefficients).numpy()) <= target:
+                if best is None or steps < best[1]:
+                    best = (coefficients, steps)
+                break
+    return G, target, best
+
+
+def test_equal_accuracy_baseline(benchmark, accuracy_case):
+    G, target, _ = accuracy_case
+    benchmark.group = "polar-float32-equal-accuracy-1024x4096"
+    benchmark.extra_info.update(impl="torch NS5", flops=baseline_flops(ACCURACY_SHAPE, STEPS), max_dev=target)
+    benchmark(lambda: muon_newton_schulz(G, STEPS))
+
+
+def test_equal_accuracy_curvkit(benchmark, accuracy_case):
+    G, target, (coefficients, steps) = accuracy_case
+    benchmark.group = "polar-float32-equal-accuracy-1024x4096"
+    benchmark.extra_info.update(impl="curvkit", flops=gram_flops(ACCURACY_SHAPE, steps), schedule=coefficients,
+                                steps=steps, max_dev=_deviation(curvkit.polar(G, steps, coefficients).numpy()))
+    benchmark(lambda: curvkit.polar(G, steps, coefficients))
+    assert benchmark.extra_info["max_dev"] <= target
