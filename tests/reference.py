@@ -108,3 +108,16 @@ def matrix_with_spectrum(rng, m, n, singular_values):
     U, _ = np.linalg.qr(rng.standard_normal((m, r)))
     V, _ = np.linalg.qr(rng.standard_normal((n, r)))
     return (U * np.asarray(singular_values, dtype=np.float64)) @ V.T
+
+
+def spd_with_condition(rng, n, cond, eps=0.0):
+    """Random symmetric positive definite n x n with eigenvalues log-spaced from 1 to 1/cond."""
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (Q * np.logspace(0, -np.log10(cond), n)) @ Q.T + eps * np.eye(n)
+    return (A + A.T) / 2
+
+
+def sqrt_and_inv_sqrt(A):
+    """(A^{1/2}, A^{-1/2}) of symmetric PSD A from float64 eigh."""
+    w, V = np.linalg.eigh(np.asarray(A, dtype=np.float64))
+    return (V * np.sqrt(w)[..., None, :]) @ np.swapaxes(V, -1, -2), (V / np.sqrt(w)[..., None, :]) @ np.swapaxes(V, -1, -2)

@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson", "curvkit.newton_schulz"]
+MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson", "curvkit.newton_schulz", "curvkit.torch"]
 
 
 @pytest.mark.parametrize("name", MODULES)

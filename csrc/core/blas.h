@@ -2,6 +2,7 @@
 // float/double. Row-major throughout; symmetric results are written to the lower triangle.
 #pragma once
 #include <cblas.h>
+#include <lapacke.h>
 
 #include <climits>
 #include <cstdint>
@@ -35,6 +36,14 @@ inline void symm(bool left, int m, int n, double alpha, const double* s, int lds
   scipy_cblas_dsymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasLower, m, n, alpha, s, lds, b, ldb, beta, c, ldc);
 }
 
+// C (m x n) = alpha * A B + beta * C, A m x k, B k x n, all row-major and contiguous.
+inline void gemm(int m, int n, int k, float alpha, const float* a, const float* b, float beta, float* c) {
+  scipy_cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, alpha, a, k, b, n, beta, c, n);
+}
+inline void gemm(int m, int n, int k, double alpha, const double* a, const double* b, double beta, double* c) {
+  scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, alpha, a, k, b, n, beta, c, n);
+}
+
 // Lower triangle of C (n x n) = alpha * A B + beta * C, A and B n x n: for products known to
 // be symmetric (polynomials in one matrix), at half the flops of a full product.
 inline void gemmt(int n, float alpha, const float* a, const float* b, float beta, float* c) {
@@ -43,6 +52,16 @@ inline void gemmt(int n, float alpha, const float* a, const float* b, float beta
 inline void gemmt(int n, double alpha, const double* a, const double* b, double beta, double* c) {
   scipy_cblas_dgemmt(CblasRowMajor, CblasLower, CblasNoTrans, CblasNoTrans, n, n, alpha, a, n, b, n, beta, c, n);
 }
+
+// Symmetric eigendecomposition (LAPACK syevd): a (n x n, row-major, full) is overwritten by
+// the eigenvectors (columns), w by the eigenvalues in ascending order. Returns LAPACK's info.
+inline int syevd(int n, float* a, float* w) { return scipy_LAPACKE_ssyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, a, n, w); }
+inline int syevd(int n, double* a, double* w) { return scipy_LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, a, n, w); }
+
+// Solves S X = B for SPD S (n x n, lower triangle; overwritten by its Cholesky factor), B
+// (n x n) overwritten by X. Returns LAPACK's info (> 0: S not positive definite).
+inline int posv(int n, float* s, float* b) { return scipy_LAPACKE_sposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
+inline int posv(int n, double* s, double* b) { return scipy_LAPACKE_dposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
 
 // Copy the lower triangle of a row-major n x n matrix to its upper triangle.
 template <class T>

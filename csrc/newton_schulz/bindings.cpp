@@ -1,6 +1,9 @@
 // Newton–Schulz family: validation, device dispatch and the Python bindings.
 #include <pybind11/pybind11.h>
+#include <pybind11/numpy.h>
 #include <pybind11/stl.h>
+
+#include <optional>
 
 #include <cmath>
 #include <tuple>
@@ -43,7 +46,99 @@ void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& o
   }
 }
 
+void matrix_sqrt(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_out, const SqrtOptions& o,
+                 SqrtStatus* status, StreamHandle stream) {
+  check_floating(a, "A");
+  CK_CHECK_VALUE(a.ndim() >= 2 && a.size(-1) == a.size(-2), "argument 'A' must have shape (..., n, n), got ",
+                 a.ndim() >= 2 ? "a non-square shape" : "fewer than 2 dimensions");
+  CK_CHECK_VALUE(a.is_contiguous(), "argument 'A' must be C-contiguous");
+  CK_CHECK_VALUE(o.max_iters >= 1, "argument 'max_iters' must be >= 1");
+  CK_CHECK_VALUE(o.tol > 0, "argument 'tol' must be > 0");
+  for (const ArrayView* out : {sqrt_out, inv_out}) {
+    if (!out) continue;
+    check_floating(*out, "out");
+    check_writable(*out, "out");
+    check_same_shape(a, "A", *out, "out");
+    check_same_device(a, "A", *out, "out");
+    CK_CHECK_VALUE(out->is_contiguous(), "argument 'out' must be C-contiguous");
+  }
+  if (a.device.is_cuda()) {
+    matrix_sqrt_cuda(a, sqrt_out, inv_out, o, status, stream);
+  } else {
+    matrix_sqrt_cpu(a, sqrt_out, inv_out, o, status);
+  }
+}
+
+namespace {
+
+// (converged, iterations, residual) as NumPy arrays shaped like the batch dimensions.
+py::tuple status_arrays(const std::vector<SqrtStatus>& status, const ArrayView& a) {
+  std::vector<py::ssize_t> batch(a.shape.begin(), a.shape.end() - 2);
+  py::array_t<bool> converged(batch);
+  py::array_t<int32_t> iterations(batch);
+  py::array_t<double> residual(batch);
+  for (size_t i = 0; i < status.size(); ++i) {
+    converged.mutable_data()[i] = status[i].converged;
+    iterations.mutable_data()[i] = status[i].iterations;
+    residual.mutable_data()[i] = status[i].residual;
+  }
+  return py::make_tuple(converged, iterations, residual);
+}
+
+}  // namespace
+
 void register_newton_schulz(py::module_& m) {
+  m.def(
+      "matrix_sqrt",
+      [](py::handle a, py::handle sqrt_out, py::handle inv_out, const std::string& method, int max_iters, double tol,
+         StreamHandle stream) {
+        SqrtOptions o;
+        if (method == "newton_schulz") o.method = SqrtMethod::NewtonSchulz;
+        else if (method == "pade") o.method = SqrtMethod::Pade;
+        else if (method == "eigh") o.method = SqrtMethod::Eigh;
+        else throw ValueError(cat("argument 'method' must be 'newton_schulz', 'pade' or 'eigh', got '", method, "'"));
+        o.max_iters = max_iters;
+        o.tol = tol;
+        interop::ImportedArray in = interop::import_array(a, "A", stream);
+        std::optional<interop::ImportedArray> s, r;
+        if (!sqrt_out.is_none()) s.emplace(interop::import_output(sqrt_out, "out", stream));
+        if (!inv_out.is_none()) r.emplace(interop::import_output(inv_out, "out", stream));
+        const int64_t n = in.view.ndim() >= 2 ? in.view.size(-1) : 0;
+        std::vector<SqrtStatus> status(size_t(n ? in.view.numel() / (n * n) : 0));
+        {
+          py::gil_scoped_release release;
+          matrix_sqrt(in.view, s ? &s->view : nullptr, r ? &r->view : nullptr, o, status.data(), stream);
+        }
+        return status_arrays(status, in.view);
+      },
+      py::arg("A"), py::arg("sqrt_out"), py::arg("inv_sqrt_out"), py::arg("method"), py::arg("max_iters"),
+      py::arg("tol"), py::arg("stream") = 0,
+      "Square root and/or inverse square root of symmetric PSD matrices; returns (converged, iterations, "
+      "residual) per matrix (see curvkit.matrix_sqrt).");
+  m.def(
+      "solve_lyapunov",
+      [](py::handle s, py::handle c, py::handle x, int max_iters) {
+        interop::ImportedArray sv = interop::import_array(s, "S", 0), cv = interop::import_array(c, "C", 0);
+        interop::ImportedArray xv = interop::import_output(x, "out", 0);
+        for (auto* v : {&sv.view, &cv.view, &xv.view}) check_floating(*v, "S");
+        CK_CHECK_VALUE(sv.view.ndim() >= 2 && sv.view.size(-1) == sv.view.size(-2),
+                       "argument 'S' must have shape (..., n, n)");
+        check_same_shape(sv.view, "S", cv.view, "C");
+        check_same_shape(sv.view, "S", xv.view, "out");
+        for (auto* v : {&sv.view, &cv.view, &xv.view}) {
+          CK_CHECK_VALUE(!v->device.is_cuda(), "solve_lyapunov runs on the CPU only so far");
+          CK_CHECK_VALUE(v->is_contiguous(), "arguments of solve_lyapunov must be C-contiguous");
+        }
+        CK_CHECK_VALUE(max_iters >= 1, "argument 'max_iters' must be >= 1");
+        std::vector<SqrtStatus> status;
+        {
+          py::gil_scoped_release release;
+          solve_lyapunov_cpu(sv.view, cv.view, xv.view, max_iters, status);
+        }
+        return status_arrays(status, sv.view);
+      },
+      py::arg("S"), py::arg("C"), py::arg("out"), py::arg("max_iters"),
+      "X with S X + X S = C for symmetric positive definite S (see curvkit.solve_lyapunov).");
   m.def(
       "polar",
       [](const py::list& inputs, const py::list& outputs, const std::vector<std::tuple<double, double, double>>& steps,

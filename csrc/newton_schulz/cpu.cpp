@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "core/blas.h"
@@ -225,6 +226,351 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
 
 #ifndef CURVKIT_WITH_CUDA
 void polar_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&, const PolarOptions&, StreamHandle) {
+  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
+}
+#endif
+
+}  // namespace curvkit
+
+// ---------------------------------------------------------------------------------------
+// Square roots of symmetric positive (semi)definite matrices, and the Lyapunov solve.
+
+namespace curvkit {
+namespace {
+
+template <class T>
+constexpr double unit_roundoff() {
+  return std::numeric_limits<T>::epsilon() / 2;
+}
+
+// How far from symmetric an input may be, relative to its largest entry, by input dtype.
+double symmetry_tolerance(const DType& dt) {
+  if (dt == DType::float64()) return 1e-10;
+  if (dt == DType::float32()) return 1e-5;
+  return 3e-2;
+}
+
+// Checks matrix `index` of `a`: finite, and symmetric within the dtype's tolerance.
+void check_symmetric(const ArrayView& a, int64_t index, const char* name) {
+  const int64_t n = a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, name, S, [&] {
+    const S* p = a.ptr<const S>() + index * n * n;
+    double amax = 0, dmax = 0;
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        const double x = to_double(p[i * n + j]), y = to_double(p[j * n + i]);
+        finite &= std::fabs(x) <= DBL_MAX && std::fabs(y) <= DBL_MAX;
+        amax = std::max(amax, std::max(std::fabs(x), std::fabs(y)));
+        dmax = std::max(dmax, std::fabs(x - y));
+      }
+    CK_CHECK_VALUE(finite, "argument '", name, "' contains NaN or Inf (matrix ", index, ")");
+    CK_CHECK_VALUE(dmax <= symmetry_tolerance(a.dtype) * amax, "argument '", name, "' must be symmetric: matrix ",
+                   index, " has max|A - A^T| / max|A| = ", amax > 0 ? dmax / amax : 0.0);
+  });
+}
+
+// (A + A^T)/2 of matrix `index`, in T.
+template <class T>
+void load_symmetrized(const ArrayView& a, int64_t index, T* dst) {
+  const int64_t n = a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
+    const S* p = a.ptr<const S>() + index * n * n;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) dst[i * n + j] = dst[j * n + i] = T(0.5 * (to_double(p[i * n + j]) + to_double(p[j * n + i])));
+  });
+}
+
+template <class T>
+void load_general(const ArrayView& a, int64_t index, T* dst) {
+  const int64_t size = a.size(-1) * a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, "C", S, [&] {
+    const S* p = a.ptr<const S>() + index * size;
+    for (int64_t i = 0; i < size; ++i) dst[i] = T(to_double(p[i]));
+  });
+}
+
+template <class T>
+void store(const T* src, double scale, const ArrayView& out, int64_t index) {
+  const int64_t size = out.size(-1) * out.size(-1);
+  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+    D* p = out.ptr<D>() + index * size;
+    for (int64_t i = 0; i < size; ++i) p[i] = from_double<D>(scale * double(src[i]));
+  });
+}
+
+template <class T>
+double frobenius(const T* a, int64_t size) {
+  double s = 0;
+  for (int64_t i = 0; i < size; ++i) s += double(a[i]) * double(a[i]);
+  return std::sqrt(s);
+}
+
+template <class T>
+bool all_finite(const std::vector<T>& v) {
+  bool ok = true;
+  for (T x : v) ok &= std::fabs(double(x)) <= DBL_MAX;
+  return ok;
+}
+
+// ||I - M||_F / sqrt(n)
+template <class T>
+double identity_distance(const T* m, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const double d = double(m[i * n + j]) - (i == j ? 1.0 : 0.0);
+      s += d * d;
+    }
+  return std::sqrt(s / double(n));
+}
+
+// Quadratically convergent iterations stop once the distance to I is at rounding level or
+// has stopped falling near it; a distance above 2 means divergence (indefinite input).
+struct ConvergenceWatch {
+  double eps, previous = std::numeric_limits<double>::infinity();
+  bool converged = false, diverged = false;
+  bool done(double r) {
+    if (!(r <= 2.0)) return diverged = true;
+    if (r <= 100 * eps || (previous < std::sqrt(eps) && r >= previous)) return converged = true;
+    previous = r;
+    return false;
+  }
+};
+
+template <class T>
+struct SqrtWork {
+  std::vector<T> a, y, z, m, t, u, p, q;
+  void reserve(int64_t n) {
+    for (auto* v : {&a, &y, &z, &m, &t, &u, &p, &q}) v->resize(size_t(n * n));
+  }
+};
+
+// Coupled Newton-Schulz: y = A/c -> (A/c)^{1/2}, z = I -> (A/c)^{-1/2}. Plain products on
+// purpose: the iteration is stable because Y = A Z holds through it, and forcing Y and Z
+// symmetric separately (half-flop symmetric products) breaks that and diverges once the
+// small eigenvalues converge (measured: cond 1e6 blows up at step 19).
+template <class T>
+void sqrt_newton_schulz(int n, double c, int max_iters, SqrtWork<T>& w, SqrtStatus& st, bool& ok) {
+  for (int64_t i = 0; i < int64_t(n) * n; ++i) {
+    w.y[size_t(i)] = T(double(w.a[size_t(i)]) / c);
+    w.z[size_t(i)] = T(i % (n + 1) == 0 ? 1 : 0);
+  }
+  ConvergenceWatch watch{unit_roundoff<T>()};
+  for (st.iterations = 0; st.iterations < max_iters; ++st.iterations) {
+    blas::gemm(n, n, n, T(1), w.z.data(), w.y.data(), T(0), w.m.data());  // Z Y
+    if (watch.done(identity_distance(w.m.data(), n))) break;
+    for (int64_t i = 0; i < int64_t(n) * n; ++i) w.t[size_t(i)] = T(-0.5) * w.m[size_t(i)] + T(i % (n + 1) == 0 ? 1.5 : 0);
+    blas::gemm(n, n, n, T(1), w.y.data(), w.t.data(), T(0), w.u.data());
+    std::swap(w.y, w.u);
+    blas::gemm(n, n, n, T(1), w.t.data(), w.z.data(), T(0), w.u.data());
+    std::swap(w.z, w.u);
+  }
+  ok = watch.converged;
+}
+
+// [5/5] Pade approximant of sqrt(1 - z) (exact coefficients): y = S / sqrt(c), z = S^{-1} sqrt(c).
+constexpr double kPadeP[6] = {1.0, -11.0 / 4, 11.0 / 4, -77.0 / 64, 55.0 / 256, -11.0 / 1024};
+constexpr double kPadeQ[6] = {1.0, -9.0 / 4, 7.0 / 4, -35.0 / 64, 15.0 / 256, -1.0 / 1024};
+
+template <class T>
+void sqrt_pade(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
+  const int64_t nn = int64_t(n) * n;
+  std::vector<T> powers[6];
+  for (auto& v : powers) v.assign(size_t(nn), T(0));
+  for (int64_t i = 0; i < nn; ++i) powers[1][size_t(i)] = T((i % (n + 1) == 0 ? 1.0 : 0.0) - double(w.a[size_t(i)]) / c);
+  blas::syrk(false, n, n, T(1), powers[1].data(), n, T(0), powers[2].data(), n);  // M M^T = M^2
+  blas::mirror_lower(powers[2].data(), n);
+  blas::gemmt(n, T(1), powers[2].data(), powers[1].data(), T(0), powers[3].data());
+  blas::mirror_lower(powers[3].data(), n);
+  blas::syrk(false, n, n, T(1), powers[2].data(), n, T(0), powers[4].data(), n);
+  blas::mirror_lower(powers[4].data(), n);
+  blas::gemmt(n, T(1), powers[4].data(), powers[1].data(), T(0), powers[5].data());
+  blas::mirror_lower(powers[5].data(), n);
+  for (int64_t i = 0; i < nn; ++i) {
+    double p = i % (n + 1) == 0 ? kPadeP[0] : 0, q = i % (n + 1) == 0 ? kPadeQ[0] : 0;
+    for (int d = 1; d <= 5; ++d) {
+      p += kPadeP[d] * double(powers[d][size_t(i)]);
+      q += kPadeQ[d] * double(powers[d][size_t(i)]);
+    }
+    w.p[size_t(i)] = T(p);
+    w.q[size_t(i)] = T(q);
+  }
+  w.y = w.p;  // Q^{-1} P
+  w.t = w.q;
+  ok = blas::posv(n, w.t.data(), w.y.data()) == 0;
+  if (want_inverse) {  // P^{-1} Q
+    w.z = w.q;
+    w.t = w.p;
+    ok &= blas::posv(n, w.t.data(), w.z.data()) == 0;
+  }
+  for (auto* v : {&w.y, &w.z})  // the solves leave rounding-level asymmetry
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < i; ++j) (*v)[size_t(i * n + j)] = (*v)[size_t(j * n + i)] = T(0.5) * ((*v)[size_t(i * n + j)] + (*v)[size_t(j * n + i)]);
+}
+
+// Eigendecomposition: y = S / sqrt(c), z = S^{-1} sqrt(c) from A/c = V diag(w) V^T.
+template <class T>
+void sqrt_eigh(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
+  const int64_t nn = int64_t(n) * n;
+  std::vector<T> values(static_cast<size_t>(n));
+  for (int64_t i = 0; i < nn; ++i) w.m[size_t(i)] = T(double(w.a[size_t(i)]) / c);
+  ok = blas::syevd(n, w.m.data(), values.data()) == 0;
+  const double negligible = double(n) * unit_roundoff<T>() * std::max(double(values[size_t(n - 1)]), 0.0);
+  ok &= double(values[0]) >= -negligible;  // indefinite: not a PSD input
+  for (int pass = 0; pass < (want_inverse ? 2 : 1); ++pass) {
+    std::vector<T>& out = pass == 0 ? w.y : w.z;
+    if (pass == 1 && double(values[0]) <= negligible) ok = false;  // singular: no inverse
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const double lambda = std::max(double(values[size_t(j)]), pass == 0 ? 0.0 : negligible);
+        w.t[size_t(i * n + j)] = T(double(w.m[size_t(i * n + j)]) * std::pow(lambda, pass == 0 ? 0.25 : -0.25));
+      }
+    blas::syrk(false, n, n, T(1), w.t.data(), n, T(0), out.data(), n);
+    blas::mirror_lower(out.data(), n);
+  }
+}
+
+template <class T>
+void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, const ArrayView* inv_out,
+              const SqrtOptions& o, SqrtWork<T>& w, SqrtStatus& st) {
+  const int n = blas::dim(a.size(-1), "matrix dimension");
+  const int64_t nn = int64_t(n) * n;
+  w.reserve(n);
+  load_symmetrized(a, index, w.a.data());
+  // Scale: both ||A||_F and ||A||_inf bound the largest eigenvalue of symmetric A; the
+  // smaller one puts the spectrum of A/c closest to 1 (near the identity ||A||_inf does).
+  double row_max = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double row = 0;
+    for (int64_t j = 0; j < n; ++j) row += std::fabs(double(w.a[size_t(i * n + j)]));
+    row_max = std::max(row_max, row);
+  }
+  const double c = std::min(frobenius(w.a.data(), nn), row_max);
+  st = SqrtStatus{};
+  if (c == 0) {  // sqrt(0) = 0; no inverse
+    std::fill(w.y.begin(), w.y.end(), T(0));
+    if (sqrt_out) store(w.y.data(), 0.0, *sqrt_out, index);
+    if (inv_out) store(w.y.data(), 0.0, *inv_out, index);
+    st.converged = inv_out == nullptr;
+    return;
+  }
+  bool ok = false;
+  switch (o.method) {
+    case SqrtMethod::NewtonSchulz: sqrt_newton_schulz(n, c, o.max_iters, w, st, ok); break;
+    case SqrtMethod::Pade: sqrt_pade(n, c, inv_out != nullptr, w, ok); break;
+    case SqrtMethod::Eigh: sqrt_eigh(n, c, inv_out != nullptr, w, ok); break;
+  }
+  ok &= all_finite(w.y) && (!inv_out || all_finite(w.z));
+  // residual ||S^2 - A||_F / ||A||_F with S = sqrt(c) y
+  double r = std::numeric_limits<double>::infinity();
+  if (all_finite(w.y)) {
+    blas::syrk(false, n, n, T(1), w.y.data(), n, T(0), w.t.data(), n);
+    double s = 0;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        const double d = c * double(w.t[size_t(i * n + j)]) - double(w.a[size_t(i * n + j)]);
+        s += (i == j ? 1 : 2) * d * d;
+      }
+    r = std::sqrt(s) / frobenius(w.a.data(), nn);
+  }
+  st.residual = r;
+  st.converged = ok && r <= o.tol;
+  if (!ok) {  // never hand on NaN or Inf: a failed matrix's non-finite output becomes zeros
+    if (!all_finite(w.y)) std::fill(w.y.begin(), w.y.end(), T(0));
+    if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
+  }
+  if (sqrt_out) store(w.y.data(), std::sqrt(c), *sqrt_out, index);
+  if (inv_out) store(w.z.data(), 1.0 / std::sqrt(c), *inv_out, index);
+}
+
+// Runs body(index) over the batch: one matrix per thread with single-threaded BLAS when there
+// are several small ones, else one at a time with all threads in BLAS.
+template <class Body>
+void for_each_matrix(int64_t batch, int64_t n, Body body) {
+  if (batch > 1 && double(n) * n * n <= kSmallTask) {
+    blas::ScopedBlasThreads single(1);
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads())
+    for (int64_t b = 0; b < batch; ++b) body(b);
+  } else {
+    for (int64_t b = 0; b < batch; ++b) body(b);
+  }
+}
+
+}  // namespace
+
+void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_out, const SqrtOptions& o,
+                     SqrtStatus* status) {
+  const int64_t n = a.size(-1), batch = n ? a.numel() / (n * n) : 0;
+  blas::dim(n, "matrix dimension");
+  for (int64_t b = 0; b < batch; ++b) check_symmetric(a, b, "A");
+  for_each_matrix(batch, n, [&](int64_t b) {
+    SqrtWork<double> w;  // float64 for every input dtype (see newton_schulz.h)
+    sqrt_one(a, b, sqrt_out, inv_out, o, w, status[b]);
+  });
+}
+
+namespace {
+
+// Matrix-sign iteration for S X + X S = C: B_0 = S/s, C_0 = C/s (s = ||S||_F), then
+// B <- B (3I - B^2)/2, C <- (C (3I - B^2) - B (B C - C B))/2; B -> I, C -> 2X.
+template <class T>
+void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView& x_out, int64_t index,
+                  int max_iters, SqrtWork<T>& w, SqrtStatus& st) {
+  const int n = blas::dim(s_in.size(-1), "matrix dimension");
+  const int64_t nn = int64_t(n) * n;
+  w.reserve(n);
+  load_symmetrized(s_in, index, w.y.data());  // B
+  load_general(c_in, index, w.z.data());      // C
+  const double scale = frobenius(w.y.data(), nn);
+  st = SqrtStatus{};
+  if (scale == 0) {
+    std::fill(w.z.begin(), w.z.end(), T(0));
+    store(w.z.data(), 0.0, x_out, index);
+    return;
+  }
+  for (int64_t i = 0; i < nn; ++i) {
+    w.y[size_t(i)] = T(double(w.y[size_t(i)]) / scale);
+    w.z[size_t(i)] = T(double(w.z[size_t(i)]) / scale);
+  }
+  ConvergenceWatch watch{unit_roundoff<T>()};
+  for (st.iterations = 0; st.iterations < max_iters; ++st.iterations) {
+    blas::syrk(false, n, n, T(1), w.y.data(), n, T(0), w.m.data(), n);  // B^2
+    blas::mirror_lower(w.m.data(), n);
+    if (watch.done(identity_distance(w.m.data(), n))) break;
+    for (int64_t i = 0; i < nn; ++i) w.t[size_t(i)] = -w.m[size_t(i)] + T(i % (n + 1) == 0 ? 3 : 0);  // 3I - B^2
+    blas::gemm(n, n, n, T(1), w.y.data(), w.z.data(), T(0), w.p.data());   // B C
+    blas::gemm(n, n, n, T(-1), w.z.data(), w.y.data(), T(1), w.p.data());  // B C - C B
+    blas::gemm(n, n, n, T(0.5), w.z.data(), w.t.data(), T(0), w.u.data());  // C (3I - B^2) / 2
+    blas::gemm(n, n, n, T(-0.5), w.y.data(), w.p.data(), T(1), w.u.data());
+    std::swap(w.z, w.u);
+    blas::gemmt(n, T(0.5), w.y.data(), w.t.data(), T(0), w.u.data());
+    blas::mirror_lower(w.u.data(), n);
+    std::swap(w.y, w.u);
+  }
+  st.converged = watch.converged && all_finite(w.z);
+  st.residual = watch.previous;
+  if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
+  store(w.z.data(), 0.5, x_out, index);
+}
+
+}  // namespace
+
+void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView& x, int max_iters,
+                        std::vector<SqrtStatus>& status) {
+  const int64_t n = s.size(-1), batch = n ? s.numel() / (n * n) : 0;
+  blas::dim(n, "matrix dimension");
+  for (int64_t b = 0; b < batch; ++b) check_symmetric(s, b, "S");
+  status.assign(size_t(batch), SqrtStatus{});
+  for_each_matrix(batch, n, [&](int64_t b) {
+    SqrtWork<double> w;
+    lyapunov_one(s, c, x, b, max_iters, w, status[size_t(b)]);
+  });
+}
+
+#ifndef CURVKIT_WITH_CUDA
+void matrix_sqrt_cuda(const ArrayView&, const ArrayView*, const ArrayView*, const SqrtOptions&, SqrtStatus*,
+                      StreamHandle) {
   throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
 }
 #endif

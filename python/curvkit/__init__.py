@@ -8,18 +8,31 @@ import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the exte
 from . import _core
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
 from .hutchinson import probes
-from .newton_schulz import polar, polar_update_
+from .newton_schulz import (
+    ConvergenceError,
+    matrix_inv_sqrt,
+    matrix_sqrt,
+    matrix_sqrt_and_inv_sqrt,
+    polar,
+    polar_update_,
+    solve_lyapunov,
+)
 
 __version__ = _core.build_info()["version"]
 
 __all__ = [
     "__version__",
+    "ConvergenceError",
     "config",
     "get_num_threads",
     "has_cuda",
+    "matrix_inv_sqrt",
+    "matrix_sqrt",
+    "matrix_sqrt_and_inv_sqrt",
     "polar",
     "polar_update_",
     "probes",
     "set_num_threads",
     "show_config",
+    "solve_lyapunov",
 ]

@@ -1,0 +1,134 @@
+"""Matrix square roots, inverse square roots and the Lyapunov solve against float64 eigh."""
+import numpy as np
+import pytest
+
+import curvkit
+from conftest import BACKENDS, dtypes_for, make, needs_torch, to_numpy
+import reference
+
+CPU_BACKENDS = [p for p in BACKENDS if p.values[0][1] == "cpu"]
+
+
+def rel(x, y):
+    return np.linalg.norm(x - y) / np.linalg.norm(y)
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "eigh"])
+@pytest.mark.parametrize("cond", [1e1, 1e3, 1e6])
+@pytest.mark.parametrize("n", [1, 2, 17, 128])
+def test_float64_accuracy(method, cond, n, rng):
+    A = reference.spd_with_condition(rng, n, cond)
+    S0, R0 = reference.sqrt_and_inv_sqrt(A)
+    S, R = curvkit.matrix_sqrt_and_inv_sqrt(A, method=method)
+    assert rel(S, S0) <= 1e-12
+    # The inverse root's relative condition number is about cond/2: the float64 input's own
+    # rounding already moves it by eps * cond / 2.
+    assert rel(R, R0) <= max(1e-12, 2.2e-16 * cond)
+    np.testing.assert_allclose(curvkit.matrix_sqrt(A, method=method), S, rtol=0, atol=1e-13 * np.abs(S).max())
+    np.testing.assert_allclose(curvkit.matrix_inv_sqrt(A, method=method), R, rtol=0, atol=1e-13 * np.abs(R).max())
+
+
+@pytest.mark.parametrize("method", ["newton_schulz", "eigh"])
+def test_per_dtype_accuracy_and_frameworks(backend, method, rng):
+    if backend[1] == "cuda":
+        pytest.skip("the square roots run on the CPU only so far")
+    A = reference.spd_with_condition(rng, 64, 1e3)
+    tol = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+    for dtype in dtypes_for(backend):
+        a = make(A, backend, dtype)
+        S0, R0 = reference.sqrt_and_inv_sqrt(to_numpy(a))  # the reference of the rounded input
+        S, R = curvkit.matrix_sqrt_and_inv_sqrt(a, method=method, tol=1e-6)
+        assert type(S) is type(a) and S.dtype == a.dtype and tuple(S.shape) == (64, 64)
+        assert rel(to_numpy(S), S0) <= tol[dtype], dtype
+        assert rel(to_numpy(R), R0) <= tol[dtype] * 10, dtype
+
+
+def test_batched_and_iteration_counts(rng):
+    A = np.stack([reference.spd_with_condition(rng, 40, c) for c in (1e1, 1e4, 1e8)]).reshape(3, 1, 40, 40)
+    S, info = curvkit.matrix_sqrt(A, return_info=True)
+    assert S.shape == A.shape and info["converged"].shape == (3, 1) and info["converged"].all()
+    its = info["iterations"].ravel()
+    assert its[0] < its[1] < its[2] <= 40  # more steps for worse conditioning
+    for b in range(3):
+        assert rel(S[b, 0], reference.sqrt_and_inv_sqrt(A[b, 0])[0]) <= 1e-11
+
+
+def test_pade_is_an_approximation_with_its_error_reported(rng):
+    A = reference.spd_with_condition(rng, 32, 1e1)
+    S, info = curvkit.matrix_sqrt(A, method="pade", return_info=True)
+    err = rel(S, reference.sqrt_and_inv_sqrt(A)[0])
+    assert 0 < info["residual"] < 0.2 and err < 0.2
+    assert not info["converged"]  # the default tol asks for more than [5/5] Pade gives
+    with pytest.raises(curvkit.ConvergenceError) as e:
+        curvkit.matrix_sqrt(A, method="pade")
+    assert e.value.info["residual"] == info["residual"] and np.isfinite(e.value.result).all()
+    np.testing.assert_allclose(curvkit.matrix_sqrt(A, method="pade", tol=0.2), S)
+    # near the identity it is accurate
+    B = np.eye(16) + 1e-3 * reference.spd_with_condition(rng, 16, 2)
+    assert rel(curvkit.matrix_sqrt(B, method="pade"), reference.sqrt_and_inv_sqrt(B)[0]) < 1e-12
+
+
+def test_singular_indefinite_and_zero_inputs_are_reported_not_nan(rng):
+    G = rng.standard_normal((20, 5))
+    singular = G @ G.T  # rank 5
+    S = curvkit.matrix_sqrt(singular, method="eigh")
+    np.testing.assert_allclose(S @ S, singular, atol=1e-12 * np.abs(singular).max())
+    for method in ["newton_schulz", "eigh", "pade"]:
+        _, info = curvkit.matrix_inv_sqrt(singular, method=method, return_info=True)
+        assert not info["converged"], method
+    indefinite = reference.spd_with_condition(rng, 12, 10) - 0.5 * np.eye(12)
+    for method in ["newton_schulz", "eigh"]:
+        (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(indefinite, method=method, return_info=True)
+        assert not info["converged"] and np.isfinite(S).all() and np.isfinite(R).all(), method
+    with pytest.raises(curvkit.ConvergenceError, match="did not converge"):
+        curvkit.matrix_sqrt(indefinite)
+    zero = np.zeros((2, 4, 4))
+    S, info = curvkit.matrix_sqrt(zero, return_info=True)
+    assert not S.any() and info["converged"].all()
+    _, info = curvkit.matrix_inv_sqrt(zero, return_info=True)
+    assert not info["converged"].any()
+
+
+@pytest.mark.parametrize(
+    "A, kwargs, error, match",
+    [
+        (np.array([[1.0, 2.0], [0.0, 1.0]]), {}, ValueError, "'A' must be symmetric"),
+        (np.array([[1.0, np.nan], [np.nan, 1.0]]), {}, ValueError, "'A' contains NaN or Inf"),
+        (np.ones((2, 3)), {}, ValueError, r"\(\.\.\., n, n\)"),
+        (np.ones(3), {}, ValueError, r"\(\.\.\., n, n\)"),
+        (np.eye(2, dtype=np.int64), {}, TypeError, "'A'"),
+        (np.eye(2), {"method": "svd"}, ValueError, "'method'"),
+        (np.eye(2), {"tol": 0}, ValueError, "'tol'"),
+        (np.eye(2), {"max_iters": 0}, ValueError, "'max_iters'"),
+    ],
+)
+def test_errors(A, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        curvkit.matrix_sqrt(A, **kwargs)
+
+
+def test_lyapunov_solve(rng):
+    S = reference.spd_with_condition(rng, 30, 1e3)
+    X0 = rng.standard_normal((30, 30))
+    X = curvkit.solve_lyapunov(S, S @ X0 + X0 @ S)
+    assert rel(X, X0) < 1e-9
+    Xb, info = curvkit.solve_lyapunov(np.stack([S, np.eye(30)]), np.stack([S @ X0 + X0 @ S, 2 * X0]), return_info=True)
+    assert info["converged"].all() and rel(Xb[1], X0) < 1e-14
+    with pytest.raises(curvkit.ConvergenceError):  # singular S: no unique solution
+        curvkit.solve_lyapunov(np.diag([1.0, 0.0]), np.ones((2, 2)))
+
+
+@needs_torch
+def test_autograd_gradcheck():
+    import torch
+    import curvkit.torch as ct
+
+    B = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
+    eye = torch.eye(6, dtype=torch.float64)
+    for fn in (ct.matrix_sqrt, ct.matrix_inv_sqrt, ct.matrix_sqrt_and_inv_sqrt):
+        assert torch.autograd.gradcheck(lambda B: fn(B @ B.mT + eye), (B,))
+    # an ill-conditioned input (condition 1e4) still matches finite differences
+    rng = np.random.default_rng(0)
+    A0 = torch.from_numpy(reference.spd_with_condition(rng, 5, 1e4))
+    C = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda C: ct.matrix_sqrt(A0 + 1e-3 * (C @ C.mT)), (C,))
