@@ -1,6 +1,6 @@
 """Benchmark session helpers: each benchmark records its implementation and the bytes it
 writes or the flops it does; the summary prints, per group, every implementation's time,
-rate (GB/s or GFLOP/s) and ratio to curvkit's."""
+rate (GB/s or GFLOP/s) or accuracy (relative error), and ratio to curvkit's."""
 import sys
 from pathlib import Path
 
@@ -27,5 +27,7 @@ def pytest_terminal_summary(terminalreporter, config):
                 rate = f"{b.extra_info['flops'] / median / 1e9:9.1f} GF/s"
             else:
                 rate = f"{b.extra_info.get('bytes', 0) / median / 1e9:9.2f} GB/s"
+            if "rel_error" in b.extra_info:
+                rate = f"err {b.extra_info['rel_error']:.1e}"
             ratio = median / ours.stats.median if ours else float("nan")
             tr.write_line(f"{group:34s} {b.extra_info.get('impl', '?'):18s} {median * 1e3:10.3f} {rate:>14s} {ratio:7.2f}")
