@@ -48,17 +48,17 @@ class _SqrtFunction(torch.autograd.Function):
         return (X + X.mT) / 2, None, None, None, None, None
 
 
-def matrix_sqrt(A, method="newton_schulz", tol=1e-8, max_iters=100):
+def matrix_sqrt(A, method="auto", tol=1e-8, max_iters=100):
     """Differentiable :func:`curvkit.matrix_sqrt` for torch tensors."""
     return _SqrtFunction.apply(A, True, False, method, tol, max_iters)
 
 
-def matrix_inv_sqrt(A, method="newton_schulz", tol=1e-8, max_iters=100):
+def matrix_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100):
     """Differentiable :func:`curvkit.matrix_inv_sqrt` for torch tensors."""
     return _SqrtFunction.apply(A, False, True, method, tol, max_iters)
 
 
-def matrix_sqrt_and_inv_sqrt(A, method="newton_schulz", tol=1e-8, max_iters=100):
+def matrix_sqrt_and_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100):
     """Differentiable :func:`curvkit.matrix_sqrt_and_inv_sqrt` for torch tensors."""
     return _SqrtFunction.apply(A, True, True, method, tol, max_iters)
 
