@@ -1,5 +1,6 @@
 // CUDA helpers (CUDA builds only): CUDA and cuBLAS error checks that throw CudaError with
-// file, line and the error string; a cuBLAS handle per thread and device; DLPack stream numbers to cudaStream_t; a device guard; launch sizes.
+// file, line and the error string; a cuBLAS handle per thread and device; DLPack stream
+// numbers to cudaStream_t; a device guard; launch sizes.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>

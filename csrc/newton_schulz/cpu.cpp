@@ -404,9 +404,11 @@ void sqrt_pade(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
     w.t = w.p;
     ok &= blas::posv(n, w.t.data(), w.z.data()) == 0;
   }
-  for (auto* v : {&w.y, &w.z})  // the solves leave rounding-level asymmetry
+  for (auto* v : {&w.y, &w.z}) {  // the solves leave rounding-level asymmetry
+    T* m = v->data();
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < i; ++j) (*v)[size_t(i * n + j)] = (*v)[size_t(j * n + i)] = T(0.5) * ((*v)[size_t(i * n + j)] + (*v)[size_t(j * n + i)]);
+      for (int64_t j = 0; j < i; ++j) m[i * n + j] = m[j * n + i] = T(0.5) * (m[i * n + j] + m[j * n + i]);
+  }
 }
 
 // Eigendecomposition: y = S / sqrt(c), z = S^{-1} sqrt(c) from A/c = V diag(w) V^T.

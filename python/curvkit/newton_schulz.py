@@ -143,7 +143,8 @@ def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
     else:
         outputs = [out] if single else list(out)
         if single == isinstance(out, (list, tuple)) or len(outputs) != len(inputs):
-            raise ValueError(f"argument '{name_out}' must match 'G': one array for an array, a list of the same length for a list")
+            raise ValueError(f"argument '{name_out}' must match 'G': one array for an array, "
+                             "a list of the same length for a list")
     table, norm_scale = schedule(coefficients, steps)
     if method not in METHODS:
         raise ValueError(f"argument 'method' must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
@@ -213,12 +214,14 @@ def matrix_sqrt(A, method="auto", tol=1e-8, max_iters=100, return_info=False):
         "auto": "eigh" on CPU, where it is 1.2-7x faster than Newton-Schulz at equal
         accuracy (bench/results/matrix_sqrt_cpu.md), "newton_schulz" on GPUs.
         "newton_schulz": the coupled iteration Y <- Y T, Z <- T Z, T = (3I - Z Y)/2 from
-        Y = A/c, Z = I, c = min(||A||_F, ||A||_inf), stopped when ||I - Z Y||_F / sqrt(n) reaches rounding level and
-        stops falling (12 steps at condition 1e2, 24 at 1e6, 36 at 1e10, n = 200).
+        Y = A/c, Z = I, c = min(||A||_F, ||A||_inf), stopped when ||I - Z Y||_F / sqrt(n)
+        reaches rounding level and stops falling (12 steps at condition 1e2, 24 at 1e6, 36
+        at 1e10, n = 200).
         "pade": the [5/5] Pade approximant of sqrt(1 - z) (Song et al., "Fast
         Differentiable Matrix Square Root", 2022), a fixed cost of 4 products and 2 Cholesky
         solves, accurate near the identity but only to ~1e-1 in general (measured: relative
-        error 0.09 at n = 200, condition 1e2; 0.4 at 1e6); pass a looser ``tol`` to accept it. "eigh": LAPACK's symmetric eigensolver.
+        error 0.09 at n = 200, condition 1e2; 0.4 at 1e6); pass a looser ``tol`` to accept
+        it. "eigh": LAPACK's symmetric eigensolver.
     tol : float
         Converged means ||S^2 - A||_F / ||A||_F <= tol (and, for the inverse, A numerically
         nonsingular).
