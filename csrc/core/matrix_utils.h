@@ -1,0 +1,140 @@
+// Helpers shared by the dense matrix-function families (Newton–Schulz, inverse roots): input
+// checks and conversions for batches of square matrices, norms, the convergence test of
+// quadratically convergent iterations, and the batch scheduler.
+#pragma once
+#include <omp.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <vector>
+
+#include "core/array.h"
+#include "core/blas.h"
+#include "core/check.h"
+#include "core/dispatch.h"
+#include "core/runtime.h"
+
+namespace curvkit {
+
+// Matrices at most this cheap (n^3 or r^2 c flops) run one per thread with single-threaded
+// BLAS; larger ones one at a time with all threads inside BLAS.
+constexpr double kSmallTask = 512.0 * 512.0 * 512.0;
+
+template <class T>
+constexpr double unit_roundoff() {
+  return std::numeric_limits<T>::epsilon() / 2;
+}
+
+// How far from symmetric an input may be, relative to its largest entry, by input dtype.
+inline double symmetry_tolerance(const DType& dt) {
+  if (dt == DType::float64()) return 1e-10;
+  if (dt == DType::float32()) return 1e-5;
+  return 3e-2;
+}
+
+// Checks matrix `index` of `a`: finite, and symmetric within the dtype's tolerance.
+inline void check_symmetric(const ArrayView& a, int64_t index, const char* name) {
+  const int64_t n = a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, name, S, [&] {
+    const S* p = a.ptr<const S>() + index * n * n;
+    double amax = 0, dmax = 0;
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) {
+        const double x = to_double(p[i * n + j]), y = to_double(p[j * n + i]);
+        finite &= std::fabs(x) <= DBL_MAX && std::fabs(y) <= DBL_MAX;
+        amax = std::max(amax, std::max(std::fabs(x), std::fabs(y)));
+        dmax = std::max(dmax, std::fabs(x - y));
+      }
+    CK_CHECK_VALUE(finite, "argument '", name, "' contains NaN or Inf (matrix ", index, ")");
+    CK_CHECK_VALUE(dmax <= symmetry_tolerance(a.dtype) * amax, "argument '", name, "' must be symmetric: matrix ",
+                   index, " has max|A - A^T| / max|A| = ", amax > 0 ? dmax / amax : 0.0);
+  });
+}
+
+// (A + A^T)/2 of matrix `index`, in T.
+template <class T>
+void load_symmetrized(const ArrayView& a, int64_t index, T* dst) {
+  const int64_t n = a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
+    const S* p = a.ptr<const S>() + index * n * n;
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j <= i; ++j) dst[i * n + j] = dst[j * n + i] = T(0.5 * (to_double(p[i * n + j]) + to_double(p[j * n + i])));
+  });
+}
+
+template <class T>
+void load_general(const ArrayView& a, int64_t index, T* dst) {
+  const int64_t size = a.size(-1) * a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, "C", S, [&] {
+    const S* p = a.ptr<const S>() + index * size;
+    for (int64_t i = 0; i < size; ++i) dst[i] = T(to_double(p[i]));
+  });
+}
+
+template <class T>
+void store(const T* src, double scale, const ArrayView& out, int64_t index) {
+  const int64_t size = out.size(-1) * out.size(-1);
+  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+    D* p = out.ptr<D>() + index * size;
+    for (int64_t i = 0; i < size; ++i) p[i] = from_double<D>(scale * double(src[i]));
+  });
+}
+
+template <class T>
+double frobenius(const T* a, int64_t size) {
+  double s = 0;
+  for (int64_t i = 0; i < size; ++i) s += double(a[i]) * double(a[i]);
+  return std::sqrt(s);
+}
+
+template <class T>
+bool all_finite(const std::vector<T>& v) {
+  bool ok = true;
+  for (T x : v) ok &= std::fabs(double(x)) <= DBL_MAX;
+  return ok;
+}
+
+// ||I - M||_F / sqrt(n)
+template <class T>
+double identity_distance(const T* m, int64_t n) {
+  double s = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) {
+      const double d = double(m[i * n + j]) - (i == j ? 1.0 : 0.0);
+      s += d * d;
+    }
+  return std::sqrt(s / double(n));
+}
+
+// Quadratically convergent iterations stop once the distance to I is at rounding level or
+// has stopped falling near it; a distance above 2 means divergence (indefinite input).
+struct ConvergenceWatch {
+  double eps, previous = std::numeric_limits<double>::infinity();
+  bool converged = false, diverged = false;
+  bool done(double r) {
+    if (!(r <= 2.0)) return diverged = true;
+    if (r <= 100 * eps || (previous < std::sqrt(eps) && r >= previous)) return converged = true;
+    previous = r;
+    return false;
+  }
+};
+
+// Runs body(index) over the batch: one matrix per thread with single-threaded BLAS when there
+// are several small ones, else one at a time with all threads in BLAS.
+template <class Body>
+void for_each_matrix(int64_t batch, int64_t n, Body body) {
+  if (batch > 1 && double(n) * n * n <= kSmallTask) {
+    blas::ScopedBlasThreads single(1);
+#pragma omp parallel for schedule(dynamic) num_threads(num_threads())
+    for (int64_t b = 0; b < batch; ++b) body(b);
+  } else {
+    for (int64_t b = 0; b < batch; ++b) body(b);
+  }
+}
+
+
+}  // namespace curvkit
