@@ -123,18 +123,23 @@ struct ConvergenceWatch {
   }
 };
 
-// Runs body(index) over the batch: one matrix per thread with single-threaded BLAS when there
-// are several small ones, else one at a time with all threads in BLAS.
-template <class Body>
-void for_each_matrix(int64_t batch, int64_t n, Body body) {
-  if (batch > 1 && double(n) * n * n <= kSmallTask) {
+// Runs body(i, slot) for every task i in [0, count): tasks with cost(i) <= kSmallTask one per
+// thread with single-threaded BLAS, largest first; the others one at a time with all threads
+// inside BLAS. `slot` (< num_threads()) names the worker, so callers can keep one workspace
+// per slot. Bodies must not throw: check inputs before.
+template <class Cost, class Body>
+void run_matrix_tasks(int64_t count, Cost cost, Body body) {
+  std::vector<int64_t> small, large;
+  for (int64_t i = 0; i < count; ++i) (count > 1 && cost(i) <= kSmallTask ? small : large).push_back(i);
+  if (small.size() > 1) {
+    std::stable_sort(small.begin(), small.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
     blas::ScopedBlasThreads single(1);
 #pragma omp parallel for schedule(dynamic) num_threads(num_threads())
-    for (int64_t b = 0; b < batch; ++b) body(b);
+    for (int64_t k = 0; k < int64_t(small.size()); ++k) body(small[size_t(k)], omp_get_thread_num());
   } else {
-    for (int64_t b = 0; b < batch; ++b) body(b);
+    large.insert(large.end(), small.begin(), small.end());
   }
+  for (int64_t i : large) body(i, 0);
 }
-
 
 }  // namespace curvkit

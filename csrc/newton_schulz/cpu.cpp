@@ -196,30 +196,15 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
                    tasks[i].input, ")");
   }
 
-  // Small matrices: one per thread, single-threaded BLAS, largest first. Large ones: one at a
-  // time with all threads inside BLAS.
-  std::vector<const PolarTask*> small, large;
-  for (const PolarTask& t : tasks) (t.cost() <= kSmallTask && count > 1 ? small : large).push_back(&t);
-  std::sort(small.begin(), small.end(), [](auto* a, auto* b) { return a->cost() > b->cost(); });
-  auto dispatch = [&](const PolarTask& t, auto& ws32, auto& ws64) {
-    if (t.in->dtype == DType::float64()) run<double>(t, options, ws64);
-    else run<float>(t, options, ws32);
-  };
-  if (small.size() > 1) {
-    blas::ScopedBlasThreads single(1);
-#pragma omp parallel num_threads(threads)
-    {
-      Workspace<float> ws32;
-      Workspace<double> ws64;
-#pragma omp for schedule(dynamic)
-      for (int64_t i = 0; i < int64_t(small.size()); ++i) dispatch(*small[size_t(i)], ws32, ws64);
-    }
-  } else {
-    large.insert(large.begin(), small.begin(), small.end());
-  }
-  Workspace<float> ws32;
-  Workspace<double> ws64;
-  for (const PolarTask* t : large) dispatch(*t, ws32, ws64);
+  std::vector<Workspace<float>> ws32(static_cast<size_t>(threads));
+  std::vector<Workspace<double>> ws64(static_cast<size_t>(threads));
+  run_matrix_tasks(
+      count, [&](int64_t i) { return tasks[size_t(i)].cost(); },
+      [&](int64_t i, int slot) {
+        const PolarTask& t = tasks[size_t(i)];
+        if (t.in->dtype == DType::float64()) run<double>(t, options, ws64[size_t(slot)]);
+        else run<float>(t, options, ws32[size_t(slot)]);
+      });
 }
 
 #ifndef CURVKIT_WITH_CUDA
@@ -391,7 +376,8 @@ void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayV
   const int64_t n = a.size(-1), batch = n ? a.numel() / (n * n) : 0;
   blas::dim(n, "matrix dimension");
   for (int64_t b = 0; b < batch; ++b) check_symmetric(a, b, "A");
-  for_each_matrix(batch, n, [&](int64_t b) {
+  const double cost = double(n) * n * n;
+  run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
     SqrtWork<double> w;  // float64 for every input dtype (see newton_schulz.h)
     sqrt_one(a, b, sqrt_out, inv_out, o, w, status[b]);
   });
@@ -449,7 +435,8 @@ void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView&
   blas::dim(n, "matrix dimension");
   for (int64_t b = 0; b < batch; ++b) check_symmetric(s, b, "S");
   status.assign(size_t(batch), SqrtStatus{});
-  for_each_matrix(batch, n, [&](int64_t b) {
+  const double cost = double(n) * n * n;
+  run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
     SqrtWork<double> w;
     lyapunov_one(s, c, x, b, max_iters, w, status[size_t(b)]);
   });
