@@ -84,6 +84,15 @@ void store(const T* src, double scale, const ArrayView& out, int64_t index) {
   });
 }
 
+// A length-n vector into entry `index` of a (..., n) output.
+template <class T>
+void store_vector(const T* src, int64_t n, const ArrayView& out, int64_t index) {
+  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+    D* p = out.ptr<D>() + index * n;
+    for (int64_t i = 0; i < n; ++i) p[i] = from_double<D>(double(src[i]));
+  });
+}
+
 template <class T>
 double frobenius(const T* a, int64_t size) {
   double s = 0;

@@ -12,6 +12,7 @@ namespace py = pybind11;
 namespace curvkit {
 void register_hutchinson(py::module_& m);
 void register_newton_schulz(py::module_& m);
+void register_inverse_root(py::module_& m);
 }
 
 PYBIND11_MODULE(_core, m) {
@@ -38,4 +39,5 @@ PYBIND11_MODULE(_core, m) {
   curvkit::interop::register_interop(m);
   curvkit::register_hutchinson(m);
   curvkit::register_newton_schulz(m);
+  curvkit::register_inverse_root(m);
 }

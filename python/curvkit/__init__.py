@@ -8,6 +8,7 @@ import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the exte
 from . import _core
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
 from .hutchinson import probes
+from .inverse_root import eigh, matrix_inverse_root
 from .newton_schulz import (
     ConvergenceError,
     matrix_inv_sqrt,
@@ -24,8 +25,10 @@ __all__ = [
     "__version__",
     "ConvergenceError",
     "config",
+    "eigh",
     "get_num_threads",
     "has_cuda",
+    "matrix_inverse_root",
     "matrix_inv_sqrt",
     "matrix_sqrt",
     "matrix_sqrt_and_inv_sqrt",

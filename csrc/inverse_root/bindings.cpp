@@ -1,0 +1,137 @@
+// Inverse roots and eigenbases: validation, device dispatch and the Python bindings.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cmath>
+#include <optional>
+#include <vector>
+
+#include "core/check.h"
+#include "inverse_root/inverse_root.h"
+#include "python/interop.h"
+
+namespace curvkit {
+
+namespace py = pybind11;
+
+namespace {
+
+void check_square_batch(const ArrayView& a, const char* name) {
+  check_floating(a, name);
+  CK_CHECK_VALUE(a.ndim() >= 2 && a.size(-1) == a.size(-2), "argument '", name, "' must have shape (..., n, n)");
+  CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
+  CK_CHECK_VALUE(!a.device.is_cuda(), "argument '", name,
+                 "' is a CUDA array: inverse roots and eigh run on the CPU only so far");
+}
+
+void check_output(const ArrayView& a, const ArrayView& out, const char* name) {
+  check_floating(out, name);
+  check_writable(out, name);
+  check_same_device(a, "A", out, name);
+  CK_CHECK_VALUE(out.is_contiguous(), "argument '", name, "' must be C-contiguous");
+}
+
+std::vector<py::ssize_t> batch_shape(const ArrayView& a) { return {a.shape.begin(), a.shape.end() - 2}; }
+
+std::vector<interop::ImportedArray> import_list(const py::list& xs, const char* name, bool output) {
+  std::vector<interop::ImportedArray> out;
+  for (py::handle x : xs) out.push_back(output ? interop::import_output(x, name) : interop::import_array(x, name));
+  return out;
+}
+
+std::vector<ArrayView> views(const std::vector<interop::ImportedArray>& xs) {
+  std::vector<ArrayView> v;
+  for (const auto& x : xs) v.push_back(x.view);
+  return v;
+}
+
+}  // namespace
+
+void register_inverse_root(py::module_& m) {
+  m.def(
+      "matrix_inverse_root",
+      [](const py::list& inputs, const py::list& outputs, const py::list& inits, int p, double eps,
+         const std::string& method, int max_iters, double tol, bool fallback, bool compute_residual) {
+        CK_CHECK_VALUE(p >= 1, "argument 'p' must be a positive integer, got ", p);
+        CK_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0");
+        CK_CHECK_VALUE(max_iters >= 1, "argument 'max_iters' must be >= 1");
+        CK_CHECK_VALUE(tol > 0, "argument 'tol' must be > 0");
+        CK_CHECK_VALUE(method == "eigh" || method == "newton", "argument 'method' must be 'auto', 'eigh' or 'newton'");
+        RootOptions o{p, eps, method == "newton" ? RootMethod::Newton : RootMethod::Eigh, max_iters, tol, fallback,
+                      compute_residual};
+        auto in = import_list(inputs, "A", false), out = import_list(outputs, "out", true);
+        std::vector<std::optional<interop::ImportedArray>> init(in.size());
+        std::vector<const ArrayView*> init_views(in.size(), nullptr);
+        CK_CHECK_VALUE(in.size() == out.size() && in.size() == size_t(py::len(inits)), "mismatched list lengths");
+        for (size_t i = 0; i < in.size(); ++i) {
+          check_square_batch(in[i].view, "A");
+          check_output(in[i].view, out[i].view, "out");
+          check_same_shape(in[i].view, "A", out[i].view, "out");
+          if (!inits[i].is_none()) {
+            init[i].emplace(interop::import_array(inits[i], "init"));
+            check_square_batch(init[i]->view, "init");
+            check_same_shape(in[i].view, "A", init[i]->view, "init");
+            init_views[i] = &init[i]->view;
+          }
+        }
+        std::vector<std::vector<RootStatus>> status;
+        {
+          py::gil_scoped_release release;
+          matrix_inverse_root_cpu(views(in), views(out), init_views, o, status);
+        }
+        py::list result;
+        for (size_t i = 0; i < in.size(); ++i) {
+          const auto shape = batch_shape(in[i].view);
+          py::array_t<bool> converged(shape), fell_back(shape), kept_init(shape);
+          py::array_t<int32_t> iterations(shape);
+          py::array_t<double> residual(shape);
+          py::array_t<bool> newton(shape);
+          for (size_t b = 0; b < status[i].size(); ++b) {
+            const RootStatus& s = status[i][b];
+            converged.mutable_data()[b] = s.converged;
+            iterations.mutable_data()[b] = s.iterations;
+            residual.mutable_data()[b] = s.residual;
+            newton.mutable_data()[b] = s.method == RootMethod::Newton;
+            fell_back.mutable_data()[b] = s.fell_back;
+            kept_init.mutable_data()[b] = s.kept_init;
+          }
+          result.append(py::make_tuple(converged, iterations, residual, newton, fell_back, kept_init));
+        }
+        return result;
+      },
+      py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("p"), py::arg("eps"), py::arg("method"),
+      py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("compute_residual"),
+      "outputs[i] = (inputs[i] + eps I)^(-1/p); per input (converged, iterations, residual, newton, fell_back, "
+      "kept_init) (see curvkit.matrix_inverse_root).");
+  m.def(
+      "eigh",
+      [](const py::list& inputs, const py::list& values, const py::list& vectors) {
+        auto in = import_list(inputs, "A", false), w = import_list(values, "out", true),
+             v = import_list(vectors, "out", true);
+        CK_CHECK_VALUE(in.size() == w.size() && in.size() == v.size(), "mismatched list lengths");
+        for (size_t i = 0; i < in.size(); ++i) {
+          check_square_batch(in[i].view, "A");
+          check_output(in[i].view, w[i].view, "out");
+          check_output(in[i].view, v[i].view, "out");
+          check_same_shape(in[i].view, "A", v[i].view, "out");
+          CK_CHECK_VALUE(w[i].view.numel() * in[i].view.size(-1) == in[i].view.numel(), "eigenvalue output size");
+        }
+        std::vector<std::vector<bool>> ok;
+        {
+          py::gil_scoped_release release;
+          eigh_cpu(views(in), views(w), views(v), ok);
+        }
+        py::list result;
+        for (size_t i = 0; i < in.size(); ++i) {
+          py::array_t<bool> good(batch_shape(in[i].view));
+          for (size_t b = 0; b < ok[i].size(); ++b) good.mutable_data()[b] = ok[i][b];
+          result.append(good);
+        }
+        return result;
+      },
+      py::arg("inputs"), py::arg("values"), py::arg("vectors"),
+      "Symmetric eigendecomposition of each input; per input, whether LAPACK succeeded.");
+}
+
+}  // namespace curvkit

@@ -1,0 +1,58 @@
+// Inverse roots and eigenbases: the Shampoo / SOAP preconditioner core.
+//
+// matrix_inverse_root: X = (A + eps I)^{-1/p} for symmetric positive semidefinite A, p >= 1.
+//   Eigh:   LAPACK syevd of A; eigenvalues floored at 0 and shifted by eps, w <- max(w, 0) + eps;
+//           X = (V diag(w^{-1/(2p)})) (V diag(w^{-1/(2p)}))^T, one syrk (half a plain product).
+//           A matrix with an eigenvalue (after the shift) at or below n * eps_dtype * w_max is
+//           numerically singular for this dtype and reported as not converged (exact zeros
+//           get the pseudo-inverse); so is one with a clearly negative eigenvalue.
+//   Newton: the coupled iteration of Scalable Shampoo / Distributed Shampoo:
+//           X_0 = z^{1/p} I, M_0 = z (A + eps I), z = (p + 1) / (2 lambda), lambda an upper
+//           estimate of the largest eigenvalue (10 power steps, x1.25, capped by
+//           min(||A||_F, ||A||_inf)); M' = ((p + 1) I - M) / p, X <- X M', M <- M'^p M
+//           (M = X^p (A + eps I) throughout), until ||M - I||_max reaches rounding level. Once
+//           the error is below 1, a step that grows it by more than 1.2x stops the iteration
+//           (the previous iterate is kept). Converged: ||M - I||_max <= tol. Warm start: X_0 = init, M_0 = init^p (A + eps I).
+//   Failure policy (per matrix): Newton that misses tol falls back to Eigh in float64 (when
+//   fallback is on); if that fails too, init is kept when given, else the (finite) result is
+//   returned and reported as not converged. Never NaN or Inf.
+// Computes in float64 for float64 input, float32 otherwise.
+#pragma once
+#include <vector>
+
+#include "core/array.h"
+
+namespace curvkit {
+
+enum class RootMethod { Eigh, Newton };
+
+struct RootOptions {
+  int p = 2;
+  double eps = 0;
+  RootMethod method = RootMethod::Eigh;
+  int max_iters = 100;
+  double tol = 0;              // Newton: on ||M - I||_max
+  bool fallback = true;        // Newton failure -> Eigh in float64
+  bool compute_residual = false;  // Eigh: also report ||X^p (A + eps I) - I||_max (a few n^3 flops)
+};
+
+struct RootStatus {
+  bool converged = false;
+  int iterations = 0;
+  double residual = -1;  // ||X^p (A + eps I) - I||_max; -1 when not measured
+  RootMethod method = RootMethod::Eigh;  // the method that produced the result
+  bool fell_back = false;
+  bool kept_init = false;
+};
+
+// inputs[i] (..., n_i, n_i); outputs[i] and inits[i] (may be null) of the same shape; one
+// status per matrix, input by input.
+void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
+                             const std::vector<const ArrayView*>& inits, const RootOptions& options,
+                             std::vector<std::vector<RootStatus>>& status);
+
+// Symmetric eigendecomposition: w[i] (..., n) ascending, v[i] (..., n, n) eigenvectors as columns.
+void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
+              const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok);
+
+}  // namespace curvkit

@@ -1,0 +1,149 @@
+"""Inverse p-th roots and eigendecompositions of symmetric matrices: the Shampoo / SOAP
+preconditioner core, batched and over ragged lists of sizes in one call."""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _arrays, _core
+from .newton_schulz import ConvergenceError
+
+ROOT_METHODS = ("auto", "eigh", "newton")
+_DEFAULT_TOL = {"float64": 1e-8, "float32": 1e-3}  # on ||X^p (A + eps I) - I||_max
+
+
+def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_iters=100, fallback=True,
+                        return_info=False):
+    """X = (A + eps I)^(-1/p) for symmetric positive semidefinite A.
+
+    Parameters
+    ----------
+    A : array (..., n, n), or a list of such arrays of different sizes
+        NumPy or PyTorch (CPU); float64 computes in float64, other dtypes in float32. Only
+        (A + A^T)/2 is used; clearly non-symmetric input, NaN or Inf raise ValueError. A list
+        (e.g. the 88 factor blocks of 1024 and 768 of a 4096 x 11008 weight) is processed in
+        one call, small matrices one per core, and gives a list.
+    p : int >= 1
+        The root: 1 (inverse), 2, 4 (Shampoo), 8, ...
+    eps : float >= 0
+        Ridge added to A.
+    method : "auto", "eigh" or "newton"
+        "eigh": eigendecomposition, eigenvalues floored at 0 and shifted by eps, rebuilt with
+        one symmetric product. A matrix whose shifted eigenvalues reach n * eps_dtype *
+        lambda_max (numerically singular in its compute dtype: float32 at condition ~1e5
+        for n = 128), or with a clearly negative eigenvalue, is reported as not converged;
+        exact zeros get the pseudo-inverse root. "newton": the coupled Newton iteration of (Scalable / Distributed)
+        Shampoo, X_0 = z^{1/p} I, M_0 = z (A + eps I), z = (p+1)/(2 lambda_max estimate),
+        M' = ((p+1) I - M)/p, X <- X M', M <- M'^p M, stopped at rounding level or when the
+        error grows. "auto": "eigh" on CPU (faster there at every size measured,
+        bench/results/inverse_root_cpu.md).
+    init : array like A, optional
+        A previous root to warm-start "newton" from (M_0 = init^p (A + eps I)); when
+        preconditioners drift slowly it converges in a few steps. Also what is kept when
+        everything fails.
+    tol : float, optional
+        "newton" converged means ||M - I||_max <= tol for its iterate M = X^p (A + eps I);
+        default 1e-8 (float64), 1e-3 (float32). With ``return_info``, "eigh" also reports
+        ||X^p (A + eps I) - I||_max (it grows like condition * eps even for exact roots, so
+        it is information, not a criterion).
+    max_iters : int
+        Cap on Newton steps.
+    fallback : bool
+        A Newton failure is retried with eigh in float64 (and, if that fails and init is
+        given, init is kept).
+    return_info : bool
+        Also return, per input, a dict of NumPy arrays over the batch: "converged",
+        "iterations", "residual" (||M - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
+        matrix), "fell_back", "kept_init". Without it, a matrix that did not converge
+        raises :class:`curvkit.ConvergenceError` (results are never NaN or Inf).
+
+    Examples
+    --------
+    >>> import numpy as np, curvkit
+    >>> A = np.diag([16.0, 81.0])
+    >>> curvkit.matrix_inverse_root(A, p=4)
+    array([[0.5       , 0.        ],
+           [0.        , 0.33333333]])
+    >>> X, info = curvkit.matrix_inverse_root(A, p=4, method="newton", return_info=True)
+    >>> bool(info["converged"]), int(info["iterations"]) < 20
+    (True, True)
+    >>> warm, info = curvkit.matrix_inverse_root(A * 1.01, p=4, method="newton", init=X, return_info=True)
+    >>> int(info["iterations"]) <= 4
+    True
+    """
+    single = not isinstance(A, (list, tuple))
+    inputs = [A] if single else list(A)
+    if init is None:
+        inits = [None] * len(inputs)
+    else:
+        inits = [init] if single else list(init)
+        if len(inits) != len(inputs) or single == isinstance(init, (list, tuple)):
+            raise ValueError("argument 'init' must match 'A': one array for an array, a list for a list")
+    if method not in ROOT_METHODS:
+        raise ValueError(f"argument 'method' must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
+    p = _arrays.index(p, "p", 1)
+    if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps >= 0):
+        raise ValueError(f"argument 'eps' must be a finite number >= 0, got {eps!r}")
+    prepared, outputs, prepared_inits = [], [], []
+    for a, i0 in zip(inputs, inits):
+        a = _square(a, "A")
+        prepared.append(a)
+        outputs.append(_arrays.empty(tuple(a.shape), _arrays.dtype_name(a.dtype), _arrays.framework_of(a),
+                                     _arrays.device_of(a)))
+        prepared_inits.append(None if i0 is None else _square(i0, "init"))
+    if tol is None:  # the loosest default among the inputs' compute dtypes
+        tol = max((_DEFAULT_TOL["float64" if _arrays.dtype_name(a.dtype) == "float64" else "float32"]
+                   for a in prepared), default=_DEFAULT_TOL["float64"])
+    if method == "auto":
+        method = "eigh"
+    status = _core.matrix_inverse_root(prepared, outputs, prepared_inits, p, float(eps), method,
+                                       _arrays.index(max_iters, "max_iters", 1), float(tol), bool(fallback),
+                                       bool(return_info))
+    infos = [{"converged": c, "iterations": it, "residual": r, "method": np.where(nw, "newton", "eigh"),
+              "fell_back": fb, "kept_init": ki} for c, it, r, nw, fb, ki in status]
+    result = outputs[0] if single else outputs
+    info = infos[0] if single else infos
+    if return_info:
+        return result, info
+    failed = [k for k, i in enumerate(infos) if not i["converged"].all()]
+    if failed:
+        raise ConvergenceError(f"matrix_inverse_root: some matrices did not converge (input {failed[0]}); "
+                               "pass return_info=True to inspect them instead of raising", info, result)
+    return result
+
+
+def eigh(A):
+    """Eigenvalues (ascending) and eigenvectors (columns) of symmetric A (..., n, n).
+
+    Batched, or a list of arrays of different sizes in one call (small matrices one per
+    core). float64 computes in float64, other dtypes in float32. Only (A + A^T)/2 is used.
+    A LAPACK failure raises :class:`curvkit.ConvergenceError`.
+
+    >>> import numpy as np, curvkit
+    >>> w, V = curvkit.eigh(np.array([[2.0, 1.0], [1.0, 2.0]]))
+    >>> w
+    array([1., 3.])
+    >>> bool(np.allclose(V @ np.diag(w) @ V.T, [[2, 1], [1, 2]]))
+    True
+    """
+    single = not isinstance(A, (list, tuple))
+    inputs = [_square(a, "A") for a in ([A] if single else A)]
+    values, vectors = [], []
+    for a in inputs:
+        fw, dev, dt = _arrays.framework_of(a), _arrays.device_of(a), _arrays.dtype_name(a.dtype)
+        values.append(_arrays.empty(tuple(a.shape[:-1]), dt, fw, dev))
+        vectors.append(_arrays.empty(tuple(a.shape), dt, fw, dev))
+    ok = _core.eigh(inputs, values, vectors)
+    if not all(o.all() for o in ok):
+        raise ConvergenceError("eigh: LAPACK failed for some matrices", {"converged": ok}, (values, vectors))
+    return (values[0], vectors[0]) if single else list(zip(values, vectors))
+
+
+def _square(a, name):
+    fw = _arrays.framework_of(a, name)
+    if fw == "torch":
+        a = a.detach()
+    if len(a.shape) < 2 or a.shape[-1] != a.shape[-2]:
+        raise ValueError(f"argument '{name}' must have shape (..., n, n), got {tuple(a.shape)}")
+    if _arrays.dtype_name(a.dtype) not in _arrays.FLOAT_DTYPES:
+        raise TypeError(f"argument '{name}' must have a float dtype, got {_arrays.dtype_name(a.dtype)}")
+    return _arrays.contiguous(a)
