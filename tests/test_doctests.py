@@ -4,7 +4,7 @@ import importlib
 
 import pytest
 
-MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson", "curvkit.newton_schulz", "curvkit.torch"]
+MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson", "curvkit.newton_schulz", "curvkit.torch", "curvkit.inverse_root"]
 
 
 @pytest.mark.parametrize("name", MODULES)

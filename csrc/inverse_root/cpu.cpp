@@ -46,12 +46,18 @@ void matrix_power(int n, const std::vector<T>& b, int p, std::vector<T>& out, st
   }
 }
 
+// ||M - I||_max, infinite when M holds NaN or Inf (a max reduction alone would drop NaN).
 template <class T>
 double max_distance_to_identity(const std::vector<T>& m, int64_t n) {
   double r = 0;
+  bool finite = true;
   for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) r = std::max(r, std::fabs(double(m[size_t(i * n + j)]) - (i == j ? 1.0 : 0.0)));
-  return std::isfinite(r) ? r : std::numeric_limits<double>::infinity();
+    for (int64_t j = 0; j < n; ++j) {
+      const double d = std::fabs(double(m[size_t(i * n + j)]) - (i == j ? 1.0 : 0.0));
+      finite &= d <= DBL_MAX;
+      r = std::max(r, d);
+    }
+  return finite ? r : std::numeric_limits<double>::infinity();
 }
 
 // ||X^p A_r - I||_max for symmetric X (w.a holds A_r); uses m, t, u, v.
@@ -114,15 +120,26 @@ double lambda_max_estimate(int n, RootWork<T>& w) {
   return rayleigh > 0 ? std::min(bound, 1.25 * rayleigh) : bound;
 }
 
-// Coupled Newton. Returns true if it reached tol; leaves X in w.x.
+template <class T>
+void symmetrize(std::vector<T>& x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) x[size_t(i * n + j)] = x[size_t(j * n + i)] = T(0.5) * (x[size_t(i * n + j)] + x[size_t(j * n + i)]);
+}
+
+// Coupled Newton for X = A_r^{-1/p} (w.a holds A_r), M tracked alongside X; a warm start
+// begins from X_0 = init, M_0 = init^p A_r. The coupled form does not correct the part of an
+// error in X_0 that does not commute with A_r (and the uncoupled form, which would, is
+// unstable: it multiplies such errors by up to ~cond(A)), so the verdict is always the
+// true residual ||X^p A_r - I||_max of the final X: an inaccurate warm start is caught and
+// falls back instead of being passed on.
 template <class T>
 bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t index, RootWork<T>& w, RootStatus& st) {
   const int p = o.p;
   const int64_t nn = int64_t(n) * n;
   if (init) {
     load_symmetrized(*init, index, w.x.data());
-    matrix_power(n, w.x, p, w.v, w.t, w.u);
-    blas::gemm(n, n, n, T(1), w.v.data(), w.a.data(), T(0), w.m.data());
+    matrix_power(n, w.x, p, w.q, w.t, w.u);
+    blas::gemm(n, n, n, T(1), w.q.data(), w.a.data(), T(0), w.m.data());
   } else {
     const double lambda = lambda_max_estimate(n, w);
     const double z = (p + 1) / (2 * lambda);
@@ -132,12 +149,11 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
     }
   }
   const double eps = unit_roundoff<T>();
-  double previous = std::numeric_limits<double>::infinity(), r = 0;
+  double previous = std::numeric_limits<double>::infinity();
   for (st.iterations = 0;; ++st.iterations) {
-    r = max_distance_to_identity(w.m, n);
+    const double r = max_distance_to_identity(w.m, n);
     if (previous < 1 && r > 1.2 * previous) {  // growing in the convergent region: keep the previous iterate
       std::swap(w.x, w.v);
-      r = previous;
       break;
     }
     if (r <= 10 * n * eps || (previous < std::sqrt(eps) && r >= previous) || st.iterations >= o.max_iters) break;
@@ -149,10 +165,10 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
     blas::gemm(n, n, n, T(1), w.q.data(), w.m.data(), T(0), w.t.data());
     std::swap(w.m, w.t);
   }
-  st.residual = r;
-  for (int64_t i = 0; i < n; ++i)  // X is symmetric in exact arithmetic
-    for (int64_t j = 0; j < i; ++j) w.x[size_t(i * n + j)] = w.x[size_t(j * n + i)] = T(0.5) * (w.x[size_t(i * n + j)] + w.x[size_t(j * n + i)]);
-  return r <= o.tol && all_finite(w.x);
+  symmetrize(w.x, n);  // X is symmetric in exact arithmetic
+  if (!all_finite(w.x)) return false;
+  st.residual = root_residual(n, p, w);
+  return st.residual <= o.tol;
 }
 
 template <class T>

@@ -10,9 +10,11 @@
 //           X_0 = z^{1/p} I, M_0 = z (A + eps I), z = (p + 1) / (2 lambda), lambda an upper
 //           estimate of the largest eigenvalue (10 power steps, x1.25, capped by
 //           min(||A||_F, ||A||_inf)); M' = ((p + 1) I - M) / p, X <- X M', M <- M'^p M
-//           (M = X^p (A + eps I) throughout), until ||M - I||_max reaches rounding level. Once
+//           (M = X^p (A + eps I) in exact arithmetic), until ||M - I||_max reaches rounding level. Once
 //           the error is below 1, a step that grows it by more than 1.2x stops the iteration
-//           (the previous iterate is kept). Converged: ||M - I||_max <= tol. Warm start: X_0 = init, M_0 = init^p (A + eps I).
+//           (the previous iterate is kept). Warm start: X_0 = init, M_0 = init^p (A + eps I);
+//           it keeps the part of init's error that does not commute with A. Converged: the
+//           true residual ||X^p (A + eps I) - I||_max of the final X is <= tol.
 //   Failure policy (per matrix): Newton that misses tol falls back to Eigh in float64 (when
 //   fallback is on); if that fails too, init is kept when given, else the (finite) result is
 //   returned and reported as not converged. Never NaN or Inf.
@@ -31,7 +33,7 @@ struct RootOptions {
   double eps = 0;
   RootMethod method = RootMethod::Eigh;
   int max_iters = 100;
-  double tol = 0;              // Newton: on ||M - I||_max
+  double tol = 0;              // Newton: on ||X^p (A + eps I) - I||_max
   bool fallback = true;        // Newton failure -> Eigh in float64
   bool compute_residual = false;  // Eigh: also report ||X^p (A + eps I) - I||_max (a few n^3 flops)
 };

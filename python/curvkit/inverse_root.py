@@ -37,12 +37,16 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         error grows. "auto": "eigh" on CPU (faster there at every size measured,
         bench/results/inverse_root_cpu.md).
     init : array like A, optional
-        A previous root to warm-start "newton" from (M_0 = init^p (A + eps I)); when
-        preconditioners drift slowly it converges in a few steps. Also what is kept when
+        A previous root to warm-start "newton" from (X_0 = init, M_0 = init^p (A + eps I)):
+        it takes a few steps instead of tens, but keeps the part of init's error that does
+        not commute with A, about the size of the drift since init (the uncoupled form,
+        which would correct it, is unstable). The final residual check catches a warm
+        start that ends above tol, which then falls back to eigh. Also what is kept when
         everything fails.
     tol : float, optional
-        "newton" converged means ||M - I||_max <= tol for its iterate M = X^p (A + eps I);
-        default 1e-8 (float64), 1e-3 (float32). With ``return_info``, "eigh" also reports
+        "newton" converged means ||X^p (A + eps I) - I||_max <= tol for the final X
+        (computed, not tracked); default 1e-8 (float64), 1e-3 (float32). As this grows like
+        condition * eps, float32 beyond condition ~1e5 falls back to float64 eigh. With ``return_info``, "eigh" also reports
         ||X^p (A + eps I) - I||_max (it grows like condition * eps even for exact roots, so
         it is information, not a criterion).
     max_iters : int
@@ -52,7 +56,7 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         given, init is kept).
     return_info : bool
         Also return, per input, a dict of NumPy arrays over the batch: "converged",
-        "iterations", "residual" (||M - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
+        "iterations", "residual" (||X^p (A + eps I) - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
         matrix), "fell_back", "kept_init". Without it, a matrix that did not converge
         raises :class:`curvkit.ConvergenceError` (results are never NaN or Inf).
 
