@@ -25,8 +25,10 @@ def pytest_terminal_summary(terminalreporter, config):
             median = b.stats.median
             if "flops" in b.extra_info:
                 rate = f"{b.extra_info['flops'] / median / 1e9:9.1f} GF/s"
+            elif "bytes" in b.extra_info:
+                rate = f"{b.extra_info['bytes'] / median / 1e9:9.2f} GB/s"
             else:
-                rate = f"{b.extra_info.get('bytes', 0) / median / 1e9:9.2f} GB/s"
+                rate = "-"
             if "rel_error" in b.extra_info:
                 rate = f"err {b.extra_info['rel_error']:.1e}"
             ratio = median / ours.stats.median if ours else float("nan")

@@ -132,14 +132,21 @@ struct ConvergenceWatch {
   }
 };
 
-// Runs body(i, slot) for every task i in [0, count): tasks with cost(i) <= kSmallTask one per
+// Runs body(i, slot) for every task i in [0, count): tasks with cost(i) <= small_task one per
 // thread with single-threaded BLAS, largest first; the others one at a time with all threads
 // inside BLAS. `slot` (< num_threads()) names the worker, so callers can keep one workspace
 // per slot. Bodies must not throw: check inputs before.
+// LAPACK's eigensolvers scale poorly over threads (the tridiagonal reduction is bound by
+// memory): with at least as many matrices as threads, one matrix per thread is faster at
+// every size (measured: 8 x 1024^2 roots 1.4x faster than threaded LAPACK on 2 cores).
+inline double lapack_small_task(int64_t count) {
+  return count >= num_threads() ? std::numeric_limits<double>::infinity() : kSmallTask;
+}
+
 template <class Cost, class Body>
-void run_matrix_tasks(int64_t count, Cost cost, Body body) {
+void run_matrix_tasks(int64_t count, Cost cost, Body body, double small_task = kSmallTask) {
   std::vector<int64_t> small, large;
-  for (int64_t i = 0; i < count; ++i) (count > 1 && cost(i) <= kSmallTask ? small : large).push_back(i);
+  for (int64_t i = 0; i < count; ++i) (count > 1 && cost(i) <= small_task ? small : large).push_back(i);
   if (small.size() > 1) {
     std::stable_sort(small.begin(), small.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
     blas::ScopedBlasThreads single(1);

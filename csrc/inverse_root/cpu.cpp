@@ -238,7 +238,8 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
           RootWork<float> w;
           root_one(inputs[t.input], outputs[t.input], inits[t.input], t.index, o, w, st);
         }
-      });
+      },
+      lapack_small_task(int64_t(tasks.size())));
 }
 
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
@@ -275,7 +276,8 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
       [&](int64_t k, int) {
         const RootTask& t = tasks[size_t(k)];
         task_ok[size_t(k)] = inputs[t.input].dtype == DType::float64() ? solve(double(), t) : solve(float(), t);
-      });
+      },
+      lapack_small_task(int64_t(tasks.size())));
   for (size_t k = 0; k < tasks.size(); ++k) ok[tasks[k].input][size_t(tasks[k].index)] = task_ok[k];
 }
 

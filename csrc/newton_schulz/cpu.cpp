@@ -380,7 +380,7 @@ void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayV
   run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
     SqrtWork<double> w;  // float64 for every input dtype (see newton_schulz.h)
     sqrt_one(a, b, sqrt_out, inv_out, o, w, status[b]);
-  });
+  }, o.method == SqrtMethod::Eigh ? lapack_small_task(batch) : kSmallTask);
 }
 
 namespace {

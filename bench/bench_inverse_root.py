@@ -1,0 +1,94 @@
+"""Inverse p-th roots on CPU: curvkit.matrix_inverse_root against Distributed Shampoo's eigh
+root (float64 upcast) and Scalable Shampoo's coupled Newton, written in plain PyTorch
+(bench/baselines/inverse_root.py), in one run. Inputs: float32 SPD with condition number
+1e3. Each benchmark records its relative error against the float64 eigh reference.
+Run: python -m pytest bench/bench_inverse_root.py --benchmark-only
+"""
+import numpy as np
+import pytest
+
+import curvkit
+
+torch = pytest.importorskip("torch")
+from baselines.inverse_root import coupled_newton_root, eigh_root, loop  # noqa: E402
+
+CASES = [(32, 256), (8, 1024), (2, 2048)]
+POWERS = [2, 4]
+
+
+def _batch(count, n, seed=0, cond=1e3, dtype=np.float32):
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, n, n), dtype=dtype)
+    for b in range(count):
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        A = (Q * np.logspace(0, -np.log10(cond), n)) @ Q.T
+        out[b] = (A + A.T) / 2
+    return torch.from_numpy(out)
+
+
+def _error(X, A, p):
+    w, V = torch.linalg.eigh(A.double())
+    ref = (V * w.pow(-1.0 / p).unsqueeze(-2)) @ V.mT
+    return float((torch.linalg.norm(X.double() - ref) / torch.linalg.norm(ref)).max())
+
+
+@pytest.mark.parametrize("p", POWERS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+def test_eigh_baseline(benchmark, case, p):
+    A = _batch(*case)
+    benchmark.group = f"root-p{p}-float32-{case[0]}x{case[1]}"
+    benchmark.extra_info.update(impl="torch eigh f64", rel_error=_error(eigh_root(A, p), A, p))
+    benchmark.pedantic(lambda: eigh_root(A, p), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("p", POWERS)
+@pytest.mark.parametrize("case", CASES[:2], ids=lambda c: f"{c[0]}x{c[1]}")
+def test_newton_baseline(benchmark, case, p):
+    A = _batch(*case)
+    benchmark.group = f"root-p{p}-float32-{case[0]}x{case[1]}"
+    X = torch.stack(loop(lambda a: coupled_newton_root(a, p)[0], list(A)))
+    benchmark.extra_info.update(impl="torch newton", rel_error=_error(X, A, p))
+    benchmark.pedantic(lambda: loop(coupled_newton_root, list(A), p), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+@pytest.mark.parametrize("p", POWERS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+def test_curvkit(benchmark, case, p, method):
+    A = _batch(*case)
+    benchmark.group = f"root-p{p}-float32-{case[0]}x{case[1]}"
+    X = curvkit.matrix_inverse_root(A, p, method=method)
+    benchmark.extra_info.update(impl="curvkit" if method == "eigh" else "curvkit newton", rel_error=_error(X, A, p))
+    benchmark.pedantic(lambda: curvkit.matrix_inverse_root(A, p, method=method), rounds=3, warmup_rounds=1)
+
+
+@pytest.mark.parametrize("impl", ["curvkit", "torch eigh f64"])
+def test_float64_input(benchmark, impl):
+    A = _batch(8, 1024, dtype=np.float64)
+    benchmark.group = "root-p4-float64-8x1024"
+    fn = (lambda: curvkit.matrix_inverse_root(A, 4)) if impl == "curvkit" else (lambda: eigh_root(A, 4))
+    benchmark.extra_info.update(impl=impl, rel_error=_error(fn(), A, 4))
+    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
+
+
+# The 88 factor blocks of one 4096 x 11008 weight at block size 1024: 4 x 11 blocks, each
+# with a left factor of size 1024 and a right factor of 1024 (the last column block: 768).
+def _ragged_blocks():
+    sizes = [1024] * 44 + [1024] * 40 + [768] * 4
+    rng = np.random.default_rng(0)
+    blocks = []
+    for n in sizes:
+        G = rng.standard_normal((n, n // 4)).astype(np.float32)
+        blocks.append(torch.from_numpy(G @ G.T / (n // 4) + 1e-3 * np.eye(n, dtype=np.float32)))
+    return blocks
+
+
+@pytest.mark.parametrize("impl", ["curvkit", "torch eigh f64 loop"])
+def test_ragged_88_blocks(benchmark, impl):
+    blocks = _ragged_blocks()
+    benchmark.group = "root-p4-ragged-88-blocks"
+    benchmark.extra_info.update(impl=impl)
+    if impl == "curvkit":
+        benchmark.pedantic(lambda: curvkit.matrix_inverse_root(blocks, 4), rounds=1, warmup_rounds=0)
+    else:
+        benchmark.pedantic(lambda: loop(eigh_root, blocks, 4), rounds=1, warmup_rounds=0)
