@@ -157,3 +157,53 @@ def test_errors(A, kwargs, error, match):
     kwargs.setdefault("p", 2)
     with pytest.raises(error, match=match):
         curvkit.matrix_inverse_root(A, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(6, 6), (40, 12), (3, 20, 20)])
+def test_orthonormalize_qr(shape, rng):
+    Q = rng.standard_normal(shape)
+    R = curvkit.orthonormalize(Q, "qr")
+    k = shape[-1]
+    np.testing.assert_allclose(np.swapaxes(R, -1, -2) @ R, np.broadcast_to(np.eye(k), R.shape[:-2] + (k, k)), atol=1e-13)
+    q, r = np.linalg.qr(Q)
+    expected = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]  # Gram-Schmidt basis
+    np.testing.assert_allclose(R, expected, atol=1e-12)
+    R32 = curvkit.orthonormalize(Q.astype(np.float32), "qr")
+    assert R32.dtype == np.float32 and np.abs(R32 - expected).max() < 1e-5
+    with pytest.raises(curvkit.ConvergenceError):
+        curvkit.orthonormalize(np.ones((5, 3)), "qr")  # rank 1
+    with pytest.raises(ValueError, match="at least as many rows"):
+        curvkit.orthonormalize(np.ones((3, 5)), "qr")
+
+
+def test_orthonormalize_polar_is_bjorck_to_the_nearest_orthonormal(rng):
+    Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
+    noisy = Q + 1e-2 * rng.standard_normal((30, 30))
+    R = curvkit.orthonormalize(noisy, "polar", steps=4)
+    np.testing.assert_allclose(R, reference.polar_factor(noisy), atol=1e-12)
+    np.testing.assert_allclose(curvkit.orthonormalize(noisy, "polar", steps=1),
+                               1.5 * noisy - 0.5 * noisy @ noisy.T @ noisy, atol=1e-13)
+    tall = np.linalg.qr(rng.standard_normal((50, 8)))[0] * (1 + 1e-3 * rng.standard_normal(8))
+    T = curvkit.orthonormalize(tall, "polar")
+    np.testing.assert_allclose(T.T @ T, np.eye(8), atol=1e-12)
+
+
+def test_eigenbasis_update_tracks_the_eigenbasis(rng):
+    n = 24
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    eigenvalues = np.geomspace(1, 1e-2, n)
+    A = (V * eigenvalues) @ V.T
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    for _ in range(300):  # repeated refreshes are subspace iteration
+        Q_old = Q
+        Q, d, perm = curvkit.eigenbasis_update(A, Q)
+        np.testing.assert_allclose(d, np.diag(Q_old.T @ A @ Q_old)[perm], atol=1e-13)
+        assert np.all(np.diff(d) <= 0) and sorted(perm.tolist()) == list(range(n))
+    np.testing.assert_allclose(np.diag(Q.T @ A @ Q), eigenvalues, rtol=1e-6)
+    np.testing.assert_allclose(Q.T @ Q, np.eye(n), atol=1e-13)
+    # batched, a k < n basis, and float32
+    Qb, db, pb = curvkit.eigenbasis_update(np.stack([A, A]), np.stack([Q[:, :5], Q[:, :5]]).astype(np.float32))
+    assert Qb.shape == (2, n, 5) and db.shape == (2, 5) and pb.dtype == np.int64 and Qb.dtype == np.float32
+    np.testing.assert_allclose(db[0], eigenvalues[:5], rtol=1e-4)
+    with pytest.raises(ValueError, match="'Q'"):
+        curvkit.eigenbasis_update(A, np.eye(n + 1))

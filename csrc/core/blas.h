@@ -63,6 +63,12 @@ inline int syevd(int n, double* a, double* w) { return scipy_LAPACKE_dsyevd(LAPA
 inline int posv(int n, float* s, float* b) { return scipy_LAPACKE_sposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
 inline int posv(int n, double* s, double* b) { return scipy_LAPACKE_dposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
 
+// QR of a (m x k, row-major, m >= k): geqrf then orgqr leave the explicit Q in a.
+inline int geqrf(int m, int k, float* a, float* tau) { return scipy_LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, m, k, a, k, tau); }
+inline int geqrf(int m, int k, double* a, double* tau) { return scipy_LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, m, k, a, k, tau); }
+inline int orgqr(int m, int k, float* a, const float* tau) { return scipy_LAPACKE_sorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau); }
+inline int orgqr(int m, int k, double* a, const double* tau) { return scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau); }
+
 // Copy the lower triangle of a row-major n x n matrix to its upper triangle.
 template <class T>
 void mirror_lower(T* a, int64_t n) {

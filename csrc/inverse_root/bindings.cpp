@@ -3,6 +3,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 #include <vector>
@@ -132,6 +133,49 @@ void register_inverse_root(py::module_& m) {
       },
       py::arg("inputs"), py::arg("values"), py::arg("vectors"),
       "Symmetric eigendecomposition of each input; per input, whether LAPACK succeeded.");
+  m.def(
+      "orthonormalize_qr",
+      [](py::handle q) {
+        interop::ImportedArray qv = interop::import_output(q, "Q");
+        check_floating(qv.view, "Q");
+        CK_CHECK_VALUE(qv.view.ndim() >= 2, "argument 'Q' must have shape (..., m, k)");
+        CK_CHECK_VALUE(qv.view.is_contiguous(), "argument 'Q' must be C-contiguous");
+        CK_CHECK_VALUE(!qv.view.device.is_cuda(), "argument 'Q' is a CUDA array: orthonormalize runs on the CPU only so far");
+        std::vector<bool> ok;
+        {
+          py::gil_scoped_release release;
+          orthonormalize_qr_cpu(qv.view, ok);
+        }
+        py::array_t<bool> good(batch_shape(qv.view));
+        for (size_t b = 0; b < ok.size(); ++b) good.mutable_data()[b] = ok[b];
+        return good;
+      },
+      py::arg("Q"), "Orthonormalize the columns of Q in place by QR (nonnegative R diagonal).");
+  m.def(
+      "eigenbasis_update",
+      [](py::handle a, py::handle q, py::handle q_out, py::handle estimates, py::handle perm) {
+        interop::ImportedArray av = interop::import_array(a, "A"), qv = interop::import_array(q, "Q");
+        interop::ImportedArray ov = interop::import_output(q_out, "out"), ev = interop::import_output(estimates, "out"),
+                               pv = interop::import_output(perm, "out");
+        check_square_batch(av.view, "A");
+        check_floating(qv.view, "Q");
+        CK_CHECK_VALUE(qv.view.is_contiguous() && qv.view.ndim() == av.view.ndim() &&
+                           qv.view.size(-2) == av.view.size(-1) &&
+                           std::equal(av.view.shape.begin(), av.view.shape.end() - 2, qv.view.shape.begin()),
+                       "argument 'Q' must be C-contiguous with shape (..., n, k) matching A (..., n, n)");
+        check_same_shape(qv.view, "Q", ov.view, "out");
+        CK_CHECK_VALUE(pv.view.dtype == (DType{DTypeCode::Int, 64}), "perm output must be int64");
+        std::vector<bool> ok;
+        {
+          py::gil_scoped_release release;
+          eigenbasis_update_cpu(av.view, qv.view, ov.view, ev.view, pv.view, ok);
+        }
+        py::array_t<bool> good(batch_shape(av.view));
+        for (size_t b = 0; b < ok.size(); ++b) good.mutable_data()[b] = ok[b];
+        return good;
+      },
+      py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"),
+      "SOAP's eigenbasis refresh (see curvkit.eigenbasis_update).");
 }
 
 }  // namespace curvkit

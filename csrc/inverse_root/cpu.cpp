@@ -242,6 +242,101 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
       lapack_small_task(int64_t(tasks.size())));
 }
 
+namespace {
+
+// In-place QR of row-major a (m x k) keeping Q, with column j multiplied by sign(R_jj).
+// False when LAPACK fails or a column was (numerically) dependent on the previous ones.
+template <class T>
+bool qr_positive(int m, int k, T* a) {
+  std::vector<T> tau(static_cast<size_t>(k));
+  const double scale = frobenius(a, int64_t(m) * k);
+  if (blas::geqrf(m, k, a, tau.data()) != 0) return false;
+  std::vector<T> sign(static_cast<size_t>(k));
+  bool full_rank = true;
+  for (int j = 0; j < k; ++j) {
+    const double r = double(a[size_t(j) * k + j]);
+    full_rank &= std::fabs(r) > double(m) * unit_roundoff<T>() * scale;
+    sign[size_t(j)] = r < 0 ? T(-1) : T(1);
+  }
+  if (blas::orgqr(m, k, a, tau.data()) != 0) return false;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < k; ++j) a[size_t(i * k + j)] *= sign[size_t(j)];
+  return full_rank;
+}
+
+// Tasks over the batch of q (..., m, k), calling solve(tag, index) with T the compute type.
+template <class Solve>
+void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
+  const int64_t m = q.size(-2), k = q.size(-1), batch = m * k ? q.numel() / (m * k) : 0;
+  blas::dim(m, "matrix dimension");
+  CK_CHECK_VALUE(k <= m, "argument 'Q' must have at least as many rows as columns, got ", m, " x ", k);
+  std::vector<char> good(static_cast<size_t>(batch));
+  const double cost = double(m) * k * k;
+  run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
+    good[size_t(b)] = q.dtype == DType::float64() ? solve(double(), b) : solve(float(), b);
+  }, lapack_small_task(batch));
+  ok.assign(good.begin(), good.end());
+}
+
+template <class T>
+void load_matrix(const ArrayView& x, int64_t index, int64_t size, T* dst) {
+  CK_DISPATCH_FLOATING(x.dtype, "Q", S, [&] {
+    const S* p = x.ptr<const S>() + index * size;
+    for (int64_t i = 0; i < size; ++i) dst[i] = T(to_double(p[i]));
+  });
+}
+
+template <class T>
+void store_matrix(const T* src, int64_t size, const ArrayView& out, int64_t index) {
+  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+    D* p = out.ptr<D>() + index * size;
+    for (int64_t i = 0; i < size; ++i) p[i] = from_double<D>(double(src[i]));
+  });
+}
+
+}  // namespace
+
+void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
+  const int64_t m = q.size(-2), k = q.size(-1);
+  for_each_basis(q, ok, [&](auto tag, int64_t b) {
+    using T = decltype(tag);
+    std::vector<T> a(static_cast<size_t>(m * k));
+    load_matrix(q, b, m * k, a.data());
+    bool good = all_finite(a) && qr_positive(int(m), int(k), a.data());
+    store_matrix(a.data(), m * k, q, b);
+    return good;
+  });
+}
+
+void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
+                           const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok) {
+  const int64_t n = q.size(-2), k = q.size(-1);
+  const int64_t batch = n * k ? q.numel() / (n * k) : 0;
+  for (int64_t b = 0; b < batch; ++b) check_symmetric(a_in, b, "A");
+  for_each_basis(q, ok, [&](auto tag, int64_t b) {
+    using T = decltype(tag);
+    std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
+    load_symmetrized(a_in, b, a.data());
+    load_matrix(q, b, n * k, qb.data());
+    blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
+    std::vector<double> d(static_cast<size_t>(k), 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) d[size_t(j)] += double(qb[size_t(i * k + j)]) * double(aq[size_t(i * k + j)]);
+    std::vector<int64_t> order(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) order[size_t(j)] = j;
+    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return d[size_t(x)] > d[size_t(y)]; });
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
+    const bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
+    store_matrix(p.data(), n * k, q_out, b);
+    std::vector<double> sorted(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = d[size_t(order[size_t(j)])];
+    store_vector(sorted.data(), k, estimates, b);
+    std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
+    return good;
+  });
+}
+
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
               const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok) {
   std::vector<RootTask> tasks;

@@ -57,4 +57,16 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
               const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok);
 
+// Orthonormal columns by Householder QR with R's diagonal made nonnegative (so the result is
+// the Gram-Schmidt basis of the input, continuous in it): q (..., m, k), m >= k, in place.
+// Per matrix: whether LAPACK succeeded and the input had full column rank.
+void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok);
+
+// SOAP's eigenbasis refresh from a previous basis Q (..., n, k) of A (..., n, n): the
+// eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
+// column j is old column perm[j]), then one power step A Q and QR (nonnegative R diagonal).
+// q_out (..., n, k), estimates (..., k) sorted descending, perm (..., k) int64.
+void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out,
+                           const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok);
+
 }  // namespace curvkit

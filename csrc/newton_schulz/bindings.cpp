@@ -143,7 +143,7 @@ void register_newton_schulz(py::module_& m) {
       "polar",
       [](const py::list& inputs, const py::list& outputs, const std::vector<std::tuple<double, double, double>>& steps,
          double norm_scale, double eps, const std::string& method, int restart_after, double alpha, double beta,
-         StreamHandle stream) {
+         StreamHandle stream, bool normalize) {
         CK_CHECK_VALUE(method == "standard" || method == "gram",
                        "argument 'method' must be 'standard', 'gram' or 'auto', got '", method, "'");
         PolarOptions o;
@@ -154,6 +154,7 @@ void register_newton_schulz(py::module_& m) {
         o.restart_after = restart_after;
         o.alpha = alpha;
         o.beta = beta;
+        o.normalize = normalize;
         std::vector<interop::ImportedArray> in, out;
         std::vector<ArrayView> in_views, out_views;
         for (py::handle x : inputs) in.push_back(interop::import_array(x, "G", stream));
@@ -165,6 +166,7 @@ void register_newton_schulz(py::module_& m) {
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("steps"), py::arg("norm_scale"), py::arg("eps"),
       py::arg("method"), py::arg("restart_after"), py::arg("alpha"), py::arg("beta"), py::arg("stream") = 0,
+      py::arg("normalize") = true,
       "outputs[i] = beta * outputs[i] + alpha * polar(inputs[i]) (see curvkit.polar).");
 }
 

@@ -46,6 +46,10 @@ void measure(PolarTask& t, const PolarOptions& o) {
     return;
   }
   if (amax == 0.0) return;
+  if (!o.normalize) {
+    t.inv_scale = 1.0;
+    return;
+  }
   double sum = 0.0;  // scaled by the largest entry so that neither tiny nor huge G under/overflows
   for (int64_t i = 0; i < size; ++i) {
     const double v = to_double(g[i]) / amax;

@@ -32,6 +32,7 @@ struct PolarOptions {
   std::vector<PolarStep> steps;
   double norm_scale = 1.0;
   double eps = 1e-7;
+  bool normalize = true;  // false: X_0 = G (Bjorck rectification of a nearly orthogonal G)
   PolarMethod method = PolarMethod::Standard;
   int restart_after = 0;  // Gram route: restart after every this many steps (0: never)
   double alpha = 1.0, beta = 0.0;

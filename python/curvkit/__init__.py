@@ -8,7 +8,7 @@ import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the exte
 from . import _core
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
 from .hutchinson import probes
-from .inverse_root import eigh, matrix_inverse_root
+from .inverse_root import eigenbasis_update, eigh, matrix_inverse_root, orthonormalize
 from .newton_schulz import (
     ConvergenceError,
     matrix_inv_sqrt,
@@ -25,6 +25,7 @@ __all__ = [
     "__version__",
     "ConvergenceError",
     "config",
+    "eigenbasis_update",
     "eigh",
     "get_num_threads",
     "has_cuda",
@@ -32,6 +33,7 @@ __all__ = [
     "matrix_inv_sqrt",
     "matrix_sqrt",
     "matrix_sqrt_and_inv_sqrt",
+    "orthonormalize",
     "polar",
     "polar_update_",
     "probes",

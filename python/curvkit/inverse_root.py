@@ -151,3 +151,79 @@ def _square(a, name):
     if _arrays.dtype_name(a.dtype) not in _arrays.FLOAT_DTYPES:
         raise TypeError(f"argument '{name}' must have a float dtype, got {_arrays.dtype_name(a.dtype)}")
     return _arrays.contiguous(a)
+
+
+def orthonormalize(Q, method="qr", steps=4):
+    """Restore orthonormal columns of a perturbed or quantized basis Q (..., m, k), m >= k.
+
+    "qr": Householder QR with R's diagonal made nonnegative, so the result is the
+    Gram-Schmidt basis of Q (column j spans what columns 0..j span). "polar": ``steps``
+    Bjorck passes Q <- 1.5 Q - 0.5 Q Q^T Q (4-bit Shampoo's rectification), run by
+    curvkit's Newton–Schulz kernel without normalization; it moves Q to the nearest matrix
+    with orthonormal columns and needs singular values in (0, sqrt(3)). Returns a new array
+    (float64 computes in float64, others in float32). CPU only so far.
+
+    >>> import numpy as np, curvkit
+    >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
+    >>> noisy = Q + 1e-3 * np.random.default_rng(1).standard_normal((6, 6))
+    >>> for method in ("qr", "polar"):
+    ...     R = curvkit.orthonormalize(noisy, method)
+    ...     print(method, bool(np.allclose(R.T @ R, np.eye(6), atol=1e-12)))
+    qr True
+    polar True
+    """
+    if method not in ("qr", "polar"):
+        raise ValueError(f"argument 'method' must be 'qr' or 'polar', got {method!r}")
+    fw = _arrays.framework_of(Q, "Q")
+    if fw == "torch":
+        Q = Q.detach()
+    if len(Q.shape) < 2:
+        raise ValueError(f"argument 'Q' must have shape (..., m, k), got {tuple(Q.shape)}")
+    if _arrays.dtype_name(Q.dtype) not in _arrays.FLOAT_DTYPES:
+        raise TypeError(f"argument 'Q' must have a float dtype, got {_arrays.dtype_name(Q.dtype)}")
+    if method == "qr":
+        out = _arrays.convert(Q)  # a contiguous copy, orthonormalized in place
+        ok = _core.orthonormalize_qr(out)
+        if not ok.all():
+            raise ConvergenceError("orthonormalize: some bases are rank-deficient or non-finite",
+                                   {"converged": ok}, out)
+        return out
+    steps = _arrays.index(steps, "steps", 1)
+    Q = _arrays.contiguous(Q)
+    out = _arrays.empty(tuple(Q.shape), _arrays.dtype_name(Q.dtype), fw, _arrays.device_of(Q))
+    _core.polar([Q], [out], [(1.5, -0.5, 0.0)] * steps, 1.0, 0.0, "standard", 0, 1.0, 0.0,
+                _arrays.stream_of(Q), False)
+    return out
+
+
+def eigenbasis_update(A, Q):
+    """SOAP's refresh of an eigenbasis Q (..., n, k) of A (..., n, n) from the previous one.
+
+    Estimates eigenvalues d_j = q_j^T A q_j, orders the columns by d descending, then takes
+    one power step and re-orthonormalizes: Q_new = qr(A Q[:, perm]) (nonnegative R
+    diagonal, so columns keep their signs). Returns (Q_new, d sorted descending, perm) with
+    perm (int64, NumPy) such that new column j came from old column perm[j]: apply it to
+    any state kept in the old basis (SOAP's second-moment estimate). CPU only so far.
+
+    >>> import numpy as np, curvkit
+    >>> A = np.diag([1.0, 5.0, 3.0])
+    >>> Qn, d, perm = curvkit.eigenbasis_update(A, np.eye(3))
+    >>> d, perm
+    (array([5., 3., 1.]), array([1, 2, 0]))
+    >>> bool(np.allclose(np.abs(Qn), np.eye(3)[:, perm]))
+    True
+    """
+    A = _square(A, "A")
+    fw = _arrays.framework_of(Q, "Q")
+    Q = _arrays.contiguous(Q.detach() if fw == "torch" else Q)
+    if len(Q.shape) != len(A.shape) or tuple(Q.shape[:-1]) != tuple(A.shape[:-1]):
+        raise ValueError(f"argument 'Q' must have shape (..., n, k) matching A {tuple(A.shape)}, got {tuple(Q.shape)}")
+    dt, dev = _arrays.dtype_name(Q.dtype), _arrays.device_of(Q)
+    Q_new = _arrays.empty(tuple(Q.shape), dt, fw, dev)
+    d = _arrays.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dt, fw, dev)
+    perm = np.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dtype=np.int64)
+    ok = _core.eigenbasis_update(A, Q, Q_new, d, perm)
+    if not ok.all():
+        raise ConvergenceError("eigenbasis_update: A Q lost rank or became non-finite for some matrices",
+                               {"converged": ok}, (Q_new, d, perm))
+    return Q_new, d, perm
