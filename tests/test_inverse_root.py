@@ -117,6 +117,14 @@ def test_ragged_list_in_one_call(rng):
     np.testing.assert_allclose(X, root_reference(stacked, 2), atol=1e-12)
 
 
+def test_empty_matrices():
+    X, info = curvkit.matrix_inverse_root(np.zeros((3, 0, 0)), 2, return_info=True)
+    assert X.shape == (3, 0, 0) and info["converged"].shape == (3,) and info["converged"].all()
+    w, V = curvkit.eigh(np.zeros((2, 0, 0)))
+    assert w.shape == (2, 0) and V.shape == (2, 0, 0)
+    assert curvkit.matrix_inverse_root(np.zeros((0, 4, 4)), 2).shape == (0, 4, 4)
+
+
 def test_eigh(rng):
     A = np.stack([reference.spd_with_condition(rng, 20, 1e3) - 0.1 * np.eye(20) for _ in range(3)])
     w, V = curvkit.eigh(A)

@@ -109,6 +109,13 @@ def test_errors(A, kwargs, error, match):
         curvkit.matrix_sqrt(A, **kwargs)
 
 
+def test_empty_matrices():
+    (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(np.zeros((3, 0, 0)), return_info=True)
+    assert S.shape == R.shape == (3, 0, 0) and info["converged"].shape == (3,) and info["converged"].all()
+    X, info = curvkit.solve_lyapunov(np.zeros((2, 0, 0)), np.zeros((2, 0, 0)), return_info=True)
+    assert X.shape == (2, 0, 0) and info["converged"].all()
+
+
 def test_lyapunov_solve(rng):
     S = reference.spd_with_condition(rng, 30, 1e3)
     X0 = rng.standard_normal((30, 30))

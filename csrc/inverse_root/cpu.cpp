@@ -14,6 +14,27 @@ struct RootTask {
   int64_t index, n;
 };
 
+// Matrices in a (..., n, n) batch, counted from the leading dimensions (so n = 0 counts too).
+int64_t leading_count(const ArrayView& a) {
+  int64_t count = 1;
+  for (int d = 0; d + 2 < a.ndim(); ++d) count *= a.shape[d];
+  return count;
+}
+
+// One task per matrix of every input (in order), each checked finite and symmetric first.
+std::vector<RootTask> symmetric_tasks(const std::vector<ArrayView>& inputs) {
+  std::vector<RootTask> tasks;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t n = inputs[i].size(-1), batch = n ? leading_count(inputs[i]) : 0;
+    blas::dim(n, "matrix dimension");
+    for (int64_t b = 0; b < batch; ++b) {
+      check_symmetric(inputs[i], b, "A");
+      tasks.push_back({i, b, n});
+    }
+  }
+  return tasks;
+}
+
 template <class T>
 struct RootWork {
   std::vector<T> a, x, m, mp, q, t, u, v, w;
@@ -214,18 +235,15 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, i
 void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
                              const std::vector<const ArrayView*>& inits, const RootOptions& o,
                              std::vector<std::vector<RootStatus>>& status) {
-  std::vector<RootTask> tasks;
+  const std::vector<RootTask> tasks = symmetric_tasks(inputs);
   status.assign(inputs.size(), {});
   for (size_t i = 0; i < inputs.size(); ++i) {
-    const int64_t n = inputs[i].size(-1), batch = n ? inputs[i].numel() / (n * n) : 0;
-    blas::dim(n, "matrix dimension");
-    status[i].resize(size_t(batch));
-    for (int64_t b = 0; b < batch; ++b) {
-      check_symmetric(inputs[i], b, "A");
-      if (inits[i]) check_symmetric(*inits[i], b, "init");
-      tasks.push_back({i, b, n});
-    }
+    RootStatus empty;  // 0 x 0 matrices have their (empty) root
+    empty.converged = true;
+    status[i].assign(size_t(leading_count(inputs[i])), inputs[i].size(-1) ? RootStatus{} : empty);
   }
+  for (const RootTask& t : tasks)
+    if (inits[t.input]) check_symmetric(*inits[t.input], t.index, "init");
   run_matrix_tasks(
       int64_t(tasks.size()), [&](int64_t k) { return std::pow(double(tasks[size_t(k)].n), 3); },
       [&](int64_t k, int) {
@@ -339,17 +357,9 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
 
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
               const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok) {
-  std::vector<RootTask> tasks;
+  const std::vector<RootTask> tasks = symmetric_tasks(inputs);
   ok.assign(inputs.size(), {});
-  for (size_t i = 0; i < inputs.size(); ++i) {
-    const int64_t n = inputs[i].size(-1), batch = n ? inputs[i].numel() / (n * n) : 0;
-    blas::dim(n, "matrix dimension");
-    ok[i].resize(size_t(batch));
-    for (int64_t b = 0; b < batch; ++b) {
-      check_symmetric(inputs[i], b, "A");
-      tasks.push_back({i, b, n});
-    }
-  }
+  for (size_t i = 0; i < inputs.size(); ++i) ok[i].assign(size_t(leading_count(inputs[i])), true);
   // vector<bool> packs bits: collect per task, copy after the parallel loop.
   std::vector<char> task_ok(tasks.size());
   auto solve = [&](auto tag, const RootTask& t) {

@@ -77,10 +77,11 @@ py::tuple status_arrays(const std::vector<SqrtStatus>& status, const ArrayView& 
   py::array_t<bool> converged(batch);
   py::array_t<int32_t> iterations(batch);
   py::array_t<double> residual(batch);
-  for (size_t i = 0; i < status.size(); ++i) {
-    converged.mutable_data()[i] = status[i].converged;
-    iterations.mutable_data()[i] = status[i].iterations;
-    residual.mutable_data()[i] = status[i].residual;
+  for (py::ssize_t i = 0; i < converged.size(); ++i) {  // 0 x 0 matrices have no task: trivially converged
+    const SqrtStatus st = size_t(i) < status.size() ? status[size_t(i)] : SqrtStatus{true, 0, 0.0};
+    converged.mutable_data()[i] = st.converged;
+    iterations.mutable_data()[i] = st.iterations;
+    residual.mutable_data()[i] = st.residual;
   }
   return py::make_tuple(converged, iterations, residual);
 }
