@@ -66,22 +66,44 @@ void load_symmetrized(const ArrayView& a, int64_t index, T* dst) {
   });
 }
 
+// Matrix `index` of a (..., m, k) array, as T (elements in order).
 template <class T>
-void load_general(const ArrayView& a, int64_t index, T* dst) {
-  const int64_t size = a.size(-1) * a.size(-1);
-  CK_DISPATCH_FLOATING(a.dtype, "C", S, [&] {
+void load_matrix(const ArrayView& a, int64_t index, T* dst) {
+  const int64_t size = a.size(-2) * a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, "input", S, [&] {
     const S* p = a.ptr<const S>() + index * size;
     for (int64_t i = 0; i < size; ++i) dst[i] = T(to_double(p[i]));
   });
 }
 
+// scale * src into matrix `index` of a (..., m, k) output, rounded once to its dtype.
 template <class T>
-void store(const T* src, double scale, const ArrayView& out, int64_t index) {
-  const int64_t size = out.size(-1) * out.size(-1);
+void store_matrix(const T* src, const ArrayView& out, int64_t index, double scale = 1.0) {
+  const int64_t size = out.size(-2) * out.size(-1);
   CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
     D* p = out.ptr<D>() + index * size;
     for (int64_t i = 0; i < size; ++i) p[i] = from_double<D>(scale * double(src[i]));
   });
+}
+
+// (X + X^T)/2 of a row-major n x n matrix, in place.
+template <class T>
+void symmetrize(T* x, int64_t n) {
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < i; ++j) x[i * n + j] = x[j * n + i] = T(0.5) * (x[i * n + j] + x[j * n + i]);
+}
+
+// ||A||_inf (largest absolute row sum) of a row-major n x n matrix: with ||A||_F, a cheap
+// upper bound on the largest eigenvalue of symmetric A.
+template <class T>
+double max_row_sum(const T* a, int64_t n) {
+  double row_max = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    double row = 0;
+    for (int64_t j = 0; j < n; ++j) row += std::fabs(double(a[i * n + j]));
+    row_max = std::max(row_max, row);
+  }
+  return row_max;
 }
 
 // A length-n vector into entry `index` of a (..., n) output.

@@ -115,13 +115,7 @@ bool root_eigh(int n, const RootOptions& o, RootWork<T>& w) {
 // Largest-eigenvalue upper estimate for the Newton scaling.
 template <class T>
 double lambda_max_estimate(int n, RootWork<T>& w) {
-  double row_max = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    double row = 0;
-    for (int64_t j = 0; j < n; ++j) row += std::fabs(double(w.a[size_t(i * n + j)]));
-    row_max = std::max(row_max, row);
-  }
-  const double bound = std::min(frobenius(w.a.data(), int64_t(n) * n), row_max);
+  const double bound = std::min(frobenius(w.a.data(), int64_t(n) * n), max_row_sum(w.a.data(), n));
   std::vector<double> v(static_cast<size_t>(n), 1.0 / std::sqrt(double(n))), u(static_cast<size_t>(n));
   double rayleigh = 0;
   for (int k = 0; k < 10; ++k) {
@@ -139,12 +133,6 @@ double lambda_max_estimate(int n, RootWork<T>& w) {
     for (int64_t i = 0; i < n; ++i) v[size_t(i)] = u[size_t(i)] / norm;
   }
   return rayleigh > 0 ? std::min(bound, 1.25 * rayleigh) : bound;
-}
-
-template <class T>
-void symmetrize(std::vector<T>& x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < i; ++j) x[size_t(i * n + j)] = x[size_t(j * n + i)] = T(0.5) * (x[size_t(i * n + j)] + x[size_t(j * n + i)]);
 }
 
 // Coupled Newton for X = A_r^{-1/p} (w.a holds A_r), M tracked alongside X; a warm start
@@ -186,7 +174,7 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
     blas::gemm(n, n, n, T(1), w.q.data(), w.m.data(), T(0), w.t.data());
     std::swap(w.m, w.t);
   }
-  symmetrize(w.x, n);  // X is symmetric in exact arithmetic
+  symmetrize(w.x.data(), n);  // X is symmetric in exact arithmetic
   if (!all_finite(w.x)) return false;
   st.residual = root_residual(n, p, w);
   return st.residual <= o.tol;
@@ -227,7 +215,7 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, i
     st.kept_init = true;
   }
   if (!all_finite(w.x)) std::fill(w.x.begin(), w.x.end(), T(0));
-  store(w.x.data(), 1.0, out, index);
+  store_matrix(w.x.data(), out, index);
 }
 
 }  // namespace
@@ -296,22 +284,6 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   ok.assign(good.begin(), good.end());
 }
 
-template <class T>
-void load_matrix(const ArrayView& x, int64_t index, int64_t size, T* dst) {
-  CK_DISPATCH_FLOATING(x.dtype, "Q", S, [&] {
-    const S* p = x.ptr<const S>() + index * size;
-    for (int64_t i = 0; i < size; ++i) dst[i] = T(to_double(p[i]));
-  });
-}
-
-template <class T>
-void store_matrix(const T* src, int64_t size, const ArrayView& out, int64_t index) {
-  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
-    D* p = out.ptr<D>() + index * size;
-    for (int64_t i = 0; i < size; ++i) p[i] = from_double<D>(double(src[i]));
-  });
-}
-
 }  // namespace
 
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
@@ -319,9 +291,9 @@ void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
   for_each_basis(q, ok, [&](auto tag, int64_t b) {
     using T = decltype(tag);
     std::vector<T> a(static_cast<size_t>(m * k));
-    load_matrix(q, b, m * k, a.data());
+    load_matrix(q, b, a.data());
     bool good = all_finite(a) && qr_positive(int(m), int(k), a.data());
-    store_matrix(a.data(), m * k, q, b);
+    store_matrix(a.data(), q, b);
     return good;
   });
 }
@@ -335,7 +307,7 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
     using T = decltype(tag);
     std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
     load_symmetrized(a_in, b, a.data());
-    load_matrix(q, b, n * k, qb.data());
+    load_matrix(q, b, qb.data());
     blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
     std::vector<double> d(static_cast<size_t>(k), 0.0);
     for (int64_t i = 0; i < n; ++i)
@@ -346,7 +318,7 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
     const bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
-    store_matrix(p.data(), n * k, q_out, b);
+    store_matrix(p.data(), q_out, b);
     std::vector<double> sorted(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = d[size_t(order[size_t(j)])];
     store_vector(sorted.data(), k, estimates, b);
@@ -373,7 +345,7 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
       std::fill(w.begin(), w.end(), T(0));
     }
     store_vector(w.data(), t.n, values[t.input], t.index);
-    store(a.data(), 1.0, vectors[t.input], t.index);
+    store_matrix(a.data(), vectors[t.input], t.index);
     return good;
   };
   run_matrix_tasks(

@@ -291,11 +291,8 @@ void sqrt_pade(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
     w.t = w.p;
     ok &= blas::posv(n, w.t.data(), w.z.data()) == 0;
   }
-  for (auto* v : {&w.y, &w.z}) {  // the solves leave rounding-level asymmetry
-    T* m = v->data();
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < i; ++j) m[i * n + j] = m[j * n + i] = T(0.5) * (m[i * n + j] + m[j * n + i]);
-  }
+  symmetrize(w.y.data(), n);  // the solves leave rounding-level asymmetry
+  if (want_inverse) symmetrize(w.z.data(), n);
 }
 
 // Eigendecomposition: y = S / sqrt(c), z = S^{-1} sqrt(c) from A/c = V diag(w) V^T.
@@ -329,18 +326,12 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
   load_symmetrized(a, index, w.a.data());
   // Scale: both ||A||_F and ||A||_inf bound the largest eigenvalue of symmetric A; the
   // smaller one puts the spectrum of A/c closest to 1 (near the identity ||A||_inf does).
-  double row_max = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    double row = 0;
-    for (int64_t j = 0; j < n; ++j) row += std::fabs(double(w.a[size_t(i * n + j)]));
-    row_max = std::max(row_max, row);
-  }
-  const double c = std::min(frobenius(w.a.data(), nn), row_max);
+  const double c = std::min(frobenius(w.a.data(), nn), max_row_sum(w.a.data(), n));
   st = SqrtStatus{};
   if (c == 0) {  // sqrt(0) = 0; no inverse
     std::fill(w.y.begin(), w.y.end(), T(0));
-    if (sqrt_out) store(w.y.data(), 0.0, *sqrt_out, index);
-    if (inv_out) store(w.y.data(), 0.0, *inv_out, index);
+    if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, 0.0);
+    if (inv_out) store_matrix(w.y.data(), *inv_out, index, 0.0);
     st.converged = inv_out == nullptr;
     return;
   }
@@ -369,8 +360,8 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
     if (!all_finite(w.y)) std::fill(w.y.begin(), w.y.end(), T(0));
     if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
   }
-  if (sqrt_out) store(w.y.data(), std::sqrt(c), *sqrt_out, index);
-  if (inv_out) store(w.z.data(), 1.0 / std::sqrt(c), *inv_out, index);
+  if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, std::sqrt(c));
+  if (inv_out) store_matrix(w.z.data(), *inv_out, index, 1.0 / std::sqrt(c));
 }
 
 }  // namespace
@@ -398,12 +389,12 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
   const int64_t nn = int64_t(n) * n;
   w.reserve(n);
   load_symmetrized(s_in, index, w.y.data());  // B
-  load_general(c_in, index, w.z.data());      // C
+  load_matrix(c_in, index, w.z.data());       // C
   const double scale = frobenius(w.y.data(), nn);
   st = SqrtStatus{};
   if (scale == 0) {
     std::fill(w.z.begin(), w.z.end(), T(0));
-    store(w.z.data(), 0.0, x_out, index);
+    store_matrix(w.z.data(), x_out, index, 0.0);
     return;
   }
   for (int64_t i = 0; i < nn; ++i) {
@@ -428,7 +419,7 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
   st.converged = watch.converged && all_finite(w.z);
   st.residual = watch.previous;
   if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
-  store(w.z.data(), 0.5, x_out, index);
+  store_matrix(w.z.data(), x_out, index, 0.5);
 }
 
 }  // namespace
