@@ -2,10 +2,12 @@
 // (RuntimeError) carrying file, line and the CUDA error string. Registered in
 // csrc/python/module.cpp. Every check names the argument and what was expected.
 #pragma once
-#include <sstream>
+#include <cstdio>
 #include <stdexcept>
 #include <string>
-#include <utility>
+#include <string_view>
+#include <type_traits>
+
 
 #include "core/array.h"
 
@@ -21,11 +23,32 @@ struct CudaError : std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// Messages are built without iostreams: a stream's locale facets come from whichever
+// libstdc++ the process loaded first, and on some machines (a toolchain newer than the
+// system's) formatting an int through them crashed at import.
+template <class T>
+void append_text(std::string& s, const T& v) {
+  if constexpr (std::is_convertible_v<const T&, std::string_view>) {
+    s += std::string_view(v);
+  } else if constexpr (std::is_same_v<T, char>) {
+    s += v;
+  } else if constexpr (std::is_integral_v<T>) {
+    s += std::to_string(v);
+  } else if constexpr (std::is_enum_v<T>) {
+    s += std::to_string(static_cast<std::underlying_type_t<T>>(v));
+  } else {
+    static_assert(std::is_floating_point_v<T>, "cat: unsupported argument type");
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "%g", static_cast<double>(v));
+    s += buf;
+  }
+}
+
 template <class... Args>
-std::string cat(Args&&... args) {
-  std::ostringstream os;
-  (os << ... << std::forward<Args>(args));
-  return os.str();
+std::string cat(const Args&... args) {
+  std::string s;
+  (append_text(s, args), ...);
+  return s;
 }
 
 // CK_CHECK_TYPE(cond, "x", " must be float32 or float64, got ", dt.name())
