@@ -30,8 +30,10 @@ def test_float64_accuracy(method, cond, n, rng):
 
 @pytest.mark.parametrize("method", ["newton_schulz", "eigh"])
 def test_per_dtype_accuracy_and_frameworks(backend, method, rng):
-    if backend[1] == "cuda":
-        pytest.skip("the square roots run on the CPU only so far")
+    if backend[1] == "cuda" and method != "newton_schulz":
+        with pytest.raises(ValueError, match="method"):
+            curvkit.matrix_sqrt(make(np.eye(4), backend), method=method)
+        return
     A = reference.spd_with_condition(rng, 64, 1e3)
     tol = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
     for dtype in dtypes_for(backend):
@@ -141,3 +143,31 @@ def test_autograd_gradcheck():
     A0 = torch.from_numpy(reference.spd_with_condition(rng, 5, 1e4))
     C = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda C: ct.matrix_sqrt(A0 + 1e-3 * (C @ C.mT)), (C,))
+
+
+def test_cuda_batches_conditioning_and_status(cuda_backend, rng):
+    # Each matrix stops on its own on the device; the status matches the CPU run's verdict.
+    A = np.stack([reference.spd_with_condition(rng, 96, c) for c in (1e1, 1e4, 1e8)])
+    a = make(A, cuda_backend, "float64")
+    (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(a, return_info=True)
+    _, cpu = curvkit.matrix_sqrt(A, method="newton_schulz", return_info=True)
+    assert info["method"] == "newton_schulz" and info["converged"].all()
+    its = info["iterations"]
+    assert its[0] < its[1] < its[2] and np.all(np.abs(its - cpu["iterations"]) <= 1)
+    for b, cond in enumerate((1e1, 1e4, 1e8)):
+        S0, R0 = reference.sqrt_and_inv_sqrt(A[b])
+        assert rel(to_numpy(S)[b], S0) <= 1e-12 * max(1.0, cond / 1e6)
+        assert rel(to_numpy(R)[b], R0) <= max(1e-12, 2.2e-16 * cond)
+
+
+def test_cuda_failures_are_reported_not_nan(cuda_backend, rng):
+    A = reference.spd_with_condition(rng, 32, 1e3)
+    S, info = curvkit.matrix_sqrt(make(A, cuda_backend, "float32"), max_iters=2, return_info=True)
+    assert not info["converged"] and np.isfinite(to_numpy(S)).all()
+    zero = make(np.zeros((2, 8, 8)), cuda_backend, "float32")
+    S, info = curvkit.matrix_sqrt(zero, return_info=True)
+    assert info["converged"].all() and not to_numpy(S).any()
+    with pytest.raises(ValueError, match="NaN"):
+        curvkit.matrix_sqrt(make(np.full((4, 4), np.nan), cuda_backend, "float32"))
+    with pytest.raises(ValueError, match="symmetric"):
+        curvkit.matrix_sqrt(make(np.triu(np.ones((4, 4))), cuda_backend, "float32"))

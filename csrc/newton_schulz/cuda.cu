@@ -1,17 +1,455 @@
-// Newton–Schulz family on CUDA: not written yet. The entry points exist so that CUDA builds
-// link, and CUDA arrays get a clear error instead of a crash.
-#include "core/check.h"
+// Newton–Schulz family on CUDA: polar (standard and Gram routes) and the coupled square root,
+// on cuBLAS through core/linalg_cuda (symmetric products computed by lower blocks).
+//
+// polar: matrices of one shape and dtype pair, across all inputs, are iterated as one stack,
+// so a model's many layers cost a few batched products per step rather than a loop. Float64
+// computes in float64, float32 in float32 (no TF32), and float16/bfloat16 keep their iterates
+// in their own type with float32 accumulation, as Muon does on GPUs. One host synchronization
+// per call: the NaN/Inf check of the inputs, before anything is written.
+#include <algorithm>
+#include <cmath>
+#include <map>
+#include <tuple>
+#include <utility>
+#include <vector>
+
+#include <cfloat>
+
+#include "core/dispatch.h"
+#include "core/linalg_cuda.h"
 #include "newton_schulz/newton_schulz.h"
 
 namespace curvkit {
+namespace {
 
-void polar_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&, const PolarOptions&, StreamHandle) {
-  throw ValueError("curvkit.polar does not support CUDA arrays yet (CPU only in this version)");
+using cuda::DeviceBuffer;
+using cuda::Op;
+using cuda::Stack;
+
+// X_b = G_b / ((norm_scale + eps) ||G_b||_F), computed as (G / amax) / ((norm_scale + eps) sqrt(sum (G/amax)^2))
+// so that any scale of G gives the same X; 0 for G = 0; X = G when not normalizing. Matrix
+// blockIdx.y; the scale in float64, so a half input is normalized before it is rounded.
+template <class S, class T>
+__global__ void normalize_kernel(const S* const* g, T* x, int64_t size, const double* amax, const double* sumsq,
+                                 double norm_scale_eps, bool normalize) {
+  const int64_t b = blockIdx.y;
+  const double m = amax[b];
+  const double f = m > 0.0 ? (normalize ? 1.0 / (norm_scale_eps * sqrt(sumsq[b])) : 1.0) : 0.0;
+  const S* src = g[b];
+  T* dst = x + b * size;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < size; e += int64_t(gridDim.x) * blockDim.x) {
+    const double v = double(cuda::load(src + e));
+    cuda::store(dst + e, cuda::acc_t<T>(normalize && m > 0.0 ? (v / m) * f : v * f));
+  }
 }
 
-void matrix_sqrt_cuda(const ArrayView&, const ArrayView*, const ArrayView*, const SqrtOptions&, SqrtStatus*,
-                      StreamHandle) {
-  throw ValueError("curvkit.matrix_sqrt does not support CUDA arrays yet (CPU only in this version)");
+// out_b = beta out_b + alpha X_b (beta = 0: out is not read).
+template <class T, class D>
+__global__ void combine_kernel(const T* x, D* const* out, int64_t size, double alpha, double beta) {
+  const int64_t b = blockIdx.y;
+  D* dst = out[b];
+  const T* src = x + b * size;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < size; e += int64_t(gridDim.x) * blockDim.x) {
+    const double v = alpha * double(cuda::load(src + e));
+    cuda::store(dst + e, cuda::acc_t<D>(beta == 0.0 ? v : beta * double(cuda::load(dst + e)) + v));
+  }
+}
+
+// Grid for the per-matrix kernels above: enough blocks per matrix to fill the device.
+dim3 matrix_grid(int64_t size, int64_t count) {
+  return dim3(unsigned(std::min<int64_t>((size + 255) / 256, std::max<int64_t>(1, 2048 / count))), unsigned(count));
+}
+
+struct PolarGroup {
+  int64_t m, n;
+  DType in_dtype, out_dtype;
+  std::vector<const void*> in;
+  std::vector<void*> out;
+  int64_t r() const { return std::min(m, n); }
+  int64_t c() const { return std::max(m, n); }
+  bool tall() const { return m > n; }
+};
+
+// One stack of `count` matrices X (row-major m x n; column-major n x m) in dtype dt.
+struct PolarStack {
+  cudaStream_t stream;
+  DType dt;
+  int r, c;
+  bool tall;
+  int64_t count;
+  int64_t size() const { return int64_t(r) * c; }
+  Stack x(void* p) const { return {p, tall ? r : c, size()}; }
+  Stack sq(void* p) const { return {p, r, int64_t(r) * r}; }
+  // A = X X^T on the short side (r x r); only its lower triangle when mirror is false.
+  void gram(void* x_ptr, void* a, bool mirror = true) const {
+    if (tall) cuda::symmetric_product(stream, dt, Op::N, Op::T, r, c, 1.0, x(x_ptr), x(x_ptr), 0.0, sq(a), count, mirror);
+    else cuda::symmetric_product(stream, dt, Op::T, Op::N, r, c, 1.0, x(x_ptr), x(x_ptr), 0.0, sq(a), count, mirror);
+  }
+  // dst = F X for the symmetric r x r factor F (X P for a tall X).
+  void apply(void* f, void* x_ptr, void* dst) const {
+    if (tall) cuda::gemm(stream, dt, Op::N, Op::N, r, c, r, 1.0, sq(f), x(x_ptr), 0.0, x(dst), count);
+    else cuda::gemm(stream, dt, Op::N, Op::N, c, r, r, 1.0, x(x_ptr), sq(f), 0.0, x(dst), count);
+  }
+  // P = a I + b A + c A^2, from A's lower triangle (A is made whole in the same pass).
+  void polynomial(const PolarStep& s, void* a, void* p) const {
+    const Stack ps = sq(p);
+    cuda::mirror_lower(stream, dt, sq(a), r, count, &ps, s.b, s.a);
+    cuda::symmetric_product(stream, dt, Op::N, Op::N, r, r, s.c, sq(a), sq(a), 1.0, ps, count);
+  }
+  // dst = F G for two commuting symmetric r x r matrices (the product is symmetric).
+  void product(void* f, void* g, void* dst) const {
+    cuda::symmetric_product(stream, dt, Op::N, Op::N, r, r, 1.0, sq(f), sq(g), 0.0, sq(dst), count);
+  }
+};
+
+template <class T>
+void* offset(void* p, int64_t elements) { return static_cast<T*>(p) + elements; }
+
+void polar_group(const PolarGroup& g, const PolarOptions& o, cudaStream_t stream, const double* amax,
+                 const double* sumsq, const void* const* in_ptrs, void* const* out_ptrs) {
+  // The compute dtype (see the top of this file). The Gram route squares the spectrum, which
+  // half-precision storage cannot carry (measured: 0.13 off the float64 iteration for bfloat16
+  // at 32 x 32): it computes half inputs in float32.
+  const bool half = g.in_dtype == DType::bfloat16() || g.in_dtype == DType::float16();
+  const DType dt = half && o.method == PolarMethod::Gram ? DType::float32() : g.in_dtype;
+  const int64_t count = int64_t(g.in.size());
+  const PolarStack s{stream, dt, int(g.r()), int(g.c()), g.tall(), count};
+  const size_t item = size_t(dt.itemsize());
+  const size_t x_bytes = size_t(s.size()) * count * item, sq_bytes = size_t(s.r) * s.r * count * item;
+  const bool gram_route = o.method == PolarMethod::Gram;
+  DeviceBuffer xa(x_bytes, stream), xb(x_bytes, stream), a(sq_bytes, stream), p(sq_bytes, stream);
+  DeviceBuffer q(gram_route ? sq_bytes : 0, stream), t(gram_route ? sq_bytes : 0, stream),
+      u(gram_route ? sq_bytes : 0, stream);
+  void *x = xa.as<void>(), *x2 = xb.as<void>(), *pa = a.as<void>(), *pp = p.as<void>();
+  void *pq = q.as<void>(), *pt = t.as<void>(), *pu = u.as<void>();
+
+  CK_DISPATCH_FLOATING(g.in_dtype, "G", S, [&] {
+    CK_DISPATCH_FLOATING(dt, "G", T, [&] {
+      normalize_kernel<<<matrix_grid(s.size(), count), 256, 0, stream>>>(
+          reinterpret_cast<const S* const*>(in_ptrs), static_cast<T*>(x), s.size(), amax, sumsq, o.norm_scale + o.eps,
+          o.normalize);
+    });
+  });
+  CK_CUDA_CHECK(cudaGetLastError());
+
+  const size_t steps = o.steps.size();
+  void* factor = nullptr;  // the result is factor * x (nullptr: x itself, no steps)
+  if (steps > 0 && o.method == PolarMethod::Standard) {
+    for (size_t k = 0; k < steps; ++k) {
+      s.gram(x, pa, false);
+      s.polynomial(o.steps[k], pa, pp);
+      if (k + 1 == steps) break;
+      s.apply(pp, x, x2);
+      std::swap(x, x2);
+    }
+    factor = pp;
+  } else if (steps > 0) {  // Gram route: A and Q = P_{k-1} ... P_0 on r x r matrices
+    s.gram(x, pa);
+    bool have_q = false;
+    for (size_t k = 0; k < steps; ++k) {
+      s.polynomial(o.steps[k], pa, pp);
+      if (k + 1 == steps) break;
+      if (have_q) {
+        s.product(pp, pq, pt);
+        std::swap(pq, pt);
+      } else {
+        CK_CUDA_CHECK(cudaMemcpyAsync(pq, pp, sq_bytes, cudaMemcpyDeviceToDevice, stream));
+        have_q = true;
+      }
+      if (o.restart_after > 0 && (int(k) + 1) % o.restart_after == 0) {  // X = Q X_0, A = X X^T, Q = I
+        s.apply(pq, x, x2);
+        std::swap(x, x2);
+        s.gram(x, pa);
+        have_q = false;
+        continue;
+      }
+      s.product(pp, pp, pt);  // P^2
+      s.product(pa, pt, pu);  // A P^2
+      std::swap(pa, pu);
+    }
+    if (have_q) {
+      s.product(pp, pq, pt);
+      std::swap(pp, pt);
+    }
+    factor = pp;
+  }
+
+  // out = beta out + alpha F X, fused into the last product when out has the compute dtype.
+  if (factor && g.out_dtype == dt) {
+    std::vector<const void*> host(2 * size_t(count));
+    for (int64_t b = 0; b < count; ++b) {
+      host[size_t(b)] = static_cast<const char*>(factor) + size_t(b) * s.r * s.r * item;
+      host[size_t(count + b)] = static_cast<const char*>(x) + size_t(b) * s.size() * item;
+    }
+    DeviceBuffer ptrs(host.size() * sizeof(void*), stream);
+    cuda::copy_to_device(stream, ptrs.as<void>(), host.data(), host.size() * sizeof(void*));
+    const void* const* pf = ptrs.as<const void*>();
+    const void* const* px = pf + count;
+    if (s.tall)
+      cuda::gemm_pointers(stream, dt, Op::N, Op::N, s.r, s.c, s.r, o.alpha, pf, s.r, px, s.r, o.beta, out_ptrs, s.r,
+                          count);
+    else
+      cuda::gemm_pointers(stream, dt, Op::N, Op::N, s.c, s.r, s.r, o.alpha, px, s.c, pf, s.r, o.beta, out_ptrs, s.c,
+                          count);
+    return;
+  }
+  if (factor) {
+    s.apply(factor, x, x2);
+    x = x2;
+  }
+  CK_DISPATCH_FLOATING(dt, "G", T, [&] {
+    CK_DISPATCH_FLOATING(g.out_dtype, "out", D, [&] {
+      combine_kernel<<<matrix_grid(s.size(), count), 256, 0, stream>>>(
+          static_cast<const T*>(x), reinterpret_cast<D* const*>(out_ptrs), s.size(), o.alpha, o.beta);
+    });
+  });
+  CK_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
+                const PolarOptions& options, StreamHandle stream_handle) {
+  CudaDeviceGuard guard(inputs[0].device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+  // Group every matrix of every input by (m, n, input dtype, output dtype), at most
+  // kMaxGroup matrices a group (the kernels put the matrix index in the grid's y dimension).
+  constexpr size_t kMaxGroup = 65535;
+  std::map<std::tuple<int64_t, int64_t, int, int, int, int, size_t>, PolarGroup> groups;
+  std::map<std::tuple<int64_t, int64_t, int, int, int, int>, size_t> group_matrices;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const ArrayView &g = inputs[i], &out = outputs[i];
+    const int64_t m = g.size(-2), n = g.size(-1);
+    if (m == 0 || n == 0) continue;
+    CK_CHECK_VALUE(std::max(m, n) <= INT32_MAX, "argument 'G': matrix dimension ", std::max(m, n),
+                   " exceeds the 32-bit range of cuBLAS");
+    const int64_t batch = g.numel() / (m * n);
+    const auto shape_key = std::make_tuple(m, n, int(g.dtype.code), int(g.dtype.bits), int(out.dtype.code),
+                                           int(out.dtype.bits));
+    for (int64_t b = 0; b < batch; ++b) {
+      const size_t index = group_matrices[shape_key]++;
+      const auto key = std::tuple_cat(shape_key, std::make_tuple(index / kMaxGroup));
+      PolarGroup& grp = groups.try_emplace(key, PolarGroup{m, n, g.dtype, out.dtype, {}, {}}).first->second;
+      grp.in.push_back(static_cast<const char*>(g.data) + b * m * n * g.dtype.itemsize());
+      grp.out.push_back(static_cast<char*>(out.data) + b * m * n * out.dtype.itemsize());
+    }
+  }
+  if (groups.empty()) return;
+
+  // Pointers and norms of every matrix, then one check for NaN/Inf before anything is written.
+  std::vector<const void*> host;
+  for (auto& [key, grp] : groups) host.insert(host.end(), grp.in.begin(), grp.in.end());
+  for (auto& [key, grp] : groups) host.insert(host.end(), grp.out.begin(), grp.out.end());
+  const int64_t total = int64_t(host.size() / 2);
+  DeviceBuffer ptrs(host.size() * sizeof(void*), stream), norms(2 * size_t(total) * sizeof(double), stream),
+      flags(sizeof(int) * groups.size(), stream);
+  cuda::copy_to_device(stream, ptrs.as<void>(), host.data(), host.size() * sizeof(void*));
+  const void* const* in_ptrs = ptrs.as<const void*>();
+  void* const* out_ptrs = ptrs.as<void*>() + total;
+  double* amax = norms.as<double>();
+  double* sumsq = amax + total;
+  int64_t first = 0;
+  int gi = 0;
+  for (auto& [key, grp] : groups) {
+    cuda::scaled_norms(stream, grp.in_dtype, in_ptrs + first, grp.m * grp.n, int64_t(grp.in.size()), amax + first,
+                       sumsq + first, flags.as<int>() + gi++);
+    first += int64_t(grp.in.size());
+  }
+  std::vector<int> nonfinite(groups.size());
+  CK_CUDA_CHECK(cudaMemcpyAsync(nonfinite.data(), flags.as<int>(), sizeof(int) * groups.size(),
+                                cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument 'G' contains NaN or Inf");
+
+  first = 0;
+  for (auto& [key, grp] : groups) {
+    polar_group(grp, options, stream, amax + first, sumsq + first, in_ptrs + first, out_ptrs + first);
+    first += int64_t(grp.in.size());
+  }
+}
+
+namespace {
+
+// The coupled square-root iteration of each matrix, tracked on the device (the rule of
+// ConvergenceWatch in core/matrix_utils.h, per matrix, so that the host never waits on it).
+struct SqrtState {
+  double scale;     // c = min(||A||_F, ||A||_inf)
+  double previous;  // last ||I - Z Y||_F / sqrt(n)
+  double distance;  // this step's sum of squares of I - Z Y
+  double residual;  // ||c Y^2 - A||_F / ||A||_F after the loop
+  int iterations, active, converged, finite;
+};
+
+constexpr double kEps64 = 1.1102230246251565e-16;
+
+__global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stats, double* y, double* z,
+                                  SqrtState* state, int64_t n, int64_t count) {
+  const int64_t nn = n * n, total = nn * count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / nn, e = i % nn;
+    const double c = fmin(sqrt(stats[b].frobenius2), stats[b].max_row_sum);
+    y[i] = c > 0 ? a[i] / c : 0.0;
+    z[i] = c > 0 && e % (n + 1) == 0 ? 1.0 : 0.0;
+    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0.0, 0, c > 0, 0, 1};
+  }
+}
+
+// Sum of squares of I - M per matrix (state.distance, zeroed by the caller).
+__global__ void identity_distance_kernel(const double* m, SqrtState* state, int64_t n) {
+  const int64_t b = blockIdx.y, nn = n * n;
+  double local = 0.0;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < nn; e += int64_t(gridDim.x) * blockDim.x) {
+    const double d = m[b * nn + e] - (e % (n + 1) == 0 ? 1.0 : 0.0);
+    local += d * d;
+  }
+  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+  if ((threadIdx.x & 31) == 0) atomicAdd(&state[b].distance, local);
+}
+
+// One thread per matrix: stop when the distance reaches rounding level or stops falling once
+// small (converged), or exceeds 2 (diverged); count the matrices still active.
+__global__ void sqrt_watch_kernel(SqrtState* state, int64_t n, int64_t count, int* active) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= count) return;
+  SqrtState& s = state[b];
+  if (s.active) {
+    const double r = sqrt(s.distance / double(n));
+    if (!(r <= 2.0)) {
+      s.active = 0;
+    } else if (r <= 100 * kEps64 || (s.previous < sqrt(kEps64) && r >= s.previous)) {
+      s.active = 0;
+      s.converged = 1;
+    } else {
+      s.previous = r;
+      ++s.iterations;
+      atomicAdd(active, 1);
+    }
+  }
+  s.distance = 0.0;
+}
+
+// T = (3I - M)/2 for active matrices, I for the others (so their Y and Z stay bit-identical).
+__global__ void sqrt_step_kernel(const double* m, double* t, const SqrtState* state, int64_t n, int64_t count) {
+  const int64_t nn = n * n, total = nn * count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / nn, e = i % nn;
+    const double id = e % (n + 1) == 0 ? 1.0 : 0.0;
+    t[i] = state[b].active ? 1.5 * id - 0.5 * m[i] : id;
+  }
+}
+
+// residual ||c Y^2 - A||_F / ||A||_F and finiteness of Y (and Z), per matrix.
+__global__ void sqrt_residual_kernel(const double* y2, const double* a, const double* y, const double* z,
+                                     const cuda::MatrixStats* stats, SqrtState* state, int64_t n) {
+  const int64_t b = blockIdx.y, nn = n * n;
+  const double c = state[b].scale;
+  double local = 0.0;
+  bool finite = true;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < nn; e += int64_t(gridDim.x) * blockDim.x) {
+    const double d = c * y2[b * nn + e] - a[b * nn + e];
+    local += d * d;
+    finite &= fabs(y[b * nn + e]) <= DBL_MAX && (z == nullptr || fabs(z[b * nn + e]) <= DBL_MAX);
+  }
+  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+  finite = __all_sync(0xffffffffu, finite);
+  if ((threadIdx.x & 31) != 0) return;
+  atomicAdd(&state[b].residual, local);
+  if (!finite) atomicAnd(&state[b].finite, 0);
+}
+
+// out = factor(c) * src in the output dtype; a failed matrix's non-finite values become zeros.
+template <class D>
+__global__ void sqrt_store_kernel(const double* src, D* out, const SqrtState* state, int64_t nn, int64_t count,
+                                  bool inverse) {
+  const int64_t total = nn * count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const SqrtState& s = state[i / nn];
+    const double c = s.scale, v = src[i];
+    const double f = c > 0 ? (inverse ? 1.0 / sqrt(c) : sqrt(c)) : 0.0;
+    out[i] = from_double<D>(fabs(v) <= DBL_MAX ? f * v : 0.0);
+  }
+}
+
+}  // namespace
+
+void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_out, const SqrtOptions& o,
+                      SqrtStatus* status, StreamHandle stream_handle) {
+  CK_CHECK_VALUE(o.method == SqrtMethod::NewtonSchulz, "argument 'method': only 'newton_schulz' (or 'auto') ",
+                 "runs on CUDA arrays so far");
+  const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
+  if (count == 0) return;
+  CK_CHECK_VALUE(n <= 46340, "argument 'A': matrix dimension ", n, " is too large for one CUDA matrix");
+  CudaDeviceGuard guard(a.device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+  const int64_t nn = n * n, total = nn * count;
+  const size_t bytes = size_t(total) * sizeof(double);
+  // Everything in float64 for every input dtype, as on the CPU (float64 products run at the
+  // float32 rate on H100-class GPUs).
+  DeviceBuffer a64(bytes, stream), y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream),
+      u(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
+      state(sizeof(SqrtState) * size_t(count) + sizeof(int), stream);
+  cuda::load_symmetric(stream, a, a64.as<double>(), stats.as<cuda::MatrixStats>());
+  const std::vector<cuda::MatrixStats> host_stats = cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
+  SqrtState* st = state.as<SqrtState>();
+  int* active = reinterpret_cast<int*>(st + count);
+  sqrt_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(a64.as<double>(), stats.as<cuda::MatrixStats>(),
+                                                               y.as<double>(), z.as<double>(), st, n, count);
+  CK_CUDA_CHECK(cudaGetLastError());
+
+  const DType f64 = DType::float64();
+  const Stack sm{m.as<void>(), n, nn}, stt{t.as<void>(), n, nn};
+  const int ni = int(n);
+  const dim3 per_matrix(unsigned(std::min<int64_t>((nn + 255) / 256, 64)), unsigned(count));
+  CK_CHECK_VALUE(count <= 65535, "argument 'A': at most 65535 matrices per call on CUDA");
+  void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>();
+  for (int it = 0; it < o.max_iters; ++it) {
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {pz, n, nn}, {py, n, nn}, 0.0, sm, count);  // Z Y
+    identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m.as<double>(), st, n);
+    CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
+    sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(st, n, count, active);
+    CK_CUDA_CHECK(cudaGetLastError());
+    if (it % 4 == 3) {  // the host looks every 4 steps, not every step
+      int host_active = 0;
+      CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
+      CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (host_active == 0) break;
+    }
+    sqrt_step_kernel<<<grid_for(total, 256), 256, 0, stream>>>(m.as<double>(), t.as<double>(), st, n, count);
+    CK_CUDA_CHECK(cudaGetLastError());
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, stt, 0.0, {pu, n, nn}, count);  // Y T
+    std::swap(py, pu);
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stt, {pz, n, nn}, 0.0, {pu, n, nn}, count);  // T Z
+    std::swap(pz, pu);
+  }
+  // Verdict: residual of S = sqrt(c) Y against A, finiteness.
+  cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, {py, n, nn}, 0.0, sm, count);
+  sqrt_residual_kernel<<<per_matrix, 256, 0, stream>>>(m.as<double>(), a64.as<double>(), static_cast<double*>(py),
+                                                        inv_out ? static_cast<double*>(pz) : nullptr,
+                                                        stats.as<cuda::MatrixStats>(), st, n);
+  CK_CUDA_CHECK(cudaGetLastError());
+  for (auto [out, src, inverse] : {std::tuple{sqrt_out, py, false}, std::tuple{inv_out, pz, true}}) {
+    if (!out) continue;
+    CK_DISPATCH_FLOATING(out->dtype, "out", D, [&] {
+      sqrt_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<const double*>(src), out->ptr<D>(), st,
+                                                                   nn, count, inverse);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
+  std::vector<SqrtState> host(static_cast<size_t>(count));
+  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(SqrtState) * host.size(), cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int64_t b = 0; b < count; ++b) {
+    const SqrtState& s = host[size_t(b)];
+    SqrtStatus& out = status[b];
+    out.iterations = s.iterations;
+    if (s.scale == 0) {  // sqrt(0) = 0; no inverse
+      out.residual = 0;
+      out.converged = inv_out == nullptr;
+      continue;
+    }
+    out.residual = s.finite ? std::sqrt(s.residual / host_stats[size_t(b)].frobenius2) : INFINITY;
+    out.converged = s.converged && s.finite && out.residual <= o.tol;
+  }
 }
 
 }  // namespace curvkit

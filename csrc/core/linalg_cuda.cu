@@ -1,0 +1,390 @@
+#include "core/linalg_cuda.h"
+
+#include <algorithm>
+#include <cfloat>
+#include <cstdlib>
+
+#include "core/dispatch.h"
+#include "core/matrix_utils.h"
+
+namespace curvkit::cuda {
+
+DeviceBuffer::DeviceBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
+  if (bytes) CK_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
+}
+
+DeviceBuffer::~DeviceBuffer() {
+  if (ptr_) cudaFreeAsync(ptr_, stream_);
+}
+
+void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes) {
+  if (bytes) CK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+}
+
+namespace {
+
+cudaDataType data_type(DType dt) {
+  if (dt == DType::float64()) return CUDA_R_64F;
+  if (dt == DType::float32()) return CUDA_R_32F;
+  if (dt == DType::float16()) return CUDA_R_16F;
+  if (dt == DType::bfloat16()) return CUDA_R_16BF;
+  throw TypeError(cat("no cuBLAS type for dtype ", dt.name()));
+}
+
+cublasOperation_t op(Op o) { return o == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T; }
+
+int checked_int(int64_t v, const char* what) {
+  CK_CHECK_VALUE(v >= 0 && v <= INT32_MAX, what, " ", v, " exceeds the 32-bit range of cuBLAS");
+  return static_cast<int>(v);
+}
+
+// alpha and beta in the compute type's precision (float64 for float64, float32 otherwise).
+struct Scalars {
+  double d[2];
+  float f[2];
+  bool is_double;
+  Scalars(DType dt, double alpha, double beta)
+      : d{alpha, beta}, f{float(alpha), float(beta)}, is_double(dt == DType::float64()) {}
+  const void* alpha() const { return is_double ? static_cast<const void*>(&d[0]) : &f[0]; }
+  const void* beta() const { return is_double ? static_cast<const void*>(&d[1]) : &f[1]; }
+  cublasComputeType_t compute() const { return is_double ? CUBLAS_COMPUTE_64F : CUBLAS_COMPUTE_32F; }
+};
+
+}  // namespace
+
+void gemm(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, int n, int k, double alpha, Stack a, Stack b,
+          double beta, Stack c, int64_t batch) {
+  if (batch == 0 || m == 0 || n == 0) return;
+  const Scalars s(dtype, alpha, beta);
+  const cudaDataType t = data_type(dtype);
+  cublasHandle_t h = cublas_handle(stream);
+  constexpr int64_t chunk = 65535;  // cuBLAS batch counts are ints; stay well inside
+  const int64_t item = dtype.itemsize();
+  for (int64_t start = 0; start < batch; start += chunk) {
+    const int count = int(std::min(chunk, batch - start));
+    CK_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
+        h, op(op_a), op(op_b), m, n, k, s.alpha(), static_cast<char*>(a.ptr) + start * a.stride * item, t,
+        checked_int(a.ld, "leading dimension"), a.stride, static_cast<char*>(b.ptr) + start * b.stride * item, t,
+        checked_int(b.ld, "leading dimension"), b.stride, s.beta(), static_cast<char*>(c.ptr) + start * c.stride * item,
+        t, checked_int(c.ld, "leading dimension"), c.stride, count, s.compute(), CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+void gemm_pointers(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, int n, int k, double alpha,
+                   const void* const* a, int64_t lda, const void* const* b, int64_t ldb, double beta, void* const* c,
+                   int64_t ldc, int64_t batch) {
+  if (batch == 0 || m == 0 || n == 0) return;
+  const Scalars s(dtype, alpha, beta);
+  const cudaDataType t = data_type(dtype);
+  cublasHandle_t h = cublas_handle(stream);
+  constexpr int64_t chunk = 65535;
+  for (int64_t start = 0; start < batch; start += chunk) {
+    const int count = int(std::min(chunk, batch - start));
+    CK_CUBLAS_CHECK(cublasGemmBatchedEx(h, op(op_a), op(op_b), m, n, k, s.alpha(), a + start, t,
+                                        checked_int(lda, "leading dimension"), b + start, t,
+                                        checked_int(ldb, "leading dimension"), s.beta(), c + start, t,
+                                        checked_int(ldc, "leading dimension"), count, s.compute(),
+                                        CUBLAS_GEMM_DEFAULT));
+  }
+}
+
+namespace {
+
+// Blocks of the symmetric product: side T, nb = ceil(r / T) block rows, at most kMaxBlocks
+// blocks on and below the diagonal.
+constexpr int kMaxBlockRows = 16;
+constexpr int kMaxBlocks = kMaxBlockRows * (kMaxBlockRows + 1) / 2;
+
+int block_side(int r) {
+  if (const char* env = std::getenv("CURVKIT_SYMMETRIC_BLOCK")) {  // for tuning runs
+    const int t = std::atoi(env);
+    if (t > 0) return t >= r ? 0 : std::max(t, (r + kMaxBlockRows - 1) / kMaxBlockRows);
+  }
+  if (r < 768) return 0;  // measured: below this a plain product is as fast
+  const int t = (r + 7) / 8;  // 8 block rows: 36 of 64 blocks
+  return std::max(256, (t + 127) / 128 * 128);
+}
+
+struct BlockTable {
+  int count = 0;
+  int64_t a[kMaxBlocks], b[kMaxBlocks], c[kMaxBlocks];  // byte offsets within one matrix
+};
+
+struct StackBytes {
+  char* a; char* b; char* c;
+  int64_t a_stride, b_stride, c_stride;  // bytes
+};
+
+__global__ void block_pointers_kernel(StackBytes s, BlockTable t, int64_t batch, const void** pa, const void** pb,
+                                      void** pc) {
+  const int64_t total = batch * t.count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t m = i / t.count;
+    const int blk = int(i % t.count);
+    pa[i] = s.a + m * s.a_stride + t.a[blk];
+    pb[i] = s.b + m * s.b_stride + t.b[blk];
+    pc[i] = s.c + m * s.c_stride + t.c[blk];
+  }
+}
+
+// Strict upper <- strict lower through 32 x 32 tiles in shared memory (coalesced both ways),
+// and, when p is given, P = alpha C + diag I (all of it) from the same reads.
+template <class T>
+__global__ void mirror_lower_kernel(T* c, int64_t ld, int64_t stride, int r, T* p, int64_t p_ld, int64_t p_stride,
+                                    double alpha, double diag) {
+  using A = acc_t<T>;
+  __shared__ T tile[32][33];
+  T* m = c + int64_t(blockIdx.z) * stride;
+  T* q = p ? p + int64_t(blockIdx.z) * p_stride : nullptr;
+  const int bi = blockIdx.y, bj = blockIdx.x;  // destination tile: rows bi, cols bj (upper: bi <= bj)
+  if (bi > bj) return;
+  // source: rows bj*32.., cols bi*32.. (lower), element (row, col) at m[row + col*ld]
+  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
+    const int row = bj * 32 + threadIdx.x, col = bi * 32 + y;
+    if (row < r && col < r) {
+      const T v = m[row + int64_t(col) * ld];
+      tile[y][threadIdx.x] = v;
+      if (q && row >= col) store(q + row + int64_t(col) * p_ld, A(alpha) * load(&v) + (row == col ? A(diag) : A(0)));
+    }
+  }
+  __syncthreads();
+  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
+    const int row = bi * 32 + threadIdx.x, col = bj * 32 + y;  // destination (row < col)
+    if (row < r && col < r && row < col) {
+      const T v = tile[threadIdx.x][y];
+      m[row + int64_t(col) * ld] = v;
+      if (q) store(q + row + int64_t(col) * p_ld, A(alpha) * load(&v));
+    }
+  }
+}
+
+// One block per column (blockIdx.x) of one matrix (blockIdx.y): coalesced, no divisions.
+template <class T>
+__global__ void scale_add_identity_kernel(const T* x, int64_t x_ld, int64_t x_stride, T* y, int64_t y_ld,
+                                          int64_t y_stride, int r, double alpha, double diag) {
+  using A = acc_t<T>;
+  const int col = blockIdx.x;
+  const T* src = x + int64_t(blockIdx.y) * x_stride + int64_t(col) * x_ld;
+  T* dst = y + int64_t(blockIdx.y) * y_stride + int64_t(col) * y_ld;
+  for (int row = threadIdx.x; row < r; row += blockDim.x)
+    store(dst + row, A(alpha) * load(src + row) + (row == col ? A(diag) : A(0)));
+}
+
+template <class T>
+__global__ void amax_kernel(const T* const* ptrs, int64_t size, double* amax, int* nonfinite) {
+  const T* x = ptrs[blockIdx.y];
+  double local = 0.0;
+  bool finite = true;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
+    const double v = fabs(double(load(x + i)));
+    finite &= v <= DBL_MAX;  // false for NaN and Inf
+    local = v > local ? v : local;
+  }
+  // one atomic per block (per-warp atomics on one address per matrix serialize)
+  __shared__ double warp_max[32];
+  __shared__ int warp_bad;
+  if (threadIdx.x == 0) warp_bad = 0;
+  for (int o = 16; o > 0; o >>= 1) local = fmax(local, __shfl_xor_sync(0xffffffffu, local, o));
+  __syncthreads();
+  if (!__all_sync(0xffffffffu, finite) && (threadIdx.x & 31) == 0) warp_bad = 1;
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x / 32] = local;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < int(blockDim.x / 32); ++w) local = fmax(local, warp_max[w]);
+  if (warp_bad) atomicOr(nonfinite, 1);
+  if (local > 0.0)  // nonnegative doubles order as their bit patterns
+    atomicMax(reinterpret_cast<unsigned long long*>(amax + blockIdx.y), __double_as_longlong(local));
+}
+
+template <class T>
+__global__ void sumsq_kernel(const T* const* ptrs, int64_t size, const double* amax, double* sumsq) {
+  const T* x = ptrs[blockIdx.y];
+  const double m = amax[blockIdx.y];
+  if (!(m > 0.0) || !(m <= DBL_MAX)) return;
+  const double inv = 1.0 / m;
+  double local = 0.0;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
+    const double v = double(load(x + i)) * inv;
+    local += v * v;
+  }
+  __shared__ double warp_sum[32];
+  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+  if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x / 32] = local;
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  for (int w = 1; w < int(blockDim.x / 32); ++w) local += warp_sum[w];
+  atomicAdd(sumsq + blockIdx.y, local);
+}
+
+template <class S>
+__global__ void load_symmetric_kernel(const S* a, double* dst, int64_t n, MatrixStats* stats) {
+  // one warp per row i of matrix blockIdx.y
+  const int64_t b = blockIdx.y, lane = threadIdx.x & 31;
+  const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
+  if (i >= n) return;
+  const S* m = a + b * n * n;
+  double amax = 0, dmax = 0, sq = 0, row = 0;
+  bool finite = true;
+  for (int64_t j = lane; j < n; j += 32) {
+    const double x = to_double(m[i * n + j]), y = to_double(m[j * n + i]);
+    finite &= fabs(x) <= DBL_MAX;
+    const double s = 0.5 * x + 0.5 * y;
+    dst[b * n * n + i * n + j] = s;
+    amax = fmax(amax, fabs(x));
+    dmax = fmax(dmax, fabs(x - y));
+    sq += s * s;
+    row += fabs(s);
+  }
+  for (int o = 16; o > 0; o >>= 1) {
+    amax = fmax(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    dmax = fmax(dmax, __shfl_xor_sync(0xffffffffu, dmax, o));
+    sq += __shfl_xor_sync(0xffffffffu, sq, o);
+    row += __shfl_xor_sync(0xffffffffu, row, o);
+  }
+  finite = __all_sync(0xffffffffu, finite);
+  if (lane != 0) return;
+  MatrixStats* st = stats + b;
+  if (!finite) atomicOr(&st->nonfinite, 1);
+  auto max_bits = [](double* p, double v) {  // nonnegative doubles order as their bits
+    if (v > 0) atomicMax(reinterpret_cast<unsigned long long*>(p), __double_as_longlong(v));
+  };
+  max_bits(&st->amax, amax);
+  max_bits(&st->asymmetry, dmax);
+  max_bits(&st->max_row_sum, row);
+  atomicAdd(&st->frobenius2, sq);
+}
+
+}  // namespace
+
+void load_symmetric(cudaStream_t stream, const ArrayView& a, double* dst, MatrixStats* stats) {
+  const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
+  if (count == 0) return;
+  CK_CUDA_CHECK(cudaMemsetAsync(stats, 0, sizeof(MatrixStats) * size_t(count), stream));
+  const unsigned blocks = unsigned((n * 32 + 255) / 256);
+  for (int64_t start = 0; start < count; start += 65535) {
+    const dim3 grid(blocks, unsigned(std::min<int64_t>(65535, count - start)));
+    CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
+      load_symmetric_kernel<<<grid, 256, 0, stream>>>(a.ptr<const S>() + start * n * n, dst + start * n * n, n,
+                                                      stats + start);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+std::vector<MatrixStats> check_symmetric(cudaStream_t stream, const ArrayView& a, const MatrixStats* stats,
+                                         const char* name) {
+  const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
+  std::vector<MatrixStats> host(static_cast<size_t>(count));
+  if (count == 0) return host;
+  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), stats, sizeof(MatrixStats) * host.size(), cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int64_t b = 0; b < count; ++b) {
+    const MatrixStats& s = host[size_t(b)];
+    CK_CHECK_VALUE(!s.nonfinite, "argument '", name, "' contains NaN or Inf (matrix ", b, ")");
+    CK_CHECK_VALUE(s.asymmetry <= symmetry_tolerance(a.dtype) * s.amax, "argument '", name,
+                   "' must be symmetric: matrix ", b, " has max|A - A^T| / max|A| = ",
+                   s.amax > 0 ? s.asymmetry / s.amax : 0.0);
+  }
+  return host;
+}
+
+double symmetric_product_fraction(int r) {
+  const int t = block_side(r);
+  if (t == 0) return 1.0;
+  const int nb = (r + t - 1) / t;
+  return double(nb) * (nb + 1) / 2 / (double(nb) * nb);
+}
+
+void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r, int k, double alpha, Stack a,
+                       Stack b, double beta, Stack c, int64_t batch, bool mirror) {
+  if (batch == 0 || r == 0) return;
+  const int t = block_side(r);
+  if (t == 0) {
+    gemm(stream, dtype, op_a, op_b, r, r, k, alpha, a, b, beta, c, batch);
+    return;
+  }
+  const int nb = (r + t - 1) / t;
+  const int64_t item = dtype.itemsize();
+  // Blocks grouped by shape: full x full, last-row x full, last x last.
+  for (int group = 0; group < 3; ++group) {
+    BlockTable table;
+    int rows = 0, cols = 0;
+    for (int bi = 0; bi < nb; ++bi) {
+      for (int bj = 0; bj <= bi; ++bj) {
+        const int ri = std::min(t, r - bi * t), cj = std::min(t, r - bj * t);
+        const int g = (ri == t && cj == t) ? 0 : (cj == t ? 1 : 2);
+        if (g != group) continue;
+        rows = ri;
+        cols = cj;
+        // op(A) rows bi*t.., op(B) columns bj*t.., C block (bi, bj)
+        table.a[table.count] = item * bi * t * (op_a == Op::N ? 1 : a.ld);
+        table.b[table.count] = item * bj * t * (op_b == Op::N ? b.ld : 1);
+        table.c[table.count] = item * (bi * t + int64_t(bj) * t * c.ld);
+        ++table.count;
+      }
+    }
+    if (table.count == 0) continue;
+    const int64_t total = batch * table.count;
+    DeviceBuffer ptrs(3 * size_t(total) * sizeof(void*), stream);
+    const void** pa = ptrs.as<const void*>();
+    const void** pb = pa + total;
+    void** pc = ptrs.as<void*>() + 2 * total;
+    const StackBytes sb{static_cast<char*>(a.ptr), static_cast<char*>(b.ptr), static_cast<char*>(c.ptr),
+                        a.stride * item, b.stride * item, c.stride * item};
+    block_pointers_kernel<<<grid_for(total, 256), 256, 0, stream>>>(sb, table, batch, pa, pb, pc);
+    CK_CUDA_CHECK(cudaGetLastError());
+    gemm_pointers(stream, dtype, op_a, op_b, rows, cols, k, alpha, pa, a.ld, pb, b.ld, beta, pc, c.ld, total);
+  }
+  if (mirror) mirror_lower(stream, dtype, c, r, batch);
+}
+
+void mirror_lower(cudaStream_t stream, DType dtype, Stack c, int r, int64_t batch, const Stack* p, double alpha,
+                  double diag) {
+  if (batch == 0 || r == 0) return;
+  const int tiles = (r + 31) / 32;
+  const dim3 threads(32, 8);
+  for (int64_t start = 0; start < batch; start += 65535) {
+    const dim3 grid(tiles, tiles, unsigned(std::min<int64_t>(65535, batch - start)));
+    CK_DISPATCH_FLOATING(dtype, "A", T, [&] {
+      mirror_lower_kernel<<<grid, threads, 0, stream>>>(
+          static_cast<T*>(c.ptr) + start * c.stride, c.ld, c.stride, r,
+          p ? static_cast<T*>(p->ptr) + start * p->stride : nullptr, p ? p->ld : 0, p ? p->stride : 0, alpha, diag);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void scale_add_identity(cudaStream_t stream, DType dtype, Stack x, Stack y, int r, int64_t batch, double alpha,
+                        double diag) {
+  if (r == 0) return;
+  for (int64_t start = 0; start < batch; start += 65535) {
+    const dim3 grid(unsigned(r), unsigned(std::min<int64_t>(65535, batch - start)));
+    CK_DISPATCH_FLOATING(dtype, "A", T, [&] {
+      scale_add_identity_kernel<<<grid, 256, 0, stream>>>(static_cast<const T*>(x.ptr) + start * x.stride, x.ld,
+                                                          x.stride, static_cast<T*>(y.ptr) + start * y.stride, y.ld,
+                                                          y.stride, r, alpha, diag);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count,
+                  double* amax, double* sumsq, int* nonfinite) {
+  if (count == 0) return;
+  CK_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(double) * size_t(count), stream));
+  CK_CUDA_CHECK(cudaMemsetAsync(sumsq, 0, sizeof(double) * size_t(count), stream));
+  CK_CUDA_CHECK(cudaMemsetAsync(nonfinite, 0, sizeof(int), stream));
+  if (size == 0) return;
+  const unsigned per_matrix = unsigned(std::min<int64_t>((size + 255) / 256, std::max<int64_t>(1, 1024 / count)));
+  for (int64_t start = 0; start < count; start += 65535) {
+    const dim3 grid(per_matrix, unsigned(std::min<int64_t>(65535, count - start)));
+    CK_DISPATCH_FLOATING(dtype, "G", T, [&] {
+      const T* const* p = reinterpret_cast<const T* const*>(ptrs) + start;
+      amax_kernel<<<grid, 256, 0, stream>>>(p, size, amax + start, nonfinite);
+      sumsq_kernel<<<grid, 256, 0, stream>>>(p, size, amax + start, sumsq + start);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+}  // namespace curvkit::cuda

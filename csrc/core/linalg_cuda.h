@@ -1,0 +1,121 @@
+// Batched dense linear algebra on CUDA shared by the iterative matrix families (Newton–Schulz,
+// inverse roots): cuBLAS products over stacks of matrices, the symmetric product that computes
+// only the blocks on and below the diagonal (about half the flops of a plain product), and the
+// small elementwise kernels around them. CUDA builds only.
+//
+// Everything here is column-major, as cuBLAS is: a row-major m x n array is the column-major
+// n x m matrix (its transpose), which the callers use to avoid copies.
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "core/array.h"
+#include "core/cuda_utils.h"
+#include "core/half.h"
+
+#ifdef __CUDACC__
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#endif
+
+namespace curvkit::cuda {
+
+#ifdef __CUDACC__
+// Fast loads and stores for compute kernels (not the bit-exact conversions of core/half.h):
+// float64 works in double, every other dtype in float.
+template <class T> struct Acc { using type = float; };
+template <> struct Acc<double> { using type = double; };
+template <class T> using acc_t = typename Acc<T>::type;
+
+template <class T> __device__ __forceinline__ acc_t<T> load(const T* p) { return *p; }
+template <> __device__ __forceinline__ float load(const bfloat16_t* p) { return __uint_as_float(uint32_t(p->bits) << 16); }
+template <> __device__ __forceinline__ float load(const half_t* p) { return __half2float(__ushort_as_half(p->bits)); }
+template <class T> __device__ __forceinline__ void store(T* p, acc_t<T> v) { *p = v; }
+template <> __device__ __forceinline__ void store(bfloat16_t* p, float v) { p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
+template <> __device__ __forceinline__ void store(half_t* p, float v) { p->bits = __half_as_ushort(__float2half_rn(v)); }
+#endif
+
+// Stream-ordered device memory (cudaMallocAsync / cudaFreeAsync on one stream).
+class DeviceBuffer {
+ public:
+  DeviceBuffer(size_t bytes, cudaStream_t stream);
+  ~DeviceBuffer();
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+  template <class T>
+  T* as() const { return static_cast<T*>(ptr_); }
+
+ private:
+  void* ptr_ = nullptr;
+  cudaStream_t stream_;
+};
+
+// A stack of matrices: element pointer, leading dimension, distance between matrices.
+struct Stack {
+  void* ptr;
+  int64_t ld;
+  int64_t stride;
+};
+
+enum class Op { N, T };
+
+// C = alpha op(A) op(B) + beta C for each of `batch` matrices; op(A) m x k, op(B) k x n.
+// dtype: float64 computes in float64; float32, float16 and bfloat16 in float32 (no TF32).
+void gemm(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, int n, int k, double alpha, Stack a, Stack b,
+          double beta, Stack c, int64_t batch);
+
+// The same product for matrices given by pointers (device arrays of `batch` pointers each).
+void gemm_pointers(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, int n, int k, double alpha,
+                   const void* const* a, int64_t lda, const void* const* b, int64_t ldb, double beta, void* const* c,
+                   int64_t ldc, int64_t batch);
+
+// C = alpha op(A) op(B) + beta C for an r x r result known to be symmetric (X X^T, or the
+// product of two commuting symmetric matrices): only the blocks on and below the diagonal are
+// computed, in one pointer-array batched product, then the strict upper triangle is copied
+// from the lower one (unless mirror is false: then only the lower triangle is valid). Small r
+// uses one plain product.
+void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r, int k, double alpha, Stack a,
+                       Stack b, double beta, Stack c, int64_t batch, bool mirror = true);
+
+// Fraction of a plain product's flops that symmetric_product does for size r.
+double symmetric_product_fraction(int r);
+
+// Strict upper triangle <- strict lower triangle, for each r x r matrix of the stack; with p,
+// also P = alpha C + diag I (whole matrices) from the same pass over C.
+void mirror_lower(cudaStream_t stream, DType dtype, Stack c, int r, int64_t batch, const Stack* p = nullptr,
+                  double alpha = 0, double diag = 0);
+
+// Y = alpha X + diag * I (r x r each); Y may be X.
+void scale_add_identity(cudaStream_t stream, DType dtype, Stack x, Stack y, int r, int64_t batch, double alpha,
+                        double diag);
+
+// Per matrix of `count` matrices of `size` elements given by pointers (dtype `dtype`): the
+// largest magnitude and the sum of squares scaled by it, sum (x / amax)^2 (so that neither tiny
+// nor huge entries under/overflow), in float64; nonfinite[0] is set to 1 if any entry is NaN
+// or Inf. amax, sumsq and nonfinite are device arrays, overwritten.
+void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count,
+                  double* amax, double* sumsq, int* nonfinite);
+
+// Facts about each symmetric input matrix, gathered while loading it (load_symmetric).
+struct MatrixStats {
+  double amax;          // max |A_ij|
+  double asymmetry;     // max |A_ij - A_ji|
+  double frobenius2;    // ||(A + A^T)/2||_F^2
+  double max_row_sum;   // ||(A + A^T)/2||_inf
+  int nonfinite;        // 1 if A holds NaN or Inf
+  int pad;
+};
+
+// dst (float64, `count` n x n matrices) = (A + A^T)/2 of the C-contiguous stack `a` (any float
+// dtype, `count` = a's batch), with stats per matrix (device array). Then the host check that
+// CPU inputs get (core/matrix_utils.h check_symmetric): NaN/Inf or an asymmetric matrix is a
+// ValueError naming `name`; this synchronizes the stream once. Returns the stats on the host.
+void load_symmetric(cudaStream_t stream, const ArrayView& a, double* dst, MatrixStats* stats);
+std::vector<MatrixStats> check_symmetric(cudaStream_t stream, const ArrayView& a, const MatrixStats* stats,
+                                         const char* name);
+
+// Copies `bytes` of a host array to the device, stream-ordered; the host array may be freed
+// on return.
+void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes);
+
+}  // namespace curvkit::cuda
