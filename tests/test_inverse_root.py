@@ -96,6 +96,98 @@ def test_warm_start(rng):
     assert rel(warm, cold) < 1e-10
 
 
+def drifting_factors(rng, n, steps, dtype, cond=1e3, beta=0.999, k=32):
+    """Shampoo-like factors: an EMA of sample covariances G G^T / k of a fixed spectrum."""
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    C = (Q * np.logspace(0, -np.log10(cond), n)) @ Q.T
+    chol = np.linalg.cholesky(C)
+    A = C
+    for _ in range(steps):
+        G = chol @ rng.standard_normal((n, k))
+        A = beta * A + (1 - beta) * G @ G.T / k
+        yield A.astype(dtype)
+
+
+@pytest.mark.parametrize("dtype, steps_max", [(np.float64, 5), (np.float32, 3)])
+@pytest.mark.parametrize("p", [2, 4])
+def test_basis_warm_start_matches_a_cold_eigh_root(dtype, steps_max, p, rng):
+    n = 96
+    V = np.zeros((n, n), dtype=dtype)  # no basis yet: the first call decomposes from scratch
+    tol = TOL[("float64" if dtype == np.float64 else "float32", "eigh")]
+    for t, A in enumerate(drifting_factors(rng, n, 4, dtype)):
+        X, info = curvkit.matrix_inverse_root(A, p, eps=1e-6, basis=V, return_info=True)
+        assert info["converged"] and info["method"] == "eigh"
+        assert bool(info["fell_back"]) == (t == 0)
+        if t:
+            assert 1 <= info["iterations"] <= steps_max
+        assert X.dtype == dtype and rel(X, root_reference(A, p, 1e-6)) <= tol
+        # the basis was refined in place: orthonormal eigenvectors of A, ascending
+        w = np.einsum("ij,ik,kj->j", V, A.astype(np.float64), V)
+        assert np.all(np.diff(w) >= 0)
+        np.testing.assert_allclose(V.T.astype(np.float64) @ V, np.eye(n), atol=50 * np.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_basis_refinement_separates_mixed_nearly_equal_eigenvalues(dtype, rng):
+    # two eigenvalues 1e-9 apart whose eigenvectors rotated by 0.7 rad since the basis was
+    # taken: far outside first-order refinement, diagonalized exactly as a group instead
+    n = 64
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.logspace(0, -2, n)
+    lam[10] = lam[11] * (1 + 1e-9)
+    V = curvkit.eigh((Q * lam) @ Q.T)[1].astype(dtype)
+    V0 = V.copy()
+    c, s = np.cos(0.7), np.sin(0.7)
+    Q[:, [10, 11]] = Q[:, [10, 11]] @ np.array([[c, -s], [s, c]])
+    lam = lam * (1 + 1e-4 * rng.standard_normal(n))
+    A = ((Q * lam) @ Q.T).astype(dtype)
+    (w, U), steps = curvkit.eigh(A, basis=V, return_info=True)
+    assert 1 <= steps <= 4
+    np.testing.assert_allclose(w, np.sort(lam), rtol=0, atol=30 * np.finfo(dtype).eps)
+    residual = A.astype(np.float64) @ U - U * w
+    assert np.abs(residual).max() <= 30 * np.finfo(dtype).eps
+    np.testing.assert_array_equal(V, V0)  # eigh reads the basis, matrix_inverse_root refines it
+    X = curvkit.matrix_inverse_root(A, 2, basis=V)
+    assert rel(X, root_reference(A, 2)) <= TOL[("float64" if dtype == np.float64 else "float32", "eigh")]
+
+
+def test_basis_too_far_off_falls_back_to_a_full_decomposition(rng):
+    # a dense spectrum (relative gaps 1%) under a random drift of 1e-2 ||A||: eigenvectors
+    # rotate too far for refinement; the answer is LAPACK's, reported as fell_back
+    A = reference.spd_with_condition(rng, 128, 1e2)
+    V = curvkit.eigh(A)[1]
+    D = rng.standard_normal((128, 128))
+    A2 = A + 1e-2 * (D + D.T) / np.linalg.norm(D + D.T, 2)
+    X, info = curvkit.matrix_inverse_root(A2, 4, basis=V, return_info=True)
+    assert info["fell_back"] and info["converged"]
+    assert rel(X, root_reference(A2, 4)) <= TOL[("float64", "eigh")]
+    np.testing.assert_allclose(V @ np.diag(np.linalg.eigvalsh(A2)) @ V.T, A2, atol=1e-12)
+    (_, U), steps = curvkit.eigh(A2, basis=np.eye(128), return_info=True)
+    assert steps == -1
+
+
+def test_basis_lists_and_errors(rng):
+    blocks = [reference.spd_with_condition(rng, n, 1e2) for n in (12, 7)]
+    bases = [curvkit.eigh(b)[1] for b in blocks]
+    roots, infos = curvkit.matrix_inverse_root([b * 1.001 for b in blocks], 4, basis=bases, return_info=True)
+    assert all(not i["fell_back"] and i["iterations"] <= 2 for i in infos)
+    for A, X in zip(blocks, roots):
+        assert rel(X, root_reference(A * 1.001, 4)) < 1e-13
+    A = blocks[0]
+    with pytest.raises(ValueError, match="'basis' warm-starts method 'eigh'"):
+        curvkit.matrix_inverse_root(A, 2, method="newton", basis=bases[0])
+    with pytest.raises(ValueError, match="'basis'.*same shape|same shape.*'basis'"):
+        curvkit.matrix_inverse_root(A, 2, basis=np.eye(5))
+    with pytest.raises(ValueError, match="'basis' must be C-contiguous"):
+        curvkit.matrix_inverse_root(A, 2, basis=np.asfortranarray(bases[0] + 0))
+    with pytest.raises(ValueError, match="'basis' must match"):
+        curvkit.matrix_inverse_root(A, 2, basis=bases)
+    frozen = bases[0].copy()
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="'basis'"):
+        curvkit.matrix_inverse_root(A, 2, basis=frozen)
+
+
 def test_keep_init_when_everything_fails(rng):
     A = -np.eye(4)  # negative definite: no root
     init = 0.5 * np.eye(4)

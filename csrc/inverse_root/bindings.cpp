@@ -47,13 +47,30 @@ std::vector<ArrayView> views(const std::vector<interop::ImportedArray>& xs) {
   return v;
 }
 
+// Optional per-input arrays (None or an array shaped like the input), e.g. warm starts.
+struct OptionalArrays {
+  std::vector<std::optional<interop::ImportedArray>> arrays;
+  std::vector<const ArrayView*> views;
+  OptionalArrays(const py::list& xs, const std::vector<interop::ImportedArray>& inputs, const char* name, bool written)
+      : arrays(inputs.size()), views(inputs.size(), nullptr) {
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (xs[i].is_none()) continue;
+      arrays[i].emplace(written ? interop::import_output(xs[i], name) : interop::import_array(xs[i], name));
+      check_square_batch(arrays[i]->view, name);
+      check_same_shape(inputs[i].view, "A", arrays[i]->view, name);
+      if (written) check_writable(arrays[i]->view, name);
+      views[i] = &arrays[i]->view;
+    }
+  }
+};
+
 }  // namespace
 
 void register_inverse_root(py::module_& m) {
   m.def(
       "matrix_inverse_root",
-      [](const py::list& inputs, const py::list& outputs, const py::list& inits, int p, double eps,
-         const std::string& method, int max_iters, double tol, bool fallback, bool compute_residual) {
+      [](const py::list& inputs, const py::list& outputs, const py::list& inits, const py::list& bases, int p,
+         double eps, const std::string& method, int max_iters, double tol, bool fallback, bool compute_residual) {
         CK_CHECK_VALUE(p >= 1, "argument 'p' must be a positive integer, got ", p);
         CK_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0");
         CK_CHECK_VALUE(max_iters >= 1, "argument 'max_iters' must be >= 1");
@@ -62,24 +79,22 @@ void register_inverse_root(py::module_& m) {
         RootOptions o{p, eps, method == "newton" ? RootMethod::Newton : RootMethod::Eigh, max_iters, tol, fallback,
                       compute_residual};
         auto in = import_list(inputs, "A", false), out = import_list(outputs, "out", true);
-        std::vector<std::optional<interop::ImportedArray>> init(in.size());
-        std::vector<const ArrayView*> init_views(in.size(), nullptr);
-        CK_CHECK_VALUE(in.size() == out.size() && in.size() == size_t(py::len(inits)), "mismatched list lengths");
+        CK_CHECK_VALUE(in.size() == out.size() && in.size() == size_t(py::len(inits)) &&
+                           in.size() == size_t(py::len(bases)),
+                       "mismatched list lengths");
+        CK_CHECK_VALUE(o.method == RootMethod::Eigh || std::all_of(bases.begin(), bases.end(), [](py::handle b) {
+                         return b.is_none();
+                       }), "argument 'basis' warm-starts method 'eigh'; method 'newton' takes 'init'");
+        OptionalArrays init(inits, in, "init", false), basis(bases, in, "basis", true);
         for (size_t i = 0; i < in.size(); ++i) {
           check_square_batch(in[i].view, "A");
           check_output(in[i].view, out[i].view, "out");
           check_same_shape(in[i].view, "A", out[i].view, "out");
-          if (!inits[i].is_none()) {
-            init[i].emplace(interop::import_array(inits[i], "init"));
-            check_square_batch(init[i]->view, "init");
-            check_same_shape(in[i].view, "A", init[i]->view, "init");
-            init_views[i] = &init[i]->view;
-          }
         }
         std::vector<std::vector<RootStatus>> status;
         {
           py::gil_scoped_release release;
-          matrix_inverse_root_cpu(views(in), views(out), init_views, o, status);
+          matrix_inverse_root_cpu(views(in), views(out), init.views, basis.views, o, status);
         }
         py::list result;
         for (size_t i = 0; i < in.size(); ++i) {
@@ -101,16 +116,19 @@ void register_inverse_root(py::module_& m) {
         }
         return result;
       },
-      py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("p"), py::arg("eps"), py::arg("method"),
+      py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("bases"), py::arg("p"), py::arg("eps"),
+      py::arg("method"),
       py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("compute_residual"),
       "outputs[i] = (inputs[i] + eps I)^(-1/p); per input (converged, iterations, residual, newton, fell_back, "
       "kept_init) (see curvkit.matrix_inverse_root).");
   m.def(
       "eigh",
-      [](const py::list& inputs, const py::list& values, const py::list& vectors) {
+      [](const py::list& inputs, const py::list& values, const py::list& vectors, const py::list& bases) {
         auto in = import_list(inputs, "A", false), w = import_list(values, "out", true),
              v = import_list(vectors, "out", true);
-        CK_CHECK_VALUE(in.size() == w.size() && in.size() == v.size(), "mismatched list lengths");
+        CK_CHECK_VALUE(in.size() == w.size() && in.size() == v.size() && in.size() == size_t(py::len(bases)),
+                       "mismatched list lengths");
+        OptionalArrays basis(bases, in, "basis", false);
         for (size_t i = 0; i < in.size(); ++i) {
           check_square_batch(in[i].view, "A");
           check_output(in[i].view, w[i].view, "out");
@@ -119,20 +137,26 @@ void register_inverse_root(py::module_& m) {
           CK_CHECK_VALUE(w[i].view.numel() * in[i].view.size(-1) == in[i].view.numel(), "eigenvalue output size");
         }
         std::vector<std::vector<bool>> ok;
+        std::vector<std::vector<int>> steps;
         {
           py::gil_scoped_release release;
-          eigh_cpu(views(in), views(w), views(v), ok);
+          eigh_cpu(views(in), views(w), views(v), basis.views, ok, steps);
         }
         py::list result;
         for (size_t i = 0; i < in.size(); ++i) {
           py::array_t<bool> good(batch_shape(in[i].view));
-          for (size_t b = 0; b < ok[i].size(); ++b) good.mutable_data()[b] = ok[i][b];
-          result.append(good);
+          py::array_t<int32_t> refined(batch_shape(in[i].view));
+          for (size_t b = 0; b < ok[i].size(); ++b) {
+            good.mutable_data()[b] = ok[i][b];
+            refined.mutable_data()[b] = steps[i][b];
+          }
+          result.append(py::make_tuple(good, refined));
         }
         return result;
       },
-      py::arg("inputs"), py::arg("values"), py::arg("vectors"),
-      "Symmetric eigendecomposition of each input; per input, whether LAPACK succeeded.");
+      py::arg("inputs"), py::arg("values"), py::arg("vectors"), py::arg("bases"),
+      "Symmetric eigendecomposition of each input, refined from bases[i] where given; per input (whether it "
+      "succeeded, refinement steps or -1 where decomposed from scratch).");
   m.def(
       "orthonormalize_qr",
       [](py::handle q) {

@@ -37,7 +37,7 @@ std::vector<RootTask> symmetric_tasks(const std::vector<ArrayView>& inputs) {
 
 template <class T>
 struct RootWork {
-  std::vector<T> a, x, m, mp, q, t, u, v, w;
+  std::vector<T> a, x, m, mp, q, t, u, v, w, scratch;
   void reserve(int64_t n) {
     for (auto* b : {&a, &x, &m, &mp, &q, &t, &u, &v}) b->resize(size_t(n * n));
     w.resize(size_t(n));
@@ -89,13 +89,187 @@ double root_residual(int n, int p, RootWork<T>& w) {
   return max_distance_to_identity(w.m, n);
 }
 
-// X from the eigendecomposition of A (w.a holds A + eps I; the eps is taken back out and
-// applied after flooring). Returns false if LAPACK failed or A is singular or indefinite.
+// Union-find over eigenpair indices: groups of pairs too strongly coupled for a first-order
+// correction.
+class Groups {
+ public:
+  explicit Groups(int n) : parent_(static_cast<size_t>(n)) {
+    for (int i = 0; i < n; ++i) parent_[size_t(i)] = i;
+  }
+  int find(int i) {
+    while (parent_[size_t(i)] != i) i = parent_[size_t(i)] = parent_[size_t(parent_[size_t(i)])];
+    return i;
+  }
+  void join(int i, int j) { parent_[size_t(find(i))] = find(j); }
+
+ private:
+  std::vector<int> parent_;
+};
+
+// Rotates columns `cols` of row-major n x n matrices by the orthogonal b x b matrix q:
+// m[:, cols] <- m[:, cols] q (rows of q index the old columns).
 template <class T>
-bool root_eigh(int n, const RootOptions& o, RootWork<T>& w) {
-  w.v = w.a;
-  for (int64_t i = 0; i < n; ++i) w.v[size_t(i * n + i)] -= T(o.eps);
-  if (blas::syevd(n, w.v.data(), w.w.data()) != 0) return false;
+void rotate_columns(int n, T* m, const std::vector<int>& cols, const std::vector<T>& q) {
+  const size_t b = cols.size();
+  std::vector<double> row(b);
+  for (int64_t i = 0; i < n; ++i) {
+    T* mi = m + i * n;
+    for (size_t c = 0; c < b; ++c) {
+      double x = 0;
+      for (size_t k = 0; k < b; ++k) x += double(mi[cols[k]]) * double(q[k * b + c]);
+      row[c] = x;
+    }
+    for (size_t c = 0; c < b; ++c) mi[cols[c]] = T(row[c]);
+  }
+}
+
+// m[cols, :] <- q^T m[cols, :] for row-major n x n m (the transpose of rotate_columns).
+template <class T>
+void rotate_rows(int n, T* m, const std::vector<int>& cols, const std::vector<T>& q) {
+  const size_t b = cols.size();
+  std::vector<double> col(b);
+  for (int64_t j = 0; j < n; ++j) {
+    for (size_t c = 0; c < b; ++c) {
+      double x = 0;
+      for (size_t k = 0; k < b; ++k) x += double(q[k * b + c]) * double(m[int64_t(cols[k]) * n + j]);
+      col[c] = x;
+    }
+    for (size_t c = 0; c < b; ++c) m[int64_t(cols[c]) * n + j] = T(col[c]);
+  }
+}
+
+// Refines approximate eigenvectors v (n x n, columns) of symmetric a into eigenvectors of
+// working accuracy, with the iteration of Ogita & Aishima ("Iterative refinement for
+// symmetric eigenvalue decomposition", Japan J. Indust. Appl. Math. 35, 2018): with
+// S = V^T A V and R = I - V^T V, eigenvalues d_i = s_ii / (1 - r_ii) and V <- V (I + E),
+// E_ij = (s_ij + d_j r_ij) / (d_j - d_i), E_ii = r_ii / 2: each step squares the error, all in
+// matrix products (3 n x n products a step). Pairs whose coupling |s_ij| exceeds a tenth of
+// their gap (eigenvalues that crossed or nearly meet) are outside the first-order regime:
+// they are grouped, and each group is diagonalized exactly (a small LAPACK eigh and a rotation
+// of its columns) before the step. Pairs whose |s_ij| + |d| |r_ij| still exceeds a tenth of
+// the gap get E_ij = r_ij / 2 (orthogonalization only), as for clusters in the paper.
+// Converged: max_{i != j} |s_ij| and max |r_ij| at rounding level (4 sqrt(n) u, relative to
+// max |d| for S), the accuracy LAPACK's own eigenvectors have. Returns the number of steps
+// taken (eigenvalues in d, unsorted), or -1 when the basis is too far from A's eigenvectors (a
+// coupled group larger than n/4, a step that increased the coupling, no convergence
+// within max_steps, or non-finite values): decompose from scratch then. Eigenvectors of
+// eigenvalues closer than the drift couples them (dense spectra, n >= 1024 after an EMA
+// step, measured) rotate too far for refinement. scratch holds 5 n^2 values.
+template <class T>
+int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<T>& scratch) {
+  const int64_t nn = int64_t(n) * n;
+  scratch.resize(size_t(5 * nn));
+  T *av = scratch.data(), *s = av + nn, *r = s + nn, *e = r + nn, *v0 = e + nn;
+  const double u = unit_roundoff<T>(), floor_r = 4 * std::sqrt(double(n)) * u, coupled = 0.1;
+  const int max_group = std::max(2, n / 4);
+  double previous_off = std::numeric_limits<double>::infinity();
+  for (int step = 0;; ++step) {
+    blas::symm(true, n, n, T(1), a, n, v, n, T(0), av, n);  // A V
+    blas::gemmt_tn(n, T(1), v, av, T(0), s);                // S = V^T A V, lower
+    blas::syrk(true, n, n, T(-1), v, n, T(0), r, n);        // R = I - V^T V, lower
+    for (int64_t i = 0; i < n; ++i) r[i * n + i] += T(1);
+    blas::mirror_lower(s, n);
+    blas::mirror_lower(r, n);
+    double scale = 0, off = 0, off_r = 0;
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i) {
+      d[i] = T(double(s[i * n + i]) / (1 - double(r[i * n + i])));
+      scale = std::max(scale, std::fabs(double(d[i])));
+      for (int64_t j = 0; j < n; ++j) {
+        const double sij = std::fabs(double(s[i * n + j])), rij = std::fabs(double(r[i * n + j]));
+        finite &= sij <= DBL_MAX && rij <= DBL_MAX;
+        if (i != j) off = std::max(off, sij);
+        off_r = std::max(off_r, rij);
+      }
+    }
+    if (!finite || !(scale <= DBL_MAX)) return -1;
+    const double floor_s = floor_r * scale;
+    if (off <= floor_s && off_r <= floor_r) return step;
+    // Outside the quadratic regime (the coupling grew, or the basis lost orthogonality): the
+    // drift was too large for this basis; stop early rather than iterate to max_steps.
+    if (step == max_steps || off > previous_off || off_r > 0.25) return -1;
+    previous_off = off;
+    // Strongly coupled pairs, grouped and diagonalized exactly.
+    Groups groups(n);
+    for (int i = 0; i < n; ++i)
+      for (int j = 0; j < i; ++j) {
+        const double sij = std::fabs(double(s[int64_t(i) * n + j]));
+        if (sij > floor_s && sij > coupled * std::fabs(double(d[i]) - double(d[j]))) groups.join(i, j);
+      }
+    std::vector<std::vector<int>> members(static_cast<size_t>(n));
+    for (int i = 0; i < n; ++i) members[size_t(groups.find(i))].push_back(i);
+    bool rotated = false;
+    for (const std::vector<int>& cols : members) {
+      const size_t b = cols.size();
+      if (b < 2) continue;
+      if (int(b) > max_group) return -1;
+      std::vector<T> q(b * b), mu(b);
+      for (size_t x = 0; x < b; ++x)
+        for (size_t y = 0; y < b; ++y) q[x * b + y] = s[int64_t(cols[x]) * n + cols[y]];
+      if (blas::syevd(int(b), q.data(), mu.data()) != 0) return -1;
+      rotate_columns(n, v, cols, q);
+      rotate_columns(n, s, cols, q);
+      rotate_rows(n, s, cols, q);
+      rotate_columns(n, r, cols, q);
+      rotate_rows(n, r, cols, q);
+      for (int i : cols) d[i] = T(double(s[int64_t(i) * n + i]) / (1 - double(r[int64_t(i) * n + i])));
+      rotated = true;
+    }
+    if (rotated) {  // exactly symmetric again: E_ij + E_ji = r_ij needs s_ij = s_ji to the last bit
+      blas::mirror_lower(s, n);
+      blas::mirror_lower(r, n);
+    }
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < n; ++j) {
+        const double sij = double(s[i * n + j]), rij = double(r[i * n + j]), gap = double(d[j]) - double(d[i]);
+        const double coupling = std::fabs(sij) + std::max(std::fabs(double(d[i])), std::fabs(double(d[j]))) * std::fabs(rij);
+        const bool first_order = i != j && gap != 0 && coupling <= coupled * std::fabs(gap);
+        e[i * n + j] = T(first_order ? (sij + double(d[j]) * rij) / gap : rij / 2);
+      }
+    std::copy(v, v + nn, v0);
+    blas::gemm(n, n, n, T(1), v0, e, T(1), v);  // V <- V + V E
+  }
+}
+
+// Eigenpairs sorted by ascending eigenvalue (w, v's columns permuted alike).
+template <class T>
+void sort_eigenpairs(int n, std::vector<T>& w, std::vector<T>& v, std::vector<T>& scratch) {
+  std::vector<int> order(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) order[size_t(i)] = i;
+  std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return w[size_t(x)] < w[size_t(y)]; });
+  scratch.assign(v.begin(), v.end());
+  const std::vector<T> values = w;
+  for (int64_t j = 0; j < n; ++j) {
+    w[size_t(j)] = values[size_t(order[size_t(j)])];
+    for (int64_t i = 0; i < n; ++i) v[size_t(i * n + j)] = scratch[size_t(i * n + order[size_t(j)])];
+  }
+}
+
+// A refined basis gets this many steps (each squares the error) before LAPACK takes over.
+constexpr int kMaxRefineSteps = 8;
+
+// Eigenvalues (w.w, ascending) and eigenvectors (w.v) of symmetric a: refined from the basis
+// already in w.v when `warm` (st.iterations steps), else, or when that fails (st.fell_back),
+// from LAPACK syevd. False if LAPACK fails.
+template <class T>
+bool decompose(int n, const T* a, bool warm, RootWork<T>& w, RootStatus& st) {
+  if (warm) {
+    const int steps = refine_eigenbasis(n, a, w.v.data(), w.w.data(), kMaxRefineSteps, w.scratch);
+    if (steps >= 0) {
+      st.iterations = steps;
+      sort_eigenpairs(n, w.w, w.v, w.scratch);
+      return true;
+    }
+    st.fell_back = true;
+  }
+  std::copy(a, a + int64_t(n) * n, w.v.begin());
+  return blas::syevd(n, w.v.data(), w.w.data()) == 0;
+}
+
+// X from the eigendecomposition of A (w.v, w.w; w.v is overwritten). Returns false if A is
+// singular or indefinite for its compute dtype.
+template <class T>
+bool root_from_eigenpairs(int n, const RootOptions& o, RootWork<T>& w) {
   const double top = std::max(double(w.w[size_t(n - 1)]), 0.0);
   const double zero = double(n) * unit_roundoff<T>() * (top + o.eps);
   bool ok = double(w.w[0]) >= -std::sqrt(unit_roundoff<T>()) * top;  // a real negative eigenvalue: indefinite
@@ -110,6 +284,19 @@ bool root_eigh(int n, const RootOptions& o, RootWork<T>& w) {
   blas::syrk(false, n, n, T(1), w.v.data(), n, T(0), w.x.data(), n);
   blas::mirror_lower(w.x.data(), n);
   return ok && all_finite(w.x);
+}
+
+// X from the eigendecomposition of A (w.a holds A + eps I; the eps is taken back out and
+// applied after flooring), refined from `basis` (matrix `index`) when given and written back
+// to it. Returns false if LAPACK failed or A is singular or indefinite.
+template <class T>
+bool root_eigh(int n, const RootOptions& o, const ArrayView* basis, int64_t index, RootWork<T>& w, RootStatus& st) {
+  w.t = w.a;
+  for (int64_t i = 0; i < n; ++i) w.t[size_t(i * n + i)] -= T(o.eps);
+  if (basis) load_matrix(*basis, index, w.v.data());
+  if (!decompose(n, w.t.data(), basis != nullptr, w, st) || !all_finite(w.v) || !all_finite(w.w)) return false;
+  if (basis) store_matrix(w.v.data(), *basis, index);
+  return root_from_eigenpairs(n, o, w);
 }
 
 // Largest-eigenvalue upper estimate for the Newton scaling.
@@ -181,8 +368,8 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
 }
 
 template <class T>
-void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, int64_t index, const RootOptions& o,
-              RootWork<T>& w, RootStatus& st) {
+void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, const ArrayView* basis, int64_t index,
+              const RootOptions& o, RootWork<T>& w, RootStatus& st) {
   const int n = blas::dim(a.size(-1), "matrix dimension");
   w.reserve(n);
   load_symmetrized(a, index, w.a.data());
@@ -193,7 +380,7 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, i
   if (o.method == RootMethod::Newton) {
     ok = root_newton(n, o, init, index, w, st);
   } else {
-    ok = root_eigh(n, o, w);
+    ok = root_eigh(n, o, basis, index, w, st);
     if (o.compute_residual) st.residual = root_residual(n, o.p, w);  // reported, not a criterion
   }
   st.converged = ok;
@@ -202,7 +389,7 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, i
     RootOptions o64 = o;
     o64.method = RootMethod::Eigh;
     RootStatus fallback;
-    root_one<double>(a, out, nullptr, index, o64, w64, fallback);
+    root_one<double>(a, out, nullptr, nullptr, index, o64, w64, fallback);
     fallback.iterations = st.iterations;
     fallback.fell_back = true;
     if (fallback.converged || !init) {
@@ -221,8 +408,8 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, i
 }  // namespace
 
 void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
-                             const std::vector<const ArrayView*>& inits, const RootOptions& o,
-                             std::vector<std::vector<RootStatus>>& status) {
+                             const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
+                             const RootOptions& o, std::vector<std::vector<RootStatus>>& status) {
   const std::vector<RootTask> tasks = symmetric_tasks(inputs);
   status.assign(inputs.size(), {});
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -239,10 +426,10 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
         RootStatus& st = status[t.input][size_t(t.index)];
         if (inputs[t.input].dtype == DType::float64()) {
           RootWork<double> w;
-          root_one(inputs[t.input], outputs[t.input], inits[t.input], t.index, o, w, st);
+          root_one(inputs[t.input], outputs[t.input], inits[t.input], bases[t.input], t.index, o, w, st);
         } else {
           RootWork<float> w;
-          root_one(inputs[t.input], outputs[t.input], inits[t.input], t.index, o, w, st);
+          root_one(inputs[t.input], outputs[t.input], inits[t.input], bases[t.input], t.index, o, w, st);
         }
       },
       lapack_small_task(int64_t(tasks.size())));
@@ -328,24 +515,36 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
 }
 
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
-              const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok) {
+              const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
+              std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps) {
   const std::vector<RootTask> tasks = symmetric_tasks(inputs);
   ok.assign(inputs.size(), {});
-  for (size_t i = 0; i < inputs.size(); ++i) ok[i].assign(size_t(leading_count(inputs[i])), true);
+  steps.assign(inputs.size(), {});
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    ok[i].assign(size_t(leading_count(inputs[i])), true);
+    steps[i].assign(ok[i].size(), -1);
+  }
   // vector<bool> packs bits: collect per task, copy after the parallel loop.
   std::vector<char> task_ok(tasks.size());
   auto solve = [&](auto tag, const RootTask& t) {
     using T = decltype(tag);
     const int n = int(t.n);
-    std::vector<T> a(size_t(t.n * t.n)), w(size_t(t.n));
+    const ArrayView* basis = bases[t.input];
+    std::vector<T> a(size_t(t.n * t.n));
+    RootWork<T> w;
+    w.v.resize(a.size());
+    w.w.resize(size_t(n));
     load_symmetrized(inputs[t.input], t.index, a.data());
-    const bool good = blas::syevd(n, a.data(), w.data()) == 0 && all_finite(a) && all_finite(w);
+    if (basis) load_matrix(*basis, t.index, w.v.data());
+    RootStatus st;
+    const bool good = decompose(n, a.data(), basis != nullptr, w, st) && all_finite(w.v) && all_finite(w.w);
     if (!good) {
-      std::fill(a.begin(), a.end(), T(0));
-      std::fill(w.begin(), w.end(), T(0));
+      std::fill(w.v.begin(), w.v.end(), T(0));
+      std::fill(w.w.begin(), w.w.end(), T(0));
     }
-    store_vector(w.data(), t.n, values[t.input], t.index);
-    store_matrix(a.data(), vectors[t.input], t.index);
+    store_vector(w.w.data(), t.n, values[t.input], t.index);
+    store_matrix(w.v.data(), vectors[t.input], t.index);
+    steps[t.input][size_t(t.index)] = basis && !st.fell_back ? st.iterations : -1;
     return good;
   };
   run_matrix_tasks(

@@ -15,6 +15,10 @@
 //           (the previous iterate is kept). Warm start: X_0 = init, M_0 = init^p (A + eps I);
 //           it keeps the part of init's error that does not commute with A. Converged: the
 //           true residual ||X^p (A + eps I) - I||_max of the final X is <= tol.
+//   Warm start (Eigh): a basis of eigenvectors of a nearby matrix (the previous refresh's) is
+//           refined by the Ogita-Aishima iteration (3 matrix products a step, the error
+//           squared each step; groups of nearly equal eigenvalues whose vectors mixed are
+//           diagonalized exactly), falling back to syevd when it is too far off.
 //   Failure policy (per matrix): Newton that misses tol falls back to Eigh in float64 (when
 //   fallback is on); if that fails too, init is kept when given, else the (finite) result is
 //   returned and reported as not converged. Never NaN or Inf.
@@ -47,15 +51,19 @@ struct RootStatus {
   bool kept_init = false;
 };
 
-// inputs[i] (..., n_i, n_i); outputs[i] and inits[i] (may be null) of the same shape; one
-// status per matrix, input by input.
+// inputs[i] (..., n_i, n_i); outputs[i], inits[i] and bases[i] (either may be null) of the
+// same shape; one status per matrix, input by input. bases[i] (Eigh only): eigenvectors of
+// nearby matrices, refined in place (the warm start above) instead of decomposing from scratch.
 void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
-                             const std::vector<const ArrayView*>& inits, const RootOptions& options,
-                             std::vector<std::vector<RootStatus>>& status);
+                             const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
+                             const RootOptions& options, std::vector<std::vector<RootStatus>>& status);
 
-// Symmetric eigendecomposition: w[i] (..., n) ascending, v[i] (..., n, n) eigenvectors as columns.
+// Symmetric eigendecomposition: w[i] (..., n) ascending, v[i] (..., n, n) eigenvectors as
+// columns; refined from bases[i] (may be null) when given, per matrix `steps` refinement steps
+// (-1: decomposed from scratch by LAPACK).
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
-              const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok);
+              const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
+              std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps);
 
 // Orthonormal columns by Householder QR with R's diagonal made nonnegative (so the result is
 // the Gram-Schmidt basis of the input, continuous in it): q (..., m, k), m >= k, in place.
