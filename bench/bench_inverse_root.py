@@ -92,3 +92,54 @@ def test_ragged_88_blocks(benchmark, impl):
         benchmark.pedantic(lambda: curvkit.matrix_inverse_root(blocks, 4), rounds=1, warmup_rounds=0)
     else:
         benchmark.pedantic(lambda: loop(eigh_root, blocks, 4), rounds=1, warmup_rounds=0)
+
+
+# Warm-started refresh: Shampoo-like factors (an EMA, beta = 0.999, of sample covariances of
+# 32 draws from a spectrum of condition 1e3) one update after the previous root; curvkit
+# refines the previous eigenbasis (``basis=``). "mm" counts n x n matrix products per matrix
+# (a symmetric product, syrk/gemmt, counts 0.5).
+def _drifting(count, n, dtype, seed=0):
+    rng = np.random.default_rng(seed)
+    before, after = np.empty((count, n, n), dtype), np.empty((count, n, n), dtype)
+    for b in range(count):
+        Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+        C = (Q * np.logspace(0, -3, n)) @ Q.T
+        G = np.linalg.cholesky(C) @ rng.standard_normal((n, 32))
+        before[b], after[b] = C, 0.999 * C + 0.001 * G @ G.T / 32
+    return before, torch.from_numpy(after)
+
+
+def _power_products(p):  # products in the binary powering of the coupled iteration
+    return p.bit_length() - 1 + bin(p).count("1") - 1
+
+
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit newton", "curvkit eigh", "torch eigh f64"])
+@pytest.mark.parametrize("p", POWERS)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("case", [(16, 256), (8, 512)], ids=lambda c: f"{c[0]}x{c[1]}")
+def test_warm_refresh(benchmark, case, dtype, p, impl):
+    before, A = _drifting(*case, dtype)
+    benchmark.group = f"root-warm-p{p}-{np.dtype(dtype).name}-{case[0]}x{case[1]}"
+    if impl == "curvkit":
+        basis = curvkit.eigh(before)[1]
+        V = basis.copy()
+        X, info = curvkit.matrix_inverse_root(A, p, basis=torch.from_numpy(V), return_info=True)
+        refined = ~info["fell_back"]  # the others were decomposed from scratch by LAPACK
+        benchmark.extra_info["fell_back"] = int((~refined).sum())
+        matmuls = float(np.mean(3 * info["iterations"][refined] + 2.5))
+        args = lambda: ((A, p), {"basis": torch.from_numpy(basis.copy())})  # noqa: E731
+        fn = curvkit.matrix_inverse_root
+    elif impl == "curvkit newton":
+        X, info = curvkit.matrix_inverse_root(A, p, method="newton", return_info=True)
+        matmuls = float(np.mean(info["iterations"] * (2 + _power_products(p)) + _power_products(p) + 1))
+        args, fn = lambda: ((A, p), {"method": "newton"}), curvkit.matrix_inverse_root  # noqa: E731
+    elif impl == "curvkit eigh":
+        X, matmuls = curvkit.matrix_inverse_root(A, p, method="eigh"), None
+        args, fn = lambda: ((A, p), {"method": "eigh"}), curvkit.matrix_inverse_root  # noqa: E731
+    else:
+        X, matmuls = eigh_root(A, p), None
+        args, fn = lambda: ((A, p), {}), eigh_root  # noqa: E731
+    benchmark.extra_info.update(impl=impl, rel_error=_error(X, A, p))
+    if matmuls is not None:
+        benchmark.extra_info["matmuls"] = matmuls
+    benchmark.pedantic(fn, setup=args, rounds=3, warmup_rounds=1)

@@ -18,7 +18,7 @@ def pytest_terminal_summary(terminalreporter, config):
         groups.setdefault(bench.group, []).append(bench)
     tr = terminalreporter
     tr.write_sep("=", "curvkit vs anchors (median time; ratio = other time / curvkit time; fill = write roofline)")
-    tr.write_line(f"{'group':34s} {'impl':18s} {'median ms':>10s} {'rate':>14s} {'ratio':>7s}")
+    tr.write_line(f"{'group':34s} {'impl':18s} {'median ms':>10s} {'rate':>28s} {'ratio':>7s}")
     for group, benches in sorted(groups.items()):
         ours = next((b for b in benches if b.extra_info.get("impl") == "curvkit"), None)
         for b in sorted(benches, key=lambda b: b.extra_info.get("impl", "")):
@@ -31,5 +31,9 @@ def pytest_terminal_summary(terminalreporter, config):
                 rate = "-"
             if "rel_error" in b.extra_info:
                 rate = f"err {b.extra_info['rel_error']:.1e}"
+            if "matmuls" in b.extra_info:
+                rate += f", {b.extra_info['matmuls']:.1f} mm"
+            if b.extra_info.get("fell_back"):
+                rate += f", {b.extra_info['fell_back']} fb"
             ratio = median / ours.stats.median if ours else float("nan")
-            tr.write_line(f"{group:34s} {b.extra_info.get('impl', '?'):18s} {median * 1e3:10.3f} {rate:>14s} {ratio:7.2f}")
+            tr.write_line(f"{group:34s} {b.extra_info.get('impl', '?'):18s} {median * 1e3:10.3f} {rate:>28s} {ratio:7.2f}")
