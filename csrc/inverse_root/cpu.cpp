@@ -106,35 +106,22 @@ class Groups {
   std::vector<int> parent_;
 };
 
-// Rotates columns `cols` of row-major n x n matrices by the orthogonal b x b matrix q:
-// m[:, cols] <- m[:, cols] q (rows of q index the old columns).
+// Rotates the lines `cols` of a row-major n x n matrix by the orthogonal b x b matrix q
+// (rows of q index the old lines): columns, m[:, cols] <- m[:, cols] q, with (stride, step)
+// = (n, 1); rows, m[cols, :] <- q^T m[cols, :], with (1, n). Entry k of line l is at
+// l * stride + cols[k] * step.
 template <class T>
-void rotate_columns(int n, T* m, const std::vector<int>& cols, const std::vector<T>& q) {
+void rotate_lines(int n, T* m, const std::vector<int>& cols, const std::vector<T>& q, int64_t stride, int64_t step) {
   const size_t b = cols.size();
-  std::vector<double> row(b);
-  for (int64_t i = 0; i < n; ++i) {
-    T* mi = m + i * n;
+  std::vector<double> line(b);
+  for (int64_t l = 0; l < n; ++l) {
+    T* ml = m + l * stride;
     for (size_t c = 0; c < b; ++c) {
       double x = 0;
-      for (size_t k = 0; k < b; ++k) x += double(mi[cols[k]]) * double(q[k * b + c]);
-      row[c] = x;
+      for (size_t k = 0; k < b; ++k) x += double(ml[cols[k] * step]) * double(q[k * b + c]);
+      line[c] = x;
     }
-    for (size_t c = 0; c < b; ++c) mi[cols[c]] = T(row[c]);
-  }
-}
-
-// m[cols, :] <- q^T m[cols, :] for row-major n x n m (the transpose of rotate_columns).
-template <class T>
-void rotate_rows(int n, T* m, const std::vector<int>& cols, const std::vector<T>& q) {
-  const size_t b = cols.size();
-  std::vector<double> col(b);
-  for (int64_t j = 0; j < n; ++j) {
-    for (size_t c = 0; c < b; ++c) {
-      double x = 0;
-      for (size_t k = 0; k < b; ++k) x += double(q[k * b + c]) * double(m[int64_t(cols[k]) * n + j]);
-      col[c] = x;
-    }
-    for (size_t c = 0; c < b; ++c) m[int64_t(cols[c]) * n + j] = T(col[c]);
+    for (size_t c = 0; c < b; ++c) ml[cols[c] * step] = T(line[c]);
   }
 }
 
@@ -163,6 +150,7 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
   const double u = unit_roundoff<T>(), floor_r = 4 * std::sqrt(double(n)) * u, coupled = 0.1;
   const int max_group = std::max(2, n / 4);
   double previous_off = std::numeric_limits<double>::infinity();
+  auto rayleigh = [&](int64_t i) { return T(double(s[i * n + i]) / (1 - double(r[i * n + i]))); };
   for (int step = 0;; ++step) {
     blas::symm(true, n, n, T(1), a, n, v, n, T(0), av, n);  // A V
     blas::gemmt_tn(n, T(1), v, av, T(0), s);                // S = V^T A V, lower
@@ -173,7 +161,7 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
     double scale = 0, off = 0, off_r = 0;
     bool finite = true;
     for (int64_t i = 0; i < n; ++i) {
-      d[i] = T(double(s[i * n + i]) / (1 - double(r[i * n + i])));
+      d[i] = rayleigh(i);
       scale = std::max(scale, std::fabs(double(d[i])));
       for (int64_t j = 0; j < n; ++j) {
         const double sij = std::fabs(double(s[i * n + j])), rij = std::fabs(double(r[i * n + j]));
@@ -207,12 +195,9 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
       for (size_t x = 0; x < b; ++x)
         for (size_t y = 0; y < b; ++y) q[x * b + y] = s[int64_t(cols[x]) * n + cols[y]];
       if (blas::syevd(int(b), q.data(), mu.data()) != 0) return -1;
-      rotate_columns(n, v, cols, q);
-      rotate_columns(n, s, cols, q);
-      rotate_rows(n, s, cols, q);
-      rotate_columns(n, r, cols, q);
-      rotate_rows(n, r, cols, q);
-      for (int i : cols) d[i] = T(double(s[int64_t(i) * n + i]) / (1 - double(r[int64_t(i) * n + i])));
+      for (T* m : {v, s, r}) rotate_lines(n, m, cols, q, n, 1);  // V Q, and S Q, R Q
+      for (T* m : {s, r}) rotate_lines(n, m, cols, q, 1, n);     // then Q^T S Q, Q^T R Q
+      for (int i : cols) d[i] = rayleigh(i);
       rotated = true;
     }
     if (rotated) {  // exactly symmetric again: E_ij + E_ji = r_ij needs s_ij = s_ji to the last bit
