@@ -337,7 +337,9 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
       std::swap(w.x, w.v);
       break;
     }
-    if (r <= 10 * n * eps || (previous < std::sqrt(eps) && r >= previous) || st.iterations >= o.max_iters) break;
+    if (r <= 10 * std::sqrt(double(n)) * eps || (previous < std::sqrt(eps) && r >= previous) ||
+        st.iterations >= o.max_iters)
+      break;
     previous = r;
     for (int64_t i = 0; i < nn; ++i) w.mp[size_t(i)] = T(((i % (n + 1) == 0 ? p + 1.0 : 0.0) - double(w.m[size_t(i)])) / p);
     w.v = w.x;  // the previous iterate, in case the next step grows the error
