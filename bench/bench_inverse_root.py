@@ -1,9 +1,11 @@
-"""Inverse p-th roots on CPU: curvkit.matrix_inverse_root against Distributed Shampoo's eigh
+"""Inverse p-th roots on CPU (and CUDA, the test_cuda_* cases): curvkit.matrix_inverse_root against Distributed Shampoo's eigh
 root (float64 upcast) and Scalable Shampoo's coupled Newton, written in plain PyTorch
 (bench/baselines/inverse_root.py), in one run. Inputs: float32 SPD with condition number
 1e3. Each benchmark records its relative error against the float64 eigh reference.
-Run: python -m pytest bench/bench_inverse_root.py --benchmark-only
+Run: python -m pytest bench/bench_inverse_root.py --benchmark-only  (-k cuda on a GPU machine)
 """
+import math
+
 import numpy as np
 import pytest
 
@@ -143,3 +145,58 @@ def test_warm_refresh(benchmark, case, dtype, p, impl):
     if matmuls is not None:
         benchmark.extra_info["matmuls"] = matmuls
     benchmark.pedantic(fn, setup=args, rounds=3, warmup_rounds=1)
+
+
+# ---- CUDA: p = 4 roots of float32 batches (condition 1e3) against torch.linalg.eigh roots in
+# float32 and in float64 (Distributed Shampoo's upcast); "curvkit" is method "auto" (Newton).
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and curvkit.has_cuda()),
+                          reason="needs a GPU and a CUDA build of curvkit")
+CUDA_CASES = [(256, 256), (64, 512), (64, 1024), (16, 2048)]
+
+
+def _cuda_batch(count, n, cond=1e3, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    Q, _ = torch.linalg.qr(torch.randn(count, n, n, generator=g, device="cuda", dtype=torch.float64))
+    A = (Q * torch.logspace(0, -math.log10(cond), n, dtype=torch.float64, device="cuda")) @ Q.mT
+    return ((A + A.mT) / 2).float()
+
+
+def _synchronized(fn, *args, **kwargs):
+    def run():
+        fn(*args, **kwargs)
+        torch.cuda.synchronize()
+    return run
+
+
+_CUDA_IMPLS = {
+    "curvkit": lambda A, p: curvkit.matrix_inverse_root(A, p),
+    "curvkit eigh": lambda A, p: curvkit.matrix_inverse_root(A, p, method="eigh"),
+    "torch eigh f32": lambda A, p: eigh_root(A, p, upcast=False),
+    "torch eigh f64": lambda A, p: eigh_root(A, p),
+}
+
+
+@cuda
+@pytest.mark.parametrize("impl", list(_CUDA_IMPLS))
+@pytest.mark.parametrize("case", CUDA_CASES, ids=lambda c: f"{c[0]}x{c[1]}")
+def test_cuda_root(benchmark, case, impl):
+    A, p = _cuda_batch(*case), 4
+    fn = _CUDA_IMPLS[impl]
+    benchmark.group = f"cuda-root-p4-float32-{case[0]}x{case[1]}"
+    benchmark.extra_info.update(impl=impl, rel_error=_error(fn(A, p), A, p))
+    if impl == "curvkit":
+        _, info = curvkit.matrix_inverse_root(A, p, return_info=True)
+        benchmark.extra_info["iterations"] = float(info["iterations"].mean())
+    benchmark.pedantic(_synchronized(fn, A, p), rounds=3, warmup_rounds=1)
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["curvkit", "torch eigh f32 loop", "torch newton loop"])
+def test_cuda_ragged_88_blocks(benchmark, impl):
+    blocks = [b.cuda() for b in _ragged_blocks()]
+    benchmark.group = "cuda-root-p4-ragged-88-blocks"
+    benchmark.extra_info.update(impl=impl)
+    fn = {"curvkit": lambda: curvkit.matrix_inverse_root(blocks, 4),
+          "torch eigh f32 loop": lambda: loop(eigh_root, blocks, 4, 0.0, False),
+          "torch newton loop": lambda: loop(coupled_newton_root, blocks, 4)}[impl]
+    benchmark.pedantic(_synchronized(fn), rounds=3, warmup_rounds=1)

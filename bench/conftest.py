@@ -31,6 +31,8 @@ def pytest_terminal_summary(terminalreporter, config):
                 rate = "-"
             if "rel_error" in b.extra_info:
                 rate = f"err {b.extra_info['rel_error']:.1e}"
+            if "iterations" in b.extra_info:
+                rate += f", {b.extra_info['iterations']:.1f} it"
             if "matmuls" in b.extra_info:
                 rate += f", {b.extra_info['matmuls']:.1f} mm"
             if b.extra_info.get("fell_back"):

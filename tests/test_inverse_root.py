@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import curvkit
-from conftest import needs_torch
+from conftest import make, needs_torch, to_numpy
 import reference
 
 
@@ -307,3 +307,129 @@ def test_eigenbasis_update_tracks_the_eigenbasis(rng):
     np.testing.assert_allclose(db[0], eigenvalues[:5], rtol=1e-4)
     with pytest.raises(ValueError, match="'Q'"):
         curvkit.eigenbasis_update(A, np.eye(n + 1))
+
+
+# ---- CUDA (torch CUDA tensors and CuPy arrays; skipped without a GPU)
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+@pytest.mark.parametrize("cond, eps", [(1e2, 0.0), (1e6, 0.0), (1e10, 1e-6)])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_cuda_float64_sweep(cuda_backend, p, cond, eps, method, rng):
+    A = np.stack([reference.spd_with_condition(rng, 64, cond) for _ in range(3)])
+    X, info = curvkit.matrix_inverse_root(make(A, cuda_backend), p, eps=eps, method=method, return_info=True)
+    assert info["converged"].all() and (info["method"] == method).all()
+    effective = min(cond, 1 / eps) if eps else cond
+    bound = TOL[("float64", method)] * (100 if effective >= 1e6 else 1)
+    assert rel(to_numpy(X), root_reference(A, p, eps)) <= bound
+
+
+@pytest.mark.parametrize("p", [1, 2, 4, 8])
+@pytest.mark.parametrize("method", ["eigh", "newton"])
+def test_cuda_float32_up_to_condition_1e3(cuda_backend, p, method, rng):
+    A = np.stack([reference.spd_with_condition(rng, 64, 1e3) for _ in range(3)]).astype(np.float32)
+    X, info = curvkit.matrix_inverse_root(make(A, cuda_backend), p, method=method, return_info=True)
+    assert info["converged"].all() and not info["fell_back"].any()
+    assert rel(to_numpy(X), root_reference(A, p)) <= TOL[("float32", method)]
+
+
+@pytest.mark.parametrize("dtype, bound", [("float64", 1e-10), ("float32", 1e-3)])
+def test_cuda_large_matrices_use_the_symmetric_product(cuda_backend, dtype, bound, rng):
+    # n >= 768 computes only the lower blocks of the symmetric products
+    A = np.stack([reference.spd_with_condition(rng, 800, 1e2) for _ in range(2)])
+    X, info = curvkit.matrix_inverse_root(make(A, cuda_backend, dtype), 4, return_info=True)
+    assert (info["method"] == "newton").all() and info["converged"].all() and not info["fell_back"].any()
+    assert rel(to_numpy(X), root_reference(A, 4)) <= bound
+
+
+def test_cuda_each_matrix_stops_on_its_own(cuda_backend, rng):
+    # easy, hard, singular (no ridge) and zero matrices in one batch: per-matrix verdicts
+    easy = reference.spd_with_condition(rng, 32, 10)
+    hard = reference.spd_with_condition(rng, 32, 1e6)
+    G = rng.standard_normal((32, 4))
+    A = np.stack([easy, hard, G @ G.T / 4, np.zeros((32, 32))])
+    X, info = curvkit.matrix_inverse_root(make(A, cuda_backend), 2, method="newton", return_info=True)
+    Xn = to_numpy(X)
+    assert np.isfinite(Xn).all()
+    assert info["converged"].tolist() == [True, True, False, False]
+    assert info["iterations"][0] < info["iterations"][1]
+    assert info["fell_back"].tolist() == [False, False, True, True]
+    for k in (0, 1):
+        assert rel(Xn[k], root_reference(A[k], 2)) <= 1e-10 * (100 if k else 1)
+    cpu, cpu_info = curvkit.matrix_inverse_root(A, 2, method="newton", return_info=True)
+    assert cpu_info["converged"].tolist() == info["converged"].tolist()
+
+
+def test_cuda_ragged_list_of_sizes_and_dtypes(cuda_backend, rng):
+    sizes = [128, 96] * 3 + [5, 1]
+    blocks = [reference.spd_with_condition(rng, n, 1e2) for n in sizes]
+    dtypes = ["float64", "float32"] * 4
+    roots, infos = curvkit.matrix_inverse_root([make(b, cuda_backend, d) for b, d in zip(blocks, dtypes)], 4,
+                                               eps=1e-6, return_info=True)
+    assert len(roots) == len(blocks) and all(i["converged"] for i in infos)
+    for A, X, d in zip(blocks, roots, dtypes):
+        assert tuple(X.shape) == A.shape
+        assert rel(to_numpy(X), root_reference(A, 4, 1e-6)) < (1e-12 if d == "float64" else 1e-4)
+    stacked = np.stack([reference.spd_with_condition(rng, 16, 10) for _ in range(6)]).reshape(2, 3, 16, 16)
+    X, info = curvkit.matrix_inverse_root(make(stacked, cuda_backend), 2, return_info=True)
+    assert info["converged"].shape == (2, 3) and info["converged"].all()
+    np.testing.assert_allclose(to_numpy(X), root_reference(stacked, 2), atol=1e-12)
+    X, info = curvkit.matrix_inverse_root(make(np.zeros((3, 0, 0)), cuda_backend), 2, return_info=True)
+    assert tuple(X.shape) == (3, 0, 0) and info["converged"].all()
+
+
+def test_cuda_warm_start(cuda_backend, rng):
+    A = reference.spd_with_condition(rng, 48, 1e3)
+    exact = root_reference(A, 4)
+    X, info = curvkit.matrix_inverse_root(make(A, cuda_backend), 4, method="newton", init=make(exact, cuda_backend),
+                                          return_info=True)
+    assert info["iterations"] <= 2 and info["converged"] and not info["fell_back"]
+    np.testing.assert_allclose(to_numpy(X), exact, rtol=0, atol=1e-12 * np.abs(exact).max())
+    D = rng.standard_normal((48, 48))
+    A2 = make(A + 1e-3 * D @ D.T / 48, cuda_backend)
+    warm = curvkit.matrix_inverse_root(A2, 4, method="newton", init=make(exact, cuda_backend))
+    cold = curvkit.matrix_inverse_root(A2, 4, method="newton")
+    assert rel(to_numpy(warm), to_numpy(cold)) < 1e-10
+    # a negative definite matrix has no root: init is kept
+    X, info = curvkit.matrix_inverse_root(make(-np.eye(4), cuda_backend), 2, method="newton",
+                                          init=make(0.5 * np.eye(4), cuda_backend), return_info=True)
+    assert info["kept_init"] and not info["converged"]
+    np.testing.assert_array_equal(to_numpy(X), 0.5 * np.eye(4))
+
+
+def test_cuda_auto_half_precision_and_residual(cuda_backend, rng):
+    A = reference.spd_with_condition(rng, 40, 1e2)
+    X, info = curvkit.matrix_inverse_root(make(A, cuda_backend, "float16"), 2, return_info=True)
+    assert info["method"] == "newton" and info["converged"]  # "auto" is Newton on CUDA
+    assert to_numpy(X).dtype == np.float64 and rel(to_numpy(X), root_reference(A.astype(np.float16), 2)) < 1e-3
+    _, info = curvkit.matrix_inverse_root(make(A, cuda_backend), 2, method="eigh", return_info=True)
+    assert 0 < info["residual"] < 1e-12
+
+
+def test_cuda_eigh(cuda_backend, rng):
+    A = np.stack([reference.spd_with_condition(rng, 20, 1e3) - 0.1 * np.eye(20) for _ in range(3)])
+    w, V = curvkit.eigh(make(A, cuda_backend))
+    w, V = to_numpy(w), to_numpy(V)
+    np.testing.assert_allclose(w, np.linalg.eigvalsh(A), atol=1e-14)
+    np.testing.assert_allclose(V @ (w[..., None] * np.swapaxes(V, -1, -2)), A, atol=1e-13)
+    pairs = curvkit.eigh([make(A[0], cuda_backend), make(A[1, :5, :5].copy(), cuda_backend, "float32")])
+    assert [tuple(p[0].shape) for p in pairs] == [(20,), (5,)]
+    np.testing.assert_allclose(to_numpy(pairs[1][0]), np.linalg.eigvalsh(A[1, :5, :5]), atol=1e-5)
+
+
+def test_cuda_errors(cuda_backend):
+    bad = [(np.array([[1.0, 2.0], [0.0, 1.0]]), "'A' must be symmetric"), (np.array([[np.nan, 0], [0, 1.0]]), "NaN")]
+    for A, match in bad:
+        with pytest.raises(ValueError, match=match):
+            curvkit.matrix_inverse_root(make(A, cuda_backend), 2)
+        with pytest.raises(ValueError, match=match):
+            curvkit.eigh(make(A, cuda_backend))
+    with pytest.raises(ValueError, match="'init'"):
+        curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, method="newton",
+                                    init=make(np.array([[1.0, np.inf], [np.inf, 1.0]]), cuda_backend))
+    with pytest.raises(ValueError, match="same device"):
+        curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, method="newton", init=np.eye(2))
+    with pytest.raises(ValueError, match="same device"):
+        curvkit.matrix_inverse_root([make(np.eye(2), cuda_backend), np.eye(2)], 2)
+    with pytest.raises(ValueError, match="'basis'"):
+        curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, basis=make(np.eye(2), cuda_backend))

@@ -1,9 +1,10 @@
-// CUDA helpers (CUDA builds only): CUDA and cuBLAS error checks that throw CudaError with
-// file, line and the error string; a cuBLAS handle per thread and device; DLPack stream
+// CUDA helpers (CUDA builds only): CUDA, cuBLAS and cuSOLVER error checks that throw CudaError
+// with file, line and the error string; cuBLAS and cuSOLVER handles per thread and device; DLPack stream
 // numbers to cudaStream_t; a device guard; launch sizes.
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
+#include <cusolverDn.h>
 
 #include <cstdint>
 
@@ -29,7 +30,19 @@
     }                                                                                      \
   } while (0)
 
+#define CK_CUSOLVER_CHECK(expr)                                                                  \
+  do {                                                                                           \
+    const cusolverStatus_t _status = (expr);                                                     \
+    if (_status != CUSOLVER_STATUS_SUCCESS) {                                                    \
+      throw ::curvkit::CudaError(::curvkit::cat("cuSOLVER error at ", __FILE__, ":", __LINE__,   \
+                                                ": status ", int(_status), " (", #expr, ")"));   \
+    }                                                                                            \
+  } while (0)
+
 namespace curvkit {
+
+// This host thread's cuSOLVER (dense) handle for the current device, bound to `stream`.
+cusolverDnHandle_t cusolver_handle(cudaStream_t stream);
 
 // This host thread's cuBLAS handle for the current device, bound to `stream`. Handles are
 // created once per (thread, device) and kept for the life of the process.

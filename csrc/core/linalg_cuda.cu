@@ -216,8 +216,8 @@ __global__ void sumsq_kernel(const T* const* ptrs, int64_t size, const double* a
   atomicAdd(sumsq + blockIdx.y, local);
 }
 
-template <class S>
-__global__ void load_symmetric_kernel(const S* a, double* dst, int64_t n, MatrixStats* stats) {
+template <class S, class D>
+__global__ void load_symmetric_kernel(const S* a, D* dst, int64_t n, MatrixStats* stats) {
   // one warp per row i of matrix blockIdx.y
   const int64_t b = blockIdx.y, lane = threadIdx.x & 31;
   const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -229,7 +229,7 @@ __global__ void load_symmetric_kernel(const S* a, double* dst, int64_t n, Matrix
     const double x = to_double(m[i * n + j]), y = to_double(m[j * n + i]);
     finite &= fabs(x) <= DBL_MAX;
     const double s = 0.5 * x + 0.5 * y;
-    dst[b * n * n + i * n + j] = s;
+    if (dst) dst[b * n * n + i * n + j] = D(s);
     amax = fmax(amax, fabs(x));
     dmax = fmax(dmax, fabs(x - y));
     sq += s * s;
@@ -256,7 +256,8 @@ __global__ void load_symmetric_kernel(const S* a, double* dst, int64_t n, Matrix
 
 }  // namespace
 
-void load_symmetric(cudaStream_t stream, const ArrayView& a, double* dst, MatrixStats* stats) {
+template <class D>
+void load_symmetric(cudaStream_t stream, const ArrayView& a, D* dst, MatrixStats* stats) {
   const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
   if (count == 0) return;
   CK_CUDA_CHECK(cudaMemsetAsync(stats, 0, sizeof(MatrixStats) * size_t(count), stream));
@@ -264,10 +265,24 @@ void load_symmetric(cudaStream_t stream, const ArrayView& a, double* dst, Matrix
   for (int64_t start = 0; start < count; start += 65535) {
     const dim3 grid(blocks, unsigned(std::min<int64_t>(65535, count - start)));
     CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
-      load_symmetric_kernel<<<grid, 256, 0, stream>>>(a.ptr<const S>() + start * n * n, dst + start * n * n, n,
-                                                      stats + start);
+      load_symmetric_kernel<<<grid, 256, 0, stream>>>(a.ptr<const S>() + start * n * n,
+                                                      dst ? dst + start * n * n : nullptr, n, stats + start);
     });
     CK_CUDA_CHECK(cudaGetLastError());
+  }
+}
+
+template void load_symmetric<float>(cudaStream_t, const ArrayView&, float*, MatrixStats*);
+template void load_symmetric<double>(cudaStream_t, const ArrayView&, double*, MatrixStats*);
+
+void validate_symmetric(const ArrayView& a, const MatrixStats* stats, const char* name) {
+  const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
+  for (int64_t b = 0; b < count; ++b) {
+    const MatrixStats& s = stats[b];
+    CK_CHECK_VALUE(!s.nonfinite, "argument '", name, "' contains NaN or Inf (matrix ", b, ")");
+    CK_CHECK_VALUE(s.asymmetry <= symmetry_tolerance(a.dtype) * s.amax, "argument '", name,
+                   "' must be symmetric: matrix ", b, " has max|A - A^T| / max|A| = ",
+                   s.amax > 0 ? s.asymmetry / s.amax : 0.0);
   }
 }
 
@@ -278,13 +293,7 @@ std::vector<MatrixStats> check_symmetric(cudaStream_t stream, const ArrayView& a
   if (count == 0) return host;
   CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), stats, sizeof(MatrixStats) * host.size(), cudaMemcpyDeviceToHost, stream));
   CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-  for (int64_t b = 0; b < count; ++b) {
-    const MatrixStats& s = host[size_t(b)];
-    CK_CHECK_VALUE(!s.nonfinite, "argument '", name, "' contains NaN or Inf (matrix ", b, ")");
-    CK_CHECK_VALUE(s.asymmetry <= symmetry_tolerance(a.dtype) * s.amax, "argument '", name,
-                   "' must be symmetric: matrix ", b, " has max|A - A^T| / max|A| = ",
-                   s.amax > 0 ? s.asymmetry / s.amax : 0.0);
-  }
+  validate_symmetric(a, host.data(), name);
   return host;
 }
 

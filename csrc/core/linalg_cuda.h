@@ -106,13 +106,17 @@ struct MatrixStats {
   int pad;
 };
 
-// dst (float64, `count` n x n matrices) = (A + A^T)/2 of the C-contiguous stack `a` (any float
-// dtype, `count` = a's batch), with stats per matrix (device array). Then the host check that
-// CPU inputs get (core/matrix_utils.h check_symmetric): NaN/Inf or an asymmetric matrix is a
-// ValueError naming `name`; this synchronizes the stream once. Returns the stats on the host.
-void load_symmetric(cudaStream_t stream, const ArrayView& a, double* dst, MatrixStats* stats);
+// dst (float32 or float64, `count` n x n matrices; may be null: stats only) = (A + A^T)/2 of
+// the C-contiguous stack `a` (any float dtype, `count` = a's batch), with stats per matrix
+// (device array). Then the host check that CPU inputs get (core/matrix_utils.h
+// check_symmetric): NaN/Inf or an asymmetric matrix is a ValueError naming `name`;
+// check_symmetric synchronizes the stream once and returns the stats on the host,
+// validate_symmetric checks stats already on the host.
+template <class D>
+void load_symmetric(cudaStream_t stream, const ArrayView& a, D* dst, MatrixStats* stats);
 std::vector<MatrixStats> check_symmetric(cudaStream_t stream, const ArrayView& a, const MatrixStats* stats,
                                          const char* name);
+void validate_symmetric(const ArrayView& a, const MatrixStats* stats, const char* name);
 
 // Copies `bytes` of a host array to the device, stream-ordered; the host array may be freed
 // on return.

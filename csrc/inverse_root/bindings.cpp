@@ -22,8 +22,20 @@ void check_square_batch(const ArrayView& a, const char* name) {
   check_floating(a, name);
   CK_CHECK_VALUE(a.ndim() >= 2 && a.size(-1) == a.size(-2), "argument '", name, "' must have shape (..., n, n)");
   CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
-  CK_CHECK_VALUE(!a.device.is_cuda(), "argument '", name,
-                 "' is a CUDA array: inverse roots and eigh run on the CPU only so far");
+}
+
+void check_cpu(const ArrayView& a, const char* name, const char* what) {
+  CK_CHECK_VALUE(!a.device.is_cuda(), "argument '", name, "' is a CUDA array: ", what, " runs on the CPU only so far");
+}
+
+// Every input on the first one's device; true if that is a CUDA device. Warm-start bases are
+// refined on the CPU only.
+bool on_cuda(const std::vector<interop::ImportedArray>& inputs, const std::vector<const ArrayView*>& bases) {
+  for (const auto& a : inputs) check_same_device(inputs[0].view, "A", a.view, "A");
+  if (inputs.empty() || !inputs[0].view.device.is_cuda()) return false;
+  for (const ArrayView* b : bases)
+    CK_CHECK_VALUE(b == nullptr, "argument 'basis': warm-started eigenbases are refined on the CPU only so far");
+  return true;
 }
 
 void check_output(const ArrayView& a, const ArrayView& out, const char* name) {
@@ -70,7 +82,8 @@ void register_inverse_root(py::module_& m) {
   m.def(
       "matrix_inverse_root",
       [](const py::list& inputs, const py::list& outputs, const py::list& inits, const py::list& bases, int p,
-         double eps, const std::string& method, int max_iters, double tol, bool fallback, bool compute_residual) {
+         double eps, const std::string& method, int max_iters, double tol, bool fallback, bool compute_residual,
+         StreamHandle stream) {
         CK_CHECK_VALUE(p >= 1, "argument 'p' must be a positive integer, got ", p);
         CK_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0");
         CK_CHECK_VALUE(max_iters >= 1, "argument 'max_iters' must be >= 1");
@@ -90,11 +103,15 @@ void register_inverse_root(py::module_& m) {
           check_square_batch(in[i].view, "A");
           check_output(in[i].view, out[i].view, "out");
           check_same_shape(in[i].view, "A", out[i].view, "out");
+          if (init.views[i]) check_same_device(in[i].view, "A", *init.views[i], "init");
+          if (basis.views[i]) check_same_device(in[i].view, "A", *basis.views[i], "basis");
         }
+        const bool cuda = on_cuda(in, basis.views);
         std::vector<std::vector<RootStatus>> status;
         {
           py::gil_scoped_release release;
-          matrix_inverse_root_cpu(views(in), views(out), init.views, basis.views, o, status);
+          if (cuda) matrix_inverse_root_cuda(views(in), views(out), init.views, o, status, stream);
+          else matrix_inverse_root_cpu(views(in), views(out), init.views, basis.views, o, status);
         }
         py::list result;
         for (size_t i = 0; i < in.size(); ++i) {
@@ -118,12 +135,13 @@ void register_inverse_root(py::module_& m) {
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("bases"), py::arg("p"), py::arg("eps"),
       py::arg("method"),
-      py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("compute_residual"),
+      py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("compute_residual"), py::arg("stream"),
       "outputs[i] = (inputs[i] + eps I)^(-1/p); per input (converged, iterations, residual, newton, fell_back, "
       "kept_init) (see curvkit.matrix_inverse_root).");
   m.def(
       "eigh",
-      [](const py::list& inputs, const py::list& values, const py::list& vectors, const py::list& bases) {
+      [](const py::list& inputs, const py::list& values, const py::list& vectors, const py::list& bases,
+         StreamHandle stream) {
         auto in = import_list(inputs, "A", false), w = import_list(values, "out", true),
              v = import_list(vectors, "out", true);
         CK_CHECK_VALUE(in.size() == w.size() && in.size() == v.size() && in.size() == size_t(py::len(bases)),
@@ -135,12 +153,19 @@ void register_inverse_root(py::module_& m) {
           check_output(in[i].view, v[i].view, "out");
           check_same_shape(in[i].view, "A", v[i].view, "out");
           CK_CHECK_VALUE(w[i].view.numel() * in[i].view.size(-1) == in[i].view.numel(), "eigenvalue output size");
+          if (basis.views[i]) check_same_device(in[i].view, "A", *basis.views[i], "basis");
         }
+        const bool cuda = on_cuda(in, basis.views);
         std::vector<std::vector<bool>> ok;
         std::vector<std::vector<int>> steps;
         {
           py::gil_scoped_release release;
-          eigh_cpu(views(in), views(w), views(v), basis.views, ok, steps);
+          if (cuda) {
+            eigh_cuda(views(in), views(w), views(v), ok, stream);
+            for (const auto& k : ok) steps.emplace_back(k.size(), -1);
+          } else {
+            eigh_cpu(views(in), views(w), views(v), basis.views, ok, steps);
+          }
         }
         py::list result;
         for (size_t i = 0; i < in.size(); ++i) {
@@ -154,7 +179,7 @@ void register_inverse_root(py::module_& m) {
         }
         return result;
       },
-      py::arg("inputs"), py::arg("values"), py::arg("vectors"), py::arg("bases"),
+      py::arg("inputs"), py::arg("values"), py::arg("vectors"), py::arg("bases"), py::arg("stream"),
       "Symmetric eigendecomposition of each input, refined from bases[i] where given; per input (whether it "
       "succeeded, refinement steps or -1 where decomposed from scratch).");
   m.def(
@@ -164,7 +189,7 @@ void register_inverse_root(py::module_& m) {
         check_floating(qv.view, "Q");
         CK_CHECK_VALUE(qv.view.ndim() >= 2, "argument 'Q' must have shape (..., m, k)");
         CK_CHECK_VALUE(qv.view.is_contiguous(), "argument 'Q' must be C-contiguous");
-        CK_CHECK_VALUE(!qv.view.device.is_cuda(), "argument 'Q' is a CUDA array: orthonormalize runs on the CPU only so far");
+        check_cpu(qv.view, "Q", "orthonormalize(method='qr')");
         std::vector<bool> ok;
         {
           py::gil_scoped_release release;
@@ -182,6 +207,9 @@ void register_inverse_root(py::module_& m) {
         interop::ImportedArray ov = interop::import_output(q_out, "out"), ev = interop::import_output(estimates, "out"),
                                pv = interop::import_output(perm, "out");
         check_square_batch(av.view, "A");
+        check_cpu(av.view, "A", "eigenbasis_update");
+        for (auto [x, name] : {std::pair{&qv, "Q"}, std::pair{&ov, "out"}, std::pair{&ev, "out"}, std::pair{&pv, "out"}})
+          check_same_device(av.view, "A", x->view, name);
         check_floating(qv.view, "Q");
         CK_CHECK_VALUE(qv.view.is_contiguous() && qv.view.ndim() == av.view.ndim() &&
                            qv.view.size(-2) == av.view.size(-1) &&

@@ -544,4 +544,17 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
   for (size_t k = 0; k < tasks.size(); ++k) ok[tasks[k].input][size_t(tasks[k].index)] = task_ok[k];
 }
 
+#ifndef CURVKIT_WITH_CUDA
+void matrix_inverse_root_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&,
+                              const std::vector<const ArrayView*>&, const RootOptions&,
+                              std::vector<std::vector<RootStatus>>&, StreamHandle) {
+  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
+}
+
+void eigh_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&, const std::vector<ArrayView>&,
+               std::vector<std::vector<bool>>&, StreamHandle) {
+  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
+}
+#endif
+
 }  // namespace curvkit

@@ -58,12 +58,22 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
                              const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
                              const RootOptions& options, std::vector<std::vector<RootStatus>>& status);
 
+// The same on CUDA arrays, on `stream`: matrices grouped by size over the whole list, each
+// group iterated in one batch with per-matrix convergence on the device (no warm-start bases).
+void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
+                              const std::vector<const ArrayView*>& inits, const RootOptions& options,
+                              std::vector<std::vector<RootStatus>>& status, StreamHandle stream);
+
 // Symmetric eigendecomposition: w[i] (..., n) ascending, v[i] (..., n, n) eigenvectors as
 // columns; refined from bases[i] (may be null) when given, per matrix `steps` refinement steps
 // (-1: decomposed from scratch by LAPACK).
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
               const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
               std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps);
+
+// The same on CUDA arrays by cuSOLVER (no bases), on `stream`.
+void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
+               const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok, StreamHandle stream);
 
 // Orthonormal columns by Householder QR with R's diagonal made nonnegative (so the result is
 // the Gram-Schmidt basis of the input, continuous in it): q (..., m, k), m >= k, in place.

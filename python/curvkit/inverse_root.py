@@ -18,10 +18,13 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
     Parameters
     ----------
     A : array (..., n, n), or a list of such arrays of different sizes
-        NumPy or PyTorch (CPU); float64 computes in float64, other dtypes in float32. Only
-        (A + A^T)/2 is used; clearly non-symmetric input, NaN or Inf raise ValueError. A list
-        (e.g. the 88 factor blocks of 1024 and 768 of a 4096 x 11008 weight) is processed in
-        one call, small matrices one per core, and gives a list.
+        NumPy, PyTorch (CPU or CUDA) or CuPy, all on one device; float64 computes in
+        float64, other dtypes in float32. Only (A + A^T)/2 is used; clearly non-symmetric
+        input, NaN or Inf raise ValueError. A list (e.g. the 88 factor blocks of 1024 and
+        768 of a 4096 x 11008 weight) is processed in one call and gives a list: on CPU
+        small matrices one per core; on CUDA the matrices are grouped by size, each group
+        iterated as one batch with every matrix's convergence tracked on the device (the
+        host looks every 4 steps), on the caller's current stream.
     p : int >= 1
         The root: 1 (inverse), 2, 4 (Shampoo), 8, ...
     eps : float >= 0
@@ -34,9 +37,13 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         exact zeros get the pseudo-inverse root; with ``basis``, refined from a previous
         eigenbasis instead of decomposed from scratch. "newton": the coupled Newton iteration of (Scalable / Distributed)
         Shampoo, X_0 = z^{1/p} I, M_0 = z (A + eps I), z = (p+1)/(2 lambda_max estimate),
-        M' = ((p+1) I - M)/p, X <- X M', M <- M'^p M, stopped at rounding level or when the
-        error grows. "auto": "eigh" on CPU (faster there at every size measured,
-        bench/results/inverse_root_cpu.md).
+        M' = ((p+1) I - M)/p, X <- X M', M <- M'^p M, stopped at rounding level
+        (max|M - I| <= 10 sqrt(n) unit roundoffs, or no longer falling once small) or when
+        the error grows. On CUDA "eigh" is cuSOLVER's batched syev and "newton" runs on
+        cuBLAS products (symmetric ones computed by their lower blocks). "auto": "eigh" on
+        CPU (faster there at every size measured, bench/results/inverse_root_cpu.md),
+        "newton" on CUDA (products are what GPUs do fastest; the square root's Newton–Schulz
+        beat torch's eigh 1.3-8.4x on an H100, bench/results/gpu_h100.md).
     basis : array like A, optional
         The warm start for slowly changing matrices (Shampoo's factors between refreshes):
         eigenvectors (columns) of a nearby matrix, typically those this call left in it last
@@ -51,7 +58,7 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         0.999) after the basis was computed it takes 2 steps in float32 (8.5 products in
         all) and 4 in float64 (14.5), against 35-51 for a cold Newton root at equal
         accuracy (bench/results/inverse_root_cpu.md). Needs
-        ``method`` "auto" or "eigh". "iterations" in the info counts refinement steps.
+        ``method`` "auto" or "eigh"; CPU arrays only so far. "iterations" in the info counts refinement steps.
     init : array like A, optional
         A previous root to warm-start "newton" from (X_0 = init, M_0 = init^p (A + eps I)):
         it takes a few steps instead of tens, but keeps the part of init's error that does
@@ -126,12 +133,13 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
     if tol is None:  # the loosest default among the inputs' compute dtypes
         tol = max((_DEFAULT_TOL["float64" if _arrays.dtype_name(a.dtype) == "float64" else "float32"]
                    for a in prepared), default=_DEFAULT_TOL["float64"])
+    on_cuda = bool(prepared) and _arrays.device_of(prepared[0])[0] == "cuda"
     if method == "auto":
-        method = "eigh"
+        method = "newton" if on_cuda else "eigh"
     prepared_bases = [_basis(b, a, written=True) for b, a in zip(bases, prepared)]
     status = _core.matrix_inverse_root(prepared, outputs, prepared_inits, prepared_bases, p, float(eps), method,
                                        _arrays.index(max_iters, "max_iters", 1), float(tol), bool(fallback),
-                                       bool(return_info))
+                                       bool(return_info), _arrays.stream_of(prepared[0]) if prepared else 0)
     infos = [{"converged": c, "iterations": it, "residual": r, "method": np.where(nw, "newton", "eigh"),
               "fell_back": fb, "kept_init": ki} for c, it, r, nw, fb, ki in status]
     result = outputs[0] if single else outputs
@@ -150,9 +158,10 @@ def eigh(A, basis=None, return_info=False):
 
     Batched, or a list of arrays of different sizes in one call (small matrices one per
     core). float64 computes in float64, other dtypes in float32. Only (A + A^T)/2 is used.
-    A LAPACK failure raises :class:`curvkit.ConvergenceError`.
+    LAPACK on CPU, cuSOLVER's batched syev on CUDA; a failure raises
+    :class:`curvkit.ConvergenceError`.
 
-    ``basis`` (like A, or a list like A; not modified): eigenvectors of a nearby matrix to
+    ``basis`` (like A, or a list like A; not modified; CPU only so far): eigenvectors of a nearby matrix to
     refine instead of decomposing from scratch, as in :func:`matrix_inverse_root` (3 matrix
     products a step, each squaring the error, to LAPACK's accuracy; a basis too far off is
     replaced by a full decomposition). With ``return_info``, also returns (per input) the
@@ -176,7 +185,7 @@ def eigh(A, basis=None, return_info=False):
         fw, dev, dt = _arrays.framework_of(a), _arrays.device_of(a), _arrays.dtype_name(a.dtype)
         values.append(_arrays.empty(tuple(a.shape[:-1]), dt, fw, dev))
         vectors.append(_arrays.empty(tuple(a.shape), dt, fw, dev))
-    status = _core.eigh(inputs, values, vectors, bases)
+    status = _core.eigh(inputs, values, vectors, bases, _arrays.stream_of(inputs[0]) if inputs else 0)
     if not all(ok.all() for ok, _ in status):
         raise ConvergenceError("eigh: LAPACK failed for some matrices", {"converged": [ok for ok, _ in status]},
                                (values, vectors))

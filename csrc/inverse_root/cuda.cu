@@ -1,0 +1,684 @@
+// Inverse roots and eigendecompositions on CUDA.
+//
+// The matrices of a call (a batch, or a ragged list of batches) are grouped by size and compute
+// dtype; each group is one contiguous stack, and every product is one batched cuBLAS call over
+// it. The layout is column-major (cuBLAS's); A, the roots and Newton's M are symmetric, so only
+// eigenvectors need a transpose on the way out.
+//
+// Newton: each matrix's state (RootState) lives on the device. A matrix that stops (converged,
+// diverged or growing) is frozen: its M' becomes I, so X and M stay bit-identical while the
+// others go on, and the host looks at the number of active matrices every 4 steps only. The
+// verdict is the true residual max|X^p (A + eps I) - I| of the final X, as on the CPU.
+// Eigh: cuSOLVER's batched syev, the eigenvalues floored and shifted as on the CPU, the root
+// rebuilt as (V D)(V D)^T with the symmetric product.
+// The failure policy is the CPU's (inverse_root.h): float64 eigh for Newton failures, then init.
+#include <algorithm>
+#include <cfloat>
+#include <cmath>
+#include <map>
+#include <type_traits>
+#include <vector>
+
+#include "core/dispatch.h"
+#include "core/linalg_cuda.h"
+#include "core/matrix_utils.h"
+#include "inverse_root/inverse_root.h"
+
+namespace curvkit {
+namespace {
+
+using cuda::DeviceBuffer;
+using cuda::MatrixStats;
+using cuda::Op;
+using cuda::Stack;
+
+// One matrix's iteration, on the device. distance and residual are nonnegative doubles
+// maximized by atomicMax on their bit patterns.
+struct RootState {
+  double previous;  // last max|M - I|
+  double distance;  // this step's max|M - I|
+  double residual;  // max|X^p A_r - I| of the result
+  int iterations;
+  int active;       // still iterating
+  int revert;       // 1: the error grew, restore the previous iterate (2 once done)
+  int finite;       // X holds no NaN or Inf
+  int ok;           // eigh: decomposed, not singular, not indefinite
+  int pad;
+};
+
+constexpr int kThreads = 256;
+
+// Blocks for per-element work over `count` n x n matrices: x over columns, y over matrices.
+dim3 matrix_grid(int64_t n, int64_t count, int64_t max_columns) {
+  return dim3(unsigned(std::max<int64_t>(1, std::min(n, max_columns))), unsigned(std::min<int64_t>(count, 65535)));
+}
+
+// Folds v (>= 0) of every thread of the block into *target with one atomic. Every thread of
+// the block calls it.
+__device__ void block_max_into(double v, double* target) {
+  __shared__ double warp_max[32];
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    for (int w = 1; w < int(blockDim.x >> 5); ++w) v = fmax(v, warp_max[w]);
+    if (v > 0) atomicMax(reinterpret_cast<unsigned long long*>(target), __double_as_longlong(v));
+  }
+  __syncthreads();
+}
+
+// Sum of v over the block, returned to every thread.
+__device__ double block_sum(double v) {
+  __shared__ double warp_sum[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double total = 0;
+  for (int w = 0; w < int(blockDim.x >> 5); ++w) total += warp_sum[w];
+  __syncthreads();
+  return total;
+}
+
+__global__ void reset_states_kernel(RootState* st, int64_t count) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < count) st[b] = RootState{INFINITY, 0.0, 0.0, 0, 0, 0, 1, 1, 0};
+}
+
+template <class T>
+__global__ void fill_kernel(T* x, int64_t total, T value) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    x[i] = value;
+}
+
+// One power step's normalization, a block per matrix: v <- u / ||u||, rayleigh = u . v (v of
+// unit norm before the step, so u . v = v^T A v).
+template <class T>
+__global__ void power_normalize_kernel(const T* u, T* v, double* rayleigh, int64_t n, int64_t count) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    const T* ub = u + b * n;
+    T* vb = v + b * n;
+    double norm2 = 0, dot = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const double x = ub[i];
+      norm2 += x * x;
+      dot += x * double(vb[i]);
+    }
+    norm2 = block_sum(norm2);
+    dot = block_sum(dot);
+    const double inv = norm2 > 0 && norm2 <= DBL_MAX ? 1.0 / sqrt(norm2) : 0.0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) vb[i] = T(double(ub[i]) * inv);
+    if (threadIdx.x == 0) rayleigh[b] = inv > 0 ? dot : 0.0;
+  }
+}
+
+// Cold start of Newton: lambda = min(bound, 1.25 rayleigh) (the bound alone if the power steps
+// gave nothing), z = (p + 1) / (2 lambda), X_0 = z^(1/p) I, M_0 = z A_r. A matrix with no
+// positive lambda (zero) is not started and fails the verdict. Warm matrices (X_0 = init,
+// already loaded) only get their state; their M_0 = init^p A_r is computed by the caller.
+template <class T>
+__global__ void newton_start_kernel(const T* a, T* x, T* m, RootState* st, const double* rayleigh,
+                                    const MatrixStats* stats, int64_t n, int64_t count, int p, double eps, bool warm) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    const double bound = fmin(sqrt(stats[b].frobenius2), stats[b].max_row_sum) + eps;
+    const double lambda = rayleigh[b] > 0 ? fmin(bound, 1.25 * rayleigh[b]) : bound;
+    const bool good = warm || (lambda > 0 && lambda <= DBL_MAX);
+    const double z = good && !warm ? (p + 1) / (2 * lambda) : 0.0;
+    const T diagonal = T(pow(z, 1.0 / p));
+    if (blockIdx.x == 0 && threadIdx.x == 0) {
+      st[b].active = good;
+      st[b].finite = good;
+    }
+    if (warm) continue;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
+      const int64_t col = b * n * n + j * n;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        x[col + i] = i == j ? diagonal : T(0);
+        m[col + i] = T(z * double(a[col + i]));
+      }
+    }
+  }
+}
+
+// max|M - I| per matrix into the state's distance (or residual); NaN and Inf count as Inf.
+template <class T>
+__global__ void identity_distance_kernel(const T* m, RootState* st, int64_t n, int64_t count, bool residual) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    double local = 0;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
+      const T* col = m + b * n * n + j * n;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const double d = fabs(double(col[i]) - (i == j ? 1.0 : 0.0));
+        local = fmax(local, d <= DBL_MAX ? d : INFINITY);
+      }
+    }
+    block_max_into(local, residual ? &st[b].residual : &st[b].distance);
+  }
+}
+
+// The CPU's stopping rule per matrix (root_newton in cpu.cpp): stop at rounding level, when the
+// error stalls once small, at max_iters, or when it grows by more than 1.2x in the convergent
+// region (then the previous iterate is restored); also when M is no longer finite. Counts the
+// matrices that go on.
+__global__ void newton_watch_kernel(RootState* st, int64_t count, double stop, double stall, int max_iters,
+                                    int* active) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= count) return;
+  RootState& s = st[b];
+  if (s.revert == 1) s.revert = 2;
+  if (s.active) {
+    const double r = s.distance;
+    if (s.previous < 1 && r > 1.2 * s.previous) {
+      s.active = 0;
+      s.revert = 1;
+    } else if (!(r <= DBL_MAX) || r <= stop || (s.previous < stall && r >= s.previous) || s.iterations >= max_iters) {
+      s.active = 0;
+    } else {
+      s.previous = r;
+      ++s.iterations;
+      atomicAdd(active, 1);
+    }
+  }
+  s.distance = 0;
+}
+
+// X <- the previous iterate, for the matrices whose error just grew.
+template <class T>
+__global__ void revert_kernel(T* x, const T* previous, const RootState* st, int64_t n, int64_t count) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    if (st[b].revert != 1) continue;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x)
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) x[b * n * n + j * n + i] = previous[b * n * n + j * n + i];
+  }
+}
+
+// M' = ((p + 1) I - M) / p for active matrices, I for the others.
+template <class T>
+__global__ void newton_step_kernel(const T* m, T* mp, const RootState* st, int64_t n, int64_t count, int p) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    const bool active = st[b].active;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
+      const int64_t col = b * n * n + j * n;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const double id = i == j ? 1.0 : 0.0;
+        mp[col + i] = T(active ? (id * (p + 1) - double(m[col + i])) / p : id);
+      }
+    }
+  }
+}
+
+// X <- (X + X^T) / 2 (symmetric in exact arithmetic), and whether X is finite.
+template <class T>
+__global__ void symmetrize_kernel(T* x, RootState* st, int64_t n, int64_t count) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    T* m = x + b * n * n;
+    bool finite = true;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x)
+      for (int64_t i = j + threadIdx.x; i < n; i += blockDim.x) {  // (i, j) on or below the diagonal
+        const T v = T(0.5 * double(m[j * n + i]) + 0.5 * double(m[i * n + j]));
+        finite &= fabs(double(v)) <= DBL_MAX;
+        m[j * n + i] = v;
+        m[i * n + j] = v;
+      }
+    if (!finite) st[b].finite = 0;
+  }
+}
+
+// Eigenvectors (columns of v) scaled by lambda^(-1/(2p)), lambda = max(w, 0) + eps, exact zeros
+// by 0 (the pseudo-inverse); the CPU's verdict (root_from_eigenpairs in cpu.cpp) into ok.
+template <class T>
+__global__ void eigen_scale_kernel(T* v, const T* w, const int* info, RootState* st, int64_t n, int64_t count, int p,
+                                   double eps, double unit) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    const T* wb = w + b * n;
+    const double top = fmax(double(wb[n - 1]), 0.0);
+    const double zero = double(n) * unit * (top + eps);
+    bool ok = info[b] == 0 && double(wb[0]) >= -sqrt(unit) * top && top <= DBL_MAX;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
+      const double wj = wb[j];
+      const double lambda = (wj > 0 ? wj : 0.0) + eps;
+      ok &= fabs(wj) <= DBL_MAX && lambda > zero;
+      const double s = lambda > 0 ? pow(lambda, -0.5 / p) : 0.0;
+      T* col = v + b * n * n + j * n;
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) col[i] = T(double(col[i]) * s);
+    }
+    if (!ok && threadIdx.x == 0) st[b].ok = 0;
+  }
+}
+
+// dst (row-major, dtype D) = src (column-major): transposed for eigenvectors, as is for
+// symmetric roots. A matrix whose state says it is not finite is written as zeros.
+template <class T, class D>
+__global__ void store_matrices_kernel(const T* src, D* dst, const RootState* st, int64_t n, int64_t count,
+                                      bool transpose) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    const bool zero = st && !st[b].finite;
+    for (int64_t i = blockIdx.x; i < n; i += gridDim.x)  // row i of dst
+      for (int64_t j = threadIdx.x; j < n; j += blockDim.x) {
+        const double v = double(src[b * n * n + (transpose ? j * n + i : i * n + j)]);
+        dst[b * n * n + i * n + j] = from_double<D>(zero || !(fabs(v) <= DBL_MAX) ? 0.0 : v);
+      }
+  }
+}
+
+template <class T, class D>
+__global__ void store_values_kernel(const T* src, D* dst, int64_t total) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = from_double<D>(double(src[i]));
+}
+
+// ---- host side
+
+template <class T> constexpr DType dtype_of() { return std::is_same<T, double>::value ? DType::float64() : DType::float32(); }
+
+// One input's matrices (or one matrix of it, for fallbacks) within a group.
+struct Segment {
+  ArrayView a, out;
+  const ArrayView* init;  // null: cold start
+  RootStatus* status;     // count entries
+  int64_t count;
+};
+
+// Matrices in a (..., n, n) stack, counted from the leading dimensions (so n = 0 counts too).
+int64_t leading_count(const ArrayView& a) {
+  int64_t count = 1;
+  for (int d = 0; d + 2 < a.ndim(); ++d) count *= a.shape[size_t(d)];
+  return count;
+}
+
+int64_t matrices_in(const ArrayView& a) { return a.size(-1) ? leading_count(a) : 0; }
+
+// Matrix b of a C-contiguous (..., n, n) stack, as a (1, n, n) view.
+ArrayView matrix_view(const ArrayView& a, int64_t b) {
+  const int64_t n = a.size(-1);
+  ArrayView v = a;
+  v.data = static_cast<char*>(a.data) + b * n * n * a.dtype.itemsize();
+  v.shape = {1, n, n};
+  v.strides = {n * n, n, 1};
+  return v;
+}
+
+// The batched products of one group: c = a b for every matrix, only the lower blocks computed
+// when the result is known to be symmetric (both factors commuting symmetric matrices).
+template <class T>
+struct Products {
+  cudaStream_t stream;
+  int n;
+  int64_t count;
+  bool symmetric;
+
+  void multiply(const T* a, const T* b, T* c, bool commuting) const {
+    const int64_t nn = int64_t(n) * n;
+    const Stack sa{const_cast<T*>(a), n, nn}, sb{const_cast<T*>(b), n, nn}, sc{c, n, nn};
+    if (symmetric && commuting)
+      cuda::symmetric_product(stream, dtype_of<T>(), Op::N, Op::N, n, n, 1.0, sa, sb, 0.0, sc, count);
+    else
+      cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, n, n, n, 1.0, sa, sb, 0.0, sc, count);
+  }
+
+  // b^p in one of the three scratch buffers (or b itself for p = 1); b is not modified.
+  T* power(T* b, int p, T* const scratch[3]) const {
+    std::vector<T*> free(scratch, scratch + 3);
+    auto take = [&] {
+      T* q = free.back();
+      free.pop_back();
+      return q;
+    };
+    T* square = b;  // b^(2^k)
+    T* result = nullptr;
+    for (int e = p; e > 0; e >>= 1) {
+      if (e & 1) {
+        if (result) {
+          T* q = take();
+          multiply(result, square, q, true);
+          if (result != square && result != b) free.push_back(result);
+          result = q;
+        } else {
+          result = square;
+        }
+      }
+      if (e > 1) {
+        T* q = take();
+        multiply(square, square, q, true);
+        if (square != result && square != b) free.push_back(square);
+        square = q;
+      }
+    }
+    return result;
+  }
+};
+
+// cuSOLVER's batched syev on a contiguous stack (column-major, eigenvectors overwrite a,
+// eigenvalues ascending in w, info per matrix), in chunks within its 32-bit size limit.
+template <class T>
+void syev_batched(cudaStream_t stream, T* a, T* w, int* info, int64_t n, int64_t count) {
+  CK_CHECK_VALUE(n * n <= INT32_MAX, "argument 'A': matrix dimension ", n, " is too large for cuSOLVER's eigh");
+  const int64_t chunk = std::max<int64_t>(1, INT32_MAX / (n * n));
+  const cudaDataType t = std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F;
+  cusolverDnHandle_t handle = cusolver_handle(stream);
+  cusolverDnParams_t params = nullptr;
+  CK_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
+  struct Destroy {
+    cusolverDnParams_t p;
+    ~Destroy() { cusolverDnDestroyParams(p); }
+  } destroy{params};
+  for (int64_t start = 0; start < count; start += chunk) {
+    const int64_t batch = std::min(chunk, count - start);
+    T* ab = a + start * n * n;
+    T* wb = w + start * n;
+    size_t device_bytes = 0, host_bytes = 0;
+    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(handle, params, CUSOLVER_EIG_MODE_VECTOR,
+                                                        CUBLAS_FILL_MODE_LOWER, n, t, ab, n, t, wb, t, &device_bytes,
+                                                        &host_bytes, batch));
+    DeviceBuffer work(device_bytes, stream);
+    std::vector<char> host(host_bytes);
+    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched(handle, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, t,
+                                             ab, n, t, wb, t, work.as<void>(), device_bytes, host.data(), host_bytes,
+                                             info + start, batch));
+    if (host_bytes) CK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host workspace must outlive the call
+  }
+}
+
+// Copies per-matrix states to the host (synchronizes).
+std::vector<RootState> fetch_states(cudaStream_t stream, const RootState* st, int64_t count) {
+  std::vector<RootState> host(static_cast<size_t>(count));
+  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(RootState) * host.size(), cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+// One group: matrices of size n computed in T, from every segment, written to the segments'
+// outputs with their statuses (before the failure policy, which the caller applies).
+template <class T>
+void run_group(int64_t n, const std::vector<Segment>& segments, const RootOptions& o, cudaStream_t stream) {
+  int64_t count = 0;
+  for (const Segment& s : segments) count += s.count;
+  const int64_t nn = n * n;
+  const size_t bytes = size_t(count * nn) * sizeof(T);
+  const bool newton = o.method == RootMethod::Newton;
+  DeviceBuffer a(bytes, stream), x(bytes, stream), m(bytes, stream), s0(bytes, stream), s1(bytes, stream),
+      s2(bytes, stream), s3(newton ? bytes : 0, stream), s4(newton ? bytes : 0, stream),
+      stats(sizeof(MatrixStats) * size_t(count), stream), state(sizeof(RootState) * size_t(count) + sizeof(int), stream),
+      vectors(sizeof(T) * size_t(count) * 2 * size_t(n) + sizeof(double) * size_t(count), stream);
+  RootState* st = state.as<RootState>();
+  int* active = reinterpret_cast<int*>(st + count);
+  const dim3 elements = matrix_grid(n, count, 1024), reduce = matrix_grid(n, count, 32);
+  const unsigned per_state = unsigned((count + 127) / 128);
+  reset_states_kernel<<<per_state, 128, 0, stream>>>(st, count);
+  CK_CUDA_CHECK(cudaGetLastError());
+
+  // A_r = (A + A^T)/2 + eps I; warm starts into X.
+  bool any_warm = false;
+  int64_t first = 0;
+  for (const Segment& s : segments) {
+    cuda::load_symmetric(stream, s.a, a.as<T>() + first * nn, stats.as<MatrixStats>() + first);
+    if (s.init && newton) {
+      DeviceBuffer init_stats(sizeof(MatrixStats) * size_t(s.count), stream);
+      cuda::load_symmetric(stream, *s.init, x.as<T>() + first * nn, init_stats.as<MatrixStats>());
+      any_warm = true;
+    }
+    first += s.count;
+  }
+  const int ni = int(n);
+  const Stack stack_a{a.as<void>(), n, nn};
+  cuda::scale_add_identity(stream, dtype_of<T>(), stack_a, stack_a, ni, count, 1.0, o.eps);
+  const Products<T> products{stream, ni, count, !any_warm};
+  T* xp = x.as<T>();
+  T* mp = m.as<T>();
+
+  if (newton) {
+    // Largest-eigenvalue estimate: 10 power steps from the normalized ones vector.
+    T* v = vectors.as<T>();
+    T* u = v + count * n;
+    double* rayleigh = reinterpret_cast<double*>(u + count * n);
+    fill_kernel<<<grid_for(count * n, kThreads), kThreads, 0, stream>>>(v, count * n, T(1.0 / std::sqrt(double(n))));
+    CK_CUDA_CHECK(cudaGetLastError());
+    for (int k = 0; k < 10; ++k) {
+      cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, ni, 1, ni, 1.0, stack_a, {v, n, n}, 0.0, {u, n, n}, count);
+      power_normalize_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(u, v, rayleigh, n,
+                                                                                                 count);
+      CK_CUDA_CHECK(cudaGetLastError());
+    }
+    first = 0;
+    for (const Segment& s : segments) {
+      const int64_t off = first * nn;
+      newton_start_kernel<<<matrix_grid(n, s.count, 1024), kThreads, 0, stream>>>(
+          a.as<T>() + off, xp + off, mp + off, st + first, rayleigh + first, stats.as<MatrixStats>() + first, n,
+          s.count, o.p, o.eps, s.init != nullptr);
+      CK_CUDA_CHECK(cudaGetLastError());
+      first += s.count;
+    }
+    T* scratch[3] = {s0.as<T>(), s1.as<T>(), s2.as<T>()};
+    T* previous = s3.as<T>();
+    T* mprime = s4.as<T>();
+    if (any_warm) {  // M_0 = X_0^p A_r (z A_r up to rounding for the cold matrices)
+      T* power = products.power(xp, o.p, scratch);
+      products.multiply(power, a.as<T>(), mp, false);
+    }
+    const double unit = unit_roundoff<T>(), stop = 10 * std::sqrt(double(n)) * unit;
+    for (int it = 0;; ++it) {
+      identity_distance_kernel<<<reduce, kThreads, 0, stream>>>(mp, st, n, count, false);
+      CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
+      newton_watch_kernel<<<per_state, 128, 0, stream>>>(st, count, stop, std::sqrt(unit), o.max_iters, active);
+      revert_kernel<<<elements, kThreads, 0, stream>>>(xp, previous, st, n, count);
+      CK_CUDA_CHECK(cudaGetLastError());
+      if (it % 4 == 3 || it >= o.max_iters) {  // the host looks every 4 steps, not every step
+        int host_active = 0;
+        CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+        if (host_active == 0) break;
+      }
+      newton_step_kernel<<<elements, kThreads, 0, stream>>>(mp, mprime, st, n, count, o.p);
+      CK_CUDA_CHECK(cudaGetLastError());
+      products.multiply(xp, mprime, previous, true);  // X <- X M'
+      std::swap(xp, previous);
+      T* power = products.power(mprime, o.p, scratch);  // M <- M'^p M
+      T* next = power == scratch[0] ? scratch[1] : scratch[0];
+      products.multiply(power, mp, next, true);
+      // the buffers of M and of the new M trade places
+      for (T*& q : scratch)
+        if (q == next) q = mp;
+      mp = next;
+    }
+  } else {
+    // Eigh: V D with D = diag(lambda^(-1/(2p))) from syev of A (eps taken back out, then
+    // applied after flooring, as on the CPU), X = (V D)(V D)^T.
+    T* v = s0.as<T>();
+    T* w = vectors.as<T>();
+    int* info = reinterpret_cast<int*>(s1.as<T>());
+    cuda::scale_add_identity(stream, dtype_of<T>(), stack_a, {v, n, nn}, ni, count, 1.0, -o.eps);
+    syev_batched(stream, v, w, info, n, count);
+    eigen_scale_kernel<<<elements, kThreads, 0, stream>>>(v, w, info, st, n, count, o.p, o.eps,
+                                                          unit_roundoff<T>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    cuda::symmetric_product(stream, dtype_of<T>(), Op::N, Op::T, ni, ni, 1.0, {v, n, nn}, {v, n, nn}, 0.0,
+                            {xp, n, nn}, count);
+  }
+
+  symmetrize_kernel<<<elements, kThreads, 0, stream>>>(xp, st, n, count);
+  CK_CUDA_CHECK(cudaGetLastError());
+  if (newton || o.compute_residual) {  // max|X^p A_r - I|
+    T* scratch[3] = {s0.as<T>(), s1.as<T>(), s2.as<T>()};  // free now (M is no longer needed)
+    T* power = products.power(xp, o.p, scratch);
+    T* product = power == scratch[2] ? scratch[1] : scratch[2];
+    products.multiply(power, a.as<T>(), product, false);
+    identity_distance_kernel<<<reduce, kThreads, 0, stream>>>(product, st, n, count, true);
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
+  first = 0;
+  for (const Segment& s : segments) {
+    CK_DISPATCH_FLOATING(s.out.dtype, "out", D, [&] {
+      store_matrices_kernel<<<matrix_grid(n, s.count, 1024), kThreads, 0, stream>>>(
+          xp + first * nn, s.out.ptr<D>(), st + first, n, s.count, false);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+    first += s.count;
+  }
+
+  const std::vector<RootState> host = fetch_states(stream, st, count);
+  first = 0;
+  for (const Segment& s : segments) {
+    for (int64_t b = 0; b < s.count; ++b) {
+      const RootState& h = host[size_t(first + b)];
+      RootStatus& status = s.status[b];
+      status = RootStatus{};
+      status.method = o.method;
+      status.iterations = newton ? h.iterations : 0;
+      const bool measured = newton || o.compute_residual;
+      status.residual = !measured ? -1.0 : (h.finite ? h.residual : INFINITY);
+      status.converged = h.finite && (newton ? h.residual <= o.tol : h.ok);
+    }
+    first += s.count;
+  }
+}
+
+// The group's matrices by compute dtype.
+void run_group_any(bool f64, int64_t n, const std::vector<Segment>& segments, const RootOptions& o,
+                   cudaStream_t stream) {
+  if (f64) run_group<double>(n, segments, o, stream);
+  else run_group<float>(n, segments, o, stream);
+}
+
+// out matrix b <- (init + init^T)/2 (what is kept when everything fails).
+void store_init(const ArrayView& init, const ArrayView& out, int64_t b, cudaStream_t stream) {
+  const int64_t n = init.size(-1);
+  DeviceBuffer x(sizeof(double) * size_t(n * n), stream), stats(sizeof(MatrixStats), stream);
+  cuda::load_symmetric(stream, matrix_view(init, b), x.as<double>(), stats.as<MatrixStats>());
+  const ArrayView target = matrix_view(out, b);
+  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+    store_matrices_kernel<<<matrix_grid(n, 1, 1024), kThreads, 0, stream>>>(x.as<double>(), target.ptr<D>(), nullptr,
+                                                                           n, 1, false);
+  });
+  CK_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
+                              const std::vector<const ArrayView*>& inits, const RootOptions& o,
+                              std::vector<std::vector<RootStatus>>& status, StreamHandle stream_handle) {
+  status.assign(inputs.size(), {});
+  if (inputs.empty()) return;
+  CudaDeviceGuard guard(inputs[0].device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+
+  // Every input (and init) checked finite and symmetric before anything is written.
+  int64_t total = 0;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t n = inputs[i].size(-1);
+    CK_CHECK_VALUE(n <= 46340, "argument 'A': matrix dimension ", n, " is too large for one CUDA matrix");
+    total += matrices_in(inputs[i]) * (inits[i] ? 2 : 1);
+  }
+  {
+    DeviceBuffer stats(sizeof(MatrixStats) * size_t(total), stream);
+    int64_t first = 0;
+    for (size_t i = 0; i < inputs.size(); ++i)
+      for (const ArrayView* a : {&inputs[i], inits[i]}) {
+        if (!a) continue;
+        cuda::load_symmetric<double>(stream, *a, nullptr, stats.as<MatrixStats>() + first);
+        first += matrices_in(*a);
+      }
+    std::vector<MatrixStats> host(static_cast<size_t>(total));
+    CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), stats.as<void>(), sizeof(MatrixStats) * host.size(),
+                                  cudaMemcpyDeviceToHost, stream));
+    CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+    first = 0;
+    for (size_t i = 0; i < inputs.size(); ++i)
+      for (const ArrayView* a : {&inputs[i], inits[i]}) {
+        if (!a) continue;
+        cuda::validate_symmetric(*a, host.data() + first, a == inits[i] ? "init" : "A");
+        first += matrices_in(*a);
+      }
+  }
+
+  // Groups by (n, float64); 0 x 0 matrices have their (empty) root.
+  std::map<std::pair<int64_t, bool>, std::vector<Segment>> groups;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t n = inputs[i].size(-1), count = leading_count(inputs[i]);
+    RootStatus empty;
+    empty.converged = true;
+    status[i].assign(size_t(count), n ? RootStatus{} : empty);
+    if (n == 0 || count == 0) continue;
+    groups[{n, inputs[i].dtype == DType::float64()}].push_back(
+        Segment{inputs[i], outputs[i], inits[i], status[i].data(), count});
+  }
+  for (auto& [key, segments] : groups) {
+    run_group_any(key.second, key.first, segments, o, stream);
+    // The failure policy: Newton failures again by eigh in float64 (without init); what still
+    // fails keeps init where given.
+    std::vector<Segment> retry;
+    for (const Segment& s : segments)
+      for (int64_t b = 0; b < s.count; ++b)
+        if (!s.status[b].converged && o.method == RootMethod::Newton && o.fallback)
+          retry.push_back(Segment{matrix_view(s.a, b), matrix_view(s.out, b), nullptr, nullptr, 1});
+    std::vector<RootStatus> retried(retry.size());
+    for (size_t k = 0; k < retry.size(); ++k) retry[k].status = &retried[k];
+    if (!retry.empty()) {
+      RootOptions o64 = o;
+      o64.method = RootMethod::Eigh;
+      o64.compute_residual = false;
+      run_group_any(true, key.first, retry, o64, stream);
+    }
+    size_t k = 0;
+    for (const Segment& s : segments)
+      for (int64_t b = 0; b < s.count; ++b) {
+        RootStatus& st = s.status[b];
+        if (!st.converged && o.method == RootMethod::Newton && o.fallback) {
+          RootStatus fallback = retried[k++];
+          fallback.iterations = st.iterations;
+          fallback.fell_back = true;
+          if (fallback.converged || !s.init) {
+            st = fallback;
+            continue;
+          }
+        }
+        if (!st.converged && s.init) {
+          store_init(*s.init, s.out, b, stream);
+          st.kept_init = true;
+        }
+      }
+  }
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+}
+
+void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
+               const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok, StreamHandle stream_handle) {
+  ok.assign(inputs.size(), {});
+  if (inputs.empty()) return;
+  CudaDeviceGuard guard(inputs[0].device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t n = inputs[i].size(-1), count = matrices_in(inputs[i]);
+    ok[i].assign(size_t(leading_count(inputs[i])), true);
+    if (count == 0) continue;
+    DeviceBuffer stats(sizeof(MatrixStats) * size_t(count), stream);
+    cuda::load_symmetric<double>(stream, inputs[i], nullptr, stats.as<MatrixStats>());
+    cuda::check_symmetric(stream, inputs[i], stats.as<MatrixStats>(), "A");
+  }
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const int64_t n = inputs[i].size(-1), count = matrices_in(inputs[i]);
+    if (count == 0) continue;
+    auto solve = [&](auto tag) {
+      using T = decltype(tag);
+      DeviceBuffer v(sizeof(T) * size_t(count * n * n), stream), w(sizeof(T) * size_t(count * n), stream),
+          info(sizeof(int) * size_t(count), stream), stats(sizeof(MatrixStats) * size_t(count), stream);
+      cuda::load_symmetric(stream, inputs[i], v.as<T>(), stats.as<MatrixStats>());
+      syev_batched(stream, v.as<T>(), w.as<T>(), info.as<int>(), n, count);
+      CK_DISPATCH_FLOATING(vectors[i].dtype, "out", D, [&] {
+        store_matrices_kernel<<<matrix_grid(n, count, 1024), kThreads, 0, stream>>>(
+            v.as<T>(), vectors[i].ptr<D>(), static_cast<const RootState*>(nullptr), n, count, true);
+        store_values_kernel<<<grid_for(count * n, kThreads), kThreads, 0, stream>>>(w.as<T>(), values[i].ptr<D>(),
+                                                                                      count * n);
+      });
+      CK_CUDA_CHECK(cudaGetLastError());
+      std::vector<int> host(static_cast<size_t>(count));
+      CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), info.as<int>(), sizeof(int) * host.size(), cudaMemcpyDeviceToHost,
+                                    stream));
+      CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+      for (int64_t b = 0; b < count; ++b) ok[i][size_t(b)] = host[size_t(b)] == 0;
+    };
+    if (inputs[i].dtype == DType::float64()) solve(double());
+    else solve(float());
+  }
+}
+
+}  // namespace curvkit
