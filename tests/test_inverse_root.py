@@ -128,6 +128,25 @@ def test_basis_warm_start_matches_a_cold_eigh_root(dtype, steps_max, p, rng):
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("p", [2, 4])
+def test_products_count_the_work_and_the_warm_refresh_saves_3x(dtype, p, rng):
+    powers = {2: 1, 4: 2}[p]
+    before, after = drifting_factors(rng, 128, 2, dtype)
+    _, cold = curvkit.matrix_inverse_root(after, p, method="newton", return_info=True)
+    assert cold["products"] == cold["iterations"] * (powers + 2) + powers + 1  # steps + residual check
+    _, info = curvkit.matrix_inverse_root(after, p, method="eigh", return_info=True)
+    assert info["products"] == 0.5  # the syrk after LAPACK
+    V = curvkit.eigh(before)[1].copy()
+    _, warm = curvkit.matrix_inverse_root(after, p, basis=V, return_info=True)
+    assert not warm["fell_back"]
+    # per step 2 products to evaluate S and R, 1 to correct; the confirming evaluation is
+    # skipped when the last correction was below rounding
+    k = warm["iterations"]
+    assert warm["products"] in (3 * k + 0.5, 3 * k + 2.5)
+    assert cold["products"] >= 3 * warm["products"]
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
 def test_basis_refinement_separates_mixed_nearly_equal_eigenvalues(dtype, rng):
     # two eigenvalues 1e-9 apart whose eigenvectors rotated by 0.7 rad since the basis was
     # taken: far outside first-order refinement, diagonalized exactly as a group instead
@@ -433,3 +452,31 @@ def test_cuda_errors(cuda_backend):
         curvkit.matrix_inverse_root([make(np.eye(2), cuda_backend), np.eye(2)], 2)
     with pytest.raises(ValueError, match="'basis'"):
         curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, basis=make(np.eye(2), cuda_backend))
+
+
+def test_cuda_orthonormalize_qr(cuda_backend, rng):
+    Q = rng.standard_normal((3, 40, 12))
+    q, r = np.linalg.qr(Q)
+    expected = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]  # Gram-Schmidt basis
+    R = curvkit.orthonormalize(make(Q, cuda_backend), "qr")
+    np.testing.assert_allclose(to_numpy(R), expected, atol=1e-12)
+    R32 = to_numpy(curvkit.orthonormalize(make(Q, cuda_backend, "float32"), "qr"))
+    assert np.abs(R32 - expected).max() < 1e-5
+    with pytest.raises(curvkit.ConvergenceError):
+        curvkit.orthonormalize(make(np.ones((5, 3)), cuda_backend), "qr")  # rank 1
+
+
+def test_cuda_eigenbasis_update(cuda_backend, rng):
+    n = 24
+    V, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = (V * np.geomspace(1, 1e-2, n)) @ V.T
+    Q = np.linalg.qr(rng.standard_normal((2, n, 7)))[0]
+    A2 = np.stack([A, A])
+    Qn, d, perm = curvkit.eigenbasis_update(make(A2, cuda_backend), make(Q, cuda_backend))
+    Qc, dc, pc = curvkit.eigenbasis_update(A2, Q)
+    assert isinstance(perm, np.ndarray) and perm.dtype == np.int64
+    np.testing.assert_array_equal(perm, pc)
+    np.testing.assert_allclose(to_numpy(d), dc, atol=1e-13)
+    np.testing.assert_allclose(to_numpy(Qn), Qc, atol=1e-12)
+    with pytest.raises(ValueError, match="same device"):
+        curvkit.eigenbasis_update(A2, make(Q, cuda_backend))

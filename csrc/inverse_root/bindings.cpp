@@ -24,10 +24,6 @@ void check_square_batch(const ArrayView& a, const char* name) {
   CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
 }
 
-void check_cpu(const ArrayView& a, const char* name, const char* what) {
-  CK_CHECK_VALUE(!a.device.is_cuda(), "argument '", name, "' is a CUDA array: ", what, " runs on the CPU only so far");
-}
-
 // Every input on the first one's device; true if that is a CUDA device. Warm-start bases are
 // refined on the CPU only.
 bool on_cuda(const std::vector<interop::ImportedArray>& inputs, const std::vector<const ArrayView*>& bases) {
@@ -120,6 +116,7 @@ void register_inverse_root(py::module_& m) {
           py::array_t<int32_t> iterations(shape);
           py::array_t<double> residual(shape);
           py::array_t<bool> newton(shape);
+          py::array_t<double> products(shape);
           for (size_t b = 0; b < status[i].size(); ++b) {
             const RootStatus& s = status[i][b];
             converged.mutable_data()[b] = s.converged;
@@ -128,8 +125,9 @@ void register_inverse_root(py::module_& m) {
             newton.mutable_data()[b] = s.method == RootMethod::Newton;
             fell_back.mutable_data()[b] = s.fell_back;
             kept_init.mutable_data()[b] = s.kept_init;
+            products.mutable_data()[b] = s.products;
           }
-          result.append(py::make_tuple(converged, iterations, residual, newton, fell_back, kept_init));
+          result.append(py::make_tuple(converged, iterations, residual, newton, fell_back, kept_init, products));
         }
         return result;
       },
@@ -137,7 +135,7 @@ void register_inverse_root(py::module_& m) {
       py::arg("method"),
       py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("compute_residual"), py::arg("stream"),
       "outputs[i] = (inputs[i] + eps I)^(-1/p); per input (converged, iterations, residual, newton, fell_back, "
-      "kept_init) (see curvkit.matrix_inverse_root).");
+      "kept_init, products) (see curvkit.matrix_inverse_root).");
   m.def(
       "eigh",
       [](const py::list& inputs, const py::list& values, const py::list& vectors, const py::list& bases,
@@ -184,32 +182,33 @@ void register_inverse_root(py::module_& m) {
       "succeeded, refinement steps or -1 where decomposed from scratch).");
   m.def(
       "orthonormalize_qr",
-      [](py::handle q) {
+      [](py::handle q, StreamHandle stream) {
         interop::ImportedArray qv = interop::import_output(q, "Q");
         check_floating(qv.view, "Q");
         CK_CHECK_VALUE(qv.view.ndim() >= 2, "argument 'Q' must have shape (..., m, k)");
         CK_CHECK_VALUE(qv.view.is_contiguous(), "argument 'Q' must be C-contiguous");
-        check_cpu(qv.view, "Q", "orthonormalize(method='qr')");
         std::vector<bool> ok;
         {
           py::gil_scoped_release release;
-          orthonormalize_qr_cpu(qv.view, ok);
+          if (qv.view.device.is_cuda()) orthonormalize_qr_cuda(qv.view, ok, stream);
+          else orthonormalize_qr_cpu(qv.view, ok);
         }
         py::array_t<bool> good(batch_shape(qv.view));
         for (size_t b = 0; b < ok.size(); ++b) good.mutable_data()[b] = ok[b];
         return good;
       },
-      py::arg("Q"), "Orthonormalize the columns of Q in place by QR (nonnegative R diagonal).");
+      py::arg("Q"), py::arg("stream"), "Orthonormalize the columns of Q in place by QR (nonnegative R diagonal).");
   m.def(
       "eigenbasis_update",
-      [](py::handle a, py::handle q, py::handle q_out, py::handle estimates, py::handle perm) {
+      [](py::handle a, py::handle q, py::handle q_out, py::handle estimates, py::handle perm, StreamHandle stream) {
         interop::ImportedArray av = interop::import_array(a, "A"), qv = interop::import_array(q, "Q");
         interop::ImportedArray ov = interop::import_output(q_out, "out"), ev = interop::import_output(estimates, "out"),
                                pv = interop::import_output(perm, "out");
         check_square_batch(av.view, "A");
-        check_cpu(av.view, "A", "eigenbasis_update");
-        for (auto [x, name] : {std::pair{&qv, "Q"}, std::pair{&ov, "out"}, std::pair{&ev, "out"}, std::pair{&pv, "out"}})
+        for (auto [x, name] : {std::pair{&qv, "Q"}, std::pair{&ov, "out"}, std::pair{&ev, "out"}})
           check_same_device(av.view, "A", x->view, name);
+        CK_CHECK_VALUE(!pv.view.device.is_cuda() && pv.view.is_contiguous() && pv.view.numel() == ev.view.numel(),
+                       "perm output must be a contiguous host array with one entry per column");
         check_floating(qv.view, "Q");
         CK_CHECK_VALUE(qv.view.is_contiguous() && qv.view.ndim() == av.view.ndim() &&
                            qv.view.size(-2) == av.view.size(-1) &&
@@ -220,13 +219,14 @@ void register_inverse_root(py::module_& m) {
         std::vector<bool> ok;
         {
           py::gil_scoped_release release;
-          eigenbasis_update_cpu(av.view, qv.view, ov.view, ev.view, pv.view, ok);
+          if (av.view.device.is_cuda()) eigenbasis_update_cuda(av.view, qv.view, ov.view, ev.view, pv.view, ok, stream);
+          else eigenbasis_update_cpu(av.view, qv.view, ov.view, ev.view, pv.view, ok);
         }
         py::array_t<bool> good(batch_shape(av.view));
         for (size_t b = 0; b < ok.size(); ++b) good.mutable_data()[b] = ok[b];
         return good;
       },
-      py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"),
+      py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"), py::arg("stream"),
       "SOAP's eigenbasis refresh (see curvkit.eigenbasis_update).");
 }
 

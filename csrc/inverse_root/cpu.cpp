@@ -136,14 +136,15 @@ void rotate_lines(int n, T* m, const std::vector<int>& cols, const std::vector<T
 // of its columns) before the step. Pairs whose |s_ij| + |d| |r_ij| still exceeds a tenth of
 // the gap get E_ij = r_ij / 2 (orthogonalization only), as for clusters in the paper.
 // Converged: max_{i != j} |s_ij| and max |r_ij| at rounding level (4 sqrt(n) u, relative to
-// max |d| for S), the accuracy LAPACK's own eigenvectors have. Returns the number of steps
-// taken (eigenvalues in d, unsorted), or -1 when the basis is too far from A's eigenvectors (a
+// max |d| for S), the accuracy LAPACK's own eigenvectors have, or a first-order correction
+// with ||E||_F^2 <= u (its S and R are then at rounding level unseen). Returns the number of
+// steps taken (eigenvalues in d, unsorted; products counts the matrix products), or -1 when the basis is too far from A's eigenvectors (a
 // coupled group larger than n/4, a step that increased the coupling, no convergence
 // within max_steps, or non-finite values): decompose from scratch then. Eigenvectors of
 // eigenvalues closer than the drift couples them (dense spectra, n >= 1024 after an EMA
 // step, measured) rotate too far for refinement. scratch holds 5 n^2 values.
 template <class T>
-int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<T>& scratch) {
+int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<T>& scratch, double* products) {
   const int64_t nn = int64_t(n) * n;
   scratch.resize(size_t(5 * nn));
   T *av = scratch.data(), *s = av + nn, *r = s + nn, *e = r + nn, *v0 = e + nn;
@@ -158,6 +159,7 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
     for (int64_t i = 0; i < n; ++i) r[i * n + i] += T(1);
     blas::mirror_lower(s, n);
     blas::mirror_lower(r, n);
+    *products += 2;
     double scale = 0, off = 0, off_r = 0;
     bool finite = true;
     for (int64_t i = 0; i < n; ++i) {
@@ -204,15 +206,24 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
       blas::mirror_lower(s, n);
       blas::mirror_lower(r, n);
     }
+    double correction2 = 0;  // ||E||_F^2
+    bool all_first_order = !rotated;
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) {
         const double sij = double(s[i * n + j]), rij = double(r[i * n + j]), gap = double(d[j]) - double(d[i]);
         const double coupling = std::fabs(sij) + std::max(std::fabs(double(d[i])), std::fabs(double(d[j]))) * std::fabs(rij);
         const bool first_order = i != j && gap != 0 && coupling <= coupled * std::fabs(gap);
+        all_first_order &= i == j || first_order;
         e[i * n + j] = T(first_order ? (sij + double(d[j]) * rij) / gap : rij / 2);
+        correction2 += double(e[i * n + j]) * double(e[i * n + j]);
       }
     std::copy(v, v + nn, v0);
     blas::gemm(n, n, n, T(1), v0, e, T(1), v);  // V <- V + V E
+    *products += 1;
+    // In the first-order regime the next S and R are off by O(||E||^2) (and d by as much,
+    // relative): a correction with ||E||_F^2 <= u leaves them at rounding level, so the
+    // evaluation that would confirm it is skipped.
+    if (all_first_order && correction2 <= u) return step + 1;
   }
 }
 
@@ -239,7 +250,7 @@ constexpr int kMaxRefineSteps = 8;
 template <class T>
 bool decompose(int n, const T* a, bool warm, RootWork<T>& w, RootStatus& st) {
   if (warm) {
-    const int steps = refine_eigenbasis(n, a, w.v.data(), w.w.data(), kMaxRefineSteps, w.scratch);
+    const int steps = refine_eigenbasis(n, a, w.v.data(), w.w.data(), kMaxRefineSteps, w.scratch, &st.products);
     if (steps >= 0) {
       st.iterations = steps;
       sort_eigenpairs(n, w.w, w.v, w.scratch);
@@ -281,6 +292,7 @@ bool root_eigh(int n, const RootOptions& o, const ArrayView* basis, int64_t inde
   if (basis) load_matrix(*basis, index, w.v.data());
   if (!decompose(n, w.t.data(), basis != nullptr, w, st) || !all_finite(w.v) || !all_finite(w.w)) return false;
   if (basis) store_matrix(w.v.data(), *basis, index);
+  st.products += 0.5;  // the syrk that rebuilds the root
   return root_from_eigenpairs(n, o, w);
 }
 
@@ -321,6 +333,7 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
     load_symmetrized(*init, index, w.x.data());
     matrix_power(n, w.x, p, w.q, w.t, w.u);
     blas::gemm(n, n, n, T(1), w.q.data(), w.a.data(), T(0), w.m.data());
+    st.products += power_products(p) + 1;
   } else {
     const double lambda = lambda_max_estimate(n, w);
     const double z = (p + 1) / (2 * lambda);
@@ -345,12 +358,14 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
     w.v = w.x;  // the previous iterate, in case the next step grows the error
     blas::gemm(n, n, n, T(1), w.v.data(), w.mp.data(), T(0), w.x.data());
     matrix_power(n, w.mp, p, w.q, w.t, w.u);  // M <- M'^p M
+    st.products += power_products(p) + 2;
     blas::gemm(n, n, n, T(1), w.q.data(), w.m.data(), T(0), w.t.data());
     std::swap(w.m, w.t);
   }
   symmetrize(w.x.data(), n);  // X is symmetric in exact arithmetic
   if (!all_finite(w.x)) return false;
   st.residual = root_residual(n, p, w);
+  st.products += power_products(p) + 1;
   return st.residual <= o.tol;
 }
 
@@ -368,7 +383,7 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, c
     ok = root_newton(n, o, init, index, w, st);
   } else {
     ok = root_eigh(n, o, basis, index, w, st);
-    if (o.compute_residual) st.residual = root_residual(n, o.p, w);  // reported, not a criterion
+    if (o.compute_residual) st.residual = root_residual(n, o.p, w);  // reported, not a criterion (nor counted)
   }
   st.converged = ok;
   if (!ok && o.method == RootMethod::Newton && o.fallback) {  // eigh, in float64
@@ -378,6 +393,7 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, c
     RootStatus fallback;
     root_one<double>(a, out, nullptr, nullptr, index, o64, w64, fallback);
     fallback.iterations = st.iterations;
+    fallback.products += st.products;
     fallback.fell_back = true;
     if (fallback.converged || !init) {
       st = fallback;
@@ -553,6 +569,15 @@ void matrix_inverse_root_cuda(const std::vector<ArrayView>&, const std::vector<A
 
 void eigh_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&, const std::vector<ArrayView>&,
                std::vector<std::vector<bool>>&, StreamHandle) {
+  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
+}
+
+void orthonormalize_qr_cuda(const ArrayView&, std::vector<bool>&, StreamHandle) {
+  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
+}
+
+void eigenbasis_update_cuda(const ArrayView&, const ArrayView&, const ArrayView&, const ArrayView&, const ArrayView&,
+                            std::vector<bool>&, StreamHandle) {
   throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
 }
 #endif

@@ -49,7 +49,18 @@ struct RootStatus {
   RootMethod method = RootMethod::Eigh;  // the method that produced the result
   bool fell_back = false;
   bool kept_init = false;
+  double products = 0;  // n x n matrix products spent (a symmetric one, syrk / gemmt, counts 0.5)
 };
+
+// Products of b^p by binary powering: floor(log2 p) squarings, popcount(p) - 1 multiplications.
+inline int power_products(int p) {
+  int squarings = 0, ones = 0;
+  for (int e = p; e > 0; e >>= 1) {
+    ones += e & 1;
+    squarings += e > 1;
+  }
+  return squarings + ones - 1;
+}
 
 // inputs[i] (..., n_i, n_i); outputs[i], inits[i] and bases[i] (either may be null) of the
 // same shape; one status per matrix, input by input. bases[i] (Eigh only): eigenvectors of
@@ -79,6 +90,7 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
 // the Gram-Schmidt basis of the input, continuous in it): q (..., m, k), m >= k, in place.
 // Per matrix: whether LAPACK succeeded and the input had full column rank.
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok);
+void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
 // SOAP's eigenbasis refresh from a previous basis Q (..., n, k) of A (..., n, n): the
 // eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
@@ -86,5 +98,9 @@ void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok);
 // q_out (..., n, k), estimates (..., k) sorted descending, perm (..., k) int64.
 void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out,
                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok);
+// The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.
+void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out,
+                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
+                            StreamHandle stream);
 
 }  // namespace curvkit

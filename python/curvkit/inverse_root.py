@@ -52,13 +52,15 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         E_ij = (s_ij + d_j r_ij) / (d_j - d_i)) squares the error each step with 3 matrix
         products; eigenvectors of nearly equal eigenvalues that mixed are separated exactly
         by small eigendecompositions. It stops at the accuracy of LAPACK's own eigenvectors
-        (off-diagonal of S and R within 4 sqrt(n) unit roundoffs), so the result matches a
-        cold eigh; a basis too far off (an identity or zeros on the first call, say) is
-        replaced by a full decomposition ("fell_back" in the info). One EMA step (beta =
-        0.999) after the basis was computed it takes 2 steps in float32 (8.5 products in
-        all) and 4 in float64 (14.5), against 35-51 for a cold Newton root at equal
-        accuracy (bench/results/inverse_root_cpu.md). Needs
-        ``method`` "auto" or "eigh"; CPU arrays only so far. "iterations" in the info counts refinement steps.
+        (off-diagonal of S and R within 4 sqrt(n) unit roundoffs; the evaluation that would
+        confirm it is skipped when the last correction was below rounding), so the result
+        matches a cold eigh; a basis too far off (an identity or zeros on the first call,
+        say) is replaced by a full decomposition ("fell_back" in the info). One EMA step
+        (beta = 0.999) after the basis was computed it takes 2 steps in float32 (8.5
+        products in all) and 4 in float64 (12.5), against 38-51 for a cold Newton root at
+        equal accuracy (bench/results/inverse_root_cpu.md). Needs ``method`` "auto" or
+        "eigh"; CPU arrays only so far. "iterations" in the info counts refinement steps,
+        "products" the matrix products.
     init : array like A, optional
         A previous root to warm-start "newton" from (X_0 = init, M_0 = init^p (A + eps I)):
         it takes a few steps instead of tens, but keeps the part of init's error that does
@@ -80,7 +82,9 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
     return_info : bool
         Also return, per input, a dict of NumPy arrays over the batch: "converged",
         "iterations", "residual" (||X^p (A + eps I) - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
-        matrix), "fell_back", "kept_init". Without it, a matrix that did not converge
+        matrix), "fell_back", "kept_init", "products" (the n x n matrix products spent,
+        fallbacks included; a symmetric one counts 0.5, a LAPACK decomposition none, nor
+        the residual eigh reports). Without it, a matrix that did not converge
         raises :class:`curvkit.ConvergenceError` (results are never NaN or Inf).
 
     Examples
@@ -141,7 +145,7 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
                                        _arrays.index(max_iters, "max_iters", 1), float(tol), bool(fallback),
                                        bool(return_info), _arrays.stream_of(prepared[0]) if prepared else 0)
     infos = [{"converged": c, "iterations": it, "residual": r, "method": np.where(nw, "newton", "eigh"),
-              "fell_back": fb, "kept_init": ki} for c, it, r, nw, fb, ki in status]
+              "fell_back": fb, "kept_init": ki, "products": pr} for c, it, r, nw, fb, ki, pr in status]
     result = outputs[0] if single else outputs
     info = infos[0] if single else infos
     if return_info:
@@ -241,7 +245,8 @@ def orthonormalize(Q, method="qr", steps=4):
     Bjorck passes Q <- 1.5 Q - 0.5 Q Q^T Q (4-bit Shampoo's rectification), run by
     curvkit's Newton–Schulz kernel without normalization; it moves Q to the nearest matrix
     with orthonormal columns and needs singular values in (0, sqrt(3)). Returns a new array
-    (float64 computes in float64, others in float32). CPU only so far.
+    (float64 computes in float64, others in float32). CPU and CUDA (cuSOLVER geqrf/orgqr,
+    one call per matrix, for "qr").
 
     >>> import numpy as np, curvkit
     >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
@@ -263,7 +268,7 @@ def orthonormalize(Q, method="qr", steps=4):
         raise TypeError(f"argument 'Q' must have a float dtype, got {_arrays.dtype_name(Q.dtype)}")
     if method == "qr":
         out = _arrays.convert(Q)  # a contiguous copy, orthonormalized in place
-        ok = _core.orthonormalize_qr(out)
+        ok = _core.orthonormalize_qr(out, _arrays.stream_of(out))
         if not ok.all():
             raise ConvergenceError("orthonormalize: some bases are rank-deficient or non-finite",
                                    {"converged": ok}, out)
@@ -282,8 +287,9 @@ def eigenbasis_update(A, Q):
     Estimates eigenvalues d_j = q_j^T A q_j, orders the columns by d descending, then takes
     one power step and re-orthonormalizes: Q_new = qr(A Q[:, perm]) (nonnegative R
     diagonal, so columns keep their signs). Returns (Q_new, d sorted descending, perm) with
-    perm (int64, NumPy) such that new column j came from old column perm[j]: apply it to
-    any state kept in the old basis (SOAP's second-moment estimate). CPU only so far.
+    perm (int64, NumPy, also for CUDA input) such that new column j came from old column
+    perm[j]: apply it to any state kept in the old basis (SOAP's second-moment estimate).
+    CPU and CUDA (cuBLAS product, cuSOLVER QR).
 
     >>> import numpy as np, curvkit
     >>> A = np.diag([1.0, 5.0, 3.0])
@@ -302,7 +308,7 @@ def eigenbasis_update(A, Q):
     Q_new = _arrays.empty(tuple(Q.shape), dt, fw, dev)
     d = _arrays.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dt, fw, dev)
     perm = np.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dtype=np.int64)
-    ok = _core.eigenbasis_update(A, Q, Q_new, d, perm)
+    ok = _core.eigenbasis_update(A, Q, Q_new, d, perm, _arrays.stream_of(Q))
     if not ok.all():
         raise ConvergenceError("eigenbasis_update: A Q lost rank or became non-finite for some matrices",
                                {"converged": ok}, (Q_new, d, perm))
