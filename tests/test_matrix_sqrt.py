@@ -171,3 +171,32 @@ def test_cuda_failures_are_reported_not_nan(cuda_backend, rng):
         curvkit.matrix_sqrt(make(np.full((4, 4), np.nan), cuda_backend, "float32"))
     with pytest.raises(ValueError, match="symmetric"):
         curvkit.matrix_sqrt(make(np.triu(np.ones((4, 4))), cuda_backend, "float32"))
+
+
+def test_cuda_lyapunov_solve(cuda_backend, rng):
+    S = reference.spd_with_condition(rng, 30, 1e3)
+    X0 = rng.standard_normal((30, 30))
+    Sb, Cb = np.stack([S, np.eye(30)]), np.stack([S @ X0 + X0 @ S, 2 * X0])
+    X, info = curvkit.solve_lyapunov(make(Sb, cuda_backend), make(Cb, cuda_backend), return_info=True)
+    assert info["converged"].all() and rel(to_numpy(X)[0], X0) < 1e-9 and rel(to_numpy(X)[1], X0) < 1e-14
+    _, cpu = curvkit.solve_lyapunov(Sb, Cb, return_info=True)
+    assert np.all(np.abs(info["iterations"] - cpu["iterations"]) <= 1)
+    with pytest.raises(curvkit.ConvergenceError):  # singular S: no unique solution
+        curvkit.solve_lyapunov(make(np.diag([1.0, 0.0]), cuda_backend), make(np.ones((2, 2)), cuda_backend))
+    X, info = curvkit.solve_lyapunov(make(np.zeros((2, 0, 0)), cuda_backend), make(np.zeros((2, 0, 0)), cuda_backend),
+                                     return_info=True)
+    assert tuple(X.shape) == (2, 0, 0) and info["converged"].all()
+
+
+@needs_torch
+@pytest.mark.skipif(not curvkit.has_cuda(), reason="needs a GPU and a CUDA build of curvkit")
+def test_cuda_autograd_gradcheck():
+    import torch
+    import curvkit.torch as ct
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs PyTorch with CUDA")
+    B = torch.randn(2, 6, 6, dtype=torch.float64, device="cuda", requires_grad=True)
+    eye = torch.eye(6, dtype=torch.float64, device="cuda")
+    for fn in (ct.matrix_sqrt, ct.matrix_inv_sqrt, ct.matrix_sqrt_and_inv_sqrt):
+        assert torch.autograd.gradcheck(lambda B: fn(B @ B.mT + eye), (B,))

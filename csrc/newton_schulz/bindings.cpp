@@ -118,27 +118,28 @@ void register_newton_schulz(py::module_& m) {
       "residual) per matrix (see curvkit.matrix_sqrt).");
   m.def(
       "solve_lyapunov",
-      [](py::handle s, py::handle c, py::handle x, int max_iters) {
-        interop::ImportedArray sv = interop::import_array(s, "S", 0), cv = interop::import_array(c, "C", 0);
-        interop::ImportedArray xv = interop::import_output(x, "out", 0);
+      [](py::handle s, py::handle c, py::handle x, int max_iters, StreamHandle stream) {
+        interop::ImportedArray sv = interop::import_array(s, "S", stream), cv = interop::import_array(c, "C", stream);
+        interop::ImportedArray xv = interop::import_output(x, "out", stream);
         for (auto* v : {&sv.view, &cv.view, &xv.view}) check_floating(*v, "S");
         CK_CHECK_VALUE(sv.view.ndim() >= 2 && sv.view.size(-1) == sv.view.size(-2),
                        "argument 'S' must have shape (..., n, n)");
         check_same_shape(sv.view, "S", cv.view, "C");
         check_same_shape(sv.view, "S", xv.view, "out");
-        for (auto* v : {&sv.view, &cv.view, &xv.view}) {
-          CK_CHECK_VALUE(!v->device.is_cuda(), "solve_lyapunov runs on the CPU only so far");
+        for (auto* v : {&sv.view, &cv.view, &xv.view})
           CK_CHECK_VALUE(v->is_contiguous(), "arguments of solve_lyapunov must be C-contiguous");
-        }
+        check_same_device(sv.view, "S", cv.view, "C");
+        check_same_device(sv.view, "S", xv.view, "out");
         CK_CHECK_VALUE(max_iters >= 1, "argument 'max_iters' must be >= 1");
         std::vector<SqrtStatus> status;
         {
           py::gil_scoped_release release;
-          solve_lyapunov_cpu(sv.view, cv.view, xv.view, max_iters, status);
+          if (sv.view.device.is_cuda()) solve_lyapunov_cuda(sv.view, cv.view, xv.view, max_iters, status, stream);
+          else solve_lyapunov_cpu(sv.view, cv.view, xv.view, max_iters, status);
         }
         return status_arrays(status, sv.view);
       },
-      py::arg("S"), py::arg("C"), py::arg("out"), py::arg("max_iters"),
+      py::arg("S"), py::arg("C"), py::arg("out"), py::arg("max_iters"), py::arg("stream"),
       "X with S X + X S = C for symmetric positive definite S (see curvkit.solve_lyapunov).");
   m.def(
       "polar",

@@ -442,6 +442,11 @@ void matrix_sqrt_cuda(const ArrayView&, const ArrayView*, const ArrayView*, cons
                       StreamHandle) {
   throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
 }
+
+void solve_lyapunov_cuda(const ArrayView&, const ArrayView&, const ArrayView&, int, std::vector<SqrtStatus>&,
+                         StreamHandle) {
+  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
+}
 #endif
 
 }  // namespace curvkit

@@ -370,6 +370,49 @@ __global__ void sqrt_store_kernel(const double* src, D* out, const SqrtState* st
   }
 }
 
+// Lyapunov start: B_0 = S/s, C_0 = C/s with s = ||S||_F (X is unchanged by the scaling); a
+// zero S is not iterated (X = 0, not converged).
+__global__ void lyapunov_start_kernel(double* y, double* z, const cuda::MatrixStats* stats, SqrtState* state,
+                                      int64_t nn, int64_t count) {
+  const int64_t total = nn * count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = i / nn;
+    const double s = sqrt(stats[b].frobenius2);
+    y[i] = s > 0 ? y[i] / s : 0.0;
+    z[i] = s > 0 ? z[i] / s : 0.0;
+    if (i % nn == 0) state[b] = SqrtState{s, INFINITY, 0.0, 0.0, 0, s > 0, 0, 1};
+  }
+}
+
+// C (any dtype, not symmetrized) into float64.
+template <class S>
+__global__ void to_double_kernel(const S* src, double* dst, int64_t total) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = to_double(src[i]);
+}
+
+// next <- current for the matrices that stopped (their C must not move).
+__global__ void keep_stopped_kernel(const double* current, double* next, const SqrtState* state, int64_t nn,
+                                    int64_t count) {
+  const int64_t total = nn * count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    if (!state[i / nn].active) next[i] = current[i];
+}
+
+// X = C / 2 in the output dtype, zero for a matrix with non-finite entries (state.finite).
+template <class D>
+__global__ void lyapunov_store_kernel(const double* z, D* out, SqrtState* state, int64_t nn, int64_t count) {
+  const int64_t total = nn * count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    out[i] = from_double<D>(state[i / nn].finite ? 0.5 * z[i] : 0.0);
+}
+
+__global__ void finite_kernel(const double* z, SqrtState* state, int64_t nn, int64_t count) {
+  const int64_t total = nn * count;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    if (!(fabs(z[i]) <= DBL_MAX)) state[i / nn].finite = 0;
+}
+
 }  // namespace
 
 void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_out, const SqrtOptions& o,
@@ -449,6 +492,80 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
     }
     out.residual = s.finite ? std::sqrt(s.residual / host_stats[size_t(b)].frobenius2) : INFINITY;
     out.converged = s.converged && s.finite && out.residual <= o.tol;
+  }
+}
+
+void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const ArrayView& x_out, int max_iters,
+                         std::vector<SqrtStatus>& status, StreamHandle stream_handle) {
+  const int64_t n = s_in.size(-1);
+  int64_t count = 1;
+  for (int d = 0; d + 2 < s_in.ndim(); ++d) count *= s_in.shape[size_t(d)];
+  status.assign(size_t(count), SqrtStatus{n == 0, 0, 0.0});  // 0 x 0: solved
+  if (count == 0 || n == 0) return;
+  CK_CHECK_VALUE(n <= 46340, "argument 'S': matrix dimension ", n, " is too large for one CUDA matrix");
+  CK_CHECK_VALUE(count <= 65535, "argument 'S': at most 65535 matrices per call on CUDA");
+  CudaDeviceGuard guard(s_in.device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+  const int64_t nn = n * n, total = nn * count;
+  const size_t bytes = size_t(total) * sizeof(double);
+  // In float64 for every dtype, as on the CPU. The matrix-sign iteration on [[B, C], [0, -B]]:
+  // B <- B T, C <- C T - B (B C - C B) / 2 with T = (3I - B^2)/2; X = C/2 at convergence.
+  DeviceBuffer y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream), u(bytes, stream),
+      p(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
+      state(sizeof(SqrtState) * size_t(count) + sizeof(int), stream);
+  cuda::load_symmetric(stream, s_in, y.as<double>(), stats.as<cuda::MatrixStats>());
+  cuda::check_symmetric(stream, s_in, stats.as<cuda::MatrixStats>(), "S");
+  CK_DISPATCH_FLOATING(c_in.dtype, "C", S, [&] {
+    to_double_kernel<<<grid_for(total, 256), 256, 0, stream>>>(c_in.ptr<const S>(), z.as<double>(), total);
+  });
+  SqrtState* st = state.as<SqrtState>();
+  int* active = reinterpret_cast<int*>(st + count);
+  lyapunov_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(y.as<double>(), z.as<double>(),
+                                                                   stats.as<cuda::MatrixStats>(), st, nn, count);
+  CK_CUDA_CHECK(cudaGetLastError());
+  const DType f64 = DType::float64();
+  const int ni = int(n);
+  const dim3 per_matrix(unsigned(std::min<int64_t>((nn + 255) / 256, 64)), unsigned(count));
+  void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>(), *pm = m.as<void>(), *pt = t.as<void>(),
+       *pp = p.as<void>();
+  auto stack = [&](void* ptr) { return Stack{ptr, n, nn}; };
+  for (int it = 0; it < max_iters; ++it) {
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(py), 0.0, stack(pm), count);  // B^2
+    identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m.as<double>(), st, n);
+    CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
+    sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(st, n, count, active);
+    CK_CUDA_CHECK(cudaGetLastError());
+    if (it % 4 == 3) {  // the host looks every 4 steps, not every step
+      int host_active = 0;
+      CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
+      CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+      if (host_active == 0) break;
+    }
+    sqrt_step_kernel<<<grid_for(total, 256), 256, 0, stream>>>(m.as<double>(), t.as<double>(), st, n, count);  // T
+    CK_CUDA_CHECK(cudaGetLastError());
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pz), 0.0, stack(pp), count);   // B C
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, -1.0, stack(pz), stack(py), 1.0, stack(pp), count);  // - C B
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(pz), stack(pt), 0.0, stack(pu), count);   // C T
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, -0.5, stack(py), stack(pp), 1.0, stack(pu), count);  // - B P / 2
+    keep_stopped_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), static_cast<double*>(pu),
+                                                                   st, nn, count);
+    CK_CUDA_CHECK(cudaGetLastError());
+    std::swap(pz, pu);
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pt), 0.0, stack(pu), count);  // B T
+    std::swap(py, pu);
+  }
+  finite_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), st, nn, count);
+  CK_DISPATCH_FLOATING(x_out.dtype, "out", D, [&] {
+    lyapunov_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), x_out.ptr<D>(), st, nn,
+                                                                     count);
+  });
+  CK_CUDA_CHECK(cudaGetLastError());
+  std::vector<SqrtState> host(static_cast<size_t>(count));
+  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(SqrtState) * host.size(), cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  for (int64_t b = 0; b < count; ++b) {
+    const SqrtState& h = host[size_t(b)];
+    status[size_t(b)] = SqrtStatus{h.converged && h.finite, h.iterations, h.scale > 0 ? h.previous : 0.0};
   }
 }
 

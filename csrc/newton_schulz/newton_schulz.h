@@ -85,6 +85,8 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
 // Returns per matrix whether it converged.
 void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView& x, int max_iters,
                         std::vector<SqrtStatus>& status);
+void solve_lyapunov_cuda(const ArrayView& s, const ArrayView& c, const ArrayView& x, int max_iters,
+                         std::vector<SqrtStatus>& status, StreamHandle stream);
 
 void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
                const PolarOptions& options);

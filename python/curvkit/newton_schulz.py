@@ -308,7 +308,8 @@ def solve_lyapunov(S, C, max_iters=100, return_info=False):
     solves it with C = dL/dS). Solved by the matrix-sign iteration on [[S, C], [0, -S]]
     (Song et al. 2022) run to convergence rather than a fixed 8 steps: with B_0 = S/||S||_F,
     C_0 = C/||S||_F, B <- B(3I - B^2)/2, C <- (C(3I - B^2) - B(BC - CB))/2, X = C/2. CPU
-    only, computed in float64. Failure policy as in :func:`matrix_sqrt`.
+    and CUDA (each matrix stopped on its own on the device), computed in float64. Failure
+    policy as in :func:`matrix_sqrt`.
 
     >>> import numpy as np, curvkit
     >>> S = np.diag([1.0, 2.0]); C = np.array([[2.0, 3.0], [3.0, 8.0]])
@@ -320,7 +321,7 @@ def solve_lyapunov(S, C, max_iters=100, return_info=False):
     C = _arrays.contiguous(_detached(C))
     fw = _arrays.framework_of(S, "S")
     X = _arrays.empty(tuple(S.shape), _arrays.dtype_name(S.dtype), fw, _arrays.device_of(S))
-    status = _core.solve_lyapunov(S, C, X, _arrays.index(max_iters, "max_iters", 1))
+    status = _core.solve_lyapunov(S, C, X, _arrays.index(max_iters, "max_iters", 1), _arrays.stream_of(S))
     return _finish(status, "solve_lyapunov", X, return_info)
 
 

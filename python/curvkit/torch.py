@@ -4,7 +4,7 @@ The square-root family is differentiable: for S = A^{1/2}, the gradient with res
 of a loss with gradient G_S on S is the X with S X + X S = G_S (symmetrized, since only
 (A + A^T)/2 enters); for R = A^{-1/2} it is the same with G_S = -R G_R R. The Lyapunov
 equation is solved by :func:`curvkit.solve_lyapunov` (the matrix-sign iteration of Song et
-al., run to convergence). CPU tensors only so far.
+al., run to convergence), on CPU and CUDA tensors alike.
 
 >>> import torch, curvkit.torch as ct
 >>> B = torch.randn(6, 6, dtype=torch.float64)
