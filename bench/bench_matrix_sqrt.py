@@ -45,3 +45,26 @@ def test_curvkit(benchmark, n, method):
     impl = "curvkit" if method == "newton_schulz" else f"curvkit {method}"
     benchmark.extra_info.update(impl=impl, rel_error=_rel_error(S, A), iterations=int(info["iterations"]))
     benchmark(lambda: curvkit.matrix_sqrt(A, method=method, return_info=True))
+
+
+# ---- CUDA (run with -k cuda on a GPU machine): Newton-Schulz (float64 inside) against the
+# torch eigh route in float32 and float64, float32 input of condition 1e3.
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and curvkit.has_cuda()),
+                          reason="needs a GPU and a CUDA build of curvkit")
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["curvkit", "torch eigh f32", "torch eigh f64"])
+@pytest.mark.parametrize("n", [256, 512, 1024, 2048])
+def test_cuda_sqrt(benchmark, n, impl):
+    A = _spd(n).cuda()
+    benchmark.group = f"cuda-sqrt-float32-{n}"
+    fn = {"curvkit": lambda: curvkit.matrix_sqrt(A),
+          "torch eigh f32": lambda: eigh_sqrt(A, upcast=False),
+          "torch eigh f64": lambda: eigh_sqrt(A)}[impl]
+    benchmark.extra_info.update(impl=impl, rel_error=_rel_error(fn(), A))
+
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    benchmark.pedantic(run, rounds=5, warmup_rounds=1)

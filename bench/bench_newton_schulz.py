@@ -136,3 +136,37 @@ def test_equal_accuracy_curvkit(benchmark, accuracy_case):
                                 steps=steps, max_dev=_deviation(curvkit.polar(G, steps, coefficients).numpy()))
     benchmark(lambda: curvkit.polar(G, steps, coefficients))
     assert benchmark.extra_info["max_dev"] <= target
+
+
+# ---- CUDA, bfloat16 as Muon runs it (run with -k cuda on a GPU machine). "gemm (rate only)"
+# times one plain bf16 X X^T in torch: the device's achievable matmul rate, against which
+# each implementation's own flop rate reads as a fraction of peak.
+cuda = pytest.mark.skipif(not (torch.cuda.is_available() and curvkit.has_cuda()),
+                          reason="needs a GPU and a CUDA build of curvkit")
+CUDA_CASES = [(4096, 4096), (32, 1024, 1024), (8, 2048, 2048), (1024, 4096), (32, 256, 256)]
+
+
+def _synchronized(fn):
+    def run():
+        fn()
+        torch.cuda.synchronize()
+    return run
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["curvkit", "torch NS5", "gemm (rate only)"])
+@pytest.mark.parametrize("shape", CUDA_CASES, ids=_name)
+def test_cuda_bf16(benchmark, shape, impl):
+    G = torch.randn(shape, device="cuda").bfloat16()
+    benchmark.group = f"cuda-polar-bfloat16-{_name(shape)}"
+    batch, r, c = _dims(shape)
+    if impl == "curvkit":
+        flops = standard_flops(shape, STEPS) if _route(shape) == "standard" else gram_flops(shape, STEPS)
+        fn = lambda: curvkit.polar(G, STEPS)  # noqa: E731
+    elif impl == "torch NS5":
+        flops, fn = baseline_flops(shape, STEPS), lambda: muon_newton_schulz(G, STEPS)  # noqa: E731
+    else:
+        X = G.reshape(batch, *G.shape[-2:])
+        flops, fn = 2 * batch * r * r * c, lambda: X @ X.mT  # noqa: E731
+    benchmark.extra_info.update(impl=impl, flops=flops)
+    benchmark.pedantic(_synchronized(fn), rounds=20, warmup_rounds=3)

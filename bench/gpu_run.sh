@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a lent GPU machine (no network): install the OpenBLAS wheel carried in .whl/,
 # build curvkit with CUDA for the local card, run the tests and the benchmarks, and leave
-# logs in $OUT. Usage: bash bench/gpu_run.sh [family ...]  (runs bench/bench_<family>.py -k cuda)
+# logs in $OUT. Usage: bash bench/gpu_run.sh [family ...]  (runs bench/bench_<family>.py -k cuda;
+# every family when none is named)
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -12,7 +13,9 @@ CURVKIT_CUDA=ON CURVKIT_CUDA_ARCHITECTURES=$arch python3 -m pip install -q --no-
   -Cbuild-dir=build/gpu . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }
 python3 -c "import curvkit; curvkit.show_config()" | tee -a "$OUT/device.txt"
 python3 -m pytest tests -q -p no:cacheprovider -n 8 > "$OUT/tests.log" 2>&1; tail -25 "$OUT/tests.log"
-for b in "$@"; do
+families=("$@")
+[ ${#families[@]} -eq 0 ] && families=(hutchinson newton_schulz matrix_sqrt inverse_root)
+for b in "${families[@]}"; do
   python3 -m pytest "bench/bench_$b.py" --benchmark-only -p no:cacheprovider -k cuda > "$OUT/bench_$b.log" 2>&1
   sed -n "/curvkit vs anchors/,\$p" "$OUT/bench_$b.log"
 done
