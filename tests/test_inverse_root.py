@@ -480,3 +480,29 @@ def test_cuda_eigenbasis_update(cuda_backend, rng):
     np.testing.assert_allclose(to_numpy(Qn), Qc, atol=1e-12)
     with pytest.raises(ValueError, match="same device"):
         curvkit.eigenbasis_update(A2, make(Q, cuda_backend))
+
+
+@pytest.mark.parametrize("dtype, steps_max", [("float64", 5), ("float32", 3)])
+def test_cuda_basis_warm_start(cuda_backend, dtype, steps_max, rng):
+    # the refinement on the device: same verdicts, roots and refined bases as on the CPU
+    n, p = 96, 4
+    V = make(np.zeros((2, n, n)), cuda_backend, dtype)  # no basis yet: decomposed from scratch
+    tol = TOL[(dtype, "eigh")]
+    factors = [drifting_factors(np.random.default_rng(seed), n, 3, np.float64) for seed in (1, 2)]
+    for t, pair in enumerate(zip(*factors)):
+        A = np.stack(pair)
+        X, info = curvkit.matrix_inverse_root(make(A, cuda_backend, dtype), p, eps=1e-6, basis=V, return_info=True)
+        assert info["converged"].all() and (info["method"] == "eigh").all()
+        assert (info["fell_back"] == (t == 0)).all()
+        if t:
+            assert ((1 <= info["iterations"]) & (info["iterations"] <= steps_max)).all()
+            assert (info["products"] <= 3 * info["iterations"] + 2.5).all()
+        assert rel(to_numpy(X), root_reference(A, p, 1e-6)) <= tol
+        Vn = to_numpy(V)
+        w = np.einsum("bij,bik,bkj->bj", Vn, A, Vn)
+        assert np.all(np.diff(w, axis=-1) >= 0)
+        np.testing.assert_allclose(np.swapaxes(Vn, -1, -2) @ Vn, np.broadcast_to(np.eye(n), Vn.shape),
+                                   atol=50 * np.finfo(dtype).eps)
+    (w, Vs), steps = curvkit.eigh(make(A, cuda_backend, dtype), basis=V, return_info=True)
+    assert (steps >= 0).all()  # already refined: converges at once
+    np.testing.assert_allclose(to_numpy(w), np.linalg.eigvalsh(A), rtol=0, atol=100 * np.finfo(dtype).eps)

@@ -24,14 +24,10 @@ void check_square_batch(const ArrayView& a, const char* name) {
   CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
 }
 
-// Every input on the first one's device; true if that is a CUDA device. Warm-start bases are
-// refined on the CPU only.
-bool on_cuda(const std::vector<interop::ImportedArray>& inputs, const std::vector<const ArrayView*>& bases) {
+// Every input on the first one's device; true if that is a CUDA device.
+bool on_cuda(const std::vector<interop::ImportedArray>& inputs) {
   for (const auto& a : inputs) check_same_device(inputs[0].view, "A", a.view, "A");
-  if (inputs.empty() || !inputs[0].view.device.is_cuda()) return false;
-  for (const ArrayView* b : bases)
-    CK_CHECK_VALUE(b == nullptr, "argument 'basis': warm-started eigenbases are refined on the CPU only so far");
-  return true;
+  return !inputs.empty() && inputs[0].view.device.is_cuda();
 }
 
 void check_output(const ArrayView& a, const ArrayView& out, const char* name) {
@@ -102,11 +98,11 @@ void register_inverse_root(py::module_& m) {
           if (init.views[i]) check_same_device(in[i].view, "A", *init.views[i], "init");
           if (basis.views[i]) check_same_device(in[i].view, "A", *basis.views[i], "basis");
         }
-        const bool cuda = on_cuda(in, basis.views);
+        const bool cuda = on_cuda(in);
         std::vector<std::vector<RootStatus>> status;
         {
           py::gil_scoped_release release;
-          if (cuda) matrix_inverse_root_cuda(views(in), views(out), init.views, o, status, stream);
+          if (cuda) matrix_inverse_root_cuda(views(in), views(out), init.views, basis.views, o, status, stream);
           else matrix_inverse_root_cpu(views(in), views(out), init.views, basis.views, o, status);
         }
         py::list result;
@@ -153,17 +149,13 @@ void register_inverse_root(py::module_& m) {
           CK_CHECK_VALUE(w[i].view.numel() * in[i].view.size(-1) == in[i].view.numel(), "eigenvalue output size");
           if (basis.views[i]) check_same_device(in[i].view, "A", *basis.views[i], "basis");
         }
-        const bool cuda = on_cuda(in, basis.views);
+        const bool cuda = on_cuda(in);
         std::vector<std::vector<bool>> ok;
         std::vector<std::vector<int>> steps;
         {
           py::gil_scoped_release release;
-          if (cuda) {
-            eigh_cuda(views(in), views(w), views(v), ok, stream);
-            for (const auto& k : ok) steps.emplace_back(k.size(), -1);
-          } else {
-            eigh_cpu(views(in), views(w), views(v), basis.views, ok, steps);
-          }
+          if (cuda) eigh_cuda(views(in), views(w), views(v), basis.views, ok, steps, stream);
+          else eigh_cpu(views(in), views(w), views(v), basis.views, ok, steps);
         }
         py::list result;
         for (size_t i = 0; i < in.size(); ++i) {

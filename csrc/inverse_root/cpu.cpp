@@ -562,13 +562,14 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
 
 #ifndef CURVKIT_WITH_CUDA
 void matrix_inverse_root_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&,
-                              const std::vector<const ArrayView*>&, const RootOptions&,
-                              std::vector<std::vector<RootStatus>>&, StreamHandle) {
+                              const std::vector<const ArrayView*>&, const std::vector<const ArrayView*>&,
+                              const RootOptions&, std::vector<std::vector<RootStatus>>&, StreamHandle) {
   throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
 }
 
 void eigh_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&, const std::vector<ArrayView>&,
-               std::vector<std::vector<bool>>&, StreamHandle) {
+               const std::vector<const ArrayView*>&, std::vector<std::vector<bool>>&, std::vector<std::vector<int>>&,
+               StreamHandle) {
   throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
 }
 

@@ -266,296 +266,124 @@ __global__ void store_values_kernel(const T* src, D* dst, int64_t total) {
     dst[i] = from_double<D>(double(src[i]));
 }
 
-// ---- host side
+// ---- Warm-started eigenbases: the Ogita-Aishima refinement of refine_eigenbasis (cpu.cpp)
+// on the device, S = V^T A V, R = I - V^T V, d_i = s_ii / (1 - r_ii), V <- V (I + E).
 
-template <class T> constexpr DType dtype_of() { return std::is_same<T, double>::value ? DType::float64() : DType::float32(); }
-
-// One input's matrices (or one matrix of it, for fallbacks) within a group.
-struct Segment {
-  ArrayView a, out;
-  const ArrayView* init;  // null: cold start
-  RootStatus* status;     // count entries
-  int64_t count;
+// One matrix's refinement. off, off_r and scale are maxima (atomicMax on the bits of
+// nonnegative doubles), correction2 a sum, the flags ORs, all reset by the watch each step.
+struct RefineState {
+  double previous_off;
+  double off, off_r, scale, correction2;
+  int steps, evaluations;
+  int active;        // needs another evaluation
+  int apply;         // this step's correction is applied
+  int fell_back;     // too far off: decomposed by cuSOLVER instead
+  int coupled;       // eigenvalues that mixed (the CPU separates them in place; here: cuSOLVER)
+  int higher_order;  // a pair outside the first-order regime got E_ij = r_ij / 2
+  int nonfinite;
 };
 
-// Matrices in a (..., n, n) stack, counted from the leading dimensions (so n = 0 counts too).
-int64_t leading_count(const ArrayView& a) {
-  int64_t count = 1;
-  for (int d = 0; d + 2 < a.ndim(); ++d) count *= a.shape[size_t(d)];
-  return count;
+__global__ void refine_reset_kernel(RefineState* rs, const int* warm, int64_t count) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b < count) rs[b] = RefineState{INFINITY, 0, 0, 0, 0, 0, 0, warm[b], 0, !warm[b], 0, 0, 0};
 }
 
-int64_t matrices_in(const ArrayView& a) { return a.size(-1) ? leading_count(a) : 0; }
-
-// Matrix b of a C-contiguous (..., n, n) stack, as a (1, n, n) view.
-ArrayView matrix_view(const ArrayView& a, int64_t b) {
-  const int64_t n = a.size(-1);
-  ArrayView v = a;
-  v.data = static_cast<char*>(a.data) + b * n * n * a.dtype.itemsize();
-  v.shape = {1, n, n};
-  v.strides = {n * n, n, 1};
-  return v;
-}
-
-// The batched products of one group: c = a b for every matrix, only the lower blocks computed
-// when the result is known to be symmetric (both factors commuting symmetric matrices).
+// d_i = s_ii / (1 - r_ii) and max |d|, a block per matrix.
 template <class T>
-struct Products {
-  cudaStream_t stream;
-  int n;
-  int64_t count;
-  bool symmetric;
-
-  void multiply(const T* a, const T* b, T* c, bool commuting) const {
-    const int64_t nn = int64_t(n) * n;
-    const Stack sa{const_cast<T*>(a), n, nn}, sb{const_cast<T*>(b), n, nn}, sc{c, n, nn};
-    if (symmetric && commuting)
-      cuda::symmetric_product(stream, dtype_of<T>(), Op::N, Op::N, n, n, 1.0, sa, sb, 0.0, sc, count);
-    else
-      cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, n, n, n, 1.0, sa, sb, 0.0, sc, count);
+__global__ void refine_eigenvalues_kernel(const T* s, const T* r, T* d, RefineState* rs, int64_t n, int64_t count) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    double local = 0;
+    bool finite = true;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const T di = T(double(s[b * n * n + i * n + i]) / (1 - double(r[b * n * n + i * n + i])));
+      d[b * n + i] = di;
+      finite &= fabs(double(di)) <= DBL_MAX;
+      local = fmax(local, fabs(double(di)));
+    }
+    if (!finite) rs[b].nonfinite = 1;
+    block_max_into(finite ? local : 0.0, &rs[b].scale);
   }
+}
 
-  // b^p in one of the three scratch buffers (or b itself for p = 1); b is not modified.
-  T* power(T* b, int p, T* const scratch[3]) const {
-    std::vector<T*> free(scratch, scratch + 3);
-    auto take = [&] {
-      T* q = free.back();
-      free.pop_back();
-      return q;
-    };
-    T* square = b;  // b^(2^k)
-    T* result = nullptr;
-    for (int e = p; e > 0; e >>= 1) {
-      if (e & 1) {
-        if (result) {
-          T* q = take();
-          multiply(result, square, q, true);
-          if (result != square && result != b) free.push_back(result);
-          result = q;
-        } else {
-          result = square;
+// E (column-major, E(i, j) at j n + i) and the step's reductions, as in refine_eigenbasis.
+template <class T>
+__global__ void refine_correction_kernel(const T* s, const T* r, const T* d, T* e, RefineState* rs, int64_t n,
+                                         int64_t count, double floor_r) {
+  constexpr double coupled_ratio = 0.1;
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    const double floor_s = floor_r * rs[b].scale;
+    double off = 0, off_r = 0, e2 = 0;
+    bool coupled = false, higher = false, finite = true;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
+      const double dj = d[b * n + j];
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+        const int64_t at = b * n * n + j * n + i;
+        const double sij = s[at], rij = r[at], di = d[b * n + i], gap = dj - di;
+        finite &= fabs(sij) <= DBL_MAX && fabs(rij) <= DBL_MAX;
+        const double coupling = fabs(sij) + fmax(fabs(di), fabs(dj)) * fabs(rij);
+        const bool first_order = i != j && gap != 0 && coupling <= coupled_ratio * fabs(gap);
+        const T eij = T(first_order ? (sij + dj * rij) / gap : rij / 2);
+        e[at] = eij;
+        e2 += double(eij) * double(eij);
+        if (i != j) {
+          off = fmax(off, fabs(sij));
+          coupled |= fabs(sij) > floor_s && fabs(sij) > coupled_ratio * fabs(gap);
+          higher |= !first_order;
         }
-      }
-      if (e > 1) {
-        T* q = take();
-        multiply(square, square, q, true);
-        if (square != result && square != b) free.push_back(square);
-        square = q;
+        off_r = fmax(off_r, fabs(rij));
       }
     }
-    return result;
+    if (!finite) rs[b].nonfinite = 1;
+    if (coupled) rs[b].coupled = 1;
+    if (higher) rs[b].higher_order = 1;
+    block_max_into(finite ? off : 0.0, &rs[b].off);
+    block_max_into(finite ? off_r : 0.0, &rs[b].off_r);
+    const double total = block_sum(e2);
+    if (threadIdx.x == 0 && total > 0) atomicAdd(&rs[b].correction2, total);
   }
-};
+}
 
-// cuSOLVER's batched syev on a contiguous stack (column-major, eigenvectors overwrite a,
-// eigenvalues ascending in w, info per matrix), in chunks within its 32-bit size limit.
+// The decisions of refine_eigenbasis per matrix; counts the matrices that need another
+// evaluation. A correction with ||E||_F^2 <= u in the first-order regime is applied and ends
+// the refinement (its S and R are at rounding level unseen).
+__global__ void refine_watch_kernel(RefineState* rs, int64_t count, double floor_r, double unit, int max_steps,
+                                    int* active) {
+  const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (b >= count) return;
+  RefineState& s = rs[b];
+  s.apply = 0;
+  if (s.active) {
+    ++s.evaluations;
+    const double floor_s = floor_r * s.scale;
+    if (s.nonfinite || !(s.scale <= DBL_MAX)) {
+      s.active = 0;
+      s.fell_back = 1;
+    } else if (s.off <= floor_s && s.off_r <= floor_r) {
+      s.active = 0;
+    } else if (s.steps == max_steps || s.off > s.previous_off || s.off_r > 0.25 || s.coupled) {
+      s.active = 0;
+      s.fell_back = 1;
+    } else {
+      s.previous_off = s.off;
+      ++s.steps;
+      s.apply = 1;
+      if (!s.higher_order && s.correction2 <= unit) s.active = 0;
+      else atomicAdd(active, 1);
+    }
+  }
+  s.off = s.off_r = s.scale = s.correction2 = 0;
+  s.coupled = s.higher_order = s.nonfinite = 0;
+}
+
+// E <- 0 for the matrices whose correction is not applied (their V stays bit-identical).
 template <class T>
-void syev_batched(cudaStream_t stream, T* a, T* w, int* info, int64_t n, int64_t count) {
-  CK_CHECK_VALUE(n * n <= INT32_MAX, "argument 'A': matrix dimension ", n, " is too large for cuSOLVER's eigh");
-  const int64_t chunk = std::max<int64_t>(1, INT32_MAX / (n * n));
-  const cudaDataType t = std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F;
-  cusolverDnHandle_t handle = cusolver_handle(stream);
-  cusolverDnParams_t params = nullptr;
-  CK_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
-  struct Destroy {
-    cusolverDnParams_t p;
-    ~Destroy() { cusolverDnDestroyParams(p); }
-  } destroy{params};
-  for (int64_t start = 0; start < count; start += chunk) {
-    const int64_t batch = std::min(chunk, count - start);
-    T* ab = a + start * n * n;
-    T* wb = w + start * n;
-    size_t device_bytes = 0, host_bytes = 0;
-    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(handle, params, CUSOLVER_EIG_MODE_VECTOR,
-                                                        CUBLAS_FILL_MODE_LOWER, n, t, ab, n, t, wb, t, &device_bytes,
-                                                        &host_bytes, batch));
-    DeviceBuffer work(device_bytes, stream);
-    std::vector<char> host(host_bytes);
-    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched(handle, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, t,
-                                             ab, n, t, wb, t, work.as<void>(), device_bytes, host.data(), host_bytes,
-                                             info + start, batch));
-    if (host_bytes) CK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host workspace must outlive the call
+__global__ void refine_mask_kernel(T* e, const RefineState* rs, int64_t n, int64_t count) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    if (rs[b].apply) continue;
+    for (int64_t j = blockIdx.x; j < n; j += gridDim.x)
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) e[b * n * n + j * n + i] = T(0);
   }
 }
-
-// Copies per-matrix states to the host (synchronizes).
-std::vector<RootState> fetch_states(cudaStream_t stream, const RootState* st, int64_t count) {
-  std::vector<RootState> host(static_cast<size_t>(count));
-  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(RootState) * host.size(), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return host;
-}
-
-// One group: matrices of size n computed in T, from every segment, written to the segments'
-// outputs with their statuses (before the failure policy, which the caller applies).
-template <class T>
-void run_group(int64_t n, const std::vector<Segment>& segments, const RootOptions& o, cudaStream_t stream) {
-  int64_t count = 0;
-  for (const Segment& s : segments) count += s.count;
-  const int64_t nn = n * n;
-  const size_t bytes = size_t(count * nn) * sizeof(T);
-  const bool newton = o.method == RootMethod::Newton;
-  DeviceBuffer a(bytes, stream), x(bytes, stream), m(bytes, stream), s0(bytes, stream), s1(bytes, stream),
-      s2(bytes, stream), s3(newton ? bytes : 0, stream), s4(newton ? bytes : 0, stream),
-      stats(sizeof(MatrixStats) * size_t(count), stream), state(sizeof(RootState) * size_t(count) + sizeof(int), stream),
-      vectors(sizeof(T) * size_t(count) * 2 * size_t(n) + sizeof(double) * size_t(count), stream);
-  RootState* st = state.as<RootState>();
-  int* active = reinterpret_cast<int*>(st + count);
-  const dim3 elements = matrix_grid(n, count, 1024), reduce = matrix_grid(n, count, 32);
-  const unsigned per_state = unsigned((count + 127) / 128);
-  reset_states_kernel<<<per_state, 128, 0, stream>>>(st, count);
-  CK_CUDA_CHECK(cudaGetLastError());
-
-  // A_r = (A + A^T)/2 + eps I; warm starts into X.
-  bool any_warm = false;
-  int64_t first = 0;
-  for (const Segment& s : segments) {
-    cuda::load_symmetric(stream, s.a, a.as<T>() + first * nn, stats.as<MatrixStats>() + first);
-    if (s.init && newton) {
-      DeviceBuffer init_stats(sizeof(MatrixStats) * size_t(s.count), stream);
-      cuda::load_symmetric(stream, *s.init, x.as<T>() + first * nn, init_stats.as<MatrixStats>());
-      any_warm = true;
-    }
-    first += s.count;
-  }
-  const int ni = int(n);
-  const Stack stack_a{a.as<void>(), n, nn};
-  cuda::scale_add_identity(stream, dtype_of<T>(), stack_a, stack_a, ni, count, 1.0, o.eps);
-  const Products<T> products{stream, ni, count, !any_warm};
-  T* xp = x.as<T>();
-  T* mp = m.as<T>();
-
-  if (newton) {
-    // Largest-eigenvalue estimate: 10 power steps from the normalized ones vector.
-    T* v = vectors.as<T>();
-    T* u = v + count * n;
-    double* rayleigh = reinterpret_cast<double*>(u + count * n);
-    fill_kernel<<<grid_for(count * n, kThreads), kThreads, 0, stream>>>(v, count * n, T(1.0 / std::sqrt(double(n))));
-    CK_CUDA_CHECK(cudaGetLastError());
-    for (int k = 0; k < 10; ++k) {
-      cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, ni, 1, ni, 1.0, stack_a, {v, n, n}, 0.0, {u, n, n}, count);
-      power_normalize_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(u, v, rayleigh, n,
-                                                                                                 count);
-      CK_CUDA_CHECK(cudaGetLastError());
-    }
-    first = 0;
-    for (const Segment& s : segments) {
-      const int64_t off = first * nn;
-      newton_start_kernel<<<matrix_grid(n, s.count, 1024), kThreads, 0, stream>>>(
-          a.as<T>() + off, xp + off, mp + off, st + first, rayleigh + first, stats.as<MatrixStats>() + first, n,
-          s.count, o.p, o.eps, s.init != nullptr);
-      CK_CUDA_CHECK(cudaGetLastError());
-      first += s.count;
-    }
-    T* scratch[3] = {s0.as<T>(), s1.as<T>(), s2.as<T>()};
-    T* previous = s3.as<T>();
-    T* mprime = s4.as<T>();
-    if (any_warm) {  // M_0 = X_0^p A_r (z A_r up to rounding for the cold matrices)
-      T* power = products.power(xp, o.p, scratch);
-      products.multiply(power, a.as<T>(), mp, false);
-    }
-    const double unit = unit_roundoff<T>(), stop = 10 * std::sqrt(double(n)) * unit;
-    for (int it = 0;; ++it) {
-      identity_distance_kernel<<<reduce, kThreads, 0, stream>>>(mp, st, n, count, false);
-      CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
-      newton_watch_kernel<<<per_state, 128, 0, stream>>>(st, count, stop, std::sqrt(unit), o.max_iters, active);
-      revert_kernel<<<elements, kThreads, 0, stream>>>(xp, previous, st, n, count);
-      CK_CUDA_CHECK(cudaGetLastError());
-      if (it % 4 == 3 || it >= o.max_iters) {  // the host looks every 4 steps, not every step
-        int host_active = 0;
-        CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
-        CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-        if (host_active == 0) break;
-      }
-      newton_step_kernel<<<elements, kThreads, 0, stream>>>(mp, mprime, st, n, count, o.p);
-      CK_CUDA_CHECK(cudaGetLastError());
-      products.multiply(xp, mprime, previous, true);  // X <- X M'
-      std::swap(xp, previous);
-      T* power = products.power(mprime, o.p, scratch);  // M <- M'^p M
-      T* next = power == scratch[0] ? scratch[1] : scratch[0];
-      products.multiply(power, mp, next, true);
-      // the buffers of M and of the new M trade places
-      for (T*& q : scratch)
-        if (q == next) q = mp;
-      mp = next;
-    }
-  } else {
-    // Eigh: V D with D = diag(lambda^(-1/(2p))) from syev of A (eps taken back out, then
-    // applied after flooring, as on the CPU), X = (V D)(V D)^T.
-    T* v = s0.as<T>();
-    T* w = vectors.as<T>();
-    int* info = reinterpret_cast<int*>(s1.as<T>());
-    cuda::scale_add_identity(stream, dtype_of<T>(), stack_a, {v, n, nn}, ni, count, 1.0, -o.eps);
-    syev_batched(stream, v, w, info, n, count);
-    eigen_scale_kernel<<<elements, kThreads, 0, stream>>>(v, w, info, st, n, count, o.p, o.eps,
-                                                          unit_roundoff<T>());
-    CK_CUDA_CHECK(cudaGetLastError());
-    cuda::symmetric_product(stream, dtype_of<T>(), Op::N, Op::T, ni, ni, 1.0, {v, n, nn}, {v, n, nn}, 0.0,
-                            {xp, n, nn}, count);
-  }
-
-  symmetrize_kernel<<<elements, kThreads, 0, stream>>>(xp, st, n, count);
-  CK_CUDA_CHECK(cudaGetLastError());
-  if (newton || o.compute_residual) {  // max|X^p A_r - I|
-    T* scratch[3] = {s0.as<T>(), s1.as<T>(), s2.as<T>()};  // free now (M is no longer needed)
-    T* power = products.power(xp, o.p, scratch);
-    T* product = power == scratch[2] ? scratch[1] : scratch[2];
-    products.multiply(power, a.as<T>(), product, false);
-    identity_distance_kernel<<<reduce, kThreads, 0, stream>>>(product, st, n, count, true);
-    CK_CUDA_CHECK(cudaGetLastError());
-  }
-  first = 0;
-  for (const Segment& s : segments) {
-    CK_DISPATCH_FLOATING(s.out.dtype, "out", D, [&] {
-      store_matrices_kernel<<<matrix_grid(n, s.count, 1024), kThreads, 0, stream>>>(
-          xp + first * nn, s.out.ptr<D>(), st + first, n, s.count, false);
-    });
-    CK_CUDA_CHECK(cudaGetLastError());
-    first += s.count;
-  }
-
-  // Products per matrix, as on the CPU; a symmetric product counts its fraction of a plain one.
-  const double f = products.symmetric ? cuda::symmetric_product_fraction(ni) : 1.0, powers = power_products(o.p);
-  const double residual_products = newton ? powers * f + 1 : 0.0;  // eigh's is information, not counted
-  const double start_products = newton ? (any_warm ? powers * f + 1 : 0.0) : cuda::symmetric_product_fraction(ni);
-  const std::vector<RootState> host = fetch_states(stream, st, count);
-  first = 0;
-  for (const Segment& s : segments) {
-    for (int64_t b = 0; b < s.count; ++b) {
-      const RootState& h = host[size_t(first + b)];
-      RootStatus& status = s.status[b];
-      status = RootStatus{};
-      status.method = o.method;
-      status.iterations = newton ? h.iterations : 0;
-      const bool measured = newton || o.compute_residual;
-      status.residual = !measured ? -1.0 : (h.finite ? h.residual : INFINITY);
-      status.converged = h.finite && (newton ? h.residual <= o.tol : h.ok);
-      status.products = start_products + residual_products + (newton ? h.iterations * (powers + 2) * f : 0.0);
-    }
-    first += s.count;
-  }
-}
-
-// The group's matrices by compute dtype.
-void run_group_any(bool f64, int64_t n, const std::vector<Segment>& segments, const RootOptions& o,
-                   cudaStream_t stream) {
-  if (f64) run_group<double>(n, segments, o, stream);
-  else run_group<float>(n, segments, o, stream);
-}
-
-// out matrix b <- (init + init^T)/2 (what is kept when everything fails).
-void store_init(const ArrayView& init, const ArrayView& out, int64_t b, cudaStream_t stream) {
-  const int64_t n = init.size(-1);
-  DeviceBuffer x(sizeof(double) * size_t(n * n), stream), stats(sizeof(MatrixStats), stream);
-  cuda::load_symmetric(stream, matrix_view(init, b), x.as<double>(), stats.as<MatrixStats>());
-  const ArrayView target = matrix_view(out, b);
-  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
-    store_matrices_kernel<<<matrix_grid(n, 1, 1024), kThreads, 0, stream>>>(x.as<double>(), target.ptr<D>(), nullptr,
-                                                                           n, 1, false);
-  });
-  CK_CUDA_CHECK(cudaGetLastError());
-}
-
 
 // ---- QR-based routines (orthonormalize "qr", SOAP's eigenbasis refresh)
 
@@ -697,17 +525,17 @@ __global__ void column_dots_kernel(const T* q, const T* aq, double* d, int64_t n
     }
 }
 
-// The order of d descending, stable (ties keep column order): perm[rank of j] = j; a block
-// per matrix, k^2 comparisons (k is a matrix side). sorted[r] = d[perm[r]] in dtype D.
-template <class D>
-__global__ void sort_descending_kernel(const double* d, int64_t* perm, D* sorted, int64_t k, int64_t count) {
+// The order of d (descending or ascending), stable (ties keep column order): perm[rank of j]
+// = j; a block per matrix, k^2 comparisons (k is a matrix side). sorted[r] = d[perm[r]] in D.
+template <class S, class D>
+__global__ void sort_kernel(const S* d, int64_t* perm, D* sorted, int64_t k, int64_t count, bool descending) {
   for (int64_t b = blockIdx.x; b < count; b += gridDim.x)
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-      const double dj = d[b * k + j];
+      const double dj = double(d[b * k + j]);
       int64_t rank = 0;
       for (int64_t i = 0; i < k; ++i) {
-        const double di = d[b * k + i];
-        rank += di > dj || (di == dj && i < j);
+        const double di = double(d[b * k + i]);
+        rank += (descending ? di > dj : di < dj) || (di == dj && i < j);
       }
       perm[b * k + rank] = j;
       sorted[b * k + rank] = from_double<D>(dj);
@@ -743,11 +571,436 @@ void store_columns(cudaStream_t stream, const T* src, const ArrayView& out, int6
   CK_CUDA_CHECK(cudaGetLastError());
 }
 
+// ---- host side
+
+template <class T> constexpr DType dtype_of() { return std::is_same<T, double>::value ? DType::float64() : DType::float32(); }
+
+// One input's matrices (or one matrix of it, for fallbacks) within a group.
+struct Segment {
+  ArrayView a, out;
+  const ArrayView* init;   // null: cold start
+  const ArrayView* basis;  // eigh: a basis to refine (written back), or null
+  RootStatus* status;      // count entries
+  int64_t count;
+};
+
+// Matrices in a (..., n, n) stack, counted from the leading dimensions (so n = 0 counts too).
+int64_t leading_count(const ArrayView& a) {
+  int64_t count = 1;
+  for (int d = 0; d + 2 < a.ndim(); ++d) count *= a.shape[size_t(d)];
+  return count;
+}
+
+int64_t matrices_in(const ArrayView& a) { return a.size(-1) ? leading_count(a) : 0; }
+
+// Matrix b of a C-contiguous (..., n, n) stack, as a (1, n, n) view.
+ArrayView matrix_view(const ArrayView& a, int64_t b) {
+  const int64_t n = a.size(-1);
+  ArrayView v = a;
+  v.data = static_cast<char*>(a.data) + b * n * n * a.dtype.itemsize();
+  v.shape = {1, n, n};
+  v.strides = {n * n, n, 1};
+  return v;
+}
+
+// The batched products of one group: c = a b for every matrix, only the lower blocks computed
+// when the result is known to be symmetric (both factors commuting symmetric matrices).
+template <class T>
+struct Products {
+  cudaStream_t stream;
+  int n;
+  int64_t count;
+  bool symmetric;
+
+  void multiply(const T* a, const T* b, T* c, bool commuting) const {
+    const int64_t nn = int64_t(n) * n;
+    const Stack sa{const_cast<T*>(a), n, nn}, sb{const_cast<T*>(b), n, nn}, sc{c, n, nn};
+    if (symmetric && commuting)
+      cuda::symmetric_product(stream, dtype_of<T>(), Op::N, Op::N, n, n, 1.0, sa, sb, 0.0, sc, count);
+    else
+      cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, n, n, n, 1.0, sa, sb, 0.0, sc, count);
+  }
+
+  // b^p in one of the three scratch buffers (or b itself for p = 1); b is not modified.
+  T* power(T* b, int p, T* const scratch[3]) const {
+    std::vector<T*> free(scratch, scratch + 3);
+    auto take = [&] {
+      T* q = free.back();
+      free.pop_back();
+      return q;
+    };
+    T* square = b;  // b^(2^k)
+    T* result = nullptr;
+    for (int e = p; e > 0; e >>= 1) {
+      if (e & 1) {
+        if (result) {
+          T* q = take();
+          multiply(result, square, q, true);
+          if (result != square && result != b) free.push_back(result);
+          result = q;
+        } else {
+          result = square;
+        }
+      }
+      if (e > 1) {
+        T* q = take();
+        multiply(square, square, q, true);
+        if (square != result && square != b) free.push_back(square);
+        square = q;
+      }
+    }
+    return result;
+  }
+};
+
+// cuSOLVER's batched syev on a contiguous stack (column-major, eigenvectors overwrite a,
+// eigenvalues ascending in w, info per matrix), in chunks within its 32-bit size limit.
+template <class T>
+void syev_batched(cudaStream_t stream, T* a, T* w, int* info, int64_t n, int64_t count) {
+  CK_CHECK_VALUE(n * n <= INT32_MAX, "argument 'A': matrix dimension ", n, " is too large for cuSOLVER's eigh");
+  const int64_t chunk = std::max<int64_t>(1, INT32_MAX / (n * n));
+  const cudaDataType t = std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F;
+  cusolverDnHandle_t handle = cusolver_handle(stream);
+  cusolverDnParams_t params = nullptr;
+  CK_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
+  struct Destroy {
+    cusolverDnParams_t p;
+    ~Destroy() { cusolverDnDestroyParams(p); }
+  } destroy{params};
+  for (int64_t start = 0; start < count; start += chunk) {
+    const int64_t batch = std::min(chunk, count - start);
+    T* ab = a + start * n * n;
+    T* wb = w + start * n;
+    size_t device_bytes = 0, host_bytes = 0;
+    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched_bufferSize(handle, params, CUSOLVER_EIG_MODE_VECTOR,
+                                                        CUBLAS_FILL_MODE_LOWER, n, t, ab, n, t, wb, t, &device_bytes,
+                                                        &host_bytes, batch));
+    DeviceBuffer work(device_bytes, stream);
+    std::vector<char> host(host_bytes);
+    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched(handle, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, t,
+                                             ab, n, t, wb, t, work.as<void>(), device_bytes, host.data(), host_bytes,
+                                             info + start, batch));
+    if (host_bytes) CK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host workspace must outlive the call
+  }
+}
+
+// Eigenpairs of `count` symmetric n x n matrices a (column-major, not modified): eigenvalues
+// ascending in w, eigenvectors in v's columns, info per matrix (device, nonzero: cuSOLVER
+// failed). Where warm[b], v holds a basis to refine on the device first (at most
+// kMaxRefineSteps steps; eigenvalues that mixed send the matrix to cuSOLVER, where the CPU
+// separates them in place); the others, and the refinements that fail, go to cuSOLVER's syev
+// (gathered into one batch). Per matrix on the host: refinement steps (-1: syev), whether a
+// refinement fell back, and the products spent (a symmetric product counts its fraction).
+struct EigenpairsInfo {
+  std::vector<int> steps;
+  std::vector<char> fell_back;
+  std::vector<double> products;
+};
+
+constexpr int kMaxRefineSteps = 8;  // as on the CPU
+
+template <class T>
+EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info, const std::vector<char>& warm,
+                          int64_t n, int64_t count) {
+  const int64_t nn = n * n;
+  const int ni = int(n);
+  const size_t bytes = size_t(count * nn) * sizeof(T);
+  EigenpairsInfo out{std::vector<int>(size_t(count), -1), std::vector<char>(size_t(count), 0),
+                     std::vector<double>(size_t(count), 0.0)};
+  CK_CUDA_CHECK(cudaMemsetAsync(info, 0, sizeof(int) * size_t(count), stream));
+  const bool any_warm = std::any_of(warm.begin(), warm.end(), [](char c) { return c != 0; });
+  std::vector<int64_t> decompose;  // matrices for cuSOLVER
+  if (any_warm) {
+    const double f = cuda::symmetric_product_fraction(ni);
+    const double floor_r = 4 * std::sqrt(double(n)) * unit_roundoff<T>();
+    DeviceBuffer av(bytes, stream), sm(bytes, stream), rm(bytes, stream), em(bytes, stream), v0(bytes, stream),
+        flags(sizeof(int) * size_t(count), stream), states(sizeof(RefineState) * size_t(count) + sizeof(int), stream);
+    RefineState* rs = states.as<RefineState>();
+    int* active = reinterpret_cast<int*>(rs + count);
+    std::vector<int> warm_int(warm.begin(), warm.end());
+    cuda::copy_to_device(stream, flags.as<void>(), warm_int.data(), sizeof(int) * warm_int.size());
+    const unsigned per_state = unsigned((count + 127) / 128);
+    refine_reset_kernel<<<per_state, 128, 0, stream>>>(rs, flags.as<int>(), count);
+    CK_CUDA_CHECK(cudaGetLastError());
+    const DType dt = dtype_of<T>();
+    const Stack sa{const_cast<T*>(a), n, nn}, sv{v, n, nn}, sav{av.as<T>(), n, nn}, ss{sm.as<T>(), n, nn},
+        sr{rm.as<T>(), n, nn}, se{em.as<T>(), n, nn}, sv0{v0.as<T>(), n, nn};
+    const dim3 elements = matrix_grid(n, count, 1024), reduce = matrix_grid(n, count, 32);
+    for (int it = 0;; ++it) {
+      cuda::gemm(stream, dt, Op::N, Op::N, ni, ni, ni, 1.0, sa, sv, 0.0, sav, count);               // A V
+      cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, 1.0, sv, sav, 0.0, ss, count);     // V^T A V
+      cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, -1.0, sv, sv, 0.0, sr, count);     // -V^T V
+      cuda::scale_add_identity(stream, dt, sr, sr, ni, count, 1.0, 1.0);                          // I - V^T V
+      refine_eigenvalues_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(
+          sm.as<T>(), rm.as<T>(), w, rs, n, count);
+      refine_correction_kernel<<<reduce, kThreads, 0, stream>>>(sm.as<T>(), rm.as<T>(), w, em.as<T>(), rs, n, count,
+                                                               floor_r);
+      CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
+      refine_watch_kernel<<<per_state, 128, 0, stream>>>(rs, count, floor_r, unit_roundoff<T>(), kMaxRefineSteps,
+                                                         active);
+      refine_mask_kernel<<<elements, kThreads, 0, stream>>>(em.as<T>(), rs, n, count);
+      CK_CUDA_CHECK(cudaGetLastError());
+      CK_CUDA_CHECK(cudaMemcpyAsync(v0.as<void>(), v, bytes, cudaMemcpyDeviceToDevice, stream));
+      cuda::gemm(stream, dt, Op::N, Op::N, ni, ni, ni, 1.0, sv0, se, 1.0, sv, count);  // V <- V + V E
+      if (it % 4 == 3 || it >= kMaxRefineSteps) {  // the host looks every 4 steps
+        int host_active = 0;
+        CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+        if (host_active == 0) break;
+      }
+    }
+    std::vector<RefineState> host(static_cast<size_t>(count));
+    CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), rs, sizeof(RefineState) * host.size(), cudaMemcpyDeviceToHost, stream));
+    CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+    for (int64_t b = 0; b < count; ++b) {
+      const RefineState& h = host[size_t(b)];
+      if (!warm[size_t(b)]) continue;
+      out.products[size_t(b)] = h.evaluations * (1 + 2 * f) + h.steps;
+      out.fell_back[size_t(b)] = char(h.fell_back);
+      if (!h.fell_back) out.steps[size_t(b)] = h.steps;
+    }
+  }
+  for (int64_t b = 0; b < count; ++b)
+    if (out.steps[size_t(b)] < 0) decompose.push_back(b);
+  if (!decompose.empty()) {  // cuSOLVER for the rest, gathered into one batch
+    const int64_t k = int64_t(decompose.size());
+    DeviceBuffer g(sizeof(T) * size_t(k * nn), stream), gw(sizeof(T) * size_t(k * n), stream),
+        gi(sizeof(int) * size_t(k), stream);
+    for (int64_t q = 0; q < k; ++q)
+      CK_CUDA_CHECK(cudaMemcpyAsync(g.as<T>() + q * nn, a + decompose[size_t(q)] * nn, sizeof(T) * size_t(nn),
+                                    cudaMemcpyDeviceToDevice, stream));
+    syev_batched(stream, g.as<T>(), gw.as<T>(), gi.as<int>(), n, k);
+    for (int64_t q = 0; q < k; ++q) {
+      const int64_t b = decompose[size_t(q)];
+      CK_CUDA_CHECK(cudaMemcpyAsync(v + b * nn, g.as<T>() + q * nn, sizeof(T) * size_t(nn), cudaMemcpyDeviceToDevice,
+                                    stream));
+      CK_CUDA_CHECK(cudaMemcpyAsync(w + b * n, gw.as<T>() + q * n, sizeof(T) * size_t(n), cudaMemcpyDeviceToDevice,
+                                    stream));
+      CK_CUDA_CHECK(cudaMemcpyAsync(info + b, gi.as<int>() + q, sizeof(int), cudaMemcpyDeviceToDevice, stream));
+    }
+  }
+  if (any_warm) {  // refined eigenpairs come unsorted: ascending, eigenvectors alike
+    DeviceBuffer order(sizeof(int64_t) * size_t(count * n), stream), sorted(sizeof(T) * size_t(count * n), stream),
+        vs(bytes, stream);
+    sort_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(
+        w, order.as<int64_t>(), sorted.as<T>(), n, count, false);
+    permute_columns_kernel<<<matrix_grid(n, count, 1024), kThreads, 0, stream>>>(v, vs.as<T>(), order.as<int64_t>(),
+                                                                                n, n, count);
+    CK_CUDA_CHECK(cudaGetLastError());
+    CK_CUDA_CHECK(cudaMemcpyAsync(v, vs.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
+    CK_CUDA_CHECK(cudaMemcpyAsync(w, sorted.as<void>(), sizeof(T) * size_t(count * n), cudaMemcpyDeviceToDevice,
+                                  stream));
+  }
+  return out;
+}
+
+// Copies per-matrix states to the host (synchronizes).
+std::vector<RootState> fetch_states(cudaStream_t stream, const RootState* st, int64_t count) {
+  std::vector<RootState> host(static_cast<size_t>(count));
+  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(RootState) * host.size(), cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+// One group: matrices of size n computed in T, from every segment, written to the segments'
+// outputs with their statuses (before the failure policy, which the caller applies).
+template <class T>
+void run_group(int64_t n, const std::vector<Segment>& segments, const RootOptions& o, cudaStream_t stream) {
+  int64_t count = 0;
+  for (const Segment& s : segments) count += s.count;
+  const int64_t nn = n * n;
+  const size_t bytes = size_t(count * nn) * sizeof(T);
+  const bool newton = o.method == RootMethod::Newton;
+  DeviceBuffer a(bytes, stream), x(bytes, stream), m(bytes, stream), s0(bytes, stream), s1(bytes, stream),
+      s2(bytes, stream), s3(newton ? bytes : 0, stream), s4(newton ? bytes : 0, stream),
+      stats(sizeof(MatrixStats) * size_t(count), stream), state(sizeof(RootState) * size_t(count) + sizeof(int), stream),
+      vectors(sizeof(T) * size_t(count) * 2 * size_t(n) + sizeof(double) * size_t(count), stream);
+  RootState* st = state.as<RootState>();
+  int* active = reinterpret_cast<int*>(st + count);
+  const dim3 elements = matrix_grid(n, count, 1024), reduce = matrix_grid(n, count, 32);
+  const unsigned per_state = unsigned((count + 127) / 128);
+  reset_states_kernel<<<per_state, 128, 0, stream>>>(st, count);
+  CK_CUDA_CHECK(cudaGetLastError());
+
+  // A_r = (A + A^T)/2 + eps I; warm starts into X.
+  bool any_warm = false;
+  int64_t first = 0;
+  for (const Segment& s : segments) {
+    cuda::load_symmetric(stream, s.a, a.as<T>() + first * nn, stats.as<MatrixStats>() + first);
+    if (s.init && newton) {
+      DeviceBuffer init_stats(sizeof(MatrixStats) * size_t(s.count), stream);
+      cuda::load_symmetric(stream, *s.init, x.as<T>() + first * nn, init_stats.as<MatrixStats>());
+      any_warm = true;
+    }
+    first += s.count;
+  }
+  const int ni = int(n);
+  const Stack stack_a{a.as<void>(), n, nn};
+  cuda::scale_add_identity(stream, dtype_of<T>(), stack_a, stack_a, ni, count, 1.0, o.eps);
+  const Products<T> products{stream, ni, count, !any_warm};
+  T* xp = x.as<T>();
+  T* mp = m.as<T>();
+  EigenpairsInfo refined;
+  DeviceBuffer info(newton ? 0 : sizeof(int) * size_t(count), stream);
+
+  if (newton) {
+    // Largest-eigenvalue estimate: 10 power steps from the normalized ones vector.
+    T* v = vectors.as<T>();
+    T* u = v + count * n;
+    double* rayleigh = reinterpret_cast<double*>(u + count * n);
+    fill_kernel<<<grid_for(count * n, kThreads), kThreads, 0, stream>>>(v, count * n, T(1.0 / std::sqrt(double(n))));
+    CK_CUDA_CHECK(cudaGetLastError());
+    for (int k = 0; k < 10; ++k) {
+      cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, ni, 1, ni, 1.0, stack_a, {v, n, n}, 0.0, {u, n, n}, count);
+      power_normalize_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(u, v, rayleigh, n,
+                                                                                                 count);
+      CK_CUDA_CHECK(cudaGetLastError());
+    }
+    first = 0;
+    for (const Segment& s : segments) {
+      const int64_t off = first * nn;
+      newton_start_kernel<<<matrix_grid(n, s.count, 1024), kThreads, 0, stream>>>(
+          a.as<T>() + off, xp + off, mp + off, st + first, rayleigh + first, stats.as<MatrixStats>() + first, n,
+          s.count, o.p, o.eps, s.init != nullptr);
+      CK_CUDA_CHECK(cudaGetLastError());
+      first += s.count;
+    }
+    T* scratch[3] = {s0.as<T>(), s1.as<T>(), s2.as<T>()};
+    T* previous = s3.as<T>();
+    T* mprime = s4.as<T>();
+    if (any_warm) {  // M_0 = X_0^p A_r (z A_r up to rounding for the cold matrices)
+      T* power = products.power(xp, o.p, scratch);
+      products.multiply(power, a.as<T>(), mp, false);
+    }
+    const double unit = unit_roundoff<T>(), stop = 10 * std::sqrt(double(n)) * unit;
+    for (int it = 0;; ++it) {
+      identity_distance_kernel<<<reduce, kThreads, 0, stream>>>(mp, st, n, count, false);
+      CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
+      newton_watch_kernel<<<per_state, 128, 0, stream>>>(st, count, stop, std::sqrt(unit), o.max_iters, active);
+      revert_kernel<<<elements, kThreads, 0, stream>>>(xp, previous, st, n, count);
+      CK_CUDA_CHECK(cudaGetLastError());
+      if (it % 4 == 3 || it >= o.max_iters) {  // the host looks every 4 steps, not every step
+        int host_active = 0;
+        CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
+        CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+        if (host_active == 0) break;
+      }
+      newton_step_kernel<<<elements, kThreads, 0, stream>>>(mp, mprime, st, n, count, o.p);
+      CK_CUDA_CHECK(cudaGetLastError());
+      products.multiply(xp, mprime, previous, true);  // X <- X M'
+      std::swap(xp, previous);
+      T* power = products.power(mprime, o.p, scratch);  // M <- M'^p M
+      T* next = power == scratch[0] ? scratch[1] : scratch[0];
+      products.multiply(power, mp, next, true);
+      // the buffers of M and of the new M trade places
+      for (T*& q : scratch)
+        if (q == next) q = mp;
+      mp = next;
+    }
+  } else {
+    // Eigh: V D with D = diag(lambda^(-1/(2p))) from the eigenpairs of A (eps taken back out,
+    // then applied after flooring, as on the CPU), X = (V D)(V D)^T. Bases are refined.
+    T* v = s0.as<T>();
+    T* w = vectors.as<T>();
+    T* plain = s1.as<T>();
+    cuda::scale_add_identity(stream, dtype_of<T>(), stack_a, {plain, n, nn}, ni, count, 1.0, -o.eps);
+    std::vector<char> warm(size_t(count), 0);
+    first = 0;
+    for (const Segment& s : segments) {
+      if (s.basis) {
+        load_columns(stream, *s.basis, v + first * nn, n, n, s.count);
+        std::fill(warm.begin() + first, warm.begin() + first + s.count, 1);
+      }
+      first += s.count;
+    }
+    refined = eigenpairs(stream, plain, v, w, info.as<int>(), warm, n, count);
+    first = 0;
+    for (const Segment& s : segments) {
+      if (s.basis) store_columns(stream, v + first * nn, *s.basis, n, n, s.count);
+      first += s.count;
+    }
+    eigen_scale_kernel<<<elements, kThreads, 0, stream>>>(v, w, info.as<int>(), st, n, count, o.p, o.eps,
+                                                          unit_roundoff<T>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    cuda::symmetric_product(stream, dtype_of<T>(), Op::N, Op::T, ni, ni, 1.0, {v, n, nn}, {v, n, nn}, 0.0,
+                            {xp, n, nn}, count);
+  }
+
+  symmetrize_kernel<<<elements, kThreads, 0, stream>>>(xp, st, n, count);
+  CK_CUDA_CHECK(cudaGetLastError());
+  if (newton || o.compute_residual) {  // max|X^p A_r - I|
+    T* scratch[3] = {s0.as<T>(), s1.as<T>(), s2.as<T>()};  // free now (M is no longer needed)
+    T* power = products.power(xp, o.p, scratch);
+    T* product = power == scratch[2] ? scratch[1] : scratch[2];
+    products.multiply(power, a.as<T>(), product, false);
+    identity_distance_kernel<<<reduce, kThreads, 0, stream>>>(product, st, n, count, true);
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
+  first = 0;
+  for (const Segment& s : segments) {
+    CK_DISPATCH_FLOATING(s.out.dtype, "out", D, [&] {
+      store_matrices_kernel<<<matrix_grid(n, s.count, 1024), kThreads, 0, stream>>>(
+          xp + first * nn, s.out.ptr<D>(), st + first, n, s.count, false);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+    first += s.count;
+  }
+
+  // Products per matrix, as on the CPU; a symmetric product counts its fraction of a plain one.
+  const double f = products.symmetric ? cuda::symmetric_product_fraction(ni) : 1.0, powers = power_products(o.p);
+  const double residual_products = newton ? powers * f + 1 : 0.0;  // eigh's is information, not counted
+  const double start_products = newton ? (any_warm ? powers * f + 1 : 0.0) : cuda::symmetric_product_fraction(ni);
+  const std::vector<RootState> host = fetch_states(stream, st, count);
+  first = 0;
+  for (const Segment& s : segments) {
+    for (int64_t b = 0; b < s.count; ++b) {
+      const RootState& h = host[size_t(first + b)];
+      RootStatus& status = s.status[b];
+      status = RootStatus{};
+      status.method = o.method;
+      status.iterations = newton ? h.iterations : 0;
+      const bool measured = newton || o.compute_residual;
+      status.residual = !measured ? -1.0 : (h.finite ? h.residual : INFINITY);
+      status.converged = h.finite && (newton ? h.residual <= o.tol : h.ok);
+      status.products = start_products + residual_products + (newton ? h.iterations * (powers + 2) * f : 0.0);
+      if (!newton && s.basis) {
+        const size_t k = size_t(first + b);
+        status.iterations = std::max(refined.steps[k], 0);
+        status.fell_back = refined.fell_back[k];
+        status.products += refined.products[k];
+      }
+    }
+    first += s.count;
+  }
+}
+
+// The group's matrices by compute dtype.
+void run_group_any(bool f64, int64_t n, const std::vector<Segment>& segments, const RootOptions& o,
+                   cudaStream_t stream) {
+  if (f64) run_group<double>(n, segments, o, stream);
+  else run_group<float>(n, segments, o, stream);
+}
+
+// out matrix b <- (init + init^T)/2 (what is kept when everything fails).
+void store_init(const ArrayView& init, const ArrayView& out, int64_t b, cudaStream_t stream) {
+  const int64_t n = init.size(-1);
+  DeviceBuffer x(sizeof(double) * size_t(n * n), stream), stats(sizeof(MatrixStats), stream);
+  cuda::load_symmetric(stream, matrix_view(init, b), x.as<double>(), stats.as<MatrixStats>());
+  const ArrayView target = matrix_view(out, b);
+  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+    store_matrices_kernel<<<matrix_grid(n, 1, 1024), kThreads, 0, stream>>>(x.as<double>(), target.ptr<D>(), nullptr,
+                                                                           n, 1, false);
+  });
+  CK_CUDA_CHECK(cudaGetLastError());
+}
+
+
 }  // namespace
 
 void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
-                              const std::vector<const ArrayView*>& inits, const RootOptions& o,
-                              std::vector<std::vector<RootStatus>>& status, StreamHandle stream_handle) {
+                              const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
+                              const RootOptions& o, std::vector<std::vector<RootStatus>>& status,
+                              StreamHandle stream_handle) {
   status.assign(inputs.size(), {});
   if (inputs.empty()) return;
   CudaDeviceGuard guard(inputs[0].device);
@@ -791,7 +1044,7 @@ void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::v
     status[i].assign(size_t(count), n ? RootStatus{} : empty);
     if (n == 0 || count == 0) continue;
     groups[{n, inputs[i].dtype == DType::float64()}].push_back(
-        Segment{inputs[i], outputs[i], inits[i], status[i].data(), count});
+        Segment{inputs[i], outputs[i], inits[i], bases[i], status[i].data(), count});
   }
   for (auto& [key, segments] : groups) {
     run_group_any(key.second, key.first, segments, o, stream);
@@ -801,7 +1054,7 @@ void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::v
     for (const Segment& s : segments)
       for (int64_t b = 0; b < s.count; ++b)
         if (!s.status[b].converged && o.method == RootMethod::Newton && o.fallback)
-          retry.push_back(Segment{matrix_view(s.a, b), matrix_view(s.out, b), nullptr, nullptr, 1});
+          retry.push_back(Segment{matrix_view(s.a, b), matrix_view(s.out, b), nullptr, nullptr, nullptr, 1});
     std::vector<RootStatus> retried(retry.size());
     for (size_t k = 0; k < retry.size(); ++k) retry[k].status = &retried[k];
     if (!retry.empty()) {
@@ -834,14 +1087,17 @@ void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::v
 }
 
 void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
-               const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok, StreamHandle stream_handle) {
+               const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
+               std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps, StreamHandle stream_handle) {
   ok.assign(inputs.size(), {});
+  steps.assign(inputs.size(), {});
   if (inputs.empty()) return;
   CudaDeviceGuard guard(inputs[0].device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
   for (size_t i = 0; i < inputs.size(); ++i) {
-    const int64_t n = inputs[i].size(-1), count = matrices_in(inputs[i]);
     ok[i].assign(size_t(leading_count(inputs[i])), true);
+    steps[i].assign(ok[i].size(), -1);
+    const int64_t count = matrices_in(inputs[i]);
     if (count == 0) continue;
     DeviceBuffer stats(sizeof(MatrixStats) * size_t(count), stream);
     cuda::load_symmetric<double>(stream, inputs[i], nullptr, stats.as<MatrixStats>());
@@ -852,13 +1108,15 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
     if (count == 0) continue;
     auto solve = [&](auto tag) {
       using T = decltype(tag);
-      DeviceBuffer v(sizeof(T) * size_t(count * n * n), stream), w(sizeof(T) * size_t(count * n), stream),
-          info(sizeof(int) * size_t(count), stream), stats(sizeof(MatrixStats) * size_t(count), stream);
-      cuda::load_symmetric(stream, inputs[i], v.as<T>(), stats.as<MatrixStats>());
-      syev_batched(stream, v.as<T>(), w.as<T>(), info.as<int>(), n, count);
-      CK_DISPATCH_FLOATING(vectors[i].dtype, "out", D, [&] {
-        store_matrices_kernel<<<matrix_grid(n, count, 1024), kThreads, 0, stream>>>(
-            v.as<T>(), vectors[i].ptr<D>(), static_cast<const RootState*>(nullptr), n, count, true);
+      DeviceBuffer a(sizeof(T) * size_t(count * n * n), stream), v(sizeof(T) * size_t(count * n * n), stream),
+          w(sizeof(T) * size_t(count * n), stream), info(sizeof(int) * size_t(count), stream),
+          stats(sizeof(MatrixStats) * size_t(count), stream);
+      cuda::load_symmetric(stream, inputs[i], a.as<T>(), stats.as<MatrixStats>());
+      if (bases[i]) load_columns(stream, *bases[i], v.as<T>(), n, n, count);
+      const EigenpairsInfo refined = eigenpairs(stream, a.as<T>(), v.as<T>(), w.as<T>(), info.as<int>(),
+                                                std::vector<char>(size_t(count), bases[i] ? 1 : 0), n, count);
+      store_columns(stream, v.as<T>(), vectors[i], n, n, count);
+      CK_DISPATCH_FLOATING(values[i].dtype, "out", D, [&] {
         store_values_kernel<<<grid_for(count * n, kThreads), kThreads, 0, stream>>>(w.as<T>(), values[i].ptr<D>(),
                                                                                       count * n);
       });
@@ -867,7 +1125,10 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
       CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), info.as<int>(), sizeof(int) * host.size(), cudaMemcpyDeviceToHost,
                                     stream));
       CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-      for (int64_t b = 0; b < count; ++b) ok[i][size_t(b)] = host[size_t(b)] == 0;
+      for (int64_t b = 0; b < count; ++b) {
+        ok[i][size_t(b)] = host[size_t(b)] == 0;
+        steps[i][size_t(b)] = refined.steps[size_t(b)];
+      }
     };
     if (inputs[i].dtype == DType::float64()) solve(double());
     else solve(float());
@@ -916,8 +1177,8 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
                                                                             n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     CK_DISPATCH_FLOATING(estimates.dtype, "out", D, [&] {
-      sort_descending_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(
-          d.as<double>(), order.as<int64_t>(), estimates.ptr<D>(), k, count);
+      sort_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(
+          d.as<double>(), order.as<int64_t>(), estimates.ptr<D>(), k, count, true);
     });
     permute_columns_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(aq.as<T>(), qc.as<T>(),
                                                                                 order.as<int64_t>(), n, k, count);

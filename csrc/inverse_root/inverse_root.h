@@ -70,10 +70,12 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
                              const RootOptions& options, std::vector<std::vector<RootStatus>>& status);
 
 // The same on CUDA arrays, on `stream`: matrices grouped by size over the whole list, each
-// group iterated in one batch with per-matrix convergence on the device (no warm-start bases).
+// group iterated in one batch with per-matrix convergence on the device. Bases are refined on
+// the device too, except that eigenvalues whose vectors mixed send the matrix to cuSOLVER.
 void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
-                              const std::vector<const ArrayView*>& inits, const RootOptions& options,
-                              std::vector<std::vector<RootStatus>>& status, StreamHandle stream);
+                              const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
+                              const RootOptions& options, std::vector<std::vector<RootStatus>>& status,
+                              StreamHandle stream);
 
 // Symmetric eigendecomposition: w[i] (..., n) ascending, v[i] (..., n, n) eigenvectors as
 // columns; refined from bases[i] (may be null) when given, per matrix `steps` refinement steps
@@ -82,9 +84,10 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
               const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
               std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps);
 
-// The same on CUDA arrays by cuSOLVER (no bases), on `stream`.
+// The same on CUDA arrays (cuSOLVER, bases refined on the device), on `stream`.
 void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
-               const std::vector<ArrayView>& vectors, std::vector<std::vector<bool>>& ok, StreamHandle stream);
+               const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
+               std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps, StreamHandle stream);
 
 // Orthonormal columns by Householder QR with R's diagonal made nonnegative (so the result is
 // the Gram-Schmidt basis of the input, continuous in it): q (..., m, k), m >= k, in place.

@@ -43,7 +43,8 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         cuBLAS products (symmetric ones computed by their lower blocks). "auto": "eigh" on
         CPU (faster there at every size measured, bench/results/inverse_root_cpu.md),
         "newton" on CUDA (products are what GPUs do fastest; the square root's Newton–Schulz
-        beat torch's eigh 1.3-8.4x on an H100, bench/results/gpu_h100.md).
+        beat torch's eigh 1.3-8.4x on an H100, bench/results/gpu_h100.md), "eigh" wherever
+        a ``basis`` is given.
     basis : array like A, optional
         The warm start for slowly changing matrices (Shampoo's factors between refreshes):
         eigenvectors (columns) of a nearby matrix, typically those this call left in it last
@@ -59,7 +60,9 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         (beta = 0.999) after the basis was computed it takes 2 steps in float32 (8.5
         products in all) and 4 in float64 (12.5), against 38-51 for a cold Newton root at
         equal accuracy (bench/results/inverse_root_cpu.md). Needs ``method`` "auto" or
-        "eigh"; CPU arrays only so far. "iterations" in the info counts refinement steps,
+        "eigh". On CUDA the refinement runs on the device (each matrix stopped on its own),
+        except that a matrix whose nearly equal eigenvalues mixed is decomposed by cuSOLVER
+        instead of separated in place. "iterations" in the info counts refinement steps,
         "products" the matrix products.
     init : array like A, optional
         A previous root to warm-start "newton" from (X_0 = init, M_0 = init^p (A + eps I)):
@@ -138,8 +141,8 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         tol = max((_DEFAULT_TOL["float64" if _arrays.dtype_name(a.dtype) == "float64" else "float32"]
                    for a in prepared), default=_DEFAULT_TOL["float64"])
     on_cuda = bool(prepared) and _arrays.device_of(prepared[0])[0] == "cuda"
-    if method == "auto":
-        method = "newton" if on_cuda else "eigh"
+    if method == "auto":  # a basis asks for its refinement (eigh); otherwise by device
+        method = "newton" if on_cuda and all(b is None for b in bases) else "eigh"
     prepared_bases = [_basis(b, a, written=True) for b, a in zip(bases, prepared)]
     status = _core.matrix_inverse_root(prepared, outputs, prepared_inits, prepared_bases, p, float(eps), method,
                                        _arrays.index(max_iters, "max_iters", 1), float(tol), bool(fallback),
@@ -165,7 +168,7 @@ def eigh(A, basis=None, return_info=False):
     LAPACK on CPU, cuSOLVER's batched syev on CUDA; a failure raises
     :class:`curvkit.ConvergenceError`.
 
-    ``basis`` (like A, or a list like A; not modified; CPU only so far): eigenvectors of a nearby matrix to
+    ``basis`` (like A, or a list like A; not modified): eigenvectors of a nearby matrix to
     refine instead of decomposing from scratch, as in :func:`matrix_inverse_root` (3 matrix
     products a step, each squaring the error, to LAPACK's accuracy; a basis too far off is
     replaced by a full decomposition). With ``return_info``, also returns (per input) the
