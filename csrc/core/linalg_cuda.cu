@@ -17,6 +17,13 @@ DeviceBuffer::~DeviceBuffer() {
   if (ptr_) cudaFreeAsync(ptr_, stream_);
 }
 
+int read_counter(cudaStream_t stream, const int* counter) {
+  int value = 0;
+  CK_CUDA_CHECK(cudaMemcpyAsync(&value, counter, sizeof(int), cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return value;
+}
+
 void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes) {
   if (bytes) CK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
 }

@@ -118,6 +118,10 @@ std::vector<MatrixStats> check_symmetric(cudaStream_t stream, const ArrayView& a
                                          const char* name);
 void validate_symmetric(const ArrayView& a, const MatrixStats* stats, const char* name);
 
+// A device int read on the host (synchronizes the stream): how the iterative kernels' host
+// loops see, every few steps, how many matrices are still active.
+int read_counter(cudaStream_t stream, const int* counter);
+
 // Copies `bytes` of a host array to the device, stream-ordered; the host array may be freed
 // on return.
 void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes);

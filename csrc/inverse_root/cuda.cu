@@ -742,12 +742,8 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
       CK_CUDA_CHECK(cudaGetLastError());
       CK_CUDA_CHECK(cudaMemcpyAsync(v0.as<void>(), v, bytes, cudaMemcpyDeviceToDevice, stream));
       cuda::gemm(stream, dt, Op::N, Op::N, ni, ni, ni, 1.0, sv0, se, 1.0, sv, count);  // V <- V + V E
-      if (it % 4 == 3 || it >= kMaxRefineSteps) {  // the host looks every 4 steps
-        int host_active = 0;
-        CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
-        CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-        if (host_active == 0) break;
-      }
+      // the host looks every 4 steps
+      if ((it % 4 == 3 || it >= kMaxRefineSteps) && cuda::read_counter(stream, active) == 0) break;
     }
     std::vector<RefineState> host(static_cast<size_t>(count));
     CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), rs, sizeof(RefineState) * host.size(), cudaMemcpyDeviceToHost, stream));
@@ -879,12 +875,8 @@ void run_group(int64_t n, const std::vector<Segment>& segments, const RootOption
       newton_watch_kernel<<<per_state, 128, 0, stream>>>(st, count, stop, std::sqrt(unit), o.max_iters, active);
       revert_kernel<<<elements, kThreads, 0, stream>>>(xp, previous, st, n, count);
       CK_CUDA_CHECK(cudaGetLastError());
-      if (it % 4 == 3 || it >= o.max_iters) {  // the host looks every 4 steps, not every step
-        int host_active = 0;
-        CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
-        CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-        if (host_active == 0) break;
-      }
+      // the host looks every 4 steps, not every step
+      if ((it % 4 == 3 || it >= o.max_iters) && cuda::read_counter(stream, active) == 0) break;
       newton_step_kernel<<<elements, kThreads, 0, stream>>>(mp, mprime, st, n, count, o.p);
       CK_CUDA_CHECK(cudaGetLastError());
       products.multiply(xp, mprime, previous, true);  // X <- X M'

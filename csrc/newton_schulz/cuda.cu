@@ -451,12 +451,8 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
     CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
     sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(st, n, count, active);
     CK_CUDA_CHECK(cudaGetLastError());
-    if (it % 4 == 3) {  // the host looks every 4 steps, not every step
-      int host_active = 0;
-      CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
-      CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-      if (host_active == 0) break;
-    }
+    // the host looks every 4 steps, not every step
+    if (it % 4 == 3 && cuda::read_counter(stream, active) == 0) break;
     sqrt_step_kernel<<<grid_for(total, 256), 256, 0, stream>>>(m.as<double>(), t.as<double>(), st, n, count);
     CK_CUDA_CHECK(cudaGetLastError());
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, stt, 0.0, {pu, n, nn}, count);  // Y T
@@ -535,12 +531,8 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
     CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
     sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(st, n, count, active);
     CK_CUDA_CHECK(cudaGetLastError());
-    if (it % 4 == 3) {  // the host looks every 4 steps, not every step
-      int host_active = 0;
-      CK_CUDA_CHECK(cudaMemcpyAsync(&host_active, active, sizeof(int), cudaMemcpyDeviceToHost, stream));
-      CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-      if (host_active == 0) break;
-    }
+    // the host looks every 4 steps, not every step
+    if (it % 4 == 3 && cuda::read_counter(stream, active) == 0) break;
     sqrt_step_kernel<<<grid_for(total, 256), 256, 0, stream>>>(m.as<double>(), t.as<double>(), st, n, count);  // T
     CK_CUDA_CHECK(cudaGetLastError());
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pz), 0.0, stack(pp), count);   // B C
