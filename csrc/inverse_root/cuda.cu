@@ -1127,10 +1127,20 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
   }
 }
 
-void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream_handle) {
+namespace {
+
+// Matrices in a (..., m, k) stack of bases (m >= k, checked), with `ok` sized for them.
+int64_t bases_in(const ArrayView& q, std::vector<bool>& ok) {
   const int64_t m = q.size(-2), k = q.size(-1), count = m > 0 && k > 0 ? q.numel() / (m * k) : 0;
   CK_CHECK_VALUE(k <= m, "argument 'Q' must have at least as many rows as columns, got ", m, " x ", k);
   ok.assign(size_t(count), true);
+  return count;
+}
+
+}  // namespace
+
+void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream_handle) {
+  const int64_t m = q.size(-2), k = q.size(-1), count = bases_in(q, ok);
   if (count == 0) return;
   CudaDeviceGuard guard(q.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
@@ -1149,9 +1159,7 @@ void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHan
 void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
                             const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
                             StreamHandle stream_handle) {
-  const int64_t n = q.size(-2), k = q.size(-1), count = n > 0 && k > 0 ? q.numel() / (n * k) : 0;
-  CK_CHECK_VALUE(k <= n, "argument 'Q' must have at least as many rows as columns, got ", n, " x ", k);
-  ok.assign(size_t(count), true);
+  const int64_t n = q.size(-2), k = q.size(-1), count = bases_in(q, ok);
   if (count == 0) return;
   CudaDeviceGuard guard(q.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
