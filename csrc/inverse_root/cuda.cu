@@ -758,7 +758,10 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
   }
   for (int64_t b = 0; b < count; ++b)
     if (out.steps[size_t(b)] < 0) decompose.push_back(b);
-  if (!decompose.empty()) {  // cuSOLVER for the rest, gathered into one batch
+  if (int64_t(decompose.size()) == count) {  // all of them: cuSOLVER in place
+    CK_CUDA_CHECK(cudaMemcpyAsync(v, a, bytes, cudaMemcpyDeviceToDevice, stream));
+    syev_batched(stream, v, w, info, n, count);
+  } else if (!decompose.empty()) {  // cuSOLVER for the rest, gathered into one batch
     const int64_t k = int64_t(decompose.size());
     DeviceBuffer g(sizeof(T) * size_t(k * nn), stream), gw(sizeof(T) * size_t(k * n), stream),
         gi(sizeof(int) * size_t(k), stream);
