@@ -59,4 +59,11 @@ struct ArrayView {
   T* ptr() const { return static_cast<T*>(data); }
 };
 
+// Matrices in a (..., m, n) stack, counted from the leading dimensions (so m n = 0 counts too).
+inline int64_t leading_count(const ArrayView& a) {
+  int64_t count = 1;
+  for (int d = 0; d + 2 < a.ndim(); ++d) count *= a.shape[size_t(d)];
+  return count;
+}
+
 }  // namespace curvkit

@@ -14,13 +14,6 @@ struct RootTask {
   int64_t index, n;
 };
 
-// Matrices in a (..., n, n) batch, counted from the leading dimensions (so n = 0 counts too).
-int64_t leading_count(const ArrayView& a) {
-  int64_t count = 1;
-  for (int d = 0; d + 2 < a.ndim(); ++d) count *= a.shape[d];
-  return count;
-}
-
 // One task per matrix of every input (in order), each checked finite and symmetric first.
 std::vector<RootTask> symmetric_tasks(const std::vector<ArrayView>& inputs) {
   std::vector<RootTask> tasks;
@@ -138,9 +131,10 @@ void rotate_lines(int n, T* m, const std::vector<int>& cols, const std::vector<T
 // Converged: max_{i != j} |s_ij| and max |r_ij| at rounding level (4 sqrt(n) u, relative to
 // max |d| for S), the accuracy LAPACK's own eigenvectors have, or a first-order correction
 // with ||E||_F^2 <= u (its S and R are then at rounding level unseen). Returns the number of
-// steps taken (eigenvalues in d, unsorted; products counts the matrix products), or -1 when the basis is too far from A's eigenvectors (a
-// coupled group larger than n/4, a step that increased the coupling, no convergence
-// within max_steps, or non-finite values): decompose from scratch then. Eigenvectors of
+// steps taken (eigenvalues in d, unsorted; products counts the matrix products), or -1 when
+// the basis is too far from A's eigenvectors (a coupled group larger than n/4, a step that
+// increased the coupling, no convergence within max_steps, or non-finite values): decompose
+// from scratch then. Eigenvectors of
 // eigenvalues closer than the drift couples them (dense spectra, n >= 1024 after an EMA
 // step, measured) rotate too far for refinement. scratch holds 5 n^2 values.
 template <class T>

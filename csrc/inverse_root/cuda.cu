@@ -9,8 +9,8 @@
 // diverged or growing) is frozen: its M' becomes I, so X and M stay bit-identical while the
 // others go on, and the host looks at the number of active matrices every 4 steps only. The
 // verdict is the true residual max|X^p (A + eps I) - I| of the final X, as on the CPU.
-// Eigh: cuSOLVER's batched syev, the eigenvalues floored and shifted as on the CPU, the root
-// rebuilt as (V D)(V D)^T with the symmetric product.
+// Eigh: cuSOLVER's batched syev (or a warm-start basis refined on the device), the eigenvalues
+// floored and shifted as on the CPU, the root rebuilt as (V D)(V D)^T with the symmetric product.
 // The failure policy is the CPU's (inverse_root.h): float64 eigh for Newton failures, then init.
 #include <algorithm>
 #include <cfloat>
@@ -385,6 +385,21 @@ __global__ void refine_mask_kernel(T* e, const RefineState* rs, int64_t n, int64
   }
 }
 
+// cuSOLVER's parameter object of the 64-bit API, for a scope.
+class SolverParams {
+ public:
+  SolverParams() { CK_CUSOLVER_CHECK(cusolverDnCreateParams(&params_)); }
+  ~SolverParams() { cusolverDnDestroyParams(params_); }
+  SolverParams(const SolverParams&) = delete;
+  SolverParams& operator=(const SolverParams&) = delete;
+  operator cusolverDnParams_t() const { return params_; }
+
+ private:
+  cusolverDnParams_t params_ = nullptr;
+};
+
+template <class T> cudaDataType solver_type() { return std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F; }
+
 // ---- QR-based routines (orthonormalize "qr", SOAP's eigenbasis refresh)
 
 // dst (column-major rows x cols, compute type T) = src (row-major, any dtype), per matrix.
@@ -468,7 +483,7 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   std::vector<bool> ok(static_cast<size_t>(count));
   if (count == 0) return ok;
   CK_CHECK_VALUE(m * k <= INT32_MAX, "argument 'Q': a ", m, " x ", k, " matrix is too large for cuSOLVER's QR");
-  const cudaDataType t = std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F;
+  const cudaDataType t = solver_type<T>();
   const int64_t mk = m * k;
   DeviceBuffer tau(sizeof(T) * size_t(count * k), stream), sign(sizeof(T) * size_t(count * k), stream),
       info(sizeof(int) * size_t(2 * count), stream), norm2(sizeof(double) * size_t(count), stream),
@@ -477,12 +492,7 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
                                                                                         count);
   CK_CUDA_CHECK(cudaGetLastError());
   cusolverDnHandle_t handle = cusolver_handle(stream);
-  cusolverDnParams_t params = nullptr;
-  CK_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
-  struct Destroy {
-    cusolverDnParams_t p;
-    ~Destroy() { cusolverDnDestroyParams(p); }
-  } destroy{params};
+  const SolverParams params;
   size_t device_bytes = 0, host_bytes = 0;
   CK_CUSOLVER_CHECK(cusolverDnXgeqrf_bufferSize(handle, params, m, k, t, a, m, t, tau.as<T>(), t, &device_bytes,
                                                 &host_bytes));
@@ -584,13 +594,6 @@ struct Segment {
   int64_t count;
 };
 
-// Matrices in a (..., n, n) stack, counted from the leading dimensions (so n = 0 counts too).
-int64_t leading_count(const ArrayView& a) {
-  int64_t count = 1;
-  for (int d = 0; d + 2 < a.ndim(); ++d) count *= a.shape[size_t(d)];
-  return count;
-}
-
 int64_t matrices_in(const ArrayView& a) { return a.size(-1) ? leading_count(a) : 0; }
 
 // Matrix b of a C-contiguous (..., n, n) stack, as a (1, n, n) view.
@@ -659,14 +662,9 @@ template <class T>
 void syev_batched(cudaStream_t stream, T* a, T* w, int* info, int64_t n, int64_t count) {
   CK_CHECK_VALUE(n * n <= INT32_MAX, "argument 'A': matrix dimension ", n, " is too large for cuSOLVER's eigh");
   const int64_t chunk = std::max<int64_t>(1, INT32_MAX / (n * n));
-  const cudaDataType t = std::is_same<T, double>::value ? CUDA_R_64F : CUDA_R_32F;
+  const cudaDataType t = solver_type<T>();
   cusolverDnHandle_t handle = cusolver_handle(stream);
-  cusolverDnParams_t params = nullptr;
-  CK_CUSOLVER_CHECK(cusolverDnCreateParams(&params));
-  struct Destroy {
-    cusolverDnParams_t p;
-    ~Destroy() { cusolverDnDestroyParams(p); }
-  } destroy{params};
+  const SolverParams params;
   for (int64_t start = 0; start < count; start += chunk) {
     const int64_t batch = std::min(chunk, count - start);
     T* ab = a + start * n * n;

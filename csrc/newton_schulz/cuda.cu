@@ -493,9 +493,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
 
 void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const ArrayView& x_out, int max_iters,
                          std::vector<SqrtStatus>& status, StreamHandle stream_handle) {
-  const int64_t n = s_in.size(-1);
-  int64_t count = 1;
-  for (int d = 0; d + 2 < s_in.ndim(); ++d) count *= s_in.shape[size_t(d)];
+  const int64_t n = s_in.size(-1), count = leading_count(s_in);
   status.assign(size_t(count), SqrtStatus{n == 0, 0, 0.0});  // 0 x 0: solved
   if (count == 0 || n == 0) return;
   CK_CHECK_VALUE(n <= 46340, "argument 'S': matrix dimension ", n, " is too large for one CUDA matrix");

@@ -86,8 +86,8 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
         Also return, per input, a dict of NumPy arrays over the batch: "converged",
         "iterations", "residual" (||X^p (A + eps I) - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
         matrix), "fell_back", "kept_init", "products" (the n x n matrix products spent,
-        fallbacks included; a symmetric one counts 0.5, a LAPACK decomposition none, nor
-        the residual eigh reports). Without it, a matrix that did not converge
+        fallbacks included; a symmetric one counts its share of a plain one, 0.5 on CPU; a
+        LAPACK / cuSOLVER decomposition none, nor the residual eigh reports). Without it, a matrix that did not converge
         raises :class:`curvkit.ConvergenceError` (results are never NaN or Inf).
 
     Examples
@@ -194,7 +194,7 @@ def eigh(A, basis=None, return_info=False):
         vectors.append(_arrays.empty(tuple(a.shape), dt, fw, dev))
     status = _core.eigh(inputs, values, vectors, bases, _arrays.stream_of(inputs[0]) if inputs else 0)
     if not all(ok.all() for ok, _ in status):
-        raise ConvergenceError("eigh: LAPACK failed for some matrices", {"converged": [ok for ok, _ in status]},
+        raise ConvergenceError("eigh: the decomposition failed for some matrices", {"converged": [ok for ok, _ in status]},
                                (values, vectors))
     result = (values[0], vectors[0]) if single else list(zip(values, vectors))
     if return_info:
