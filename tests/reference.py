@@ -49,6 +49,32 @@ def probes(shape, kind, seed=0, offset=0):
     return out.reshape(shape)
 
 
+def sphere_norms_in_order(z):
+    """Column 2-norms of gaussian probes z (n, k), summed in the order curvkit defines (see
+    csrc/hutchinson/probe_math.h): chunks of 256 entries, in each 32 lane sums over the
+    lane's pairs, an xor butterfly over lanes, then the aligned binary tree over chunks.
+    Zero padding adds exact zeros, so it does not change any sum."""
+    z = np.asarray(z, dtype=np.float64)
+    n, k = z.shape
+    chunks = -(-n // 256)
+    squares = np.zeros((chunks * 256, k))
+    squares[:n] = z * z
+    squares = squares.reshape(chunks, 4, 32, 2, k)  # entry 256c + 2(l + 32t) + h
+    lanes = np.zeros((chunks, 32, k))
+    for t in range(4):
+        for h in range(2):
+            lanes = lanes + squares[:, t, :, h, :]
+    for off in (16, 8, 4, 2, 1):
+        lanes = lanes + lanes[:, np.arange(32) ^ off, :]
+    v = lanes[:, 0, :].copy()
+    width = 1
+    while width < chunks:
+        i = np.arange(0, chunks - width, 2 * width)
+        v[i] = v[i] + v[i + width]
+        width *= 2
+    return np.sqrt(v[0])
+
+
 def cos_sin_2pi(t):
     """cos(2 pi t), sin(2 pi t) for t in [0, 1), accurate near their zeros: 4t = q + f is
     split exactly and only the quarter-turn remainder f is rounded into radians (NumPy's

@@ -110,6 +110,15 @@ def test_sphere_norms_and_uniformity(backend):
     assert ks < 1.95 / math.sqrt(sample.size)
 
 
+def test_sphere_norms_are_summed_in_the_documented_order():
+    # the order is what makes CPU and CUDA agree bit for bit; (600 * 256 + 3) entries take
+    # two levels of the CUDA tree reduction
+    for shape in [(1, 1), (5, 2), (1000, 3), (256 * 5 + 77, 1), (256 * 600 + 3, 2)]:
+        g = curvkit.probes(shape, "gaussian", seed=3, offset=11)
+        s = curvkit.probes(shape, "sphere", seed=3, offset=11)
+        np.testing.assert_array_equal(s, g / reference.sphere_norms_in_order(g), err_msg=str(shape))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_splitting_by_offset_gives_the_same_probes(backend, kind):
     whole = to_numpy(probes_on(backend, (300, 10), kind=kind, seed=42))
@@ -173,7 +182,7 @@ def test_like_picks_framework_device_and_dtype(backend, kind):
 @pytest.mark.parametrize("cuda", [p for p in BACKENDS if p.values[0][1] == "cuda"] or
                          [pytest.param(None, marks=pytest.mark.skip(reason="no CUDA backend"))])
 def test_cuda_matches_cpu_bit_for_bit(cuda, kind):
-    for shape in [(1,), (1000,), (5000, 1), (1023, 7), (3, 700, 40), (2, 4096, 33)]:
+    for shape in [(1,), (1000,), (5000, 1), (1023, 7), (3, 700, 40), (2, 4096, 33), (256 * 600 + 3, 2)]:
         for dtype in dtypes_for(cuda):
             cpu = probes_on((cuda[0], "cpu") if cuda[0] == "torch" else ("numpy", "cpu"), shape, kind=kind,
                             seed=123, offset=99, dtype=dtype)

@@ -86,7 +86,8 @@ void gaussian(T* out, const ProbeLayout& L, uint64_t seed, uint64_t offset, cons
   });
 }
 
-// Column 2-norms of the gaussian probes, summed in the order probe_math prescribes.
+// Column 2-norms of the gaussian probes, summed in the order probe_math prescribes (the lane
+// sums of lane_sum_squares, from pairs already drawn in bulk).
 std::vector<double> sphere_norms(const ProbeLayout& L, uint64_t seed, uint64_t offset) {
   const int64_t columns = L.batch * L.k, chunks = (L.n + kNormChunk - 1) / kNormChunk;
   std::vector<double> partial(static_cast<size_t>(columns * chunks)), norms(static_cast<size_t>(columns));
@@ -100,7 +101,10 @@ std::vector<double> sphere_norms(const ProbeLayout& L, uint64_t seed, uint64_t o
     double lanes[kNormLanes];
     for (int l = 0; l < kNormLanes; ++l) {
       double s = 0.0;
-      for (int64_t i = l; i < count; i += kNormLanes) s = pmath::add(s, pmath::mul(z[i & 1][i / 2], z[i & 1][i / 2]));
+      for (int64_t pair = l; 2 * pair < count; pair += kNormLanes) {
+        s = pmath::add(s, pmath::mul(z[0][pair], z[0][pair]));
+        if (2 * pair + 1 < count) s = pmath::add(s, pmath::mul(z[1][pair], z[1][pair]));
+      }
       lanes[l] = s;
     }
     for (int off = kNormLanes / 2; off >= 1; off /= 2) {
@@ -111,9 +115,9 @@ std::vector<double> sphere_norms(const ProbeLayout& L, uint64_t seed, uint64_t o
     partial[size_t(t)] = lanes[0];
   }
   for (int64_t c = 0; c < columns; ++c) {
-    double total = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) total = pmath::add(total, partial[size_t(c * chunks + chunk)]);
-    norms[size_t(c)] = pmath::sqrt(total);
+    double* column = partial.data() + c * chunks;
+    tree_sum_in_place(column, chunks);
+    norms[size_t(c)] = pmath::sqrt(column[0]);
   }
   return norms;
 }

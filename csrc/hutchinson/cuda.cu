@@ -86,14 +86,32 @@ __global__ void sphere_partials_kernel(double* __restrict__ partial, ProbeLayout
   }
 }
 
-// Sphere, pass 2: chunk sums added in order, one thread per column.
-__global__ void sphere_norms_kernel(double* __restrict__ norms, const double* __restrict__ partial,
-                                    int64_t columns, int64_t chunks) {
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < columns; c += stride) {
-    double total = 0.0;
-    for (int64_t chunk = 0; chunk < chunks; ++chunk) total = pmath::add(total, partial[c * chunks + chunk]);
-    norms[c] = pmath::sqrt(total);
+// Sphere, pass 2 (one launch per 512-fold of the tree): a block per (column, group) takes the
+// column's chunk sums at first + m * stride, m < 512, runs those nine levels of the aligned
+// tree (probe_math step 3) in shared memory and leaves the sum at `first`; the last launch,
+// whose single group spans the column, writes the norm instead.
+constexpr int kTreeFanIn = 2 * kThreads;
+
+__global__ void sphere_tree_kernel(double* __restrict__ partial, double* __restrict__ norms, int64_t columns,
+                                   int64_t chunks, int64_t stride, int64_t groups) {
+  __shared__ double v[kTreeFanIn];
+  for (int64_t task = blockIdx.x; task < columns * groups; task += gridDim.x) {
+    const int64_t column = task / groups, first = (task % groups) * kTreeFanIn * stride;
+    double* base = partial + column * chunks + first;
+    const int64_t left = (chunks - first + stride - 1) / stride;
+    const int count = left < kTreeFanIn ? int(left) : kTreeFanIn;
+    for (int m = threadIdx.x; m < kTreeFanIn; m += blockDim.x) v[m] = m < count ? base[m * stride] : 0.0;
+    __syncthreads();
+    for (int width = 1; width < kTreeFanIn; width *= 2) {
+      const int m = int(threadIdx.x) * 2 * width;
+      if (m + width < count) v[m] = pmath::add(v[m], v[m + width]);
+      __syncthreads();
+    }
+    if (threadIdx.x == 0) {
+      if (groups == 1) norms[column] = pmath::sqrt(v[0]);
+      else base[0] = v[0];
+    }
+    __syncthreads();  // v is refilled for the next task
   }
 }
 
@@ -123,7 +141,12 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
       double* partial = workspace;
       double* column_norms = workspace + columns * chunks;
       sphere_partials_kernel<<<grid_for(columns * chunks * 32, kThreads), kThreads, 0, s>>>(partial, L, seed, offset);
-      sphere_norms_kernel<<<grid_for(columns, kThreads), kThreads, 0, s>>>(column_norms, partial, columns, chunks);
+      for (int64_t stride = 1;; stride *= kTreeFanIn) {
+        const int64_t groups = (chunks + kTreeFanIn * stride - 1) / (kTreeFanIn * stride);
+        sphere_tree_kernel<<<grid_for(columns * groups, 1), kThreads, 0, s>>>(partial, column_norms, columns, chunks,
+                                                                          stride, groups);
+        if (groups == 1) break;
+      }
       norms = column_norms;
     }
     const int64_t items = L.batch * ((L.n + 1) / 2) * L.k;

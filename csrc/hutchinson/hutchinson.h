@@ -8,8 +8,9 @@
 //   rademacher: block i/128, bit i%128 of the 128 output bits; set bit -> +1, clear -> -1.
 //   gaussian:   block i/2 gives two 64-bit uniforms u in (0,1], t in [0,1); Box-Muller
 //               sqrt(-2 ln u) * (cos 2 pi t, sin 2 pi t) gives entries 2(i/2) and 2(i/2)+1.
-//   sphere:     the gaussian probe divided by its 2-norm (a zero vector, which needs
-//               u = 1 exactly in every pair, becomes e_0).
+//   sphere:     the gaussian probe divided by its 2-norm, whose squares are summed in the
+//               fixed order of probe_math.h (a zero vector, which needs u = 1 exactly in
+//               every pair, becomes e_0).
 // Values are computed in float64 with portable arithmetic and rounded once to out's dtype,
 // so every dtype holds the rounding of the same float64 probe, and CPU and CUDA agree bit
 // for bit. Splitting a call by columns or batches with `offset` gives the same probes.
