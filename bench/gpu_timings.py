@@ -1,5 +1,6 @@
-"""CUDA timings recorded in bench/results/gpu_h100.md: polar (Muon) against Muon's NS5 in
-PyTorch, and the matrix square root against the eigh route, side by side in one process.
+"""CUDA timings recorded in bench/results/gpu_h100.md: probe generation split into kernel and
+call time, polar (Muon) against Muon's NS5 in PyTorch, and the matrix square root against
+the eigh route, side by side in one process.
 Run on a GPU machine after `bash bench/gpu_run.sh`: python3 bench/gpu_timings.py"""
 import numpy as np
 import torch
@@ -24,6 +25,44 @@ def bench(fn, reps=30):
         times.append(start.elapsed_time(end))
     return sorted(times)[len(times) // 2]
 
+
+def kernel_ms(fn, reps=10):
+    """Milliseconds of CUDA kernels per call of fn (torch.profiler), and the kernels' names."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            fn()
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", None)
+        t = e.self_cuda_time_total if t is None else t
+        if t > 0:
+            kernels[e.key] = t / reps / 1e3
+    return sum(kernels.values()), kernels
+
+
+print("== probes, 1e7 entries: call time (CUDA events, median) and kernel time (profiler)")
+N = 10_000_000
+for kind in ["rademacher", "gaussian", "sphere"]:
+    for dt in [torch.float32, torch.float64]:
+        like = torch.empty(0, dtype=dt, device="cuda")
+        ours = lambda: curvkit.probes(N, kind, seed=1, like=like)  # noqa: E731
+        if kind == "rademacher":
+            theirs = lambda: torch.randint(0, 2, (N,), device="cuda").to(dt).mul_(2).sub_(1)  # noqa: E731
+        elif kind == "gaussian":
+            theirs = lambda: torch.randn(N, device="cuda", dtype=dt)  # noqa: E731
+        else:
+            theirs = lambda: torch.nn.functional.normalize(torch.randn(N, device="cuda", dtype=dt), dim=0)  # noqa: E731
+        mb = N * torch.finfo(dt).bits / 8 / 1e6
+        (ko, parts), (kt, _) = kernel_ms(ours), kernel_ms(theirs)
+        co, ct = bench(ours), bench(theirs)
+        split = ", ".join(f"{name.split('(')[0][-40:]} {ms * 1e3:.0f} us" for name, ms in parts.items())
+        print(f"{kind:10s} {str(dt)[6:]:8s} curvkit call {co * 1e3:6.0f} us kernels {ko * 1e3:6.0f} us ({mb / ko:5.0f} GB/s) | "
+              f"torch call {ct * 1e3:6.0f} us kernels {kt * 1e3:6.0f} us | call ratio {ct / co:.2f} | {split}", flush=True)
 
 print("== polar, 5 muon steps, vs Muon NS5 in torch (median ms of 30, CUDA events)")
 for dt, shapes in [(torch.bfloat16, [(4096, 4096), (32, 1024, 1024), (8, 2048, 2048), (1024, 4096), (32, 256, 256)]), (torch.float32, [(4096, 4096)])]:
