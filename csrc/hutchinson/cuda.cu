@@ -44,7 +44,7 @@ __global__ void rademacher_matrix_kernel(T* __restrict__ out, ProbeLayout L, uin
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const T plus = from_double<T>(1.0), minus = from_double<T>(-1.0);
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < items; t += stride) {
-    const int64_t j = t % L.k, g = (t / L.k) % words, b = t / (L.k * words);
+    const int64_t q = t / L.k, j = t - q * L.k, b = q / words, g = q - b * words;
     const Philox4x32 r = philox_block(seed, offset + uint64_t(b * L.k + j), uint64_t(g / 4));
     const uint32_t word = r.v[g & 3];
     T* p = out + (b * L.n + g * 32) * L.k + j;
@@ -60,7 +60,7 @@ __global__ void gaussian_kernel(T* __restrict__ out, ProbeLayout L, uint64_t see
   const int64_t pairs = (L.n + 1) / 2, items = L.batch * pairs * L.k;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < items; t += stride) {
-    const int64_t j = t % L.k, p = (t / L.k) % pairs, b = t / (L.k * pairs);
+    const int64_t q = t / L.k, j = t - q * L.k, b = q / pairs, p = q - b * pairs;  // two divisions, not three
     const int64_t column = b * L.k + j;
     double z[2];
     gaussian_pair(seed, offset + uint64_t(column), uint64_t(p), z[0], z[1]);
