@@ -77,7 +77,10 @@ for dt, shapes in [(torch.bfloat16, [(4096, 4096), (32, 1024, 1024), (8, 2048, 2
                 A = X @ X.mT; B = b * A + cc * A @ A; X = a * X + B @ X
             return X
         tb = bench(base); tk = bench(lambda: curvkit.polar(G, 5, "muon"))
-        print(f"{str(dt)[6:]:9s} {str(shape):18s} torch {tb:7.3f} ms ({flops/tb/1e9:5.0f} TF/s)  curvkit {tk:7.3f} ms ({flops/tk/1e9:5.0f} effective TF/s)  ratio {tb/tk:.2f}", flush=True)
+        ko, parts = kernel_ms(lambda: curvkit.polar(G, 5, "muon"))
+        top = ", ".join(f"{name.split('(')[0][-30:]} {ms:.3f}" for name, ms in sorted(parts.items(), key=lambda kv: -kv[1])[:4])
+        print(f"{str(dt)[6:]:9s} {str(shape):18s} torch {tb:7.3f} ms ({flops/tb/1e9:5.0f} TF/s)  curvkit {tk:7.3f} ms ({flops/tk/1e9:5.0f} effective TF/s)  ratio {tb/tk:.2f}"
+              f" | curvkit kernels {ko:.3f} ms (gaps {tk - ko:.3f}): {top}", flush=True)
 print("== sqrt, float32 input, cond 1e3: curvkit newton_schulz (float64 inside) vs torch eigh route")
 rng = np.random.default_rng(0)
 for n in [256, 512, 1024, 2048]:
