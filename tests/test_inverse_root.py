@@ -470,6 +470,20 @@ def test_cuda_orthonormalize_qr(cuda_backend, rng):
         curvkit.orthonormalize(make(np.ones((5, 3)), cuda_backend), "qr")  # rank 1
 
 
+def test_eigenbasis_update_reports_a_non_finite_basis(backend, rng):
+    n, k = 6, 4
+    A = reference.spd_with_condition(rng, n, 10)
+    Q = np.linalg.qr(rng.standard_normal((2, n, k)))[0]
+    Q[1, 2, 1] = np.nan  # column 1 of the second basis: its estimate is NaN
+    with pytest.raises(curvkit.ConvergenceError) as e:
+        curvkit.eigenbasis_update(make(np.stack([A, A]), backend), make(Q, backend))
+    assert np.asarray(e.value.info["converged"]).tolist() == [True, False]
+    _, d, perm = e.value.result
+    d = to_numpy(d)
+    assert sorted(perm[1].tolist()) == list(range(k)) and perm[1][-1] == 1 and np.isnan(d[1, -1])
+    assert np.all(np.diff(d[1, :-1]) <= 0) and np.all(np.diff(d[0]) <= 0)
+
+
 def test_cuda_eigenbasis_update(cuda_backend, rng):
     n = 24
     V, _ = np.linalg.qr(rng.standard_normal((n, n)))
@@ -500,7 +514,10 @@ def test_cuda_basis_warm_start(cuda_backend, dtype, steps_max, rng):
         assert (info["fell_back"] == (t == 0)).all()
         if t:
             assert ((1 <= info["iterations"]) & (info["iterations"] <= steps_max)).all()
-            assert (info["products"] <= 3 * info["iterations"] + 2.5).all()
+            # an evaluation is A V, V^T A V and V^T V, a step V E, the end the rebuild; on CUDA a
+            # symmetric product counts its share of a plain one, all of it below n = 768
+            steps = info["iterations"]
+            assert (info["products"] <= 3 * (steps + 1) + steps + 1).all()
         assert rel(to_numpy(X), root_reference(A, p, 1e-6)) <= tol
         Vn = to_numpy(V)
         w = np.einsum("bij,bik,bkj->bj", Vn, A, Vn)

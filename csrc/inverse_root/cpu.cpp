@@ -1,5 +1,6 @@
 #include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "core/blas.h"
@@ -221,12 +222,19 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
   }
 }
 
+// A sort key that puts NaN last in ascending or descending order, so that comparisons stay a
+// strict weak order (the result is a permutation; the verdict on NaN is made elsewhere).
+inline double nan_last(double v, bool descending) {
+  return v == v ? v : (descending ? -std::numeric_limits<double>::infinity() : std::numeric_limits<double>::infinity());
+}
+
 // Eigenpairs sorted by ascending eigenvalue (w, v's columns permuted alike).
 template <class T>
 void sort_eigenpairs(int n, std::vector<T>& w, std::vector<T>& v, std::vector<T>& scratch) {
   std::vector<int> order(static_cast<size_t>(n));
   for (int i = 0; i < n; ++i) order[size_t(i)] = i;
-  std::stable_sort(order.begin(), order.end(), [&](int x, int y) { return w[size_t(x)] < w[size_t(y)]; });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int x, int y) { return nan_last(w[size_t(x)], false) < nan_last(w[size_t(y)], false); });
   scratch.assign(v.begin(), v.end());
   const std::vector<T> values = w;
   for (int64_t j = 0; j < n; ++j) {
@@ -498,7 +506,8 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
       for (int64_t j = 0; j < k; ++j) d[size_t(j)] += double(qb[size_t(i * k + j)]) * double(aq[size_t(i * k + j)]);
     std::vector<int64_t> order(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) order[size_t(j)] = j;
-    std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) { return d[size_t(x)] > d[size_t(y)]; });
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t x, int64_t y) { return nan_last(d[size_t(x)], true) > nan_last(d[size_t(y)], true); });
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
     const bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());

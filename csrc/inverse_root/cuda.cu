@@ -260,10 +260,11 @@ __global__ void store_matrices_kernel(const T* src, D* dst, const RootState* st,
   }
 }
 
+// Eigenvalues, n per matrix; zeros for a matrix whose info is nonzero.
 template <class T, class D>
-__global__ void store_values_kernel(const T* src, D* dst, int64_t total) {
+__global__ void store_values_kernel(const T* src, D* dst, const int* info, int64_t n, int64_t total) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    dst[i] = from_double<D>(double(src[i]));
+    dst[i] = from_double<D>(info[i / n] != 0 ? 0.0 : double(src[i]));
 }
 
 // ---- Warm-started eigenbases: the Ogita-Aishima refinement of refine_eigenbasis (cpu.cpp)
@@ -411,13 +412,34 @@ __global__ void load_columns_kernel(const S* src, T* dst, int64_t rows, int64_t 
         dst[b * rows * cols + j * rows + i] = T(to_double(src[b * rows * cols + i * cols + j]));
 }
 
-// dst (row-major, dtype D) = src (column-major rows x cols).
+// What store_columns does with a matrix whose info is nonzero (a failed decomposition).
+enum class OnFailure { Write, Zero, Skip };
+
+// dst (row-major, dtype D) = src (column-major rows x cols), per matrix as `failure` says.
 template <class T, class D>
-__global__ void store_columns_kernel(const T* src, D* dst, int64_t rows, int64_t cols, int64_t count) {
-  for (int64_t b = blockIdx.y; b < count; b += gridDim.y)
+__global__ void store_columns_kernel(const T* src, D* dst, int64_t rows, int64_t cols, int64_t count,
+                                     const int* info, OnFailure failure) {
+  for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
+    const bool failed = info && info[b] != 0;
+    if (failed && failure == OnFailure::Skip) continue;
+    const bool zero = failed && failure == OnFailure::Zero;
     for (int64_t j = blockIdx.x; j < cols; j += gridDim.x)
       for (int64_t i = threadIdx.x; i < rows; i += blockDim.x)
-        dst[b * rows * cols + i * cols + j] = from_double<D>(double(src[b * rows * cols + j * rows + i]));
+        dst[b * rows * cols + i * cols + j] = from_double<D>(zero ? 0.0 : double(src[b * rows * cols + j * rows + i]));
+  }
+}
+
+// info[b] <- 1 where cuSOLVER succeeded but left a non-finite eigenvalue or eigenvector (the
+// CPU's verdict in eigh_cpu), a block per matrix.
+template <class T>
+__global__ void finite_verdict_kernel(const T* v, const T* w, int* info, int64_t n, int64_t count) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    bool bad = false;
+    for (int64_t i = threadIdx.x; i < n * n; i += blockDim.x) bad |= !(fabs(double(v[b * n * n + i])) <= DBL_MAX);
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) bad |= !(fabs(double(w[b * n + i])) <= DBL_MAX);
+    bad = __syncthreads_or(bad);
+    if (bad && threadIdx.x == 0 && info[b] == 0) info[b] = 1;
+  }
 }
 
 // ||A||_F^2 per matrix of `size` elements, a block per matrix (Inf or NaN when A is not finite).
@@ -537,18 +559,22 @@ __global__ void column_dots_kernel(const T* q, const T* aq, double* d, int64_t n
 
 // The order of d (descending or ascending), stable (ties keep column order): perm[rank of j]
 // = j; a block per matrix, k^2 comparisons (k is a matrix side). sorted[r] = d[perm[r]] in D.
+// NaN ranks last, so that perm is a permutation whatever d holds (the verdict is elsewhere).
 template <class S, class D>
 __global__ void sort_kernel(const S* d, int64_t* perm, D* sorted, int64_t k, int64_t count, bool descending) {
+  const double last = descending ? -INFINITY : INFINITY;
   for (int64_t b = blockIdx.x; b < count; b += gridDim.x)
     for (int64_t j = threadIdx.x; j < k; j += blockDim.x) {
-      const double dj = double(d[b * k + j]);
+      const double value = double(d[b * k + j]);
+      const double dj = value == value ? value : last;
       int64_t rank = 0;
       for (int64_t i = 0; i < k; ++i) {
-        const double di = double(d[b * k + i]);
+        const double x = double(d[b * k + i]);
+        const double di = x == x ? x : last;
         rank += (descending ? di > dj : di < dj) || (di == dj && i < j);
       }
       perm[b * k + rank] = j;
-      sorted[b * k + rank] = from_double<D>(dj);
+      sorted[b * k + rank] = from_double<D>(value);
     }
 }
 
@@ -573,10 +599,11 @@ void load_columns(cudaStream_t stream, const ArrayView& q, T* dst, int64_t rows,
 }
 
 template <class T>
-void store_columns(cudaStream_t stream, const T* src, const ArrayView& out, int64_t rows, int64_t cols, int64_t count) {
+void store_columns(cudaStream_t stream, const T* src, const ArrayView& out, int64_t rows, int64_t cols, int64_t count,
+                   const int* info = nullptr, OnFailure failure = OnFailure::Write) {
   CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
     store_columns_kernel<<<matrix_grid(cols, count, 1024), kThreads, 0, stream>>>(src, out.ptr<D>(), rows, cols,
-                                                                                  count);
+                                                                                  count, info, failure);
   });
   CK_CUDA_CHECK(cudaGetLastError());
 }
@@ -726,8 +753,12 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
     const dim3 elements = matrix_grid(n, count, 1024), reduce = matrix_grid(n, count, 32);
     for (int it = 0;; ++it) {
       cuda::gemm(stream, dt, Op::N, Op::N, ni, ni, ni, 1.0, sa, sv, 0.0, sav, count);               // A V
-      cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, 1.0, sv, sav, 0.0, ss, count);     // V^T A V
-      cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, -1.0, sv, sv, 0.0, sr, count);     // -V^T V
+      // S = V^T A V and -V^T V, then mirrored even where symmetric_product runs one plain product:
+      // E_ij + E_ji = r_ij needs s_ij = s_ji to the last bit (refine_eigenbasis in cpu.cpp)
+      cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, 1.0, sv, sav, 0.0, ss, count, false);
+      cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, -1.0, sv, sv, 0.0, sr, count, false);
+      cuda::mirror_lower(stream, dt, ss, ni, count);
+      cuda::mirror_lower(stream, dt, sr, ni, count);
       cuda::scale_add_identity(stream, dt, sr, sr, ni, count, 1.0, 1.0);                          // I - V^T V
       refine_eigenvalues_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(
           sm.as<T>(), rm.as<T>(), w, rs, n, count);
@@ -907,9 +938,12 @@ void run_group(int64_t n, const std::vector<Segment>& segments, const RootOption
       first += s.count;
     }
     refined = eigenpairs(stream, plain, v, w, info.as<int>(), warm, n, count);
+    finite_verdict_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(v, w, info.as<int>(), n,
+                                                                                             count);
     first = 0;
     for (const Segment& s : segments) {
-      if (s.basis) store_columns(stream, v + first * nn, *s.basis, n, n, s.count);
+      if (s.basis)  // a failed decomposition leaves the caller's basis as it was, as on the CPU
+        store_columns(stream, v + first * nn, *s.basis, n, n, s.count, info.as<int>() + first, OnFailure::Skip);
       first += s.count;
     }
     eigen_scale_kernel<<<elements, kThreads, 0, stream>>>(v, w, info.as<int>(), st, n, count, o.p, o.eps,
@@ -1108,10 +1142,12 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
       if (bases[i]) load_columns(stream, *bases[i], v.as<T>(), n, n, count);
       const EigenpairsInfo refined = eigenpairs(stream, a.as<T>(), v.as<T>(), w.as<T>(), info.as<int>(),
                                                 std::vector<char>(size_t(count), bases[i] ? 1 : 0), n, count);
-      store_columns(stream, v.as<T>(), vectors[i], n, n, count);
+      finite_verdict_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(
+          v.as<T>(), w.as<T>(), info.as<int>(), n, count);
+      store_columns(stream, v.as<T>(), vectors[i], n, n, count, info.as<int>(), OnFailure::Zero);
       CK_DISPATCH_FLOATING(values[i].dtype, "out", D, [&] {
         store_values_kernel<<<grid_for(count * n, kThreads), kThreads, 0, stream>>>(w.as<T>(), values[i].ptr<D>(),
-                                                                                      count * n);
+                                                                                      info.as<int>(), n, count * n);
       });
       CK_CUDA_CHECK(cudaGetLastError());
       std::vector<int> host(static_cast<size_t>(count));
