@@ -987,7 +987,8 @@ void run_group(int64_t n, const std::vector<Segment>& segments, const RootOption
       status.method = o.method;
       status.iterations = newton ? h.iterations : 0;
       const bool measured = newton || o.compute_residual;
-      status.residual = !measured ? -1.0 : (h.finite ? h.residual : INFINITY);
+      // a non-finite Newton iterate is not measured (the CPU returns before); eigh's is Inf
+      status.residual = !measured ? -1.0 : (h.finite ? h.residual : (newton ? -1.0 : INFINITY));
       status.converged = h.finite && (newton ? h.residual <= o.tol : h.ok);
       status.products = start_products + residual_products + (newton ? h.iterations * (powers + 2) * f : 0.0);
       if (!newton && s.basis) {
@@ -1086,8 +1087,7 @@ void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::v
     for (size_t k = 0; k < retry.size(); ++k) retry[k].status = &retried[k];
     if (!retry.empty()) {
       RootOptions o64 = o;
-      o64.method = RootMethod::Eigh;
-      o64.compute_residual = false;
+      o64.method = RootMethod::Eigh;  // the residual reported as the caller asked, as on the CPU
       run_group_any(true, key.first, retry, o64, stream);
     }
     size_t k = 0;
