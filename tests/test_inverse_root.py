@@ -356,10 +356,11 @@ def test_cuda_float32_up_to_condition_1e3(cuda_backend, p, method, rng):
     assert rel(to_numpy(X), root_reference(A, p)) <= TOL[("float32", method)]
 
 
-@pytest.mark.parametrize("dtype, bound", [("float64", 1e-10), ("float32", 1e-3)])
-def test_cuda_large_matrices_use_the_symmetric_product(cuda_backend, dtype, bound, rng):
-    # n >= 768 computes only the lower blocks of the symmetric products
-    A = np.stack([reference.spd_with_condition(rng, 800, 1e2) for _ in range(2)])
+@pytest.mark.parametrize("dtype, cond, bound", [("float64", 1e2, 1e-10), ("float32", 1e2, 1e-3), ("float64", 1e6, 1e-9)])
+def test_cuda_large_matrices_use_the_symmetric_product(cuda_backend, dtype, cond, bound, rng):
+    # n >= 768 computes only the lower blocks of the symmetric products, whose mirrored results
+    # are exactly symmetric (emulated at n = 200: same steps as plain products, error <= 2.3x)
+    A = np.stack([reference.spd_with_condition(rng, 800, cond) for _ in range(2)])
     X, info = curvkit.matrix_inverse_root(make(A, cuda_backend, dtype), 4, return_info=True)
     assert (info["method"] == "newton").all() and info["converged"].all() and not info["fell_back"].any()
     assert rel(to_numpy(X), root_reference(A, 4)) <= bound
