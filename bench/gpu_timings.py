@@ -66,7 +66,7 @@ for kind in ["rademacher", "gaussian", "sphere"]:
         (ko, parts), (kt, _) = kernel_ms(ours), kernel_ms(theirs)
         co, ct = bench(ours), bench(theirs)
         split = ", ".join(f"{name.split('(')[0][-40:]} {ms * 1e3:.0f} us" for name, ms in parts.items())
-        print(f"{kind:10s} {str(dt)[6:]:8s} curvkit call {co * 1e3:6.0f} us kernels {ko * 1e3:6.0f} us ({mb / ko:5.0f} GB/s) | "
+        print(f"{kind:10s} {str(dt)[6:]:8s} curvkit call {co * 1e3:6.0f} us kernels {ko * 1e3:6.0f} us ({mb / ko if ko > 0 else float('nan'):5.0f} GB/s) | "
               f"torch call {ct * 1e3:6.0f} us kernels {kt * 1e3:6.0f} us | call ratio {ct / co:.2f} | {split}", flush=True)
 
 print("== polar, 5 muon steps, vs Muon NS5 in torch (median ms of 30, CUDA events)")
