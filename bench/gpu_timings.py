@@ -2,6 +2,8 @@
 call time, polar (Muon) against Muon's NS5 in PyTorch, and the matrix square root against
 the eigh route, side by side in one process.
 Run on a GPU machine after `bash bench/gpu_run.sh`: python3 bench/gpu_timings.py"""
+import os
+
 import numpy as np
 import torch
 
@@ -26,14 +28,21 @@ def bench(fn, reps=30):
     return sorted(times)[len(times) // 2]
 
 
-def kernel_ms(fn, reps=10):
+def kernel_ms(fn, reps=10, trace=None):
     """Milliseconds of CUDA kernels per call of fn (torch.profiler), and the kernels' names;
-    NaN and no names if the profiler fails (the call times are still worth having)."""
+    NaN and no names if the profiler fails (the call times are still worth having). With
+    `trace`, a Chrome trace of host and device (3 calls) goes to $OUT/trace.json."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
     torch.cuda.synchronize()
     try:
+        if trace and os.environ.get("OUT"):
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    fn()
+                torch.cuda.synchronize()
+            prof.export_chrome_trace(os.path.join(os.environ["OUT"], f"{trace}.json"))
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             for _ in range(reps):
                 fn()
@@ -82,7 +91,8 @@ for dt, shapes in [(torch.bfloat16, [(4096, 4096), (32, 1024, 1024), (8, 2048, 2
                 A = X @ X.mT; B = b * A + cc * A @ A; X = a * X + B @ X
             return X
         tb = bench(base); tk = bench(lambda: curvkit.polar(G, 5, "muon"))
-        ko, parts = kernel_ms(lambda: curvkit.polar(G, 5, "muon"))
+        trace = f"trace_polar_{str(dt)[6:]}_{'x'.join(map(str, shape))}" if shape in [(4096, 4096), (32, 1024, 1024)] else None
+        ko, parts = kernel_ms(lambda: curvkit.polar(G, 5, "muon"), trace=trace)
         top = ", ".join(f"{name.split('(')[0][-30:]} {ms:.3f}" for name, ms in sorted(parts.items(), key=lambda kv: -kv[1])[:4])
         print(f"{str(dt)[6:]:9s} {str(shape):18s} torch {tb:7.3f} ms ({flops/tb/1e9:5.0f} TF/s)  curvkit {tk:7.3f} ms ({flops/tk/1e9:5.0f} effective TF/s)  ratio {tb/tk:.2f}"
               f" | curvkit kernels {ko:.3f} ms (gaps {tk - ko:.3f}): {top}", flush=True)
