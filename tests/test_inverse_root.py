@@ -458,8 +458,11 @@ def test_cuda_errors(cuda_backend):
         curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, method="newton", init=np.eye(2))
     with pytest.raises(ValueError, match="same device"):
         curvkit.matrix_inverse_root([make(np.eye(2), cuda_backend), np.eye(2)], 2)
-    with pytest.raises(ValueError, match="'basis'"):
-        curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, basis=make(np.eye(2), cuda_backend))
+    with pytest.raises(ValueError, match="'basis'"):  # a basis warm-starts eigh, not newton
+        curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, method="newton",
+                                    basis=make(np.eye(2), cuda_backend))
+    with pytest.raises(ValueError, match="'basis' must be on the same framework and device"):
+        curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, basis=np.eye(2))
 
 
 def test_cuda_orthonormalize_qr(cuda_backend, rng):

@@ -127,6 +127,10 @@ def test_lyapunov_solve(rng):
     assert info["converged"].all() and rel(Xb[1], X0) < 1e-14
     with pytest.raises(curvkit.ConvergenceError):  # singular S: no unique solution
         curvkit.solve_lyapunov(np.diag([1.0, 0.0]), np.ones((2, 2)))
+    with pytest.raises(TypeError, match="argument 'C'"):
+        curvkit.solve_lyapunov(S, np.ones((30, 30), dtype=np.int64))
+    with pytest.raises(TypeError, match="argument 'C'"):
+        curvkit.solve_lyapunov(S, [[1.0]])
 
 
 @needs_torch

@@ -143,6 +143,23 @@ def test_out_and_fused_update(rng):
         np.testing.assert_array_equal(w, c)
 
 
+@needs_torch
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_polar_update_writes_a_parameter_that_requires_grad(device, rng):
+    # Muon's use: the parameter of an nn.Module, which DLPack exports only once detached
+    import torch
+
+    if device == "cuda" and not (torch.cuda.is_available() and curvkit.has_cuda()):
+        pytest.skip("needs PyTorch with CUDA and a CUDA build of curvkit")
+    W = torch.nn.Parameter(torch.tensor(rng.standard_normal((8, 16)), device=device))
+    G = torch.tensor(rng.standard_normal((8, 16)), device=device)
+    expected = W.detach() * (1 - 0.1 * 0.01) - 0.1 * curvkit.polar(G)
+    assert curvkit.polar_update_(W, G, lr=0.1, weight_decay=0.01) is W
+    assert W.requires_grad and torch.allclose(W.detach(), expected, atol=1e-12)
+    out = torch.empty(8, 16, dtype=torch.float64, device=device, requires_grad=True)
+    assert curvkit.polar(G, out=out) is out and torch.equal(out.detach(), curvkit.polar(G))
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 4, 4)])
 def test_empty_inputs(shape):
     assert curvkit.polar(np.zeros(shape)).shape == shape

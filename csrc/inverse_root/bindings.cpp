@@ -39,9 +39,12 @@ void check_output(const ArrayView& a, const ArrayView& out, const char* name) {
 
 std::vector<py::ssize_t> batch_shape(const ArrayView& a) { return {a.shape.begin(), a.shape.end() - 2}; }
 
-std::vector<interop::ImportedArray> import_list(const py::list& xs, const char* name, bool output) {
+// Arrays are exported for the stream the kernels run on (DLPack orders the producer's work).
+std::vector<interop::ImportedArray> import_list(const py::list& xs, const char* name, bool output,
+                                                StreamHandle stream) {
   std::vector<interop::ImportedArray> out;
-  for (py::handle x : xs) out.push_back(output ? interop::import_output(x, name) : interop::import_array(x, name));
+  for (py::handle x : xs)
+    out.push_back(output ? interop::import_output(x, name, stream) : interop::import_array(x, name, stream));
   return out;
 }
 
@@ -55,11 +58,12 @@ std::vector<ArrayView> views(const std::vector<interop::ImportedArray>& xs) {
 struct OptionalArrays {
   std::vector<std::optional<interop::ImportedArray>> arrays;
   std::vector<const ArrayView*> views;
-  OptionalArrays(const py::list& xs, const std::vector<interop::ImportedArray>& inputs, const char* name, bool written)
+  OptionalArrays(const py::list& xs, const std::vector<interop::ImportedArray>& inputs, const char* name, bool written,
+                 StreamHandle stream)
       : arrays(inputs.size()), views(inputs.size(), nullptr) {
     for (size_t i = 0; i < inputs.size(); ++i) {
       if (xs[i].is_none()) continue;
-      arrays[i].emplace(written ? interop::import_output(xs[i], name) : interop::import_array(xs[i], name));
+      arrays[i].emplace(written ? interop::import_output(xs[i], name, stream) : interop::import_array(xs[i], name, stream));
       check_square_batch(arrays[i]->view, name);
       check_same_shape(inputs[i].view, "A", arrays[i]->view, name);
       if (written) check_writable(arrays[i]->view, name);
@@ -83,14 +87,14 @@ void register_inverse_root(py::module_& m) {
         CK_CHECK_VALUE(method == "eigh" || method == "newton", "argument 'method' must be 'auto', 'eigh' or 'newton'");
         RootOptions o{p, eps, method == "newton" ? RootMethod::Newton : RootMethod::Eigh, max_iters, tol, fallback,
                       compute_residual};
-        auto in = import_list(inputs, "A", false), out = import_list(outputs, "out", true);
+        auto in = import_list(inputs, "A", false, stream), out = import_list(outputs, "out", true, stream);
         CK_CHECK_VALUE(in.size() == out.size() && in.size() == size_t(py::len(inits)) &&
                            in.size() == size_t(py::len(bases)),
                        "mismatched list lengths");
         CK_CHECK_VALUE(o.method == RootMethod::Eigh || std::all_of(bases.begin(), bases.end(), [](py::handle b) {
                          return b.is_none();
                        }), "argument 'basis' warm-starts method 'eigh'; method 'newton' takes 'init'");
-        OptionalArrays init(inits, in, "init", false), basis(bases, in, "basis", true);
+        OptionalArrays init(inits, in, "init", false, stream), basis(bases, in, "basis", true, stream);
         for (size_t i = 0; i < in.size(); ++i) {
           check_square_batch(in[i].view, "A");
           check_output(in[i].view, out[i].view, "out");
@@ -136,11 +140,11 @@ void register_inverse_root(py::module_& m) {
       "eigh",
       [](const py::list& inputs, const py::list& values, const py::list& vectors, const py::list& bases,
          StreamHandle stream) {
-        auto in = import_list(inputs, "A", false), w = import_list(values, "out", true),
-             v = import_list(vectors, "out", true);
+        auto in = import_list(inputs, "A", false, stream), w = import_list(values, "out", true, stream),
+             v = import_list(vectors, "out", true, stream);
         CK_CHECK_VALUE(in.size() == w.size() && in.size() == v.size() && in.size() == size_t(py::len(bases)),
                        "mismatched list lengths");
-        OptionalArrays basis(bases, in, "basis", false);
+        OptionalArrays basis(bases, in, "basis", false, stream);
         for (size_t i = 0; i < in.size(); ++i) {
           check_square_batch(in[i].view, "A");
           check_output(in[i].view, w[i].view, "out");
@@ -175,7 +179,7 @@ void register_inverse_root(py::module_& m) {
   m.def(
       "orthonormalize_qr",
       [](py::handle q, StreamHandle stream) {
-        interop::ImportedArray qv = interop::import_output(q, "Q");
+        interop::ImportedArray qv = interop::import_output(q, "Q", stream);
         check_floating(qv.view, "Q");
         CK_CHECK_VALUE(qv.view.ndim() >= 2, "argument 'Q' must have shape (..., m, k)");
         CK_CHECK_VALUE(qv.view.is_contiguous(), "argument 'Q' must be C-contiguous");
@@ -193,9 +197,10 @@ void register_inverse_root(py::module_& m) {
   m.def(
       "eigenbasis_update",
       [](py::handle a, py::handle q, py::handle q_out, py::handle estimates, py::handle perm, StreamHandle stream) {
-        interop::ImportedArray av = interop::import_array(a, "A"), qv = interop::import_array(q, "Q");
-        interop::ImportedArray ov = interop::import_output(q_out, "out"), ev = interop::import_output(estimates, "out"),
-                               pv = interop::import_output(perm, "out");
+        interop::ImportedArray av = interop::import_array(a, "A", stream), qv = interop::import_array(q, "Q", stream);
+        interop::ImportedArray ov = interop::import_output(q_out, "out", stream),
+                               ev = interop::import_output(estimates, "out", stream),
+                               pv = interop::import_output(perm, "out", stream);
         check_square_batch(av.view, "A");
         for (auto [x, name] : {std::pair{&qv, "Q"}, std::pair{&ov, "out"}, std::pair{&ev, "out"}})
           check_same_device(av.view, "A", x->view, name);

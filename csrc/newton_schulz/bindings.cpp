@@ -121,7 +121,9 @@ void register_newton_schulz(py::module_& m) {
       [](py::handle s, py::handle c, py::handle x, int max_iters, StreamHandle stream) {
         interop::ImportedArray sv = interop::import_array(s, "S", stream), cv = interop::import_array(c, "C", stream);
         interop::ImportedArray xv = interop::import_output(x, "out", stream);
-        for (auto* v : {&sv.view, &cv.view, &xv.view}) check_floating(*v, "S");
+        check_floating(sv.view, "S");
+        check_floating(cv.view, "C");
+        check_floating(xv.view, "out");
         CK_CHECK_VALUE(sv.view.ndim() >= 2 && sv.view.size(-1) == sv.view.size(-2),
                        "argument 'S' must have shape (..., n, n)");
         check_same_shape(sv.view, "S", cv.view, "C");

@@ -151,6 +151,7 @@ def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
         if single == isinstance(out, (list, tuple)) or len(outputs) != len(inputs):
             raise ValueError(f"argument '{name_out}' must match 'G': one array for an array, "
                              "a list of the same length for a list")
+        outputs = [_detached(o, name_out) for o in outputs]
     table, norm_scale = schedule(coefficients, steps)
     if method not in METHODS:
         raise ValueError(f"argument 'method' must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
@@ -186,6 +187,8 @@ def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
         if gs:
             restart = _GRAM_RESTART if route == "gram" else 0
             _core.polar(gs, os_, table, norm_scale, float(eps), route, restart, alpha, beta, stream)
+    if out is not None:
+        return out
     return results[0] if single else results
 
 
@@ -317,16 +320,18 @@ def solve_lyapunov(S, C, max_iters=100, return_info=False):
     array([[1., 1.],
            [1., 2.]])
     """
-    S = _arrays.contiguous(_detached(S))
-    C = _arrays.contiguous(_detached(C))
+    S = _arrays.contiguous(_detached(S, "S"))
+    C = _arrays.contiguous(_detached(C, "C"))
     fw = _arrays.framework_of(S, "S")
     X = _arrays.empty(tuple(S.shape), _arrays.dtype_name(S.dtype), fw, _arrays.device_of(S))
     status = _core.solve_lyapunov(S, C, X, _arrays.index(max_iters, "max_iters", 1), _arrays.stream_of(S))
     return _finish(status, "solve_lyapunov", X, return_info)
 
 
-def _detached(x):
-    return x.detach() if _arrays.framework_of(x, "A") == "torch" else x
+def _detached(x, name="A"):
+    """x itself, or for a torch tensor a view without autograd history (same storage: DLPack
+    refuses tensors that require grad, such as the parameters polar_update_ writes)."""
+    return x.detach() if _arrays.framework_of(x, name) == "torch" else x
 
 
 def _sqrt(A, want_sqrt, want_inverse, method, tol, max_iters, return_info):
