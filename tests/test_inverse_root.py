@@ -465,6 +465,34 @@ def test_cuda_errors(cuda_backend):
         curvkit.matrix_inverse_root(make(np.eye(2), cuda_backend), 2, basis=np.eye(2))
 
 
+def test_cuda_follows_the_current_stream(cuda_backend, rng):
+    # inputs produced on a side stream, work queued there: the same results as by default
+    A = np.stack([reference.spd_with_condition(rng, 48, 1e2) for _ in range(3)])
+    expected = to_numpy(curvkit.matrix_inverse_root(make(A, cuda_backend), 4))
+    if cuda_backend[0] == "torch":
+        import torch
+
+        stream = torch.cuda.Stream()
+        scope = torch.cuda.stream(stream)
+    else:
+        import cupy
+
+        stream = scope = cupy.cuda.Stream(non_blocking=True)
+    with scope:
+        a = make(A, cuda_backend) * 2.0
+        X = curvkit.matrix_inverse_root(a, 4)
+        w, V = curvkit.eigh(a)
+        _, d, perm = curvkit.eigenbasis_update(a, V)
+        Q = curvkit.orthonormalize(V * 3.0, "qr")
+        X, w, V, d, Q = (to_numpy(y) for y in (X, w, V, d, Q))
+    stream.synchronize()
+    np.testing.assert_allclose(X, expected / 2 ** 0.25, rtol=0, atol=1e-12 * np.abs(expected).max())
+    np.testing.assert_allclose(V @ (w[..., None] * np.swapaxes(V, -1, -2)), 2 * A, atol=1e-13)
+    np.testing.assert_allclose(d, w[:, ::-1], atol=1e-13)
+    assert (perm == np.arange(48)[::-1]).all()
+    np.testing.assert_allclose(np.abs(Q), np.abs(V), atol=1e-13)
+
+
 def test_cuda_orthonormalize_qr(cuda_backend, rng):
     Q = rng.standard_normal((3, 40, 12))
     q, r = np.linalg.qr(Q)
