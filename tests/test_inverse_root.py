@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import curvkit
-from conftest import make, needs_torch, to_numpy
+from conftest import dtypes_for, make, needs_torch, to_numpy
 import reference
 
 
@@ -442,6 +442,26 @@ def test_cuda_eigh(cuda_backend, rng):
     pairs = curvkit.eigh([make(A[0], cuda_backend), make(A[1, :5, :5].copy(), cuda_backend, "float32")])
     assert [tuple(p[0].shape) for p in pairs] == [(20,), (5,)]
     np.testing.assert_allclose(to_numpy(pairs[1][0]), np.linalg.eigvalsh(A[1, :5, :5]), atol=1e-5)
+
+
+def test_cuda_half_precision_bases_and_polar_orthonormalize(cuda_backend, rng):
+    # float16 / bfloat16 computed in float32, returned in their own dtype
+    A = reference.spd_with_condition(rng, 32, 10)
+    ulp = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
+    for dtype in [d for d in dtypes_for(cuda_backend) if d in ulp]:
+        a = make(A, cuda_backend, dtype)
+        w, V = curvkit.eigh(a)
+        assert w.dtype == a.dtype and V.dtype == a.dtype
+        np.testing.assert_allclose(to_numpy(w), np.linalg.eigvalsh(to_numpy(a)), rtol=ulp[dtype], atol=1e-6)
+        Q, d, perm = curvkit.eigenbasis_update(a, V)
+        assert Q.dtype == a.dtype and (perm == np.arange(32)[::-1]).all()
+        np.testing.assert_allclose(to_numpy(d), to_numpy(w)[::-1], rtol=4 * ulp[dtype], atol=1e-3)
+    with pytest.raises(ValueError, match="'basis' must be on the same framework and device"):
+        curvkit.eigh(make(A, cuda_backend), basis=np.eye(32))
+    Q, _ = np.linalg.qr(rng.standard_normal((2, 30, 30)))
+    noisy = (Q + 1e-2 * rng.standard_normal((2, 30, 30))).astype(np.float32)
+    R = curvkit.orthonormalize(make(noisy, cuda_backend), "polar", steps=4)
+    np.testing.assert_allclose(to_numpy(R), curvkit.orthonormalize(noisy, "polar", steps=4), atol=2e-6)
 
 
 def test_cuda_errors(cuda_backend):
