@@ -17,13 +17,6 @@ DeviceBuffer::~DeviceBuffer() {
   if (ptr_) cudaFreeAsync(ptr_, stream_);
 }
 
-int read_counter(cudaStream_t stream, const int* counter) {
-  int value = 0;
-  CK_CUDA_CHECK(cudaMemcpyAsync(&value, counter, sizeof(int), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return value;
-}
-
 void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes) {
   if (bytes) CK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
 }
@@ -296,10 +289,7 @@ void validate_symmetric(const ArrayView& a, const MatrixStats* stats, const char
 std::vector<MatrixStats> check_symmetric(cudaStream_t stream, const ArrayView& a, const MatrixStats* stats,
                                          const char* name) {
   const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
-  std::vector<MatrixStats> host(static_cast<size_t>(count));
-  if (count == 0) return host;
-  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), stats, sizeof(MatrixStats) * host.size(), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  std::vector<MatrixStats> host = copy_to_host(stream, stats, count);
   validate_symmetric(a, host.data(), name);
   return host;
 }

@@ -118,9 +118,20 @@ std::vector<MatrixStats> check_symmetric(cudaStream_t stream, const ArrayView& a
                                          const char* name);
 void validate_symmetric(const ArrayView& a, const MatrixStats* stats, const char* name);
 
-// A device int read on the host (synchronizes the stream): how the iterative kernels' host
-// loops see, every few steps, how many matrices are still active.
-int read_counter(cudaStream_t stream, const int* counter);
+// `count` elements of a device array, copied to the host once the stream's work before them
+// is done (synchronizes the stream): per-matrix states, flags and stats.
+template <class T>
+std::vector<T> copy_to_host(cudaStream_t stream, const T* src, int64_t count) {
+  std::vector<T> host(static_cast<size_t>(count));
+  if (count == 0) return host;
+  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), src, sizeof(T) * host.size(), cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return host;
+}
+
+// A device int read on the host: how the iterative kernels' host loops see, every few steps,
+// how many matrices are still active.
+inline int read_counter(cudaStream_t stream, const int* counter) { return copy_to_host(stream, counter, 1)[0]; }
 
 // Copies `bytes` of a host array to the device, stream-ordered; the host array may be freed
 // on return.

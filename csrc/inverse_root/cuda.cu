@@ -612,6 +612,13 @@ void store_columns(cudaStream_t stream, const T* src, const ArrayView& out, int6
 
 template <class T> constexpr DType dtype_of() { return std::is_same<T, double>::value ? DType::float64() : DType::float32(); }
 
+// fn(double()) for float64 data, fn(float()) for every other dtype: the compute type.
+template <class F>
+void with_compute_type(DType dtype, F&& fn) {
+  if (dtype == DType::float64()) fn(double());
+  else fn(float());
+}
+
 // One input's matrices (or one matrix of it, for fallbacks) within a group.
 struct Segment {
   ArrayView a, out;
@@ -774,9 +781,7 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
       // the host looks every 4 steps
       if ((it % 4 == 3 || it >= kMaxRefineSteps) && cuda::read_counter(stream, active) == 0) break;
     }
-    std::vector<RefineState> host(static_cast<size_t>(count));
-    CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), rs, sizeof(RefineState) * host.size(), cudaMemcpyDeviceToHost, stream));
-    CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<RefineState> host = cuda::copy_to_host(stream, rs, count);
     for (int64_t b = 0; b < count; ++b) {
       const RefineState& h = host[size_t(b)];
       if (!warm[size_t(b)]) continue;
@@ -820,14 +825,6 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
                                   stream));
   }
   return out;
-}
-
-// Copies per-matrix states to the host (synchronizes).
-std::vector<RootState> fetch_states(cudaStream_t stream, const RootState* st, int64_t count) {
-  std::vector<RootState> host(static_cast<size_t>(count));
-  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(RootState) * host.size(), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-  return host;
 }
 
 // One group: matrices of size n computed in T, from every segment, written to the segments'
@@ -977,7 +974,7 @@ void run_group(int64_t n, const std::vector<Segment>& segments, const RootOption
   const double f = products.symmetric ? cuda::symmetric_product_fraction(ni) : 1.0, powers = power_products(o.p);
   const double residual_products = newton ? powers * f + 1 : 0.0;  // eigh's is information, not counted
   const double start_products = newton ? (any_warm ? powers * f + 1 : 0.0) : cuda::symmetric_product_fraction(ni);
-  const std::vector<RootState> host = fetch_states(stream, st, count);
+  const std::vector<RootState> host = cuda::copy_to_host(stream, st, count);
   first = 0;
   for (const Segment& s : segments) {
     for (int64_t b = 0; b < s.count; ++b) {
@@ -1050,10 +1047,7 @@ void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::v
         cuda::load_symmetric<double>(stream, *a, nullptr, stats.as<MatrixStats>() + first);
         first += matrices_in(*a);
       }
-    std::vector<MatrixStats> host(static_cast<size_t>(total));
-    CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), stats.as<void>(), sizeof(MatrixStats) * host.size(),
-                                  cudaMemcpyDeviceToHost, stream));
-    CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+    const std::vector<MatrixStats> host = cuda::copy_to_host(stream, stats.as<MatrixStats>(), total);
     first = 0;
     for (size_t i = 0; i < inputs.size(); ++i)
       for (const ArrayView* a : {&inputs[i], inits[i]}) {
@@ -1150,17 +1144,13 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
                                                                                       info.as<int>(), n, count * n);
       });
       CK_CUDA_CHECK(cudaGetLastError());
-      std::vector<int> host(static_cast<size_t>(count));
-      CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), info.as<int>(), sizeof(int) * host.size(), cudaMemcpyDeviceToHost,
-                                    stream));
-      CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+      const std::vector<int> host = cuda::copy_to_host(stream, info.as<int>(), count);
       for (int64_t b = 0; b < count; ++b) {
         ok[i][size_t(b)] = host[size_t(b)] == 0;
         steps[i][size_t(b)] = refined.steps[size_t(b)];
       }
     };
-    if (inputs[i].dtype == DType::float64()) solve(double());
-    else solve(float());
+    with_compute_type(inputs[i].dtype, solve);
   }
 }
 
@@ -1189,8 +1179,7 @@ void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHan
     store_columns(stream, a.as<T>(), q, m, k, count);
     CK_CUDA_CHECK(cudaStreamSynchronize(stream));
   };
-  if (q.dtype == DType::float64()) solve(double());
-  else solve(float());
+  with_compute_type(q.dtype, solve);
 }
 
 void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
@@ -1226,8 +1215,7 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
                                   cudaMemcpyDeviceToHost, stream));
     CK_CUDA_CHECK(cudaStreamSynchronize(stream));
   };
-  if (q.dtype == DType::float64()) solve(double());
-  else solve(float());
+  with_compute_type(q.dtype, solve);
 }
 
 }  // namespace curvkit

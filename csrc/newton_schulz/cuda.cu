@@ -255,10 +255,7 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
                        sumsq + first, flags.as<int>() + gi++);
     first += int64_t(grp.in.size());
   }
-  std::vector<int> nonfinite(groups.size());
-  CK_CUDA_CHECK(cudaMemcpyAsync(nonfinite.data(), flags.as<int>(), sizeof(int) * groups.size(),
-                                cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), int64_t(groups.size()));
   for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument 'G' contains NaN or Inf");
 
   first = 0;
@@ -474,9 +471,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
     });
     CK_CUDA_CHECK(cudaGetLastError());
   }
-  std::vector<SqrtState> host(static_cast<size_t>(count));
-  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(SqrtState) * host.size(), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
     const SqrtState& s = host[size_t(b)];
     SqrtStatus& out = status[b];
@@ -550,9 +545,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
                                                                      count);
   });
   CK_CUDA_CHECK(cudaGetLastError());
-  std::vector<SqrtState> host(static_cast<size_t>(count));
-  CK_CUDA_CHECK(cudaMemcpyAsync(host.data(), st, sizeof(SqrtState) * host.size(), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
     const SqrtState& h = host[size_t(b)];
     status[size_t(b)] = SqrtStatus{h.converged && h.finite, h.iterations, h.scale > 0 ? h.previous : 0.0};
