@@ -1,8 +1,10 @@
 """The intake path: every framework, device, dtype, layout and size goes in and comes back
 unchanged (through curvkit's strided copy), and the three import paths all work."""
 import array
+import gc
 import threading
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -208,3 +210,102 @@ def test_gil_is_released_during_compute():
     # at well over 10^5 iterations per second of the call.
     assert elapsed > 0.05
     assert ticks > 1e5 * elapsed
+
+
+class _Blocks:
+    """A NumPy stand-in for a framework's allocator: 256-byte aligned blocks, with a record of
+    what was asked and which blocks are still alive."""
+
+    def __init__(self, fail_at=None, misalign=False):
+        self.asked, self.addresses, self.alive = [], [], []
+        self.fail_at, self.misalign = fail_at, misalign
+
+    def __call__(self, nbytes):
+        if len(self.asked) == self.fail_at:
+            raise MemoryError("stand-in allocator: out of memory")
+        self.asked.append(nbytes)
+        block = np.empty(nbytes + 512, np.uint8)
+        address = block.ctypes.data + (-block.ctypes.data) % 256 + (1 if self.misalign else 0)
+        self.addresses.append(address)
+        self.alive.append(weakref.ref(block))
+        return block, address
+
+    def live(self):
+        return sum(r() is not None for r in self.alive)
+
+
+def test_workspace_blocks_come_from_the_allocator_and_are_released():
+    blocks = _Blocks()
+    pointers = _core.workspace_trial(blocks, [8, 4096, 1 << 20])
+    assert blocks.asked == [8, 4096, 1 << 20]
+    assert pointers == blocks.addresses
+    assert blocks.live() == 0
+
+
+@pytest.mark.parametrize("fail_at", [0, 2])
+def test_workspace_allocation_failure_raises_the_frameworks_error_and_releases_the_rest(fail_at):
+    blocks = _Blocks(fail_at=fail_at)
+    with pytest.raises(MemoryError, match="stand-in allocator"):
+        _core.workspace_trial(blocks, [64, 64, 64])
+    assert len(blocks.asked) == fail_at and blocks.live() == 0
+
+
+def test_workspace_allocator_misaligned_block_is_refused():
+    blocks = _Blocks(misalign=True)
+    with pytest.raises(ValueError, match="256-byte aligned"):
+        _core.workspace_trial(blocks, [64])
+    assert blocks.live() == 0
+    with pytest.raises(ValueError, match="'allocate'"):
+        _core.workspace_trial(None, [64])
+
+
+def test_workspace_allocator_is_none_on_the_cpu(backend):
+    fw, dev = backend
+    x = make(np.zeros(3), backend)
+    assert (_arrays.workspace_of(x) is None) == (dev == "cpu")
+
+
+def test_cuda_workspaces_come_from_the_callers_framework(cuda_backend, rng):
+    # Muon's polar factor of one n x n float32 matrix uses four n x n workspaces (two iterates,
+    # A and the polynomial); they must be the framework's memory, and be returned after.
+    fw, _ = cuda_backend
+    n = 512
+    G = make(rng.standard_normal((n, n)), cuda_backend, "float32")
+    nbytes = n * n * 4
+    if fw == "torch":
+        import torch
+
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        X = curvkit.polar(G)
+        torch.cuda.synchronize()
+        assert torch.cuda.max_memory_allocated() - base >= 5 * nbytes
+        assert torch.cuda.memory_allocated() - base == X.untyped_storage().nbytes()
+    else:
+        import cupy
+
+        pool = cupy.cuda.MemoryPool()
+        with cupy.cuda.using_allocator(pool.malloc):
+            X = curvkit.polar(G)
+        cupy.cuda.get_current_stream().synchronize()
+        assert pool.total_bytes() >= 5 * nbytes
+        assert pool.used_bytes() == X.nbytes
+    assert np.isfinite(to_numpy(X)).all()
+
+
+def test_cuda_workspace_out_of_memory_is_the_frameworks_error(cuda_backend, rng):
+    fw, _ = cuda_backend
+    if fw == "torch":
+        pytest.skip("a deterministic allocation limit needs CuPy's pool")
+    import cupy
+
+    G = make(rng.standard_normal((512, 512)), cuda_backend, "float32")
+    pool = cupy.cuda.MemoryPool()
+    pool.set_limit(size=2 * G.nbytes)  # the output fits, the workspaces do not
+    with cupy.cuda.using_allocator(pool.malloc):
+        with pytest.raises(cupy.cuda.memory.OutOfMemoryError):
+            curvkit.polar(G)
+    gc.collect()
+    cupy.cuda.get_current_stream().synchronize()
+    assert pool.used_bytes() == 0

@@ -9,12 +9,16 @@
 
 namespace curvkit::cuda {
 
-DeviceBuffer::DeviceBuffer(size_t bytes, cudaStream_t stream) : stream_(stream) {
-  if (bytes) CK_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
+DeviceBuffer::DeviceBuffer(size_t bytes, cudaStream_t stream) : allocator_(workspace_allocator()), stream_(stream) {
+  if (bytes == 0) return;
+  if (allocator_) ptr_ = allocator_->allocate(bytes);
+  else CK_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
 }
 
 DeviceBuffer::~DeviceBuffer() {
-  if (ptr_) cudaFreeAsync(ptr_, stream_);
+  if (!ptr_) return;
+  if (allocator_) allocator_->release(ptr_);
+  else cudaFreeAsync(ptr_, stream_);
 }
 
 void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes) {

@@ -12,6 +12,7 @@
 #include "core/array.h"
 #include "core/cuda_utils.h"
 #include "core/half.h"
+#include "core/workspace.h"
 
 #ifdef __CUDACC__
 #include <cuda_bf16.h>
@@ -35,7 +36,8 @@ template <> __device__ __forceinline__ void store(bfloat16_t* p, float v) { p->b
 template <> __device__ __forceinline__ void store(half_t* p, float v) { p->bits = __half_as_ushort(__float2half_rn(v)); }
 #endif
 
-// Stream-ordered device memory (cudaMallocAsync / cudaFreeAsync on one stream).
+// Stream-ordered device memory for one call's stream: from the installed workspace allocator
+// (the caller's framework, core/workspace.h), else cudaMallocAsync / cudaFreeAsync.
 class DeviceBuffer {
  public:
   DeviceBuffer(size_t bytes, cudaStream_t stream);
@@ -47,6 +49,7 @@ class DeviceBuffer {
 
  private:
   void* ptr_ = nullptr;
+  WorkspaceAllocator* allocator_;
   cudaStream_t stream_;
 };
 

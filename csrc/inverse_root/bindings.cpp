@@ -79,7 +79,7 @@ void register_inverse_root(py::module_& m) {
       "matrix_inverse_root",
       [](const py::list& inputs, const py::list& outputs, const py::list& inits, const py::list& bases, int p,
          double eps, const std::string& method, int max_iters, double tol, bool fallback, bool compute_residual,
-         StreamHandle stream) {
+         StreamHandle stream, py::object workspace) {
         CK_CHECK_VALUE(p >= 1, "argument 'p' must be a positive integer, got ", p);
         CK_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "argument 'eps' must be finite and >= 0");
         CK_CHECK_VALUE(max_iters >= 1, "argument 'max_iters' must be >= 1");
@@ -105,6 +105,7 @@ void register_inverse_root(py::module_& m) {
         const bool cuda = on_cuda(in);
         std::vector<std::vector<RootStatus>> status;
         {
+          interop::FrameworkWorkspace allocator(std::move(workspace));
           py::gil_scoped_release release;
           if (cuda) matrix_inverse_root_cuda(views(in), views(out), init.views, basis.views, o, status, stream);
           else matrix_inverse_root_cpu(views(in), views(out), init.views, basis.views, o, status);
@@ -134,12 +135,13 @@ void register_inverse_root(py::module_& m) {
       py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("bases"), py::arg("p"), py::arg("eps"),
       py::arg("method"),
       py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("compute_residual"), py::arg("stream"),
+      py::arg("workspace") = py::none(),
       "outputs[i] = (inputs[i] + eps I)^(-1/p); per input (converged, iterations, residual, newton, fell_back, "
       "kept_init, products) (see curvkit.matrix_inverse_root).");
   m.def(
       "eigh",
       [](const py::list& inputs, const py::list& values, const py::list& vectors, const py::list& bases,
-         StreamHandle stream) {
+         StreamHandle stream, py::object workspace) {
         auto in = import_list(inputs, "A", false, stream), w = import_list(values, "out", true, stream),
              v = import_list(vectors, "out", true, stream);
         CK_CHECK_VALUE(in.size() == w.size() && in.size() == v.size() && in.size() == size_t(py::len(bases)),
@@ -157,6 +159,7 @@ void register_inverse_root(py::module_& m) {
         std::vector<std::vector<bool>> ok;
         std::vector<std::vector<int>> steps;
         {
+          interop::FrameworkWorkspace allocator(std::move(workspace));
           py::gil_scoped_release release;
           if (cuda) eigh_cuda(views(in), views(w), views(v), basis.views, ok, steps, stream);
           else eigh_cpu(views(in), views(w), views(v), basis.views, ok, steps);
@@ -174,17 +177,19 @@ void register_inverse_root(py::module_& m) {
         return result;
       },
       py::arg("inputs"), py::arg("values"), py::arg("vectors"), py::arg("bases"), py::arg("stream"),
+      py::arg("workspace") = py::none(),
       "Symmetric eigendecomposition of each input, refined from bases[i] where given; per input (whether it "
       "succeeded, refinement steps or -1 where decomposed from scratch).");
   m.def(
       "orthonormalize_qr",
-      [](py::handle q, StreamHandle stream) {
+      [](py::handle q, StreamHandle stream, py::object workspace) {
         interop::ImportedArray qv = interop::import_output(q, "Q", stream);
         check_floating(qv.view, "Q");
         CK_CHECK_VALUE(qv.view.ndim() >= 2, "argument 'Q' must have shape (..., m, k)");
         CK_CHECK_VALUE(qv.view.is_contiguous(), "argument 'Q' must be C-contiguous");
         std::vector<bool> ok;
         {
+          interop::FrameworkWorkspace allocator(std::move(workspace));
           py::gil_scoped_release release;
           if (qv.view.device.is_cuda()) orthonormalize_qr_cuda(qv.view, ok, stream);
           else orthonormalize_qr_cpu(qv.view, ok);
@@ -193,10 +198,12 @@ void register_inverse_root(py::module_& m) {
         for (size_t b = 0; b < ok.size(); ++b) good.mutable_data()[b] = ok[b];
         return good;
       },
-      py::arg("Q"), py::arg("stream"), "Orthonormalize the columns of Q in place by QR (nonnegative R diagonal).");
+      py::arg("Q"), py::arg("stream"), py::arg("workspace") = py::none(),
+      "Orthonormalize the columns of Q in place by QR (nonnegative R diagonal).");
   m.def(
       "eigenbasis_update",
-      [](py::handle a, py::handle q, py::handle q_out, py::handle estimates, py::handle perm, StreamHandle stream) {
+      [](py::handle a, py::handle q, py::handle q_out, py::handle estimates, py::handle perm, StreamHandle stream,
+         py::object workspace) {
         interop::ImportedArray av = interop::import_array(a, "A", stream), qv = interop::import_array(q, "Q", stream);
         interop::ImportedArray ov = interop::import_output(q_out, "out", stream),
                                ev = interop::import_output(estimates, "out", stream),
@@ -215,6 +222,7 @@ void register_inverse_root(py::module_& m) {
         CK_CHECK_VALUE(pv.view.dtype == (DType{DTypeCode::Int, 64}), "perm output must be int64");
         std::vector<bool> ok;
         {
+          interop::FrameworkWorkspace allocator(std::move(workspace));
           py::gil_scoped_release release;
           if (av.view.device.is_cuda()) eigenbasis_update_cuda(av.view, qv.view, ov.view, ev.view, pv.view, ok, stream);
           else eigenbasis_update_cpu(av.view, qv.view, ov.view, ev.view, pv.view, ok);
@@ -224,6 +232,7 @@ void register_inverse_root(py::module_& m) {
         return good;
       },
       py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"), py::arg("stream"),
+      py::arg("workspace") = py::none(),
       "SOAP's eigenbasis refresh (see curvkit.eigenbasis_update).");
 }
 

@@ -92,7 +92,7 @@ void register_newton_schulz(py::module_& m) {
   m.def(
       "matrix_sqrt",
       [](py::handle a, py::handle sqrt_out, py::handle inv_out, const std::string& method, int max_iters, double tol,
-         StreamHandle stream) {
+         StreamHandle stream, py::object workspace) {
         SqrtOptions o;
         if (method == "newton_schulz") o.method = SqrtMethod::NewtonSchulz;
         else if (method == "pade") o.method = SqrtMethod::Pade;
@@ -107,18 +107,19 @@ void register_newton_schulz(py::module_& m) {
         const int64_t n = in.view.ndim() >= 2 ? in.view.size(-1) : 0;
         std::vector<SqrtStatus> status(size_t(n ? in.view.numel() / (n * n) : 0));
         {
+          interop::FrameworkWorkspace allocator(std::move(workspace));
           py::gil_scoped_release release;
           matrix_sqrt(in.view, s ? &s->view : nullptr, r ? &r->view : nullptr, o, status.data(), stream);
         }
         return status_arrays(status, in.view);
       },
       py::arg("A"), py::arg("sqrt_out"), py::arg("inv_sqrt_out"), py::arg("method"), py::arg("max_iters"),
-      py::arg("tol"), py::arg("stream") = 0,
+      py::arg("tol"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
       "Square root and/or inverse square root of symmetric PSD matrices; returns (converged, iterations, "
       "residual) per matrix (see curvkit.matrix_sqrt).");
   m.def(
       "solve_lyapunov",
-      [](py::handle s, py::handle c, py::handle x, int max_iters, StreamHandle stream) {
+      [](py::handle s, py::handle c, py::handle x, int max_iters, StreamHandle stream, py::object workspace) {
         interop::ImportedArray sv = interop::import_array(s, "S", stream), cv = interop::import_array(c, "C", stream);
         interop::ImportedArray xv = interop::import_output(x, "out", stream);
         check_floating(sv.view, "S");
@@ -135,6 +136,7 @@ void register_newton_schulz(py::module_& m) {
         CK_CHECK_VALUE(max_iters >= 1, "argument 'max_iters' must be >= 1");
         std::vector<SqrtStatus> status;
         {
+          interop::FrameworkWorkspace allocator(std::move(workspace));
           py::gil_scoped_release release;
           if (sv.view.device.is_cuda()) solve_lyapunov_cuda(sv.view, cv.view, xv.view, max_iters, status, stream);
           else solve_lyapunov_cpu(sv.view, cv.view, xv.view, max_iters, status);
@@ -142,12 +144,13 @@ void register_newton_schulz(py::module_& m) {
         return status_arrays(status, sv.view);
       },
       py::arg("S"), py::arg("C"), py::arg("out"), py::arg("max_iters"), py::arg("stream"),
+      py::arg("workspace") = py::none(),
       "X with S X + X S = C for symmetric positive definite S (see curvkit.solve_lyapunov).");
   m.def(
       "polar",
       [](const py::list& inputs, const py::list& outputs, const std::vector<std::tuple<double, double, double>>& steps,
          double norm_scale, double eps, const std::string& method, int restart_after, double alpha, double beta,
-         StreamHandle stream, bool normalize) {
+         StreamHandle stream, bool normalize, py::object workspace) {
         CK_CHECK_VALUE(method == "standard" || method == "gram",
                        "argument 'method' must be 'standard', 'gram' or 'auto', got '", method, "'");
         PolarOptions o;
@@ -165,12 +168,13 @@ void register_newton_schulz(py::module_& m) {
         for (py::handle x : outputs) out.push_back(interop::import_output(x, "out", stream));
         for (auto& a : in) in_views.push_back(a.view);
         for (auto& a : out) out_views.push_back(a.view);
+        interop::FrameworkWorkspace allocator(std::move(workspace));
         py::gil_scoped_release release;
         polar(in_views, out_views, o, stream);
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("steps"), py::arg("norm_scale"), py::arg("eps"),
       py::arg("method"), py::arg("restart_after"), py::arg("alpha"), py::arg("beta"), py::arg("stream") = 0,
-      py::arg("normalize") = true,
+      py::arg("normalize") = true, py::arg("workspace") = py::none(),
       "outputs[i] = beta * outputs[i] + alpha * polar(inputs[i]) (see curvkit.polar).");
 }
 

@@ -16,6 +16,24 @@ ImportedArray::Owner::~Owner() {
   if (has_buffer) PyBuffer_Release(&buffer);
 }
 
+FrameworkWorkspace::FrameworkWorkspace(py::object allocate)
+    : allocate_(std::move(allocate)), scope_(allocate_.is_none() ? nullptr : this) {}
+
+void* FrameworkWorkspace::allocate(size_t bytes) {
+  py::gil_scoped_acquire gil;
+  const py::tuple block = allocate_(bytes);
+  const uintptr_t address = block[1].cast<uintptr_t>();
+  CK_CHECK_VALUE(address % 256 == 0, "the workspace allocator returned address ", address, ", not 256-byte aligned");
+  void* ptr = reinterpret_cast<void*>(address);
+  live_.emplace(ptr, block[0]);
+  return ptr;
+}
+
+void FrameworkWorkspace::release(void* ptr) noexcept {
+  py::gil_scoped_acquire gil;
+  live_.erase(ptr);
+}
+
 namespace {
 
 std::string type_name(py::handle obj) { return py::str(py::type::handle_of(obj).attr("__qualname__")); }
@@ -182,6 +200,28 @@ void register_interop(py::module_& m) {
       py::arg("x"), py::arg("name") = "x", py::arg("stream") = 0,
       "How curvkit sees an array: the intake path taken, dtype, device, shape, strides "
       "(elements), writability and data pointer. For tests and debugging.");
+  m.def(
+      "workspace_trial",
+      [](py::object allocate, const std::vector<size_t>& sizes) {
+        FrameworkWorkspace workspace(std::move(allocate));
+        WorkspaceAllocator* allocator = workspace_allocator();
+        CK_CHECK_VALUE(allocator, "argument 'allocate' must be a callable, got None");
+        std::vector<void*> blocks;
+        blocks.reserve(sizes.size());
+        py::gil_scoped_release release;
+        struct ReleaseAll {  // on scope exit, as cuda::DeviceBuffer does
+          WorkspaceAllocator* allocator;
+          const std::vector<void*>& blocks;
+          ~ReleaseAll() { for (void* ptr : blocks) allocator->release(ptr); }
+        } release_all{allocator, blocks};
+        for (size_t bytes : sizes) blocks.push_back(allocator->allocate(bytes));
+        std::vector<uintptr_t> pointers;
+        for (void* ptr : blocks) pointers.push_back(reinterpret_cast<uintptr_t>(ptr));
+        return pointers;
+      },
+      py::arg("allocate"), py::arg("sizes"),
+      "Allocates blocks of the given sizes through a workspace allocator from a thread without "
+      "the GIL, as the CUDA kernels do, then releases them; returns their pointers. For tests.");
   m.def(
       "convert",
       [](py::handle src, py::handle dst, StreamHandle stream) {

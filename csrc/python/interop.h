@@ -9,8 +9,10 @@
 
 #include <memory>
 #include <optional>
+#include <unordered_map>
 
 #include "core/array.h"
+#include "core/workspace.h"
 #include "python/dlpack.h"
 
 namespace curvkit::interop {
@@ -43,6 +45,23 @@ ImportedArray import_array(py::handle obj, const char* name, StreamHandle stream
 
 // Same, then requires a writable array.
 ImportedArray import_output(py::handle obj, const char* name, StreamHandle stream = 0);
+
+// The workspace allocator of one binding call: device memory from the caller's framework
+// through `allocate(nbytes) -> (array, device pointer)` (curvkit._arrays.workspace_allocator),
+// installed on this thread while the object lives; None installs nothing. Create and destroy it
+// with the GIL held; allocate/release take the GIL themselves, as they run where the bindings
+// have released it. A framework error (out of memory) propagates as the framework's exception.
+class FrameworkWorkspace final : public WorkspaceAllocator {
+ public:
+  explicit FrameworkWorkspace(py::object allocate);
+  void* allocate(size_t bytes) override;
+  void release(void* ptr) noexcept override;
+
+ private:
+  py::object allocate_;
+  std::unordered_map<void*, py::object> live_;  // what keeps each block allocated
+  ScopedWorkspaceAllocator scope_;              // last: uninstalled before live_ is cleared
+};
 
 void register_interop(py::module_& m);
 

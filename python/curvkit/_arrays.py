@@ -145,6 +145,38 @@ def stream_of(x):
     return current_stream(framework_of(x), device_of(x))
 
 
+def workspace_allocator(framework, device):
+    """The allocator of a CUDA call's device workspaces, from the caller's framework: a
+    function ``nbytes -> (array, device pointer)`` that PyTorch's caching allocator or CuPy's
+    pool serves on the current stream (None for the CPU, whose kernels allocate their own)."""
+    kind, index = device
+    if kind != "cuda":
+        return None
+    if framework == "torch":
+        import torch
+
+        target = torch.device("cuda", index)
+
+        def allocate(nbytes):
+            block = torch.empty(nbytes, dtype=torch.uint8, device=target)
+            return block, block.data_ptr()
+
+        return allocate
+    import cupy
+
+    def allocate(nbytes):
+        with cupy.cuda.Device(index):
+            block = cupy.empty(nbytes, dtype=cupy.uint8)
+        return block, block.data.ptr
+
+    return allocate
+
+
+def workspace_of(x):
+    """workspace_allocator for x's framework and device."""
+    return workspace_allocator(framework_of(x), device_of(x))
+
+
 def convert(x, dtype=None, out=None):
     """Copy `x` into a new C-contiguous array of its own framework and device (or into
     `out`), converting to `dtype` with one rounding to nearest-even. Any strides are read.

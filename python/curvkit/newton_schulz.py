@@ -158,7 +158,7 @@ def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"argument 'eps' must be a number >= 0, got {eps!r}")
 
-    prepared, results, stream = [], [], 0
+    prepared, results, stream, workspace = [], [], 0, None
     for i, g in enumerate(inputs):
         fw = _arrays.framework_of(g, "G")
         if len(g.shape) < 2:
@@ -170,7 +170,7 @@ def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
             g = g.detach()
         g = _arrays.contiguous(g)
         dev = _arrays.device_of(g)
-        stream = _arrays.current_stream(fw, dev)
+        stream, workspace = _arrays.current_stream(fw, dev), _arrays.workspace_allocator(fw, dev)
         prepared.append(g)
         results.append(outputs[i] if outputs is not None else
                        _arrays.empty(tuple(g.shape), _arrays.dtype_name(g.dtype), fw, dev))
@@ -186,7 +186,8 @@ def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
     for route, (gs, os_) in routes.items():
         if gs:
             restart = _GRAM_RESTART if route == "gram" else 0
-            _core.polar(gs, os_, table, norm_scale, float(eps), route, restart, alpha, beta, stream)
+            _core.polar(gs, os_, table, norm_scale, float(eps), route, restart, alpha, beta, stream,
+                        workspace=workspace)
     if out is not None:
         return out
     return results[0] if single else results
@@ -324,7 +325,8 @@ def solve_lyapunov(S, C, max_iters=100, return_info=False):
     C = _arrays.contiguous(_detached(C, "C"))
     fw = _arrays.framework_of(S, "S")
     X = _arrays.empty(tuple(S.shape), _arrays.dtype_name(S.dtype), fw, _arrays.device_of(S))
-    status = _core.solve_lyapunov(S, C, X, _arrays.index(max_iters, "max_iters", 1), _arrays.stream_of(S))
+    status = _core.solve_lyapunov(S, C, X, _arrays.index(max_iters, "max_iters", 1), _arrays.stream_of(S),
+                                  _arrays.workspace_of(S))
     return _finish(status, "solve_lyapunov", X, return_info)
 
 
@@ -356,7 +358,7 @@ def _sqrt(A, want_sqrt, want_inverse, method, tol, max_iters, return_info):
     S = new() if want_sqrt else None
     R = new() if want_inverse else None
     status = _core.matrix_sqrt(A, S, R, method, _arrays.index(max_iters, "max_iters", 1), float(tol),
-                               _arrays.current_stream(fw, dev))
+                               _arrays.current_stream(fw, dev), _arrays.workspace_allocator(fw, dev))
     result = (S, R) if want_sqrt and want_inverse else (S if want_sqrt else R)
     return _finish(status, method, result, return_info)
 
