@@ -59,6 +59,24 @@ def kernel_ms(fn, reps=10, trace=None):
         return float("nan"), {}
 
 
+def graph_ms(fn, like):
+    """Median milliseconds of a CUDA graph replay of fn(out) (NaN if capture fails)."""
+    out = torch.empty_like(like)
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn(out)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn(out)
+        return bench(graph.replay)
+    except Exception as error:  # noqa: BLE001 - report and go on with the other timings
+        print(f"(graph capture failed: {error!r})")
+        return float("nan")
+
+
 print("== probes, 1e7 entries: call time (CUDA events, median) and kernel time (profiler)")
 N = 10_000_000
 for kind in ["rademacher", "gaussian", "sphere"]:
@@ -91,11 +109,13 @@ for dt, shapes in [(torch.bfloat16, [(4096, 4096), (32, 1024, 1024), (8, 2048, 2
                 A = X @ X.mT; B = b * A + cc * A @ A; X = a * X + B @ X
             return X
         tb = bench(base); tk = bench(lambda: curvkit.polar(G, 5, "muon"))
+        tu = bench(lambda: curvkit.polar(G, 5, "muon", check_finite=False))  # no host synchronization
+        tg = graph_ms(lambda out: curvkit.polar(G, 5, "muon", out=out, check_finite=False), G)
         trace = f"trace_polar_{str(dt)[6:]}_{'x'.join(map(str, shape))}" if shape in [(4096, 4096), (32, 1024, 1024)] else None
         ko, parts = kernel_ms(lambda: curvkit.polar(G, 5, "muon"), trace=trace)
         top = ", ".join(f"{name.split('(')[0][-30:]} {ms:.3f}" for name, ms in sorted(parts.items(), key=lambda kv: -kv[1])[:4])
         print(f"{str(dt)[6:]:9s} {str(shape):18s} torch {tb:7.3f} ms ({flops/tb/1e9:5.0f} TF/s)  curvkit {tk:7.3f} ms ({flops/tk/1e9:5.0f} effective TF/s)  ratio {tb/tk:.2f}"
-              f" | curvkit kernels {ko:.3f} ms (gaps {tk - ko:.3f}): {top}", flush=True)
+              f" | unchecked {tu:.3f} ms, CUDA graph {tg:.3f} ms (ratio {tb/tg:.2f}) | curvkit kernels {ko:.3f} ms (gaps {tk - ko:.3f}): {top}", flush=True)
 print("== sqrt, float32 input, cond 1e3: curvkit newton_schulz (float64 inside) vs torch eigh route")
 rng = np.random.default_rng(0)
 for n in [256, 512, 1024, 2048]:

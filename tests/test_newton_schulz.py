@@ -160,6 +160,56 @@ def test_polar_update_writes_a_parameter_that_requires_grad(device, rng):
     assert curvkit.polar(G, out=out) is out and torch.equal(out.detach(), curvkit.polar(G))
 
 
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_unchecked_nonfinite_matrix_gives_nan_and_leaves_the_others(backend, method, bad, rng):
+    values = rng.standard_normal((3, 24, 40))
+    clean = make(values, backend, "float32")
+    values[1, 5, 7] = bad
+    G = make(values, backend, "float32")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        curvkit.polar(G, method=method)
+    X = to_numpy(curvkit.polar(G, method=method, check_finite=False))
+    expected = to_numpy(curvkit.polar(clean, method=method))
+    assert np.isnan(X[1]).all()
+    np.testing.assert_array_equal(X[[0, 2]], expected[[0, 2]])
+    W = make(np.ones((3, 24, 40)), backend, "float32")
+    curvkit.polar_update_(W, G, lr=0.1, method=method, check_finite=False)
+    W = to_numpy(W)
+    assert np.isnan(W[1]).all() and np.isfinite(W[[0, 2]]).all()
+
+
+@needs_torch
+def test_unchecked_polar_is_captured_in_a_cuda_graph(rng):
+    # No host synchronization without the finite check: Muon's step can live in a CUDA graph,
+    # workspaces included (PyTorch serves them from the graph's pool).
+    import torch
+
+    if not (torch.cuda.is_available() and curvkit.has_cuda()):
+        pytest.skip("needs PyTorch with CUDA and a CUDA build of curvkit")
+    G = torch.randn(4, 256, 512, device="cuda")
+    W = [torch.randn(256, 512, device="cuda"), torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)]
+    updates = [torch.randn(256, 512, device="cuda"), torch.randn(128, 64, device="cuda", dtype=torch.bfloat16)]
+    out = torch.empty_like(G)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up off the capture, as torch.cuda.graphs asks
+        curvkit.polar(G, out=out, check_finite=False)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        curvkit.polar(G, out=out, check_finite=False)
+        curvkit.polar_update_(W, updates, lr=0.1, check_finite=False)
+    before = [w.clone() for w in W]
+    G.copy_(torch.randn_like(G))
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out, curvkit.polar(G), atol=1e-5, rtol=0)
+    for w, w0, u in zip(W, before, updates):
+        expected = (w0.float() - 0.1 * curvkit.polar(u).float()).to(w.dtype)  # rounded as the update is
+        torch.testing.assert_close(w.float(), expected.float(), atol=1e-6, rtol=2.0**-7)
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 4, 4)])
 def test_empty_inputs(shape):
     assert curvkit.polar(np.zeros(shape)).shape == shape

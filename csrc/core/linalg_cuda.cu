@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cfloat>
 #include <cstdlib>
+#include <cstring>
 
 #include "core/dispatch.h"
 #include "core/matrix_utils.h"
@@ -21,8 +22,35 @@ DeviceBuffer::~DeviceBuffer() {
   else cudaFreeAsync(ptr_, stream_);
 }
 
+namespace {
+
+// Host words carried to the device as a kernel parameter (under the 4 KiB parameter limit).
+struct HostWords {
+  static constexpr int kCapacity = 496;
+  uint64_t word[kCapacity];
+};
+
+__global__ void write_words_kernel(uint64_t* dst, HostWords words, int count) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) dst[i] = words.word[i];
+}
+
+}  // namespace
+
 void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes) {
-  if (bytes) CK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+  if (bytes == 0) return;
+  constexpr size_t kChunk = sizeof(HostWords), kByParameter = 16 * kChunk;
+  if (bytes > kByParameter || bytes % 8 != 0 || reinterpret_cast<uintptr_t>(dst) % 8 != 0) {
+    CK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
+    return;
+  }
+  for (size_t done = 0; done < bytes; done += kChunk) {
+    HostWords words;
+    const size_t n = std::min(kChunk, bytes - done);
+    std::memcpy(words.word, static_cast<const char*>(src) + done, n);
+    write_words_kernel<<<1, 256, 0, stream>>>(reinterpret_cast<uint64_t*>(static_cast<char*>(dst) + done), words,
+                                              int(n / 8));
+    CK_CUDA_CHECK(cudaGetLastError());
+  }
 }
 
 namespace {

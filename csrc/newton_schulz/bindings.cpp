@@ -150,7 +150,7 @@ void register_newton_schulz(py::module_& m) {
       "polar",
       [](const py::list& inputs, const py::list& outputs, const std::vector<std::tuple<double, double, double>>& steps,
          double norm_scale, double eps, const std::string& method, int restart_after, double alpha, double beta,
-         StreamHandle stream, bool normalize, py::object workspace) {
+         StreamHandle stream, bool normalize, bool check_finite, py::object workspace) {
         CK_CHECK_VALUE(method == "standard" || method == "gram",
                        "argument 'method' must be 'standard', 'gram' or 'auto', got '", method, "'");
         PolarOptions o;
@@ -162,6 +162,7 @@ void register_newton_schulz(py::module_& m) {
         o.alpha = alpha;
         o.beta = beta;
         o.normalize = normalize;
+        o.check_finite = check_finite;
         std::vector<interop::ImportedArray> in, out;
         std::vector<ArrayView> in_views, out_views;
         for (py::handle x : inputs) in.push_back(interop::import_array(x, "G", stream));
@@ -174,7 +175,7 @@ void register_newton_schulz(py::module_& m) {
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("steps"), py::arg("norm_scale"), py::arg("eps"),
       py::arg("method"), py::arg("restart_after"), py::arg("alpha"), py::arg("beta"), py::arg("stream") = 0,
-      py::arg("normalize") = true, py::arg("workspace") = py::none(),
+      py::arg("normalize") = true, py::arg("check_finite") = true, py::arg("workspace") = py::none(),
       "outputs[i] = beta * outputs[i] + alpha * polar(inputs[i]) (see curvkit.polar).");
 }
 

@@ -148,6 +148,10 @@ void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
   const S* g = t.in->ptr<const S>() + t.index * size;
   D* out = t.out->ptr<D>() + t.index * size;
   const Shape<T> sh{blas::dim(t.r(), "matrix dimension"), blas::dim(t.c(), "matrix dimension"), t.tall()};
+  if (!t.finite) {  // unchecked NaN/Inf input (check_finite false)
+    std::fill_n(out, size, from_double<D>(std::numeric_limits<double>::quiet_NaN()));
+    return;
+  }
   if (t.inv_scale == 0.0 || o.steps.empty()) {  // G = 0 gives 0 (no steps: X_0)
     for (int64_t i = 0; i < size; ++i) {
       const double x0 = o.steps.empty() ? to_double(g[i]) * t.inv_scale : 0.0;
@@ -195,7 +199,7 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
   for (int64_t i = 0; i < count; ++i) {
     CK_DISPATCH_FLOATING(tasks[i].in->dtype, "G", S, [&] { measure<S>(tasks[i], options); });
   }
-  for (int64_t i = 0; i < count; ++i) {
+  for (int64_t i = 0; i < count && options.check_finite; ++i) {
     CK_CHECK_VALUE(tasks[i].finite, "argument 'G' contains NaN or Inf (matrix ", tasks[i].index, " of input ",
                    tasks[i].input, ")");
   }

@@ -5,7 +5,8 @@
 // so a model's many layers cost a few batched products per step rather than a loop. Float64
 // computes in float64, float32 in float32 (no TF32), and float16/bfloat16 keep their iterates
 // in their own type with float32 accumulation, as Muon does on GPUs. One host synchronization
-// per call: the NaN/Inf check of the inputs, before anything is written.
+// per call: the NaN/Inf check of the inputs, before anything is written; none when the caller
+// turns the check off (then the call can be captured in a CUDA graph).
 #include <algorithm>
 #include <cmath>
 #include <map>
@@ -14,6 +15,8 @@
 #include <vector>
 
 #include <cfloat>
+
+#include <math_constants.h>
 
 #include "core/dispatch.h"
 #include "core/linalg_cuda.h"
@@ -27,19 +30,22 @@ using cuda::Op;
 using cuda::Stack;
 
 // X_b = G_b / ((norm_scale + eps) ||G_b||_F), computed as (G / amax) / ((norm_scale + eps) sqrt(sum (G/amax)^2))
-// so that any scale of G gives the same X; 0 for G = 0; X = G when not normalizing. Matrix
-// blockIdx.y; the scale in float64, so a half input is normalized before it is rounded.
+// so that any scale of G gives the same X; 0 for G = 0; X = G when not normalizing; NaN for a
+// G holding NaN or Inf (reached only unchecked, check_finite false: the iteration then spreads
+// it to the whole result). Matrix blockIdx.y; the scale in float64, so a half input is
+// normalized before it is rounded.
 template <class S, class T>
 __global__ void normalize_kernel(const S* const* g, T* x, int64_t size, const double* amax, const double* sumsq,
                                  double norm_scale_eps, bool normalize) {
   const int64_t b = blockIdx.y;
   const double m = amax[b];
+  const bool finite = m <= DBL_MAX && sumsq[b] <= DBL_MAX;
   const double f = m > 0.0 ? (normalize ? 1.0 / (norm_scale_eps * sqrt(sumsq[b])) : 1.0) : 0.0;
   const S* src = g[b];
   T* dst = x + b * size;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < size; e += int64_t(gridDim.x) * blockDim.x) {
     const double v = double(cuda::load(src + e));
-    cuda::store(dst + e, cuda::acc_t<T>(normalize && m > 0.0 ? (v / m) * f : v * f));
+    cuda::store(dst + e, cuda::acc_t<T>(!finite ? CUDART_NAN : normalize && m > 0.0 ? (v / m) * f : v * f));
   }
 }
 
@@ -255,8 +261,10 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
                        sumsq + first, flags.as<int>() + gi++);
     first += int64_t(grp.in.size());
   }
-  const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), int64_t(groups.size()));
-  for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument 'G' contains NaN or Inf");
+  if (options.check_finite) {
+    const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), int64_t(groups.size()));
+    for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument 'G' contains NaN or Inf");
+  }
 
   first = 0;
   for (auto& [key, grp] : groups) {

@@ -36,6 +36,9 @@ struct PolarOptions {
   PolarMethod method = PolarMethod::Standard;
   int restart_after = 0;  // Gram route: restart after every this many steps (0: never)
   double alpha = 1.0, beta = 0.0;
+  // false: no NaN/Inf check of the inputs, so no host synchronization on CUDA (the call can be
+  // captured in a CUDA graph); a matrix holding NaN or Inf then gives NaN.
+  bool check_finite = true;
 };
 
 // inputs[i] (..., m_i, n_i) and outputs[i] of the same shape, any float dtypes, C-contiguous,

@@ -34,7 +34,7 @@ _GRAM_MIN_ASPECT = 2  # auto: the Gram route when the long side is at least this
 _GRAM_RESTART = 2     # Gram route: restart (X = Q X_0, A = X X^T) after every this many steps
 
 
-def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None):
+def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None, check_finite=True):
     """Orthogonal polar factor approximation U V^T of G = U S V^T by Newton–Schulz steps.
 
     Normalizes ``X = G / ((s + eps) ||G||_F)`` (s = 1.01 for "polar_express", else 1) and
@@ -72,6 +72,11 @@ def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None):
         rounding (measured max 5.7e-3 for bfloat16, 7e-4 for float16, 5 steps of "you").
     out : array or list of arrays, optional
         Where to write the result (same shape, any float dtype, C-contiguous).
+    check_finite : bool
+        True: input holding NaN or Inf raises ValueError; on CUDA this check is the call's one
+        host synchronization (it waits for the input norms). False: no check and no
+        synchronization, so the call can be captured in a CUDA graph; a matrix holding NaN
+        or Inf then gives all-NaN output (and the others their results).
 
     Returns
     -------
@@ -83,7 +88,7 @@ def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None):
     (measured; tests/test_newton_schulz.py checks them): "muon" [0.68, 1.14], "you"
     [0.97, 1.04], "polar_express" [0.86, 1.13]. With enough steps of "polar_express" the
     result converges to U V^T (to 1e-10 in float64 for condition numbers up to 1e3 in 12
-    steps). Input containing NaN or Inf raises ValueError. Non-contiguous input is copied
+    steps). Input containing NaN or Inf raises ValueError (see check_finite). Non-contiguous input is copied
     (explicitly) to a contiguous buffer first.
 
     Examples
@@ -97,17 +102,18 @@ def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None):
     >>> [x.shape for x in Xs]
     [(64, 256), (256, 32)]
     """
-    return _run(G, steps, coefficients, eps, method, out, alpha=1.0, beta=0.0)
+    return _run(G, steps, coefficients, eps, method, out, check_finite, alpha=1.0, beta=0.0)
 
 
 def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficients="muon", eps=1e-7,
-                  method="auto"):
+                  method="auto", check_finite=True):
     """Muon's parameter update in place, fused into the last Newton–Schulz product:
 
     ``param <- param * (1 - lr * weight_decay) - lr * scale * polar(G)``
 
     ``param`` and ``G`` are arrays of the same shape (or lists of them); other arguments as
-    in :func:`polar`. Returns ``param``.
+    in :func:`polar`. Returns ``param``. With ``check_finite=False``, a G holding NaN or Inf
+    makes its param NaN.
 
     >>> import numpy as np, curvkit
     >>> rng = np.random.default_rng(1)
@@ -117,7 +123,7 @@ def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficien
     >>> np.allclose(W, expected)
     True
     """
-    _run(G, steps, coefficients, eps, method, param, alpha=-float(lr) * float(scale),
+    _run(G, steps, coefficients, eps, method, param, check_finite, alpha=-float(lr) * float(scale),
          beta=1.0 - float(lr) * float(weight_decay), name_out="param")
     return param
 
@@ -141,7 +147,7 @@ def schedule(coefficients, steps):
     return [table[min(k, len(table) - 1)] for k in range(steps)], norm_scale
 
 
-def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
+def _run(G, steps, coefficients, eps, method, out, check_finite, alpha, beta, name_out="out"):
     single = not isinstance(G, (list, tuple))
     inputs = [G] if single else list(G)
     if out is None:
@@ -187,7 +193,7 @@ def _run(G, steps, coefficients, eps, method, out, alpha, beta, name_out="out"):
         if gs:
             restart = _GRAM_RESTART if route == "gram" else 0
             _core.polar(gs, os_, table, norm_scale, float(eps), route, restart, alpha, beta, stream,
-                        workspace=workspace)
+                        check_finite=bool(check_finite), workspace=workspace)
     if out is not None:
         return out
     return results[0] if single else results
