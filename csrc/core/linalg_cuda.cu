@@ -344,34 +344,38 @@ void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r
   const int nb = (r + t - 1) / t;
   const int64_t item = dtype.itemsize();
   // Blocks grouped by shape: full x full, last-row x full, last x last.
-  for (int group = 0; group < 3; ++group) {
-    BlockTable table;
-    int rows = 0, cols = 0;
-    for (int bi = 0; bi < nb; ++bi) {
-      for (int bj = 0; bj <= bi; ++bj) {
-        const int ri = std::min(t, r - bi * t), cj = std::min(t, r - bj * t);
-        const int g = (ri == t && cj == t) ? 0 : (cj == t ? 1 : 2);
-        if (g != group) continue;
-        rows = ri;
-        cols = cj;
-        // op(A) rows bi*t.., op(B) columns bj*t.., C block (bi, bj)
-        table.a[table.count] = item * bi * t * (op_a == Op::N ? 1 : a.ld);
-        table.b[table.count] = item * bj * t * (op_b == Op::N ? b.ld : 1);
-        table.c[table.count] = item * (bi * t + int64_t(bj) * t * c.ld);
-        ++table.count;
-      }
+  BlockTable tables[3];
+  int rows[3] = {0, 0, 0}, cols[3] = {0, 0, 0};
+  for (int bi = 0; bi < nb; ++bi) {
+    for (int bj = 0; bj <= bi; ++bj) {
+      const int ri = std::min(t, r - bi * t), cj = std::min(t, r - bj * t);
+      const int g = (ri == t && cj == t) ? 0 : (cj == t ? 1 : 2);
+      BlockTable& table = tables[g];
+      rows[g] = ri;
+      cols[g] = cj;
+      // op(A) rows bi*t.., op(B) columns bj*t.., C block (bi, bj)
+      table.a[table.count] = item * bi * t * (op_a == Op::N ? 1 : a.ld);
+      table.b[table.count] = item * bj * t * (op_b == Op::N ? b.ld : 1);
+      table.c[table.count] = item * (bi * t + int64_t(bj) * t * c.ld);
+      ++table.count;
     }
-    if (table.count == 0) continue;
-    const int64_t total = batch * table.count;
-    DeviceBuffer ptrs(3 * size_t(total) * sizeof(void*), stream);
-    const void** pa = ptrs.as<const void*>();
+  }
+  // One pointer table for the three groups: a workspace allocation is a call into the framework.
+  const int64_t total = batch * (tables[0].count + tables[1].count + tables[2].count);
+  DeviceBuffer ptrs(3 * size_t(total) * sizeof(void*), stream);
+  const StackBytes sb{static_cast<char*>(a.ptr), static_cast<char*>(b.ptr), static_cast<char*>(c.ptr),
+                      a.stride * item, b.stride * item, c.stride * item};
+  int64_t first = 0;
+  for (int g = 0; g < 3; ++g) {
+    if (tables[g].count == 0) continue;
+    const int64_t n = batch * tables[g].count;
+    const void** pa = ptrs.as<const void*>() + first;
     const void** pb = pa + total;
-    void** pc = ptrs.as<void*>() + 2 * total;
-    const StackBytes sb{static_cast<char*>(a.ptr), static_cast<char*>(b.ptr), static_cast<char*>(c.ptr),
-                        a.stride * item, b.stride * item, c.stride * item};
-    block_pointers_kernel<<<grid_for(total, 256), 256, 0, stream>>>(sb, table, batch, pa, pb, pc);
+    void** pc = ptrs.as<void*>() + 2 * total + first;
+    block_pointers_kernel<<<grid_for(n, 256), 256, 0, stream>>>(sb, tables[g], batch, pa, pb, pc);
     CK_CUDA_CHECK(cudaGetLastError());
-    gemm_pointers(stream, dtype, op_a, op_b, rows, cols, k, alpha, pa, a.ld, pb, b.ld, beta, pc, c.ld, total);
+    gemm_pointers(stream, dtype, op_a, op_b, rows[g], cols[g], k, alpha, pa, a.ld, pb, b.ld, beta, pc, c.ld, n);
+    first += n;
   }
   if (mirror) mirror_lower(stream, dtype, c, r, batch);
 }
