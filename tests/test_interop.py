@@ -265,33 +265,46 @@ def test_workspace_allocator_is_none_on_the_cpu(backend):
     assert (_arrays.workspace_of(x) is None) == (dev == "cpu")
 
 
-def test_cuda_workspaces_come_from_the_callers_framework(cuda_backend, rng):
-    # Muon's polar factor of one n x n float32 matrix uses four n x n workspaces (two iterates,
-    # A and the polynomial); they must be the framework's memory, and be returned after.
+WORKSPACE_CALLS = {
+    "polar": lambda A: [curvkit.polar(A)],
+    "inverse_root_newton": lambda A: [curvkit.matrix_inverse_root(A, 4, method="newton")],
+    "inverse_root_eigh": lambda A: [curvkit.matrix_inverse_root(A, 4, method="eigh")],
+    "eigh": lambda A: list(curvkit.eigh(A)),
+    "matrix_sqrt": lambda A: [curvkit.matrix_sqrt(A, method="newton_schulz")],
+}
+
+
+@pytest.mark.parametrize("call", list(WORKSPACE_CALLS))
+def test_cuda_workspaces_come_from_the_callers_framework(cuda_backend, call, rng):
+    # Every CUDA family iterates in n x n workspaces (at least three of them for any of these
+    # calls); they must be the framework's memory, and all of it handed back after the call.
     fw, _ = cuda_backend
     n = 512
-    G = make(rng.standard_normal((n, n)), cuda_backend, "float32")
-    nbytes = n * n * 4
+    Q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    A = make((Q * np.logspace(0, -2, n)) @ Q.T, cuda_backend, "float32")
+    workspace = 3 * n * n * 4
     if fw == "torch":
         import torch
 
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
-        X = curvkit.polar(G)
+        outputs = WORKSPACE_CALLS[call](A)
         torch.cuda.synchronize()
-        assert torch.cuda.max_memory_allocated() - base >= 5 * nbytes
-        assert torch.cuda.memory_allocated() - base == X.untyped_storage().nbytes()
+        kept = sum(x.untyped_storage().nbytes() for x in outputs)
+        assert torch.cuda.max_memory_allocated() - base >= kept + workspace
+        assert torch.cuda.memory_allocated() - base == kept
     else:
         import cupy
 
         pool = cupy.cuda.MemoryPool()
         with cupy.cuda.using_allocator(pool.malloc):
-            X = curvkit.polar(G)
+            outputs = WORKSPACE_CALLS[call](A)
         cupy.cuda.get_current_stream().synchronize()
-        assert pool.total_bytes() >= 5 * nbytes
-        assert pool.used_bytes() == X.nbytes
-    assert np.isfinite(to_numpy(X)).all()
+        kept = sum(x.nbytes for x in outputs)
+        assert pool.total_bytes() >= kept + workspace
+        assert pool.used_bytes() == kept
+    assert all(np.isfinite(to_numpy(x)).all() for x in outputs)
 
 
 def test_cuda_workspace_out_of_memory_is_the_frameworks_error(cuda_backend, rng):
