@@ -159,33 +159,67 @@ __global__ void block_pointers_kernel(StackBytes s, BlockTable t, int64_t batch,
   }
 }
 
-// Strict upper <- strict lower through 32 x 32 tiles in shared memory (coalesced both ways),
-// and, when p is given, P = alpha C + diag I (all of it) from the same reads.
+// Strict upper <- strict lower through square tiles in shared memory (coalesced both ways),
+// and, when p is given, P = alpha C + diag I (all of it) from the same reads. A block of
+// 32 x 8 threads per tile on or above the diagonal (blockIdx.x counts them column by column)
+// of matrix blockIdx.y. Each thread first loads all its entries, so that a block keeps
+// kTile^2 entries in flight: 64 x 64 tiles for 2-byte types, whose 32 x 32 tiles move half
+// the bytes per round trip of a float one.
+constexpr int kMirrorThreadsX = 32, kMirrorThreadsY = 8;
+
 template <class T>
-__global__ void mirror_lower_kernel(T* c, int64_t ld, int64_t stride, int r, T* p, int64_t p_ld, int64_t p_stride,
-                                    double alpha, double diag) {
+__host__ __device__ constexpr int mirror_tile() { return sizeof(T) == 2 ? 64 : 32; }
+
+template <class T>
+__global__ void mirror_lower_kernel(T* __restrict__ c, int64_t ld, int64_t stride, int r, T* __restrict__ p,
+                                    int64_t p_ld, int64_t p_stride, double alpha, double diag) {
   using A = acc_t<T>;
-  __shared__ T tile[32][33];
-  T* m = c + int64_t(blockIdx.z) * stride;
-  T* q = p ? p + int64_t(blockIdx.z) * p_stride : nullptr;
-  const int bi = blockIdx.y, bj = blockIdx.x;  // destination tile: rows bi, cols bj (upper: bi <= bj)
-  if (bi > bj) return;
-  // source: rows bj*32.., cols bi*32.. (lower), element (row, col) at m[row + col*ld]
-  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
-    const int row = bj * 32 + threadIdx.x, col = bi * 32 + y;
-    if (row < r && col < r) {
-      const T v = m[row + int64_t(col) * ld];
-      tile[y][threadIdx.x] = v;
-      if (q && row >= col) store(q + row + int64_t(col) * p_ld, A(alpha) * load(&v) + (row == col ? A(diag) : A(0)));
+  constexpr int kTile = mirror_tile<T>(), kRows = kTile / kMirrorThreadsY, kCols = kTile / kMirrorThreadsX;
+  __shared__ T tile[kTile][kTile + (sizeof(T) == 2 ? 2 : 1)];  // padded: both passes conflict-free
+  T* m = c + int64_t(blockIdx.y) * stride;
+  T* q = p ? p + int64_t(blockIdx.y) * p_stride : nullptr;
+  // upper tile number L -> (bi, bj), bi <= bj, with L = bj (bj + 1) / 2 + bi
+  const int64_t L = blockIdx.x;
+  int64_t bj = int64_t((sqrt(8.0 * double(L) + 1.0) - 1.0) / 2.0);
+  while (bj * (bj + 1) / 2 > L) --bj;
+  while ((bj + 1) * (bj + 2) / 2 <= L) ++bj;
+  const int64_t bi = L - bj * (bj + 1) / 2;
+  const int tx = threadIdx.x, ty = threadIdx.y;
+  // source: the lower tile, rows bj*kTile.., cols bi*kTile.., element (row, col) at m[row + col*ld]
+  T v[kRows][kCols];
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) {
+#pragma unroll
+    for (int h = 0; h < kCols; ++h) {
+      const int64_t row = bj * kTile + tx + h * kMirrorThreadsX, col = bi * kTile + ty + k * kMirrorThreadsY;
+      if (row < r && col < r) v[k][h] = m[row + col * ld];
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) {
+#pragma unroll
+    for (int h = 0; h < kCols; ++h) {
+      const int x = tx + h * kMirrorThreadsX, y = ty + k * kMirrorThreadsY;
+      const int64_t row = bj * kTile + x, col = bi * kTile + y;
+      if (row < r && col < r) {
+        tile[y][x] = v[k][h];
+        if (q && row >= col) store(q + row + col * p_ld, A(alpha) * load(&v[k][h]) + (row == col ? A(diag) : A(0)));
+      }
     }
   }
   __syncthreads();
-  for (int y = threadIdx.y; y < 32; y += blockDim.y) {
-    const int row = bi * 32 + threadIdx.x, col = bj * 32 + y;  // destination (row < col)
-    if (row < r && col < r && row < col) {
-      const T v = tile[threadIdx.x][y];
-      m[row + int64_t(col) * ld] = v;
-      if (q) store(q + row + int64_t(col) * p_ld, A(alpha) * load(&v));
+  // destination: the upper tile, rows bi*kTile.., cols bj*kTile.. (strictly above the diagonal)
+#pragma unroll
+  for (int k = 0; k < kRows; ++k) {
+#pragma unroll
+    for (int h = 0; h < kCols; ++h) {
+      const int x = tx + h * kMirrorThreadsX, y = ty + k * kMirrorThreadsY;
+      const int64_t row = bi * kTile + x, col = bj * kTile + y;
+      if (row < r && col < r && row < col) {
+        const T w = tile[x][y];
+        m[row + col * ld] = w;
+        if (q) store(q + row + col * p_ld, A(alpha) * load(&w));
+      }
     }
   }
 }
@@ -383,17 +417,18 @@ void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r
 void mirror_lower(cudaStream_t stream, DType dtype, Stack c, int r, int64_t batch, const Stack* p, double alpha,
                   double diag) {
   if (batch == 0 || r == 0) return;
-  const int tiles = (r + 31) / 32;
-  const dim3 threads(32, 8);
-  for (int64_t start = 0; start < batch; start += 65535) {
-    const dim3 grid(tiles, tiles, unsigned(std::min<int64_t>(65535, batch - start)));
-    CK_DISPATCH_FLOATING(dtype, "A", T, [&] {
+  const dim3 threads(kMirrorThreadsX, kMirrorThreadsY);
+  CK_DISPATCH_FLOATING(dtype, "A", T, [&] {
+    const int64_t tiles = (r + mirror_tile<T>() - 1) / mirror_tile<T>(), upper = tiles * (tiles + 1) / 2;
+    CK_CHECK_VALUE(upper <= INT32_MAX, "matrix side ", r, " is too large for the mirror kernel's grid");
+    for (int64_t start = 0; start < batch; start += 65535) {
+      const dim3 grid(unsigned(upper), unsigned(std::min<int64_t>(65535, batch - start)));
       mirror_lower_kernel<<<grid, threads, 0, stream>>>(
           static_cast<T*>(c.ptr) + start * c.stride, c.ld, c.stride, r,
           p ? static_cast<T*>(p->ptr) + start * p->stride : nullptr, p ? p->ld : 0, p ? p->stride : 0, alpha, diag);
-    });
-    CK_CUDA_CHECK(cudaGetLastError());
-  }
+      CK_CUDA_CHECK(cudaGetLastError());
+    }
+  });
 }
 
 void scale_add_identity(cudaStream_t stream, DType dtype, Stack x, Stack y, int r, int64_t batch, double alpha,
