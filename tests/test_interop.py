@@ -214,19 +214,19 @@ def test_gil_is_released_during_compute():
 
 class _Blocks:
     """A NumPy stand-in for a framework's allocator: 256-byte aligned blocks, with a record of
-    what was asked and which blocks are still alive."""
+    what was asked, how many blocks were alive at each request, and which are alive now."""
 
     def __init__(self, fail_at=None, misalign=False):
-        self.asked, self.addresses, self.alive = [], [], []
+        self.asked, self.alive_when_asked, self.alive = [], [], []
         self.fail_at, self.misalign = fail_at, misalign
 
     def __call__(self, nbytes):
         if len(self.asked) == self.fail_at:
             raise MemoryError("stand-in allocator: out of memory")
+        self.alive_when_asked.append(self.live())
         self.asked.append(nbytes)
         block = np.empty(nbytes + 512, np.uint8)
         address = block.ctypes.data + (-block.ctypes.data) % 256 + (1 if self.misalign else 0)
-        self.addresses.append(address)
         self.alive.append(weakref.ref(block))
         return block, address
 
@@ -234,19 +234,41 @@ class _Blocks:
         return sum(r() is not None for r in self.alive)
 
 
-def test_workspace_blocks_come_from_the_allocator_and_are_released():
+MiB = 1 << 20
+
+
+def test_small_workspaces_share_a_framework_block():
     blocks = _Blocks()
-    pointers = _core.workspace_trial(blocks, [8, 4096, 1 << 20])
-    assert blocks.asked == [8, 4096, 1 << 20]
-    assert pointers == blocks.addresses
-    assert blocks.live() == 0
+    pointers = _core.workspace_trial(blocks, [8, 1000, 4096, 256])
+    assert blocks.asked == [MiB] and blocks.live() == 0
+    offsets = [p - pointers[0] for p in pointers]
+    assert offsets == [0, 256, 1280, 5376]  # each rounded up to 256 bytes
+
+
+def test_released_workspaces_are_reused_in_stack_order():
+    blocks = _Blocks()
+    # A = 3 MiB, released, then B = 3 MiB takes its place. C, D small (a chunk of their own);
+    # C released under D stays taken, so E goes after D; once E and D are released too, C's
+    # place is free again and F takes it.
+    p = _core.workspace_trial(blocks, [3 * MiB, -1, 3 * MiB, 100, 100, -3, 100, -5, -4, 100])
+    A, B, C, D, E, F = p
+    assert B == A and E == D + 256 and F == C
+    assert blocks.asked == [3 * MiB, MiB] and blocks.live() == 0
+
+
+def test_a_larger_workspace_returns_the_empty_blocks_first():
+    blocks = _Blocks()
+    _core.workspace_trial(blocks, [2 * MiB, -1, 4 * MiB, 8 * MiB])
+    # the empty 2 MiB block went back before 4 MiB was asked; 8 MiB is asked while 4 MiB is live
+    assert blocks.asked == [2 * MiB, 4 * MiB, 8 * MiB]
+    assert blocks.alive_when_asked == [0, 0, 1] and blocks.live() == 0
 
 
 @pytest.mark.parametrize("fail_at", [0, 2])
 def test_workspace_allocation_failure_raises_the_frameworks_error_and_releases_the_rest(fail_at):
     blocks = _Blocks(fail_at=fail_at)
     with pytest.raises(MemoryError, match="stand-in allocator"):
-        _core.workspace_trial(blocks, [64, 64, 64])
+        _core.workspace_trial(blocks, [2 * MiB, 2 * MiB, 2 * MiB])
     assert len(blocks.asked) == fail_at and blocks.live() == 0
 
 

@@ -313,6 +313,9 @@ def test_orthonormalize_polar_is_bjorck_to_the_nearest_orthonormal(rng):
     tall = np.linalg.qr(rng.standard_normal((50, 8)))[0] * (1 + 1e-3 * rng.standard_normal(8))
     T = curvkit.orthonormalize(tall, "polar")
     np.testing.assert_allclose(T.T @ T, np.eye(8), atol=1e-12)
+    noisy[3, 4] = np.nan
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        curvkit.orthonormalize(noisy, "polar")
 
 
 def test_eigenbasis_update_tracks_the_eigenbasis(rng):

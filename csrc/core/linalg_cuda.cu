@@ -5,6 +5,8 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <math_constants.h>
+
 #include "core/dispatch.h"
 #include "core/matrix_utils.h"
 
@@ -39,7 +41,10 @@ __global__ void write_words_kernel(uint64_t* dst, HostWords words, int count) {
 void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes) {
   if (bytes == 0) return;
   constexpr size_t kChunk = sizeof(HostWords), kByParameter = 16 * kChunk;
-  if (bytes > kByParameter || bytes % 8 != 0 || reinterpret_cast<uintptr_t>(dst) % 8 != 0) {
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  CK_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
+  const bool capturing = capture != cudaStreamCaptureStatusNone;  // then by parameter at any size
+  if ((bytes > kByParameter && !capturing) || bytes % 8 != 0 || reinterpret_cast<uintptr_t>(dst) % 8 != 0) {
     CK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
     return;
   }
@@ -257,7 +262,10 @@ __global__ void amax_kernel(const T* const* ptrs, int64_t size, double* amax, in
   __syncthreads();
   if (threadIdx.x != 0) return;
   for (int w = 1; w < int(blockDim.x / 32); ++w) local = fmax(local, warp_max[w]);
-  if (warp_bad) atomicOr(nonfinite, 1);
+  if (warp_bad) {  // the max skips NaN: a non-finite matrix is marked by amax = Inf
+    atomicOr(nonfinite, 1);
+    local = CUDART_INF;
+  }
   if (local > 0.0)  // nonnegative doubles order as their bit patterns
     atomicMax(reinterpret_cast<unsigned long long*>(amax + blockIdx.y), __double_as_longlong(local));
 }

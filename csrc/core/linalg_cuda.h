@@ -95,7 +95,8 @@ void scale_add_identity(cudaStream_t stream, DType dtype, Stack x, Stack y, int 
 // Per matrix of `count` matrices of `size` elements given by pointers (dtype `dtype`): the
 // largest magnitude and the sum of squares scaled by it, sum (x / amax)^2 (so that neither tiny
 // nor huge entries under/overflow), in float64; nonfinite[0] is set to 1 if any entry is NaN
-// or Inf. amax, sumsq and nonfinite are device arrays, overwritten.
+// or Inf, and such a matrix gets amax = Inf. amax, sumsq and nonfinite are device arrays,
+// overwritten.
 void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count,
                   double* amax, double* sumsq, int* nonfinite);
 
@@ -137,9 +138,10 @@ std::vector<T> copy_to_host(cudaStream_t stream, const T* src, int64_t count) {
 inline int read_counter(cudaStream_t stream, const int* counter) { return copy_to_host(stream, counter, 1)[0]; }
 
 // Copies `bytes` of a host array to the device, stream-ordered; the host array may be freed
-// on return. Up to 62 KiB (7936 pointers) travel as kernel parameters, 3968 bytes a launch:
-// a CUDA graph records them by value (a copy from pageable memory cannot be captured), and
-// they never wait on the stream. Larger copies are a cudaMemcpyAsync.
+// on return. Up to 62 KiB (7936 pointers), and any size while the stream is being captured,
+// travel as kernel parameters, 3968 bytes a launch: a CUDA graph records them by value (a copy
+// from pageable memory cannot be captured), and they never wait on the stream. Larger copies
+// are a cudaMemcpyAsync.
 void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t bytes);
 
 }  // namespace curvkit::cuda

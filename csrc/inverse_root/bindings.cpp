@@ -135,7 +135,7 @@ void register_inverse_root(py::module_& m) {
       py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("bases"), py::arg("p"), py::arg("eps"),
       py::arg("method"),
       py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("compute_residual"), py::arg("stream"),
-      py::arg("workspace") = py::none(),
+      py::kw_only(), py::arg("workspace") = py::none(),
       "outputs[i] = (inputs[i] + eps I)^(-1/p); per input (converged, iterations, residual, newton, fell_back, "
       "kept_init, products) (see curvkit.matrix_inverse_root).");
   m.def(
@@ -177,7 +177,7 @@ void register_inverse_root(py::module_& m) {
         return result;
       },
       py::arg("inputs"), py::arg("values"), py::arg("vectors"), py::arg("bases"), py::arg("stream"),
-      py::arg("workspace") = py::none(),
+      py::kw_only(), py::arg("workspace") = py::none(),
       "Symmetric eigendecomposition of each input, refined from bases[i] where given; per input (whether it "
       "succeeded, refinement steps or -1 where decomposed from scratch).");
   m.def(
@@ -198,7 +198,7 @@ void register_inverse_root(py::module_& m) {
         for (size_t b = 0; b < ok.size(); ++b) good.mutable_data()[b] = ok[b];
         return good;
       },
-      py::arg("Q"), py::arg("stream"), py::arg("workspace") = py::none(),
+      py::arg("Q"), py::arg("stream"), py::kw_only(), py::arg("workspace") = py::none(),
       "Orthonormalize the columns of Q in place by QR (nonnegative R diagonal).");
   m.def(
       "eigenbasis_update",
@@ -232,7 +232,7 @@ void register_inverse_root(py::module_& m) {
         return good;
       },
       py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"), py::arg("stream"),
-      py::arg("workspace") = py::none(),
+      py::kw_only(), py::arg("workspace") = py::none(),
       "SOAP's eigenbasis refresh (see curvkit.eigenbasis_update).");
 }
 

@@ -114,7 +114,7 @@ void register_newton_schulz(py::module_& m) {
         return status_arrays(status, in.view);
       },
       py::arg("A"), py::arg("sqrt_out"), py::arg("inv_sqrt_out"), py::arg("method"), py::arg("max_iters"),
-      py::arg("tol"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      py::arg("tol"), py::arg("stream") = 0, py::kw_only(), py::arg("workspace") = py::none(),
       "Square root and/or inverse square root of symmetric PSD matrices; returns (converged, iterations, "
       "residual) per matrix (see curvkit.matrix_sqrt).");
   m.def(
@@ -144,7 +144,7 @@ void register_newton_schulz(py::module_& m) {
         return status_arrays(status, sv.view);
       },
       py::arg("S"), py::arg("C"), py::arg("out"), py::arg("max_iters"), py::arg("stream"),
-      py::arg("workspace") = py::none(),
+      py::kw_only(), py::arg("workspace") = py::none(),
       "X with S X + X S = C for symmetric positive definite S (see curvkit.solve_lyapunov).");
   m.def(
       "polar",
@@ -175,7 +175,8 @@ void register_newton_schulz(py::module_& m) {
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("steps"), py::arg("norm_scale"), py::arg("eps"),
       py::arg("method"), py::arg("restart_after"), py::arg("alpha"), py::arg("beta"), py::arg("stream") = 0,
-      py::arg("normalize") = true, py::arg("check_finite") = true, py::arg("workspace") = py::none(),
+      py::kw_only(), py::arg("normalize") = true, py::arg("check_finite") = true,
+      py::arg("workspace") = py::none(),
       "outputs[i] = beta * outputs[i] + alpha * polar(inputs[i]) (see curvkit.polar).");
 }
 

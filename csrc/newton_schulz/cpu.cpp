@@ -148,8 +148,10 @@ void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
   const S* g = t.in->ptr<const S>() + t.index * size;
   D* out = t.out->ptr<D>() + t.index * size;
   const Shape<T> sh{blas::dim(t.r(), "matrix dimension"), blas::dim(t.c(), "matrix dimension"), t.tall()};
-  if (!t.finite) {  // unchecked NaN/Inf input (check_finite false)
-    std::fill_n(out, size, from_double<D>(std::numeric_limits<double>::quiet_NaN()));
+  // a zero factor gives beta out (as in BLAS, it reads nothing); unchecked NaN/Inf input, NaN
+  if (o.alpha == 0.0 || !t.finite) {
+    const double v = o.alpha == 0.0 ? 0.0 : std::numeric_limits<double>::quiet_NaN();
+    for (int64_t i = 0; i < size; ++i) out[i] = from_double<D>(o.beta == 0.0 ? v : o.beta * to_double(out[i]) + v);
     return;
   }
   if (t.inv_scale == 0.0 || o.steps.empty()) {  // G = 0 gives 0 (no steps: X_0)

@@ -39,7 +39,7 @@ __global__ void normalize_kernel(const S* const* g, T* x, int64_t size, const do
                                  double norm_scale_eps, bool normalize) {
   const int64_t b = blockIdx.y;
   const double m = amax[b];
-  const bool finite = m <= DBL_MAX && sumsq[b] <= DBL_MAX;
+  const bool finite = m <= DBL_MAX;  // scaled_norms marks NaN/Inf with amax = Inf
   const double f = m > 0.0 ? (normalize ? 1.0 / (norm_scale_eps * sqrt(sumsq[b])) : 1.0) : 0.0;
   const S* src = g[b];
   T* dst = x + b * size;
@@ -49,14 +49,14 @@ __global__ void normalize_kernel(const S* const* g, T* x, int64_t size, const do
   }
 }
 
-// out_b = beta out_b + alpha X_b (beta = 0: out is not read).
+// out_b = beta out_b + alpha X_b; as in BLAS, beta = 0 does not read out and alpha = 0 not X.
 template <class T, class D>
 __global__ void combine_kernel(const T* x, D* const* out, int64_t size, double alpha, double beta) {
   const int64_t b = blockIdx.y;
   D* dst = out[b];
   const T* src = x + b * size;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < size; e += int64_t(gridDim.x) * blockDim.x) {
-    const double v = alpha * double(cuda::load(src + e));
+    const double v = alpha == 0.0 ? 0.0 : alpha * double(cuda::load(src + e));
     cuda::store(dst + e, cuda::acc_t<D>(beta == 0.0 ? v : beta * double(cuda::load(dst + e)) + v));
   }
 }
@@ -119,6 +119,14 @@ void polar_group(const PolarGroup& g, const PolarOptions& o, cudaStream_t stream
   const bool half = g.in_dtype == DType::bfloat16() || g.in_dtype == DType::float16();
   const DType dt = half && o.method == PolarMethod::Gram ? DType::float32() : g.in_dtype;
   const int64_t count = int64_t(g.in.size());
+  if (o.alpha == 0.0) {  // out = beta out: as in BLAS, a zero factor reads nothing
+    CK_DISPATCH_FLOATING(g.out_dtype, "out", D, [&] {
+      combine_kernel<<<matrix_grid(g.m * g.n, count), 256, 0, stream>>>(
+          static_cast<const D*>(nullptr), reinterpret_cast<D* const*>(out_ptrs), g.m * g.n, 0.0, o.beta);
+    });
+    CK_CUDA_CHECK(cudaGetLastError());
+    return;
+  }
   const PolarStack s{stream, dt, int(g.r()), int(g.c()), g.tall(), count};
   const size_t item = size_t(dt.itemsize());
   const size_t x_bytes = size_t(s.size()) * count * item, sq_bytes = size_t(s.r) * s.r * count * item;

@@ -2,6 +2,7 @@
 
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstring>
 
 #include "core/check.h"
@@ -20,18 +21,34 @@ FrameworkWorkspace::FrameworkWorkspace(py::object allocate)
     : allocate_(std::move(allocate)), scope_(allocate_.is_none() ? nullptr : this) {}
 
 void* FrameworkWorkspace::allocate(size_t bytes) {
+  const size_t size = (std::max<size_t>(bytes, 1) + kAlignment - 1) / kAlignment * kAlignment;
+  auto carve = [size](Chunk& c) {
+    const size_t begin = c.used();
+    c.blocks.push_back({begin, begin + size, false});
+    return static_cast<void*>(c.base + begin);
+  };
+  for (Chunk& c : chunks_)
+    if (c.size - c.used() >= size) return carve(c);
   py::gil_scoped_acquire gil;
-  const py::tuple block = allocate_(bytes);
+  chunks_.erase(std::remove_if(chunks_.begin(), chunks_.end(), [](const Chunk& c) { return c.blocks.empty(); }),
+                chunks_.end());
+  const size_t chunk_bytes = std::max(size, kMinChunk);
+  const py::tuple block = allocate_(chunk_bytes);
   const uintptr_t address = block[1].cast<uintptr_t>();
-  CK_CHECK_VALUE(address % 256 == 0, "the workspace allocator returned address ", address, ", not 256-byte aligned");
-  void* ptr = reinterpret_cast<void*>(address);
-  live_.emplace(ptr, block[0]);
-  return ptr;
+  CK_CHECK_VALUE(address % kAlignment == 0, "the workspace allocator returned address ", address,
+                 ", not 256-byte aligned");
+  chunks_.push_back({block[0], reinterpret_cast<char*>(address), chunk_bytes, {}});
+  return carve(chunks_.back());
 }
 
 void FrameworkWorkspace::release(void* ptr) noexcept {
-  py::gil_scoped_acquire gil;
-  live_.erase(ptr);
+  for (Chunk& c : chunks_) {
+    if (ptr < c.base || ptr >= c.base + c.size) continue;
+    for (Block& b : c.blocks)
+      if (c.base + b.begin == ptr) b.released = true;
+    while (!c.blocks.empty() && c.blocks.back().released) c.blocks.pop_back();
+    return;
+  }
 }
 
 namespace {
@@ -202,26 +219,39 @@ void register_interop(py::module_& m) {
       "(elements), writability and data pointer. For tests and debugging.");
   m.def(
       "workspace_trial",
-      [](py::object allocate, const std::vector<size_t>& sizes) {
+      [](py::object allocate, const std::vector<int64_t>& script) {
         FrameworkWorkspace workspace(std::move(allocate));
         WorkspaceAllocator* allocator = workspace_allocator();
         CK_CHECK_VALUE(allocator, "argument 'allocate' must be a callable, got None");
         std::vector<void*> blocks;
-        blocks.reserve(sizes.size());
+        blocks.reserve(script.size());
         py::gil_scoped_release release;
-        struct ReleaseAll {  // on scope exit, as cuda::DeviceBuffer does
+        struct ReleaseRest {  // on scope exit, as cuda::DeviceBuffer does
           WorkspaceAllocator* allocator;
-          const std::vector<void*>& blocks;
-          ~ReleaseAll() { for (void* ptr : blocks) allocator->release(ptr); }
-        } release_all{allocator, blocks};
-        for (size_t bytes : sizes) blocks.push_back(allocator->allocate(bytes));
+          std::vector<void*>& blocks;
+          ~ReleaseRest() {
+            for (auto it = blocks.rbegin(); it != blocks.rend(); ++it)
+              if (*it) allocator->release(*it);
+          }
+        } release_rest{allocator, blocks};
         std::vector<uintptr_t> pointers;
-        for (void* ptr : blocks) pointers.push_back(reinterpret_cast<uintptr_t>(ptr));
+        for (int64_t step : script) {
+          if (step >= 0) {
+            blocks.push_back(allocator->allocate(size_t(step)));
+            pointers.push_back(reinterpret_cast<uintptr_t>(blocks.back()));
+          } else {
+            const size_t k = size_t(-step - 1);
+            CK_CHECK_VALUE(k < blocks.size() && blocks[k], "script releases block ", k, ", not allocated and live");
+            allocator->release(blocks[k]);
+            blocks[k] = nullptr;
+          }
+        }
         return pointers;
       },
-      py::arg("allocate"), py::arg("sizes"),
-      "Allocates blocks of the given sizes through a workspace allocator from a thread without "
-      "the GIL, as the CUDA kernels do, then releases them; returns their pointers. For tests.");
+      py::arg("allocate"), py::arg("script"),
+      "Runs a script of workspace allocations (n >= 0: n bytes) and releases (-k: the k-th "
+      "allocation, from 1) through a workspace allocator, from a thread without the GIL as the "
+      "CUDA kernels do; what is left is released at the end. Returns the pointers. For tests.");
   m.def(
       "convert",
       [](py::handle src, py::handle dst, StreamHandle stream) {

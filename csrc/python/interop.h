@@ -9,7 +9,7 @@
 
 #include <memory>
 #include <optional>
-#include <unordered_map>
+#include <vector>
 
 #include "core/array.h"
 #include "core/workspace.h"
@@ -48,9 +48,15 @@ ImportedArray import_output(py::handle obj, const char* name, StreamHandle strea
 
 // The workspace allocator of one binding call: device memory from the caller's framework
 // through `allocate(nbytes) -> (array, device pointer)` (curvkit._arrays.workspace_allocator),
-// installed on this thread while the object lives; None installs nothing. Create and destroy it
-// with the GIL held; allocate/release take the GIL themselves, as they run where the bindings
-// have released it. A framework error (out of memory) propagates as the framework's exception.
+// installed on this thread while the object lives; None installs nothing. Create and destroy
+// it with the GIL held.
+//
+// The framework's blocks ("chunks", 1 MiB at least) are kept for the call and carved into
+// workspaces, each chunk a stack: a released workspace is reused once all that was carved
+// after it from its chunk is released too (kernels scope their buffers, so that is the usual
+// order). The GIL, which the bindings have released, is taken only for a new chunk; when no
+// chunk has room, the empty ones go back first, so that a call holds about its peak of live
+// workspaces. A framework error (out of memory) propagates as the framework's own exception.
 class FrameworkWorkspace final : public WorkspaceAllocator {
  public:
   explicit FrameworkWorkspace(py::object allocate);
@@ -58,9 +64,22 @@ class FrameworkWorkspace final : public WorkspaceAllocator {
   void release(void* ptr) noexcept override;
 
  private:
+  struct Block {
+    size_t begin, end;
+    bool released;
+  };
+  struct Chunk {
+    py::object owner;  // the framework's array
+    char* base;
+    size_t size;
+    std::vector<Block> blocks;  // in the order carved
+    size_t used() const { return blocks.empty() ? 0 : blocks.back().end; }
+  };
+  static constexpr size_t kMinChunk = size_t(1) << 20, kAlignment = 256;
+
   py::object allocate_;
-  std::unordered_map<void*, py::object> live_;  // what keeps each block allocated
-  ScopedWorkspaceAllocator scope_;              // last: uninstalled before live_ is cleared
+  std::vector<Chunk> chunks_;
+  ScopedWorkspaceAllocator scope_;  // last: uninstalled before the chunks go back
 };
 
 void register_interop(py::module_& m);

@@ -148,7 +148,8 @@ def stream_of(x):
 def workspace_allocator(framework, device):
     """The allocator of a CUDA call's device workspaces, from the caller's framework: a
     function ``nbytes -> (array, device pointer)`` that PyTorch's caching allocator or CuPy's
-    pool serves on the current stream (None for the CPU, whose kernels allocate their own)."""
+    pool serves on the current stream (None for the CPU, whose kernels allocate their own, and
+    during a CuPy stream capture). Under torch.cuda.graph the graph's private pool serves it."""
     kind, index = device
     if kind != "cuda":
         return None
@@ -163,6 +164,13 @@ def workspace_allocator(framework, device):
 
         return allocate
     import cupy
+
+    with cupy.cuda.Device(index):
+        stream = cupy.cuda.get_current_stream()
+    if getattr(stream, "is_capturing", lambda: False)():
+        # CuPy's pool would hand the addresses a graph records to other arrays after the call;
+        # cudaMallocAsync in the capture makes them the graph's own memory nodes instead.
+        return None
 
     def allocate(nbytes):
         with cupy.cuda.Device(index):

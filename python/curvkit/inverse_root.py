@@ -147,7 +147,7 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
     status = _core.matrix_inverse_root(prepared, outputs, prepared_inits, prepared_bases, p, float(eps), method,
                                        _arrays.index(max_iters, "max_iters", 1), float(tol), bool(fallback),
                                        bool(return_info), _arrays.stream_of(prepared[0]) if prepared else 0,
-                                       _arrays.workspace_of(prepared[0]) if prepared else None)
+                                       workspace=_arrays.workspace_of(prepared[0]) if prepared else None)
     infos = [{"converged": c, "iterations": it, "residual": r, "method": np.where(nw, "newton", "eigh"),
               "fell_back": fb, "kept_init": ki, "products": pr} for c, it, r, nw, fb, ki, pr in status]
     result = outputs[0] if single else outputs
@@ -194,7 +194,7 @@ def eigh(A, basis=None, return_info=False):
         values.append(_arrays.empty(tuple(a.shape[:-1]), dt, fw, dev))
         vectors.append(_arrays.empty(tuple(a.shape), dt, fw, dev))
     status = _core.eigh(inputs, values, vectors, bases, _arrays.stream_of(inputs[0]) if inputs else 0,
-                        _arrays.workspace_of(inputs[0]) if inputs else None)
+                        workspace=_arrays.workspace_of(inputs[0]) if inputs else None)
     if not all(ok.all() for ok, _ in status):
         raise ConvergenceError("eigh: the decomposition failed for some matrices", {"converged": [ok for ok, _ in status]},
                                (values, vectors))
@@ -273,7 +273,7 @@ def orthonormalize(Q, method="qr", steps=4):
         raise TypeError(f"argument 'Q' must have a float dtype, got {_arrays.dtype_name(Q.dtype)}")
     if method == "qr":
         out = _arrays.convert(Q)  # a contiguous copy, orthonormalized in place
-        ok = _core.orthonormalize_qr(out, _arrays.stream_of(out), _arrays.workspace_of(out))
+        ok = _core.orthonormalize_qr(out, _arrays.stream_of(out), workspace=_arrays.workspace_of(out))
         if not ok.all():
             raise ConvergenceError("orthonormalize: some bases are rank-deficient or non-finite",
                                    {"converged": ok}, out)
@@ -282,7 +282,7 @@ def orthonormalize(Q, method="qr", steps=4):
     Q = _arrays.contiguous(Q)
     out = _arrays.empty(tuple(Q.shape), _arrays.dtype_name(Q.dtype), fw, _arrays.device_of(Q))
     _core.polar([Q], [out], [(1.5, -0.5, 0.0)] * steps, 1.0, 0.0, "standard", 0, 1.0, 0.0,
-                _arrays.stream_of(Q), False, _arrays.workspace_of(Q))
+                _arrays.stream_of(Q), normalize=False, workspace=_arrays.workspace_of(Q))
     return out
 
 
@@ -313,7 +313,8 @@ def eigenbasis_update(A, Q):
     Q_new = _arrays.empty(tuple(Q.shape), dt, fw, dev)
     d = _arrays.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dt, fw, dev)
     perm = np.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dtype=np.int64)
-    ok = _core.eigenbasis_update(A, Q, Q_new, d, perm, _arrays.stream_of(Q), _arrays.workspace_of(Q))
+    ok = _core.eigenbasis_update(A, Q, Q_new, d, perm, _arrays.stream_of(Q),
+                                 workspace=_arrays.workspace_of(Q))
     if not ok.all():
         raise ConvergenceError("eigenbasis_update: A Q lost rank or became non-finite for some matrices",
                                {"converged": ok}, (Q_new, d, perm))

@@ -113,7 +113,8 @@ def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficien
 
     ``param`` and ``G`` are arrays of the same shape (or lists of them); other arguments as
     in :func:`polar`. Returns ``param``. With ``check_finite=False``, a G holding NaN or Inf
-    makes its param NaN.
+    makes its param NaN (except with ``lr * scale == 0``: as in BLAS, a zero factor does not
+    read the update).
 
     >>> import numpy as np, curvkit
     >>> rng = np.random.default_rng(1)
@@ -332,7 +333,7 @@ def solve_lyapunov(S, C, max_iters=100, return_info=False):
     fw = _arrays.framework_of(S, "S")
     X = _arrays.empty(tuple(S.shape), _arrays.dtype_name(S.dtype), fw, _arrays.device_of(S))
     status = _core.solve_lyapunov(S, C, X, _arrays.index(max_iters, "max_iters", 1), _arrays.stream_of(S),
-                                  _arrays.workspace_of(S))
+                                  workspace=_arrays.workspace_of(S))
     return _finish(status, "solve_lyapunov", X, return_info)
 
 
@@ -364,7 +365,7 @@ def _sqrt(A, want_sqrt, want_inverse, method, tol, max_iters, return_info):
     S = new() if want_sqrt else None
     R = new() if want_inverse else None
     status = _core.matrix_sqrt(A, S, R, method, _arrays.index(max_iters, "max_iters", 1), float(tol),
-                               _arrays.current_stream(fw, dev), _arrays.workspace_allocator(fw, dev))
+                               _arrays.current_stream(fw, dev), workspace=_arrays.workspace_allocator(fw, dev))
     result = (S, R) if want_sqrt and want_inverse else (S if want_sqrt else R)
     return _finish(status, method, result, return_info)
 
