@@ -226,6 +226,31 @@ def test_unchecked_polar_is_captured_in_a_cuda_graph(rng):
         torch.testing.assert_close(w.float(), e.float(), atol=tol, rtol=0)
 
 
+def test_unchecked_polar_is_captured_in_a_cupy_graph(rng):
+    # In a CuPy capture the workspaces are the graph's own memory nodes (cudaMallocAsync), not
+    # blocks of CuPy's pool, which would hand the recorded addresses to other arrays later.
+    cupy = pytest.importorskip("cupy")
+    try:
+        usable = cupy.cuda.runtime.getDeviceCount() > 0 and curvkit.has_cuda()
+    except Exception:  # noqa: BLE001 - CuPy without a driver
+        usable = False
+    if not usable or not hasattr(cupy.cuda.Stream, "begin_capture"):
+        pytest.skip("needs CuPy with stream capture, a GPU and a CUDA build of curvkit")
+    G = cupy.asarray(rng.standard_normal((3, 64, 160)), dtype=cupy.float32)
+    out = cupy.empty_like(G)
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        curvkit.polar(G, out=out, check_finite=False)  # warm-up off the capture
+        stream.begin_capture()
+        curvkit.polar(G, out=out, check_finite=False)
+        graph = stream.end_capture()
+        G[...] = cupy.asarray(rng.standard_normal(G.shape), dtype=cupy.float32)
+        graph.launch(stream)
+        stream.synchronize()
+        expected = curvkit.polar(G)
+    cupy.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 4, 4)])
 def test_empty_inputs(shape):
     assert curvkit.polar(np.zeros(shape)).shape == shape
