@@ -251,6 +251,36 @@ def test_unchecked_polar_is_captured_in_a_cupy_graph(rng):
     cupy.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
 
+@needs_torch
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+def test_torch_custom_ops_compile_without_graph_breaks(device, rng):
+    import torch
+    import curvkit.torch as ct
+
+    if device == "cuda" and not (torch.cuda.is_available() and curvkit.has_cuda()):
+        pytest.skip("needs PyTorch with CUDA and a CUDA build of curvkit")
+    G = torch.tensor(rng.standard_normal((2, 24, 40)), dtype=torch.float32, device=device)
+    W = [torch.tensor(rng.standard_normal(s), dtype=torch.float32, device=device) for s in [(24, 40), (16, 8)]]
+    U = [torch.tensor(rng.standard_normal(w.shape), dtype=torch.float32, device=device) for w in W]
+    schedule = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]  # a custom list travels through the op too
+
+    def step(G, W, U):
+        ct.polar_update_(W, U, lr=0.1, weight_decay=0.5, coefficients="polar_express")
+        return ct.polar(2 * G, steps=3, coefficients=schedule)
+
+    eager_W = [w.clone() for w in W]
+    expected = curvkit.polar(2 * G, steps=3, coefficients=schedule)
+    curvkit.polar_update_(eager_W, U, lr=0.1, weight_decay=0.5, coefficients="polar_express")
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fails on any graph break
+    torch.testing.assert_close(compiled(G, W, U), expected, atol=0, rtol=0)
+    for w, e in zip(W, eager_W):
+        torch.testing.assert_close(w, e, atol=0, rtol=0)
+    torch.library.opcheck(torch.ops.curvkit.polar.default, (G, 5, "muon", None, 1e-7, "auto", True))
+    torch.library.opcheck(torch.ops.curvkit.polar_update_.default,
+                          ([w.clone() for w in W], U, 0.1, 0.0, 1.0, 5, "", [3.0, -3.2, 1.2], 1e-7, "auto", True))
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("shape", [(0, 5), (5, 0), (2, 0, 3), (0, 4, 4)])
 def test_empty_inputs(shape):
     assert curvkit.polar(np.zeros(shape)).shape == shape

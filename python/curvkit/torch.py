@@ -1,4 +1,6 @@
-"""PyTorch autograd for curvkit's matrix functions (imported on demand: ``import curvkit.torch``).
+"""PyTorch integration (imported on demand: ``import curvkit.torch``): autograd for the
+square-root family, and the polar factor as torch.library custom ops that torch.compile
+traces without a graph break.
 
 The square-root family is differentiable: for S = A^{1/2}, the gradient with respect to A
 of a loss with gradient G_S on S is the X with S X + X S = G_S (symmetrized, since only
@@ -12,8 +14,22 @@ al., run to convergence), on CPU and CUDA tensors alike.
 >>> ct.matrix_sqrt(A).trace().backward()          # d tr(A^{1/2}) / dA = A^{-1/2} / 2
 >>> bool(torch.allclose(A.grad, curvkit.matrix_inv_sqrt(A.detach()) / 2))
 True
+
+:func:`polar` and :func:`polar_update_` are :func:`curvkit.polar` and
+:func:`curvkit.polar_update_` as the custom ops ``curvkit::polar`` and
+``curvkit::polar_update_`` (with fake implementations for tracing), so that Muon's step can
+be compiled with ``fullgraph=True``. Under CUDA graphs (``mode="reduce-overhead"``) pass
+``check_finite=False``: the check is a host synchronization.
+
+>>> G, W = torch.randn(32, 64), torch.randn(32, 64)
+>>> expected = W * (1 - 0.02 * 0.01) - 0.02 * curvkit.polar(G)
+>>> _ = ct.polar_update_(W, G, lr=0.02, weight_decay=0.01)   # also inside torch.compile
+>>> bool(torch.allclose(W, expected))
+True
 """
 from __future__ import annotations
+
+from typing import List, Optional, Sequence, Union
 
 import torch
 
@@ -63,4 +79,56 @@ def matrix_sqrt_and_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100):
     return _SqrtFunction.apply(A, True, True, method, tol, max_iters)
 
 
-__all__ = ["matrix_inv_sqrt", "matrix_sqrt", "matrix_sqrt_and_inv_sqrt"]
+def _schedule(coefficients):
+    """(name, flattened triples) for the ops' schema: a schedule name, or a list of (a, b, c)."""
+    if isinstance(coefficients, str):
+        return coefficients, None
+    return "", [float(v) for triple in coefficients for v in triple]
+
+
+def _coefficients(name, flat):
+    return name if flat is None else [tuple(flat[i:i + 3]) for i in range(0, len(flat), 3)]
+
+
+@torch.library.custom_op("curvkit::polar", mutates_args=())
+def _polar_op(G: torch.Tensor, steps: int, name: str, flat: Optional[List[float]], eps: float, method: str,
+              check_finite: bool) -> torch.Tensor:
+    return _ns.polar(G, steps, _coefficients(name, flat), eps, method, check_finite=check_finite)
+
+
+@_polar_op.register_fake
+def _(G, steps, name, flat, eps, method, check_finite):
+    return torch.empty_like(G, memory_format=torch.contiguous_format)
+
+
+@torch.library.custom_op("curvkit::polar_update_", mutates_args=("params",))
+def _polar_update_op(params: List[torch.Tensor], G: List[torch.Tensor], lr: float, weight_decay: float,
+                     scale: float, steps: int, name: str, flat: Optional[List[float]], eps: float, method: str,
+                     check_finite: bool) -> None:
+    _ns.polar_update_(list(params), list(G), lr, weight_decay, scale, steps, _coefficients(name, flat), eps,
+                      method, check_finite)
+
+
+@_polar_update_op.register_fake
+def _(params, G, lr, weight_decay, scale, steps, name, flat, eps, method, check_finite):
+    return None
+
+
+def polar(G: torch.Tensor, steps=5, coefficients: Union[str, Sequence] = "muon", eps=1e-7, method="auto",
+          check_finite=True) -> torch.Tensor:
+    """:func:`curvkit.polar` of one tensor, as the custom op ``curvkit::polar``."""
+    return _polar_op(G, int(steps), *_schedule(coefficients), float(eps), method, bool(check_finite))
+
+
+def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficients="muon", eps=1e-7,
+                  method="auto", check_finite=True):
+    """:func:`curvkit.polar_update_` (a tensor or a list of them), as the custom op
+    ``curvkit::polar_update_``. Returns ``param``."""
+    single = isinstance(param, torch.Tensor)
+    params, updates = ([param], [G]) if single else (list(param), list(G))
+    _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), int(steps),
+                     *_schedule(coefficients), float(eps), method, bool(check_finite))
+    return param
+
+
+__all__ = ["matrix_inv_sqrt", "matrix_sqrt", "matrix_sqrt_and_inv_sqrt", "polar", "polar_update_"]
