@@ -426,6 +426,23 @@ __global__ void finite_kernel(const double* z, SqrtState* state, int64_t nn, int
     if (!(fabs(z[i]) <= DBL_MAX)) state[i / nn].finite = 0;
 }
 
+// One step of the sign iterations' watch (square root, Lyapunov), from M (Z Y, or B^2): each
+// active matrix's distance of M to I decides whether it goes on, and T = (3I - M)/2 is formed
+// for those that do. False once the host, looking every 4 steps, sees no matrix active.
+bool watch_and_step(cudaStream_t stream, const double* m, double* t, SqrtState* state, int* active, int64_t n,
+                    int64_t count, int it) {
+  const int64_t nn = n * n;
+  const dim3 per_matrix(unsigned(std::min<int64_t>((nn + 255) / 256, 64)), unsigned(count));
+  identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m, state, n);
+  CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
+  sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(state, n, count, active);
+  CK_CUDA_CHECK(cudaGetLastError());
+  if (it % 4 == 3 && cuda::read_counter(stream, active) == 0) return false;
+  sqrt_step_kernel<<<grid_for(nn * count, 256), 256, 0, stream>>>(m, t, state, n, count);
+  CK_CUDA_CHECK(cudaGetLastError());
+  return true;
+}
+
 }  // namespace
 
 void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_out, const SqrtOptions& o,
@@ -460,14 +477,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>();
   for (int it = 0; it < o.max_iters; ++it) {
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {pz, n, nn}, {py, n, nn}, 0.0, sm, count);  // Z Y
-    identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m.as<double>(), st, n);
-    CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
-    sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(st, n, count, active);
-    CK_CUDA_CHECK(cudaGetLastError());
-    // the host looks every 4 steps, not every step
-    if (it % 4 == 3 && cuda::read_counter(stream, active) == 0) break;
-    sqrt_step_kernel<<<grid_for(total, 256), 256, 0, stream>>>(m.as<double>(), t.as<double>(), st, n, count);
-    CK_CUDA_CHECK(cudaGetLastError());
+    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), st, active, n, count, it)) break;
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, stt, 0.0, {pu, n, nn}, count);  // Y T
     std::swap(py, pu);
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stt, {pz, n, nn}, 0.0, {pu, n, nn}, count);  // T Z
@@ -530,20 +540,12 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   CK_CUDA_CHECK(cudaGetLastError());
   const DType f64 = DType::float64();
   const int ni = int(n);
-  const dim3 per_matrix(unsigned(std::min<int64_t>((nn + 255) / 256, 64)), unsigned(count));
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>(), *pm = m.as<void>(), *pt = t.as<void>(),
        *pp = p.as<void>();
   auto stack = [&](void* ptr) { return Stack{ptr, n, nn}; };
   for (int it = 0; it < max_iters; ++it) {
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(py), 0.0, stack(pm), count);  // B^2
-    identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m.as<double>(), st, n);
-    CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
-    sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(st, n, count, active);
-    CK_CUDA_CHECK(cudaGetLastError());
-    // the host looks every 4 steps, not every step
-    if (it % 4 == 3 && cuda::read_counter(stream, active) == 0) break;
-    sqrt_step_kernel<<<grid_for(total, 256), 256, 0, stream>>>(m.as<double>(), t.as<double>(), st, n, count);  // T
-    CK_CUDA_CHECK(cudaGetLastError());
+    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), st, active, n, count, it)) break;  // T
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pz), 0.0, stack(pp), count);   // B C
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, -1.0, stack(pz), stack(py), 1.0, stack(pp), count);  // - C B
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(pz), stack(pt), 0.0, stack(pu), count);   // C T

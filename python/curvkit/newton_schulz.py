@@ -168,7 +168,7 @@ def _run(G, steps, coefficients, eps, method, out, check_finite, alpha, beta, na
     if not (isinstance(eps, (int, float)) and eps >= 0):
         raise ValueError(f"argument 'eps' must be a number >= 0, got {eps!r}")
 
-    prepared, results, stream, workspace = [], [], 0, None
+    prepared, results = [], []
     for i, g in enumerate(inputs):
         fw = _arrays.framework_of(g, "G")
         if len(g.shape) < 2:
@@ -180,11 +180,14 @@ def _run(G, steps, coefficients, eps, method, out, check_finite, alpha, beta, na
             g = g.detach()
         g = _arrays.contiguous(g)
         dev = _arrays.device_of(g)
-        stream, workspace = _arrays.current_stream(fw, dev), _arrays.workspace_allocator(fw, dev)
         prepared.append(g)
         results.append(outputs[i] if outputs is not None else
                        _arrays.empty(tuple(g.shape), _arrays.dtype_name(g.dtype), fw, dev))
 
+    # One stream and workspace allocator for the call (the arrays share a device; C++ checks it).
+    stream, workspace = 0, None
+    if prepared:
+        stream, workspace = _arrays.current_stream(fw, dev), _arrays.workspace_allocator(fw, dev)
     # Group by route: the native call takes one method for all its matrices.
     routes = {"standard": ([], []), "gram": ([], [])}
     for g, o in zip(prepared, results):
