@@ -4,6 +4,7 @@
 # bench/gpu_timings.py, and leave logs in $OUT (each phase stamped with its seconds).
 # Usage: bash bench/gpu_run.sh [--no-build] [--no-tests] [--no-timings] [family ...]
 # (runs bench/bench_<family>.py -k cuda; every family when none is named, none with "none").
+# Tests and each benchmark phase are killed after TEST_LIMIT / BENCH_LIMIT seconds (300 / 200).
 # A device command may run 600 s at most: split a long session into calls, e.g.
 #   bash bench/gpu_run.sh --no-timings hutchinson newton_schulz   then
 #   bash bench/gpu_run.sh --no-build --no-tests matrix_sqrt inverse_root
@@ -30,18 +31,21 @@ if [ $build -eq 1 ]; then
 fi
 python3 -c "import curvkit; curvkit.show_config()" | tee -a "$OUT/device.txt"
 if [ $tests -eq 1 ]; then
-  python3 -m pytest tests -q -p no:cacheprovider -n 8 > "$OUT/tests.log" 2>&1; tail -25 "$OUT/tests.log"
+  # A hung kernel must not eat the whole call: the tests get TEST_LIMIT seconds (default 300).
+  timeout -s KILL "${TEST_LIMIT:-300}" python3 -m pytest tests -q -p no:cacheprovider -n 8 --durations=10 \
+    > "$OUT/tests.log" 2>&1 || echo "pytest exit status $?" >> "$OUT/tests.log"
+  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40; tail -25 "$OUT/tests.log"
   stamp tested
 fi
 [ ${#families[@]} -eq 0 ] && families=(hutchinson newton_schulz matrix_sqrt inverse_root)
 for b in "${families[@]}"; do
   [ "$b" = none ] && continue
-  python3 -m pytest "bench/bench_$b.py" --benchmark-only --benchmark-max-time=0.5 -p no:cacheprovider -k cuda \
+  timeout -s KILL "${BENCH_LIMIT:-200}" python3 -m pytest "bench/bench_$b.py" --benchmark-only --benchmark-max-time=0.5 -p no:cacheprovider -k cuda \
     > "$OUT/bench_$b.log" 2>&1
   sed -n "/curvkit vs anchors/,\$p" "$OUT/bench_$b.log"
   stamp "bench_$b"
 done
 if [ $timings -eq 1 ]; then
-  python3 bench/gpu_timings.py > "$OUT/timings.log" 2>&1; cat "$OUT/timings.log"
+  timeout -s KILL "${BENCH_LIMIT:-200}" python3 bench/gpu_timings.py > "$OUT/timings.log" 2>&1; cat "$OUT/timings.log"
   stamp timings
 fi
