@@ -171,6 +171,11 @@ def test_cuda_failures_are_reported_not_nan(cuda_backend, rng):
     zero = make(np.zeros((2, 8, 8)), cuda_backend, "float32")
     S, info = curvkit.matrix_sqrt(zero, return_info=True)
     assert info["converged"].all() and not to_numpy(S).any()
+    indefinite = reference.spd_with_condition(rng, 12, 10) - 0.5 * np.eye(12)
+    (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(make(indefinite, cuda_backend, "float64"), return_info=True)
+    _, cpu = curvkit.matrix_sqrt_and_inv_sqrt(indefinite, method="newton_schulz", return_info=True)
+    assert not info["converged"] and np.isfinite(to_numpy(S)).all() and np.isfinite(to_numpy(R)).all()
+    assert np.isfinite(info["residual"]) == np.isfinite(cpu["residual"])
     with pytest.raises(ValueError, match="NaN"):
         curvkit.matrix_sqrt(make(np.full((4, 4), np.nan), cuda_backend, "float32"))
     with pytest.raises(ValueError, match="symmetric"):

@@ -6,6 +6,20 @@ namespace curvkit {
 
 namespace {
 
+// Relaxed stream-capture mode for this thread while alive: creating a handle allocates device
+// memory, which a capture in global mode (PyTorch's default) would otherwise refuse when the
+// first call of a thread is made inside a CUDA graph capture.
+class RelaxedCaptureMode {
+ public:
+  RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  ~RelaxedCaptureMode() { cudaThreadExchangeStreamCaptureMode(&mode_); }
+  RelaxedCaptureMode(const RelaxedCaptureMode&) = delete;
+  RelaxedCaptureMode& operator=(const RelaxedCaptureMode&) = delete;
+
+ private:
+  cudaStreamCaptureMode mode_ = cudaStreamCaptureModeRelaxed;
+};
+
 // The handle of this host thread for the current device (created on first use, kept for the
 // life of the process), bound to `stream`.
 template <class Handle, class Create, class Bind>
@@ -13,7 +27,10 @@ Handle handle_for_stream(std::unordered_map<int, Handle>& handles, cudaStream_t 
   int device = 0;
   CK_CUDA_CHECK(cudaGetDevice(&device));
   auto it = handles.find(device);
-  if (it == handles.end()) it = handles.emplace(device, create()).first;
+  if (it == handles.end()) {
+    RelaxedCaptureMode relaxed;
+    it = handles.emplace(device, create()).first;
+  }
   bind(it->second, stream);
   return it->second;
 }

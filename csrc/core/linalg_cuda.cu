@@ -32,8 +32,12 @@ struct HostWords {
   uint64_t word[kCapacity];
 };
 
-__global__ void write_words_kernel(uint64_t* dst, HostWords words, int count) {
-  for (int i = threadIdx.x; i < count; i += blockDim.x) dst[i] = words.word[i];
+// Writes `bytes` bytes: whole words where dst is 8-byte aligned, single bytes otherwise.
+__global__ void write_words_kernel(char* dst, HostWords words, int bytes) {
+  const int aligned_words = reinterpret_cast<uintptr_t>(dst) % 8 == 0 ? bytes / 8 : 0;
+  for (int i = threadIdx.x; i < aligned_words; i += blockDim.x) reinterpret_cast<uint64_t*>(dst)[i] = words.word[i];
+  const auto* src = reinterpret_cast<const char*>(words.word);
+  for (int i = 8 * aligned_words + threadIdx.x; i < bytes; i += blockDim.x) dst[i] = src[i];
 }
 
 }  // namespace
@@ -44,7 +48,7 @@ void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t byte
   cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
   CK_CUDA_CHECK(cudaStreamIsCapturing(stream, &capture));
   const bool capturing = capture != cudaStreamCaptureStatusNone;  // then by parameter at any size
-  if ((bytes > kByParameter && !capturing) || bytes % 8 != 0 || reinterpret_cast<uintptr_t>(dst) % 8 != 0) {
+  if (bytes > kByParameter && !capturing) {
     CK_CUDA_CHECK(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyHostToDevice, stream));
     return;
   }
@@ -52,8 +56,7 @@ void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t byte
     HostWords words;
     const size_t n = std::min(kChunk, bytes - done);
     std::memcpy(words.word, static_cast<const char*>(src) + done, n);
-    write_words_kernel<<<1, 256, 0, stream>>>(reinterpret_cast<uint64_t*>(static_cast<char*>(dst) + done), words,
-                                              int(n / 8));
+    write_words_kernel<<<1, 256, 0, stream>>>(static_cast<char*>(dst) + done, words, int(n));
     CK_CUDA_CHECK(cudaGetLastError());
   }
 }

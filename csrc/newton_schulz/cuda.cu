@@ -290,8 +290,11 @@ struct SqrtState {
   double previous;  // last ||I - Z Y||_F / sqrt(n)
   double distance;  // this step's sum of squares of I - Z Y
   double residual;  // ||c Y^2 - A||_F / ||A||_F after the loop
-  int iterations, active, converged, finite;
+  int iterations, active, converged;
+  int finite;       // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
 };
+
+constexpr int kFiniteY = 1, kFiniteZ = 2, kAllFinite = kFiniteY | kFiniteZ;
 
 constexpr double kEps64 = 1.1102230246251565e-16;
 
@@ -303,7 +306,7 @@ __global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stat
     const double c = fmin(sqrt(stats[b].frobenius2), stats[b].max_row_sum);
     y[i] = c > 0 ? a[i] / c : 0.0;
     z[i] = c > 0 && e % (n + 1) == 0 ? 1.0 : 0.0;
-    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0.0, 0, c > 0, 0, 1};
+    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0.0, 0, c > 0, 0, kAllFinite};
   }
 }
 
@@ -357,29 +360,32 @@ __global__ void sqrt_residual_kernel(const double* y2, const double* a, const do
   const int64_t b = blockIdx.y, nn = n * n;
   const double c = state[b].scale;
   double local = 0.0;
-  bool finite = true;
+  bool finite_y = true, finite_z = true;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < nn; e += int64_t(gridDim.x) * blockDim.x) {
     const double d = c * y2[b * nn + e] - a[b * nn + e];
     local += d * d;
-    finite &= fabs(y[b * nn + e]) <= DBL_MAX && (z == nullptr || fabs(z[b * nn + e]) <= DBL_MAX);
+    finite_y &= fabs(y[b * nn + e]) <= DBL_MAX;
+    finite_z &= z == nullptr || fabs(z[b * nn + e]) <= DBL_MAX;
   }
   for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
-  finite = __all_sync(0xffffffffu, finite);
+  finite_y = __all_sync(0xffffffffu, finite_y);
+  finite_z = __all_sync(0xffffffffu, finite_z);
   if ((threadIdx.x & 31) != 0) return;
   atomicAdd(&state[b].residual, local);
-  if (!finite) atomicAnd(&state[b].finite, 0);
+  if (!finite_y || !finite_z) atomicAnd(&state[b].finite, (finite_y ? kFiniteY : 0) | (finite_z ? kFiniteZ : 0));
 }
 
-// out = factor(c) * src in the output dtype; a failed matrix's non-finite values become zeros.
+// out = factor(c) * src in the output dtype; a matrix with any non-finite value becomes zeros,
+// as on the CPU (never hand on NaN or Inf).
 template <class D>
 __global__ void sqrt_store_kernel(const double* src, D* out, const SqrtState* state, int64_t nn, int64_t count,
                                   bool inverse) {
   const int64_t total = nn * count;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const SqrtState& s = state[i / nn];
-    const double c = s.scale, v = src[i];
-    const double f = c > 0 ? (inverse ? 1.0 / sqrt(c) : sqrt(c)) : 0.0;
-    out[i] = from_double<D>(fabs(v) <= DBL_MAX ? f * v : 0.0);
+    const double c = s.scale;
+    const double f = c > 0 && (s.finite & (inverse ? kFiniteZ : kFiniteY)) ? (inverse ? 1.0 / sqrt(c) : sqrt(c)) : 0.0;
+    out[i] = from_double<D>(f > 0 ? f * src[i] : 0.0);
   }
 }
 
@@ -393,7 +399,7 @@ __global__ void lyapunov_start_kernel(double* y, double* z, const cuda::MatrixSt
     const double s = sqrt(stats[b].frobenius2);
     y[i] = s > 0 ? y[i] / s : 0.0;
     z[i] = s > 0 ? z[i] / s : 0.0;
-    if (i % nn == 0) state[b] = SqrtState{s, INFINITY, 0.0, 0.0, 0, s > 0, 0, 1};
+    if (i % nn == 0) state[b] = SqrtState{s, INFINITY, 0.0, 0.0, 0, s > 0, 0, kAllFinite};
   }
 }
 
@@ -489,14 +495,16 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
                                                         inv_out ? static_cast<double*>(pz) : nullptr,
                                                         stats.as<cuda::MatrixStats>(), st, n);
   CK_CUDA_CHECK(cudaGetLastError());
-  for (auto [out, src, inverse] : {std::tuple{sqrt_out, py, false}, std::tuple{inv_out, pz, true}}) {
-    if (!out) continue;
+  const auto store = [&](const ArrayView* out, const void* src, bool inverse) {
+    if (!out) return;
     CK_DISPATCH_FLOATING(out->dtype, "out", D, [&] {
       sqrt_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<const double*>(src), out->ptr<D>(), st,
                                                                    nn, count, inverse);
     });
     CK_CUDA_CHECK(cudaGetLastError());
-  }
+  };
+  store(sqrt_out, py, false);
+  store(inv_out, pz, true);
   const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
     const SqrtState& s = host[size_t(b)];
@@ -507,8 +515,8 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
       out.converged = inv_out == nullptr;
       continue;
     }
-    out.residual = s.finite ? std::sqrt(s.residual / host_stats[size_t(b)].frobenius2) : INFINITY;
-    out.converged = s.converged && s.finite && out.residual <= o.tol;
+    out.residual = s.finite & kFiniteY ? std::sqrt(s.residual / host_stats[size_t(b)].frobenius2) : INFINITY;
+    out.converged = s.converged && s.finite == kAllFinite && out.residual <= o.tol;
   }
 }
 
