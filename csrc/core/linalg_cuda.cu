@@ -273,28 +273,38 @@ __global__ void amax_kernel(const T* const* ptrs, int64_t size, double* amax, in
     atomicMax(reinterpret_cast<unsigned long long*>(amax + blockIdx.y), __double_as_longlong(local));
 }
 
+// This block's share of sum (x / amax)^2 into its slot, partial[matrix * gridDim.x + block].
 template <class T>
-__global__ void sumsq_kernel(const T* const* ptrs, int64_t size, const double* amax, double* sumsq) {
+__global__ void sumsq_kernel(const T* const* ptrs, int64_t size, const double* amax, double* partial) {
   const T* x = ptrs[blockIdx.y];
   const double m = amax[blockIdx.y];
-  if (!(m > 0.0) || !(m <= DBL_MAX)) return;
-  const double inv = 1.0 / m;
   double local = 0.0;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
-    const double v = double(load(x + i)) * inv;
-    local += v * v;
+  if (m > 0.0 && m <= DBL_MAX) {
+    const double inv = 1.0 / m;
+    for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
+      const double v = double(load(x + i)) * inv;
+      local += v * v;
+    }
   }
-  __shared__ double warp_sum[32];
-  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
-  if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x / 32] = local;
-  __syncthreads();
-  if (threadIdx.x != 0) return;
-  for (int w = 1; w < int(blockDim.x / 32); ++w) local += warp_sum[w];
-  atomicAdd(sumsq + blockIdx.y, local);
+  local = block_sum(local);
+  if (threadIdx.x == 0) partial[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = local;
 }
 
+// A warp per matrix; each lane adds a fixed stride of the slots, then a fixed shuffle tree.
+__global__ void sum_slots_kernel(const double* partial, int64_t slots, int64_t count, char* out, size_t out_stride) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = int64_t(gridDim.x) * blockDim.x / 32;
+  for (int64_t b = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32; b < count; b += warps) {
+    double s = 0.0;
+    for (int64_t k = lane; k < slots; k += 32) s += partial[b * slots + k];
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) *reinterpret_cast<double*>(out + b * out_stride) = s;
+  }
+}
+
+// row_sq[matrix * n + i]: row i's sum of squares (summed by sum_slots into frobenius2).
 template <class S, class D>
-__global__ void load_symmetric_kernel(const S* a, D* dst, int64_t n, MatrixStats* stats) {
+__global__ void load_symmetric_kernel(const S* a, D* dst, int64_t n, MatrixStats* stats, double* row_sq) {
   // one warp per row i of matrix blockIdx.y
   const int64_t b = blockIdx.y, lane = threadIdx.x & 31;
   const int64_t i = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) / 32;
@@ -328,7 +338,7 @@ __global__ void load_symmetric_kernel(const S* a, D* dst, int64_t n, MatrixStats
   max_bits(&st->amax, amax);
   max_bits(&st->asymmetry, dmax);
   max_bits(&st->max_row_sum, row);
-  atomicAdd(&st->frobenius2, sq);
+  row_sq[b * n + i] = sq;
 }
 
 }  // namespace
@@ -338,15 +348,18 @@ void load_symmetric(cudaStream_t stream, const ArrayView& a, D* dst, MatrixStats
   const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
   if (count == 0) return;
   CK_CUDA_CHECK(cudaMemsetAsync(stats, 0, sizeof(MatrixStats) * size_t(count), stream));
+  DeviceBuffer row_sq(sizeof(double) * size_t(n * count), stream);
   const unsigned blocks = unsigned((n * 32 + 255) / 256);
   for (int64_t start = 0; start < count; start += 65535) {
     const dim3 grid(blocks, unsigned(std::min<int64_t>(65535, count - start)));
     CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
       load_symmetric_kernel<<<grid, 256, 0, stream>>>(a.ptr<const S>() + start * n * n,
-                                                      dst ? dst + start * n * n : nullptr, n, stats + start);
+                                                      dst ? dst + start * n * n : nullptr, n, stats + start,
+                                                      row_sq.as<double>() + start * n);
     });
     CK_CUDA_CHECK(cudaGetLastError());
   }
+  sum_slots(stream, row_sq.as<double>(), n, count, &stats->frobenius2, sizeof(MatrixStats));
 }
 
 template void load_symmetric<float>(cudaStream_t, const ArrayView&, float*, MatrixStats*);
@@ -464,15 +477,25 @@ void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int
   CK_CUDA_CHECK(cudaMemsetAsync(nonfinite, 0, sizeof(int), stream));
   if (size == 0) return;
   const unsigned per_matrix = unsigned(std::min<int64_t>((size + 255) / 256, std::max<int64_t>(1, 1024 / count)));
+  DeviceBuffer partial(sizeof(double) * per_matrix * size_t(count), stream);
   for (int64_t start = 0; start < count; start += 65535) {
     const dim3 grid(per_matrix, unsigned(std::min<int64_t>(65535, count - start)));
     CK_DISPATCH_FLOATING(dtype, "G", T, [&] {
       const T* const* p = reinterpret_cast<const T* const*>(ptrs) + start;
       amax_kernel<<<grid, 256, 0, stream>>>(p, size, amax + start, nonfinite);
-      sumsq_kernel<<<grid, 256, 0, stream>>>(p, size, amax + start, sumsq + start);
+      sumsq_kernel<<<grid, 256, 0, stream>>>(p, size, amax + start, partial.as<double>() + start * per_matrix);
     });
     CK_CUDA_CHECK(cudaGetLastError());
   }
+  sum_slots(stream, partial.as<double>(), per_matrix, count, sumsq, sizeof(double));
+}
+
+void sum_slots(cudaStream_t stream, const double* partial, int64_t slots, int64_t count, double* out,
+               size_t out_stride) {
+  if (count == 0) return;
+  sum_slots_kernel<<<grid_for(count * 32, 256), 256, 0, stream>>>(partial, slots, count, reinterpret_cast<char*>(out),
+                                                                  out_stride);
+  CK_CUDA_CHECK(cudaGetLastError());
 }
 
 }  // namespace curvkit::cuda

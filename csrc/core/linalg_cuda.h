@@ -34,7 +34,26 @@ template <> __device__ __forceinline__ float load(const half_t* p) { return __ha
 template <class T> __device__ __forceinline__ void store(T* p, acc_t<T> v) { *p = v; }
 template <> __device__ __forceinline__ void store(bfloat16_t* p, float v) { p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
 template <> __device__ __forceinline__ void store(half_t* p, float v) { p->bits = __half_as_ushort(__float2half_rn(v)); }
+
+// Sum of v over the block in a fixed order, returned to every thread (every thread calls it).
+// Sums across blocks go through per-block slots and sum_slots, never float atomics: those add
+// in the order the blocks finish, so results would change from run to run in the last bits.
+__device__ inline double block_sum(double v) {
+  __shared__ double warp_sum[32];
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double total = 0;
+  for (int w = 0; w < int(blockDim.x >> 5); ++w) total += warp_sum[w];
+  __syncthreads();
+  return total;
+}
 #endif
+
+// out[b] = sum over k < slots of partial[b * slots + k], in a fixed order, for b < count; out[b]
+// lies at byte offset b * out_stride from out (a field of a per-matrix struct, or a plain array).
+void sum_slots(cudaStream_t stream, const double* partial, int64_t slots, int64_t count, double* out,
+               size_t out_stride);
 
 // Stream-ordered device memory for one call's stream: from the installed workspace allocator
 // (the caller's framework, core/workspace.h), else cudaMallocAsync / cudaFreeAsync.

@@ -67,18 +67,6 @@ __device__ void block_max_into(double v, double* target) {
   __syncthreads();
 }
 
-// Sum of v over the block, returned to every thread.
-__device__ double block_sum(double v) {
-  __shared__ double warp_sum[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x >> 5] = v;
-  __syncthreads();
-  double total = 0;
-  for (int w = 0; w < int(blockDim.x >> 5); ++w) total += warp_sum[w];
-  __syncthreads();
-  return total;
-}
-
 __global__ void reset_states_kernel(RootState* st, int64_t count) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b < count) st[b] = RootState{INFINITY, 0.0, 0.0, 0, 0, 0, 1, 1, 0};
@@ -103,8 +91,8 @@ __global__ void power_normalize_kernel(const T* u, T* v, double* rayleigh, int64
       norm2 += x * x;
       dot += x * double(vb[i]);
     }
-    norm2 = block_sum(norm2);
-    dot = block_sum(dot);
+    norm2 = cuda::block_sum(norm2);
+    dot = cuda::block_sum(dot);
     const double inv = norm2 > 0 && norm2 <= DBL_MAX ? 1.0 / sqrt(norm2) : 0.0;
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) vb[i] = T(double(ub[i]) * inv);
     if (threadIdx.x == 0) rayleigh[b] = inv > 0 ? dot : 0.0;
@@ -157,8 +145,9 @@ __global__ void identity_distance_kernel(const T* m, RootState* st, int64_t n, i
 
 // The CPU's stopping rule per matrix (root_newton in cpu.cpp): stop at rounding level, when the
 // error stalls once small, at max_iters, or when it grows by more than 1.2x in the convergent
-// region (then the previous iterate is restored); also when M is no longer finite. Counts the
-// matrices that go on.
+// region (then the previous iterate is restored); also when M is no longer finite, and then X
+// counts as not finite (the CPU iterates on until X is NaN: stored as zeros either way). Counts
+// the matrices that go on.
 __global__ void newton_watch_kernel(RootState* st, int64_t count, double stop, double stall, int max_iters,
                                     int* active) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -170,7 +159,10 @@ __global__ void newton_watch_kernel(RootState* st, int64_t count, double stop, d
     if (s.previous < 1 && r > 1.2 * s.previous) {
       s.active = 0;
       s.revert = 1;
-    } else if (!(r <= DBL_MAX) || r <= stop || (s.previous < stall && r >= s.previous) || s.iterations >= max_iters) {
+    } else if (!(r <= DBL_MAX)) {
+      s.active = 0;
+      s.finite = 0;
+    } else if (r <= stop || (s.previous < stall && r >= s.previous) || s.iterations >= max_iters) {
       s.active = 0;
     } else {
       s.previous = r;
@@ -224,22 +216,25 @@ __global__ void symmetrize_kernel(T* x, RootState* st, int64_t n, int64_t count)
 }
 
 // Eigenvectors (columns of v) scaled by lambda^(-1/(2p)), lambda = max(w, 0) + eps, exact zeros
-// by 0 (the pseudo-inverse); the CPU's verdict (root_from_eigenpairs in cpu.cpp) into ok.
+// by 0 (the pseudo-inverse); the CPU's verdict (root_from_eigenpairs in cpu.cpp) into ok. A
+// failed decomposition (info: cuSOLVER's, or finite_verdict_kernel's) gives V = 0, so X = 0, as
+// the CPU leaves it (root_eigh).
 template <class T>
 __global__ void eigen_scale_kernel(T* v, const T* w, const int* info, RootState* st, int64_t n, int64_t count, int p,
                                    double eps, double unit) {
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
     const T* wb = w + b * n;
+    const bool decomposed = info[b] == 0;
     const double top = fmax(double(wb[n - 1]), 0.0);
     const double zero = double(n) * unit * (top + eps);
-    bool ok = info[b] == 0 && double(wb[0]) >= -sqrt(unit) * top && top <= DBL_MAX;
+    bool ok = decomposed && double(wb[0]) >= -sqrt(unit) * top;
     for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
       const double wj = wb[j];
       const double lambda = (wj > 0 ? wj : 0.0) + eps;
-      ok &= fabs(wj) <= DBL_MAX && lambda > zero;
+      ok &= lambda > zero;
       const double s = lambda > 0 ? pow(lambda, -0.5 / p) : 0.0;
       T* col = v + b * n * n + j * n;
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) col[i] = T(double(col[i]) * s);
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) col[i] = decomposed ? T(double(col[i]) * s) : T(0);
     }
     if (!ok && threadIdx.x == 0) st[b].ok = 0;
   }
@@ -271,10 +266,11 @@ __global__ void store_values_kernel(const T* src, D* dst, const int* info, int64
 // on the device, S = V^T A V, R = I - V^T V, d_i = s_ii / (1 - r_ii), V <- V (I + E).
 
 // One matrix's refinement. off, off_r and scale are maxima (atomicMax on the bits of
-// nonnegative doubles), correction2 a sum, the flags ORs, all reset by the watch each step.
+// nonnegative doubles), the flags ORs, all reset by the watch each step; ||E||_F^2 is summed
+// by the watch from the blocks' slots.
 struct RefineState {
   double previous_off;
-  double off, off_r, scale, correction2;
+  double off, off_r, scale;
   int steps, evaluations;
   int active;        // needs another evaluation
   int apply;         // this step's correction is applied
@@ -286,7 +282,7 @@ struct RefineState {
 
 __global__ void refine_reset_kernel(RefineState* rs, const int* warm, int64_t count) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < count) rs[b] = RefineState{INFINITY, 0, 0, 0, 0, 0, 0, warm[b], 0, !warm[b], 0, 0, 0};
+  if (b < count) rs[b] = RefineState{INFINITY, 0, 0, 0, 0, 0, warm[b], 0, !warm[b], 0, 0, 0};
 }
 
 // d_i = s_ii / (1 - r_ii) and max |d|, a block per matrix.
@@ -306,10 +302,11 @@ __global__ void refine_eigenvalues_kernel(const T* s, const T* r, T* d, RefineSt
   }
 }
 
-// E (column-major, E(i, j) at j n + i) and the step's reductions, as in refine_eigenbasis.
+// E (column-major, E(i, j) at j n + i) and the step's reductions, as in refine_eigenbasis;
+// this block's share of ||E||_F^2 goes to its slot, correction2[b * gridDim.x + blockIdx.x].
 template <class T>
-__global__ void refine_correction_kernel(const T* s, const T* r, const T* d, T* e, RefineState* rs, int64_t n,
-                                         int64_t count, double floor_r) {
+__global__ void refine_correction_kernel(const T* s, const T* r, const T* d, T* e, RefineState* rs,
+                                         double* correction2, int64_t n, int64_t count, double floor_r) {
   constexpr double coupled_ratio = 0.1;
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
     const double floor_s = floor_r * rs[b].scale;
@@ -339,16 +336,16 @@ __global__ void refine_correction_kernel(const T* s, const T* r, const T* d, T* 
     if (higher) rs[b].higher_order = 1;
     block_max_into(finite ? off : 0.0, &rs[b].off);
     block_max_into(finite ? off_r : 0.0, &rs[b].off_r);
-    const double total = block_sum(e2);
-    if (threadIdx.x == 0 && total > 0) atomicAdd(&rs[b].correction2, total);
+    const double total = cuda::block_sum(e2);
+    if (threadIdx.x == 0) correction2[b * gridDim.x + blockIdx.x] = total;
   }
 }
 
 // The decisions of refine_eigenbasis per matrix; counts the matrices that need another
 // evaluation. A correction with ||E||_F^2 <= u in the first-order regime is applied and ends
 // the refinement (its S and R are at rounding level unseen).
-__global__ void refine_watch_kernel(RefineState* rs, int64_t count, double floor_r, double unit, int max_steps,
-                                    int* active) {
+__global__ void refine_watch_kernel(RefineState* rs, const double* correction2, int slots, int64_t count,
+                                    double floor_r, double unit, int max_steps, int* active) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= count) return;
   RefineState& s = rs[b];
@@ -368,11 +365,13 @@ __global__ void refine_watch_kernel(RefineState* rs, int64_t count, double floor
       s.previous_off = s.off;
       ++s.steps;
       s.apply = 1;
-      if (!s.higher_order && s.correction2 <= unit) s.active = 0;
+      double e2 = 0;  // in slot order
+      for (int k = 0; k < slots; ++k) e2 += correction2[b * slots + k];
+      if (!s.higher_order && e2 <= unit) s.active = 0;
       else atomicAdd(active, 1);
     }
   }
-  s.off = s.off_r = s.scale = s.correction2 = 0;
+  s.off = s.off_r = s.scale = 0;
   s.coupled = s.higher_order = s.nonfinite = 0;
 }
 
@@ -451,7 +450,7 @@ __global__ void frobenius2_kernel(const T* a, double* out, int64_t size, int64_t
       const double x = a[b * size + i];
       local += x * x;
     }
-    local = block_sum(local);
+    local = cuda::block_sum(local);
     if (threadIdx.x == 0) out[b] = local;
   }
 }
@@ -552,7 +551,7 @@ __global__ void column_dots_kernel(const T* q, const T* aq, double* d, int64_t n
       double local = 0;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
         local += double(q[b * n * k + j * n + i]) * double(aq[b * n * k + j * n + i]);
-      local = block_sum(local);
+      local = cuda::block_sum(local);
       if (threadIdx.x == 0) d[b * k + j] = local;
     }
 }
@@ -758,6 +757,7 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
     const Stack sa{const_cast<T*>(a), n, nn}, sv{v, n, nn}, sav{av.as<T>(), n, nn}, ss{sm.as<T>(), n, nn},
         sr{rm.as<T>(), n, nn}, se{em.as<T>(), n, nn}, sv0{v0.as<T>(), n, nn};
     const dim3 elements = matrix_grid(n, count, 1024), reduce = matrix_grid(n, count, 32);
+    DeviceBuffer correction2(sizeof(double) * reduce.x * size_t(count), stream);  // slots of ||E||_F^2
     for (int it = 0;; ++it) {
       cuda::gemm(stream, dt, Op::N, Op::N, ni, ni, ni, 1.0, sa, sv, 0.0, sav, count);               // A V
       // S = V^T A V and -V^T V, then mirrored even where symmetric_product runs one plain product:
@@ -769,11 +769,11 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
       cuda::scale_add_identity(stream, dt, sr, sr, ni, count, 1.0, 1.0);                          // I - V^T V
       refine_eigenvalues_kernel<<<unsigned(std::min<int64_t>(count, 65535)), kThreads, 0, stream>>>(
           sm.as<T>(), rm.as<T>(), w, rs, n, count);
-      refine_correction_kernel<<<reduce, kThreads, 0, stream>>>(sm.as<T>(), rm.as<T>(), w, em.as<T>(), rs, n, count,
-                                                               floor_r);
+      refine_correction_kernel<<<reduce, kThreads, 0, stream>>>(sm.as<T>(), rm.as<T>(), w, em.as<T>(), rs,
+                                                               correction2.as<double>(), n, count, floor_r);
       CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
-      refine_watch_kernel<<<per_state, 128, 0, stream>>>(rs, count, floor_r, unit_roundoff<T>(), kMaxRefineSteps,
-                                                         active);
+      refine_watch_kernel<<<per_state, 128, 0, stream>>>(rs, correction2.as<double>(), int(reduce.x), count, floor_r,
+                                                         unit_roundoff<T>(), kMaxRefineSteps, active);
       refine_mask_kernel<<<elements, kThreads, 0, stream>>>(em.as<T>(), rs, n, count);
       CK_CUDA_CHECK(cudaGetLastError());
       CK_CUDA_CHECK(cudaMemcpyAsync(v0.as<void>(), v, bytes, cudaMemcpyDeviceToDevice, stream));

@@ -65,6 +65,8 @@ inline int power_products(int p) {
 // inputs[i] (..., n_i, n_i); outputs[i], inits[i] and bases[i] (either may be null) of the
 // same shape; one status per matrix, input by input. bases[i] (Eigh only): eigenvectors of
 // nearby matrices, refined in place (the warm start above) instead of decomposing from scratch.
+// outputs must not overlap inputs or inits: the CUDA path writes the roots before a failed
+// matrix's fallback reads its input and init again (the Python layer allocates fresh outputs).
 void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
                              const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
                              const RootOptions& options, std::vector<std::vector<RootStatus>>& status);

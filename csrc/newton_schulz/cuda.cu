@@ -288,13 +288,36 @@ namespace {
 struct SqrtState {
   double scale;     // c = min(||A||_F, ||A||_inf)
   double previous;  // last ||I - Z Y||_F / sqrt(n)
-  double distance;  // this step's sum of squares of I - Z Y
-  double residual;  // ||c Y^2 - A||_F / ||A||_F after the loop
+  double residual;  // sum of squares of c Y^2 - A after the loop
   int iterations, active, converged;
   int finite;       // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
 };
 
 constexpr int kFiniteY = 1, kFiniteZ = 2, kAllFinite = kFiniteY | kFiniteZ;
+
+// Sums over the n x n entries of each matrix: up to kSlots blocks a matrix, each block's share in
+// its own slot, added in a fixed order (cuda::block_sum), so that every run gives the same bits.
+constexpr int kSlots = 64;
+
+dim3 per_matrix_grid(int64_t nn, int64_t count) {
+  return dim3(unsigned(std::min<int64_t>((nn + 255) / 256, kSlots)), unsigned(count));
+}
+
+// The device side of a batch of sign iterations (square root, Lyapunov), in one buffer: the
+// per-matrix states, kSlots partial sums a matrix, and the count of matrices still active.
+struct SignWatch {
+  static size_t bytes(int64_t count) {
+    return (sizeof(SqrtState) + sizeof(double) * kSlots) * size_t(count) + sizeof(int);
+  }
+  SignWatch(void* p, int64_t count)
+      : state(static_cast<SqrtState*>(p)),
+        partial(reinterpret_cast<double*>(state + count)),
+        active(reinterpret_cast<int*>(partial + kSlots * count)) {}
+  SqrtState* state;
+  double* partial;
+  int* active;
+};
+static_assert(sizeof(SqrtState) % alignof(double) == 0, "the partial sums follow the states");
 
 constexpr double kEps64 = 1.1102230246251565e-16;
 
@@ -306,30 +329,33 @@ __global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stat
     const double c = fmin(sqrt(stats[b].frobenius2), stats[b].max_row_sum);
     y[i] = c > 0 ? a[i] / c : 0.0;
     z[i] = c > 0 && e % (n + 1) == 0 ? 1.0 : 0.0;
-    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0.0, 0, c > 0, 0, kAllFinite};
+    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0, c > 0, 0, kAllFinite};
   }
 }
 
-// Sum of squares of I - M per matrix (state.distance, zeroed by the caller).
-__global__ void identity_distance_kernel(const double* m, SqrtState* state, int64_t n) {
+// Sum of squares of I - M per matrix, this block's share into its slot of `partial`.
+__global__ void identity_distance_kernel(const double* m, double* partial, int64_t n) {
   const int64_t b = blockIdx.y, nn = n * n;
   double local = 0.0;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < nn; e += int64_t(gridDim.x) * blockDim.x) {
     const double d = m[b * nn + e] - (e % (n + 1) == 0 ? 1.0 : 0.0);
     local += d * d;
   }
-  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
-  if ((threadIdx.x & 31) == 0) atomicAdd(&state[b].distance, local);
+  local = cuda::block_sum(local);
+  if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = local;
 }
 
 // One thread per matrix: stop when the distance reaches rounding level or stops falling once
 // small (converged), or exceeds 2 (diverged); count the matrices still active.
-__global__ void sqrt_watch_kernel(SqrtState* state, int64_t n, int64_t count, int* active) {
+__global__ void sqrt_watch_kernel(SqrtState* state, const double* partial, int slots, int64_t n, int64_t count,
+                                  int* active) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   if (b >= count) return;
   SqrtState& s = state[b];
   if (s.active) {
-    const double r = sqrt(s.distance / double(n));
+    double distance = 0.0;  // the blocks' shares of identity_distance_kernel, in slot order
+    for (int k = 0; k < slots; ++k) distance += partial[b * slots + k];
+    const double r = sqrt(distance / double(n));
     if (!(r <= 2.0)) {
       s.active = 0;
     } else if (r <= 100 * kEps64 || (s.previous < sqrt(kEps64) && r >= s.previous)) {
@@ -341,7 +367,6 @@ __global__ void sqrt_watch_kernel(SqrtState* state, int64_t n, int64_t count, in
       atomicAdd(active, 1);
     }
   }
-  s.distance = 0.0;
 }
 
 // T = (3I - M)/2 for active matrices, I for the others (so their Y and Z stay bit-identical).
@@ -354,9 +379,10 @@ __global__ void sqrt_step_kernel(const double* m, double* t, const SqrtState* st
   }
 }
 
-// residual ||c Y^2 - A||_F / ||A||_F and finiteness of Y (and Z), per matrix.
+// Sum of squares of c Y^2 - A (this block's share into its slot of `partial`) and finiteness
+// of Y (and Z), per matrix.
 __global__ void sqrt_residual_kernel(const double* y2, const double* a, const double* y, const double* z,
-                                     const cuda::MatrixStats* stats, SqrtState* state, int64_t n) {
+                                     SqrtState* state, double* partial, int64_t n) {
   const int64_t b = blockIdx.y, nn = n * n;
   const double c = state[b].scale;
   double local = 0.0;
@@ -367,11 +393,11 @@ __global__ void sqrt_residual_kernel(const double* y2, const double* a, const do
     finite_y &= fabs(y[b * nn + e]) <= DBL_MAX;
     finite_z &= z == nullptr || fabs(z[b * nn + e]) <= DBL_MAX;
   }
-  for (int o = 16; o > 0; o >>= 1) local += __shfl_xor_sync(0xffffffffu, local, o);
+  local = cuda::block_sum(local);
+  if (threadIdx.x == 0) partial[b * gridDim.x + blockIdx.x] = local;
   finite_y = __all_sync(0xffffffffu, finite_y);
   finite_z = __all_sync(0xffffffffu, finite_z);
   if ((threadIdx.x & 31) != 0) return;
-  atomicAdd(&state[b].residual, local);
   if (!finite_y || !finite_z) atomicAnd(&state[b].finite, (finite_y ? kFiniteY : 0) | (finite_z ? kFiniteZ : 0));
 }
 
@@ -399,7 +425,7 @@ __global__ void lyapunov_start_kernel(double* y, double* z, const cuda::MatrixSt
     const double s = sqrt(stats[b].frobenius2);
     y[i] = s > 0 ? y[i] / s : 0.0;
     z[i] = s > 0 ? z[i] / s : 0.0;
-    if (i % nn == 0) state[b] = SqrtState{s, INFINITY, 0.0, 0.0, 0, s > 0, 0, kAllFinite};
+    if (i % nn == 0) state[b] = SqrtState{s, INFINITY, 0.0, 0, s > 0, 0, kAllFinite};
   }
 }
 
@@ -435,16 +461,17 @@ __global__ void finite_kernel(const double* z, SqrtState* state, int64_t nn, int
 // One step of the sign iterations' watch (square root, Lyapunov), from M (Z Y, or B^2): each
 // active matrix's distance of M to I decides whether it goes on, and T = (3I - M)/2 is formed
 // for those that do. False once the host, looking every 4 steps, sees no matrix active.
-bool watch_and_step(cudaStream_t stream, const double* m, double* t, SqrtState* state, int* active, int64_t n,
-                    int64_t count, int it) {
+bool watch_and_step(cudaStream_t stream, const double* m, double* t, const SignWatch& watch, int64_t n, int64_t count,
+                    int it) {
   const int64_t nn = n * n;
-  const dim3 per_matrix(unsigned(std::min<int64_t>((nn + 255) / 256, 64)), unsigned(count));
-  identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m, state, n);
-  CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
-  sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(state, n, count, active);
+  const dim3 per_matrix = per_matrix_grid(nn, count);
+  identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m, watch.partial, n);
+  CK_CUDA_CHECK(cudaMemsetAsync(watch.active, 0, sizeof(int), stream));
+  sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(watch.state, watch.partial, int(per_matrix.x), n,
+                                                                       count, watch.active);
   CK_CUDA_CHECK(cudaGetLastError());
-  if (it % 4 == 3 && cuda::read_counter(stream, active) == 0) return false;
-  sqrt_step_kernel<<<grid_for(nn * count, 256), 256, 0, stream>>>(m, t, state, n, count);
+  if (it % 4 == 3 && cuda::read_counter(stream, watch.active) == 0) return false;
+  sqrt_step_kernel<<<grid_for(nn * count, 256), 256, 0, stream>>>(m, t, watch.state, n, count);
   CK_CUDA_CHECK(cudaGetLastError());
   return true;
 }
@@ -466,11 +493,11 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   // float32 rate on H100-class GPUs).
   DeviceBuffer a64(bytes, stream), y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream),
       u(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
-      state(sizeof(SqrtState) * size_t(count) + sizeof(int), stream);
+      state(SignWatch::bytes(count), stream);
   cuda::load_symmetric(stream, a, a64.as<double>(), stats.as<cuda::MatrixStats>());
   const std::vector<cuda::MatrixStats> host_stats = cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
-  SqrtState* st = state.as<SqrtState>();
-  int* active = reinterpret_cast<int*>(st + count);
+  const SignWatch watch(state.as<void>(), count);
+  SqrtState* st = watch.state;
   sqrt_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(a64.as<double>(), stats.as<cuda::MatrixStats>(),
                                                                y.as<double>(), z.as<double>(), st, n, count);
   CK_CUDA_CHECK(cudaGetLastError());
@@ -478,12 +505,11 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   const DType f64 = DType::float64();
   const Stack sm{m.as<void>(), n, nn}, stt{t.as<void>(), n, nn};
   const int ni = int(n);
-  const dim3 per_matrix(unsigned(std::min<int64_t>((nn + 255) / 256, 64)), unsigned(count));
   CK_CHECK_VALUE(count <= 65535, "argument 'A': at most 65535 matrices per call on CUDA");
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>();
   for (int it = 0; it < o.max_iters; ++it) {
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {pz, n, nn}, {py, n, nn}, 0.0, sm, count);  // Z Y
-    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), st, active, n, count, it)) break;
+    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, stt, 0.0, {pu, n, nn}, count);  // Y T
     std::swap(py, pu);
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stt, {pz, n, nn}, 0.0, {pu, n, nn}, count);  // T Z
@@ -491,10 +517,12 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   }
   // Verdict: residual of S = sqrt(c) Y against A, finiteness.
   cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, {py, n, nn}, 0.0, sm, count);
+  const dim3 per_matrix = per_matrix_grid(nn, count);
   sqrt_residual_kernel<<<per_matrix, 256, 0, stream>>>(m.as<double>(), a64.as<double>(), static_cast<double*>(py),
-                                                        inv_out ? static_cast<double*>(pz) : nullptr,
-                                                        stats.as<cuda::MatrixStats>(), st, n);
+                                                        inv_out ? static_cast<double*>(pz) : nullptr, st,
+                                                        watch.partial, n);
   CK_CUDA_CHECK(cudaGetLastError());
+  cuda::sum_slots(stream, watch.partial, per_matrix.x, count, &st->residual, sizeof(SqrtState));
   const auto store = [&](const ArrayView* out, const void* src, bool inverse) {
     if (!out) return;
     CK_DISPATCH_FLOATING(out->dtype, "out", D, [&] {
@@ -535,14 +563,14 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   // B <- B T, C <- C T - B (B C - C B) / 2 with T = (3I - B^2)/2; X = C/2 at convergence.
   DeviceBuffer y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream), u(bytes, stream),
       p(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
-      state(sizeof(SqrtState) * size_t(count) + sizeof(int), stream);
+      state(SignWatch::bytes(count), stream);
   cuda::load_symmetric(stream, s_in, y.as<double>(), stats.as<cuda::MatrixStats>());
   cuda::check_symmetric(stream, s_in, stats.as<cuda::MatrixStats>(), "S");
   CK_DISPATCH_FLOATING(c_in.dtype, "C", S, [&] {
     to_double_kernel<<<grid_for(total, 256), 256, 0, stream>>>(c_in.ptr<const S>(), z.as<double>(), total);
   });
-  SqrtState* st = state.as<SqrtState>();
-  int* active = reinterpret_cast<int*>(st + count);
+  const SignWatch watch(state.as<void>(), count);
+  SqrtState* st = watch.state;
   lyapunov_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(y.as<double>(), z.as<double>(),
                                                                    stats.as<cuda::MatrixStats>(), st, nn, count);
   CK_CUDA_CHECK(cudaGetLastError());
@@ -553,7 +581,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   auto stack = [&](void* ptr) { return Stack{ptr, n, nn}; };
   for (int it = 0; it < max_iters; ++it) {
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(py), 0.0, stack(pm), count);  // B^2
-    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), st, active, n, count, it)) break;  // T
+    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;  // T
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pz), 0.0, stack(pp), count);   // B C
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, -1.0, stack(pz), stack(py), 1.0, stack(pp), count);  // - C B
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(pz), stack(pt), 0.0, stack(pu), count);   // C T
