@@ -18,9 +18,9 @@ def probes_on(backend, shape, **kw):
     fw, dev = backend
     if fw == "numpy":
         return curvkit.probes(shape, **kw)
-    import torch  # noqa: F401  (torch or cupy device objects select the framework)
+    if fw == "torch":  # a torch or CuPy device object selects the framework
+        import torch
 
-    if fw == "torch":
         return curvkit.probes(shape, device=torch.device(dev), **kw)
     import cupy
 

@@ -585,3 +585,19 @@ def test_cuda_basis_warm_start(cuda_backend, dtype, steps_max, rng):
     (w, Vs), steps = curvkit.eigh(make(A, cuda_backend, dtype), basis=V, return_info=True)
     assert (steps >= 0).all()  # already refined: converges at once
     np.testing.assert_allclose(to_numpy(w), np.linalg.eigvalsh(A), rtol=0, atol=100 * np.finfo(dtype).eps)
+
+
+def test_results_are_reproducible(backend, rng):
+    # Sums across blocks (norms, ||E||_F^2 of the basis refinement) are added in a fixed order,
+    # never by float atomics: the same input gives the same bits on every run.
+    A = np.stack([reference.spd_with_condition(rng, 96, 1e3) for _ in range(2)])
+    a = make(A, backend, "float64")
+    V0 = np.linalg.qr(np.linalg.eigh(A)[1] + 1e-7 * rng.standard_normal(A.shape))[0]
+
+    def run():
+        V = make(V0, backend, "float64")  # refined in place
+        X = curvkit.matrix_inverse_root(a, 4, eps=1e-6, basis=V)
+        return [to_numpy(X), to_numpy(V), to_numpy(curvkit.matrix_inverse_root(a, 4, eps=1e-6, method="newton"))]
+
+    for first, second in zip(run(), run()):
+        np.testing.assert_array_equal(first, second)

@@ -238,6 +238,7 @@ def test_unchecked_polar_is_captured_in_a_cupy_graph(rng):
         pytest.skip("needs CuPy with stream capture, a GPU and a CUDA build of curvkit")
     G = cupy.asarray(rng.standard_normal((3, 64, 160)), dtype=cupy.float32)
     out = cupy.empty_like(G)
+    cupy.cuda.Stream.null.synchronize()  # G was written on the legacy stream, which a non-blocking one ignores
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         curvkit.polar(G, out=out, check_finite=False)  # warm-up off the capture
@@ -248,6 +249,7 @@ def test_unchecked_polar_is_captured_in_a_cupy_graph(rng):
         graph.launch(stream)
         stream.synchronize()
         expected = curvkit.polar(G)
+        stream.synchronize()  # the comparison below reads on the legacy stream
     cupy.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
 
@@ -308,3 +310,18 @@ def test_empty_inputs(shape):
 def test_errors(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         curvkit.polar(*args, **kwargs)
+
+
+def test_results_are_reproducible(backend, rng):
+    # Sums across blocks (norms, distances to I, residuals) are added in a fixed order, never by
+    # float atomics: the same input gives the same bits on every run.
+    G = make(rng.standard_normal((3, 300, 500)), backend, "float32")
+    S = make(reference.spd_with_condition(rng, 200, 1e4), backend, "float64")
+    C = make(rng.standard_normal((200, 200)), backend, "float64")
+
+    def run():
+        return [to_numpy(curvkit.polar(G)), to_numpy(curvkit.matrix_sqrt_and_inv_sqrt(S)[1]),
+                to_numpy(curvkit.solve_lyapunov(S, C))]
+
+    for first, second in zip(run(), run()):
+        np.testing.assert_array_equal(first, second)

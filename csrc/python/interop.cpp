@@ -214,9 +214,12 @@ void register_interop(py::module_& m) {
         d["data"] = reinterpret_cast<uintptr_t>(a.view.data);
         return d;
       },
-      py::arg("x"), py::arg("name") = "x", py::arg("stream") = 0,
+      py::arg("x"), py::arg("name") = "x", py::arg("stream") = -1,
       "How curvkit sees an array: the intake path taken, dtype, device, shape, strides "
-      "(elements), writability and data pointer. For tests and debugging.");
+      "(elements), writability and data pointer. For tests, debugging and layout checks. "
+      "The default stream -1 asks the producer for no stream ordering: only metadata is read, "
+      "and any other stream would make the legacy default stream wait, which a CUDA graph "
+      "capture refuses.");
   m.def(
       "workspace_trial",
       [](py::object allocate, const std::vector<int64_t>& script) {
