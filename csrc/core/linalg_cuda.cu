@@ -473,9 +473,11 @@ void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int
                   double* amax, double* sumsq, int* nonfinite) {
   if (count == 0) return;
   CK_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(double) * size_t(count), stream));
-  CK_CUDA_CHECK(cudaMemsetAsync(sumsq, 0, sizeof(double) * size_t(count), stream));
   CK_CUDA_CHECK(cudaMemsetAsync(nonfinite, 0, sizeof(int), stream));
-  if (size == 0) return;
+  if (size == 0) {  // empty matrices: nothing for sum_slots to add
+    CK_CUDA_CHECK(cudaMemsetAsync(sumsq, 0, sizeof(double) * size_t(count), stream));
+    return;
+  }
   const unsigned per_matrix = unsigned(std::min<int64_t>((size + 255) / 256, std::max<int64_t>(1, 1024 / count)));
   DeviceBuffer partial(sizeof(double) * per_matrix * size_t(count), stream);
   for (int64_t start = 0; start < count; start += 65535) {

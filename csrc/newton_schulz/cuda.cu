@@ -485,6 +485,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
   if (count == 0) return;
   CK_CHECK_VALUE(n <= 46340, "argument 'A': matrix dimension ", n, " is too large for one CUDA matrix");
+  CK_CHECK_VALUE(count <= 65535, "argument 'A': at most 65535 matrices per call on CUDA");
   CudaDeviceGuard guard(a.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
   const int64_t nn = n * n, total = nn * count;
@@ -505,7 +506,6 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   const DType f64 = DType::float64();
   const Stack sm{m.as<void>(), n, nn}, stt{t.as<void>(), n, nn};
   const int ni = int(n);
-  CK_CHECK_VALUE(count <= 65535, "argument 'A': at most 65535 matrices per call on CUDA");
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>();
   for (int it = 0; it < o.max_iters; ++it) {
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {pz, n, nn}, {py, n, nn}, 0.0, sm, count);  // Z Y
