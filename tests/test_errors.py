@@ -49,38 +49,38 @@ def test_native_layer_checks_outputs():
     with pytest.raises(ValueError, match="'out'.*read-only"):
         ro = np.zeros((4, 2))
         ro.flags.writeable = False
-        _core.probes(ro, "gaussian", 0, 0)
+        _core.probes(ro, kind="gaussian", seed=0, offset=0, workspace=None, stream=0)
     with pytest.raises(ValueError, match="'out' must be C-contiguous"):
-        _core.probes(np.zeros((4, 6))[:, ::2], "gaussian", 0, 0)
+        _core.probes(np.zeros((4, 6))[:, ::2], kind="gaussian", seed=0, offset=0, workspace=None, stream=0)
     with pytest.raises(ValueError, match="'out' must have shape"):
-        _core.probes(np.zeros(()), "gaussian", 0, 0)
+        _core.probes(np.zeros(()), kind="gaussian", seed=0, offset=0, workspace=None, stream=0)
     with pytest.raises(TypeError, match="'out'.*int64"):
-        _core.probes(np.zeros(4, dtype=np.int64), "rademacher", 0, 0)
+        _core.probes(np.zeros(4, dtype=np.int64), kind="rademacher", seed=0, offset=0, workspace=None, stream=0)
     with pytest.raises(TypeError, match="'out' must be an array"):
-        _core.probes([0.0, 0.0], "rademacher", 0, 0)
+        _core.probes([0.0, 0.0], kind="rademacher", seed=0, offset=0, workspace=None, stream=0)
     with pytest.raises(ValueError, match="'kind'"):
-        _core.probes(np.zeros(4), "uniform", 0, 0)
+        _core.probes(np.zeros(4), kind="uniform", seed=0, offset=0, workspace=None, stream=0)
     with pytest.raises(ValueError, match="'offset'"):
-        _core.probes(np.zeros((3, 2)), "gaussian", 0, 2**64 - 1)
+        _core.probes(np.zeros((3, 2)), kind="gaussian", seed=0, offset=2**64 - 1, workspace=None, stream=0)
 
 
 def test_native_layer_type_errors_name_the_argument():
     with pytest.raises(TypeError, match="'src'.*complex128"):
         _core.convert(np.zeros(3, dtype=complex), np.zeros(3))
-    with pytest.raises(TypeError, match="'dst'.*bool"):
+    with pytest.raises(TypeError, match="'out'.*bool"):
         _core.convert(np.zeros(3), np.zeros(3, dtype=bool))
     with pytest.raises(TypeError, match="'src'.*native byte order"):
         _core.convert(memoryview(np.zeros(3, dtype=">f8")), np.zeros(3))
     with pytest.raises(TypeError, match="'src' must be an array.*dict"):
         _core.convert({}, np.zeros(3))
-    with pytest.raises(ValueError, match="'src' and 'dst' must have the same shape, got \\(3,\\) and \\(4,\\)"):
+    with pytest.raises(ValueError, match="'src' and 'out' must have the same shape, got \\(3,\\) and \\(4,\\)"):
         _core.convert(np.zeros(3), np.zeros(4))
 
 
 def test_numpy_refusing_dlpack_falls_back_or_errors_cleanly():
     # Non-native byte order: NumPy's __dlpack__ raises BufferError, the buffer path reports it.
     with pytest.raises(TypeError, match="native byte order"):
-        _core.array_info(np.zeros(3, dtype=">f8"))
+        _core._testing.array_info(np.zeros(3, dtype=">f8"))
     # Object arrays come in through the buffer protocol and are refused by dtype.
     with pytest.raises(TypeError, match="'src' must have dtype float16"):
         _core.convert(np.array([None, 1], dtype=object), np.zeros(2))

@@ -48,17 +48,17 @@ def test_strided_inputs_are_read_in_place(backend, rng):
     if backend[0] != "torch":  # torch has no negative strides
         views.append(base[::-1, :, ::-2])
     for v in views:
-        assert _core.array_info(v)["data"] == _data_ptr(v)  # read in place, not copied
+        assert _core._testing.array_info(v)["data"] == _data_ptr(v)  # read in place, not copied
         out = _arrays.convert(v, "float64")
         np.testing.assert_array_equal(to_numpy(out), to_numpy(v))
-        assert _core.array_info(out)["contiguous"]
+        assert _core._testing.array_info(out)["contiguous"]
 
 
 def test_strides_are_reported_in_elements_including_negative_and_zero():
     x = np.arange(24.0).reshape(4, 6)
-    assert _core.array_info(x[::-1, ::2])["strides"] == (-6, 2)
+    assert _core._testing.array_info(x[::-1, ::2])["strides"] == (-6, 2)
     b = np.broadcast_to(np.arange(3.0), (4, 3))
-    info = _core.array_info(b)
+    info = _core._testing.array_info(b)
     assert info["strides"] == (0, 1) and info["writable"] is False
     np.testing.assert_array_equal(_arrays.convert(b), b)
 
@@ -106,7 +106,7 @@ def test_nan_survives_conversion(backend):
 
 def test_import_paths():
     x = np.arange(6.0).reshape(2, 3)
-    assert _core.array_info(x)["path"] == "dlpack_versioned"
+    assert _core._testing.array_info(x)["path"] == "dlpack_versioned"
 
     class LegacyOnly:  # a producer that predates DLPack 1.0
         def __init__(self, a):
@@ -118,16 +118,16 @@ def test_import_paths():
         def __dlpack_device__(self):
             return self.a.__dlpack_device__()
 
-    info = _core.array_info(LegacyOnly(x))
+    info = _core._testing.array_info(LegacyOnly(x))
     assert info["path"] == "dlpack" and info["shape"] == (2, 3)
     out = np.empty(6)
     _core.convert(LegacyOnly(x.ravel()), out)
     np.testing.assert_array_equal(out, x.ravel())
 
     mv = memoryview(x)
-    assert _core.array_info(mv)["path"] == "buffer"
+    assert _core._testing.array_info(mv)["path"] == "buffer"
     buf = array.array("f", [1.0, 2.0, 3.0])
-    info = _core.array_info(buf)
+    info = _core._testing.array_info(buf)
     assert info["path"] == "buffer" and info["dtype"] == "float32" and info["shape"] == (3,)
     _core.convert(np.array([4.0, 5.0, 6.0]), buf)
     assert list(buf) == [4.0, 5.0, 6.0]
@@ -136,9 +136,9 @@ def test_import_paths():
 def test_read_only_inputs_are_accepted_read_only_outputs_refused():
     x = np.arange(4.0)
     x.flags.writeable = False
-    assert _core.array_info(x)["writable"] is False
+    assert _core._testing.array_info(x)["writable"] is False
     np.testing.assert_array_equal(_arrays.convert(x), x)
-    with pytest.raises(ValueError, match="'dst' is read-only"):
+    with pytest.raises(ValueError, match="'out' is read-only"):
         _core.convert(np.zeros(4), x)
 
 
@@ -151,7 +151,7 @@ def test_torch_tensors_requiring_grad_and_bfloat16():
     assert y.dtype == torch.float64 and not y.requires_grad
     np.testing.assert_array_equal(y.numpy(), w.detach().double().numpy())
     b = torch.randn(5, 7).to(torch.bfloat16)
-    assert _core.array_info(b)["dtype"] == "bfloat16"
+    assert _core._testing.array_info(b)["dtype"] == "bfloat16"
     np.testing.assert_array_equal(_arrays.convert(b, "float32").numpy(), b.float().numpy())
 
 
@@ -239,7 +239,7 @@ MiB = 1 << 20
 
 def test_small_workspaces_share_a_framework_block():
     blocks = _Blocks()
-    pointers = _core.workspace_trial(blocks, [8, 1000, 4096, 256])
+    pointers = _core._testing.workspace_trial(blocks, [8, 1000, 4096, 256])
     assert blocks.asked == [MiB] and blocks.live() == 0
     offsets = [p - pointers[0] for p in pointers]
     assert offsets == [0, 256, 1280, 5376]  # each rounded up to 256 bytes
@@ -250,7 +250,7 @@ def test_released_workspaces_are_reused_in_stack_order():
     # A = 3 MiB, released, then B = 3 MiB takes its place. C, D small (a chunk of their own);
     # C released under D stays taken, so E goes after D; once E and D are released too, C's
     # place is free again and F takes it.
-    p = _core.workspace_trial(blocks, [3 * MiB, -1, 3 * MiB, 100, 100, -3, 100, -5, -4, 100])
+    p = _core._testing.workspace_trial(blocks, [3 * MiB, -1, 3 * MiB, 100, 100, -3, 100, -5, -4, 100])
     A, B, C, D, E, F = p
     assert B == A and E == D + 256 and F == C
     assert blocks.asked == [3 * MiB, MiB] and blocks.live() == 0
@@ -258,7 +258,7 @@ def test_released_workspaces_are_reused_in_stack_order():
 
 def test_a_larger_workspace_returns_the_empty_blocks_first():
     blocks = _Blocks()
-    _core.workspace_trial(blocks, [2 * MiB, -1, 4 * MiB, 8 * MiB])
+    _core._testing.workspace_trial(blocks, [2 * MiB, -1, 4 * MiB, 8 * MiB])
     # the empty 2 MiB block went back before 4 MiB was asked; 8 MiB is asked while 4 MiB is live
     assert blocks.asked == [2 * MiB, 4 * MiB, 8 * MiB]
     assert blocks.alive_when_asked == [0, 0, 1] and blocks.live() == 0
@@ -268,17 +268,17 @@ def test_a_larger_workspace_returns_the_empty_blocks_first():
 def test_workspace_allocation_failure_raises_the_frameworks_error_and_releases_the_rest(fail_at):
     blocks = _Blocks(fail_at=fail_at)
     with pytest.raises(MemoryError, match="stand-in allocator"):
-        _core.workspace_trial(blocks, [2 * MiB, 2 * MiB, 2 * MiB])
+        _core._testing.workspace_trial(blocks, [2 * MiB, 2 * MiB, 2 * MiB])
     assert len(blocks.asked) == fail_at and blocks.live() == 0
 
 
 def test_workspace_allocator_misaligned_block_is_refused():
     blocks = _Blocks(misalign=True)
     with pytest.raises(ValueError, match="256-byte aligned"):
-        _core.workspace_trial(blocks, [64])
+        _core._testing.workspace_trial(blocks, [64])
     assert blocks.live() == 0
     with pytest.raises(ValueError, match="'allocate'"):
-        _core.workspace_trial(None, [64])
+        _core._testing.workspace_trial(None, [64])
 
 
 def test_workspace_allocator_is_none_on_the_cpu(backend):

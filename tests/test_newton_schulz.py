@@ -301,7 +301,7 @@ def test_empty_inputs(shape):
         ((np.ones((2, 2)),), {"coefficients": [(1.0, 2.0)]}, ValueError, "'coefficients'"),
         ((np.ones((2, 2)),), {"coefficients": [(1.0, np.nan, 0.0)]}, ValueError, "'coefficients'"),
         ((np.ones((2, 2)),), {"method": "svd"}, ValueError, "'method'"),
-        ((np.ones((2, 2)),), {"eps": -1.0}, ValueError, "'eps'"),
+        ((np.ones((2, 2)),), {"norm_eps": -1.0}, ValueError, "'norm_eps'"),
         ((np.ones((2, 2)),), {"out": np.empty((2, 3))}, ValueError, "same shape"),
         ((np.ones((2, 2)),), {"out": [np.empty((2, 2))]}, ValueError, "'out' must match"),
         ((np.ones((4, 4)),), {"out": np.empty((4, 8))[:, ::2]}, ValueError, "'out' must be C-contiguous"),

@@ -8,7 +8,6 @@
 #include <string_view>
 #include <type_traits>
 
-
 #include "core/array.h"
 
 namespace curvkit {
@@ -57,6 +56,22 @@ std::string cat(const Args&... args) {
 #define CK_CHECK_VALUE(cond, ...) \
   do { if (!(cond)) throw ::curvkit::ValueError(::curvkit::cat(__VA_ARGS__)); } while (0)
 
+// The one "built without CUDA" error, raised for a CUDA array in a build without CUDA kernels.
+[[noreturn]] inline void throw_not_built_with_cuda() {
+  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
+}
+
+// The one CPU/CUDA switch of a family's dispatch (csrc/<family>/<family>.cpp):
+//   CK_DEVICE_DISPATCH(a.device, polar_cpu(in, out, o), polar_cuda(in, out, o, stream));
+// A build without CUDA compiles no CUDA branch, so the family's CUDA functions need no stubs.
+#ifdef CURVKIT_WITH_CUDA
+#define CK_DEVICE_DISPATCH(DEVICE, CPU_CALL, CUDA_CALL) \
+  do { if ((DEVICE).is_cuda()) { CUDA_CALL; } else { CPU_CALL; } } while (0)
+#else
+#define CK_DEVICE_DISPATCH(DEVICE, CPU_CALL, CUDA_CALL) \
+  do { if ((DEVICE).is_cuda()) ::curvkit::throw_not_built_with_cuda(); else { CPU_CALL; } } while (0)
+#endif
+
 inline void check_floating(const ArrayView& a, const char* name) {
   CK_CHECK_TYPE(a.dtype.is_floating(), "argument '", name,
                 "' must have dtype float16, bfloat16, float32 or float64, got ", a.dtype.name());
@@ -72,15 +87,40 @@ inline void check_same_device(const ArrayView& a, const char* a_name, const Arra
                  "' must be on the same device, got ", a.device.name(), " and ", b.device.name());
 }
 
+// "(2, 3)", "(4,)", "()" for messages.
+inline std::string shape_text(const ArrayView& x) {
+  std::string s = "(";
+  for (int d = 0; d < x.ndim(); ++d) s += (d ? ", " : "") + std::to_string(x.shape[size_t(d)]);
+  return s + (x.ndim() == 1 ? ",)" : ")");
+}
+
 inline void check_same_shape(const ArrayView& a, const char* a_name, const ArrayView& b,
                              const char* b_name) {
-  auto fmt = [](const ArrayView& x) {
-    std::string s = "(";
-    for (int d = 0; d < x.ndim(); ++d) s += (d ? ", " : "") + std::to_string(x.shape[d]);
-    return s + (x.ndim() == 1 ? ",)" : ")");
-  };
   CK_CHECK_VALUE(a.shape == b.shape, "arguments '", a_name, "' and '", b_name,
-                 "' must have the same shape, got ", fmt(a), " and ", fmt(b));
+                 "' must have the same shape, got ", shape_text(a), " and ", shape_text(b));
+}
+
+// Lists passed together (inputs and outputs of a list call) must have one entry each.
+inline void check_list_sizes(size_t a, const char* a_name, size_t b, const char* b_name) {
+  CK_CHECK_VALUE(a == b, "argument '", b_name, "' must have one array per array of '", a_name, "': got ", b,
+                 " for ", a);
+}
+
+// A C-contiguous float (..., n, n) stack.
+inline void check_square_batch(const ArrayView& a, const char* name) {
+  check_floating(a, name);
+  CK_CHECK_VALUE(a.ndim() >= 2 && a.size(-1) == a.size(-2), "argument '", name,
+                 "' must have shape (..., n, n), got ", shape_text(a));
+  CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
+}
+
+// An output written with the shape of `a`: float, writable, C-contiguous, on a's device.
+inline void check_output_like(const ArrayView& a, const char* a_name, const ArrayView& out, const char* name) {
+  check_floating(out, name);
+  check_writable(out, name);
+  check_same_shape(a, a_name, out, name);
+  check_same_device(a, a_name, out, name);
+  CK_CHECK_VALUE(out.is_contiguous(), "argument '", name, "' must be C-contiguous");
 }
 
 }  // namespace curvkit

@@ -22,7 +22,9 @@ struct StridedPair {
 StridedPair make_strided_pair(const ArrayView& src, const ArrayView& dst);
 
 // Checks shapes, dtypes and devices, then copies on the arrays' device (CUDA: on `stream`).
-void convert(const ArrayView& src, const ArrayView& dst, StreamHandle stream);
+// Checks the arrays, naming them src_name and dst_name in errors, and dispatches on device.
+void convert(const ArrayView& src, const ArrayView& dst, StreamHandle stream, const char* src_name = "src",
+             const char* dst_name = "dst");
 
 void convert_cpu(const ArrayView& src, const ArrayView& dst);
 void convert_cuda(const ArrayView& src, const ArrayView& dst, StreamHandle stream);

@@ -38,17 +38,14 @@ StridedPair make_strided_pair(const ArrayView& src, const ArrayView& dst) {
   return p;
 }
 
-void convert(const ArrayView& src, const ArrayView& dst, StreamHandle stream) {
-  check_floating(src, "src");
-  check_floating(dst, "dst");
-  check_writable(dst, "dst");
-  check_same_shape(src, "src", dst, "dst");
-  check_same_device(src, "src", dst, "dst");
-  if (src.device.is_cuda()) {
-    convert_cuda(src, dst, stream);
-  } else {
-    convert_cpu(src, dst);
-  }
+void convert(const ArrayView& src, const ArrayView& dst, StreamHandle stream, const char* src_name,
+             const char* dst_name) {
+  check_floating(src, src_name);
+  check_floating(dst, dst_name);
+  check_writable(dst, dst_name);
+  check_same_shape(src, src_name, dst, dst_name);
+  check_same_device(src, src_name, dst, dst_name);
+  CK_DEVICE_DISPATCH(src.device, convert_cpu(src, dst), convert_cuda(src, dst, stream));
 }
 
 namespace {
@@ -86,11 +83,5 @@ void convert_cpu(const ArrayView& src, const ArrayView& dst) {
     CK_DISPATCH_FLOATING(dst.dtype, "dst", D, [&] { convert_rows(src.ptr<const S>(), dst.ptr<D>(), p); });
   });
 }
-
-#ifndef CURVKIT_WITH_CUDA
-void convert_cuda(const ArrayView&, const ArrayView&, StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-#endif
 
 }  // namespace curvkit

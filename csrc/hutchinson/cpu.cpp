@@ -140,10 +140,5 @@ void probes_cpu(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t of
   });
 }
 
-#ifndef CURVKIT_WITH_CUDA
-void probes_cuda(const ArrayView&, ProbeKind, uint64_t, uint64_t, double*, StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-#endif
 
 }  // namespace curvkit

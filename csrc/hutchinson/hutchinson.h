@@ -16,14 +16,12 @@
 // for bit. Splitting a call by columns or batches with `offset` gives the same probes.
 #pragma once
 #include <cstdint>
-#include <string>
 
 #include "core/array.h"
 
 namespace curvkit {
 
 enum class ProbeKind { Rademacher, Gaussian, Sphere };
-ProbeKind parse_probe_kind(const std::string& kind);  // ValueError naming 'kind'
 
 struct ProbeLayout {
   int64_t batch = 1, n = 0, k = 1;
@@ -38,6 +36,7 @@ int64_t probes_workspace_size(ProbeKind kind, const ProbeLayout& layout, bool cu
 void probes(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset,
             const ArrayView* workspace, StreamHandle stream);
 
+// Backends, called by probes() once arguments are checked.
 void probes_cpu(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset);
 void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset,
                  double* workspace, StreamHandle stream);

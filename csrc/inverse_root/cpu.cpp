@@ -368,7 +368,7 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
   if (!all_finite(w.x)) return false;
   st.residual = root_residual(n, p, w);
   st.products += power_products(p) + 1;
-  return st.residual <= o.tol;
+  return st.residual <= *o.tol;
 }
 
 template <class T>
@@ -563,27 +563,5 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
   for (size_t k = 0; k < tasks.size(); ++k) ok[tasks[k].input][size_t(tasks[k].index)] = task_ok[k];
 }
 
-#ifndef CURVKIT_WITH_CUDA
-void matrix_inverse_root_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&,
-                              const std::vector<const ArrayView*>&, const std::vector<const ArrayView*>&,
-                              const RootOptions&, std::vector<std::vector<RootStatus>>&, StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-
-void eigh_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&, const std::vector<ArrayView>&,
-               const std::vector<const ArrayView*>&, std::vector<std::vector<bool>>&, std::vector<std::vector<int>>&,
-               StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-
-void orthonormalize_qr_cuda(const ArrayView&, std::vector<bool>&, StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-
-void eigenbasis_update_cuda(const ArrayView&, const ArrayView&, const ArrayView&, const ArrayView&, const ArrayView&,
-                            std::vector<bool>&, StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-#endif
 
 }  // namespace curvkit

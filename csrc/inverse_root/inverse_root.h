@@ -24,20 +24,25 @@
 //   returned and reported as not converged. Never NaN or Inf.
 // Computes in float64 for float64 input, float32 otherwise.
 #pragma once
+#include <optional>
 #include <vector>
 
 #include "core/array.h"
 
 namespace curvkit {
 
-enum class RootMethod { Eigh, Newton };
+// Auto: Eigh on the CPU (faster there at every size measured) and wherever a basis is given;
+// Newton on CUDA (products are what GPUs do fastest).
+enum class RootMethod { Auto, Eigh, Newton };
 
 struct RootOptions {
   int p = 2;
   double eps = 0;
-  RootMethod method = RootMethod::Eigh;
+  RootMethod method = RootMethod::Auto;
   int max_iters = 100;
-  double tol = 0;              // Newton: on ||X^p (A + eps I) - I||_max
+  // Newton: on ||X^p (A + eps I) - I||_max. Unset: the default of the inputs' compute dtypes,
+  // 1e-8 for float64 and 1e-3 for float32 (the loosest of those present in the call).
+  std::optional<double> tol;
   bool fallback = true;        // Newton failure -> Eigh in float64
   bool compute_residual = false;  // Eigh: also report ||X^p (A + eps I) - I||_max (a few n^3 flops)
 };
@@ -62,11 +67,50 @@ inline int power_products(int p) {
   return squarings + ones - 1;
 }
 
-// inputs[i] (..., n_i, n_i); outputs[i], inits[i] and bases[i] (either may be null) of the
-// same shape; one status per matrix, input by input. bases[i] (Eigh only): eigenvectors of
-// nearby matrices, refined in place (the warm start above) instead of decomposing from scratch.
-// outputs must not overlap inputs or inits: the CUDA path writes the roots before a failed
-// matrix's fallback reads its input and init again (the Python layer allocates fresh outputs).
+struct EighStatus {
+  bool converged = false;
+  int iterations = -1;  // refinement steps from the given basis; -1: decomposed from scratch
+};
+
+struct BasisStatus {
+  bool converged = false;  // the factorization succeeded and the basis kept full column rank
+};
+
+// inputs[i] (..., n_i, n_i), all on one device; outputs[i] of the same shape; inits[i] and
+// bases[i] (either may be null) too. One status per matrix, input by input. bases[i] (Eigh
+// only): eigenvectors of nearby matrices, refined in place (the warm start above) instead of
+// decomposing from scratch. outputs must not overlap inputs, inits or bases.
+void matrix_inverse_root(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
+                         const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
+                         const RootOptions& options, std::vector<std::vector<RootStatus>>& status,
+                         StreamHandle stream);
+
+// Symmetric eigendecomposition: values[i] (..., n) ascending, vectors[i] (..., n, n) eigenvectors
+// as columns; refined from bases[i] (may be null; read only) when given. A failed matrix gets
+// zeros and converged = false.
+void eigh(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
+          const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
+          std::vector<std::vector<EighStatus>>& status, StreamHandle stream);
+
+// Orthonormal columns of each q[i] (..., m, k), m >= k, in place, by Householder QR with R's
+// diagonal made nonnegative (so the result is the Gram-Schmidt basis of the input, continuous
+// in it). converged: LAPACK succeeded and the input had full column rank.
+void orthonormalize_qr(const std::vector<ArrayView>& q, std::vector<std::vector<BasisStatus>>& status,
+                       StreamHandle stream);
+
+// SOAP's eigenbasis refresh from a previous basis q[i] (..., n, k) of a[i] (..., n, n): the
+// eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
+// column j is old column perm[j]), then one power step A Q and QR (nonnegative R diagonal).
+// q_out[i] (..., n, k), estimates[i] (..., k) sorted descending, perm[i] (..., k) int64 on the
+// host (also for CUDA input).
+void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
+                       const std::vector<ArrayView>& q_out, const std::vector<ArrayView>& estimates,
+                       const std::vector<ArrayView>& perm, std::vector<std::vector<BasisStatus>>& status,
+                       StreamHandle stream);
+
+// Backends, called by the dispatch in inverse_root.cpp once arguments are checked (and "auto"
+// resolved and tol set). The CUDA path writes the roots before a failed matrix's fallback reads
+// its input and init again, hence the no-overlap rule above.
 void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
                              const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
                              const RootOptions& options, std::vector<std::vector<RootStatus>>& status);
@@ -79,9 +123,7 @@ void matrix_inverse_root_cuda(const std::vector<ArrayView>& inputs, const std::v
                               const RootOptions& options, std::vector<std::vector<RootStatus>>& status,
                               StreamHandle stream);
 
-// Symmetric eigendecomposition: w[i] (..., n) ascending, v[i] (..., n, n) eigenvectors as
-// columns; refined from bases[i] (may be null) when given, per matrix `steps` refinement steps
-// (-1: decomposed from scratch by LAPACK).
+// Per matrix: ok, and `steps` refinement steps (-1: decomposed from scratch by LAPACK).
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
               const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
               std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps);
@@ -91,16 +133,9 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
                const std::vector<ArrayView>& vectors, const std::vector<const ArrayView*>& bases,
                std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps, StreamHandle stream);
 
-// Orthonormal columns by Householder QR with R's diagonal made nonnegative (so the result is
-// the Gram-Schmidt basis of the input, continuous in it): q (..., m, k), m >= k, in place.
-// Per matrix: whether LAPACK succeeded and the input had full column rank.
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok);
 void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
-// SOAP's eigenbasis refresh from a previous basis Q (..., n, k) of A (..., n, n): the
-// eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
-// column j is old column perm[j]), then one power step A Q and QR (nonnegative R diagonal).
-// q_out (..., n, k), estimates (..., k) sorted descending, perm (..., k) int64.
 void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out,
                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok);
 // The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.

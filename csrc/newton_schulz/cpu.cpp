@@ -55,7 +55,7 @@ void measure(PolarTask& t, const PolarOptions& o) {
     const double v = to_double(g[i]) / amax;
     sum += v * v;
   }
-  t.inv_scale = 1.0 / ((o.norm_scale + o.eps) * amax * std::sqrt(sum));
+  t.inv_scale = 1.0 / ((o.norm_scale + o.norm_eps) * amax * std::sqrt(sum));
 }
 
 // Working storage for one thread, reused across its matrices.
@@ -217,11 +217,6 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
       });
 }
 
-#ifndef CURVKIT_WITH_CUDA
-void polar_cuda(const std::vector<ArrayView>&, const std::vector<ArrayView>&, const PolarOptions&, StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-#endif
 
 }  // namespace curvkit
 
@@ -443,16 +438,5 @@ void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView&
   });
 }
 
-#ifndef CURVKIT_WITH_CUDA
-void matrix_sqrt_cuda(const ArrayView&, const ArrayView*, const ArrayView*, const SqrtOptions&, SqrtStatus*,
-                      StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-
-void solve_lyapunov_cuda(const ArrayView&, const ArrayView&, const ArrayView&, int, std::vector<SqrtStatus>&,
-                         StreamHandle) {
-  throw ValueError("curvkit was built without CUDA; CUDA arrays are not supported by this build");
-}
-#endif
 
 }  // namespace curvkit

@@ -2,7 +2,7 @@
 // iterations (Muon and its per-step-optimal successors), batched and over lists of shapes.
 //
 // polar. For each matrix G (m x n), with r = min(m, n) the short side:
-//   X_0 = G / ((norm_scale + eps) ||G||_F)          (G = 0 gives 0; any scale of G gives the
+//   X_0 = G / ((norm_scale + norm_eps) ||G||_F)     (G = 0 gives 0; any scale of G gives the
 //                                                     same X_0 down to the smallest normals)
 //   X_{k+1} = P_k X_k,  P_k = a_k I + b_k A_k + c_k A_k^2,  A_k = X_k X_k^T (r x r)
 // (tall inputs iterate on G^T without copying). Each step costs 3 r^2 c + r^3 flops using
@@ -26,15 +26,18 @@ struct PolarStep {
   double a, b, c;
 };
 
-enum class PolarMethod { Standard, Gram };
+// Auto: Gram on the CPU for matrices at least kGramMinAspect times longer than wide, Standard
+// elsewhere (on CUDA the Gram route's small products do not pay).
+enum class PolarMethod { Auto, Standard, Gram };
 
 struct PolarOptions {
   std::vector<PolarStep> steps;
   double norm_scale = 1.0;
-  double eps = 1e-7;
-  bool normalize = true;  // false: X_0 = G (Bjorck rectification of a nearly orthogonal G)
-  PolarMethod method = PolarMethod::Standard;
-  int restart_after = 0;  // Gram route: restart after every this many steps (0: never)
+  double norm_eps = 1e-7;  // relative guard on the normalization (not a ridge)
+  bool normalize = true;   // false: X_0 = G (Bjorck rectification of a nearly orthogonal G)
+  PolarMethod method = PolarMethod::Auto;
+  // Gram route: restart after every this many steps (0: never); polar() sets it for the route.
+  int restart_after = 0;
   double alpha = 1.0, beta = 0.0;
   // false: no NaN/Inf check of the inputs, so no host synchronization on CUDA (the call can be
   // captured in a CUDA graph); a matrix holding NaN or Inf then gives NaN.
@@ -56,44 +59,58 @@ void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& o
 //                 (Song et al., "Fast Differentiable Matrix Square Root"); fixed cost, accurate
 //                 only for well-conditioned A.
 //   Eigh:         LAPACK syevd, S = V diag(w^{1/2}) V^T.
+//   Auto:         Eigh on the CPU (faster there at equal accuracy), NewtonSchulz on CUDA (the
+//                 only method there).
 // On CPU these compute in float64 for every input dtype: float32 arithmetic loses about
 // n * eps32 (2e-6 relative at n = 256, cond 1e3, measured, as float32 eigh does).
 // Status per matrix: converged <=> ||S^2 - A||_F / ||A||_F <= tol, the outputs are finite and,
 // when the inverse is asked for, A is numerically nonsingular (and NewtonSchulz converged).
-enum class SqrtMethod { NewtonSchulz, Pade, Eigh };
+enum class SqrtMethod { Auto, NewtonSchulz, Pade, Eigh };
 
 struct SqrtOptions {
-  SqrtMethod method = SqrtMethod::NewtonSchulz;
+  SqrtMethod method = SqrtMethod::Auto;
   int max_iters = 100;
-  double tol = 0;  // on ||S^2 - A||_F / ||A||_F
+  double tol = 1e-8;  // on ||S^2 - A||_F / ||A||_F
 };
 
 struct SqrtStatus {
   bool converged = false;
   int iterations = 0;
   double residual = 0;  // ||S^2 - A||_F / ||A||_F
+  SqrtMethod method = SqrtMethod::Auto;  // the method that ran
 };
 
-// sqrt_out and inv_sqrt_out may be null (not wanted); status has one entry per matrix.
-void matrix_sqrt(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_sqrt_out,
-                 const SqrtOptions& options, SqrtStatus* status, StreamHandle stream);
-void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_sqrt_out,
-                     const SqrtOptions& options, SqrtStatus* status);
-void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_sqrt_out,
-                      const SqrtOptions& options, SqrtStatus* status, StreamHandle stream);
+// For each input A_i (..., n_i, n_i): sqrt_out[i] = A_i^{1/2} and inv_sqrt_out[i] = A_i^{-1/2},
+// either list empty when that result is not wanted; status[i] has one entry per matrix of A_i.
+void matrix_sqrt(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& sqrt_out,
+                 const std::vector<ArrayView>& inv_sqrt_out, const SqrtOptions& options,
+                 std::vector<std::vector<SqrtStatus>>& status, StreamHandle stream);
 
 // X with S X + X S = C for symmetric positive definite S (..., n, n) and any C of the same
 // shape: the matrix-sign iteration on [[S, C], [0, -S]] (which tends to [[I, 2X], [0, -I]]),
 // as the backward of the square root solves it, run until ||I - B||_F/sqrt(n) stops falling.
-// Returns per matrix whether it converged.
-void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView& x, int max_iters,
-                        std::vector<SqrtStatus>& status);
-void solve_lyapunov_cuda(const ArrayView& s, const ArrayView& c, const ArrayView& x, int max_iters,
-                         std::vector<SqrtStatus>& status, StreamHandle stream);
+// Computed in float64. Status per matrix as for square roots (method NewtonSchulz).
+struct LyapunovOptions {
+  int max_iters = 100;
+};
 
+void solve_lyapunov(const std::vector<ArrayView>& s, const std::vector<ArrayView>& c,
+                    const std::vector<ArrayView>& x, const LyapunovOptions& options,
+                    std::vector<std::vector<SqrtStatus>>& status, StreamHandle stream);
+
+// Backends, called by the dispatch in newton_schulz.cpp once arguments are checked (and
+// "auto" resolved): one array (or list, for polar) on one device.
 void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
                const PolarOptions& options);
 void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
                 const PolarOptions& options, StreamHandle stream);
+void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_sqrt_out,
+                     const SqrtOptions& options, SqrtStatus* status);
+void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_sqrt_out,
+                      const SqrtOptions& options, SqrtStatus* status, StreamHandle stream);
+void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView& x, int max_iters,
+                        std::vector<SqrtStatus>& status);
+void solve_lyapunov_cuda(const ArrayView& s, const ArrayView& c, const ArrayView& x, int max_iters,
+                         std::vector<SqrtStatus>& status, StreamHandle stream);
 
 }  // namespace curvkit

@@ -198,8 +198,8 @@ ImportedArray import_output(py::handle obj, const char* name, StreamHandle strea
   return out;
 }
 
-void register_interop(py::module_& m) {
-  m.def(
+void register_interop(py::module_& m, py::module_& testing) {
+  testing.def(
       "array_info",
       [](py::handle x, const std::string& name, StreamHandle stream) {
         ImportedArray a = import_array(x, name.c_str(), stream);
@@ -220,7 +220,7 @@ void register_interop(py::module_& m) {
       "The default stream -1 asks the producer for no stream ordering: only metadata is read, "
       "and any other stream would make the legacy default stream wait, which a CUDA graph "
       "capture refuses.");
-  m.def(
+  testing.def(
       "workspace_trial",
       [](py::object allocate, const std::vector<int64_t>& script) {
         FrameworkWorkspace workspace(std::move(allocate));
@@ -257,13 +257,13 @@ void register_interop(py::module_& m) {
       "CUDA kernels do; what is left is released at the end. Returns the pointers. For tests.");
   m.def(
       "convert",
-      [](py::handle src, py::handle dst, StreamHandle stream) {
-        ImportedArray s = import_array(src, "src", stream);
-        ImportedArray d = import_output(dst, "dst", stream);
+      [](py::handle src, py::handle dst, StreamHandle stream, const std::string& name) {
+        ImportedArray s = import_array(src, name.c_str(), stream);
+        ImportedArray d = import_output(dst, "out", stream);
         py::gil_scoped_release release;
-        convert(s.view, d.view, stream);
+        convert(s.view, d.view, stream, name.c_str(), "out");
       },
-      py::arg("src"), py::arg("dst"), py::arg("stream") = 0,
+      py::arg("src"), py::arg("dst"), py::arg("stream") = 0, py::arg("name") = "src",
       "dst[...] = src[...] for any strides and float16/bfloat16/float32/float64 dtypes, rounding "
       "once to nearest-even. Runs on the arrays' device (CUDA: on `stream`).");
 }

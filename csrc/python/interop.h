@@ -82,6 +82,6 @@ class FrameworkWorkspace final : public WorkspaceAllocator {
   ScopedWorkspaceAllocator scope_;  // last: uninstalled before the chunks go back
 };
 
-void register_interop(py::module_& m);
+void register_interop(py::module_& m, py::module_& testing);
 
 }  // namespace curvkit::interop

@@ -1,5 +1,6 @@
 // curvkit._core: the one extension module. Each kernel family registers its functions from
-// its own folder (csrc/<family>/bindings.cpp); adding a family adds its line below.
+// its own folder (csrc/<family>/bindings.cpp); adding a family adds its line below. Hooks that
+// only the tests use go to the private submodule _core._testing.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
@@ -10,23 +11,39 @@
 namespace py = pybind11;
 
 namespace curvkit {
-void register_hutchinson(py::module_& m);
-void register_newton_schulz(py::module_& m);
-void register_inverse_root(py::module_& m);
+void register_hutchinson(py::module_& m, py::module_& testing);
+void register_newton_schulz(py::module_& m, py::module_& testing);
+void register_inverse_root(py::module_& m, py::module_& testing);
+
+namespace {
+
+// Sets the Python error to curvkit._errors.<name> (a subclass of `fallback`), or to `fallback`
+// itself while that module cannot be imported.
+void set_error(const char* name, PyObject* fallback, const char* message) {
+  try {
+    const py::object type = py::module_::import("curvkit._errors").attr(name);
+    PyErr_SetString(type.ptr(), message);
+  } catch (py::error_already_set&) {
+    PyErr_SetString(fallback, message);
+  }
 }
+
+}  // namespace
+}  // namespace curvkit
 
 PYBIND11_MODULE(_core, m) {
   m.doc() = "curvkit native core (C++/CUDA kernels). Use the curvkit package, not this module.";
+  py::module_ testing = m.def_submodule("_testing", "Hooks for curvkit's own tests; not an API.");
 
   py::register_exception_translator([](std::exception_ptr p) {
     try {
       if (p) std::rethrow_exception(p);
     } catch (const curvkit::TypeError& e) {
-      PyErr_SetString(PyExc_TypeError, e.what());
+      curvkit::set_error("ArgumentTypeError", PyExc_TypeError, e.what());
     } catch (const curvkit::ValueError& e) {
-      PyErr_SetString(PyExc_ValueError, e.what());
+      curvkit::set_error("ArgumentError", PyExc_ValueError, e.what());
     } catch (const curvkit::CudaError& e) {
-      PyErr_SetString(PyExc_RuntimeError, e.what());
+      curvkit::set_error("CudaError", PyExc_RuntimeError, e.what());
     }
   });
 
@@ -36,8 +53,8 @@ PYBIND11_MODULE(_core, m) {
   m.def("cuda_device_count", &curvkit::cuda_device_count);
   m.def("build_info", &curvkit::build_info);
 
-  curvkit::interop::register_interop(m);
-  curvkit::register_hutchinson(m);
-  curvkit::register_newton_schulz(m);
-  curvkit::register_inverse_root(m);
+  curvkit::interop::register_interop(m, testing);
+  curvkit::register_hutchinson(m, testing);
+  curvkit::register_newton_schulz(m, testing);
+  curvkit::register_inverse_root(m, testing);
 }

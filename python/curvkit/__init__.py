@@ -7,10 +7,10 @@ import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the exte
 
 from . import _core
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
+from ._errors import ArgumentError, ArgumentTypeError, ConvergenceError, CudaError, CurvkitError
 from .hutchinson import probes
 from .inverse_root import eigenbasis_update, eigh, matrix_inverse_root, orthonormalize
 from .newton_schulz import (
-    ConvergenceError,
     matrix_inv_sqrt,
     matrix_sqrt,
     matrix_sqrt_and_inv_sqrt,
@@ -23,7 +23,11 @@ __version__ = _core.build_info()["version"]
 
 __all__ = [
     "__version__",
+    "ArgumentError",
+    "ArgumentTypeError",
     "ConvergenceError",
+    "CudaError",
+    "CurvkitError",
     "config",
     "eigenbasis_update",
     "eigh",

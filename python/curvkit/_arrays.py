@@ -12,6 +12,7 @@ import operator
 import numpy as np
 
 from . import _core
+from ._errors import ArgumentError, ArgumentTypeError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
@@ -185,7 +186,7 @@ def workspace_of(x):
     return workspace_allocator(framework_of(x), device_of(x))
 
 
-def convert(x, dtype=None, out=None):
+def convert(x, dtype=None, out=None, name="x"):
     """Copy `x` into a new C-contiguous array of its own framework and device (or into
     `out`), converting to `dtype` with one rounding to nearest-even. Any strides are read.
 
@@ -203,17 +204,89 @@ def convert(x, dtype=None, out=None):
     if out is None:
         target = dtype_name(dtype if dtype is not None else x.dtype)
         out = empty(tuple(x.shape), target, fw, device)
-    _core.convert(x, out, current_stream(fw, device))
+    _core.convert(x, out, current_stream(fw, device), name)
     return out
 
 
-def contiguous(x, dtype=None):
-    """x itself when already C-contiguous with the wanted dtype, else an explicit copy."""
-    target = dtype_name(dtype if dtype is not None else x.dtype)
-    info = _core.array_info(x)
-    if info["contiguous"] and info["dtype"] == target:
+def is_c_contiguous(x):
+    """Whether x is C-contiguous, as its framework says (dimensions of size 1 ignored)."""
+    if framework_of(x) == "torch":
+        return x.is_contiguous()
+    return bool(x.flags.c_contiguous)
+
+
+def contiguous(x, name="x", dtype=None):
+    """x itself when already C-contiguous (and of `dtype` when given), else an explicit copy.
+    Arrays of a non-float dtype pass unchanged: the native call then names them in its error."""
+    current = dtype_name(x.dtype)
+    target = dtype_name(dtype) if dtype is not None else current
+    if current not in FLOAT_DTYPES or (target == current and is_c_contiguous(x)):
         return x
-    return convert(x, target)
+    return convert(x, target, name=name)
+
+
+def detached(x, name="x"):
+    """x itself, or for a torch tensor a view without autograd history (same storage: DLPack
+    refuses tensors that require grad, such as the parameters polar_update_ writes)."""
+    return x.detach() if framework_of(x, name) == "torch" else x
+
+
+def prepare(x, name):
+    """An input as the native call takes it: detached and C-contiguous (copied if not)."""
+    return contiguous(detached(x, name), name)
+
+
+def as_list(x):
+    """(list of arrays, whether x was a single array): list input gives list output."""
+    if isinstance(x, (list, tuple)):
+        return list(x), False
+    return [x], True
+
+
+def matching(x, single, count, name, input_name="A"):
+    """An optional per-input argument (init, basis, out) as a list: None for each input when x is
+    None; else one array for an array input, a list for a list input (the native call checks
+    the count, shapes and dtypes)."""
+    if x is None:
+        return [None] * count
+    if single and isinstance(x, (list, tuple)) and not all(hasattr(e, "shape") for e in x):
+        raise ArgumentTypeError(f"argument '{name}' must be an array (NumPy, PyTorch or CuPy), got a "
+                                f"{type(x).__name__}")
+    if single == isinstance(x, (list, tuple)):
+        raise ArgumentError(f"argument '{name}' must match '{input_name}': one array for an array, "
+                            "a list for a list")
+    return [x] if single else list(x)
+
+
+def given_outputs(out, single, name="out", input_name="A"):
+    """The caller's `out` as a list of arrays (detached torch tensors), structured like the input."""
+    return [detached(o, name) for o in matching(out, single, 0, name, input_name)]
+
+
+def empty_like(x, shape=None, dtype=None):
+    """A new array with x's framework and device, of x's shape and dtype unless given."""
+    fw = framework_of(x)
+    shape = tuple(x.shape) if shape is None else tuple(shape)
+    if dtype is None:
+        if fw == "numpy":
+            return np.empty(shape, dtype=x.dtype)
+        if fw == "torch":
+            import torch
+
+            return torch.empty(shape, dtype=x.dtype, device=x.device)
+        import cupy
+
+        with x.device:
+            return cupy.empty(shape, dtype=x.dtype)
+    return empty(shape, dtype_name(dtype), fw, device_of(x))
+
+
+def call_context(arrays):
+    """(stream, workspace allocator) for a native call on these arrays: the first one's framework
+    and device decide (the native call checks that the others share its device)."""
+    if not arrays:
+        return 0, None
+    return stream_of(arrays[0]), workspace_of(arrays[0])
 
 
 def index(value, name, low=0, high=None):

@@ -2,12 +2,13 @@
 spectrum estimators (AdaHessian, Sophia, HAWQ, Hutch++, XTrace)."""
 from __future__ import annotations
 
+from typing import Any, Sequence, Union
+
 from . import _arrays, _core
 
-PROBE_KINDS = ("rademacher", "gaussian", "sphere")
 
-
-def probes(shape, kind="rademacher", seed=0, offset=0, dtype=None, like=None, device=None):
+def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int = 0, offset: int = 0,
+           dtype: Any = None, like: Any = None, device: Any = None, out: Any = None) -> Any:
     """Random probe vectors from a counter-based generator, reproducible everywhere.
 
     Parameters
@@ -35,6 +36,9 @@ def probes(shape, kind="rademacher", seed=0, offset=0, dtype=None, like=None, de
         "cpu", "cuda", "cuda:N", a torch.device or a cupy.cuda.Device. Without ``like``,
         "cpu" gives NumPy, a torch.device gives PyTorch, and a CUDA string gives PyTorch
         if it has CUDA, else CuPy.
+    out : array, optional
+        Where to write the probes instead (C-contiguous, float dtype, of shape ``shape``);
+        ``dtype``, ``like`` and ``device`` are then taken from it and must not be given.
 
     Returns
     -------
@@ -69,29 +73,32 @@ def probes(shape, kind="rademacher", seed=0, offset=0, dtype=None, like=None, de
     True
     """
     shape = _normalize_shape(shape)
-    if kind not in PROBE_KINDS:
-        raise ValueError(f"argument 'kind' must be one of {', '.join(map(repr, PROBE_KINDS))}, got {kind!r}")
     seed = _arrays.index(seed, "seed", 0, 2**64)
     offset = _arrays.index(offset, "offset", 0, 2**64)
-    if len(shape) == 0:
-        raise ValueError("argument 'shape' must have at least one dimension: (n,) or (..., n, k)")
-    framework, dev, dtype = _target(like, device, dtype)
-
-    out = _arrays.empty(shape, dtype, framework, dev)
-    stream = _arrays.current_stream(framework, dev)
+    if out is None:
+        framework, dev, dtype = _target(like, device, dtype)
+        out = _arrays.empty(shape, dtype, framework, dev)
+    elif like is not None or device is not None or dtype is not None:
+        raise TypeError("argument 'out' gives the framework, device and dtype: pass no 'like', 'device' or 'dtype'")
+    elif tuple(out.shape) != shape:
+        raise ValueError(f"argument 'out' must have shape {shape}, got {tuple(out.shape)}")
+    framework, dev = _arrays.framework_of(out, "out"), _arrays.device_of(out)
     workspace = None
     ws_size = _core.probes_workspace_size(list(shape), kind, dev[0] == "cuda")
     if ws_size:
         workspace = _arrays.empty((ws_size,), "float64", framework, dev)
-    _core.probes(out, kind, seed, offset, workspace, stream)
+    _core.probes(_arrays.detached(out, "out"), kind=kind, seed=seed, offset=offset, workspace=workspace,
+                 stream=_arrays.current_stream(framework, dev))
     return out
 
 
-def _normalize_shape(shape):
+def _normalize_shape(shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
     if isinstance(shape, (tuple, list)):
         dims = tuple(_arrays.index(s, "shape", 0) for s in shape)
     else:
         dims = (_arrays.index(shape, "shape", 0),)
+    if len(dims) == 0:
+        raise ValueError("argument 'shape' must have at least one dimension: (n,) or (..., n, k)")
     total = 1
     for s in dims:
         total *= s
@@ -100,7 +107,7 @@ def _normalize_shape(shape):
     return dims
 
 
-def _target(like, device, dtype):
+def _target(like: Any, device: Any, dtype: Any) -> tuple[str, tuple[str, int], str]:
     """(framework, (kind, index), canonical dtype) for a new array."""
     if like is not None:
         framework = _arrays.framework_of(like, "like")

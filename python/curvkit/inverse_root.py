@@ -2,17 +2,17 @@
 preconditioner core, batched and over ragged lists of sizes in one call."""
 from __future__ import annotations
 
+from typing import Any, Optional
+
 import numpy as np
 
 from . import _arrays, _core
-from .newton_schulz import ConvergenceError
-
-ROOT_METHODS = ("auto", "eigh", "newton")
-_DEFAULT_TOL = {"float64": 1e-8, "float32": 1e-3}  # on ||X^p (A + eps I) - I||_max
+from ._errors import ArgumentError, finish as _finish
 
 
-def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_iters=100, fallback=True,
-                        return_info=False, basis=None):
+def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", init: Any = None,
+                        basis: Any = None, tol: Optional[float] = None, max_iters: int = 100,
+                        fallback: bool = True, out: Any = None, return_info: bool = False) -> Any:
     """X = (A + eps I)^(-1/p) for symmetric positive semidefinite A.
 
     Parameters
@@ -82,6 +82,8 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
     fallback : bool
         A Newton failure is retried with eigh in float64 (and, if that fails and init is
         given, init is kept).
+    out : array (or list of arrays), optional
+        Where to write X (same shape, float dtype, C-contiguous, not overlapping the inputs).
     return_info : bool
         Also return, per input, a dict of NumPy arrays over the batch: "converged",
         "iterations", "residual" (||X^p (A + eps I) - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
@@ -121,47 +123,22 @@ def matrix_inverse_root(A, p, eps=0.0, method="auto", init=None, tol=None, max_i
     >>> bool(np.allclose(X, curvkit.matrix_inverse_root(L, p=4, eps=1e-6, method="eigh")))
     True
     """
-    single = not isinstance(A, (list, tuple))
-    inputs = [A] if single else list(A)
-    inits = _matching(init, single, len(inputs), "init")
-    bases = _matching(basis, single, len(inputs), "basis")
-    if method not in ROOT_METHODS:
-        raise ValueError(f"argument 'method' must be one of {', '.join(map(repr, ROOT_METHODS))}, got {method!r}")
-    p = _arrays.index(p, "p", 1)
-    if not (isinstance(eps, (int, float)) and np.isfinite(eps) and eps >= 0):
-        raise ValueError(f"argument 'eps' must be a finite number >= 0, got {eps!r}")
-    prepared, outputs, prepared_inits = [], [], []
-    for a, i0 in zip(inputs, inits):
-        a = _square(a, "A")
-        prepared.append(a)
-        outputs.append(_arrays.empty(tuple(a.shape), _arrays.dtype_name(a.dtype), _arrays.framework_of(a),
-                                     _arrays.device_of(a)))
-        prepared_inits.append(None if i0 is None else _square(i0, "init"))
-    if tol is None:  # the loosest default among the inputs' compute dtypes
-        tol = max((_DEFAULT_TOL["float64" if _arrays.dtype_name(a.dtype) == "float64" else "float32"]
-                   for a in prepared), default=_DEFAULT_TOL["float64"])
-    on_cuda = bool(prepared) and _arrays.device_of(prepared[0])[0] == "cuda"
-    if method == "auto":  # a basis asks for its refinement (eigh); otherwise by device
-        method = "newton" if on_cuda and all(b is None for b in bases) else "eigh"
-    prepared_bases = [_basis(b, a, written=True) for b, a in zip(bases, prepared)]
-    status = _core.matrix_inverse_root(prepared, outputs, prepared_inits, prepared_bases, p, float(eps), method,
-                                       _arrays.index(max_iters, "max_iters", 1), float(tol), bool(fallback),
-                                       bool(return_info), _arrays.stream_of(prepared[0]) if prepared else 0,
-                                       workspace=_arrays.workspace_of(prepared[0]) if prepared else None)
-    infos = [{"converged": c, "iterations": it, "residual": r, "method": np.where(nw, "newton", "eigh"),
-              "fell_back": fb, "kept_init": ki, "products": pr} for c, it, r, nw, fb, ki, pr in status]
-    result = outputs[0] if single else outputs
-    info = infos[0] if single else infos
-    if return_info:
-        return result, info
-    failed = [k for k, i in enumerate(infos) if not i["converged"].all()]
-    if failed:
-        raise ConvergenceError(f"matrix_inverse_root: some matrices did not converge (input {failed[0]}); "
-                               "pass return_info=True to inspect them instead of raising", info, result)
-    return result
+    inputs, single = _arrays.as_list(A)
+    inputs = [_arrays.prepare(a, "A") for a in inputs]
+    inits = [None if x is None else _arrays.prepare(x, "init") for x in _arrays.matching(init, single, len(inputs), "init")]
+    bases = [None if b is None else _arrays.detached(b, "basis")
+             for b in _arrays.matching(basis, single, len(inputs), "basis")]
+    outputs = [_arrays.empty_like(a) for a in inputs] if out is None else _arrays.given_outputs(out, single, "out")
+    stream, workspace = _arrays.call_context(inputs)
+    infos = _core.matrix_inverse_root(inputs, outputs, inits, bases, p=_arrays.index(p, "p", 1), eps=float(eps),
+                                      method=method, max_iters=_arrays.index(max_iters, "max_iters", 1),
+                                      tol=None if tol is None else float(tol), fallback=bool(fallback),
+                                      compute_residual=bool(return_info), stream=stream, workspace=workspace)
+    result = out if out is not None else (outputs[0] if single else outputs)
+    return _finish("matrix_inverse_root", result, infos, single, return_info)
 
 
-def eigh(A, basis=None, return_info=False):
+def eigh(A: Any, basis: Any = None, out: Any = None, return_info: bool = False) -> Any:
     """Eigenvalues (ascending) and eigenvectors (columns) of symmetric A (..., n, n).
 
     Batched, or a list of arrays of different sizes in one call (small matrices one per
@@ -172,8 +149,9 @@ def eigh(A, basis=None, return_info=False):
     ``basis`` (like A, or a list like A; not modified): eigenvectors of a nearby matrix to
     refine instead of decomposing from scratch, as in :func:`matrix_inverse_root` (3 matrix
     products a step, each squaring the error, to LAPACK's accuracy; a basis too far off is
-    replaced by a full decomposition). With ``return_info``, also returns (per input) the
-    refinement steps per matrix as a NumPy int32 array, -1 where decomposed from scratch.
+    replaced by a full decomposition). ``out``: a pair (w, V) to write, or for list input a
+    pair of lists. With ``return_info``, also returns (per input) a dict of per-matrix arrays:
+    "converged", and "iterations", the refinement steps (-1 where decomposed from scratch).
 
     >>> import numpy as np, curvkit
     >>> w, V = curvkit.eigh(np.array([[2.0, 1.0], [1.0, 2.0]]))
@@ -181,68 +159,33 @@ def eigh(A, basis=None, return_info=False):
     array([1., 3.])
     >>> bool(np.allclose(V @ np.diag(w) @ V.T, [[2, 1], [1, 2]]))
     True
-    >>> (w2, V2), steps = curvkit.eigh(np.array([[2.001, 1.0], [1.0, 2.0]]), basis=V, return_info=True)
-    >>> bool(np.allclose(w2, np.linalg.eigvalsh([[2.001, 1.0], [1.0, 2.0]]), rtol=0, atol=1e-15)), int(steps)
-    (True, 3)
+    >>> (w2, V2), info = curvkit.eigh(np.array([[2.001, 1.0], [1.0, 2.0]]), basis=V, return_info=True)
+    >>> bool(np.allclose(w2, np.linalg.eigvalsh([[2.001, 1.0], [1.0, 2.0]]), rtol=0, atol=1e-15))
+    True
+    >>> int(info["iterations"])
+    3
     """
-    single = not isinstance(A, (list, tuple))
-    inputs = [_square(a, "A") for a in ([A] if single else A)]
-    bases = [_basis(b, a) for b, a in zip(_matching(basis, single, len(inputs), "basis"), inputs)]
-    values, vectors = [], []
-    for a in inputs:
-        fw, dev, dt = _arrays.framework_of(a), _arrays.device_of(a), _arrays.dtype_name(a.dtype)
-        values.append(_arrays.empty(tuple(a.shape[:-1]), dt, fw, dev))
-        vectors.append(_arrays.empty(tuple(a.shape), dt, fw, dev))
-    status = _core.eigh(inputs, values, vectors, bases, _arrays.stream_of(inputs[0]) if inputs else 0,
-                        workspace=_arrays.workspace_of(inputs[0]) if inputs else None)
-    if not all(ok.all() for ok, _ in status):
-        raise ConvergenceError("eigh: the decomposition failed for some matrices", {"converged": [ok for ok, _ in status]},
-                               (values, vectors))
-    result = (values[0], vectors[0]) if single else list(zip(values, vectors))
-    if return_info:
-        steps = [s for _, s in status]
-        return result, (steps[0] if single else steps)
-    return result
+    inputs, single = _arrays.as_list(A)
+    inputs = [_arrays.prepare(a, "A") for a in inputs]
+    bases = [None if b is None else _arrays.prepare(b, "basis")
+             for b in _arrays.matching(basis, single, len(inputs), "basis")]
+    if out is None:
+        values = [_arrays.empty_like(a, shape=tuple(a.shape[:-1])) for a in inputs]
+        vectors = [_arrays.empty_like(a) for a in inputs]
+    else:
+        if not (isinstance(out, (list, tuple)) and len(out) == 2):
+            raise TypeError("argument 'out' must be a pair (w, V)")
+        values, vectors = _arrays.given_outputs(out[0], single), _arrays.given_outputs(out[1], single)
+    stream, workspace = _arrays.call_context(inputs)
+    infos = _core.eigh(inputs, values, vectors, bases, stream=stream, workspace=workspace)
+    if out is not None:
+        result = out
+    else:
+        result = (values[0], vectors[0]) if single else list(zip(values, vectors))
+    return _finish("eigh", result, infos, single, return_info)
 
 
-def _matching(x, single, count, name):
-    """An optional per-input argument as a list: one array for an array A, a list for a list."""
-    if x is None:
-        return [None] * count
-    xs = [x] if single else list(x)
-    if len(xs) != count or single == isinstance(x, (list, tuple)):
-        raise ValueError(f"argument '{name}' must match 'A': one array for an array, a list for a list")
-    return xs
-
-
-def _basis(b, a, written=False):
-    """A warm-start basis on A's framework and device; C-contiguous when it is written in place."""
-    if b is None:
-        return None
-    fw = _arrays.framework_of(b, "basis")
-    if fw != _arrays.framework_of(a) or _arrays.device_of(b) != _arrays.device_of(a):
-        raise ValueError("argument 'basis' must be on the same framework and device as 'A'")
-    if fw == "torch":
-        b = b.detach()
-    if not written:
-        return _arrays.contiguous(b)
-    if not _core.array_info(b)["contiguous"]:
-        raise ValueError("argument 'basis' must be C-contiguous (it is refined in place)")
-    return b
-
-
-def _square(a, name):
-    fw = _arrays.framework_of(a, name)
-    if fw == "torch":
-        a = a.detach()
-    if len(a.shape) < 2 or a.shape[-1] != a.shape[-2]:
-        raise ValueError(f"argument '{name}' must have shape (..., n, n), got {tuple(a.shape)}")
-    if _arrays.dtype_name(a.dtype) not in _arrays.FLOAT_DTYPES:
-        raise TypeError(f"argument '{name}' must have a float dtype, got {_arrays.dtype_name(a.dtype)}")
-    return _arrays.contiguous(a)
-
-
-def orthonormalize(Q, method="qr", steps=4):
+def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, return_info: bool = False) -> Any:
     """Restore orthonormal columns of a perturbed or quantized basis Q (..., m, k), m >= k.
 
     "qr": Householder QR with R's diagonal made nonnegative, so the result is the
@@ -250,8 +193,11 @@ def orthonormalize(Q, method="qr", steps=4):
     Bjorck passes Q <- 1.5 Q - 0.5 Q Q^T Q (4-bit Shampoo's rectification), run by
     curvkit's Newton–Schulz kernel without normalization; it moves Q to the nearest matrix
     with orthonormal columns and needs singular values in (0, sqrt(3)). Returns a new array
-    (float64 computes in float64, others in float32). CPU and CUDA (cuSOLVER geqrf/orgqr,
-    one call per matrix, for "qr").
+    (or writes ``out``; a list for list input); float64 computes in float64, others in
+    float32. CPU and CUDA (cuSOLVER geqrf/orgqr, one call per matrix, for "qr"). With
+    ``return_info``, "qr" also returns a dict with "converged" per matrix (False where Q was
+    rank-deficient or non-finite, which otherwise raises :class:`curvkit.ConvergenceError`);
+    "polar" has no status and reports every matrix converged.
 
     >>> import numpy as np, curvkit
     >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
@@ -262,31 +208,29 @@ def orthonormalize(Q, method="qr", steps=4):
     qr True
     polar True
     """
-    if method not in ("qr", "polar"):
-        raise ValueError(f"argument 'method' must be 'qr' or 'polar', got {method!r}")
-    fw = _arrays.framework_of(Q, "Q")
-    if fw == "torch":
-        Q = Q.detach()
-    if len(Q.shape) < 2:
-        raise ValueError(f"argument 'Q' must have shape (..., m, k), got {tuple(Q.shape)}")
-    if _arrays.dtype_name(Q.dtype) not in _arrays.FLOAT_DTYPES:
-        raise TypeError(f"argument 'Q' must have a float dtype, got {_arrays.dtype_name(Q.dtype)}")
-    if method == "qr":
-        out = _arrays.convert(Q)  # a contiguous copy, orthonormalized in place
-        ok = _core.orthonormalize_qr(out, _arrays.stream_of(out), workspace=_arrays.workspace_of(out))
-        if not ok.all():
-            raise ConvergenceError("orthonormalize: some bases are rank-deficient or non-finite",
-                                   {"converged": ok}, out)
-        return out
-    steps = _arrays.index(steps, "steps", 1)
-    Q = _arrays.contiguous(Q)
-    out = _arrays.empty(tuple(Q.shape), _arrays.dtype_name(Q.dtype), fw, _arrays.device_of(Q))
-    _core.polar([Q], [out], [(1.5, -0.5, 0.0)] * steps, 1.0, 0.0, "standard", 0, 1.0, 0.0,
-                _arrays.stream_of(Q), normalize=False, workspace=_arrays.workspace_of(Q))
-    return out
+    inputs, single = _arrays.as_list(Q)
+    inputs = [_arrays.detached(q, "Q") for q in inputs]
+    if method == "qr":  # a contiguous copy of Q, orthonormalized in place
+        outputs = _arrays.given_outputs(out, single, "out", "Q") if out is not None else [_arrays.empty_like(q) for q in inputs]
+        for q, o in zip(inputs, outputs):
+            _arrays.convert(q, out=o, name="Q")
+        stream, workspace = _arrays.call_context(outputs)
+        infos = _core.orthonormalize_qr(outputs, stream=stream, workspace=workspace)
+    elif method == "polar":
+        inputs = [_arrays.prepare(q, "Q") for q in inputs]
+        outputs = _arrays.given_outputs(out, single, "out", "Q") if out is not None else [_arrays.empty_like(q) for q in inputs]
+        stream, workspace = _arrays.call_context(inputs)
+        _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _arrays.index(steps, "steps", 1), norm_scale=1.0,
+                    norm_eps=0.0, method="standard", alpha=1.0, beta=0.0, normalize=False, check_finite=True,
+                    stream=stream, workspace=workspace)
+        infos = [{"converged": np.ones(tuple(q.shape[:-2]), dtype=bool)} for q in inputs]
+    else:
+        raise ArgumentError(f"argument 'method' must be one of 'qr', 'polar', got {method!r}")
+    result = out if out is not None else (outputs[0] if single else outputs)
+    return _finish("orthonormalize", result, infos, single, return_info)
 
 
-def eigenbasis_update(A, Q):
+def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False) -> Any:
     """SOAP's refresh of an eigenbasis Q (..., n, k) of A (..., n, n) from the previous one.
 
     Estimates eigenvalues d_j = q_j^T A q_j, orders the columns by d descending, then takes
@@ -294,7 +238,10 @@ def eigenbasis_update(A, Q):
     diagonal, so columns keep their signs). Returns (Q_new, d sorted descending, perm) with
     perm (int64, NumPy, also for CUDA input) such that new column j came from old column
     perm[j]: apply it to any state kept in the old basis (SOAP's second-moment estimate).
-    CPU and CUDA (cuBLAS product, cuSOLVER QR).
+    CPU and CUDA (cuBLAS product, cuSOLVER QR). Lists of (A, Q) give a list of triples;
+    ``out`` is a triple (Q_new, d, perm) to write (of lists, for list input). A matrix whose
+    A Q lost rank or became non-finite raises :class:`curvkit.ConvergenceError`, or with
+    ``return_info`` is reported in the info dict's "converged".
 
     >>> import numpy as np, curvkit
     >>> A = np.diag([1.0, 5.0, 3.0])
@@ -304,18 +251,22 @@ def eigenbasis_update(A, Q):
     >>> bool(np.allclose(np.abs(Qn), np.eye(3)[:, perm]))
     True
     """
-    A = _square(A, "A")
-    fw = _arrays.framework_of(Q, "Q")
-    Q = _arrays.contiguous(Q.detach() if fw == "torch" else Q)
-    if len(Q.shape) != len(A.shape) or tuple(Q.shape[:-1]) != tuple(A.shape[:-1]):
-        raise ValueError(f"argument 'Q' must have shape (..., n, k) matching A {tuple(A.shape)}, got {tuple(Q.shape)}")
-    dt, dev = _arrays.dtype_name(Q.dtype), _arrays.device_of(Q)
-    Q_new = _arrays.empty(tuple(Q.shape), dt, fw, dev)
-    d = _arrays.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dt, fw, dev)
-    perm = np.empty(tuple(Q.shape[:-2]) + (Q.shape[-1],), dtype=np.int64)
-    ok = _core.eigenbasis_update(A, Q, Q_new, d, perm, _arrays.stream_of(Q),
-                                 workspace=_arrays.workspace_of(Q))
-    if not ok.all():
-        raise ConvergenceError("eigenbasis_update: A Q lost rank or became non-finite for some matrices",
-                               {"converged": ok}, (Q_new, d, perm))
-    return Q_new, d, perm
+    a_list, single = _arrays.as_list(A)
+    a_list = [_arrays.prepare(a, "A") for a in a_list]
+    q_list = [_arrays.prepare(q, "Q") for q in _arrays.matching(Q, single, 0, "Q")]
+    if out is None:
+        columns = [tuple(q.shape[:-2]) + (q.shape[-1],) for q in q_list]
+        q_new = [_arrays.empty_like(q) for q in q_list]
+        d = [_arrays.empty_like(q, shape=c) for q, c in zip(q_list, columns)]
+        perm = [np.empty(c, dtype=np.int64) for c in columns]
+    else:
+        if not (isinstance(out, (list, tuple)) and len(out) == 3):
+            raise TypeError("argument 'out' must be a triple (Q_new, d, perm)")
+        q_new, d, perm = (_arrays.given_outputs(o, single) for o in out)
+    stream, workspace = _arrays.call_context(a_list)
+    infos = _core.eigenbasis_update(a_list, q_list, q_new, d, perm, stream=stream, workspace=workspace)
+    if out is not None:
+        result = out
+    else:
+        result = (q_new[0], d[0], perm[0]) if single else list(zip(q_new, d, perm))
+    return _finish("eigenbasis_update", result, infos, single, return_info)

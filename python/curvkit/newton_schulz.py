@@ -2,9 +2,10 @@
 and its successors use them to orthogonalize updates."""
 from __future__ import annotations
 
-import numpy as np
+from typing import Any, Sequence, Union
 
 from . import _arrays, _core
+from ._errors import finish as _finish
 
 # Published coefficient schedules: (a, b, c) of p(x) = a x + b x^3 + c x^5 per step, and the
 # factor on ||G||_F in the normalization.
@@ -34,10 +35,14 @@ _GRAM_MIN_ASPECT = 2  # auto: the Gram route when the long side is at least this
 _GRAM_RESTART = 2     # Gram route: restart (X = Q X_0, A = X X^T) after every this many steps
 
 
-def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None, check_finite=True):
+Coefficients = Union[str, Sequence[Sequence[float]]]
+
+
+def polar(G: Any, steps: int = 5, coefficients: Coefficients = "muon", norm_eps: float = 1e-7,
+          method: str = "auto", out: Any = None, check_finite: bool = True) -> Any:
     """Orthogonal polar factor approximation U V^T of G = U S V^T by Newton–Schulz steps.
 
-    Normalizes ``X = G / ((s + eps) ||G||_F)`` (s = 1.01 for "polar_express", else 1) and
+    Normalizes ``X = G / ((s + norm_eps) ||G||_F)`` (s = 1.01 for "polar_express", else 1) and
     applies ``steps`` odd quintics ``X <- a X + (b A + c A^2) X``, ``A = X X^T`` on the short
     side, exactly as Muon does, in fewer flops (symmetric products) and with no Python loop
     over matrices.
@@ -54,9 +59,10 @@ def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None, ch
         "muon": (3.4445, -4.7750, 2.0315) every step. "you": Jiacheng You's per-step set.
         "polar_express": the per-step optimal set of Amsel et al. (2025) with its safety
         factor. A schedule shorter than ``steps`` repeats its last triple.
-    eps : float
-        Relative guard on the normalization. Unlike an absolute one, it keeps the result
-        invariant to the scale of G down to the smallest normal numbers; G = 0 gives 0.
+    norm_eps : float
+        Relative guard on the normalization (not a ridge, unlike the ``eps`` of the inverse
+        roots). Unlike an absolute one, it keeps the result invariant to the scale of G down
+        to the smallest normal numbers; G = 0 gives 0.
     method : "auto", "standard" or "gram"
         "standard" iterates on X (3 r^2 c + r^3 flops a step for r = min(m, n), c = max).
         "gram" iterates on the r x r Gram matrix (4 r^3 a step) and forms X = Q X_0 every 2
@@ -105,11 +111,12 @@ def polar(G, steps=5, coefficients="muon", eps=1e-7, method="auto", out=None, ch
     >>> bool(np.isnan(curvkit.polar(bad, check_finite=False)).all())  # no check, no host sync
     True
     """
-    return _run(G, steps, coefficients, eps, method, out, check_finite, alpha=1.0, beta=0.0)
+    return _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha=1.0, beta=0.0)
 
 
-def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficients="muon", eps=1e-7,
-                  method="auto", check_finite=True):
+def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
+                  coefficients: Coefficients = "muon", norm_eps: float = 1e-7, method: str = "auto",
+                  check_finite: bool = True) -> Any:
     """Muon's parameter update in place, fused into the last Newton–Schulz product:
 
     ``param <- param * (1 - lr * weight_decay) - lr * scale * polar(G)``
@@ -127,12 +134,12 @@ def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficien
     >>> np.allclose(W, expected)
     True
     """
-    _run(G, steps, coefficients, eps, method, param, check_finite, alpha=-float(lr) * float(scale),
-         beta=1.0 - float(lr) * float(weight_decay), name_out="param")
+    _run(G, steps, coefficients, norm_eps, method, param, check_finite, alpha=-float(lr) * float(scale),
+         beta=1.0 - float(lr) * float(weight_decay), out_name="param")
     return param
 
 
-def schedule(coefficients, steps):
+def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, float, float]], float]:
     """(list of (a, b, c) for each step, normalization factor) for a schedule name or list."""
     steps = _arrays.index(steps, "steps", 0)
     if isinstance(coefficients, str):
@@ -151,89 +158,36 @@ def schedule(coefficients, steps):
     return [table[min(k, len(table) - 1)] for k in range(steps)], norm_scale
 
 
-def _run(G, steps, coefficients, eps, method, out, check_finite, alpha, beta, name_out="out"):
-    single = not isinstance(G, (list, tuple))
-    inputs = [G] if single else list(G)
+def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, beta, out_name="out"):
+    inputs, single = _arrays.as_list(G)
+    inputs = [_arrays.prepare(g, "G") for g in inputs]
     if out is None:
-        outputs = None
+        outputs = [_arrays.empty_like(g) for g in inputs]
     else:
-        outputs = [out] if single else list(out)
-        if single == isinstance(out, (list, tuple)) or len(outputs) != len(inputs):
-            raise ValueError(f"argument '{name_out}' must match 'G': one array for an array, "
-                             "a list of the same length for a list")
-        outputs = [_detached(o, name_out) for o in outputs]
+        outputs = _arrays.given_outputs(out, single, out_name, "G")
     table, norm_scale = schedule(coefficients, steps)
-    if method not in METHODS:
-        raise ValueError(f"argument 'method' must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0):
-        raise ValueError(f"argument 'eps' must be a number >= 0, got {eps!r}")
-
-    prepared, results = [], []
-    for i, g in enumerate(inputs):
-        fw = _arrays.framework_of(g, "G")
-        if len(g.shape) < 2:
-            raise ValueError(f"argument 'G' must have shape (..., m, n), got shape {tuple(g.shape)}")
-        if _arrays.dtype_name(g.dtype) not in _arrays.FLOAT_DTYPES:
-            raise TypeError(f"argument 'G' must have a float dtype ({', '.join(_arrays.FLOAT_DTYPES)}), "
-                            f"got {_arrays.dtype_name(g.dtype)}")
-        if fw == "torch" and g.requires_grad:
-            g = g.detach()
-        g = _arrays.contiguous(g)
-        dev = _arrays.device_of(g)
-        prepared.append(g)
-        results.append(outputs[i] if outputs is not None else
-                       _arrays.empty(tuple(g.shape), _arrays.dtype_name(g.dtype), fw, dev))
-
-    # One stream and workspace allocator for the call (the arrays share a device; C++ checks it).
-    stream, workspace = 0, None
-    if prepared:
-        stream, workspace = _arrays.current_stream(fw, dev), _arrays.workspace_allocator(fw, dev)
-    # Group by route: the native call takes one method for all its matrices.
-    routes = {"standard": ([], []), "gram": ([], [])}
-    for g, o in zip(prepared, results):
-        m, n = g.shape[-2], g.shape[-1]
-        gram_pays = dev[0] == "cpu" and max(m, n) >= _GRAM_MIN_ASPECT * max(min(m, n), 1)
-        route = method if method != "auto" else ("gram" if gram_pays else "standard")
-        routes[route][0].append(g)
-        routes[route][1].append(o)
-    for route, (gs, os_) in routes.items():
-        if gs:
-            restart = _GRAM_RESTART if route == "gram" else 0
-            _core.polar(gs, os_, table, norm_scale, float(eps), route, restart, alpha, beta, stream,
-                        check_finite=bool(check_finite), workspace=workspace)
+    stream, workspace = _arrays.call_context(inputs)
+    _core.polar(inputs, outputs, steps=table, norm_scale=norm_scale, norm_eps=float(norm_eps), method=method,
+                alpha=alpha, beta=beta, normalize=True, check_finite=bool(check_finite), stream=stream,
+                workspace=workspace)
     if out is not None:
         return out
-    return results[0] if single else results
+    return outputs[0] if single else outputs
 
 
 # ---------------------------------------------------------------------------------------
 # Square roots of symmetric positive (semi)definite matrices
 
-SQRT_METHODS = ("auto", "newton_schulz", "pade", "eigh")
-
-
-class ConvergenceError(RuntimeError):
-    """A matrix function did not reach its tolerance for some matrices of the batch.
-
-    ``info`` holds the per-matrix diagnostics (see :func:`matrix_sqrt`); ``result`` the
-    outputs as computed (failed matrices hold their last iterate, never NaN or Inf).
-    """
-
-    def __init__(self, message, info, result):
-        super().__init__(message)
-        self.info = info
-        self.result = result
-
-
-def matrix_sqrt(A, method="auto", tol=1e-8, max_iters=100, return_info=False):
+def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int = 100, out: Any = None,
+                return_info: bool = False) -> Any:
     """Square root S of symmetric positive semidefinite A (..., n, n): S S = A, S symmetric.
 
     Parameters
     ----------
-    A : array (..., n, n)
-        NumPy, PyTorch or CuPy, any float dtype. Only (A + A^T)/2 is used; A further from
-        symmetric than the dtype allows (relative 1e-10 float64, 1e-5 float32, 3e-2 half) is
-        a ValueError, as is NaN or Inf.
+    A : array (..., n, n), or a list of such arrays
+        NumPy, PyTorch or CuPy, any float dtype; a list gives a list (and a list of infos).
+        Only (A + A^T)/2 is used; A further from symmetric than the dtype allows (relative
+        1e-10 float64, 1e-5 float32, 3e-2 half) is a ValueError, as is NaN or Inf.
     method : "auto", "newton_schulz", "pade" or "eigh"
         "auto": "eigh" on CPU, where it is 1.2-7x faster than Newton-Schulz at equal
         accuracy (bench/results/matrix_sqrt_cpu.md), "newton_schulz" on GPUs.
@@ -251,12 +205,15 @@ def matrix_sqrt(A, method="auto", tol=1e-8, max_iters=100, return_info=False):
         nonsingular).
     max_iters : int
         Iteration cap for "newton_schulz".
+    out : array (or list of arrays), optional
+        Where to write S (same shape, float dtype, C-contiguous).
     return_info : bool
         Also return a dict of per-matrix NumPy arrays shaped like the batch dimensions:
-        "converged", "iterations", "residual" (||S^2 - A||_F / ||A||_F).
+        "converged", "iterations", "residual" (||S^2 - A||_F / ||A||_F), "method" (the
+        method that ran, "auto" resolved).
 
     Failure policy: without ``return_info``, a matrix that does not converge raises
-    :class:`ConvergenceError` (carrying the info and the result). With it, nothing is
+    :class:`curvkit.ConvergenceError` (carrying the info and the result). With it, nothing is
     raised and the caller reads ``info["converged"]``. Outputs are never NaN or Inf: a
     failed matrix holds its last (finite) iterate, or zeros.
 
@@ -278,16 +235,17 @@ def matrix_sqrt(A, method="auto", tol=1e-8, max_iters=100, return_info=False):
     >>> np.allclose(S @ S, A)
     True
     >>> S, info = curvkit.matrix_sqrt(A, return_info=True)
-    >>> info["method"], bool(info["converged"])
+    >>> str(info["method"]), bool(info["converged"])
     ('eigh', True)
     >>> S, info = curvkit.matrix_sqrt(A, method="pade", return_info=True)
     >>> bool(info["converged"]), float(info["residual"]) < 0.2
     (False, True)
     """
-    return _sqrt(A, True, False, method, tol, max_iters, return_info)
+    return _sqrt("matrix_sqrt", A, True, False, method, tol, max_iters, out, return_info)
 
 
-def matrix_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100, return_info=False):
+def matrix_inv_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int = 100, out: Any = None,
+                    return_info: bool = False) -> Any:
     """Inverse square root A^{-1/2} of symmetric positive definite A (..., n, n).
 
     Same arguments, methods and failure policy as :func:`matrix_sqrt` (the residual
@@ -302,24 +260,27 @@ def matrix_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100, return_info=False
     array([[0.5       , 0.        ],
            [0.        , 0.33333333]])
     """
-    return _sqrt(A, False, True, method, tol, max_iters, return_info)
+    return _sqrt("matrix_inv_sqrt", A, False, True, method, tol, max_iters, out, return_info)
 
 
-def matrix_sqrt_and_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100, return_info=False):
+def matrix_sqrt_and_inv_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int = 100,
+                             out: Any = None, return_info: bool = False) -> Any:
     """(A^{1/2}, A^{-1/2}) from one computation (the coupled iteration yields both).
 
-    See :func:`matrix_sqrt`.
+    See :func:`matrix_sqrt`; ``out`` is a pair (S, R), or for list input a pair of lists.
 
     >>> import numpy as np, curvkit
     >>> S, R = curvkit.matrix_sqrt_and_inv_sqrt(np.diag([4.0, 9.0]))
     >>> np.allclose(S @ R, np.eye(2))
     True
     """
-    return _sqrt(A, True, True, method, tol, max_iters, return_info)
+    return _sqrt("matrix_sqrt_and_inv_sqrt", A, True, True, method, tol, max_iters, out, return_info)
 
 
-def solve_lyapunov(S, C, max_iters=100, return_info=False):
+def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return_info: bool = False) -> Any:
     """X with S X + X S = C, for symmetric positive definite S (..., n, n) and any C.
+
+    S and C may be lists of arrays (a list of X is returned); ``out`` is where X goes.
 
     The backward of the matrix square root (gradient w.r.t. A of a loss on S = A^{1/2}
     solves it with C = dL/dS). Solved by the matrix-sign iteration on [[S, C], [0, -S]]
@@ -334,57 +295,36 @@ def solve_lyapunov(S, C, max_iters=100, return_info=False):
     array([[1., 1.],
            [1., 2.]])
     """
-    S = _arrays.contiguous(_detached(S, "S"))
-    C = _arrays.contiguous(_detached(C, "C"))
-    fw = _arrays.framework_of(S, "S")
-    X = _arrays.empty(tuple(S.shape), _arrays.dtype_name(S.dtype), fw, _arrays.device_of(S))
-    status = _core.solve_lyapunov(S, C, X, _arrays.index(max_iters, "max_iters", 1), _arrays.stream_of(S),
-                                  workspace=_arrays.workspace_of(S))
-    return _finish(status, "solve_lyapunov", X, return_info)
+    s_list, single = _arrays.as_list(S)
+    s_list = [_arrays.prepare(x, "S") for x in s_list]
+    c_list = [_arrays.prepare(x, "C") for x in _arrays.matching(C, single, 0, "C", "S")]
+    xs = [_arrays.empty_like(x) for x in s_list] if out is None else _arrays.given_outputs(out, single, "out", "S")
+    stream, workspace = _arrays.call_context(s_list)
+    infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_arrays.index(max_iters, "max_iters", 1),
+                                 stream=stream, workspace=workspace)
+    return _finish("solve_lyapunov", out if out is not None else (xs[0] if single else xs), infos, single,
+                   return_info)
 
 
-def _detached(x, name="A"):
-    """x itself, or for a torch tensor a view without autograd history (same storage: DLPack
-    refuses tensors that require grad, such as the parameters polar_update_ writes)."""
-    return x.detach() if _arrays.framework_of(x, name) == "torch" else x
-
-
-def _sqrt(A, want_sqrt, want_inverse, method, tol, max_iters, return_info):
-    if method not in SQRT_METHODS:
-        raise ValueError(f"argument 'method' must be one of {', '.join(map(repr, SQRT_METHODS))}, got {method!r}")
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"argument 'tol' must be a number > 0, got {tol!r}")
-    A = _detached(A)
-    fw = _arrays.framework_of(A, "A")
-    if len(A.shape) < 2 or A.shape[-1] != A.shape[-2]:
-        raise ValueError(f"argument 'A' must have shape (..., n, n), got {tuple(A.shape)}")
-    if _arrays.dtype_name(A.dtype) not in _arrays.FLOAT_DTYPES:
-        raise TypeError(f"argument 'A' must have a float dtype, got {_arrays.dtype_name(A.dtype)}")
-    A = _arrays.contiguous(A)
-    dev = _arrays.device_of(A)
-    if method == "auto":
-        method = "eigh" if dev[0] == "cpu" else "newton_schulz"
-
-    def new():
-        return _arrays.empty(tuple(A.shape), _arrays.dtype_name(A.dtype), fw, dev)
-
-    S = new() if want_sqrt else None
-    R = new() if want_inverse else None
-    status = _core.matrix_sqrt(A, S, R, method, _arrays.index(max_iters, "max_iters", 1), float(tol),
-                               _arrays.current_stream(fw, dev), workspace=_arrays.workspace_allocator(fw, dev))
-    result = (S, R) if want_sqrt and want_inverse else (S if want_sqrt else R)
-    return _finish(status, method, result, return_info)
-
-
-def _finish(status, method, result, return_info):
-    converged, iterations, residual = status
-    info = {"converged": converged, "iterations": iterations, "residual": residual, "method": method}
-    if return_info:
-        return result, info
-    if not converged.all():
-        failed = np.argwhere(~converged) if converged.ndim else np.zeros((1, 0), dtype=int)
-        raise ConvergenceError(
-            f"{method}: {len(failed)} of {max(converged.size, 1)} matrices did not converge "
-            f"(first at batch index {tuple(failed[0])}, residual {float(residual[tuple(failed[0])]):.2e}); "
-            "pass return_info=True to inspect them instead of raising", info, result)
-    return result
+def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, return_info):
+    inputs, single = _arrays.as_list(A)
+    inputs = [_arrays.prepare(a, "A") for a in inputs]
+    if out is None:
+        S = [_arrays.empty_like(a) for a in inputs] if want_sqrt else []
+        R = [_arrays.empty_like(a) for a in inputs] if want_inverse else []
+    elif want_sqrt and want_inverse:
+        if not (isinstance(out, (list, tuple)) and len(out) == 2):
+            raise TypeError("argument 'out' must be a pair (S, R)")
+        S, R = _arrays.given_outputs(out[0], single, "out"), _arrays.given_outputs(out[1], single, "out")
+    else:
+        given = _arrays.given_outputs(out, single)
+        S, R = (given, []) if want_sqrt else ([], given)
+    stream, workspace = _arrays.call_context(inputs)
+    infos = _core.matrix_sqrt(inputs, S, R, method=method, max_iters=_arrays.index(max_iters, "max_iters", 1),
+                              tol=float(tol), stream=stream, workspace=workspace)
+    if out is not None:
+        result = out
+    else:
+        pick = (lambda xs: xs[0]) if single else (lambda xs: xs)
+        result = (pick(S), pick(R)) if want_sqrt and want_inverse else pick(S if want_sqrt else R)
+    return _finish(function, result, infos, single, return_info)

@@ -91,43 +91,44 @@ def _coefficients(name, flat):
 
 
 @torch.library.custom_op("curvkit::polar", mutates_args=())
-def _polar_op(G: torch.Tensor, steps: int, name: str, flat: Optional[List[float]], eps: float, method: str,
+def _polar_op(G: torch.Tensor, steps: int, name: str, flat: Optional[List[float]], norm_eps: float, method: str,
               check_finite: bool) -> torch.Tensor:
-    return _ns.polar(G, steps, _coefficients(name, flat), eps, method, check_finite=check_finite)
+    return _ns.polar(G, steps, _coefficients(name, flat), norm_eps, method, check_finite=check_finite)
 
 
 @_polar_op.register_fake
-def _(G, steps, name, flat, eps, method, check_finite):
+def _(G, steps, name, flat, norm_eps, method, check_finite):
     return torch.empty_like(G, memory_format=torch.contiguous_format)
 
 
 @torch.library.custom_op("curvkit::polar_update_", mutates_args=("params",))
 def _polar_update_op(params: List[torch.Tensor], G: List[torch.Tensor], lr: float, weight_decay: float,
-                     scale: float, steps: int, name: str, flat: Optional[List[float]], eps: float, method: str,
+                     scale: float, steps: int, name: str, flat: Optional[List[float]], norm_eps: float, method: str,
                      check_finite: bool) -> None:
-    _ns.polar_update_(list(params), list(G), lr, weight_decay, scale, steps, _coefficients(name, flat), eps,
+    _ns.polar_update_(list(params), list(G), lr, weight_decay, scale, steps, _coefficients(name, flat), norm_eps,
                       method, check_finite)
 
 
 @_polar_update_op.register_fake
-def _(params, G, lr, weight_decay, scale, steps, name, flat, eps, method, check_finite):
+def _(params, G, lr, weight_decay, scale, steps, name, flat, norm_eps, method, check_finite):
     return None
 
 
-def polar(G: torch.Tensor, steps=5, coefficients: Union[str, Sequence] = "muon", eps=1e-7, method="auto",
-          check_finite=True) -> torch.Tensor:
+def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7,
+          method: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """:func:`curvkit.polar` of one tensor, as the custom op ``curvkit::polar``."""
-    return _polar_op(G, int(steps), *_schedule(coefficients), float(eps), method, bool(check_finite))
+    return _polar_op(G, int(steps), *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
 
 
-def polar_update_(param, G, lr, weight_decay=0.0, scale=1.0, steps=5, coefficients="muon", eps=1e-7,
-                  method="auto", check_finite=True):
+def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
+                  coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7, method: str = "auto",
+                  check_finite: bool = True):
     """:func:`curvkit.polar_update_` (a tensor or a list of them), as the custom op
     ``curvkit::polar_update_``. Returns ``param``."""
     single = isinstance(param, torch.Tensor)
     params, updates = ([param], [G]) if single else (list(param), list(G))
     _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), int(steps),
-                     *_schedule(coefficients), float(eps), method, bool(check_finite))
+                     *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
     return param
 
 

@@ -1,0 +1,125 @@
+// Newton–Schulz family: argument checks, "auto" resolved, and the one CPU/CUDA dispatch.
+#include "newton_schulz/newton_schulz.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include "core/check.h"
+
+namespace curvkit {
+
+namespace {
+
+// Auto picks the Gram route on the CPU when the long side is at least this times the short one.
+constexpr int64_t kGramMinAspect = 2;
+// The Gram route restarts (X = Q X_0, A = X X^T, Q = I) after every this many steps, which keeps
+// float32 within 6e-5 of the float64 iteration.
+constexpr int kGramRestart = 2;
+
+PolarMethod polar_route(const ArrayView& g, PolarMethod requested) {
+  if (requested != PolarMethod::Auto) return requested;
+  const int64_t m = g.size(-2), n = g.size(-1);
+  const bool gram_pays = !g.device.is_cuda() && std::max(m, n) >= kGramMinAspect * std::max<int64_t>(std::min(m, n), 1);
+  return gram_pays ? PolarMethod::Gram : PolarMethod::Standard;
+}
+
+// One status per matrix, 0 x 0 matrices trivially solved.
+template <class Status>
+std::vector<Status> initial_status(const ArrayView& a, SqrtMethod method) {
+  Status empty;
+  empty.converged = true;
+  empty.method = method;
+  return std::vector<Status>(size_t(leading_count(a)), a.size(-1) ? Status{} : empty);
+}
+
+}  // namespace
+
+void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs, const PolarOptions& o,
+           StreamHandle stream) {
+  check_list_sizes(inputs.size(), "G", outputs.size(), "out");
+  for (const PolarStep& s : o.steps)
+    CK_CHECK_VALUE(std::isfinite(s.a) && std::isfinite(s.b) && std::isfinite(s.c),
+                   "argument 'coefficients' must be finite");
+  CK_CHECK_VALUE(std::isfinite(o.alpha) && std::isfinite(o.beta), "the update factors must be finite");
+  CK_CHECK_VALUE(o.norm_scale > 0 && o.norm_eps >= 0 && std::isfinite(o.norm_scale + o.norm_eps),
+                 "argument 'norm_eps' must be >= 0 and finite");
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const ArrayView &g = inputs[i], &out = outputs[i];
+    check_floating(g, "G");
+    CK_CHECK_VALUE(g.ndim() >= 2, "argument 'G' must have shape (..., m, n), got ", shape_text(g));
+    CK_CHECK_VALUE(g.is_contiguous(), "argument 'G' must be C-contiguous");
+    check_same_device(inputs[0], "G", g, "G");
+    check_output_like(g, "G", out, "out");
+  }
+  // One backend call per route: the backends take one method for all their matrices.
+  for (PolarMethod route : {PolarMethod::Standard, PolarMethod::Gram}) {
+    std::vector<ArrayView> in, out;
+    for (size_t i = 0; i < inputs.size(); ++i) {
+      if (polar_route(inputs[i], o.method) != route) continue;
+      in.push_back(inputs[i]);
+      out.push_back(outputs[i]);
+    }
+    if (in.empty()) continue;
+    PolarOptions routed = o;
+    routed.method = route;
+    routed.restart_after = route == PolarMethod::Gram ? kGramRestart : 0;
+    CK_DEVICE_DISPATCH(in[0].device, polar_cpu(in, out, routed), polar_cuda(in, out, routed, stream));
+  }
+}
+
+void matrix_sqrt(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& sqrt_out,
+                 const std::vector<ArrayView>& inv_out, const SqrtOptions& o,
+                 std::vector<std::vector<SqrtStatus>>& status, StreamHandle stream) {
+  if (!sqrt_out.empty()) check_list_sizes(inputs.size(), "A", sqrt_out.size(), "out");
+  if (!inv_out.empty()) check_list_sizes(inputs.size(), "A", inv_out.size(), "out");
+  CK_CHECK_VALUE(!sqrt_out.empty() || !inv_out.empty() || inputs.empty(), "no output asked for");
+  CK_CHECK_VALUE(o.max_iters >= 1, "argument 'max_iters' must be >= 1, got ", o.max_iters);
+  CK_CHECK_VALUE(o.tol > 0, "argument 'tol' must be > 0, got ", o.tol);
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    check_square_batch(inputs[i], "A");
+    check_same_device(inputs[0], "A", inputs[i], "A");
+    if (!sqrt_out.empty()) check_output_like(inputs[i], "A", sqrt_out[i], "out");
+    if (!inv_out.empty()) check_output_like(inputs[i], "A", inv_out[i], "out");
+  }
+  status.clear();
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const ArrayView& a = inputs[i];
+    SqrtOptions resolved = o;
+    if (o.method == SqrtMethod::Auto) resolved.method = a.device.is_cuda() ? SqrtMethod::NewtonSchulz : SqrtMethod::Eigh;
+    status.push_back(initial_status<SqrtStatus>(a, resolved.method));
+    if (a.numel() == 0) continue;
+    const ArrayView* s = sqrt_out.empty() ? nullptr : &sqrt_out[i];
+    const ArrayView* r = inv_out.empty() ? nullptr : &inv_out[i];
+    SqrtStatus* st = status.back().data();
+    CK_DEVICE_DISPATCH(a.device, matrix_sqrt_cpu(a, s, r, resolved, st),
+                       matrix_sqrt_cuda(a, s, r, resolved, st, stream));
+    for (SqrtStatus& x : status.back()) x.method = resolved.method;
+  }
+}
+
+void solve_lyapunov(const std::vector<ArrayView>& s, const std::vector<ArrayView>& c, const std::vector<ArrayView>& x,
+                    const LyapunovOptions& o, std::vector<std::vector<SqrtStatus>>& status, StreamHandle stream) {
+  check_list_sizes(s.size(), "S", c.size(), "C");
+  check_list_sizes(s.size(), "S", x.size(), "out");
+  CK_CHECK_VALUE(o.max_iters >= 1, "argument 'max_iters' must be >= 1, got ", o.max_iters);
+  for (size_t i = 0; i < s.size(); ++i) {
+    check_square_batch(s[i], "S");
+    check_same_device(s[0], "S", s[i], "S");
+    check_floating(c[i], "C");
+    check_same_shape(s[i], "S", c[i], "C");
+    check_same_device(s[i], "S", c[i], "C");
+    CK_CHECK_VALUE(c[i].is_contiguous(), "argument 'C' must be C-contiguous");
+    check_output_like(s[i], "S", x[i], "out");
+  }
+  status.clear();
+  for (size_t i = 0; i < s.size(); ++i) {
+    status.push_back(initial_status<SqrtStatus>(s[i], SqrtMethod::NewtonSchulz));
+    if (s[i].numel() == 0) continue;
+    std::vector<SqrtStatus>& st = status.back();
+    CK_DEVICE_DISPATCH(s[i].device, solve_lyapunov_cpu(s[i], c[i], x[i], o.max_iters, st),
+                       solve_lyapunov_cuda(s[i], c[i], x[i], o.max_iters, st, stream));
+    for (SqrtStatus& y : st) y.method = SqrtMethod::NewtonSchulz;
+  }
+}
+
+}  // namespace curvkit

@@ -1,0 +1,132 @@
+// The C++ API without Python: three families called on plain std::vector memory, each checked
+// against a property its result must have, and the errors it must raise on bad arguments.
+// Built with -DCURVKIT_CPP_TESTS=ON and run by ctest (see CONTRIBUTING.md).
+#include <cmath>
+#include <cstdio>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "core/check.h"
+#include "hutchinson/hutchinson.h"
+#include "inverse_root/inverse_root.h"
+#include "newton_schulz/newton_schulz.h"
+
+namespace ck = curvkit;
+
+namespace {
+
+int failures = 0;
+
+void expect(bool ok, const std::string& what) {
+  std::printf("%s %s\n", ok ? "ok  " : "FAIL", what.c_str());
+  failures += !ok;
+}
+
+template <class Error>
+void expect_error(const std::function<void()>& call, const std::string& needle, const std::string& what) {
+  try {
+    call();
+  } catch (const Error& e) {
+    expect(std::string(e.what()).find(needle) != std::string::npos, what + ": " + e.what());
+    return;
+  } catch (const std::exception& e) {
+    expect(false, what + ": wrong exception type: " + e.what());
+    return;
+  }
+  expect(false, what + ": no exception");
+}
+
+// A C-contiguous CPU float64 view of `data` with `shape`.
+ck::ArrayView view(std::vector<double>& data, std::vector<int64_t> shape) {
+  ck::ArrayView v;
+  v.data = data.data();
+  v.dtype = ck::DType::float64();
+  v.shape = shape;
+  v.strides.assign(shape.size(), 1);
+  for (int d = int(shape.size()) - 2; d >= 0; --d) v.strides[size_t(d)] = v.strides[size_t(d) + 1] * shape[size_t(d) + 1];
+  return v;
+}
+
+// max |A B^T - I| for row-major m x n A and B (m <= n).
+double orthogonality_error(const std::vector<double>& a, int64_t m, int64_t n) {
+  double worst = 0;
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t j = 0; j < m; ++j) {
+      double dot = 0;
+      for (int64_t k = 0; k < n; ++k) dot += a[size_t(i * n + k)] * a[size_t(j * n + k)];
+      worst = std::fmax(worst, std::fabs(dot - (i == j ? 1.0 : 0.0)));
+    }
+  return worst;
+}
+
+void test_probes() {
+  const int64_t n = 1000, k = 4;
+  std::vector<double> z(size_t(n * k)), z2(z.size());
+  ck::probes(view(z, {n, k}), ck::ProbeKind::Rademacher, 7, 0, nullptr, 0);
+  bool signs = true;
+  for (double x : z) signs &= x == 1.0 || x == -1.0;
+  expect(signs, "probes: rademacher entries are +-1");
+  // Column j of a call at offset 1 is column j + 1 of a call at offset 0.
+  ck::probes(view(z2, {n, k}), ck::ProbeKind::Rademacher, 7, 1, nullptr, 0);
+  bool shifted = true;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j + 1 < k; ++j) shifted &= z2[size_t(i * k + j)] == z[size_t(i * k + j + 1)];
+  expect(shifted, "probes: offset counts probes");
+  std::vector<double> s(static_cast<size_t>(n));
+  ck::probes(view(s, {n}), ck::ProbeKind::Sphere, 3, 0, nullptr, 0);
+  double norm2 = 0;
+  for (double x : s) norm2 += x * x;
+  expect(std::fabs(norm2 - 1) < 1e-12, "probes: a sphere probe has unit norm");
+  std::vector<double> scalar(1);
+  expect_error<ck::ValueError>([&] { ck::probes(view(scalar, {}), ck::ProbeKind::Gaussian, 0, 0, nullptr, 0); },
+                               "argument 'out'", "probes: a 0-d output is refused");
+}
+
+void test_polar() {
+  const int64_t m = 24, n = 40;
+  std::vector<double> g(size_t(m * n)), x(g.size());
+  ck::probes(view(g, {m, n}), ck::ProbeKind::Gaussian, 11, 0, nullptr, 0);
+  ck::PolarOptions o;
+  const ck::PolarStep cubic{1.5, -0.5, 0.0};  // Newton–Schulz, converges for singular values in (0, sqrt 3)
+  o.steps.assign(60, cubic);
+  ck::polar({view(g, {m, n})}, {view(x, {m, n})}, o, 0);
+  expect(orthogonality_error(x, m, n) < 1e-10, "polar: 60 cubic steps give orthonormal rows");
+  std::vector<double> wrong(size_t(m * m));
+  expect_error<ck::ValueError>([&] { ck::polar({view(g, {m, n})}, {view(wrong, {m, m})}, o, 0); },
+                               "must have the same shape", "polar: an output of another shape is refused");
+  expect_error<ck::ValueError>([&] { ck::polar({view(g, {m, n})}, {}, o, 0); }, "argument 'out'",
+                               "polar: one output per input");
+}
+
+void test_inverse_root() {
+  const int64_t n = 3;
+  std::vector<double> a = {16, 0, 0, 0, 81, 0, 0, 0, 1}, x(9);
+  ck::RootOptions o;
+  o.p = 4;
+  std::vector<std::vector<ck::RootStatus>> status;
+  for (ck::RootMethod method : {ck::RootMethod::Eigh, ck::RootMethod::Newton}) {
+    o.method = method;
+    ck::matrix_inverse_root({view(a, {n, n})}, {view(x, {n, n})}, {nullptr}, {nullptr}, o, status, 0);
+    const double expected[3] = {0.5, 1.0 / 3.0, 1.0};
+    double err = 0;
+    for (int i = 0; i < 3; ++i) err = std::fmax(err, std::fabs(x[size_t(i * 4)] - expected[i]));
+    const char* name = method == ck::RootMethod::Eigh ? "eigh" : "newton";
+    expect(status.size() == 1 && status[0].size() == 1 && status[0][0].converged && err < 1e-12,
+           std::string("matrix_inverse_root: diag(16, 81, 1)^(-1/4), ") + name);
+  }
+  o.p = 0;
+  expect_error<ck::ValueError>(
+      [&] { ck::matrix_inverse_root({view(a, {n, n})}, {view(x, {n, n})}, {nullptr}, {nullptr}, o, status, 0); },
+      "argument 'p'", "matrix_inverse_root: p = 0 is refused");
+}
+
+}  // namespace
+
+int main() {
+  test_probes();
+  test_polar();
+  test_inverse_root();
+  std::printf("%d failed\n", failures);
+  return failures ? 1 : 0;
+}
