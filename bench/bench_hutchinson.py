@@ -6,9 +6,9 @@ roofline is the machine's copy bandwidth: about 3.0 TB/s on an H100).
 """
 import numpy as np
 import pytest
+from baselines.probes import numpy_probes, torch_probes
 
 import curvkit
-from baselines.probes import numpy_probes, torch_probes
 
 try:
     import torch

@@ -1,5 +1,5 @@
-"""Inverse p-th roots on CPU (and CUDA, the test_cuda_* cases): curvkit.matrix_inverse_root against Distributed Shampoo's eigh
-root (float64 upcast) and Scalable Shampoo's coupled Newton, written in plain PyTorch
+"""Inverse p-th roots on CPU (and CUDA, the test_cuda_* cases): curvkit.matrix_inverse_root against
+Distributed Shampoo's eigh root (float64 upcast) and Scalable Shampoo's coupled Newton, written in plain PyTorch
 (bench/baselines/inverse_root.py), in one run. Inputs: float32 SPD with condition number
 1e3. Each benchmark records its relative error against the float64 eigh reference.
 Run: python -m pytest bench/bench_inverse_root.py --benchmark-only  (-k cuda on a GPU machine)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import curvkit
-from curvkit.newton_schulz import _GRAM_RESTART, schedule
+from curvkit.newton_schulz import _GRAM_RESTART
 
 torch = pytest.importorskip("torch")
 from baselines.newton_schulz import muon_newton_schulz  # noqa: E402

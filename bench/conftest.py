@@ -38,4 +38,5 @@ def pytest_terminal_summary(terminalreporter, config):
             if b.extra_info.get("fell_back"):
                 rate += f", {b.extra_info['fell_back']} fb"
             ratio = median / ours.stats.median if ours else float("nan")
-            tr.write_line(f"{group:34s} {b.extra_info.get('impl', '?'):18s} {median * 1e3:10.3f} {rate:>28s} {ratio:7.2f}")
+            impl = b.extra_info.get("impl", "?")
+            tr.write_line(f"{group:34s} {impl:18s} {median * 1e3:10.3f} {rate:>28s} {ratio:7.2f}")

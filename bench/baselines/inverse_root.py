@@ -1,5 +1,6 @@
 """Inverse p-th roots as the anchors compute them, in plain PyTorch (written from their
-published algorithms; see ../shared/reference/inverse_root.md).
+published algorithms: Distributed Shampoo, Shi et al. 2023, arXiv 2309.06497; Scalable
+Shampoo, Anil et al. 2020, arXiv 2002.09018).
 
 `eigh_root`: Distributed Shampoo's eigendecomposition root (float64 upcast, eps ridge,
 eigenvalues shifted when the smallest is below eps, Q diag(L^{-1/p}) Q^T); `upcast=False`

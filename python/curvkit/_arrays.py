@@ -173,12 +173,12 @@ def workspace_allocator(framework, device):
         # cudaMallocAsync in the capture makes them the graph's own memory nodes instead.
         return None
 
-    def allocate(nbytes):
+    def allocate_cupy(nbytes):
         with cupy.cuda.Device(index):
             block = cupy.empty(nbytes, dtype=cupy.uint8)
         return block, block.data.ptr
 
-    return allocate
+    return allocate_cupy
 
 
 def workspace_of(x):

@@ -7,7 +7,8 @@ from typing import Any, Optional
 import numpy as np
 
 from . import _arrays, _core
-from ._errors import ArgumentError, finish as _finish
+from ._errors import ArgumentError
+from ._errors import finish as _finish
 
 
 def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", init: Any = None,
@@ -35,9 +36,9 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
         lambda_max (numerically singular in its compute dtype: float32 at condition ~1e5
         for n = 128), or with a clearly negative eigenvalue, is reported as not converged;
         exact zeros get the pseudo-inverse root; with ``basis``, refined from a previous
-        eigenbasis instead of decomposed from scratch. "newton": the coupled Newton iteration of (Scalable / Distributed)
-        Shampoo, X_0 = z^{1/p} I, M_0 = z (A + eps I), z = (p+1)/(2 lambda_max estimate),
-        M' = ((p+1) I - M)/p, X <- X M', M <- M'^p M, stopped at rounding level
+        eigenbasis instead of decomposed from scratch. "newton": the coupled Newton iteration of
+        (Scalable / Distributed) Shampoo, X_0 = z^{1/p} I, M_0 = z (A + eps I),
+        z = (p+1)/(2 lambda_max estimate), M' = ((p+1) I - M)/p, X <- X M', M <- M'^p M, stopped at rounding level
         (max|M - I| <= 10 sqrt(n) unit roundoffs, or no longer falling once small) or when
         the error grows. On CUDA "eigh" is cuSOLVER's batched syev and "newton" runs on
         cuBLAS products (symmetric ones computed by their lower blocks). "auto": "eigh" on
@@ -74,9 +75,9 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
     tol : float, optional
         "newton" converged means ||X^p (A + eps I) - I||_max <= tol for the final X
         (computed, not tracked); default 1e-8 (float64), 1e-3 (float32). As this grows like
-        condition * eps, float32 beyond condition ~1e5 falls back to float64 eigh. With ``return_info``, "eigh" also reports
-        ||X^p (A + eps I) - I||_max (it grows like condition * eps even for exact roots, so
-        it is information, not a criterion).
+        condition * eps, float32 beyond condition ~1e5 falls back to float64 eigh. With
+        ``return_info``, "eigh" also reports ||X^p (A + eps I) - I||_max (it grows like
+        condition * eps even for exact roots, so it is information, not a criterion).
     max_iters : int
         Cap on Newton steps.
     fallback : bool
@@ -125,7 +126,8 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
     """
     inputs, single = _arrays.as_list(A)
     inputs = [_arrays.prepare(a, "A") for a in inputs]
-    inits = [None if x is None else _arrays.prepare(x, "init") for x in _arrays.matching(init, single, len(inputs), "init")]
+    inits = [None if x is None else _arrays.prepare(x, "init")
+             for x in _arrays.matching(init, single, len(inputs), "init")]
     bases = [None if b is None else _arrays.detached(b, "basis")
              for b in _arrays.matching(basis, single, len(inputs), "basis")]
     outputs = [_arrays.empty_like(a) for a in inputs] if out is None else _arrays.given_outputs(out, single, "out")
@@ -211,14 +213,14 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
     inputs, single = _arrays.as_list(Q)
     inputs = [_arrays.detached(q, "Q") for q in inputs]
     if method == "qr":  # a contiguous copy of Q, orthonormalized in place
-        outputs = _arrays.given_outputs(out, single, "out", "Q") if out is not None else [_arrays.empty_like(q) for q in inputs]
+        outputs = _new_or_given(out, inputs, single)
         for q, o in zip(inputs, outputs):
             _arrays.convert(q, out=o, name="Q")
         stream, workspace = _arrays.call_context(outputs)
         infos = _core.orthonormalize_qr(outputs, stream=stream, workspace=workspace)
     elif method == "polar":
         inputs = [_arrays.prepare(q, "Q") for q in inputs]
-        outputs = _arrays.given_outputs(out, single, "out", "Q") if out is not None else [_arrays.empty_like(q) for q in inputs]
+        outputs = _new_or_given(out, inputs, single)
         stream, workspace = _arrays.call_context(inputs)
         _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _arrays.index(steps, "steps", 1), norm_scale=1.0,
                     norm_eps=0.0, method="standard", alpha=1.0, beta=0.0, normalize=False, check_finite=True,
@@ -228,6 +230,11 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
         raise ArgumentError(f"argument 'method' must be one of 'qr', 'polar', got {method!r}")
     result = out if out is not None else (outputs[0] if single else outputs)
     return _finish("orthonormalize", result, infos, single, return_info)
+
+
+def _new_or_given(out, inputs, single):
+    """The caller's `out` as a list, or new arrays like the inputs."""
+    return [_arrays.empty_like(q) for q in inputs] if out is None else _arrays.given_outputs(out, single, "out", "Q")
 
 
 def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False) -> Any:

@@ -70,7 +70,8 @@ def polar(G: Any, steps: int = 5, coefficients: Coefficients = "muon", norm_eps:
         the small singular values in float32 and Polar Express diverges; with them, float32
         stays within 6e-5 of the float64 iteration for spectra down to 1e-8, as does
         "standard" (measured over OpenBLAS's Haswell, Zen, Sandybridge, Prescott and SkylakeX
-        kernels, whose float32 accumulation orders differ: 3.2e-5 to 5.2e-5). "auto" picks "gram" on CPU when max(m, n) >= 2 min(m, n), and
+        kernels, whose float32 accumulation orders differ: 3.2e-5 to 5.2e-5). "auto" picks "gram"
+        on CPU when max(m, n) >= 2 min(m, n), and
         "standard" on CUDA, where the Gram route's small products do not pay (measured on an
         H100, bf16 1024 x 4096: 4.4x slower, as it computes half inputs in float32).
         On CUDA, float16/bfloat16 iterates stay in their dtype with float32 accumulation
@@ -149,11 +150,12 @@ def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, 
         table, norm_scale = SCHEDULES[coefficients]
     else:
         try:
-            table = [tuple(float(v) for v in abc) for abc in coefficients]
+            rows = [[float(v) for v in abc] for abc in coefficients]
         except (TypeError, ValueError):
             raise TypeError("argument 'coefficients' must be a schedule name or a sequence of (a, b, c)") from None
-        if not table or any(len(abc) != 3 for abc in table):
+        if not rows or any(len(abc) != 3 for abc in rows):
             raise ValueError("argument 'coefficients' must hold at least one (a, b, c) triple")
+        table = [(a, b, c) for a, b, c in rows]
         norm_scale = 1.0
     return [table[min(k, len(table) - 1)] for k in range(steps)], norm_scale
 

@@ -8,7 +8,7 @@ of a loss with gradient G_S on S is the X with S X + X S = G_S (symmetrized, sin
 equation is solved by :func:`curvkit.solve_lyapunov` (the matrix-sign iteration of Song et
 al., run to convergence), on CPU and CUDA tensors alike.
 
->>> import torch, curvkit.torch as ct
+>>> import torch, curvkit, curvkit.torch as ct
 >>> B = torch.randn(6, 6, dtype=torch.float64)
 >>> A = (B @ B.T + torch.eye(6, dtype=torch.float64)).requires_grad_()
 >>> ct.matrix_sqrt(A).trace().backward()          # d tr(A^{1/2}) / dA = A^{-1/2} / 2
@@ -33,8 +33,6 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-import curvkit
-
 from . import newton_schulz as _ns
 
 
@@ -52,9 +50,9 @@ class _SqrtFunction(torch.autograd.Function):
     def backward(ctx, *grads):
         S, R = ctx.saved_tensors
         want_sqrt, want_inverse = ctx.layout
-        grads = list(grads)
-        grad_s = grads.pop(0) if want_sqrt else None
-        grad_r = grads.pop(0) if want_inverse else None
+        remaining = list(grads)
+        grad_s = remaining.pop(0) if want_sqrt else None
+        grad_r = remaining.pop(0) if want_inverse else None
         total = torch.zeros_like(S)
         if grad_s is not None:
             total = total + grad_s

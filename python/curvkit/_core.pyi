@@ -1,0 +1,92 @@
+"""Typed signatures of curvkit's native extension (csrc/python/module.cpp and each family's
+bindings.cpp). Not an API: use the curvkit package. Arrays are NumPy, PyTorch or CuPy objects
+read through DLPack or the buffer protocol; `stream` is a CUDA stream as an integer (0 for the
+CPU); `workspace` is the allocator curvkit._arrays.workspace_allocator makes, or None."""
+
+from typing import Any, Callable, Optional, Sequence
+
+Array = Any
+Info = dict[str, Any]
+Workspace = Optional[Callable[[int], tuple[Any, int]]]
+
+_testing: Any  # hooks for curvkit's own tests (array_info, workspace_trial, philox4x32_10, ...)
+
+def num_threads() -> int: ...
+def set_num_threads(n: int) -> None: ...
+def built_with_cuda() -> bool: ...
+def cuda_device_count() -> int: ...
+def build_info() -> dict[str, str]: ...
+def convert(src: Array, dst: Array, stream: int = 0, name: str = "src") -> None: ...
+
+# hutchinson
+def probes(out: Array, *, kind: str, seed: int, offset: int, workspace: Optional[Array], stream: int) -> None: ...
+def probes_workspace_size(shape: Sequence[int], kind: str, cuda: bool) -> int: ...
+
+# newton_schulz
+def polar(
+    inputs: list[Array],
+    outputs: list[Array],
+    *,
+    steps: Sequence[tuple[float, float, float]],
+    norm_scale: float,
+    norm_eps: float,
+    method: str,
+    alpha: float,
+    beta: float,
+    normalize: bool,
+    check_finite: bool,
+    stream: int,
+    workspace: Workspace,
+) -> None: ...
+def matrix_sqrt(
+    inputs: list[Array],
+    sqrt_out: list[Array],
+    inv_sqrt_out: list[Array],
+    *,
+    method: str,
+    max_iters: int,
+    tol: float,
+    stream: int,
+    workspace: Workspace,
+) -> list[Info]: ...
+def solve_lyapunov(
+    S: list[Array], C: list[Array], out: list[Array], *, max_iters: int, stream: int, workspace: Workspace
+) -> list[Info]: ...
+
+# inverse_root
+def matrix_inverse_root(
+    inputs: list[Array],
+    outputs: list[Array],
+    inits: list[Optional[Array]],
+    bases: list[Optional[Array]],
+    *,
+    p: int,
+    eps: float,
+    method: str,
+    max_iters: int,
+    tol: Optional[float],
+    fallback: bool,
+    compute_residual: bool,
+    stream: int,
+    workspace: Workspace,
+) -> list[Info]: ...
+def eigh(
+    inputs: list[Array],
+    values: list[Array],
+    vectors: list[Array],
+    bases: list[Optional[Array]],
+    *,
+    stream: int,
+    workspace: Workspace,
+) -> list[Info]: ...
+def orthonormalize_qr(Q: list[Array], *, stream: int, workspace: Workspace) -> list[Info]: ...
+def eigenbasis_update(
+    A: list[Array],
+    Q: list[Array],
+    Q_out: list[Array],
+    estimates: list[Array],
+    perm: list[Array],
+    *,
+    stream: int,
+    workspace: Workspace,
+) -> list[Info]: ...
