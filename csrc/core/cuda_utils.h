@@ -1,6 +1,6 @@
 // CUDA helpers (CUDA builds only): CUDA, cuBLAS and cuSOLVER error checks that throw CudaError
 // with file, line and the error string; cuBLAS and cuSOLVER handles per thread and device; DLPack stream
-// numbers to cudaStream_t; a device guard; launch sizes.
+// numbers to cudaStream_t; a device guard; launch sizes (the named limits: core/cuda_limits.h).
 #pragma once
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
@@ -10,6 +10,7 @@
 
 #include "core/array.h"
 #include "core/check.h"
+#include "core/cuda_limits.h"
 
 #define CK_CUDA_CHECK(expr)                                                              \
   do {                                                                                   \

@@ -8,7 +8,7 @@
 #include <math_constants.h>
 
 #include "core/dispatch.h"
-#include "core/matrix_utils.h"
+#include "core/numerics.h"
 
 namespace curvkit::cuda {
 
@@ -61,8 +61,6 @@ void copy_to_device(cudaStream_t stream, void* dst, const void* src, size_t byte
   }
 }
 
-namespace {
-
 cudaDataType data_type(DType dt) {
   if (dt == DType::float64()) return CUDA_R_64F;
   if (dt == DType::float32()) return CUDA_R_32F;
@@ -70,6 +68,8 @@ cudaDataType data_type(DType dt) {
   if (dt == DType::bfloat16()) return CUDA_R_16BF;
   throw TypeError(cat("no cuBLAS type for dtype ", dt.name()));
 }
+
+namespace {
 
 cublasOperation_t op(Op o) { return o == Op::N ? CUBLAS_OP_N : CUBLAS_OP_T; }
 
@@ -98,16 +98,14 @@ void gemm(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, int n, int 
   const Scalars s(dtype, alpha, beta);
   const cudaDataType t = data_type(dtype);
   cublasHandle_t h = cublas_handle(stream);
-  constexpr int64_t chunk = 65535;  // cuBLAS batch counts are ints; stay well inside
   const int64_t item = dtype.itemsize();
-  for (int64_t start = 0; start < batch; start += chunk) {
-    const int count = int(std::min(chunk, batch - start));
+  for_each_chunk(batch, kMaxBatchChunk, [&](int64_t start, int64_t count) {
     CK_CUBLAS_CHECK(cublasGemmStridedBatchedEx(
         h, op(op_a), op(op_b), m, n, k, s.alpha(), static_cast<char*>(a.ptr) + start * a.stride * item, t,
         checked_int(a.ld, "leading dimension"), a.stride, static_cast<char*>(b.ptr) + start * b.stride * item, t,
         checked_int(b.ld, "leading dimension"), b.stride, s.beta(), static_cast<char*>(c.ptr) + start * c.stride * item,
-        t, checked_int(c.ld, "leading dimension"), c.stride, count, s.compute(), CUBLAS_GEMM_DEFAULT));
-  }
+        t, checked_int(c.ld, "leading dimension"), c.stride, int(count), s.compute(), CUBLAS_GEMM_DEFAULT));
+  });
 }
 
 void gemm_pointers(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, int n, int k, double alpha,
@@ -117,15 +115,13 @@ void gemm_pointers(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, in
   const Scalars s(dtype, alpha, beta);
   const cudaDataType t = data_type(dtype);
   cublasHandle_t h = cublas_handle(stream);
-  constexpr int64_t chunk = 65535;
-  for (int64_t start = 0; start < batch; start += chunk) {
-    const int count = int(std::min(chunk, batch - start));
+  for_each_chunk(batch, kMaxBatchChunk, [&](int64_t start, int64_t count) {
     CK_CUBLAS_CHECK(cublasGemmBatchedEx(h, op(op_a), op(op_b), m, n, k, s.alpha(), a + start, t,
                                         checked_int(lda, "leading dimension"), b + start, t,
                                         checked_int(ldb, "leading dimension"), s.beta(), c + start, t,
-                                        checked_int(ldc, "leading dimension"), count, s.compute(),
+                                        checked_int(ldc, "leading dimension"), int(count), s.compute(),
                                         CUBLAS_GEMM_DEFAULT));
-  }
+  });
 }
 
 namespace {
@@ -350,15 +346,14 @@ void load_symmetric(cudaStream_t stream, const ArrayView& a, D* dst, MatrixStats
   CK_CUDA_CHECK(cudaMemsetAsync(stats, 0, sizeof(MatrixStats) * size_t(count), stream));
   DeviceBuffer row_sq(sizeof(double) * size_t(n * count), stream);
   const unsigned blocks = unsigned((n * 32 + 255) / 256);
-  for (int64_t start = 0; start < count; start += 65535) {
-    const dim3 grid(blocks, unsigned(std::min<int64_t>(65535, count - start)));
+  for_each_grid_chunk(count, [&](int64_t start, unsigned rows) {
     CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
-      load_symmetric_kernel<<<grid, 256, 0, stream>>>(a.ptr<const S>() + start * n * n,
-                                                      dst ? dst + start * n * n : nullptr, n, stats + start,
-                                                      row_sq.as<double>() + start * n);
+      load_symmetric_kernel<<<dim3(blocks, rows), 256, 0, stream>>>(a.ptr<const S>() + start * n * n,
+                                                                    dst ? dst + start * n * n : nullptr, n,
+                                                                    stats + start, row_sq.as<double>() + start * n);
     });
     CK_CUDA_CHECK(cudaGetLastError());
-  }
+  });
   sum_slots(stream, row_sq.as<double>(), n, count, &stats->frobenius2, sizeof(MatrixStats));
 }
 
@@ -445,28 +440,26 @@ void mirror_lower(cudaStream_t stream, DType dtype, Stack c, int r, int64_t batc
   CK_DISPATCH_FLOATING(dtype, "A", T, [&] {
     const int64_t tiles = (r + mirror_tile<T>() - 1) / mirror_tile<T>(), upper = tiles * (tiles + 1) / 2;
     CK_CHECK_VALUE(upper <= INT32_MAX, "matrix side ", r, " is too large for the mirror kernel's grid");
-    for (int64_t start = 0; start < batch; start += 65535) {
-      const dim3 grid(unsigned(upper), unsigned(std::min<int64_t>(65535, batch - start)));
-      mirror_lower_kernel<<<grid, threads, 0, stream>>>(
+    for_each_grid_chunk(batch, [&](int64_t start, unsigned rows) {
+      mirror_lower_kernel<<<dim3(unsigned(upper), rows), threads, 0, stream>>>(
           static_cast<T*>(c.ptr) + start * c.stride, c.ld, c.stride, r,
           p ? static_cast<T*>(p->ptr) + start * p->stride : nullptr, p ? p->ld : 0, p ? p->stride : 0, alpha, diag);
       CK_CUDA_CHECK(cudaGetLastError());
-    }
+    });
   });
 }
 
 void scale_add_identity(cudaStream_t stream, DType dtype, Stack x, Stack y, int r, int64_t batch, double alpha,
                         double diag) {
   if (r == 0) return;
-  for (int64_t start = 0; start < batch; start += 65535) {
-    const dim3 grid(unsigned(r), unsigned(std::min<int64_t>(65535, batch - start)));
+  for_each_grid_chunk(batch, [&](int64_t start, unsigned rows) {
     CK_DISPATCH_FLOATING(dtype, "A", T, [&] {
-      scale_add_identity_kernel<<<grid, 256, 0, stream>>>(static_cast<const T*>(x.ptr) + start * x.stride, x.ld,
-                                                          x.stride, static_cast<T*>(y.ptr) + start * y.stride, y.ld,
-                                                          y.stride, r, alpha, diag);
+      scale_add_identity_kernel<<<dim3(unsigned(r), rows), 256, 0, stream>>>(
+          static_cast<const T*>(x.ptr) + start * x.stride, x.ld, x.stride, static_cast<T*>(y.ptr) + start * y.stride,
+          y.ld, y.stride, r, alpha, diag);
     });
     CK_CUDA_CHECK(cudaGetLastError());
-  }
+  });
 }
 
 void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count,
@@ -480,15 +473,15 @@ void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int
   }
   const unsigned per_matrix = unsigned(std::min<int64_t>((size + 255) / 256, std::max<int64_t>(1, 1024 / count)));
   DeviceBuffer partial(sizeof(double) * per_matrix * size_t(count), stream);
-  for (int64_t start = 0; start < count; start += 65535) {
-    const dim3 grid(per_matrix, unsigned(std::min<int64_t>(65535, count - start)));
+  for_each_grid_chunk(count, [&](int64_t start, unsigned rows) {
+    const dim3 grid(per_matrix, rows);
     CK_DISPATCH_FLOATING(dtype, "G", T, [&] {
       const T* const* p = reinterpret_cast<const T* const*>(ptrs) + start;
       amax_kernel<<<grid, 256, 0, stream>>>(p, size, amax + start, nonfinite);
       sumsq_kernel<<<grid, 256, 0, stream>>>(p, size, amax + start, partial.as<double>() + start * per_matrix);
     });
     CK_CUDA_CHECK(cudaGetLastError());
-  }
+  });
   sum_slots(stream, partial.as<double>(), per_matrix, count, sumsq, sizeof(double));
 }
 

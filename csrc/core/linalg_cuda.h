@@ -81,6 +81,10 @@ struct Stack {
 
 enum class Op { N, T };
 
+// The CUDA data type of a dtype (cuBLAS, cuSOLVER); dtype_of<T>() (core/dispatch.h) for a
+// compute type T.
+cudaDataType data_type(DType dtype);
+
 // C = alpha op(A) op(B) + beta C for each of `batch` matrices; op(A) m x k, op(B) k x n.
 // dtype: float64 computes in float64; float32, float16 and bfloat16 in float32 (no TF32).
 void gemm(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, int n, int k, double alpha, Stack a, Stack b,

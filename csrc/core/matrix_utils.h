@@ -1,6 +1,7 @@
 // Helpers shared by the dense matrix-function families (Newton–Schulz, inverse roots): input
 // checks and conversions for batches of square matrices, norms, the convergence test of
-// quadratically convergent iterations, and the batch scheduler.
+// quadratically convergent iterations (its rules in core/numerics.h, shared with CUDA), and the
+// batch scheduler.
 #pragma once
 #include <omp.h>
 
@@ -15,6 +16,7 @@
 #include "core/blas.h"
 #include "core/check.h"
 #include "core/dispatch.h"
+#include "core/numerics.h"
 #include "core/runtime.h"
 
 namespace curvkit {
@@ -22,18 +24,6 @@ namespace curvkit {
 // Matrices at most this cheap (n^3 or r^2 c flops) run one per thread with single-threaded
 // BLAS; larger ones one at a time with all threads inside BLAS.
 constexpr double kSmallTask = 512.0 * 512.0 * 512.0;
-
-template <class T>
-constexpr double unit_roundoff() {
-  return std::numeric_limits<T>::epsilon() / 2;
-}
-
-// How far from symmetric an input may be, relative to its largest entry, by input dtype.
-inline double symmetry_tolerance(const DType& dt) {
-  if (dt == DType::float64()) return 1e-10;
-  if (dt == DType::float32()) return 1e-5;
-  return 3e-2;
-}
 
 // Checks matrix `index` of `a`: finite, and symmetric within the dtype's tolerance.
 inline void check_symmetric(const ArrayView& a, int64_t index, const char* name) {
@@ -135,20 +125,32 @@ double identity_distance(const T* m, int64_t n) {
   double s = 0;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
-      const double d = double(m[i * n + j]) - (i == j ? 1.0 : 0.0);
+      const double d = numerics::identity_difference(double(m[i * n + j]), i == j);
       s += d * d;
     }
-  return std::sqrt(s / double(n));
+  return numerics::rms_distance(s, n);
 }
 
-// Quadratically convergent iterations stop once the distance to I is at rounding level or
-// has stopped falling near it; a distance above 2 means divergence (indefinite input).
+// max|M - I| (Inf when M holds NaN or Inf)
+template <class T>
+double max_distance_to_identity(const T* m, int64_t n) {
+  double r = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j) r = std::max(r, numerics::identity_gap(double(m[i * n + j]), i == j));
+  return r;
+}
+
+// Quadratically convergent sign iterations stop once the distance to I is at rounding level or
+// has stopped falling near it; a distance above 2 means divergence (numerics::sign_verdict).
 struct ConvergenceWatch {
   double eps, previous = std::numeric_limits<double>::infinity();
   bool converged = false, diverged = false;
   bool done(double r) {
-    if (!(r <= 2.0)) return diverged = true;
-    if (r <= 100 * eps || (previous < std::sqrt(eps) && r >= previous)) return converged = true;
+    switch (numerics::sign_verdict(r, previous, eps)) {
+      case numerics::SignVerdict::Diverged: return diverged = true;
+      case numerics::SignVerdict::Converged: return converged = true;
+      case numerics::SignVerdict::GoOn: break;
+    }
     previous = r;
     return false;
   }

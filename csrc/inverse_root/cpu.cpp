@@ -61,26 +61,12 @@ void matrix_power(int n, const std::vector<T>& b, int p, std::vector<T>& out, st
   }
 }
 
-// ||M - I||_max, infinite when M holds NaN or Inf (a max reduction alone would drop NaN).
-template <class T>
-double max_distance_to_identity(const std::vector<T>& m, int64_t n) {
-  double r = 0;
-  bool finite = true;
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < n; ++j) {
-      const double d = std::fabs(double(m[size_t(i * n + j)]) - (i == j ? 1.0 : 0.0));
-      finite &= d <= DBL_MAX;
-      r = std::max(r, d);
-    }
-  return finite ? r : std::numeric_limits<double>::infinity();
-}
-
 // ||X^p A_r - I||_max for symmetric X (w.a holds A_r); uses m, t, u, v.
 template <class T>
 double root_residual(int n, int p, RootWork<T>& w) {
   matrix_power(n, w.x, p, w.v, w.t, w.u);
   blas::gemm(n, n, n, T(1), w.v.data(), w.a.data(), T(0), w.m.data());
-  return max_distance_to_identity(w.m, n);
+  return max_distance_to_identity(w.m.data(), n);
 }
 
 // Union-find over eigenpair indices: groups of pairs too strongly coupled for a first-order
@@ -143,7 +129,7 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
   const int64_t nn = int64_t(n) * n;
   scratch.resize(size_t(5 * nn));
   T *av = scratch.data(), *s = av + nn, *r = s + nn, *e = r + nn, *v0 = e + nn;
-  const double u = unit_roundoff<T>(), floor_r = 4 * std::sqrt(double(n)) * u, coupled = 0.1;
+  const double u = unit_roundoff<T>(), floor_r = numerics::refine_floor(n, u);
   const int max_group = std::max(2, n / 4);
   double previous_off = std::numeric_limits<double>::infinity();
   auto rayleigh = [&](int64_t i) { return T(double(s[i * n + i]) / (1 - double(r[i * n + i]))); };
@@ -169,17 +155,17 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
     }
     if (!finite || !(scale <= DBL_MAX)) return -1;
     const double floor_s = floor_r * scale;
-    if (off <= floor_s && off_r <= floor_r) return step;
+    if (numerics::refine_converged(off, off_r, floor_s, floor_r)) return step;
     // Outside the quadratic regime (the coupling grew, or the basis lost orthogonality): the
     // drift was too large for this basis; stop early rather than iterate to max_steps.
-    if (step == max_steps || off > previous_off || off_r > 0.25) return -1;
+    if (numerics::refine_too_far(step, max_steps, off, previous_off, off_r)) return -1;
     previous_off = off;
     // Strongly coupled pairs, grouped and diagonalized exactly.
     Groups groups(n);
     for (int i = 0; i < n; ++i)
       for (int j = 0; j < i; ++j) {
         const double sij = std::fabs(double(s[int64_t(i) * n + j]));
-        if (sij > floor_s && sij > coupled * std::fabs(double(d[i]) - double(d[j]))) groups.join(i, j);
+        if (numerics::strongly_coupled(sij, floor_s, double(d[i]) - double(d[j]))) groups.join(i, j);
       }
     std::vector<std::vector<int>> members(static_cast<size_t>(n));
     for (int i = 0; i < n; ++i) members[size_t(groups.find(i))].push_back(i);
@@ -206,8 +192,7 @@ int refine_eigenbasis(int n, const T* a, T* v, T* d, int max_steps, std::vector<
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < n; ++j) {
         const double sij = double(s[i * n + j]), rij = double(r[i * n + j]), gap = double(d[j]) - double(d[i]);
-        const double coupling = std::fabs(sij) + std::max(std::fabs(double(d[i])), std::fabs(double(d[j]))) * std::fabs(rij);
-        const bool first_order = i != j && gap != 0 && coupling <= coupled * std::fabs(gap);
+        const bool first_order = numerics::first_order(sij, rij, double(d[i]), double(d[j]), i == j);
         all_first_order &= i == j || first_order;
         e[i * n + j] = T(first_order ? (sij + double(d[j]) * rij) / gap : rij / 2);
         correction2 += double(e[i * n + j]) * double(e[i * n + j]);
@@ -243,8 +228,9 @@ void sort_eigenpairs(int n, std::vector<T>& w, std::vector<T>& v, std::vector<T>
   }
 }
 
-// A refined basis gets this many steps (each squares the error) before LAPACK takes over.
-constexpr int kMaxRefineSteps = 8;
+// A refined basis gets numerics::kMaxRefineSteps steps (each squares the error) before LAPACK
+// takes over.
+using numerics::kMaxRefineSteps;
 
 // Eigenvalues (w.w, ascending) and eigenvectors (w.v) of symmetric a: refined from the basis
 // already in w.v when `warm` (st.iterations steps), else, or when that fails (st.fell_back),
@@ -269,13 +255,13 @@ bool decompose(int n, const T* a, bool warm, RootWork<T>& w, RootStatus& st) {
 template <class T>
 bool root_from_eigenpairs(int n, const RootOptions& o, RootWork<T>& w) {
   const double top = std::max(double(w.w[size_t(n - 1)]), 0.0);
-  const double zero = double(n) * unit_roundoff<T>() * (top + o.eps);
-  bool ok = double(w.w[0]) >= -std::sqrt(unit_roundoff<T>()) * top;  // a real negative eigenvalue: indefinite
+  const double zero = numerics::singular_level(n, unit_roundoff<T>(), top, o.eps);
+  bool ok = numerics::not_indefinite(double(w.w[0]), unit_roundoff<T>(), top);  // else a real negative eigenvalue
   std::vector<double> scale(static_cast<size_t>(n));
   for (int64_t j = 0; j < n; ++j) {
-    const double lambda = std::max(double(w.w[size_t(j)]), 0.0) + o.eps;
+    const double lambda = numerics::floored_eigenvalue(double(w.w[size_t(j)]), o.eps);
     ok &= lambda > zero;  // numerically singular: the root is unreliable in that direction
-    scale[size_t(j)] = lambda > 0 ? std::pow(lambda, -0.5 / o.p) : 0.0;  // pseudo-inverse of exact zeros
+    scale[size_t(j)] = numerics::inverse_root_factor(lambda, o.p);  // pseudo-inverse of exact zeros
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) w.v[size_t(i * n + j)] = T(double(w.v[size_t(i * n + j)]) * scale[size_t(j)]);
@@ -318,7 +304,7 @@ double lambda_max_estimate(int n, RootWork<T>& w) {
     if (norm == 0) break;
     for (int64_t i = 0; i < n; ++i) v[size_t(i)] = u[size_t(i)] / norm;
   }
-  return rayleigh > 0 ? std::min(bound, 1.25 * rayleigh) : bound;
+  return numerics::newton_lambda(bound, rayleigh);
 }
 
 // Coupled Newton for X = A_r^{-1/p} (w.a holds A_r), M tracked alongside X; a warm start
@@ -338,23 +324,21 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
     st.products += power_products(p) + 1;
   } else {
     const double lambda = lambda_max_estimate(n, w);
-    const double z = (p + 1) / (2 * lambda);
+    const double z = numerics::newton_scale(p, lambda);
     for (int64_t i = 0; i < nn; ++i) {
       w.x[size_t(i)] = T(i % (n + 1) == 0 ? std::pow(z, 1.0 / p) : 0.0);
       w.m[size_t(i)] = T(z * double(w.a[size_t(i)]));
     }
   }
-  const double eps = unit_roundoff<T>();
+  const double eps = unit_roundoff<T>(), stop = numerics::newton_root_stop(n, eps);
   double previous = std::numeric_limits<double>::infinity();
   for (st.iterations = 0;; ++st.iterations) {
-    const double r = max_distance_to_identity(w.m, n);
-    if (previous < 1 && r > 1.2 * previous) {  // growing in the convergent region: keep the previous iterate
+    const double r = max_distance_to_identity(w.m.data(), n);
+    if (numerics::error_grew(r, previous)) {  // growing in the convergent region: keep the previous iterate
       std::swap(w.x, w.v);
       break;
     }
-    if (r <= 10 * std::sqrt(double(n)) * eps || (previous < std::sqrt(eps) && r >= previous) ||
-        st.iterations >= o.max_iters)
-      break;
+    if (numerics::newton_root_stops(r, previous, stop, eps, st.iterations, o.max_iters)) break;
     previous = r;
     for (int64_t i = 0; i < nn; ++i) w.mp[size_t(i)] = T(((i % (n + 1) == 0 ? p + 1.0 : 0.0) - double(w.m[size_t(i)])) / p);
     w.v = w.x;  // the previous iterate, in case the next step grows the error
@@ -429,13 +413,10 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
       [&](int64_t k, int) {
         const RootTask& t = tasks[size_t(k)];
         RootStatus& st = status[t.input][size_t(t.index)];
-        if (inputs[t.input].dtype == DType::float64()) {
-          RootWork<double> w;
+        CK_DISPATCH_COMPUTE(inputs[t.input].dtype, T, [&] {
+          RootWork<T> w;
           root_one(inputs[t.input], outputs[t.input], inits[t.input], bases[t.input], t.index, o, w, st);
-        } else {
-          RootWork<float> w;
-          root_one(inputs[t.input], outputs[t.input], inits[t.input], bases[t.input], t.index, o, w, st);
-        }
+        });
       },
       lapack_small_task(int64_t(tasks.size())));
 }
@@ -453,7 +434,7 @@ bool qr_positive(int m, int k, T* a) {
   bool full_rank = true;
   for (int j = 0; j < k; ++j) {
     const double r = double(a[size_t(j) * k + j]);
-    full_rank &= std::fabs(r) > double(m) * unit_roundoff<T>() * scale;
+    full_rank &= std::fabs(r) > numerics::rank_floor(m, unit_roundoff<T>(), scale);
     sign[size_t(j)] = r < 0 ? T(-1) : T(1);
   }
   if (blas::orgqr(m, k, a, tau.data()) != 0) return false;
@@ -471,7 +452,7 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   std::vector<char> good(static_cast<size_t>(batch));
   const double cost = double(m) * k * k;
   run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
-    good[size_t(b)] = q.dtype == DType::float64() ? solve(double(), b) : solve(float(), b);
+    good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); });
   }, lapack_small_task(batch));
   ok.assign(good.begin(), good.end());
 }
@@ -557,7 +538,7 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
       int64_t(tasks.size()), [&](int64_t k) { return std::pow(double(tasks[size_t(k)].n), 3); },
       [&](int64_t k, int) {
         const RootTask& t = tasks[size_t(k)];
-        task_ok[size_t(k)] = inputs[t.input].dtype == DType::float64() ? solve(double(), t) : solve(float(), t);
+        task_ok[size_t(k)] = CK_DISPATCH_COMPUTE(inputs[t.input].dtype, T, [&] { return solve(T(), t); });
       },
       lapack_small_task(int64_t(tasks.size())));
   for (size_t k = 0; k < tasks.size(); ++k) ok[tasks[k].input][size_t(tasks[k].index)] = task_ok[k];

@@ -4,6 +4,7 @@
 #include <cfloat>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "core/blas.h"
@@ -206,14 +207,12 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
                    tasks[i].input, ")");
   }
 
-  std::vector<Workspace<float>> ws32(static_cast<size_t>(threads));
-  std::vector<Workspace<double>> ws64(static_cast<size_t>(threads));
+  std::tuple<std::vector<Workspace<float>>, std::vector<Workspace<double>>> ws{size_t(threads), size_t(threads)};
   run_matrix_tasks(
       count, [&](int64_t i) { return tasks[size_t(i)].cost(); },
       [&](int64_t i, int slot) {
         const PolarTask& t = tasks[size_t(i)];
-        if (t.in->dtype == DType::float64()) run<double>(t, options, ws64[size_t(slot)]);
-        else run<float>(t, options, ws32[size_t(slot)]);
+        CK_DISPATCH_COMPUTE(t.in->dtype, T, [&] { run<T>(t, options, std::get<std::vector<Workspace<T>>>(ws)[size_t(slot)]); });
       });
 }
 

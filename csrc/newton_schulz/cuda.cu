@@ -20,6 +20,7 @@
 
 #include "core/dispatch.h"
 #include "core/linalg_cuda.h"
+#include "core/numerics.h"
 #include "newton_schulz/newton_schulz.h"
 
 namespace curvkit {
@@ -140,7 +141,7 @@ void polar_group(const PolarGroup& g, const PolarOptions& o, cudaStream_t stream
   CK_DISPATCH_FLOATING(g.in_dtype, "G", S, [&] {
     CK_DISPATCH_FLOATING(dt, "G", T, [&] {
       normalize_kernel<<<matrix_grid(s.size(), count), 256, 0, stream>>>(
-          reinterpret_cast<const S* const*>(in_ptrs), static_cast<T*>(x), s.size(), amax, sumsq, o.norm_scale + o.eps,
+          reinterpret_cast<const S* const*>(in_ptrs), static_cast<T*>(x), s.size(), amax, sumsq, o.norm_scale + o.norm_eps,
           o.normalize);
     });
   });
@@ -228,7 +229,7 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
   const cudaStream_t stream = to_cuda_stream(stream_handle);
   // Group every matrix of every input by (m, n, input dtype, output dtype), at most
   // kMaxGroup matrices a group (the kernels put the matrix index in the grid's y dimension).
-  constexpr size_t kMaxGroup = 65535;
+  constexpr size_t kMaxGroup = size_t(cuda::kMaxMatricesPerCall);
   std::map<std::tuple<int64_t, int64_t, int, int, int, int, size_t>, PolarGroup> groups;
   std::map<std::tuple<int64_t, int64_t, int, int, int, int>, size_t> group_matrices;
   for (size_t i = 0; i < inputs.size(); ++i) {
@@ -284,7 +285,8 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
 namespace {
 
 // The coupled square-root iteration of each matrix, tracked on the device (the rule of
-// ConvergenceWatch in core/matrix_utils.h, per matrix, so that the host never waits on it).
+// ConvergenceWatch in core/matrix_utils.h, numerics::sign_verdict, per matrix, so that the host
+// never waits on it).
 struct SqrtState {
   double scale;     // c = min(||A||_F, ||A||_inf)
   double previous;  // last ||I - Z Y||_F / sqrt(n)
@@ -319,8 +321,6 @@ struct SignWatch {
 };
 static_assert(sizeof(SqrtState) % alignof(double) == 0, "the partial sums follow the states");
 
-constexpr double kEps64 = 1.1102230246251565e-16;
-
 __global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stats, double* y, double* z,
                                   SqrtState* state, int64_t n, int64_t count) {
   const int64_t nn = n * n, total = nn * count;
@@ -333,12 +333,13 @@ __global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stat
   }
 }
 
-// Sum of squares of I - M per matrix, this block's share into its slot of `partial`.
-__global__ void identity_distance_kernel(const double* m, double* partial, int64_t n) {
+// Sum of squares of I - M per matrix, this block's share into its slot of `partial` (the max
+// distance of the inverse roots is identity_max_kernel in inverse_root/cuda_roots.cu).
+__global__ void identity_sum_squares_kernel(const double* m, double* partial, int64_t n) {
   const int64_t b = blockIdx.y, nn = n * n;
   double local = 0.0;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < nn; e += int64_t(gridDim.x) * blockDim.x) {
-    const double d = m[b * nn + e] - (e % (n + 1) == 0 ? 1.0 : 0.0);
+    const double d = numerics::identity_difference(m[b * nn + e], e % (n + 1) == 0);
     local += d * d;
   }
   local = cuda::block_sum(local);
@@ -353,12 +354,13 @@ __global__ void sqrt_watch_kernel(SqrtState* state, const double* partial, int s
   if (b >= count) return;
   SqrtState& s = state[b];
   if (s.active) {
-    double distance = 0.0;  // the blocks' shares of identity_distance_kernel, in slot order
+    double distance = 0.0;  // the blocks' shares of identity_sum_squares_kernel, in slot order
     for (int k = 0; k < slots; ++k) distance += partial[b * slots + k];
-    const double r = sqrt(distance / double(n));
-    if (!(r <= 2.0)) {
+    const double r = numerics::rms_distance(distance, n);
+    const numerics::SignVerdict verdict = numerics::sign_verdict(r, s.previous, unit_roundoff<double>());
+    if (verdict == numerics::SignVerdict::Diverged) {
       s.active = 0;
-    } else if (r <= 100 * kEps64 || (s.previous < sqrt(kEps64) && r >= s.previous)) {
+    } else if (verdict == numerics::SignVerdict::Converged) {
       s.active = 0;
       s.converged = 1;
     } else {
@@ -465,7 +467,7 @@ bool watch_and_step(cudaStream_t stream, const double* m, double* t, const SignW
                     int it) {
   const int64_t nn = n * n;
   const dim3 per_matrix = per_matrix_grid(nn, count);
-  identity_distance_kernel<<<per_matrix, 256, 0, stream>>>(m, watch.partial, n);
+  identity_sum_squares_kernel<<<per_matrix, 256, 0, stream>>>(m, watch.partial, n);
   CK_CUDA_CHECK(cudaMemsetAsync(watch.active, 0, sizeof(int), stream));
   sqrt_watch_kernel<<<unsigned((count + 127) / 128), 128, 0, stream>>>(watch.state, watch.partial, int(per_matrix.x), n,
                                                                        count, watch.active);
@@ -476,6 +478,15 @@ bool watch_and_step(cudaStream_t stream, const double* m, double* t, const SignW
   return true;
 }
 
+// The limits of one call of the sign iterations: each matrix within cuBLAS's 32-bit sizes, and
+// one grid row per matrix (no chunking).
+void check_sign_batch(int64_t n, int64_t count, const char* name) {
+  CK_CHECK_VALUE(n <= cuda::kMaxMatrixSide, "argument '", name, "': matrix dimension ", n,
+                 " is too large for one CUDA matrix");
+  CK_CHECK_VALUE(count <= cuda::kMaxMatricesPerCall, "argument '", name, "': at most ", cuda::kMaxMatricesPerCall,
+                 " matrices per call on CUDA");
+}
+
 }  // namespace
 
 void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const ArrayView* inv_out, const SqrtOptions& o,
@@ -484,8 +495,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
                  "runs on CUDA arrays so far");
   const int64_t n = a.size(-1), count = n ? a.numel() / (n * n) : 0;
   if (count == 0) return;
-  CK_CHECK_VALUE(n <= 46340, "argument 'A': matrix dimension ", n, " is too large for one CUDA matrix");
-  CK_CHECK_VALUE(count <= 65535, "argument 'A': at most 65535 matrices per call on CUDA");
+  check_sign_batch(n, count, "A");
   CudaDeviceGuard guard(a.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
   const int64_t nn = n * n, total = nn * count;
@@ -553,8 +563,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   const int64_t n = s_in.size(-1), count = leading_count(s_in);
   status.assign(size_t(count), SqrtStatus{n == 0, 0, 0.0});  // 0 x 0: solved
   if (count == 0 || n == 0) return;
-  CK_CHECK_VALUE(n <= 46340, "argument 'S': matrix dimension ", n, " is too large for one CUDA matrix");
-  CK_CHECK_VALUE(count <= 65535, "argument 'S': at most 65535 matrices per call on CUDA");
+  check_sign_batch(n, count, "S");
   CudaDeviceGuard guard(s_in.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
   const int64_t nn = n * n, total = nn * count;

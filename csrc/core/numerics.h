@@ -1,0 +1,135 @@
+// Numerics shared by the CPU and CUDA kernels, written once as host-device inline functions (as
+// hutchinson/probe_math.h does for probes): unit roundoffs, distances of an iterate to the
+// identity, the stopping rules of the quadratically convergent iterations, and the rounding-level
+// thresholds of the eigen-, refinement and QR verdicts. Each is one expression in one order, so a
+// host and a device evaluation round alike (FMA contraction is off on both: -ffp-contract=off,
+// nvcc --fmad=false). CK_HD (core/half.h) is __host__ __device__ under nvcc, inline otherwise.
+#pragma once
+#include <cfloat>
+#include <cmath>
+#include <cstdint>
+#include <type_traits>
+
+#include "core/array.h"
+#include "core/half.h"
+
+namespace curvkit {
+
+// Unit roundoff u = epsilon / 2 of a compute type: 2^-53 for double, 2^-24 for float.
+template <class T>
+CK_HD constexpr double unit_roundoff() {
+  static_assert(std::is_same<T, float>::value || std::is_same<T, double>::value, "a compute type");
+  return std::is_same<T, double>::value ? 0x1p-53 : 0x1p-24;
+}
+
+// How far from symmetric an input may be, relative to its largest entry, by input dtype (host).
+inline double symmetry_tolerance(const DType& dt) {
+  if (dt == DType::float64()) return 1e-10;
+  if (dt == DType::float32()) return 1e-5;
+  return 3e-2;
+}
+
+namespace numerics {
+
+// ---- Distances of an iterate M to the identity
+
+// Entry (i, j) of M - I.
+CK_HD double identity_difference(double m, bool diagonal) { return m - (diagonal ? 1.0 : 0.0); }
+
+// |M - I| at one entry as a max-norm takes it: NaN and Inf count as Inf.
+CK_HD double identity_gap(double m, bool diagonal) {
+  const double d = fabs(identity_difference(m, diagonal));
+  return d <= DBL_MAX ? d : INFINITY;
+}
+
+// ||M - I||_F / sqrt(n), from the sum of squares of M - I.
+CK_HD double rms_distance(double sum_squares, int64_t n) { return sqrt(sum_squares / double(n)); }
+
+// ---- Stopping rules of quadratically convergent iterations on a distance r to I
+
+// Once the distance is small (below sqrt(u)), one that no longer falls is at rounding level.
+CK_HD bool stalled(double r, double previous, double unit) { return previous < sqrt(unit) && r >= previous; }
+
+// Sign iterations (square root, Lyapunov) on the rms distance: converged at 100 u or once
+// stalled; a distance above 2 means divergence (indefinite input).
+enum class SignVerdict { GoOn, Converged, Diverged };
+CK_HD SignVerdict sign_verdict(double r, double previous, double unit) {
+  if (!(r <= 2.0)) return SignVerdict::Diverged;
+  if (r <= 100 * unit || stalled(r, previous, unit)) return SignVerdict::Converged;
+  return SignVerdict::GoOn;
+}
+
+// Coupled Newton for inverse roots on max|M - I|: rounding level 10 sqrt(n) u.
+CK_HD double newton_root_stop(int64_t n, double unit) { return 10 * sqrt(double(n)) * unit; }
+
+// In the convergent region (below 1), a step that grows the error by more than 1.2x ends the
+// iteration, and the previous iterate is kept.
+CK_HD bool error_grew(double r, double previous) { return previous < 1 && r > 1.2 * previous; }
+
+// Newton stops at rounding level (`stop`: newton_root_stop), once stalled, or at max_iters.
+CK_HD bool newton_root_stops(double r, double previous, double stop, double unit, int iterations, int max_iters) {
+  return r <= stop || stalled(r, previous, unit) || iterations >= max_iters;
+}
+
+// Newton's start: lambda, an upper estimate of the largest eigenvalue, is 1.25 times the power
+// steps' Rayleigh quotient capped by `bound` (the bound alone when the quotient is not
+// positive); M_0 = z A with z = (p + 1) / (2 lambda).
+CK_HD double newton_lambda(double bound, double rayleigh) {
+  if (!(rayleigh > 0)) return bound;
+  const double estimate = 1.25 * rayleigh;
+  return estimate < bound ? estimate : bound;  // std::min(bound, estimate)
+}
+CK_HD double newton_scale(int p, double lambda) { return (p + 1) / (2 * lambda); }
+
+// ---- Inverse roots from eigenpairs (w ascending, top = max(w_max, 0))
+
+// Eigenvalues (after the shift) at or below n u (top + eps) are numerically singular.
+CK_HD double singular_level(int64_t n, double unit, double top, double eps) { return double(n) * unit * (top + eps); }
+
+// No clearly negative eigenvalue: w_min >= -sqrt(u) top (else the input is indefinite).
+CK_HD bool not_indefinite(double w_min, double unit, double top) { return w_min >= -sqrt(unit) * top; }
+
+// lambda = max(w, 0) + eps (finite w).
+CK_HD double floored_eigenvalue(double w, double eps) { return (w > 0 ? w : 0.0) + eps; }
+
+// The column scale lambda^(-1/(2p)) of V in X = (V D)(V D)^T; exact zeros get 0 (pseudo-inverse).
+CK_HD double inverse_root_factor(double lambda, int p) { return lambda > 0 ? pow(lambda, -0.5 / p) : 0.0; }
+
+// ---- Ogita-Aishima refinement of eigenbases (S = V^T A V, R = I - V^T V, d the eigenvalues)
+
+constexpr int kMaxRefineSteps = 8;
+constexpr double kCoupledRatio = 0.1;  // |s_ij| beyond this fraction of the gap: coupled
+
+// Rounding level of R (and of S relative to max |d|): 4 sqrt(n) u.
+CK_HD double refine_floor(int64_t n, double unit) { return 4 * sqrt(double(n)) * unit; }
+
+// A pair (i, j) whose |s_ij| exceeds both the rounding level and a tenth of the gap d_j - d_i.
+CK_HD bool strongly_coupled(double s_abs, double floor_s, double gap) {
+  return s_abs > floor_s && s_abs > kCoupledRatio * fabs(gap);
+}
+
+// Off-diagonal (i, j) in the first-order regime: a nonzero gap d_j - d_i that exceeds the
+// coupling |s_ij| + max(|d_i|, |d_j|) |r_ij| tenfold; then E_ij = (s_ij + d_j r_ij) / gap.
+CK_HD bool first_order(double sij, double rij, double di, double dj, bool diagonal) {
+  const double gap = dj - di, ai = fabs(di), aj = fabs(dj);
+  const double coupling = fabs(sij) + (ai < aj ? aj : ai) * fabs(rij);  // std::max(ai, aj)
+  return !diagonal && gap != 0 && coupling <= kCoupledRatio * fabs(gap);
+}
+
+// Converged: max_{i != j} |s_ij| and max |r_ij| at rounding level.
+CK_HD bool refine_converged(double off, double off_r, double floor_s, double floor_r) {
+  return off <= floor_s && off_r <= floor_r;
+}
+
+// Too far off to refine: out of steps, the coupling grew, or the basis lost orthogonality.
+CK_HD bool refine_too_far(int step, int max_steps, double off, double previous_off, double off_r) {
+  return step == max_steps || off > previous_off || off_r > 0.25;
+}
+
+// ---- QR
+
+// Full column rank: every |R_jj| above m u ||A||_F.
+CK_HD double rank_floor(int64_t m, double unit, double norm) { return double(m) * unit * norm; }
+
+}  // namespace numerics
+}  // namespace curvkit
