@@ -106,12 +106,6 @@ def is_cuda(backend):
     return backend[1] == "cuda"
 
 
-def dtypes_for(backend):
-    """Float dtypes the framework has (bfloat16 only in PyTorch)."""
-    names = ["float16", "float32", "float64"]
-    return names + ["bfloat16"] if backend[0] == "torch" else names
-
-
 def make(values, backend, dtype=None):
     """values (NumPy) as an array of the backend's framework and device, in `dtype`."""
     fw, dev = backend
