@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 import curvkit
-from conftest import TOL, backend_dtypes, backends, make, to_numpy
+from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, to_numpy
 import reference
 
 # "auto" is LAPACK's eigh on the CPU and the coupled Newton-Schulz iteration on CUDA.
@@ -161,9 +161,11 @@ def test_autograd_gradcheck(backend):
     assert torch.autograd.gradcheck(lambda C: ct.matrix_sqrt(A0 + 1e-3 * (C @ C.mT)), (C,))
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
 def test_batches_conditioning_and_status(backend, rng):
     # Each matrix stops on its own on every device; the status matches the NumPy run's verdict.
     A = np.stack([reference.spd_with_condition(rng, 96, c) for c in (1e1, 1e4, 1e8)])
+    references = [reference.sqrt_and_inv_sqrt(A[b]) for b in range(3)]
     a = make(A, backend, "float64")
     _, cpu = curvkit.matrix_sqrt(A, method="newton_schulz", return_info=True)
     for method in ("auto", "newton_schulz"):
@@ -172,8 +174,7 @@ def test_batches_conditioning_and_status(backend, rng):
         if info["method"] == "newton_schulz":
             its = info["iterations"]
             assert its[0] < its[1] < its[2] and np.all(np.abs(its - cpu["iterations"]) <= 1)
-        for b, cond in enumerate((1e1, 1e4, 1e8)):
-            S0, R0 = reference.sqrt_and_inv_sqrt(A[b])
+        for (S0, R0), b, cond in zip(references, range(3), (1e1, 1e4, 1e8)):
             assert rel(to_numpy(S)[b], S0) <= 1e-12 * max(1.0, cond / 1e6)
             assert rel(to_numpy(R)[b], R0) <= max(1e-12, 2.2e-16 * cond)
 
