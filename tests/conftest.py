@@ -41,6 +41,52 @@ BACKENDS = [
                                           reason="needs CuPy with a GPU and a CUDA build of curvkit")),
 ]
 CUDA_BACKENDS = [p for p in BACKENDS if p.values[0][1] == "cuda"]
+CPU_BACKENDS = [p for p in BACKENDS if p.values[0][1] == "cpu"]
+# Numerical sweeps run once per kernel path: the CPU kernels through NumPy (PyTorch CPU tensors
+# reach the same kernels), and every CUDA framework (each brings its own stream and allocator).
+KERNEL_BACKENDS = [p for p in BACKENDS if p.values[0] == ("numpy", "cpu") or p.values[0][1] == "cuda"]
+DTYPES = ["float16", "float32", "float64", "bfloat16"]
+
+
+def backends(framework=None, device=None):
+    """The BACKENDS params of one framework and/or device (each keeps its skip mark)."""
+    return [p for p in BACKENDS if framework in (None, p.values[0][0]) and device in (None, p.values[0][1])]
+
+
+def backend_dtypes(dtypes=DTYPES, of=None):
+    """(backend, dtype) params for @pytest.mark.parametrize("backend, dtype", ...): every backend
+    (or those in `of`) with every dtype of `dtypes` that its framework has (bfloat16 only in
+    PyTorch); the backend's skip mark comes along."""
+    return [pytest.param(p.values[0], d, id=f"{p.id}-{d}", marks=p.marks)
+            for p in (BACKENDS if of is None else of) for d in dtypes
+            if d != "bfloat16" or p.values[0][0] == "torch"]
+
+
+# The one tolerance table: (dtype, check) -> bound, the measured figures (with their margins)
+# the test files used to keep in tables of their own. Checks:
+#   "polar"         max abs distance of polar() from the float64 plain-product iteration after
+#                   5 steps (half types compute in float32 and differ by input/output rounding)
+#   "sqrt"          relative Frobenius error of matrix_sqrt against the extended reference;
+#                   the inverse square root is allowed 10x that ("inv_sqrt")
+#   "root_eigh",    relative error an inverse p-th root method may add beyond its input's
+#   "root_newton"   conditioning (n = 64 sweeps)
+#   "probe"         relative error of a gaussian/sphere probe against the float64 reference:
+#                   one rounding to the dtype plus a few float64 ulps of curvkit's log/sin/cos
+#   "sphere_norm"   distance of a sphere probe's column norm from 1
+#   "ulp"           unit roundoff of the half types (eigenvalues computed in float32, rounded)
+TOL = {
+    ("float64", "polar"): 1e-11, ("float32", "polar"): 2e-5, ("float16", "polar"): 2e-3, ("bfloat16", "polar"): 1.6e-2,
+    ("float64", "sqrt"): 1e-12, ("float32", "sqrt"): 1e-6, ("float16", "sqrt"): 2e-3, ("bfloat16", "sqrt"): 1.6e-2,
+    ("float64", "inv_sqrt"): 1e-11, ("float32", "inv_sqrt"): 1e-5, ("float16", "inv_sqrt"): 2e-2,
+    ("bfloat16", "inv_sqrt"): 1.6e-1,
+    ("float64", "root_eigh"): 1e-13, ("float64", "root_newton"): 1e-10,
+    ("float32", "root_eigh"): 1e-4, ("float32", "root_newton"): 1e-4,
+    ("float64", "probe"): 1e-13, ("float32", "probe"): 2 ** -24 * 1.01, ("float16", "probe"): 2 ** -11 * 1.01,
+    ("bfloat16", "probe"): 2 ** -8 * 1.01,
+    ("float64", "sphere_norm"): 1e-14, ("float32", "sphere_norm"): 1e-6, ("float16", "sphere_norm"): 3e-3,
+    ("bfloat16", "sphere_norm"): 3e-2,
+    ("float16", "ulp"): 2.0 ** -11, ("bfloat16", "ulp"): 2.0 ** -8,
+}
 
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 needs_cuda = pytest.mark.skipif(not curvkit.has_cuda(), reason="needs a GPU and a CUDA build of curvkit")
@@ -56,10 +102,8 @@ def cuda_backend(request):
     return request.param
 
 
-def dtypes_for(backend):
-    """Float dtypes the framework has (bfloat16 only in PyTorch)."""
-    names = ["float16", "float32", "float64"]
-    return names + ["bfloat16"] if backend[0] == "torch" else names
+def is_cuda(backend):
+    return backend[1] == "cuda"
 
 
 def make(values, backend, dtype=None):

@@ -40,7 +40,7 @@ def test_probes_shape_errors(shape, error):
 
 
 @pytest.mark.skipif(curvkit.has_cuda(), reason="checks the message of a build or machine without CUDA")
-def test_cuda_request_without_cuda_is_a_clear_error():
+def test_request_for_cuda_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA"):
         curvkit.probes(3, device="cuda")
 

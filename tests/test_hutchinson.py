@@ -5,13 +5,12 @@ import numpy as np
 import pytest
 
 import curvkit
-from conftest import BACKENDS, dtypes_for, needs_torch, raw_bits, to_numpy
+from conftest import TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
 import reference
 
 KINDS = ["rademacher", "gaussian", "sphere"]
-# Largest relative error against the float64 reference: one rounding to the dtype, plus a
-# few float64 ulps from curvkit's portable log/sin/cos versus NumPy's.
-RTOL = {"float64": 1e-13, "float32": 2 ** -24 * 1.01, "float16": 2 ** -11 * 1.01, "bfloat16": 2 ** -8 * 1.01}
+# TOL[(dtype, "probe")]: largest relative error against the float64 reference: one rounding to
+# the dtype, plus a few float64 ulps from curvkit's portable log/sin/cos versus NumPy's.
 
 
 def probes_on(backend, shape, **kw):
@@ -42,32 +41,33 @@ def test_philox_known_answers():
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("shape", [(1,), (7,), (300,), (129, 1), (257, 3), (2, 3, 5, 4), (1000, 40)])
-def test_matches_float64_reference(backend, kind, shape, rng):
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_matches_float64_reference(backend, dtype, kind, shape, rng):
     seed, offset = int(rng.integers(0, 2**64, dtype=np.uint64)), int(rng.integers(0, 2**40))
     expected = reference.probes(shape, kind, seed, offset)
-    for dtype in dtypes_for(backend):
-        z = probes_on(backend, shape, kind=kind, seed=seed, offset=offset, dtype=dtype)
-        assert tuple(z.shape) == shape
-        got = to_numpy(z)
-        if kind == "rademacher":
-            np.testing.assert_array_equal(got, expected, err_msg=dtype)
-        else:
-            np.testing.assert_allclose(got, expected, rtol=RTOL[dtype], atol=RTOL[dtype] * 1e-3, err_msg=dtype)
+    z = probes_on(backend, shape, kind=kind, seed=seed, offset=offset, dtype=dtype)
+    assert tuple(z.shape) == shape
+    got = to_numpy(z)
+    if kind == "rademacher":
+        np.testing.assert_array_equal(got, expected)
+    else:
+        rtol = TOL[(dtype, "probe")]
+        np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * 1e-3)
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_every_dtype_is_the_float64_probe_rounded_once(backend, kind):
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_every_dtype_is_the_float64_probe_rounded_once(backend, dtype, kind):
     shape = (4099, 3)
     z64 = probes_on(backend, shape, kind=kind, seed=11, dtype="float64")
-    for dtype in dtypes_for(backend):
-        z = probes_on(backend, shape, kind=kind, seed=11, dtype=dtype)
-        # torch casts float64 to float16/bfloat16 through float32 (two roundings); NumPy and
-        # the reference round once.
-        if dtype == "bfloat16":
-            expected = reference.round_to_bfloat16_bits(to_numpy(z64))
-        else:
-            expected = raw_bits(to_numpy(z64).astype(dtype))
-        np.testing.assert_array_equal(raw_bits(z), expected, err_msg=dtype)
+    z = probes_on(backend, shape, kind=kind, seed=11, dtype=dtype)
+    # torch casts float64 to float16/bfloat16 through float32 (two roundings); NumPy and
+    # the reference round once.
+    if dtype == "bfloat16":
+        expected = reference.round_to_bfloat16_bits(to_numpy(z64))
+    else:
+        expected = raw_bits(to_numpy(z64).astype(dtype))
+    np.testing.assert_array_equal(raw_bits(z), expected)
 
 
 def test_rademacher_values_and_balance(backend):
@@ -98,11 +98,13 @@ def test_gaussian_moments_and_distribution(backend):
     assert ks < 1.95 / math.sqrt(sample.size)  # Kolmogorov-Smirnov at the 0.1% level
 
 
-def test_sphere_norms_and_uniformity(backend):
-    for dtype in dtypes_for(backend):
-        z = to_numpy(probes_on(backend, (50, 200), kind="sphere", seed=2, dtype=dtype))
-        tol = {"float64": 1e-14, "float32": 1e-6, "float16": 3e-3, "bfloat16": 3e-2}[dtype]
-        np.testing.assert_allclose(np.linalg.norm(z, axis=0), 1.0, atol=tol, err_msg=dtype)
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_sphere_norms(backend, dtype):
+    z = to_numpy(probes_on(backend, (50, 200), kind="sphere", seed=2, dtype=dtype))
+    np.testing.assert_allclose(np.linalg.norm(z, axis=0), 1.0, atol=TOL[(dtype, "sphere_norm")])
+
+
+def test_sphere_uniformity(backend):
     # On the 2-sphere one coordinate is uniform on [-1, 1] (Archimedes).
     x = to_numpy(probes_on(backend, (3, 100_000), kind="sphere", seed=9))[0]
     sample = np.sort(x)
@@ -166,28 +168,32 @@ def test_edge_shapes_and_extreme_counters():
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_like_picks_framework_device_and_dtype(backend, kind):
-    from conftest import make
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_like_picks_framework_device_and_dtype(backend, dtype, kind):
+    like = make(np.zeros(2), backend, dtype)
+    z = curvkit.probes((8, 2), kind, like=like)
+    assert type(z) is type(like) and z.dtype == like.dtype
+    assert str(getattr(z, "device", "cpu")) == str(getattr(like, "device", "cpu"))
 
-    for dtype in dtypes_for(backend):
-        like = make(np.zeros(2), backend, dtype)
-        z = curvkit.probes((8, 2), kind, like=like)
-        assert type(z) is type(like) and z.dtype == like.dtype
-        assert str(getattr(z, "device", "cpu")) == str(getattr(like, "device", "cpu"))
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dtype_overrides_like(backend, kind):
     z = curvkit.probes((8, 2), kind, like=make(np.zeros(2), backend, "float32"), dtype="float64")
     assert to_numpy(z).dtype == np.float64 and z.dtype != make(np.zeros(2), backend, "float32").dtype
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("cuda", [p for p in BACKENDS if p.values[0][1] == "cuda"] or
-                         [pytest.param(None, marks=pytest.mark.skip(reason="no CUDA backend"))])
-def test_cuda_matches_cpu_bit_for_bit(cuda, kind):
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_matches_cpu_bit_for_bit(backend, dtype, kind):
+    # every device gives the same bits as the CPU of its framework (NumPy's for CuPy), and
+    # every framework the same bits as NumPy where NumPy has the dtype
+    fw = backend[0]
+    cpus = [(fw, "cpu") if fw == "torch" else ("numpy", "cpu")] + ([("numpy", "cpu")] if dtype != "bfloat16" else [])
     for shape in [(1,), (1000,), (5000, 1), (1023, 7), (3, 700, 40), (2, 4096, 33), (256 * 600 + 3, 2)]:
-        for dtype in dtypes_for(cuda):
-            cpu = probes_on((cuda[0], "cpu") if cuda[0] == "torch" else ("numpy", "cpu"), shape, kind=kind,
-                            seed=123, offset=99, dtype=dtype)
-            gpu = probes_on(cuda, shape, kind=kind, seed=123, offset=99, dtype=dtype)
-            np.testing.assert_array_equal(raw_bits(gpu), raw_bits(cpu), err_msg=f"{shape} {dtype}")
+        got = raw_bits(probes_on(backend, shape, kind=kind, seed=123, offset=99, dtype=dtype))
+        for cpu in cpus:
+            expected = probes_on(cpu, shape, kind=kind, seed=123, offset=99, dtype=dtype)
+            np.testing.assert_array_equal(got, raw_bits(expected), err_msg=f"{shape} {cpu}")
 
 
 @needs_torch

@@ -2,8 +2,8 @@
 unchanged (through curvkit's strided copy), and the three import paths all work."""
 import array
 import gc
+import sys
 import threading
-import time
 import weakref
 
 import numpy as np
@@ -11,7 +11,7 @@ import pytest
 
 import curvkit
 from curvkit import _arrays, _core
-from conftest import dtypes_for, make, needs_torch, raw_bits, to_numpy
+from conftest import DTYPES, backend_dtypes, backends, make, needs_torch, raw_bits, to_numpy
 import reference
 
 
@@ -32,13 +32,13 @@ def _device_str(x):
     return str(getattr(x, "device", "cpu"))
 
 
-def test_round_trip_preserves_framework_device_dtype_shape_values(backend, rng):
-    for dtype in dtypes_for(backend):
-        x = make(_values(rng, (3, 5, 4)), backend, dtype)
-        y = _arrays.convert(x)
-        assert type(y) is type(x) and y.dtype == x.dtype and tuple(y.shape) == tuple(x.shape)
-        assert _device_str(y) == _device_str(x)
-        np.testing.assert_array_equal(raw_bits(y), raw_bits(x), err_msg=dtype)
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_round_trip_preserves_framework_device_dtype_shape_values(backend, dtype, rng):
+    x = make(_values(rng, (3, 5, 4)), backend, dtype)
+    y = _arrays.convert(x)
+    assert type(y) is type(x) and y.dtype == x.dtype and tuple(y.shape) == tuple(x.shape)
+    assert _device_str(y) == _device_str(x)
+    np.testing.assert_array_equal(raw_bits(y), raw_bits(x))
 
 
 def test_strided_inputs_are_read_in_place(backend, rng):
@@ -80,28 +80,37 @@ def test_zero_size_and_zero_dim(backend, shape, rng):
     np.testing.assert_array_equal(to_numpy(y), to_numpy(x))
 
 
+def _mixed_values(rng):
+    return np.concatenate([_values(rng, 2000), rng.uniform(-1, 1, 200) * 2.0**-20, [7e4, -1e5, 0.0, -0.0, np.inf]])
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-def test_every_dtype_pair_rounds_once_to_nearest_even(backend, rng):
+def test_float64_to_half_and_single_rounds_as_numpy(backend, rng):
     # float64 -> float16 against NumPy's correctly rounded cast, subnormals and overflow included
-    v = np.concatenate([_values(rng, 2000), rng.uniform(-1, 1, 200) * 2.0**-20, [7e4, -1e5, 0.0, -0.0, np.inf]])
+    v = _mixed_values(rng)
     x = make(v, backend, "float64")
     np.testing.assert_array_equal(raw_bits(_arrays.convert(x, "float16")), raw_bits(v.astype(np.float16)))
     np.testing.assert_array_equal(to_numpy(_arrays.convert(x, "float32")), v.astype(np.float32))
-    for src in dtypes_for(backend):
-        for dst in dtypes_for(backend):
-            xs = _arrays.convert(x, src)
-            y = _arrays.convert(xs, dst)
-            expected = to_numpy(xs)
-            if dst == "bfloat16":
-                np.testing.assert_array_equal(raw_bits(y), reference.round_to_bfloat16_bits(expected))
-            else:
-                np.testing.assert_array_equal(to_numpy(y), expected.astype(dst).astype(np.float64))
 
 
-def test_nan_survives_conversion(backend):
+@pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+@pytest.mark.parametrize("backend, src, dst", [
+    pytest.param(*p.values, dst, id=f"{p.id}-{dst}", marks=p.marks) for p in backend_dtypes() for dst in DTYPES
+    if dst != "bfloat16" or p.values[0][0] == "torch"])
+def test_every_dtype_pair_rounds_once_to_nearest_even(backend, src, dst, rng):
+    xs = _arrays.convert(make(_mixed_values(rng), backend, "float64"), src)
+    y = _arrays.convert(xs, dst)
+    expected = to_numpy(xs)
+    if dst == "bfloat16":
+        np.testing.assert_array_equal(raw_bits(y), reference.round_to_bfloat16_bits(expected))
+    else:
+        np.testing.assert_array_equal(to_numpy(y), expected.astype(dst).astype(np.float64))
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_nan_survives_conversion(backend, dtype):
     x = make(np.array([np.nan, 1.0, -np.nan]), backend, "float64")
-    for dtype in dtypes_for(backend):
-        assert np.isnan(to_numpy(_arrays.convert(x, dtype))[[0, 2]]).all()
+    assert np.isnan(to_numpy(_arrays.convert(x, dtype))[[0, 2]]).all()
 
 
 def test_import_paths():
@@ -155,7 +164,7 @@ def test_torch_tensors_requiring_grad_and_bfloat16():
     np.testing.assert_array_equal(_arrays.convert(b, "float32").numpy(), b.float().numpy())
 
 
-def test_cuda_work_is_ordered_on_the_callers_stream(cuda_backend, rng):
+def test_work_is_ordered_on_the_callers_cuda_stream(cuda_backend, rng):
     fw, _ = cuda_backend
     v = _values(rng, (1 << 20,))
     if fw == "torch":
@@ -186,30 +195,45 @@ def test_device_mix_is_refused(cuda_backend):
         _core.convert(np.zeros(3), gpu, _arrays.stream_of(gpu))
 
 
+class _Hooked:
+    """An array whose DLPack export first runs `hook`: curvkit calls it while importing its
+    arguments, inside the native call and before the computation starts."""
+
+    def __init__(self, a, hook):
+        self.a, self.hook = a, hook
+
+    def __dlpack__(self, **kwargs):
+        self.hook()
+        return self.a.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.a.__dlpack_device__()
+
+
 def test_gil_is_released_during_compute():
-    before = curvkit.get_num_threads()
-    curvkit.set_num_threads(1)
+    # Thread B waits until curvkit (in this thread) has entered the native call, then runs
+    # Python code. Python's own thread switching is switched off (an interval of 1000 s), so
+    # B can run before this thread returns only if the native call released the GIL; if it
+    # held it, B would run after the return and the order would be ["A", "B"].
+    entered, order = threading.Event(), []
+
+    def b():
+        entered.wait()
+        order.append("B")
+
+    out = np.empty(4_000_000)  # about 0.1 s of gaussian probes on one core
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1000.0)
     try:
-        done = threading.Event()
-        ticks = 0
-
-        def work():
-            curvkit.probes((8_000_000,), "gaussian")
-            done.set()
-
-        t = threading.Thread(target=work)
-        start = time.perf_counter()
-        t.start()
-        while not done.is_set():
-            ticks += 1
-        t.join()
-        elapsed = time.perf_counter() - start
+        thread = threading.Thread(target=b)
+        thread.start()  # B runs until it blocks in entered.wait()
+        _core.probes(_Hooked(out, entered.set), kind="gaussian", seed=0, offset=0, workspace=None, stream=0)
+        order.append("A")
+        thread.join()
     finally:
-        curvkit.set_num_threads(before)
-    # With the GIL held for the whole call this loop would barely run; released, it spins
-    # at well over 10^5 iterations per second of the call.
-    assert elapsed > 0.05
-    assert ticks > 1e5 * elapsed
+        sys.setswitchinterval(interval)
+    assert entered.is_set() and order == ["B", "A"]
+    np.testing.assert_array_equal(out[:1000], curvkit.probes((4_000_000,), "gaussian")[:1000])
 
 
 class _Blocks:
@@ -297,7 +321,7 @@ WORKSPACE_CALLS = {
 
 
 @pytest.mark.parametrize("call", list(WORKSPACE_CALLS))
-def test_cuda_workspaces_come_from_the_callers_framework(cuda_backend, call, rng):
+def test_workspaces_come_from_the_callers_cuda_framework(cuda_backend, call, rng):
     # Every CUDA family iterates in n x n workspaces (at least three of them for any of these
     # calls); they must be the framework's memory, and all of it handed back after the call.
     fw, _ = cuda_backend
@@ -329,10 +353,9 @@ def test_cuda_workspaces_come_from_the_callers_framework(cuda_backend, call, rng
     assert all(np.isfinite(to_numpy(x)).all() for x in outputs)
 
 
-def test_cuda_workspace_out_of_memory_is_the_frameworks_error(cuda_backend, rng):
-    fw, _ = cuda_backend
-    if fw == "torch":
-        pytest.skip("a deterministic allocation limit needs CuPy's pool")
+@pytest.mark.parametrize("cuda_backend", backends("cupy", "cuda"))
+def test_workspace_out_of_memory_is_cupys_error(cuda_backend, rng):
+    # a deterministic allocation limit needs CuPy's pool
     import cupy
 
     G = make(rng.standard_normal((512, 512)), cuda_backend, "float32")

@@ -3,10 +3,11 @@ import numpy as np
 import pytest
 
 import curvkit
-from conftest import BACKENDS, dtypes_for, make, needs_torch, to_numpy
+from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, to_numpy
 import reference
 
-CPU_BACKENDS = [p for p in BACKENDS if p.values[0][1] == "cpu"]
+# "auto" is LAPACK's eigh on the CPU and the coupled Newton-Schulz iteration on CUDA.
+AUTO = {"cpu": "eigh", "cuda": "newton_schulz"}
 
 
 def rel(x, y):
@@ -29,20 +30,19 @@ def test_float64_accuracy(method, cond, n, rng):
 
 
 @pytest.mark.parametrize("method", ["newton_schulz", "eigh"])
-def test_per_dtype_accuracy_and_frameworks(backend, method, rng):
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_per_dtype_accuracy_and_frameworks(backend, dtype, method, rng):
     if backend[1] == "cuda" and method != "newton_schulz":
         with pytest.raises(ValueError, match="method"):
-            curvkit.matrix_sqrt(make(np.eye(4), backend), method=method)
+            curvkit.matrix_sqrt(make(np.eye(4), backend, dtype), method=method)
         return
     A = reference.spd_with_condition(rng, 64, 1e3)
-    tol = {"float64": 1e-12, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
-    for dtype in dtypes_for(backend):
-        a = make(A, backend, dtype)
-        S0, R0 = reference.sqrt_and_inv_sqrt(to_numpy(a))  # the reference of the rounded input
-        S, R = curvkit.matrix_sqrt_and_inv_sqrt(a, method=method, tol=1e-6)
-        assert type(S) is type(a) and S.dtype == a.dtype and tuple(S.shape) == (64, 64)
-        assert rel(to_numpy(S), S0) <= tol[dtype], dtype
-        assert rel(to_numpy(R), R0) <= tol[dtype] * 10, dtype
+    a = make(A, backend, dtype)
+    S0, R0 = reference.sqrt_and_inv_sqrt(to_numpy(a))  # the reference of the rounded input
+    S, R = curvkit.matrix_sqrt_and_inv_sqrt(a, method=method, tol=1e-6)
+    assert type(S) is type(a) and S.dtype == a.dtype and tuple(S.shape) == (64, 64)
+    assert rel(to_numpy(S), S0) <= TOL[(dtype, "sqrt")]
+    assert rel(to_numpy(R), R0) <= TOL[(dtype, "inv_sqrt")]
 
 
 def test_batched_and_iteration_counts(rng):
@@ -118,30 +118,42 @@ def test_empty_matrices():
     assert X.shape == (2, 0, 0) and info["converged"].all()
 
 
-def test_lyapunov_solve(rng):
+def test_lyapunov_solve(backend, rng):
     S = reference.spd_with_condition(rng, 30, 1e3)
     X0 = rng.standard_normal((30, 30))
-    X = curvkit.solve_lyapunov(S, S @ X0 + X0 @ S)
-    assert rel(X, X0) < 1e-9
-    Xb, info = curvkit.solve_lyapunov(np.stack([S, np.eye(30)]), np.stack([S @ X0 + X0 @ S, 2 * X0]), return_info=True)
-    assert info["converged"].all() and rel(Xb[1], X0) < 1e-14
+    X = curvkit.solve_lyapunov(make(S, backend), make(S @ X0 + X0 @ S, backend))
+    assert rel(to_numpy(X), X0) < 1e-9
+    Sb, Cb = np.stack([S, np.eye(30)]), np.stack([S @ X0 + X0 @ S, 2 * X0])
+    X, info = curvkit.solve_lyapunov(make(Sb, backend), make(Cb, backend), return_info=True)
+    assert info["converged"].all() and rel(to_numpy(X)[0], X0) < 1e-9 and rel(to_numpy(X)[1], X0) < 1e-14
+    _, cpu = curvkit.solve_lyapunov(Sb, Cb, return_info=True)
+    assert np.all(np.abs(info["iterations"] - cpu["iterations"]) <= 1)
     with pytest.raises(curvkit.ConvergenceError):  # singular S: no unique solution
-        curvkit.solve_lyapunov(np.diag([1.0, 0.0]), np.ones((2, 2)))
+        curvkit.solve_lyapunov(make(np.diag([1.0, 0.0]), backend), make(np.ones((2, 2)), backend))
+    X, info = curvkit.solve_lyapunov(make(np.zeros((2, 0, 0)), backend), make(np.zeros((2, 0, 0)), backend),
+                                     return_info=True)
+    assert tuple(X.shape) == (2, 0, 0) and info["converged"].all()
+
+
+def test_lyapunov_argument_errors(rng):
+    S = reference.spd_with_condition(rng, 30, 1e3)
     with pytest.raises(TypeError, match="argument 'C'"):
         curvkit.solve_lyapunov(S, np.ones((30, 30), dtype=np.int64))
     with pytest.raises(TypeError, match="argument 'C'"):
         curvkit.solve_lyapunov(S, [[1.0]])
 
 
-@needs_torch
-def test_autograd_gradcheck():
+@pytest.mark.parametrize("backend", backends("torch"))
+def test_autograd_gradcheck(backend):
     import torch
     import curvkit.torch as ct
 
-    B = torch.randn(2, 6, 6, dtype=torch.float64, requires_grad=True)
-    eye = torch.eye(6, dtype=torch.float64)
+    B = torch.randn(2, 6, 6, dtype=torch.float64, device=backend[1], requires_grad=True)
+    eye = torch.eye(6, dtype=torch.float64, device=backend[1])
     for fn in (ct.matrix_sqrt, ct.matrix_inv_sqrt, ct.matrix_sqrt_and_inv_sqrt):
         assert torch.autograd.gradcheck(lambda B: fn(B @ B.mT + eye), (B,))
+    if backend[1] == "cuda":
+        return  # the ill-conditioned case below was measured on the CPU (eigh) only
     # an ill-conditioned input (condition 1e4) still matches finite differences
     rng = np.random.default_rng(0)
     A0 = torch.from_numpy(reference.spd_with_condition(rng, 5, 1e4))
@@ -149,63 +161,41 @@ def test_autograd_gradcheck():
     assert torch.autograd.gradcheck(lambda C: ct.matrix_sqrt(A0 + 1e-3 * (C @ C.mT)), (C,))
 
 
-def test_cuda_batches_conditioning_and_status(cuda_backend, rng):
-    # Each matrix stops on its own on the device; the status matches the CPU run's verdict.
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_batches_conditioning_and_status(backend, rng):
+    # Each matrix stops on its own on every device; the status matches the NumPy run's verdict.
     A = np.stack([reference.spd_with_condition(rng, 96, c) for c in (1e1, 1e4, 1e8)])
-    a = make(A, cuda_backend, "float64")
-    (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(a, return_info=True)
+    references = [reference.sqrt_and_inv_sqrt(A[b]) for b in range(3)]
+    a = make(A, backend, "float64")
     _, cpu = curvkit.matrix_sqrt(A, method="newton_schulz", return_info=True)
-    assert info["method"] == "newton_schulz" and info["converged"].all()
-    its = info["iterations"]
-    assert its[0] < its[1] < its[2] and np.all(np.abs(its - cpu["iterations"]) <= 1)
-    for b, cond in enumerate((1e1, 1e4, 1e8)):
-        S0, R0 = reference.sqrt_and_inv_sqrt(A[b])
-        assert rel(to_numpy(S)[b], S0) <= 1e-12 * max(1.0, cond / 1e6)
-        assert rel(to_numpy(R)[b], R0) <= max(1e-12, 2.2e-16 * cond)
+    for method in ("auto", "newton_schulz"):
+        (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(a, method=method, return_info=True)
+        ran = AUTO[backend[1]] if method == "auto" else method
+        assert (info["method"] == ran).all() and info["converged"].all()
+        if ran == "newton_schulz":
+            its = info["iterations"]
+            assert its[0] < its[1] < its[2] and np.all(np.abs(its - cpu["iterations"]) <= 1)
+        for (S0, R0), b, cond in zip(references, range(3), (1e1, 1e4, 1e8)):
+            assert rel(to_numpy(S)[b], S0) <= 1e-12 * max(1.0, cond / 1e6)
+            assert rel(to_numpy(R)[b], R0) <= max(1e-12, 2.2e-16 * cond)
 
 
-def test_cuda_failures_are_reported_not_nan(cuda_backend, rng):
+def test_failures_are_reported_not_nan(backend, rng):
+    # the iteration ("auto" on CUDA; the CPU's "auto" is eigh, which has no iteration limit)
     A = reference.spd_with_condition(rng, 32, 1e3)
-    S, info = curvkit.matrix_sqrt(make(A, cuda_backend, "float32"), max_iters=2, return_info=True)
+    S, info = curvkit.matrix_sqrt(make(A, backend, "float32"), method="newton_schulz", max_iters=2, return_info=True)
     assert not info["converged"] and np.isfinite(to_numpy(S)).all()
-    zero = make(np.zeros((2, 8, 8)), cuda_backend, "float32")
+    zero = make(np.zeros((2, 8, 8)), backend, "float32")
     S, info = curvkit.matrix_sqrt(zero, return_info=True)
     assert info["converged"].all() and not to_numpy(S).any()
     indefinite = reference.spd_with_condition(rng, 12, 10) - 0.5 * np.eye(12)
-    (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(make(indefinite, cuda_backend, "float64"), return_info=True)
+    (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(make(indefinite, backend, "float64"), method="newton_schulz",
+                                                    return_info=True)
     _, cpu = curvkit.matrix_sqrt_and_inv_sqrt(indefinite, method="newton_schulz", return_info=True)
     assert not info["converged"] and np.isfinite(to_numpy(S)).all() and np.isfinite(to_numpy(R)).all()
     assert np.isfinite(info["residual"]) == np.isfinite(cpu["residual"])
     with pytest.raises(ValueError, match="NaN"):
-        curvkit.matrix_sqrt(make(np.full((4, 4), np.nan), cuda_backend, "float32"))
+        curvkit.matrix_sqrt(make(np.full((4, 4), np.nan), backend, "float32"))
     with pytest.raises(ValueError, match="symmetric"):
-        curvkit.matrix_sqrt(make(np.triu(np.ones((4, 4))), cuda_backend, "float32"))
+        curvkit.matrix_sqrt(make(np.triu(np.ones((4, 4))), backend, "float32"))
 
-
-def test_cuda_lyapunov_solve(cuda_backend, rng):
-    S = reference.spd_with_condition(rng, 30, 1e3)
-    X0 = rng.standard_normal((30, 30))
-    Sb, Cb = np.stack([S, np.eye(30)]), np.stack([S @ X0 + X0 @ S, 2 * X0])
-    X, info = curvkit.solve_lyapunov(make(Sb, cuda_backend), make(Cb, cuda_backend), return_info=True)
-    assert info["converged"].all() and rel(to_numpy(X)[0], X0) < 1e-9 and rel(to_numpy(X)[1], X0) < 1e-14
-    _, cpu = curvkit.solve_lyapunov(Sb, Cb, return_info=True)
-    assert np.all(np.abs(info["iterations"] - cpu["iterations"]) <= 1)
-    with pytest.raises(curvkit.ConvergenceError):  # singular S: no unique solution
-        curvkit.solve_lyapunov(make(np.diag([1.0, 0.0]), cuda_backend), make(np.ones((2, 2)), cuda_backend))
-    X, info = curvkit.solve_lyapunov(make(np.zeros((2, 0, 0)), cuda_backend), make(np.zeros((2, 0, 0)), cuda_backend),
-                                     return_info=True)
-    assert tuple(X.shape) == (2, 0, 0) and info["converged"].all()
-
-
-@needs_torch
-@pytest.mark.skipif(not curvkit.has_cuda(), reason="needs a GPU and a CUDA build of curvkit")
-def test_cuda_autograd_gradcheck():
-    import torch
-    import curvkit.torch as ct
-
-    if not torch.cuda.is_available():
-        pytest.skip("needs PyTorch with CUDA")
-    B = torch.randn(2, 6, 6, dtype=torch.float64, device="cuda", requires_grad=True)
-    eye = torch.eye(6, dtype=torch.float64, device="cuda")
-    for fn in (ct.matrix_sqrt, ct.matrix_inv_sqrt, ct.matrix_sqrt_and_inv_sqrt):
-        assert torch.autograd.gradcheck(lambda B: fn(B @ B.mT + eye), (B,))

@@ -5,13 +5,11 @@ import pytest
 
 import curvkit
 from curvkit.newton_schulz import schedule
-from conftest import dtypes_for, make, needs_torch, to_numpy
+from conftest import TOL, backend_dtypes, backends, make, needs_torch, to_numpy
 import reference
 
-# Distance from the float64 plain-product iteration after 5 steps, per compute dtype
-# (float16/bfloat16 compute in float32 and differ by their input and output rounding). Sides
+# TOL[(dtype, "polar")]: distance from the float64 plain-product iteration after 5 steps. Sides
 # above 64 reach the off-diagonal tiles of the CUDA mirror kernel (64 x 64 for 2-byte types).
-TOL = {"float64": 1e-11, "float32": 2e-5, "float16": 2e-3, "bfloat16": 1.6e-2}
 METHODS = ["standard", "gram"]
 SHAPES = [(32, 32), (24, 64), (64, 24), (3, 16, 40), (2, 2, 40, 16), (1, 7), (7, 1), (130, 200), (3, 100, 70)]
 
@@ -32,15 +30,15 @@ def test_singular_value_bands_after_five_steps(coefficients, band, method):
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("shape", SHAPES)
-def test_matches_reference_iteration_per_dtype(backend, method, shape, rng):
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_matches_reference_iteration_per_dtype(backend, dtype, method, shape, rng):
     G = rng.standard_normal(shape) * 10.0 ** rng.uniform(-3, 3)
     table, norm_scale = schedule("you", 5)
-    for dtype in dtypes_for(backend):
-        g = make(G, backend, dtype)
-        X = curvkit.polar(g, 5, "you", method=method)
-        assert type(X) is type(g) and X.dtype == g.dtype and tuple(X.shape) == shape
-        expected = reference.newton_schulz(to_numpy(g), table, norm_scale)
-        np.testing.assert_allclose(to_numpy(X), expected, atol=TOL[dtype], err_msg=dtype)
+    g = make(G, backend, dtype)
+    X = curvkit.polar(g, 5, "you", method=method)
+    assert type(X) is type(g) and X.dtype == g.dtype and tuple(X.shape) == shape
+    expected = reference.newton_schulz(to_numpy(g), table, norm_scale)
+    np.testing.assert_allclose(to_numpy(X), expected, atol=TOL[(dtype, "polar")])
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -95,15 +93,15 @@ def test_rank_deficient_zero_and_scale_invariance(method, rng):
 
 
 @needs_torch
-def test_half_precision_input_is_normalized_before_any_cast():
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_input_is_normalized_before_any_cast(dtype):
     import torch
 
     G = torch.randn(16, 48)
     G = G / G.abs().max() * 6e4  # up to float16's maximum: squaring in float16 would overflow
-    for dtype in (torch.float16, torch.bfloat16):
-        X = curvkit.polar(G.to(dtype), 5)
-        assert torch.isfinite(X).all()
-        np.testing.assert_allclose(X.double().numpy(), curvkit.polar(G.double().numpy(), 5), atol=TOL[str(dtype)[6:]])
+    X = curvkit.polar(G.to(getattr(torch, dtype)), 5)
+    assert torch.isfinite(X).all()
+    np.testing.assert_allclose(X.double().numpy(), curvkit.polar(G.double().numpy(), 5), atol=TOL[(dtype, "polar")])
 
 
 def test_transpose_invariance_and_noncontiguous_input(rng):
@@ -123,16 +121,20 @@ def test_list_of_shapes_in_one_call_equals_separate_calls(backend, rng):
         np.testing.assert_allclose(to_numpy(X), to_numpy(curvkit.polar(G, 5, "polar_express")), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype, atol", [(np.float64, 1e-14), (np.float32, 1e-6)])
+def test_fused_update_per_dtype(dtype, atol, rng):
+    G = rng.standard_normal((3, 20, 50))
+    W = rng.standard_normal((3, 20, 50)).astype(dtype)
+    expected = W * (1 - 0.02 * 0.1) - 0.02 * 1.5 * curvkit.polar(G.astype(dtype))
+    curvkit.polar_update_(W, G.astype(dtype), lr=0.02, weight_decay=0.1, scale=1.5)
+    np.testing.assert_allclose(W, expected, atol=atol)
+
+
 def test_out_and_fused_update(rng):
     G = rng.standard_normal((3, 20, 50))
     out = np.empty_like(G)
     assert curvkit.polar(G, out=out) is out
     np.testing.assert_allclose(out, curvkit.polar(G), atol=0)
-    for dtype in (np.float64, np.float32):
-        W = rng.standard_normal((3, 20, 50)).astype(dtype)
-        expected = W * (1 - 0.02 * 0.1) - 0.02 * 1.5 * curvkit.polar(G.astype(dtype))
-        curvkit.polar_update_(W, G.astype(dtype), lr=0.02, weight_decay=0.1, scale=1.5)
-        np.testing.assert_allclose(W, expected, atol=1e-6 if dtype == np.float32 else 1e-14)
     W32 = rng.standard_normal((20, 50)).astype(np.float32)  # param and update of different dtypes
     expected = W32 - 0.1 * curvkit.polar(G[0]).astype(np.float32)
     curvkit.polar_update_(W32, G[0], lr=0.1)
@@ -144,14 +146,12 @@ def test_out_and_fused_update(rng):
         np.testing.assert_array_equal(w, c)
 
 
-@needs_torch
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_polar_update_writes_a_parameter_that_requires_grad(device, rng):
+@pytest.mark.parametrize("backend", backends("torch"))
+def test_polar_update_writes_a_parameter_that_requires_grad(backend, rng):
     # Muon's use: the parameter of an nn.Module, which DLPack exports only once detached
     import torch
 
-    if device == "cuda" and not (torch.cuda.is_available() and curvkit.has_cuda()):
-        pytest.skip("needs PyTorch with CUDA and a CUDA build of curvkit")
+    device = backend[1]
     W = torch.nn.Parameter(torch.tensor(rng.standard_normal((8, 16)), device=device))
     G = torch.tensor(rng.standard_normal((8, 16)), device=device)
     expected = W.detach() * (1 - 0.1 * 0.01) - 0.1 * curvkit.polar(G)
@@ -190,14 +190,12 @@ def test_unchecked_nonfinite_matrix_gives_nan_and_leaves_the_others(backend, met
         assert np.isnan(Z[0]).all() and (Z[1] == 0).all()
 
 
-@needs_torch
-def test_unchecked_polar_is_captured_in_a_cuda_graph(rng):
+@pytest.mark.parametrize("cuda_backend", backends("torch", "cuda"))
+def test_unchecked_polar_is_captured_in_a_cuda_graph(cuda_backend, rng):
     # No host synchronization without the finite check: Muon's step can live in a CUDA graph,
     # workspaces included (PyTorch serves them from the graph's pool).
     import torch
 
-    if not (torch.cuda.is_available() and curvkit.has_cuda()):
-        pytest.skip("needs PyTorch with CUDA and a CUDA build of curvkit")
     G = torch.randn(4, 256, 512, device="cuda")
     W = [torch.randn(256, 512, device="cuda"), torch.randn(128, 96, device="cuda", dtype=torch.bfloat16)]
     updates = [torch.randn_like(w) for w in W]
@@ -226,16 +224,14 @@ def test_unchecked_polar_is_captured_in_a_cuda_graph(rng):
         torch.testing.assert_close(w.float(), e.float(), atol=tol, rtol=0)
 
 
-def test_unchecked_polar_is_captured_in_a_cupy_graph(rng):
+@pytest.mark.parametrize("cuda_backend", backends("cupy", "cuda"))
+def test_unchecked_polar_is_captured_in_a_cupy_graph(cuda_backend, rng):
     # In a CuPy capture the workspaces are the graph's own memory nodes (cudaMallocAsync), not
     # blocks of CuPy's pool, which would hand the recorded addresses to other arrays later.
-    cupy = pytest.importorskip("cupy")
-    try:
-        usable = cupy.cuda.runtime.getDeviceCount() > 0 and curvkit.has_cuda()
-    except Exception:  # noqa: BLE001 - CuPy without a driver
-        usable = False
-    if not usable or not hasattr(cupy.cuda.Stream, "begin_capture"):
-        pytest.skip("needs CuPy with stream capture, a GPU and a CUDA build of curvkit")
+    import cupy
+
+    if not hasattr(cupy.cuda.Stream, "begin_capture"):
+        pytest.skip("needs CuPy with stream capture")
     G = cupy.asarray(rng.standard_normal((3, 64, 160)), dtype=cupy.float32)
     out = cupy.empty_like(G)
     cupy.cuda.Stream.null.synchronize()  # G was written on the legacy stream, which a non-blocking one ignores
@@ -253,14 +249,12 @@ def test_unchecked_polar_is_captured_in_a_cupy_graph(rng):
     cupy.testing.assert_allclose(out, expected, atol=1e-5, rtol=0)
 
 
-@needs_torch
-@pytest.mark.parametrize("device", ["cpu", "cuda"])
-def test_torch_custom_ops_compile_without_graph_breaks(device, rng):
+@pytest.mark.parametrize("backend", backends("torch"))
+def test_torch_custom_ops_compile_without_graph_breaks(backend, rng):
     import torch
     import curvkit.torch as ct
 
-    if device == "cuda" and not (torch.cuda.is_available() and curvkit.has_cuda()):
-        pytest.skip("needs PyTorch with CUDA and a CUDA build of curvkit")
+    device = backend[1]
     G = torch.tensor(rng.standard_normal((2, 24, 40)), dtype=torch.float32, device=device)
     W = [torch.tensor(rng.standard_normal(s), dtype=torch.float32, device=device) for s in [(24, 40), (16, 8)]]
     U = [torch.tensor(rng.standard_normal(w.shape), dtype=torch.float32, device=device) for w in W]

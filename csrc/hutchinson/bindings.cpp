@@ -29,7 +29,7 @@ void register_hutchinson(py::module_& m, py::module_& testing) {
         interop::ImportedArray o = interop::import_output(out, "out", stream);
         std::optional<interop::ImportedArray> ws;
         if (!workspace.is_none()) ws.emplace(interop::import_output(workspace, "workspace", stream));
-        binding::CallScope scope(py::none());
+        binding::CallScope scope{py::none()};
         probes(o.view, k, seed, offset, ws ? &ws->view : nullptr, stream);
       },
       py::arg("out"), py::kw_only(), py::arg("kind"), py::arg("seed"), py::arg("offset"), py::arg("workspace"),

@@ -447,7 +447,7 @@ class RootGroup {
         status.iterations = newton_ ? h.iterations : 0;
         // a non-finite Newton iterate is not measured (the CPU returns before); eigh's is Inf
         status.residual = !measured() ? -1.0 : (h.finite ? h.residual : (newton_ ? -1.0 : INFINITY));
-        status.converged = h.finite && (newton_ ? h.residual <= o_.tol : h.ok);
+        status.converged = h.finite && (newton_ ? h.residual <= *o_.tol : h.ok);
         status.products = start_products + residual_products + (newton_ ? h.iterations * (powers + 2) * f : 0.0);
         if (!newton_ && s.basis) {
           const size_t k = size_t(first + b);

@@ -1,0 +1,159 @@
+"""Property tests (hypothesis): the defining identities of polar, inverse roots and eigh on
+random small inputs, and layout/dtype independence over random views. Each is bounded (small
+sizes, a few dozen examples); the examples are derived from the test (derandomize) so a run is
+reproducible, and nothing is written to disk (no example database)."""
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+import curvkit
+from curvkit.newton_schulz import schedule
+from conftest import make, raw_bits, to_numpy, torch
+import reference
+
+SETTINGS = dict(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+
+sizes = st.integers(1, 20)
+seeds = st.integers(0, 2**32 - 1)
+scales = st.sampled_from([1e-3, 1.0, 1e3])
+
+
+def _with_spectrum(seed, batch, m, n, cond, scale):
+    rng = np.random.default_rng(seed)
+    r = min(m, n)
+    return scale * np.stack([reference.matrix_with_spectrum(rng, m, n, np.geomspace(1, 1 / cond, r))
+                             for _ in range(batch)])
+
+
+def _spd(seed, batch, n, cond, scale):
+    rng = np.random.default_rng(seed)
+    return scale * np.stack([reference.spd_with_condition(rng, n, cond) for _ in range(batch)])
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(seed=seeds, batch=st.integers(1, 3), m=sizes, n=sizes, cond=st.floats(1, 100), scale=scales,
+       method=st.sampled_from(["standard", "gram"]))
+def test_polar_express_orthogonalizes_well_conditioned_inputs(seed, batch, m, n, cond, scale, method):
+    # 12 steps reach U V^T for condition numbers up to 1e3 (the docstring): X X^T = I on the short side
+    G = _with_spectrum(seed, batch, m, n, cond, scale)
+    X = curvkit.polar(G, 12, "polar_express", method=method)
+    short = X @ np.swapaxes(X, -1, -2) if m <= n else np.swapaxes(X, -1, -2) @ X
+    np.testing.assert_allclose(short, np.broadcast_to(np.eye(min(m, n)), short.shape), atol=1e-8)
+    np.testing.assert_allclose(X, reference.polar_factor(G), atol=1e-8)
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(seed=seeds, m=st.integers(2, 24), n=st.integers(2, 24), cond=st.floats(1, 10), scale=scales,
+       method=st.sampled_from(["standard", "gram"]))
+def test_polar_express_singular_values_stay_in_the_band_after_five_steps(seed, m, n, cond, scale, method):
+    # the documented band of "polar_express" after 5 steps, [0.87, 1.12] (as in
+    # test_singular_value_bands_after_five_steps), for spectra its schedule covers
+    G = _with_spectrum(seed, 1, m, n, cond, scale)[0]
+    X = curvkit.polar(G, 5, "polar_express", method=method)
+    s = np.linalg.svd(X, compute_uv=False)
+    assert 0.8703 - 2e-3 <= s.min() and s.max() <= 1.1236 + 2e-3
+    table, norm_scale = schedule("polar_express", 5)
+    np.testing.assert_allclose(X, reference.newton_schulz(G, table, norm_scale), atol=1e-12)
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(seed=seeds, batch=st.integers(1, 3), n=st.integers(1, 16), log_cond=st.floats(0, 4),
+       p=st.sampled_from([1, 2, 4, 8]), eps=st.sampled_from([0.0, 1e-6]), scale=scales,
+       method=st.sampled_from(["eigh", "newton"]))
+def test_inverse_root_to_the_p_times_the_ridged_matrix_is_the_identity(seed, batch, n, log_cond, p, eps, scale,
+                                                                       method):
+    A = _spd(seed, batch, n, 10**log_cond, scale)
+    X = curvkit.matrix_inverse_root(A, p, eps=eps * scale, method=method)
+    ridged = A + eps * scale * np.eye(n)
+    product = np.linalg.matrix_power(X, p) @ ridged
+    # relative to the ridged matrix's conditioning (the error of X^p is about u times it)
+    w = np.linalg.eigvalsh(ridged)
+    cond = w[..., -1] / w[..., 0]
+    for k in range(batch):
+        assert np.abs(product[k] - np.eye(n)).max() <= 1e-13 * n * max(cond[k], 10), k
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(seed=seeds, batch=st.integers(1, 3), n=st.integers(1, 24), scale=scales,
+       dtype=st.sampled_from(["float64", "float32"]))
+def test_eigh_reconstructs_and_is_orthonormal(seed, batch, n, scale, dtype):
+    rng = np.random.default_rng(seed)
+    B = rng.standard_normal((batch, n, n))
+    A = (scale * (B + np.swapaxes(B, -1, -2)) / 2).astype(dtype)
+    w, V = curvkit.eigh(A)
+    assert w.dtype == A.dtype and V.dtype == A.dtype
+    w, V, A = w.astype(np.float64), V.astype(np.float64), A.astype(np.float64)
+    u = np.finfo(dtype).eps
+    norm = np.linalg.norm(A, 2, axis=(-2, -1))[..., None, None]
+    assert (np.abs(V @ (w[..., None] * np.swapaxes(V, -1, -2)) - A) <= 20 * n * u * norm).all()
+    np.testing.assert_allclose(np.swapaxes(V, -1, -2) @ V, np.broadcast_to(np.eye(n), (batch, n, n)), atol=20 * n * u)
+    assert np.all(np.diff(w, axis=-1) >= 0)
+
+
+def _frameworks():
+    return ["numpy"] + (["torch"] if torch is not None else [])
+
+
+@st.composite
+def viewed_inputs(draw, symmetric):
+    """(framework, dtype, NumPy values, a view of them on that framework): the view takes every
+    k-th matrix of a batch and every s-th row/column, and may be transposed."""
+    fw = draw(st.sampled_from(_frameworks()))
+    dtype = draw(st.sampled_from(["float16", "float32", "float64"] + (["bfloat16"] if fw == "torch" else [])))
+    seed = draw(seeds)
+    batch, n = draw(st.integers(1, 3)), draw(st.integers(1, 10))
+    m = n if symmetric else draw(st.integers(1, 10))
+    steps = [draw(st.integers(1, 3)) for _ in range(3)]
+    if symmetric:
+        steps[2] = steps[1]  # a symmetric matrix's view takes the same rows as columns
+    offsets = [draw(st.integers(0, s - 1)) for s in steps]
+    transpose = draw(st.booleans())
+    rng = np.random.default_rng(seed)
+    values = _spd(seed, batch, n, 10.0, 1.0) if symmetric else rng.standard_normal((batch, m, n))
+    big = np.full([d * s for d, s in zip(values.shape, steps)], np.nan)
+    index = tuple(slice(o, None, s) for o, s in zip(offsets, steps))
+    big[index] = values
+    x = make(big, (fw, "cpu"), dtype)[index]
+    if transpose:
+        x = x.swapaxes(-1, -2)
+    return fw, dtype, x
+
+
+def _contiguous(x):
+    return x.contiguous() if type(x).__module__.startswith("torch") else np.ascontiguousarray(x)
+
+
+@settings(max_examples=50, **SETTINGS)
+@given(case=viewed_inputs(symmetric=False), method=st.sampled_from(["standard", "gram"]))
+def test_polar_of_a_random_view_equals_polar_of_its_contiguous_copy(case, method):
+    fw, dtype, x = case
+    got = curvkit.polar(x, 5, method=method)
+    assert type(got) is type(x) and got.dtype == x.dtype and got.shape == x.shape
+    np.testing.assert_array_equal(raw_bits(got), raw_bits(curvkit.polar(_contiguous(x), 5, method=method)))
+
+
+@settings(max_examples=40, **SETTINGS)
+@given(case=viewed_inputs(symmetric=True), p=st.sampled_from([2, 4]), method=st.sampled_from(["eigh", "newton"]))
+def test_inverse_root_and_eigh_of_a_random_view_equal_those_of_its_contiguous_copy(case, p, method):
+    fw, dtype, x = case
+    copy = _contiguous(x)
+    got = curvkit.matrix_inverse_root(x, p, eps=1e-3, method=method)
+    assert type(got) is type(x) and got.dtype == x.dtype
+    np.testing.assert_array_equal(raw_bits(got), raw_bits(curvkit.matrix_inverse_root(copy, p, eps=1e-3, method=method)))
+    for a, b in zip(curvkit.eigh(x), curvkit.eigh(copy)):
+        np.testing.assert_array_equal(raw_bits(a), raw_bits(b))
+    S = curvkit.matrix_sqrt(x)
+    np.testing.assert_array_equal(raw_bits(S), raw_bits(curvkit.matrix_sqrt(copy)))
+    assert np.isfinite(to_numpy(got)).all()
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+@settings(max_examples=25, **SETTINGS)
+@given(case=viewed_inputs(symmetric=False))
+def test_frameworks_agree_on_the_same_view(case):
+    # the same values through NumPy and PyTorch (CPU) give the same bits
+    fw, dtype, x = case
+    assume(dtype != "bfloat16")  # NumPy has no bfloat16
+    other = torch.from_numpy(np.asarray(x)) if fw == "numpy" else x.numpy()
+    np.testing.assert_array_equal(raw_bits(curvkit.polar(x)), raw_bits(curvkit.polar(other)))
