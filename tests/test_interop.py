@@ -210,30 +210,60 @@ class _Hooked:
         return self.a.__dlpack_device__()
 
 
-def test_gil_is_released_during_compute():
+def _spd(n):
+    B = np.random.default_rng(n).standard_normal((n, n))
+    return B @ B.T / n + np.eye(n)
+
+
+# One native call of every family, with its first array hooked (the array and the call).
+_NO_WORKSPACE = {"stream": 0, "workspace": None}
+GIL_CALLS = {
+    "probes": lambda h: _core.probes(h(np.empty(4_000_000)), kind="gaussian", seed=0, offset=0, **_NO_WORKSPACE),
+    "convert": lambda h: _core.convert(h(np.ones(8_000_000)), np.empty(8_000_000, dtype=np.float32)),
+    "polar": lambda h: _core.polar(
+        [h(np.ones((400, 400)) + np.eye(400))], [np.empty((400, 400))], steps=[(3.4445, -4.775, 2.0315)] * 5,
+        norm_scale=1.0, norm_eps=1e-7, method="standard", alpha=1.0, beta=0.0, normalize=True, check_finite=True,
+        **_NO_WORKSPACE),
+    "matrix_sqrt": lambda h: _core.matrix_sqrt([h(_spd(300))], [np.empty((300, 300))], [], method="newton_schulz",
+                                               max_iters=100, tol=1e-8, **_NO_WORKSPACE),
+    "solve_lyapunov": lambda h: _core.solve_lyapunov([h(_spd(200))], [np.eye(200)], [np.empty((200, 200))],
+                                                     max_iters=100, **_NO_WORKSPACE),
+    "matrix_inverse_root": lambda h: _core.matrix_inverse_root(
+        [h(_spd(300))], [np.empty((300, 300))], [None], [None], p=4, eps=0.0, method="newton", max_iters=100,
+        tol=None, fallback=True, compute_residual=False, **_NO_WORKSPACE),
+    "eigh": lambda h: _core.eigh([h(_spd(400))], [np.empty(400)], [np.empty((400, 400))], [None], **_NO_WORKSPACE),
+    "orthonormalize_qr": lambda h: _core.orthonormalize_qr([h(np.random.default_rng(0).standard_normal((2000, 300)))],
+                                                           **_NO_WORKSPACE),
+    "eigenbasis_update": lambda h: _core.eigenbasis_update(
+        [h(_spd(500))], [np.eye(500)], [np.empty((500, 500))], [np.empty(500)], [np.empty(500, dtype=np.int64)],
+        **_NO_WORKSPACE),
+}
+
+
+@pytest.mark.parametrize("name", list(GIL_CALLS))
+def test_gil_is_released_during_compute(name):
     # Thread B waits until curvkit (in this thread) has entered the native call, then runs
     # Python code. Python's own thread switching is switched off (an interval of 1000 s), so
     # B can run before this thread returns only if the native call released the GIL; if it
-    # held it, B would run after the return and the order would be ["A", "B"].
+    # held it, B would run after the return and the order would be ["A", "B"]. Every family's
+    # binding is called, since each one releases the GIL itself (CallScope).
     entered, order = threading.Event(), []
 
     def b():
         entered.wait()
         order.append("B")
 
-    out = np.empty(4_000_000)  # about 0.1 s of gaussian probes on one core
     interval = sys.getswitchinterval()
     sys.setswitchinterval(1000.0)
     try:
         thread = threading.Thread(target=b)
         thread.start()  # B runs until it blocks in entered.wait()
-        _core.probes(_Hooked(out, entered.set), kind="gaussian", seed=0, offset=0, workspace=None, stream=0)
+        GIL_CALLS[name](lambda a: _Hooked(a, entered.set))
         order.append("A")
         thread.join()
     finally:
         sys.setswitchinterval(interval)
     assert entered.is_set() and order == ["B", "A"]
-    np.testing.assert_array_equal(out[:1000], curvkit.probes((4_000_000,), "gaussian")[:1000])
 
 
 class _Blocks:

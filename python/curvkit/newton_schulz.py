@@ -78,7 +78,8 @@ def polar(G: Any, steps: int = 5, coefficients: Coefficients = "muon", norm_eps:
         (as Muon does), so results differ from the float64 iteration by about the dtype's
         rounding (measured max 5.7e-3 for bfloat16, 7e-4 for float16, 5 steps of "you").
     out : array or list of arrays, optional
-        Where to write the result (same shape, any float dtype, C-contiguous).
+        Where to write the result (same shape, any float dtype; any strides, a non-contiguous
+        one is written through a contiguous copy).
     check_finite : bool
         True: input holding NaN or Inf raises ValueError; on CUDA this check is the call's one
         host synchronization (it waits for the input norms). False: no check and no
@@ -167,11 +168,17 @@ def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, bet
         outputs = [_arrays.empty_like(g) for g in inputs]
     else:
         outputs = _arrays.given_outputs(out, single, out_name, "G")
+    # A strided or transposed output (a view of a parameter, say) is updated through a
+    # contiguous copy: the kernels read and write C-contiguous memory.
+    written = [_arrays.contiguous(o, out_name) for o in outputs]
     table, norm_scale = schedule(coefficients, steps)
     stream, workspace = _arrays.call_context(inputs)
-    _core.polar(inputs, outputs, steps=table, norm_scale=norm_scale, norm_eps=float(norm_eps), method=method,
+    _core.polar(inputs, written, steps=table, norm_scale=norm_scale, norm_eps=float(norm_eps), method=method,
                 alpha=alpha, beta=beta, normalize=True, check_finite=bool(check_finite), stream=stream,
                 workspace=workspace)
+    for o, w in zip(outputs, written):
+        if w is not o:
+            _arrays.convert(w, out=o, name=out_name)
     if out is not None:
         return out
     return outputs[0] if single else outputs
