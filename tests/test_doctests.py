@@ -1,10 +1,14 @@
-"""The runnable examples in the docstrings run and give what they show."""
+"""The runnable examples in the docstrings run and give what they show. Every module of the
+package is found by itself (a new family needs no edit here); public modules must have examples."""
 import doctest
 import importlib
+import pkgutil
 
 import pytest
 
-MODULES = ["curvkit._arrays", "curvkit._config", "curvkit.hutchinson", "curvkit.newton_schulz", "curvkit.torch", "curvkit.inverse_root"]
+import curvkit
+
+MODULES = sorted(f"curvkit.{m.name}" for m in pkgutil.iter_modules(curvkit.__path__) if m.name not in ("_core", "demo"))
 
 
 @pytest.mark.parametrize("name", MODULES)
@@ -12,5 +16,6 @@ def test_docstring_examples(name):
     if name == "curvkit.torch":
         pytest.importorskip("torch")
     result = doctest.testmod(importlib.import_module(name), optionflags=doctest.NORMALIZE_WHITESPACE)
-    assert result.attempted > 0, f"{name} has no examples"
+    if not name.split(".")[-1].startswith("_"):
+        assert result.attempted > 0, f"{name} has no examples"
     assert result.failed == 0

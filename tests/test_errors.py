@@ -1,10 +1,10 @@
 """Bad input gets a Python exception naming the argument, never a crash."""
 import numpy as np
 import pytest
+from conftest import needs_torch
 
 import curvkit
 from curvkit import _core
-from conftest import needs_torch
 
 
 @pytest.mark.parametrize(

@@ -3,10 +3,10 @@ import math
 
 import numpy as np
 import pytest
+import reference
+from conftest import TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
 
 import curvkit
-from conftest import TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
-import reference
 
 KINDS = ["rademacher", "gaussian", "sphere"]
 # TOL[(dtype, "probe")]: largest relative error against the float64 reference: one rounding to

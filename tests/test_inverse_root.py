@@ -2,10 +2,10 @@
 rank deficiency, warm starts, ragged lists, failure policy."""
 import numpy as np
 import pytest
+import reference
+from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, is_cuda, make, needs_torch, to_numpy
 
 import curvkit
-from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, is_cuda, make, needs_torch, to_numpy
-import reference
 
 
 def root_reference(A, p, eps=0.0):
@@ -322,7 +322,8 @@ def test_orthonormalize_qr(backend, shape, rng):
     Q = rng.standard_normal(shape)
     R = to_numpy(curvkit.orthonormalize(make(Q, backend), "qr"))
     k = shape[-1]
-    np.testing.assert_allclose(np.swapaxes(R, -1, -2) @ R, np.broadcast_to(np.eye(k), R.shape[:-2] + (k, k)), atol=1e-13)
+    identity = np.broadcast_to(np.eye(k), R.shape[:-2] + (k, k))
+    np.testing.assert_allclose(np.swapaxes(R, -1, -2) @ R, identity, atol=1e-13)
     q, r = np.linalg.qr(Q)
     expected = q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :]  # Gram-Schmidt basis
     np.testing.assert_allclose(R, expected, atol=1e-12)
@@ -373,7 +374,8 @@ def test_eigenbasis_update_tracks_the_eigenbasis(rng):
 # ---- CUDA (torch CUDA tensors and CuPy arrays; skipped without a GPU)
 
 
-@pytest.mark.parametrize("dtype, cond, bound", [("float64", 1e2, 1e-10), ("float32", 1e2, 1e-3), ("float64", 1e6, 1e-9)])
+@pytest.mark.parametrize("dtype, cond, bound",
+                         [("float64", 1e2, 1e-10), ("float32", 1e2, 1e-3), ("float64", 1e6, 1e-9)])
 def test_large_matrices_use_the_symmetric_product_on_cuda(cuda_backend, dtype, cond, bound, rng):
     # n >= 768 computes only the lower blocks of the symmetric products, whose mirrored results
     # are exactly symmetric (emulated at n = 200: same steps as plain products, error <= 2.3x)

@@ -1,10 +1,10 @@
 """Matrix square roots, inverse square roots and the Lyapunov solve against float64 eigh."""
 import numpy as np
 import pytest
+import reference
+from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, to_numpy
 
 import curvkit
-from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, to_numpy
-import reference
 
 # "auto" is LAPACK's eigh on the CPU and the coupled Newton-Schulz iteration on CUDA.
 AUTO = {"cpu": "eigh", "cuda": "newton_schulz"}
@@ -146,12 +146,13 @@ def test_lyapunov_argument_errors(rng):
 @pytest.mark.parametrize("backend", backends("torch"))
 def test_autograd_gradcheck(backend):
     import torch
+
     import curvkit.torch as ct
 
     B = torch.randn(2, 6, 6, dtype=torch.float64, device=backend[1], requires_grad=True)
     eye = torch.eye(6, dtype=torch.float64, device=backend[1])
     for fn in (ct.matrix_sqrt, ct.matrix_inv_sqrt, ct.matrix_sqrt_and_inv_sqrt):
-        assert torch.autograd.gradcheck(lambda B: fn(B @ B.mT + eye), (B,))
+        assert torch.autograd.gradcheck(lambda B, fn=fn: fn(B @ B.mT + eye), (B,))
     if backend[1] == "cuda":
         return  # the ill-conditioned case below was measured on the CPU (eigh) only
     # an ill-conditioned input (condition 1e4) still matches finite differences

@@ -2,11 +2,11 @@
 iteration), over schedules, routes, shapes, dtypes and frameworks."""
 import numpy as np
 import pytest
+import reference
+from conftest import TOL, backend_dtypes, backends, make, needs_torch, to_numpy
 
 import curvkit
 from curvkit.newton_schulz import schedule
-from conftest import TOL, backend_dtypes, backends, make, needs_torch, to_numpy
-import reference
 
 # TOL[(dtype, "polar")]: distance from the float64 plain-product iteration after 5 steps. Sides
 # above 64 reach the off-diagonal tiles of the CUDA mirror kernel (64 x 64 for 2-byte types).
@@ -252,6 +252,7 @@ def test_unchecked_polar_is_captured_in_a_cupy_graph(cuda_backend, rng):
 @pytest.mark.parametrize("backend", backends("torch"))
 def test_torch_custom_ops_compile_without_graph_breaks(backend, rng):
     import torch
+
     import curvkit.torch as ct
 
     device = backend[1]
