@@ -299,7 +299,7 @@ def test_empty_inputs(shape):
         ((np.ones((2, 2)),), {"norm_eps": -1.0}, ValueError, "'norm_eps'"),
         ((np.ones((2, 2)),), {"out": np.empty((2, 3))}, ValueError, "same shape"),
         ((np.ones((2, 2)),), {"out": [np.empty((2, 2))]}, ValueError, "'out' must match"),
-        ((np.ones((4, 4)),), {"out": np.empty((4, 8))[:, ::2]}, ValueError, "'out' must be C-contiguous"),
+        ((np.ones((4, 4)),), {"out": np.empty((4, 8), dtype=np.int32)[:, ::2]}, TypeError, "'out'.*int32"),
     ],
 )
 def test_errors(args, kwargs, error, match):

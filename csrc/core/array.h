@@ -56,7 +56,9 @@ struct ArrayView {
   int64_t size(int d) const { return shape[d < 0 ? d + ndim() : d]; }
   bool is_contiguous() const;  // C order, dimensions of size 1 ignored
   template <class T>
-  T* ptr() const { return static_cast<T*>(data); }
+  T* ptr() const {
+    return static_cast<T*>(data);
+  }
 };
 
 // Matrices in a (..., m, n) stack, counted from the leading dimensions (so m n = 0 counts too).

@@ -29,11 +29,13 @@ inline void syrk(bool trans, int n, int k, double alpha, const double* a, int ld
 // (lower triangle read).
 inline void symm(bool left, int m, int n, float alpha, const float* s, int lds, const float* b, int ldb, float beta,
                  float* c, int ldc) {
-  scipy_cblas_ssymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasLower, m, n, alpha, s, lds, b, ldb, beta, c, ldc);
+  scipy_cblas_ssymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasLower, m, n, alpha, s, lds, b, ldb, beta, c,
+                    ldc);
 }
-inline void symm(bool left, int m, int n, double alpha, const double* s, int lds, const double* b, int ldb,
-                 double beta, double* c, int ldc) {
-  scipy_cblas_dsymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasLower, m, n, alpha, s, lds, b, ldb, beta, c, ldc);
+inline void symm(bool left, int m, int n, double alpha, const double* s, int lds, const double* b, int ldb, double beta,
+                 double* c, int ldc) {
+  scipy_cblas_dsymm(CblasRowMajor, left ? CblasLeft : CblasRight, CblasLower, m, n, alpha, s, lds, b, ldb, beta, c,
+                    ldc);
 }
 
 // C (m x n) = alpha * A B + beta * C, A m x k, B k x n, all row-major and contiguous.
@@ -74,9 +76,15 @@ inline int posv(int n, double* s, double* b) { return scipy_LAPACKE_dposv(LAPACK
 
 // QR of a (m x k, row-major, m >= k): geqrf then orgqr leave the explicit Q in a.
 inline int geqrf(int m, int k, float* a, float* tau) { return scipy_LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, m, k, a, k, tau); }
-inline int geqrf(int m, int k, double* a, double* tau) { return scipy_LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, m, k, a, k, tau); }
-inline int orgqr(int m, int k, float* a, const float* tau) { return scipy_LAPACKE_sorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau); }
-inline int orgqr(int m, int k, double* a, const double* tau) { return scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau); }
+inline int geqrf(int m, int k, double* a, double* tau) {
+  return scipy_LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, m, k, a, k, tau);
+}
+inline int orgqr(int m, int k, float* a, const float* tau) {
+  return scipy_LAPACKE_sorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau);
+}
+inline int orgqr(int m, int k, double* a, const double* tau) {
+  return scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau);
+}
 
 // Copy the lower triangle of a row-major n x n matrix to its upper triangle.
 template <class T>

@@ -51,10 +51,14 @@ std::string cat(const Args&... args) {
 }
 
 // CK_CHECK_TYPE(cond, "x", " must be float32 or float64, got ", dt.name())
-#define CK_CHECK_TYPE(cond, ...) \
-  do { if (!(cond)) throw ::curvkit::TypeError(::curvkit::cat(__VA_ARGS__)); } while (0)
-#define CK_CHECK_VALUE(cond, ...) \
-  do { if (!(cond)) throw ::curvkit::ValueError(::curvkit::cat(__VA_ARGS__)); } while (0)
+#define CK_CHECK_TYPE(cond, ...)                                          \
+  do {                                                                    \
+    if (!(cond)) throw ::curvkit::TypeError(::curvkit::cat(__VA_ARGS__)); \
+  } while (0)
+#define CK_CHECK_VALUE(cond, ...)                                          \
+  do {                                                                     \
+    if (!(cond)) throw ::curvkit::ValueError(::curvkit::cat(__VA_ARGS__)); \
+  } while (0)
 
 // The one "built without CUDA" error, raised for a CUDA array in a build without CUDA kernels.
 [[noreturn]] inline void throw_not_built_with_cuda() {
@@ -66,10 +70,20 @@ std::string cat(const Args&... args) {
 // A build without CUDA compiles no CUDA branch, so the family's CUDA functions need no stubs.
 #ifdef CURVKIT_WITH_CUDA
 #define CK_DEVICE_DISPATCH(DEVICE, CPU_CALL, CUDA_CALL) \
-  do { if ((DEVICE).is_cuda()) { CUDA_CALL; } else { CPU_CALL; } } while (0)
+  do {                                                  \
+    if ((DEVICE).is_cuda()) {                           \
+      CUDA_CALL;                                        \
+    } else {                                            \
+      CPU_CALL;                                         \
+    }                                                   \
+  } while (0)
 #else
 #define CK_DEVICE_DISPATCH(DEVICE, CPU_CALL, CUDA_CALL) \
-  do { if ((DEVICE).is_cuda()) ::curvkit::throw_not_built_with_cuda(); else { CPU_CALL; } } while (0)
+  do {                                                  \
+    if ((DEVICE).is_cuda())                             \
+      ::curvkit::throw_not_built_with_cuda();           \
+    else { CPU_CALL; }                                  \
+  } while (0)
 #endif
 
 inline void check_floating(const ArrayView& a, const char* name) {
@@ -81,10 +95,9 @@ inline void check_writable(const ArrayView& a, const char* name) {
   CK_CHECK_VALUE(a.writable, "argument '", name, "' is read-only; an output must be writable");
 }
 
-inline void check_same_device(const ArrayView& a, const char* a_name, const ArrayView& b,
-                              const char* b_name) {
-  CK_CHECK_VALUE(a.device == b.device, "arguments '", a_name, "' and '", b_name,
-                 "' must be on the same device, got ", a.device.name(), " and ", b.device.name());
+inline void check_same_device(const ArrayView& a, const char* a_name, const ArrayView& b, const char* b_name) {
+  CK_CHECK_VALUE(a.device == b.device, "arguments '", a_name, "' and '", b_name, "' must be on the same device, got ",
+                 a.device.name(), " and ", b.device.name());
 }
 
 // "(2, 3)", "(4,)", "()" for messages.
@@ -94,23 +107,22 @@ inline std::string shape_text(const ArrayView& x) {
   return s + (x.ndim() == 1 ? ",)" : ")");
 }
 
-inline void check_same_shape(const ArrayView& a, const char* a_name, const ArrayView& b,
-                             const char* b_name) {
-  CK_CHECK_VALUE(a.shape == b.shape, "arguments '", a_name, "' and '", b_name,
-                 "' must have the same shape, got ", shape_text(a), " and ", shape_text(b));
+inline void check_same_shape(const ArrayView& a, const char* a_name, const ArrayView& b, const char* b_name) {
+  CK_CHECK_VALUE(a.shape == b.shape, "arguments '", a_name, "' and '", b_name, "' must have the same shape, got ",
+                 shape_text(a), " and ", shape_text(b));
 }
 
 // Lists passed together (inputs and outputs of a list call) must have one entry each.
 inline void check_list_sizes(size_t a, const char* a_name, size_t b, const char* b_name) {
-  CK_CHECK_VALUE(a == b, "argument '", b_name, "' must have one array per array of '", a_name, "': got ", b,
-                 " for ", a);
+  CK_CHECK_VALUE(a == b, "argument '", b_name, "' must have one array per array of '", a_name, "': got ", b, " for ",
+                 a);
 }
 
 // A C-contiguous float (..., n, n) stack.
 inline void check_square_batch(const ArrayView& a, const char* name) {
   check_floating(a, name);
-  CK_CHECK_VALUE(a.ndim() >= 2 && a.size(-1) == a.size(-2), "argument '", name,
-                 "' must have shape (..., n, n), got ", shape_text(a));
+  CK_CHECK_VALUE(a.ndim() >= 2 && a.size(-1) == a.size(-2), "argument '", name, "' must have shape (..., n, n), got ",
+                 shape_text(a));
   CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
 }
 

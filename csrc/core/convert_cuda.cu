@@ -29,8 +29,8 @@ void convert_cuda(const ArrayView& src, const ArrayView& dst, StreamHandle strea
   constexpr int threads = 256;
   CK_DISPATCH_FLOATING(src.dtype, "src", S, [&] {
     CK_DISPATCH_FLOATING(dst.dtype, "dst", D, [&] {
-      convert_kernel<S, D><<<grid_for(p.numel, threads), threads, 0, to_cuda_stream(stream)>>>(
-          src.ptr<const S>(), dst.ptr<D>(), p);
+      convert_kernel<S, D>
+          <<<grid_for(p.numel, threads), threads, 0, to_cuda_stream(stream)>>>(src.ptr<const S>(), dst.ptr<D>(), p);
     });
   });
   CK_CUDA_CHECK(cudaGetLastError());

@@ -12,32 +12,32 @@
 #include "core/check.h"
 #include "core/cuda_limits.h"
 
-#define CK_CUDA_CHECK(expr)                                                              \
-  do {                                                                                   \
-    const cudaError_t _err = (expr);                                                     \
-    if (_err != cudaSuccess) {                                                           \
-      cudaGetLastError();                                                                \
-      throw ::curvkit::CudaError(::curvkit::cat("CUDA error at ", __FILE__, ":", __LINE__, \
-                                                ": ", cudaGetErrorString(_err), " (", #expr, ")")); \
-    }                                                                                    \
-  } while (0)
-
-#define CK_CUBLAS_CHECK(expr)                                                              \
-  do {                                                                                     \
-    const cublasStatus_t _status = (expr);                                                 \
-    if (_status != CUBLAS_STATUS_SUCCESS) {                                                \
-      throw ::curvkit::CudaError(::curvkit::cat("cuBLAS error at ", __FILE__, ":", __LINE__, \
-                                                ": ", cublasGetStatusString(_status), " (", #expr, ")")); \
-    }                                                                                      \
-  } while (0)
-
-#define CK_CUSOLVER_CHECK(expr)                                                                  \
+#define CK_CUDA_CHECK(expr)                                                                      \
   do {                                                                                           \
-    const cusolverStatus_t _status = (expr);                                                     \
-    if (_status != CUSOLVER_STATUS_SUCCESS) {                                                    \
-      throw ::curvkit::CudaError(::curvkit::cat("cuSOLVER error at ", __FILE__, ":", __LINE__,   \
-                                                ": status ", int(_status), " (", #expr, ")"));   \
+    const cudaError_t _err = (expr);                                                             \
+    if (_err != cudaSuccess) {                                                                   \
+      cudaGetLastError();                                                                        \
+      throw ::curvkit::CudaError(::curvkit::cat("CUDA error at ", __FILE__, ":", __LINE__, ": ", \
+                                                cudaGetErrorString(_err), " (", #expr, ")"));    \
     }                                                                                            \
+  } while (0)
+
+#define CK_CUBLAS_CHECK(expr)                                                                       \
+  do {                                                                                              \
+    const cublasStatus_t _status = (expr);                                                          \
+    if (_status != CUBLAS_STATUS_SUCCESS) {                                                         \
+      throw ::curvkit::CudaError(::curvkit::cat("cuBLAS error at ", __FILE__, ":", __LINE__, ": ",  \
+                                                cublasGetStatusString(_status), " (", #expr, ")")); \
+    }                                                                                               \
+  } while (0)
+
+#define CK_CUSOLVER_CHECK(expr)                                                                                        \
+  do {                                                                                                                 \
+    const cusolverStatus_t _status = (expr);                                                                           \
+    if (_status != CUSOLVER_STATUS_SUCCESS) {                                                                          \
+      throw ::curvkit::CudaError(                                                                                      \
+          ::curvkit::cat("cuSOLVER error at ", __FILE__, ":", __LINE__, ": status ", int(_status), " (", #expr, ")")); \
+    }                                                                                                                  \
   } while (0)
 
 namespace curvkit {

@@ -9,30 +9,33 @@
 #include "core/half.h"
 
 #define CK_DISPATCH_CASE(DT, CTYPE, T, ...) \
-  if (_dt == (DT)) { using T = CTYPE; return __VA_ARGS__(); }
+  if (_dt == (DT)) {                        \
+    using T = CTYPE;                        \
+    return __VA_ARGS__();                   \
+  }
 
 // float16, bfloat16, float32, float64
-#define CK_DISPATCH_FLOATING(DTYPE, NAME, T, ...)                                            \
-  [&] {                                                                                      \
-    const ::curvkit::DType _dt = (DTYPE);                                                    \
-    CK_DISPATCH_CASE(::curvkit::DType::float32(), float, T, __VA_ARGS__)                     \
-    CK_DISPATCH_CASE(::curvkit::DType::float64(), double, T, __VA_ARGS__)                    \
-    CK_DISPATCH_CASE(::curvkit::DType::float16(), ::curvkit::half_t, T, __VA_ARGS__)         \
-    CK_DISPATCH_CASE(::curvkit::DType::bfloat16(), ::curvkit::bfloat16_t, T, __VA_ARGS__)    \
-    throw ::curvkit::TypeError(::curvkit::cat("argument '", NAME,                            \
-        "' must have dtype float16, bfloat16, float32 or float64, got ", _dt.name()));       \
+#define CK_DISPATCH_FLOATING(DTYPE, NAME, T, ...)                                                          \
+  [&] {                                                                                                    \
+    const ::curvkit::DType _dt = (DTYPE);                                                                  \
+    CK_DISPATCH_CASE(::curvkit::DType::float32(), float, T, __VA_ARGS__)                                   \
+    CK_DISPATCH_CASE(::curvkit::DType::float64(), double, T, __VA_ARGS__)                                  \
+    CK_DISPATCH_CASE(::curvkit::DType::float16(), ::curvkit::half_t, T, __VA_ARGS__)                       \
+    CK_DISPATCH_CASE(::curvkit::DType::bfloat16(), ::curvkit::bfloat16_t, T, __VA_ARGS__)                  \
+    throw ::curvkit::TypeError(::curvkit::cat(                                                             \
+        "argument '", NAME, "' must have dtype float16, bfloat16, float32 or float64, got ", _dt.name())); \
   }()
 
 // The compute type: T = double for float64 data, float for every other dtype (float16 and
 // bfloat16 accumulate in float32). Returns what the body returns.
-#define CK_DISPATCH_COMPUTE(DTYPE, T, ...)                   \
-  [&] {                                                      \
-    if ((DTYPE) == ::curvkit::DType::float64()) {            \
-      using T = double;                                      \
-      return __VA_ARGS__();                                  \
-    }                                                        \
-    using T = float;                                         \
-    return __VA_ARGS__();                                    \
+#define CK_DISPATCH_COMPUTE(DTYPE, T, ...)        \
+  [&] {                                           \
+    if ((DTYPE) == ::curvkit::DType::float64()) { \
+      using T = double;                           \
+      return __VA_ARGS__();                       \
+    }                                             \
+    using T = float;                              \
+    return __VA_ARGS__();                         \
   }()
 
 namespace curvkit {

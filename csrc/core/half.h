@@ -12,11 +12,23 @@
 
 namespace curvkit {
 
-struct half_t { uint16_t bits; };
-struct bfloat16_t { uint16_t bits; };
+struct half_t {
+  uint16_t bits;
+};
+struct bfloat16_t {
+  uint16_t bits;
+};
 
-CK_HD uint64_t double_bits(double x) { uint64_t b; memcpy(&b, &x, 8); return b; }
-CK_HD double bits_double(uint64_t b) { double x; memcpy(&x, &b, 8); return x; }
+CK_HD uint64_t double_bits(double x) {
+  uint64_t b;
+  memcpy(&b, &x, 8);
+  return b;
+}
+CK_HD double bits_double(uint64_t b) {
+  double x;
+  memcpy(&x, &b, 8);
+  return x;
+}
 
 // Round a double to the nearest (ties to even) binary format with EXP exponent bits and
 // MANT stored mantissa bits (float16: 5, 10; bfloat16: 8, 7), in one rounding step.
@@ -46,8 +58,7 @@ CK_HD double small_float_to_double(uint16_t h) {
   constexpr int bias = (1 << (EXP - 1)) - 1;
   const uint64_t sign = uint64_t(h & 0x8000u) << 48;
   const uint32_t ex = (h >> MANT) & ((1u << EXP) - 1), mant = h & ((1u << MANT) - 1);
-  if (ex == (1u << EXP) - 1)
-    return bits_double(sign | 0x7ff0000000000000ull | (uint64_t(mant) << (52 - MANT)));
+  if (ex == (1u << EXP) - 1) return bits_double(sign | 0x7ff0000000000000ull | (uint64_t(mant) << (52 - MANT)));
   if (ex == 0) {  // subnormal: mant * 2^(1 - bias - MANT), exact in double
     const double tiny = bits_double(uint64_t(1023 + 1 - bias - MANT) << 52);
     const double v = double(mant) * tiny;
@@ -57,12 +68,30 @@ CK_HD double small_float_to_double(uint16_t h) {
 }
 
 // from_double<T>: the one rounding every kernel uses to store a result.
-template <class T> CK_HD T from_double(double x) { return static_cast<T>(x); }
-template <> CK_HD half_t from_double<half_t>(double x) { return {round_to_small_float<5, 10>(x)}; }
-template <> CK_HD bfloat16_t from_double<bfloat16_t>(double x) { return {round_to_small_float<8, 7>(x)}; }
+template <class T>
+CK_HD T from_double(double x) {
+  return static_cast<T>(x);
+}
+template <>
+CK_HD half_t from_double<half_t>(double x) {
+  return {round_to_small_float<5, 10>(x)};
+}
+template <>
+CK_HD bfloat16_t from_double<bfloat16_t>(double x) {
+  return {round_to_small_float<8, 7>(x)};
+}
 
-template <class T> CK_HD double to_double(T x) { return static_cast<double>(x); }
-template <> CK_HD double to_double<half_t>(half_t x) { return small_float_to_double<5, 10>(x.bits); }
-template <> CK_HD double to_double<bfloat16_t>(bfloat16_t x) { return small_float_to_double<8, 7>(x.bits); }
+template <class T>
+CK_HD double to_double(T x) {
+  return static_cast<double>(x);
+}
+template <>
+CK_HD double to_double<half_t>(half_t x) {
+  return small_float_to_double<5, 10>(x.bits);
+}
+template <>
+CK_HD double to_double<bfloat16_t>(bfloat16_t x) {
+  return small_float_to_double<8, 7>(x.bits);
+}
 
 }  // namespace curvkit

@@ -14,14 +14,18 @@ namespace curvkit::cuda {
 
 DeviceBuffer::DeviceBuffer(size_t bytes, cudaStream_t stream) : allocator_(workspace_allocator()), stream_(stream) {
   if (bytes == 0) return;
-  if (allocator_) ptr_ = allocator_->allocate(bytes);
-  else CK_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
+  if (allocator_)
+    ptr_ = allocator_->allocate(bytes);
+  else
+    CK_CUDA_CHECK(cudaMallocAsync(&ptr_, bytes, stream));
 }
 
 DeviceBuffer::~DeviceBuffer() {
   if (!ptr_) return;
-  if (allocator_) allocator_->release(ptr_);
-  else cudaFreeAsync(ptr_, stream_);
+  if (allocator_)
+    allocator_->release(ptr_);
+  else
+    cudaFreeAsync(ptr_, stream_);
 }
 
 namespace {
@@ -116,11 +120,10 @@ void gemm_pointers(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, in
   const cudaDataType t = data_type(dtype);
   cublasHandle_t h = cublas_handle(stream);
   for_each_chunk(batch, kMaxBatchChunk, [&](int64_t start, int64_t count) {
-    CK_CUBLAS_CHECK(cublasGemmBatchedEx(h, op(op_a), op(op_b), m, n, k, s.alpha(), a + start, t,
-                                        checked_int(lda, "leading dimension"), b + start, t,
-                                        checked_int(ldb, "leading dimension"), s.beta(), c + start, t,
-                                        checked_int(ldc, "leading dimension"), int(count), s.compute(),
-                                        CUBLAS_GEMM_DEFAULT));
+    CK_CUBLAS_CHECK(cublasGemmBatchedEx(
+        h, op(op_a), op(op_b), m, n, k, s.alpha(), a + start, t, checked_int(lda, "leading dimension"), b + start, t,
+        checked_int(ldb, "leading dimension"), s.beta(), c + start, t, checked_int(ldc, "leading dimension"),
+        int(count), s.compute(), CUBLAS_GEMM_DEFAULT));
   });
 }
 
@@ -136,7 +139,7 @@ int block_side(int r) {
     const int t = std::atoi(env);
     if (t > 0) return t >= r ? 0 : std::max(t, (r + kMaxBlockRows - 1) / kMaxBlockRows);
   }
-  if (r < 768) return 0;  // measured: below this a plain product is as fast
+  if (r < 768) return 0;      // measured: below this a plain product is as fast
   const int t = (r + 7) / 8;  // 8 block rows: 36 of 64 blocks
   return std::max(256, (t + 127) / 128 * 128);
 }
@@ -147,7 +150,9 @@ struct BlockTable {
 };
 
 struct StackBytes {
-  char* a; char* b; char* c;
+  char* a;
+  char* b;
+  char* c;
   int64_t a_stride, b_stride, c_stride;  // bytes
 };
 
@@ -172,7 +177,9 @@ __global__ void block_pointers_kernel(StackBytes s, BlockTable t, int64_t batch,
 constexpr int kMirrorThreadsX = 32, kMirrorThreadsY = 8;
 
 template <class T>
-__host__ __device__ constexpr int mirror_tile() { return sizeof(T) == 2 ? 64 : 32; }
+__host__ __device__ constexpr int mirror_tile() {
+  return sizeof(T) == 2 ? 64 : 32;
+}
 
 template <class T>
 __global__ void mirror_lower_kernel(T* __restrict__ c, int64_t ld, int64_t stride, int r, T* __restrict__ p,
@@ -366,8 +373,8 @@ void validate_symmetric(const ArrayView& a, const MatrixStats* stats, const char
     const MatrixStats& s = stats[b];
     CK_CHECK_VALUE(!s.nonfinite, "argument '", name, "' contains NaN or Inf (matrix ", b, ")");
     CK_CHECK_VALUE(s.asymmetry <= symmetry_tolerance(a.dtype) * s.amax, "argument '", name,
-                   "' must be symmetric: matrix ", b, " has max|A - A^T| / max|A| = ",
-                   s.amax > 0 ? s.asymmetry / s.amax : 0.0);
+                   "' must be symmetric: matrix ", b,
+                   " has max|A - A^T| / max|A| = ", s.amax > 0 ? s.asymmetry / s.amax : 0.0);
   }
 }
 
@@ -386,8 +393,8 @@ double symmetric_product_fraction(int r) {
   return double(nb) * (nb + 1) / 2 / (double(nb) * nb);
 }
 
-void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r, int k, double alpha, Stack a,
-                       Stack b, double beta, Stack c, int64_t batch, bool mirror) {
+void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r, int k, double alpha, Stack a, Stack b,
+                       double beta, Stack c, int64_t batch, bool mirror) {
   if (batch == 0 || r == 0) return;
   const int t = block_side(r);
   if (t == 0) {
@@ -417,7 +424,7 @@ void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r
   const int64_t total = batch * (tables[0].count + tables[1].count + tables[2].count);
   DeviceBuffer ptrs(3 * size_t(total) * sizeof(void*), stream);
   const StackBytes sb{static_cast<char*>(a.ptr), static_cast<char*>(b.ptr), static_cast<char*>(c.ptr),
-                      a.stride * item, b.stride * item, c.stride * item};
+                      a.stride * item,           b.stride * item,           c.stride * item};
   int64_t first = 0;
   for (int g = 0; g < 3; ++g) {
     if (tables[g].count == 0) continue;
@@ -462,8 +469,8 @@ void scale_add_identity(cudaStream_t stream, DType dtype, Stack x, Stack y, int 
   });
 }
 
-void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count,
-                  double* amax, double* sumsq, int* nonfinite) {
+void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count, double* amax,
+                  double* sumsq, int* nonfinite) {
   if (count == 0) return;
   CK_CUDA_CHECK(cudaMemsetAsync(amax, 0, sizeof(double) * size_t(count), stream));
   CK_CUDA_CHECK(cudaMemsetAsync(nonfinite, 0, sizeof(int), stream));

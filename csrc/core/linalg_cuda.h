@@ -24,16 +24,41 @@ namespace curvkit::cuda {
 #ifdef __CUDACC__
 // Fast loads and stores for compute kernels (not the bit-exact conversions of core/half.h):
 // float64 works in double, every other dtype in float.
-template <class T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-template <class T> using acc_t = typename Acc<T>::type;
+template <class T>
+struct Acc {
+  using type = float;
+};
+template <>
+struct Acc<double> {
+  using type = double;
+};
+template <class T>
+using acc_t = typename Acc<T>::type;
 
-template <class T> __device__ __forceinline__ acc_t<T> load(const T* p) { return *p; }
-template <> __device__ __forceinline__ float load(const bfloat16_t* p) { return __uint_as_float(uint32_t(p->bits) << 16); }
-template <> __device__ __forceinline__ float load(const half_t* p) { return __half2float(__ushort_as_half(p->bits)); }
-template <class T> __device__ __forceinline__ void store(T* p, acc_t<T> v) { *p = v; }
-template <> __device__ __forceinline__ void store(bfloat16_t* p, float v) { p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v)); }
-template <> __device__ __forceinline__ void store(half_t* p, float v) { p->bits = __half_as_ushort(__float2half_rn(v)); }
+template <class T>
+__device__ __forceinline__ acc_t<T> load(const T* p) {
+  return *p;
+}
+template <>
+__device__ __forceinline__ float load(const bfloat16_t* p) {
+  return __uint_as_float(uint32_t(p->bits) << 16);
+}
+template <>
+__device__ __forceinline__ float load(const half_t* p) {
+  return __half2float(__ushort_as_half(p->bits));
+}
+template <class T>
+__device__ __forceinline__ void store(T* p, acc_t<T> v) {
+  *p = v;
+}
+template <>
+__device__ __forceinline__ void store(bfloat16_t* p, float v) {
+  p->bits = __bfloat16_as_ushort(__float2bfloat16_rn(v));
+}
+template <>
+__device__ __forceinline__ void store(half_t* p, float v) {
+  p->bits = __half_as_ushort(__float2half_rn(v));
+}
 
 // Sum of v over the block in a fixed order, returned to every thread (every thread calls it).
 // Sums across blocks go through per-block slots and sum_slots, never float atomics: those add
@@ -64,7 +89,9 @@ class DeviceBuffer {
   DeviceBuffer(const DeviceBuffer&) = delete;
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   template <class T>
-  T* as() const { return static_cast<T*>(ptr_); }
+  T* as() const {
+    return static_cast<T*>(ptr_);
+  }
 
  private:
   void* ptr_ = nullptr;
@@ -100,8 +127,8 @@ void gemm_pointers(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int m, in
 // computed, in one pointer-array batched product, then the strict upper triangle is copied
 // from the lower one (unless mirror is false: then only the lower triangle is valid). Small r
 // uses one plain product.
-void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r, int k, double alpha, Stack a,
-                       Stack b, double beta, Stack c, int64_t batch, bool mirror = true);
+void symmetric_product(cudaStream_t stream, DType dtype, Op op_a, Op op_b, int r, int k, double alpha, Stack a, Stack b,
+                       double beta, Stack c, int64_t batch, bool mirror = true);
 
 // Fraction of a plain product's flops that symmetric_product does for size r.
 double symmetric_product_fraction(int r);
@@ -120,16 +147,16 @@ void scale_add_identity(cudaStream_t stream, DType dtype, Stack x, Stack y, int 
 // nor huge entries under/overflow), in float64; nonfinite[0] is set to 1 if any entry is NaN
 // or Inf, and such a matrix gets amax = Inf. amax, sumsq and nonfinite are device arrays,
 // overwritten.
-void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count,
-                  double* amax, double* sumsq, int* nonfinite);
+void scaled_norms(cudaStream_t stream, DType dtype, const void* const* ptrs, int64_t size, int64_t count, double* amax,
+                  double* sumsq, int* nonfinite);
 
 // Facts about each symmetric input matrix, gathered while loading it (load_symmetric).
 struct MatrixStats {
-  double amax;          // max |A_ij|
-  double asymmetry;     // max |A_ij - A_ji|
-  double frobenius2;    // ||(A + A^T)/2||_F^2
-  double max_row_sum;   // ||(A + A^T)/2||_inf
-  int nonfinite;        // 1 if A holds NaN or Inf
+  double amax;         // max |A_ij|
+  double asymmetry;    // max |A_ij - A_ji|
+  double frobenius2;   // ||(A + A^T)/2||_F^2
+  double max_row_sum;  // ||(A + A^T)/2||_inf
+  int nonfinite;       // 1 if A holds NaN or Inf
   int pad;
 };
 

@@ -52,7 +52,8 @@ void load_symmetrized(const ArrayView& a, int64_t index, T* dst) {
   CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
     const S* p = a.ptr<const S>() + index * n * n;
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j <= i; ++j) dst[i * n + j] = dst[j * n + i] = T(0.5 * (to_double(p[i * n + j]) + to_double(p[j * n + i])));
+      for (int64_t j = 0; j <= i; ++j)
+        dst[i * n + j] = dst[j * n + i] = T(0.5 * (to_double(p[i * n + j]) + to_double(p[j * n + i])));
   });
 }
 

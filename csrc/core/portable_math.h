@@ -63,7 +63,7 @@ CK_HD double log(double x) {
 // (t * 4 = q + f, |f| <= 1/2), then Taylor polynomials on |x| <= pi/4.
 CK_HD void sincos_2pi(double t, double& s_out, double& c_out) {
   const double r = mul(t, 4.0);
-  const int quarter = int(add(r, 0.5));  // floor, as r >= 0
+  const int quarter = int(add(r, 0.5));       // floor, as r >= 0
   const double f = add(r, -double(quarter));  // exact
   const double x = mul(f, 1.5707963267948966);
   const double x2 = mul(x, x);

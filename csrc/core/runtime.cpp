@@ -81,8 +81,7 @@ std::map<std::string, std::string> build_info() {
   info["blas_threads"] = std::to_string(scipy_openblas_get_num_threads());
   info["cuda"] = built_with_cuda() ? "yes" : "no";
 #ifdef CURVKIT_WITH_CUDA
-  info["cuda_build_version"] = std::to_string(CUDART_VERSION / 1000) + "." +
-                               std::to_string(CUDART_VERSION % 1000 / 10);
+  info["cuda_build_version"] = std::to_string(CUDART_VERSION / 1000) + "." + std::to_string(CUDART_VERSION % 1000 / 10);
   info["cuda_architectures"] = CURVKIT_CUDA_ARCHS;
   int cublas_major = 0, cublas_minor = 0, cublas_patch = 0;
   cublasGetProperty(MAJOR_VERSION, &cublas_major);

@@ -78,7 +78,8 @@ void gaussian(T* out, const ProbeLayout& L, uint64_t seed, uint64_t offset, cons
       gaussian_pairs(seed, q, uint64_t(row0 / 2), (rows + 1) / 2, z[0], z[1]);
       if (norms) {
         const double norm = norms[b * L.k + j];
-        for (int64_t i = 0; i < rows; ++i) base[i * L.k + j] = from_double<T>(sphere_entry(z[i & 1][i / 2], row0 + i, norm));
+        for (int64_t i = 0; i < rows; ++i)
+          base[i * L.k + j] = from_double<T>(sphere_entry(z[i & 1][i / 2], row0 + i, norm));
       } else {
         for (int64_t i = 0; i < rows; ++i) base[i * L.k + j] = from_double<T>(z[i & 1][i / 2]);
       }
@@ -139,6 +140,5 @@ void probes_cpu(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t of
     }
   });
 }
-
 
 }  // namespace curvkit

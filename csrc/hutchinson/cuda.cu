@@ -73,8 +73,7 @@ __global__ void gaussian_kernel(T* __restrict__ out, ProbeLayout L, uint64_t see
 }
 
 // Sphere, pass 1: a warp per (column, chunk of 256 entries) writes the chunk's sum of squares.
-__global__ void sphere_partials_kernel(double* __restrict__ partial, ProbeLayout L, uint64_t seed,
-                                       uint64_t offset) {
+__global__ void sphere_partials_kernel(double* __restrict__ partial, ProbeLayout L, uint64_t seed, uint64_t offset) {
   const int lane = threadIdx.x & 31;
   const int64_t chunks = (L.n + kNormChunk - 1) / kNormChunk, tasks = L.batch * L.k * chunks;
   const int64_t nwarps = int64_t(gridDim.x) * blockDim.x / 32;
@@ -108,8 +107,10 @@ __global__ void sphere_tree_kernel(double* __restrict__ partial, double* __restr
       __syncthreads();
     }
     if (threadIdx.x == 0) {
-      if (groups == 1) norms[column] = pmath::sqrt(v[0]);
-      else base[0] = v[0];
+      if (groups == 1)
+        norms[column] = pmath::sqrt(v[0]);
+      else
+        base[0] = v[0];
     }
     __syncthreads();  // v is refilled for the next task
   }
@@ -128,7 +129,8 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
     if (kind == ProbeKind::Rademacher) {
       if (L.k == 1) {
         const int64_t threads_needed = L.batch * ((L.n + 1023) / 1024) * 32;
-        rademacher_vectors_kernel<T><<<grid_for(threads_needed, kThreads), kThreads, 0, s>>>(o, L.batch, L.n, seed, offset);
+        rademacher_vectors_kernel<T>
+            <<<grid_for(threads_needed, kThreads), kThreads, 0, s>>>(o, L.batch, L.n, seed, offset);
       } else {
         const int64_t items = L.batch * ((L.n + 31) / 32) * L.k;
         rademacher_matrix_kernel<T><<<grid_for(items, kThreads), kThreads, 0, s>>>(o, L, seed, offset);
@@ -144,7 +146,7 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
       for (int64_t stride = 1;; stride *= kTreeFanIn) {
         const int64_t groups = (chunks + kTreeFanIn * stride - 1) / (kTreeFanIn * stride);
         sphere_tree_kernel<<<grid_for(columns * groups, 1), kThreads, 0, s>>>(partial, column_norms, columns, chunks,
-                                                                          stride, groups);
+                                                                              stride, groups);
         if (groups == 1) break;
       }
       norms = column_norms;

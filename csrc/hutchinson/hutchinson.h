@@ -33,12 +33,12 @@ int64_t probes_workspace_size(ProbeKind kind, const ProbeLayout& layout, bool cu
 
 // Validates and dispatches on device. workspace: float64, contiguous, on out's device, at
 // least probes_workspace_size elements (CUDA sphere only; may be null otherwise).
-void probes(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset,
-            const ArrayView* workspace, StreamHandle stream);
+void probes(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset, const ArrayView* workspace,
+            StreamHandle stream);
 
 // Backends, called by probes() once arguments are checked.
 void probes_cpu(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset);
-void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset,
-                 double* workspace, StreamHandle stream);
+void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset, double* workspace,
+                 StreamHandle stream);
 
 }  // namespace curvkit

@@ -15,7 +15,7 @@ constexpr int kNormLanes = 32;       // sphere: lane sums per chunk (a CUDA warp
 CK_HD void gaussian_pair(uint64_t seed, uint64_t probe, uint64_t pair, double& z0, double& z1) {
   const Philox4x32 r = philox_block(seed, probe, pair);
   const uint64_t a = r.v[0] | (uint64_t(r.v[1]) << 32), b = r.v[2] | (uint64_t(r.v[3]) << 32);
-  constexpr double two_m53 = 1.0 / 9007199254740992.0;  // 2^-53
+  constexpr double two_m53 = 1.0 / 9007199254740992.0;                        // 2^-53
   const double u = pmath::mul(pmath::u53_to_double((a >> 11) + 1), two_m53);  // (0, 1], exact
   const double t = pmath::mul(pmath::u53_to_double(b >> 11), two_m53);        // [0, 1), exact
   const double radius = pmath::sqrt(pmath::mul(-2.0, pmath::log(u)));

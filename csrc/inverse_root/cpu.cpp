@@ -340,7 +340,8 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
     }
     if (numerics::newton_root_stops(r, previous, stop, eps, st.iterations, o.max_iters)) break;
     previous = r;
-    for (int64_t i = 0; i < nn; ++i) w.mp[size_t(i)] = T(((i % (n + 1) == 0 ? p + 1.0 : 0.0) - double(w.m[size_t(i)])) / p);
+    for (int64_t i = 0; i < nn; ++i)
+      w.mp[size_t(i)] = T(((i % (n + 1) == 0 ? p + 1.0 : 0.0) - double(w.m[size_t(i)])) / p);
     w.v = w.x;  // the previous iterate, in case the next step grows the error
     blas::gemm(n, n, n, T(1), w.v.data(), w.mp.data(), T(0), w.x.data());
     matrix_power(n, w.mp, p, w.q, w.t, w.u);  // M <- M'^p M
@@ -451,9 +452,10 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   CK_CHECK_VALUE(k <= m, "argument 'Q' must have at least as many rows as columns, got ", m, " x ", k);
   std::vector<char> good(static_cast<size_t>(batch));
   const double cost = double(m) * k * k;
-  run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
-    good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); });
-  }, lapack_small_task(batch));
+  run_matrix_tasks(
+      batch, [&](int64_t) { return cost; },
+      [&](int64_t b, int) { good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); }); },
+      lapack_small_task(batch));
   ok.assign(good.begin(), good.end());
 }
 
@@ -543,6 +545,5 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
       lapack_small_task(int64_t(tasks.size())));
   for (size_t k = 0; k < tasks.size(); ++k) ok[tasks[k].input][size_t(tasks[k].index)] = task_ok[k];
 }
-
 
 }  // namespace curvkit

@@ -61,8 +61,8 @@ __global__ void refine_eigenvalues_kernel(const T* s, const T* r, T* d, RefineSt
 // E (column-major, E(i, j) at j n + i) and the step's reductions, as in refine_eigenbasis;
 // this block's share of ||E||_F^2 goes to its slot, correction2[b * gridDim.x + blockIdx.x].
 template <class T>
-__global__ void refine_correction_kernel(const T* s, const T* r, const T* d, T* e, RefineState* rs,
-                                         double* correction2, int64_t n, int64_t count, double floor_r) {
+__global__ void refine_correction_kernel(const T* s, const T* r, const T* d, T* e, RefineState* rs, double* correction2,
+                                         int64_t n, int64_t count, double floor_r) {
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
     const double floor_s = floor_r * rs[b].scale;
     double off = 0, off_r = 0, e2 = 0;
@@ -121,8 +121,10 @@ __global__ void refine_watch_kernel(RefineState* rs, const double* correction2, 
       s.apply = 1;
       double e2 = 0;  // in slot order
       for (int k = 0; k < slots; ++k) e2 += correction2[b * slots + k];
-      if (!s.higher_order && e2 <= unit) s.active = 0;
-      else atomicAdd(active, 1);
+      if (!s.higher_order && e2 <= unit)
+        s.active = 0;
+      else
+        atomicAdd(active, 1);
     }
   }
   s.off = s.off_r = s.scale = 0;
@@ -158,8 +160,8 @@ void syev_batched(cudaStream_t stream, T* a, T* w, int* info, int64_t n, int64_t
                                                         &host_bytes, batch));
     DeviceBuffer work(device_bytes, stream);
     std::vector<char> host(host_bytes);
-    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched(handle, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, t,
-                                             ab, n, t, wb, t, work.as<void>(), device_bytes, host.data(), host_bytes,
+    CK_CUSOLVER_CHECK(cusolverDnXsyevBatched(handle, params, CUSOLVER_EIG_MODE_VECTOR, CUBLAS_FILL_MODE_LOWER, n, t, ab,
+                                             n, t, wb, t, work.as<void>(), device_bytes, host.data(), host_bytes,
                                              info + start, batch));
     if (host_bytes) CK_CUDA_CHECK(cudaStreamSynchronize(stream));  // the host workspace must outlive the call
   }
@@ -198,18 +200,18 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
     const dim3 elements = matrix_grid(n, count, 1024), reduce = matrix_grid(n, count, 32);
     DeviceBuffer correction2(sizeof(double) * reduce.x * size_t(count), stream);  // slots of ||E||_F^2
     for (int it = 0;; ++it) {
-      cuda::gemm(stream, dt, Op::N, Op::N, ni, ni, ni, 1.0, sa, sv, 0.0, sav, count);               // A V
+      cuda::gemm(stream, dt, Op::N, Op::N, ni, ni, ni, 1.0, sa, sv, 0.0, sav, count);  // A V
       // S = V^T A V and -V^T V, then mirrored even where symmetric_product runs one plain product:
       // E_ij + E_ji = r_ij needs s_ij = s_ji to the last bit (refine_eigenbasis in cpu.cpp)
       cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, 1.0, sv, sav, 0.0, ss, count, false);
       cuda::symmetric_product(stream, dt, Op::T, Op::N, ni, ni, -1.0, sv, sv, 0.0, sr, count, false);
       cuda::mirror_lower(stream, dt, ss, ni, count);
       cuda::mirror_lower(stream, dt, sr, ni, count);
-      cuda::scale_add_identity(stream, dt, sr, sr, ni, count, 1.0, 1.0);                          // I - V^T V
-      refine_eigenvalues_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(
-          sm.as<T>(), rm.as<T>(), w, rs, n, count);
+      cuda::scale_add_identity(stream, dt, sr, sr, ni, count, 1.0, 1.0);  // I - V^T V
+      refine_eigenvalues_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(sm.as<T>(), rm.as<T>(), w, rs,
+                                                                                         n, count);
       refine_correction_kernel<<<reduce, kThreads, 0, stream>>>(sm.as<T>(), rm.as<T>(), w, em.as<T>(), rs,
-                                                               correction2.as<double>(), n, count, floor_r);
+                                                                correction2.as<double>(), n, count, floor_r);
       CK_CUDA_CHECK(cudaMemsetAsync(active, 0, sizeof(int), stream));
       refine_watch_kernel<<<per_state, 128, 0, stream>>>(rs, correction2.as<double>(), int(reduce.x), count, floor_r,
                                                          unit_roundoff<T>(), numerics::kMaxRefineSteps, active);
@@ -244,24 +246,24 @@ EigenpairsInfo eigenpairs(cudaStream_t stream, const T* a, T* v, T* w, int* info
     syev_batched(stream, g.as<T>(), gw.as<T>(), gi.as<int>(), n, k);
     for (int64_t q = 0; q < k; ++q) {
       const int64_t b = decompose[size_t(q)];
-      CK_CUDA_CHECK(cudaMemcpyAsync(v + b * nn, g.as<T>() + q * nn, sizeof(T) * size_t(nn), cudaMemcpyDeviceToDevice,
-                                    stream));
-      CK_CUDA_CHECK(cudaMemcpyAsync(w + b * n, gw.as<T>() + q * n, sizeof(T) * size_t(n), cudaMemcpyDeviceToDevice,
-                                    stream));
+      CK_CUDA_CHECK(
+          cudaMemcpyAsync(v + b * nn, g.as<T>() + q * nn, sizeof(T) * size_t(nn), cudaMemcpyDeviceToDevice, stream));
+      CK_CUDA_CHECK(
+          cudaMemcpyAsync(w + b * n, gw.as<T>() + q * n, sizeof(T) * size_t(n), cudaMemcpyDeviceToDevice, stream));
       CK_CUDA_CHECK(cudaMemcpyAsync(info + b, gi.as<int>() + q, sizeof(int), cudaMemcpyDeviceToDevice, stream));
     }
   }
   if (any_warm) {  // refined eigenpairs come unsorted: ascending, eigenvectors alike
     DeviceBuffer order(sizeof(int64_t) * size_t(count * n), stream), sorted(sizeof(T) * size_t(count * n), stream),
         vs(bytes, stream);
-    sort_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(
-        w, order.as<int64_t>(), sorted.as<T>(), n, count, false);
-    permute_columns_kernel<<<matrix_grid(n, count, 1024), kThreads, 0, stream>>>(v, vs.as<T>(), order.as<int64_t>(),
-                                                                                n, n, count);
+    sort_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(w, order.as<int64_t>(), sorted.as<T>(), n,
+                                                                         count, false);
+    permute_columns_kernel<<<matrix_grid(n, count, 1024), kThreads, 0, stream>>>(v, vs.as<T>(), order.as<int64_t>(), n,
+                                                                                 n, count);
     CK_CUDA_CHECK(cudaGetLastError());
     CK_CUDA_CHECK(cudaMemcpyAsync(v, vs.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
-    CK_CUDA_CHECK(cudaMemcpyAsync(w, sorted.as<void>(), sizeof(T) * size_t(count * n), cudaMemcpyDeviceToDevice,
-                                  stream));
+    CK_CUDA_CHECK(
+        cudaMemcpyAsync(w, sorted.as<void>(), sizeof(T) * size_t(count * n), cudaMemcpyDeviceToDevice, stream));
   }
   return out;
 }
@@ -301,12 +303,12 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
       if (bases[i]) load_columns(stream, *bases[i], v.as<T>(), n, n, count);
       const EigenpairsInfo refined = eigenpairs(stream, a.as<T>(), v.as<T>(), w.as<T>(), info.as<int>(),
                                                 std::vector<char>(size_t(count), bases[i] ? 1 : 0), n, count);
-      finite_verdict_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(
-          v.as<T>(), w.as<T>(), info.as<int>(), n, count);
+      finite_verdict_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(v.as<T>(), w.as<T>(),
+                                                                                     info.as<int>(), n, count);
       store_columns(stream, v.as<T>(), vectors[i], n, n, count, info.as<int>(), OnFailure::Zero);
       CK_DISPATCH_FLOATING(values[i].dtype, "out", D, [&] {
         store_values_kernel<<<grid_for(count * n, kThreads), kThreads, 0, stream>>>(w.as<T>(), values[i].ptr<D>(),
-                                                                                      info.as<int>(), n, count * n);
+                                                                                    info.as<int>(), n, count * n);
       });
       CK_CUDA_CHECK(cudaGetLastError());
       const std::vector<int> host = cuda::copy_to_host(stream, info.as<int>(), count);

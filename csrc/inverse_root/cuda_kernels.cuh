@@ -47,8 +47,8 @@ using cuda::DeviceBuffer;
 using cuda::MatrixStats;
 using cuda::Op;
 using cuda::Stack;
-using inverse_root_cuda::EigenpairsInfo;
 using inverse_root_cuda::eigenpairs;
+using inverse_root_cuda::EigenpairsInfo;
 
 constexpr int kThreads = 256;
 
@@ -100,8 +100,8 @@ enum class OnFailure { Write, Zero, Skip };
 
 // dst (row-major, dtype D) = src (column-major rows x cols), per matrix as `failure` says.
 template <class T, class D>
-__global__ void store_columns_kernel(const T* src, D* dst, int64_t rows, int64_t cols, int64_t count,
-                                     const int* info, OnFailure failure) {
+__global__ void store_columns_kernel(const T* src, D* dst, int64_t rows, int64_t cols, int64_t count, const int* info,
+                                     OnFailure failure) {
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
     const bool failed = info && info[b] != 0;
     if (failed && failure == OnFailure::Skip) continue;
@@ -170,8 +170,8 @@ template <class T>
 void store_columns(cudaStream_t stream, const T* src, const ArrayView& out, int64_t rows, int64_t cols, int64_t count,
                    const int* info = nullptr, OnFailure failure = OnFailure::Write) {
   CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
-    store_columns_kernel<<<matrix_grid(cols, count, 1024), kThreads, 0, stream>>>(src, out.ptr<D>(), rows, cols,
-                                                                                  count, info, failure);
+    store_columns_kernel<<<matrix_grid(cols, count, 1024), kThreads, 0, stream>>>(src, out.ptr<D>(), rows, cols, count,
+                                                                                  info, failure);
   });
   CK_CUDA_CHECK(cudaGetLastError());
 }

@@ -84,8 +84,8 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   cusolverDnHandle_t handle = cusolver_handle(stream);
   const SolverParams params;
   size_t device_bytes = 0, host_bytes = 0;
-  CK_CUSOLVER_CHECK(cusolverDnXgeqrf_bufferSize(handle, params, m, k, t, a, m, t, tau.as<T>(), t, &device_bytes,
-                                                &host_bytes));
+  CK_CUSOLVER_CHECK(
+      cusolverDnXgeqrf_bufferSize(handle, params, m, k, t, a, m, t, tau.as<T>(), t, &device_bytes, &host_bytes));
   int lwork = 0;
   CK_CUSOLVER_CHECK(orgqr_buffer_size(handle, int(m), int(k), a, tau.as<T>(), &lwork));
   DeviceBuffer work(std::max(device_bytes, sizeof(T) * size_t(lwork)), stream);
@@ -98,15 +98,15 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
       a, sign.as<T>(), infos, norm2.as<double>(), good.as<int>(), m, k, count, unit_roundoff<T>());
   CK_CUDA_CHECK(cudaGetLastError());
   for (int64_t b = 0; b < count; ++b)
-    CK_CUSOLVER_CHECK(orgqr(handle, int(m), int(k), a + b * mk, tau.as<T>() + b * k, work.as<T>(), lwork,
-                            infos + count + b));
+    CK_CUSOLVER_CHECK(
+        orgqr(handle, int(m), int(k), a + b * mk, tau.as<T>() + b * k, work.as<T>(), lwork, infos + count + b));
   apply_signs_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(a, sign.as<T>(), m, k, count);
   CK_CUDA_CHECK(cudaGetLastError());
   std::vector<int> flags(static_cast<size_t>(2 * count));
   std::vector<int> verdict(static_cast<size_t>(count));
   CK_CUDA_CHECK(cudaMemcpyAsync(flags.data(), infos, sizeof(int) * flags.size(), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaMemcpyAsync(verdict.data(), good.as<int>(), sizeof(int) * verdict.size(), cudaMemcpyDeviceToHost,
-                                stream));
+  CK_CUDA_CHECK(
+      cudaMemcpyAsync(verdict.data(), good.as<int>(), sizeof(int) * verdict.size(), cudaMemcpyDeviceToHost, stream));
   CK_CUDA_CHECK(cudaStreamSynchronize(stream));  // also keeps the host workspace alive long enough
   for (int64_t b = 0; b < count; ++b) ok[size_t(b)] = verdict[size_t(b)] && flags[size_t(count + b)] == 0;
   return ok;
@@ -165,15 +165,15 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
     load_columns(stream, q, qc.as<T>(), n, k, count);
     cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, int(n), int(k), int(n), 1.0, {a.as<T>(), n, n * n},
                {qc.as<T>(), n, n * k}, 0.0, {aq.as<T>(), n, n * k}, count);  // A Q
-    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(qc.as<T>(), aq.as<T>(), d.as<double>(),
-                                                                            n, k, count);
+    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(qc.as<T>(), aq.as<T>(), d.as<double>(), n,
+                                                                             k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     CK_DISPATCH_FLOATING(estimates.dtype, "out", D, [&] {
-      sort_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(
-          d.as<double>(), order.as<int64_t>(), estimates.ptr<D>(), k, count, true);
+      sort_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(d.as<double>(), order.as<int64_t>(),
+                                                                           estimates.ptr<D>(), k, count, true);
     });
     permute_columns_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(aq.as<T>(), qc.as<T>(),
-                                                                                order.as<int64_t>(), n, k, count);
+                                                                                 order.as<int64_t>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     ok = qr_positive(stream, qc.as<T>(), n, k, count);
     store_columns(stream, qc.as<T>(), q_out, n, k, count);

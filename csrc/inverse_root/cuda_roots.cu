@@ -31,10 +31,10 @@ struct RootState {
   double distance;  // this step's max|M - I|
   double residual;  // max|X^p A_r - I| of the result
   int iterations;
-  int active;       // still iterating
-  int revert;       // 1: the error grew, restore the previous iterate (2 once done)
-  int finite;       // X holds no NaN or Inf
-  int ok;           // eigh: decomposed, not singular, not indefinite
+  int active;  // still iterating
+  int revert;  // 1: the error grew, restore the previous iterate (2 once done)
+  int finite;  // X holds no NaN or Inf
+  int ok;      // eigh: decomposed, not singular, not indefinite
   int pad;
 };
 
@@ -106,7 +106,8 @@ __global__ void identity_max_kernel(const T* m, RootState* st, int64_t n, int64_
     double local = 0;
     for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
       const T* col = m + b * n * n + j * n;
-      for (int64_t i = threadIdx.x; i < n; i += blockDim.x) local = fmax(local, numerics::identity_gap(double(col[i]), i == j));
+      for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+        local = fmax(local, numerics::identity_gap(double(col[i]), i == j));
     }
     block_max_into(local, residual ? &st[b].residual : &st[b].distance);
   }
@@ -264,16 +265,34 @@ template <class T>
 class RootGroup {
  public:
   RootGroup(int64_t n, const std::vector<Segment>& segments, const RootOptions& o, cudaStream_t stream)
-      : segments_(segments), o_(o), stream_(stream), n_(n), nn_(n * n), count_(matrices_of(segments)), ni_(int(n)),
-        newton_(o.method == RootMethod::Newton), bytes_(size_t(count_ * nn_) * sizeof(T)), a_(bytes_, stream),
-        x_(bytes_, stream), m_(bytes_, stream), s0_(bytes_, stream), s1_(bytes_, stream), s2_(bytes_, stream),
-        s3_(newton_ ? bytes_ : 0, stream), s4_(newton_ ? bytes_ : 0, stream),
+      : segments_(segments),
+        o_(o),
+        stream_(stream),
+        n_(n),
+        nn_(n * n),
+        count_(matrices_of(segments)),
+        ni_(int(n)),
+        newton_(o.method == RootMethod::Newton),
+        bytes_(size_t(count_ * nn_) * sizeof(T)),
+        a_(bytes_, stream),
+        x_(bytes_, stream),
+        m_(bytes_, stream),
+        s0_(bytes_, stream),
+        s1_(bytes_, stream),
+        s2_(bytes_, stream),
+        s3_(newton_ ? bytes_ : 0, stream),
+        s4_(newton_ ? bytes_ : 0, stream),
         stats_(sizeof(MatrixStats) * size_t(count_), stream),
         state_(sizeof(RootState) * size_t(count_) + sizeof(int), stream),
         vectors_(sizeof(T) * size_t(count_) * 2 * size_t(n) + sizeof(double) * size_t(count_), stream),
-        st_(state_.as<RootState>()), active_(reinterpret_cast<int*>(st_ + count_)),
-        elements_(matrix_grid(n, count_, 1024)), reduce_(matrix_grid(n, count_, 32)),
-        per_state_(unsigned((count_ + 127) / 128)), stack_a_{a_.as<void>(), n, nn_}, xp_(x_.as<T>()), mp_(m_.as<T>()) {}
+        st_(state_.as<RootState>()),
+        active_(reinterpret_cast<int*>(st_ + count_)),
+        elements_(matrix_grid(n, count_, 1024)),
+        reduce_(matrix_grid(n, count_, 32)),
+        per_state_(unsigned((count_ + 127) / 128)),
+        stack_a_{a_.as<void>(), n, nn_},
+        xp_(x_.as<T>()),
+        mp_(m_.as<T>()) {}
 
   void run() {
     reset_states_kernel<<<per_state_, 128, 0, stream_>>>(st_, count_);
@@ -281,8 +300,10 @@ class RootGroup {
     load();
     const Products<T> products{stream_, ni_, count_, !any_warm_};
     DeviceBuffer info(newton_ ? 0 : sizeof(int) * size_t(count_), stream_);
-    if (newton_) newton(products);
-    else eigh(info.as<int>());
+    if (newton_)
+      newton(products);
+    else
+      eigh(info.as<int>());
     verdict(products);
     store();
     report(products);
@@ -313,7 +334,7 @@ class RootGroup {
     T* u = v + count_ * n_;
     double* rayleigh = reinterpret_cast<double*>(u + count_ * n_);
     fill_kernel<<<grid_for(count_ * n_, kThreads), kThreads, 0, stream_>>>(v, count_ * n_,
-                                                                            T(1.0 / std::sqrt(double(n_))));
+                                                                           T(1.0 / std::sqrt(double(n_))));
     CK_CUDA_CHECK(cudaGetLastError());
     for (int k = 0; k < 10; ++k) {
       cuda::gemm(stream_, dtype_of<T>(), Op::N, Op::N, ni_, 1, ni_, 1.0, stack_a_, {v, n_, n_}, 0.0, {u, n_, n_},
@@ -492,8 +513,8 @@ void store_init(const ArrayView& init, const ArrayView& out, int64_t b, cudaStre
   cuda::load_symmetric(stream, matrix_view(init, b), x.as<double>(), stats.as<MatrixStats>());
   const ArrayView target = matrix_view(out, b);
   CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
-    store_matrices_kernel<<<matrix_grid(n, 1, 1024), kThreads, 0, stream>>>(x.as<double>(), target.ptr<D>(), nullptr,
-                                                                           n, 1, false);
+    store_matrices_kernel<<<matrix_grid(n, 1, 1024), kThreads, 0, stream>>>(x.as<double>(), target.ptr<D>(), nullptr, n,
+                                                                            1, false);
   });
   CK_CUDA_CHECK(cudaGetLastError());
 }

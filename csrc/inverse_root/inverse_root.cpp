@@ -33,8 +33,8 @@ void check_basis(const ArrayView& q, const char* name) {
   check_floating(q, name);
   CK_CHECK_VALUE(q.ndim() >= 2, "argument '", name, "' must have shape (..., m, k), got ", shape_text(q));
   CK_CHECK_VALUE(q.is_contiguous(), "argument '", name, "' must be C-contiguous");
-  CK_CHECK_VALUE(q.size(-1) <= q.size(-2), "argument '", name,
-                 "' must have at least as many rows as columns, got ", q.size(-2), " x ", q.size(-1));
+  CK_CHECK_VALUE(q.size(-1) <= q.size(-2), "argument '", name, "' must have at least as many rows as columns, got ",
+                 q.size(-2), " x ", q.size(-1));
 }
 
 // Statuses of one input, every matrix "converged" until its backend says otherwise (so 0 x 0
@@ -143,9 +143,9 @@ void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayV
     check_square_batch(a[i], "A");
     check_basis(q[i], "Q");
     check_same_device(a[i], "A", q[i], "Q");
-    CK_CHECK_VALUE(q[i].ndim() == a[i].ndim() && std::equal(a[i].shape.begin(), a[i].shape.end() - 1, q[i].shape.begin()),
-                   "argument 'Q' must have shape (..., n, k) matching A ", shape_text(a[i]), ", got ",
-                   shape_text(q[i]));
+    CK_CHECK_VALUE(
+        q[i].ndim() == a[i].ndim() && std::equal(a[i].shape.begin(), a[i].shape.end() - 1, q[i].shape.begin()),
+        "argument 'Q' must have shape (..., n, k) matching A ", shape_text(a[i]), ", got ", shape_text(q[i]));
     check_output_like(q[i], "Q", q_out[i], "out");
     std::vector<int64_t> columns(q[i].shape.begin(), q[i].shape.end() - 2);
     columns.push_back(q[i].size(-1));

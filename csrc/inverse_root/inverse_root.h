@@ -43,14 +43,14 @@ struct RootOptions {
   // Newton: on ||X^p (A + eps I) - I||_max. Unset: the default of the inputs' compute dtypes,
   // 1e-8 for float64 and 1e-3 for float32 (the loosest of those present in the call).
   std::optional<double> tol;
-  bool fallback = true;        // Newton failure -> Eigh in float64
+  bool fallback = true;           // Newton failure -> Eigh in float64
   bool compute_residual = false;  // Eigh: also report ||X^p (A + eps I) - I||_max (a few n^3 flops)
 };
 
 struct RootStatus {
   bool converged = false;
   int iterations = 0;
-  double residual = -1;  // ||X^p (A + eps I) - I||_max; -1 when not measured
+  double residual = -1;                  // ||X^p (A + eps I) - I||_max; -1 when not measured
   RootMethod method = RootMethod::Eigh;  // the method that produced the result
   bool fell_back = false;
   bool kept_init = false;
@@ -82,8 +82,7 @@ struct BasisStatus {
 // decomposing from scratch. outputs must not overlap inputs, inits or bases.
 void matrix_inverse_root(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
                          const std::vector<const ArrayView*>& inits, const std::vector<const ArrayView*>& bases,
-                         const RootOptions& options, std::vector<std::vector<RootStatus>>& status,
-                         StreamHandle stream);
+                         const RootOptions& options, std::vector<std::vector<RootStatus>>& status, StreamHandle stream);
 
 // Symmetric eigendecomposition: values[i] (..., n) ascending, vectors[i] (..., n, n) eigenvectors
 // as columns; refined from bases[i] (may be null; read only) when given. A failed matrix gets
@@ -136,11 +135,10 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok);
 void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
-void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out,
-                           const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok);
+void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
+                           const ArrayView& perm, std::vector<bool>& ok);
 // The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.
-void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out,
-                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
-                            StreamHandle stream);
+void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
+                            const ArrayView& perm, std::vector<bool>& ok, StreamHandle stream);
 
 }  // namespace curvkit

@@ -25,12 +25,10 @@ const binding::Choices<SqrtMethod> kSqrtMethods = {{"auto", SqrtMethod::Auto},
                                                    {"eigh", SqrtMethod::Eigh}};
 
 py::list sqrt_infos(const std::vector<std::vector<SqrtStatus>>& status, const std::vector<ArrayView>& inputs) {
-  return binding::status_dicts(status, inputs, binding::field("converged", &SqrtStatus::converged),
-                               binding::field("iterations", &SqrtStatus::iterations),
-                               binding::field("residual", &SqrtStatus::residual),
-                               binding::field("method", [](const SqrtStatus& s) {
-                                 return binding::choice_name(kSqrtMethods, s.method);
-                               }));
+  return binding::status_dicts(
+      status, inputs, binding::field("converged", &SqrtStatus::converged),
+      binding::field("iterations", &SqrtStatus::iterations), binding::field("residual", &SqrtStatus::residual),
+      binding::field("method", [](const SqrtStatus& s) { return binding::choice_name(kSqrtMethods, s.method); }));
 }
 
 }  // namespace

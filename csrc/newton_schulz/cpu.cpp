@@ -8,8 +8,8 @@
 #include <vector>
 
 #include "core/blas.h"
-#include "core/matrix_utils.h"
 #include "core/dispatch.h"
+#include "core/matrix_utils.h"
 #include "core/runtime.h"
 #include "newton_schulz/newton_schulz.h"
 
@@ -80,8 +80,10 @@ struct Shape {
     blas::mirror_lower(a, r);
   }
   void apply(const T* p, const T* x, T* dst, T alpha, T beta) const {
-    if (tall) blas::symm(false, c, r, alpha, p, r, x, r, beta, dst, r);
-    else blas::symm(true, r, c, alpha, p, r, x, c, beta, dst, c);
+    if (tall)
+      blas::symm(false, c, r, alpha, p, r, x, r, beta, dst, r);
+    else
+      blas::symm(true, r, c, alpha, p, r, x, c, beta, dst, c);
   }
 };
 
@@ -90,7 +92,8 @@ template <class T>
 void step_polynomial(const PolarStep& s, const T* a, T* p, T* t, int r) {
   blas::syrk(false, r, r, T(1), a, r, T(0), t, r);  // A A^T = A^2, lower
   for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j <= i; ++j) p[i * r + j] = T(s.c) * t[i * r + j] + T(s.b) * a[i * r + j] + (i == j ? T(s.a) : T(0));
+    for (int64_t j = 0; j <= i; ++j)
+      p[i * r + j] = T(s.c) * t[i * r + j] + T(s.b) * a[i * r + j] + (i == j ? T(s.a) : T(0));
   blas::mirror_lower(p, r);
 }
 
@@ -178,9 +181,8 @@ void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
 
 template <class T>
 void run(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
-  CK_DISPATCH_FLOATING(t.in->dtype, "G", S, [&] {
-    CK_DISPATCH_FLOATING(t.out->dtype, "out", D, [&] { polar_one<T, S, D>(t, o, ws); });
-  });
+  CK_DISPATCH_FLOATING(t.in->dtype, "G", S,
+                       [&] { CK_DISPATCH_FLOATING(t.out->dtype, "out", D, [&] { polar_one<T, S, D>(t, o, ws); }); });
 }
 
 }  // namespace
@@ -212,10 +214,10 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
       count, [&](int64_t i) { return tasks[size_t(i)].cost(); },
       [&](int64_t i, int slot) {
         const PolarTask& t = tasks[size_t(i)];
-        CK_DISPATCH_COMPUTE(t.in->dtype, T, [&] { run<T>(t, options, std::get<std::vector<Workspace<T>>>(ws)[size_t(slot)]); });
+        CK_DISPATCH_COMPUTE(t.in->dtype, T,
+                            [&] { run<T>(t, options, std::get<std::vector<Workspace<T>>>(ws)[size_t(slot)]); });
       });
 }
-
 
 }  // namespace curvkit
 
@@ -247,7 +249,8 @@ void sqrt_newton_schulz(int n, double c, int max_iters, SqrtWork<T>& w, SqrtStat
   for (st.iterations = 0; st.iterations < max_iters; ++st.iterations) {
     blas::gemm(n, n, n, T(1), w.z.data(), w.y.data(), T(0), w.m.data());  // Z Y
     if (watch.done(identity_distance(w.m.data(), n))) break;
-    for (int64_t i = 0; i < int64_t(n) * n; ++i) w.t[size_t(i)] = T(-0.5) * w.m[size_t(i)] + T(i % (n + 1) == 0 ? 1.5 : 0);
+    for (int64_t i = 0; i < int64_t(n) * n; ++i)
+      w.t[size_t(i)] = T(-0.5) * w.m[size_t(i)] + T(i % (n + 1) == 0 ? 1.5 : 0);
     blas::gemm(n, n, n, T(1), w.y.data(), w.t.data(), T(0), w.u.data());
     std::swap(w.y, w.u);
     blas::gemm(n, n, n, T(1), w.t.data(), w.z.data(), T(0), w.u.data());
@@ -265,7 +268,8 @@ void sqrt_pade(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
   const int64_t nn = int64_t(n) * n;
   std::vector<T> powers[6];
   for (auto& v : powers) v.assign(size_t(nn), T(0));
-  for (int64_t i = 0; i < nn; ++i) powers[1][size_t(i)] = T((i % (n + 1) == 0 ? 1.0 : 0.0) - double(w.a[size_t(i)]) / c);
+  for (int64_t i = 0; i < nn; ++i)
+    powers[1][size_t(i)] = T((i % (n + 1) == 0 ? 1.0 : 0.0) - double(w.a[size_t(i)]) / c);
   blas::syrk(false, n, n, T(1), powers[1].data(), n, T(0), powers[2].data(), n);  // M M^T = M^2
   blas::mirror_lower(powers[2].data(), n);
   blas::gemmt(n, T(1), powers[2].data(), powers[1].data(), T(0), powers[3].data());
@@ -372,10 +376,13 @@ void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayV
   blas::dim(n, "matrix dimension");
   for (int64_t b = 0; b < batch; ++b) check_symmetric(a, b, "A");
   const double cost = double(n) * n * n;
-  run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
-    SqrtWork<double> w;  // float64 for every input dtype (see newton_schulz.h)
-    sqrt_one(a, b, sqrt_out, inv_out, o, w, status[b]);
-  }, o.method == SqrtMethod::Eigh ? lapack_small_task(batch) : kSmallTask);
+  run_matrix_tasks(
+      batch, [&](int64_t) { return cost; },
+      [&](int64_t b, int) {
+        SqrtWork<double> w;  // float64 for every input dtype (see newton_schulz.h)
+        sqrt_one(a, b, sqrt_out, inv_out, o, w, status[b]);
+      },
+      o.method == SqrtMethod::Eigh ? lapack_small_task(batch) : kSmallTask);
 }
 
 namespace {
@@ -383,8 +390,8 @@ namespace {
 // Matrix-sign iteration for S X + X S = C: B_0 = S/s, C_0 = C/s (s = ||S||_F), then
 // B <- B (3I - B^2)/2, C <- (C (3I - B^2) - B (B C - C B))/2; B -> I, C -> 2X.
 template <class T>
-void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView& x_out, int64_t index,
-                  int max_iters, SqrtWork<T>& w, SqrtStatus& st) {
+void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView& x_out, int64_t index, int max_iters,
+                  SqrtWork<T>& w, SqrtStatus& st) {
   const int n = blas::dim(s_in.size(-1), "matrix dimension");
   const int64_t nn = int64_t(n) * n;
   w.reserve(n);
@@ -407,8 +414,8 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
     blas::mirror_lower(w.m.data(), n);
     if (watch.done(identity_distance(w.m.data(), n))) break;
     for (int64_t i = 0; i < nn; ++i) w.t[size_t(i)] = -w.m[size_t(i)] + T(i % (n + 1) == 0 ? 3 : 0);  // 3I - B^2
-    blas::gemm(n, n, n, T(1), w.y.data(), w.z.data(), T(0), w.p.data());   // B C
-    blas::gemm(n, n, n, T(-1), w.z.data(), w.y.data(), T(1), w.p.data());  // B C - C B
+    blas::gemm(n, n, n, T(1), w.y.data(), w.z.data(), T(0), w.p.data());                              // B C
+    blas::gemm(n, n, n, T(-1), w.z.data(), w.y.data(), T(1), w.p.data());                             // B C - C B
     blas::gemm(n, n, n, T(0.5), w.z.data(), w.t.data(), T(0), w.u.data());  // C (3I - B^2) / 2
     blas::gemm(n, n, n, T(-0.5), w.y.data(), w.p.data(), T(1), w.u.data());
     std::swap(w.z, w.u);
@@ -431,11 +438,12 @@ void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView&
   for (int64_t b = 0; b < batch; ++b) check_symmetric(s, b, "S");
   status.assign(size_t(batch), SqrtStatus{});
   const double cost = double(n) * n * n;
-  run_matrix_tasks(batch, [&](int64_t) { return cost; }, [&](int64_t b, int) {
-    SqrtWork<double> w;
-    lyapunov_one(s, c, x, b, max_iters, w, status[size_t(b)]);
-  });
+  run_matrix_tasks(
+      batch, [&](int64_t) { return cost; },
+      [&](int64_t b, int) {
+        SqrtWork<double> w;
+        lyapunov_one(s, c, x, b, max_iters, w, status[size_t(b)]);
+      });
 }
-
 
 }  // namespace curvkit

@@ -89,13 +89,17 @@ struct PolarStack {
   Stack sq(void* p) const { return {p, r, int64_t(r) * r}; }
   // A = X X^T on the short side (r x r); only its lower triangle when mirror is false.
   void gram(void* x_ptr, void* a, bool mirror = true) const {
-    if (tall) cuda::symmetric_product(stream, dt, Op::N, Op::T, r, c, 1.0, x(x_ptr), x(x_ptr), 0.0, sq(a), count, mirror);
-    else cuda::symmetric_product(stream, dt, Op::T, Op::N, r, c, 1.0, x(x_ptr), x(x_ptr), 0.0, sq(a), count, mirror);
+    if (tall)
+      cuda::symmetric_product(stream, dt, Op::N, Op::T, r, c, 1.0, x(x_ptr), x(x_ptr), 0.0, sq(a), count, mirror);
+    else
+      cuda::symmetric_product(stream, dt, Op::T, Op::N, r, c, 1.0, x(x_ptr), x(x_ptr), 0.0, sq(a), count, mirror);
   }
   // dst = F X for the symmetric r x r factor F (X P for a tall X).
   void apply(void* f, void* x_ptr, void* dst) const {
-    if (tall) cuda::gemm(stream, dt, Op::N, Op::N, r, c, r, 1.0, sq(f), x(x_ptr), 0.0, x(dst), count);
-    else cuda::gemm(stream, dt, Op::N, Op::N, c, r, r, 1.0, x(x_ptr), sq(f), 0.0, x(dst), count);
+    if (tall)
+      cuda::gemm(stream, dt, Op::N, Op::N, r, c, r, 1.0, sq(f), x(x_ptr), 0.0, x(dst), count);
+    else
+      cuda::gemm(stream, dt, Op::N, Op::N, c, r, r, 1.0, x(x_ptr), sq(f), 0.0, x(dst), count);
   }
   // P = a I + b A + c A^2, from A's lower triangle (A is made whole in the same pass).
   void polynomial(const PolarStep& s, void* a, void* p) const {
@@ -110,7 +114,9 @@ struct PolarStack {
 };
 
 template <class T>
-void* offset(void* p, int64_t elements) { return static_cast<T*>(p) + elements; }
+void* offset(void* p, int64_t elements) {
+  return static_cast<T*>(p) + elements;
+}
 
 void polar_group(const PolarGroup& g, const PolarOptions& o, cudaStream_t stream, const double* amax,
                  const double* sumsq, const void* const* in_ptrs, void* const* out_ptrs) {
@@ -140,9 +146,9 @@ void polar_group(const PolarGroup& g, const PolarOptions& o, cudaStream_t stream
 
   CK_DISPATCH_FLOATING(g.in_dtype, "G", S, [&] {
     CK_DISPATCH_FLOATING(dt, "G", T, [&] {
-      normalize_kernel<<<matrix_grid(s.size(), count), 256, 0, stream>>>(
-          reinterpret_cast<const S* const*>(in_ptrs), static_cast<T*>(x), s.size(), amax, sumsq, o.norm_scale + o.norm_eps,
-          o.normalize);
+      normalize_kernel<<<matrix_grid(s.size(), count), 256, 0, stream>>>(reinterpret_cast<const S* const*>(in_ptrs),
+                                                                         static_cast<T*>(x), s.size(), amax, sumsq,
+                                                                         o.norm_scale + o.norm_eps, o.normalize);
     });
   });
   CK_CUDA_CHECK(cudaGetLastError());
@@ -239,8 +245,8 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
     CK_CHECK_VALUE(std::max(m, n) <= INT32_MAX, "argument 'G': matrix dimension ", std::max(m, n),
                    " exceeds the 32-bit range of cuBLAS");
     const int64_t batch = g.numel() / (m * n);
-    const auto shape_key = std::make_tuple(m, n, int(g.dtype.code), int(g.dtype.bits), int(out.dtype.code),
-                                           int(out.dtype.bits));
+    const auto shape_key =
+        std::make_tuple(m, n, int(g.dtype.code), int(g.dtype.bits), int(out.dtype.code), int(out.dtype.bits));
     for (int64_t b = 0; b < batch; ++b) {
       const size_t index = group_matrices[shape_key]++;
       const auto key = std::tuple_cat(shape_key, std::make_tuple(index / kMaxGroup));
@@ -292,7 +298,7 @@ struct SqrtState {
   double previous;  // last ||I - Z Y||_F / sqrt(n)
   double residual;  // sum of squares of c Y^2 - A after the loop
   int iterations, active, converged;
-  int finite;       // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
+  int finite;  // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
 };
 
 constexpr int kFiniteY = 1, kFiniteZ = 2, kAllFinite = kFiniteY | kFiniteZ;
@@ -506,11 +512,12 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
       u(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
       state(SignWatch::bytes(count), stream);
   cuda::load_symmetric(stream, a, a64.as<double>(), stats.as<cuda::MatrixStats>());
-  const std::vector<cuda::MatrixStats> host_stats = cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
+  const std::vector<cuda::MatrixStats> host_stats =
+      cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
   const SignWatch watch(state.as<void>(), count);
   SqrtState* st = watch.state;
   sqrt_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(a64.as<double>(), stats.as<cuda::MatrixStats>(),
-                                                               y.as<double>(), z.as<double>(), st, n, count);
+                                                              y.as<double>(), z.as<double>(), st, n, count);
   CK_CUDA_CHECK(cudaGetLastError());
 
   const DType f64 = DType::float64();
@@ -529,15 +536,15 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, {py, n, nn}, 0.0, sm, count);
   const dim3 per_matrix = per_matrix_grid(nn, count);
   sqrt_residual_kernel<<<per_matrix, 256, 0, stream>>>(m.as<double>(), a64.as<double>(), static_cast<double*>(py),
-                                                        inv_out ? static_cast<double*>(pz) : nullptr, st,
-                                                        watch.partial, n);
+                                                       inv_out ? static_cast<double*>(pz) : nullptr, st, watch.partial,
+                                                       n);
   CK_CUDA_CHECK(cudaGetLastError());
   cuda::sum_slots(stream, watch.partial, per_matrix.x, count, &st->residual, sizeof(SqrtState));
   const auto store = [&](const ArrayView* out, const void* src, bool inverse) {
     if (!out) return;
     CK_DISPATCH_FLOATING(out->dtype, "out", D, [&] {
       sqrt_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<const double*>(src), out->ptr<D>(), st,
-                                                                   nn, count, inverse);
+                                                                  nn, count, inverse);
     });
     CK_CUDA_CHECK(cudaGetLastError());
   };
@@ -581,7 +588,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   const SignWatch watch(state.as<void>(), count);
   SqrtState* st = watch.state;
   lyapunov_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(y.as<double>(), z.as<double>(),
-                                                                   stats.as<cuda::MatrixStats>(), st, nn, count);
+                                                                  stats.as<cuda::MatrixStats>(), st, nn, count);
   CK_CUDA_CHECK(cudaGetLastError());
   const DType f64 = DType::float64();
   const int ni = int(n);
@@ -589,14 +596,14 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
        *pp = p.as<void>();
   auto stack = [&](void* ptr) { return Stack{ptr, n, nn}; };
   for (int it = 0; it < max_iters; ++it) {
-    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(py), 0.0, stack(pm), count);  // B^2
-    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;  // T
+    cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(py), 0.0, stack(pm), count);   // B^2
+    if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;               // T
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pz), 0.0, stack(pp), count);   // B C
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, -1.0, stack(pz), stack(py), 1.0, stack(pp), count);  // - C B
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(pz), stack(pt), 0.0, stack(pu), count);   // C T
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, -0.5, stack(py), stack(pp), 1.0, stack(pu), count);  // - B P / 2
     keep_stopped_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), static_cast<double*>(pu),
-                                                                   st, nn, count);
+                                                                  st, nn, count);
     CK_CUDA_CHECK(cudaGetLastError());
     std::swap(pz, pu);
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pt), 0.0, stack(pu), count);  // B T
@@ -605,7 +612,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   finite_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), st, nn, count);
   CK_DISPATCH_FLOATING(x_out.dtype, "out", D, [&] {
     lyapunov_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), x_out.ptr<D>(), st, nn,
-                                                                     count);
+                                                                    count);
   });
   CK_CUDA_CHECK(cudaGetLastError());
   const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);

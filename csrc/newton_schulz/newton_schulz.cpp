@@ -85,7 +85,8 @@ void matrix_sqrt(const std::vector<ArrayView>& inputs, const std::vector<ArrayVi
   for (size_t i = 0; i < inputs.size(); ++i) {
     const ArrayView& a = inputs[i];
     SqrtOptions resolved = o;
-    if (o.method == SqrtMethod::Auto) resolved.method = a.device.is_cuda() ? SqrtMethod::NewtonSchulz : SqrtMethod::Eigh;
+    if (o.method == SqrtMethod::Auto)
+      resolved.method = a.device.is_cuda() ? SqrtMethod::NewtonSchulz : SqrtMethod::Eigh;
     status.push_back(initial_status<SqrtStatus>(a, resolved.method));
     if (a.numel() == 0) continue;
     const ArrayView* s = sqrt_out.empty() ? nullptr : &sqrt_out[i];

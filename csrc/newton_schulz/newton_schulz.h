@@ -46,8 +46,8 @@ struct PolarOptions {
 
 // inputs[i] (..., m_i, n_i) and outputs[i] of the same shape, any float dtypes, C-contiguous,
 // all on one device. float64 inputs compute in float64, all others in float32.
-void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs,
-           const PolarOptions& options, StreamHandle stream);
+void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs, const PolarOptions& options,
+           StreamHandle stream);
 
 // Square roots of symmetric positive (semi)definite A (..., n, n). Only (A + A^T)/2 is used;
 // A further from symmetric than a dtype-dependent tolerance is an error. With
@@ -76,7 +76,7 @@ struct SqrtOptions {
 struct SqrtStatus {
   bool converged = false;
   int iterations = 0;
-  double residual = 0;  // ||S^2 - A||_F / ||A||_F
+  double residual = 0;                   // ||S^2 - A||_F / ||A||_F
   SqrtMethod method = SqrtMethod::Auto;  // the method that ran
 };
 
@@ -94,9 +94,8 @@ struct LyapunovOptions {
   int max_iters = 100;
 };
 
-void solve_lyapunov(const std::vector<ArrayView>& s, const std::vector<ArrayView>& c,
-                    const std::vector<ArrayView>& x, const LyapunovOptions& options,
-                    std::vector<std::vector<SqrtStatus>>& status, StreamHandle stream);
+void solve_lyapunov(const std::vector<ArrayView>& s, const std::vector<ArrayView>& c, const std::vector<ArrayView>& x,
+                    const LyapunovOptions& options, std::vector<std::vector<SqrtStatus>>& status, StreamHandle stream);
 
 // Backends, called by the dispatch in newton_schulz.cpp once arguments are checked (and
 // "auto" resolved): one array (or list, for polar) on one device.

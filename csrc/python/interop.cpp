@@ -102,8 +102,7 @@ bool import_dlpack(py::handle obj, const char* name, StreamHandle stream, Import
 
   py::object capsule;
   try {
-    capsule = obj.attr("__dlpack__")(py::arg("stream") = stream_arg,
-                                     py::arg("max_version") = py::make_tuple(1, 0));
+    capsule = obj.attr("__dlpack__")(py::arg("stream") = stream_arg, py::arg("max_version") = py::make_tuple(1, 0));
   } catch (py::error_already_set& e) {
     if (is_error(e, PyExc_BufferError)) return false;  // e.g. a read-only NumPy array on old NumPy
     if (!is_error(e, PyExc_TypeError)) {
@@ -122,8 +121,8 @@ bool import_dlpack(py::handle obj, const char* name, StreamHandle stream, Import
     auto* t = static_cast<dlpack::DLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
     PyCapsule_SetName(cap, "used_dltensor_versioned");
     owner->versioned = t;
-    CK_CHECK_VALUE(t->version.major == 1, "argument '", name, "' was exported with DLPack ",
-                   t->version.major, ".", t->version.minor, "; curvkit reads DLPack 1.x");
+    CK_CHECK_VALUE(t->version.major == 1, "argument '", name, "' was exported with DLPack ", t->version.major, ".",
+                   t->version.minor, "; curvkit reads DLPack 1.x");
     out.view = view_from_dltensor(t->dl_tensor, name);
     out.view.writable = !(t->flags & dlpack::kFlagReadOnly);
     out.path = "dlpack_versioned";
@@ -159,8 +158,7 @@ void import_buffer(py::handle obj, const char* name, ImportedArray& out) {
   auto owner = std::make_unique<ImportedArray::Owner>();
   if (PyObject_GetBuffer(obj.ptr(), &owner->buffer, PyBUF_RECORDS_RO) != 0) {
     PyErr_Clear();
-    throw TypeError(cat("argument '", name, "' must be an array (NumPy, PyTorch or CuPy), got ",
-                        type_name(obj)));
+    throw TypeError(cat("argument '", name, "' must be an array (NumPy, PyTorch or CuPy), got ", type_name(obj)));
   }
   owner->has_buffer = true;
   const Py_buffer& b = owner->buffer;

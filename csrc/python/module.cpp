@@ -23,9 +23,7 @@ void set_error(const char* name, PyObject* fallback, const char* message) {
   try {
     const py::object type = py::module_::import("curvkit._errors").attr(name);
     PyErr_SetString(type.ptr(), message);
-  } catch (py::error_already_set&) {
-    PyErr_SetString(fallback, message);
-  }
+  } catch (py::error_already_set&) { PyErr_SetString(fallback, message); }
 }
 
 }  // namespace
@@ -42,9 +40,7 @@ PYBIND11_MODULE(_core, m) {
       curvkit::set_error("ArgumentTypeError", PyExc_TypeError, e.what());
     } catch (const curvkit::ValueError& e) {
       curvkit::set_error("ArgumentError", PyExc_ValueError, e.what());
-    } catch (const curvkit::CudaError& e) {
-      curvkit::set_error("CudaError", PyExc_RuntimeError, e.what());
-    }
+    } catch (const curvkit::CudaError& e) { curvkit::set_error("CudaError", PyExc_RuntimeError, e.what()); }
   });
 
   m.def("num_threads", &curvkit::num_threads);

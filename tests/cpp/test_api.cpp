@@ -44,7 +44,8 @@ ck::ArrayView view(std::vector<double>& data, std::vector<int64_t> shape) {
   v.dtype = ck::DType::float64();
   v.shape = shape;
   v.strides.assign(shape.size(), 1);
-  for (int d = int(shape.size()) - 2; d >= 0; --d) v.strides[size_t(d)] = v.strides[size_t(d) + 1] * shape[size_t(d) + 1];
+  for (int d = int(shape.size()) - 2; d >= 0; --d)
+    v.strides[size_t(d)] = v.strides[size_t(d) + 1] * shape[size_t(d) + 1];
   return v;
 }
 
