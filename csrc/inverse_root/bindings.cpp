@@ -11,10 +11,6 @@
 namespace curvkit {
 
 namespace py = pybind11;
-using binding::Access;
-using binding::ArrayList;
-using binding::CallScope;
-using binding::field;
 
 namespace {
 
@@ -22,7 +18,7 @@ const binding::Choices<RootMethod> kRootMethods = {
     {"auto", RootMethod::Auto}, {"eigh", RootMethod::Eigh}, {"newton", RootMethod::Newton}};
 
 py::list basis_infos(const std::vector<std::vector<BasisStatus>>& status, const std::vector<ArrayView>& inputs) {
-  return binding::status_dicts(status, inputs, field("converged", &BasisStatus::converged));
+  return binding::status_dicts(status, inputs, binding::field("converged", &BasisStatus::converged));
 }
 
 }  // namespace
@@ -41,20 +37,21 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
         o.tol = tol;
         o.fallback = fallback;
         o.compute_residual = compute_residual;
-        ArrayList in(inputs, "A", stream), out(outputs, "out", stream, Access::Write),
-            init(inits, "init", stream, Access::Read, true), basis(bases, "basis", stream, Access::Write, true);
+        binding::ArrayList in(inputs, "A", stream), out(outputs, "out", stream, binding::Access::Write),
+            init(inits, "init", stream, binding::Access::Read, true),
+            basis(bases, "basis", stream, binding::Access::Write, true);
         std::vector<std::vector<RootStatus>> status;
         {
-          CallScope scope(std::move(workspace));
+          binding::CallScope scope(std::move(workspace));
           matrix_inverse_root(in.views(), out.views(), init.optional_views(), basis.optional_views(), o, status,
                               stream);
         }
         return binding::status_dicts(
-            status, in.views(), field("converged", &RootStatus::converged),
-            field("iterations", &RootStatus::iterations), field("residual", &RootStatus::residual),
-            field("method", [](const RootStatus& s) { return binding::choice_name(kRootMethods, s.method); }),
-            field("fell_back", &RootStatus::fell_back), field("kept_init", &RootStatus::kept_init),
-            field("products", &RootStatus::products));
+            status, in.views(), binding::field("converged", &RootStatus::converged),
+            binding::field("iterations", &RootStatus::iterations), binding::field("residual", &RootStatus::residual),
+            binding::field("method", [](const RootStatus& s) { return binding::choice_name(kRootMethods, s.method); }),
+            binding::field("fell_back", &RootStatus::fell_back), binding::field("kept_init", &RootStatus::kept_init),
+            binding::field("products", &RootStatus::products));
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("bases"), py::kw_only(), py::arg("p"),
       py::arg("eps"), py::arg("method"), py::arg("max_iters"), py::arg("tol"), py::arg("fallback"),
@@ -64,15 +61,16 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
       "eigh",
       [](const py::list& inputs, const py::list& values, const py::list& vectors, const py::list& bases,
          StreamHandle stream, py::object workspace) {
-        ArrayList in(inputs, "A", stream), w(values, "out", stream, Access::Write),
-            v(vectors, "out", stream, Access::Write), basis(bases, "basis", stream, Access::Read, true);
+        binding::ArrayList in(inputs, "A", stream), w(values, "out", stream, binding::Access::Write),
+            v(vectors, "out", stream, binding::Access::Write),
+            basis(bases, "basis", stream, binding::Access::Read, true);
         std::vector<std::vector<EighStatus>> status;
         {
-          CallScope scope(std::move(workspace));
+          binding::CallScope scope(std::move(workspace));
           eigh(in.views(), w.views(), v.views(), basis.optional_views(), status, stream);
         }
-        return binding::status_dicts(status, in.views(), field("converged", &EighStatus::converged),
-                                     field("iterations", &EighStatus::iterations));
+        return binding::status_dicts(status, in.views(), binding::field("converged", &EighStatus::converged),
+                                     binding::field("iterations", &EighStatus::iterations));
       },
       py::arg("inputs"), py::arg("values"), py::arg("vectors"), py::arg("bases"), py::kw_only(), py::arg("stream"),
       py::arg("workspace"),
@@ -80,10 +78,10 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
   m.def(
       "orthonormalize_qr",
       [](const py::list& q, StreamHandle stream, py::object workspace) {
-        ArrayList qv(q, "Q", stream, Access::Write);
+        binding::ArrayList qv(q, "Q", stream, binding::Access::Write);
         std::vector<std::vector<BasisStatus>> status;
         {
-          CallScope scope(std::move(workspace));
+          binding::CallScope scope(std::move(workspace));
           orthonormalize_qr(qv.views(), status, stream);
         }
         return basis_infos(status, qv.views());
@@ -94,11 +92,11 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
       "eigenbasis_update",
       [](const py::list& a, const py::list& q, const py::list& q_out, const py::list& estimates, const py::list& perm,
          StreamHandle stream, py::object workspace) {
-        ArrayList av(a, "A", stream), qv(q, "Q", stream), ov(q_out, "out", stream, Access::Write),
-            ev(estimates, "out", stream, Access::Write), pv(perm, "out", stream, Access::Write);
+        binding::ArrayList av(a, "A", stream), qv(q, "Q", stream), ov(q_out, "out", stream, binding::Access::Write),
+            ev(estimates, "out", stream, binding::Access::Write), pv(perm, "out", stream, binding::Access::Write);
         std::vector<std::vector<BasisStatus>> status;
         {
-          CallScope scope(std::move(workspace));
+          binding::CallScope scope(std::move(workspace));
           eigenbasis_update(av.views(), qv.views(), ov.views(), ev.views(), pv.views(), status, stream);
         }
         return basis_infos(status, qv.views());

@@ -11,9 +11,6 @@
 namespace curvkit {
 
 namespace py = pybind11;
-using binding::Access;
-using binding::ArrayList;
-using binding::CallScope;
 
 namespace {
 
@@ -48,8 +45,8 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
         o.beta = beta;
         o.normalize = normalize;
         o.check_finite = check_finite;
-        ArrayList in(inputs, "G", stream), out(outputs, "out", stream, Access::Write);
-        CallScope scope(std::move(workspace));
+        binding::ArrayList in(inputs, "G", stream), out(outputs, "out", stream, binding::Access::Write);
+        binding::CallScope scope(std::move(workspace));
         polar(in.views(), out.views(), o, stream);
       },
       py::arg("inputs"), py::arg("outputs"), py::kw_only(), py::arg("steps"), py::arg("norm_scale"),
@@ -64,11 +61,11 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
         o.method = binding::parse_choice(kSqrtMethods, method, "method");
         o.max_iters = max_iters;
         o.tol = tol;
-        ArrayList in(inputs, "A", stream), s(sqrt_out, "out", stream, Access::Write),
-            r(inv_out, "out", stream, Access::Write);
+        binding::ArrayList in(inputs, "A", stream), s(sqrt_out, "out", stream, binding::Access::Write),
+            r(inv_out, "out", stream, binding::Access::Write);
         std::vector<std::vector<SqrtStatus>> status;
         {
-          CallScope scope(std::move(workspace));
+          binding::CallScope scope(std::move(workspace));
           matrix_sqrt(in.views(), s.views(), r.views(), o, status, stream);
         }
         return sqrt_infos(status, in.views());
@@ -81,10 +78,10 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
       "solve_lyapunov",
       [](const py::list& s, const py::list& c, const py::list& x, int max_iters, StreamHandle stream,
          py::object workspace) {
-        ArrayList sv(s, "S", stream), cv(c, "C", stream), xv(x, "out", stream, Access::Write);
+        binding::ArrayList sv(s, "S", stream), cv(c, "C", stream), xv(x, "out", stream, binding::Access::Write);
         std::vector<std::vector<SqrtStatus>> status;
         {
-          CallScope scope(std::move(workspace));
+          binding::CallScope scope(std::move(workspace));
           solve_lyapunov(sv.views(), cv.views(), xv.views(), LyapunovOptions{max_iters}, status, stream);
         }
         return sqrt_infos(status, sv.views());

@@ -7,6 +7,7 @@
 
 #include "core/check.h"
 #include "core/convert.h"
+#include "python/binding.h"
 #include "python/dlpack.h"
 
 namespace curvkit::interop {
@@ -258,7 +259,7 @@ void register_interop(py::module_& m, py::module_& testing) {
       [](py::handle src, py::handle dst, StreamHandle stream, const std::string& name) {
         ImportedArray s = import_array(src, name.c_str(), stream);
         ImportedArray d = import_output(dst, "out", stream);
-        py::gil_scoped_release release;
+        binding::CallScope scope{py::none()};
         convert(s.view, d.view, stream, name.c_str(), "out");
       },
       py::arg("src"), py::arg("dst"), py::arg("stream") = 0, py::arg("name") = "src",
