@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One call on a lent GPU machine (no network): install the OpenBLAS wheel carried in .whl/,
+# One call on a lent GPU machine (no network): install the wheels carried in .whl/ (OpenBLAS, and
+# hypothesis with its two dependencies for the property tests; see bench/results/gpu_pending.md),
 # build curvkit with CUDA for the local card, run the tests, the benchmarks and
 # bench/gpu_timings.py, and leave logs in $OUT (each phase stamped with its seconds).
 # Usage: bash bench/gpu_run.sh [--no-build] [--no-tests] [--no-timings] [family ...]
@@ -23,7 +24,7 @@ done
 stamp() { echo "== $1 at ${SECONDS} s" | tee -a "$OUT/phases.txt"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/device.txt"
 if [ $build -eq 1 ]; then
-  python3 -m pip install -q --no-index --no-deps .whl/scipy_openblas32-*.whl || exit 1
+  python3 -m pip install -q --no-index --no-deps .whl/*.whl || exit 1
   arch=$(python3 -c "import torch; p = torch.cuda.get_device_capability(); print(f'{p[0]}{p[1]}')")
   CURVKIT_CUDA=ON CURVKIT_CUDA_ARCHITECTURES=$arch python3 -m pip install -q --no-build-isolation --no-deps \
     -Cbuild-dir=build/gpu . > "$OUT/build.log" 2>&1 || { tail -50 "$OUT/build.log"; exit 1; }

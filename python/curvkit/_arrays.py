@@ -263,6 +263,20 @@ def given_outputs(out, single, name="out", input_name="A"):
     return [detached(o, name) for o in matching(out, single, 0, name, input_name)]
 
 
+def outputs_for(out, inputs, single, name="out", input_name="A"):
+    """The caller's `out` as a list (see given_outputs), or new arrays like the inputs."""
+    if out is None:
+        return [empty_like(x) for x in inputs]
+    return given_outputs(out, single, name, input_name)
+
+
+def output_parts(out, count, what):
+    """The parts of an `out` that holds several results (a pair (S, R), a triple, ...)."""
+    if not (isinstance(out, (list, tuple)) and len(out) == count):
+        raise ArgumentTypeError(f"argument 'out' must be {what}")
+    return list(out)
+
+
 def empty_like(x, shape=None, dtype=None):
     """A new array with x's framework and device, of x's shape and dtype unless given."""
     fw = framework_of(x)

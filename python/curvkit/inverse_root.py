@@ -130,7 +130,7 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
              for x in _arrays.matching(init, single, len(inputs), "init")]
     bases = [None if b is None else _arrays.detached(b, "basis")
              for b in _arrays.matching(basis, single, len(inputs), "basis")]
-    outputs = [_arrays.empty_like(a) for a in inputs] if out is None else _arrays.given_outputs(out, single, "out")
+    outputs = _arrays.outputs_for(out, inputs, single)
     stream, workspace = _arrays.call_context(inputs)
     infos = _core.matrix_inverse_root(inputs, outputs, inits, bases, p=_arrays.index(p, "p", 1), eps=float(eps),
                                       method=method, max_iters=_arrays.index(max_iters, "max_iters", 1),
@@ -175,9 +175,7 @@ def eigh(A: Any, basis: Any = None, out: Any = None, return_info: bool = False) 
         values = [_arrays.empty_like(a, shape=tuple(a.shape[:-1])) for a in inputs]
         vectors = [_arrays.empty_like(a) for a in inputs]
     else:
-        if not (isinstance(out, (list, tuple)) and len(out) == 2):
-            raise TypeError("argument 'out' must be a pair (w, V)")
-        values, vectors = _arrays.given_outputs(out[0], single), _arrays.given_outputs(out[1], single)
+        values, vectors = (_arrays.given_outputs(o, single) for o in _arrays.output_parts(out, 2, "a pair (w, V)"))
     stream, workspace = _arrays.call_context(inputs)
     infos = _core.eigh(inputs, values, vectors, bases, stream=stream, workspace=workspace)
     if out is not None:
@@ -213,14 +211,14 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
     inputs, single = _arrays.as_list(Q)
     inputs = [_arrays.detached(q, "Q") for q in inputs]
     if method == "qr":  # a contiguous copy of Q, orthonormalized in place
-        outputs = _new_or_given(out, inputs, single)
+        outputs = _arrays.outputs_for(out, inputs, single, "out", "Q")
         for q, o in zip(inputs, outputs):
             _arrays.convert(q, out=o, name="Q")
         stream, workspace = _arrays.call_context(outputs)
         infos = _core.orthonormalize_qr(outputs, stream=stream, workspace=workspace)
     elif method == "polar":
         inputs = [_arrays.prepare(q, "Q") for q in inputs]
-        outputs = _new_or_given(out, inputs, single)
+        outputs = _arrays.outputs_for(out, inputs, single, "out", "Q")
         stream, workspace = _arrays.call_context(inputs)
         _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _arrays.index(steps, "steps", 1), norm_scale=1.0,
                     norm_eps=0.0, method="standard", alpha=1.0, beta=0.0, normalize=False, check_finite=True,
@@ -230,11 +228,6 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
         raise ArgumentError(f"argument 'method' must be one of 'qr', 'polar', got {method!r}")
     result = out if out is not None else (outputs[0] if single else outputs)
     return _finish("orthonormalize", result, infos, single, return_info)
-
-
-def _new_or_given(out, inputs, single):
-    """The caller's `out` as a list, or new arrays like the inputs."""
-    return [_arrays.empty_like(q) for q in inputs] if out is None else _arrays.given_outputs(out, single, "out", "Q")
 
 
 def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False) -> Any:
@@ -267,9 +260,8 @@ def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False
         d = [_arrays.empty_like(q, shape=c) for q, c in zip(q_list, columns)]
         perm = [np.empty(c, dtype=np.int64) for c in columns]
     else:
-        if not (isinstance(out, (list, tuple)) and len(out) == 3):
-            raise TypeError("argument 'out' must be a triple (Q_new, d, perm)")
-        q_new, d, perm = (_arrays.given_outputs(o, single) for o in out)
+        parts = _arrays.output_parts(out, 3, "a triple (Q, d, perm)")
+        q_new, d, perm = (_arrays.given_outputs(o, single) for o in parts)
     stream, workspace = _arrays.call_context(a_list)
     infos = _core.eigenbasis_update(a_list, q_list, q_new, d, perm, stream=stream, workspace=workspace)
     if out is not None:

@@ -164,10 +164,7 @@ def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, 
 def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, beta, out_name="out"):
     inputs, single = _arrays.as_list(G)
     inputs = [_arrays.prepare(g, "G") for g in inputs]
-    if out is None:
-        outputs = [_arrays.empty_like(g) for g in inputs]
-    else:
-        outputs = _arrays.given_outputs(out, single, out_name, "G")
+    outputs = _arrays.outputs_for(out, inputs, single, out_name, "G")
     # A strided or transposed output (a view of a parameter, say) is updated through a
     # contiguous copy: the kernels read and write C-contiguous memory.
     written = [_arrays.contiguous(o, out_name) for o in outputs]
@@ -307,7 +304,7 @@ def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return
     s_list, single = _arrays.as_list(S)
     s_list = [_arrays.prepare(x, "S") for x in s_list]
     c_list = [_arrays.prepare(x, "C") for x in _arrays.matching(C, single, 0, "C", "S")]
-    xs = [_arrays.empty_like(x) for x in s_list] if out is None else _arrays.given_outputs(out, single, "out", "S")
+    xs = _arrays.outputs_for(out, s_list, single, "out", "S")
     stream, workspace = _arrays.call_context(s_list)
     infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_arrays.index(max_iters, "max_iters", 1),
                                  stream=stream, workspace=workspace)
@@ -318,15 +315,11 @@ def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return
 def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, return_info):
     inputs, single = _arrays.as_list(A)
     inputs = [_arrays.prepare(a, "A") for a in inputs]
-    if out is None:
-        S = [_arrays.empty_like(a) for a in inputs] if want_sqrt else []
-        R = [_arrays.empty_like(a) for a in inputs] if want_inverse else []
-    elif want_sqrt and want_inverse:
-        if not (isinstance(out, (list, tuple)) and len(out) == 2):
-            raise TypeError("argument 'out' must be a pair (S, R)")
-        S, R = _arrays.given_outputs(out[0], single, "out"), _arrays.given_outputs(out[1], single, "out")
+    if want_sqrt and want_inverse:
+        parts = [None, None] if out is None else _arrays.output_parts(out, 2, "a pair (S, R)")
+        S, R = (_arrays.outputs_for(o, inputs, single) for o in parts)
     else:
-        given = _arrays.given_outputs(out, single)
+        given = _arrays.outputs_for(out, inputs, single)
         S, R = (given, []) if want_sqrt else ([], given)
     stream, workspace = _arrays.call_context(inputs)
     infos = _core.matrix_sqrt(inputs, S, R, method=method, max_iters=_arrays.index(max_iters, "max_iters", 1),
