@@ -106,6 +106,20 @@ void store_vector(const T* src, int64_t n, const ArrayView& out, int64_t index) 
   });
 }
 
+// Largest |entry| of a row-major matrix (finite entries).
+template <class T>
+double max_abs(const T* a, int64_t size) {
+  double m = 0;
+  for (int64_t i = 0; i < size; ++i) m = std::max(m, std::fabs(double(a[i])));
+  return m;
+}
+
+// a <- 2^k a, exact (no entry overflows when k comes from numerics::even_scale_exponent).
+template <class T>
+void scale_pow2(T* a, int64_t size, int k) {
+  for (int64_t i = 0; i < size; ++i) a[i] = std::ldexp(a[i], k);
+}
+
 template <class T>
 double frobenius(const T* a, int64_t size) {
   double s = 0;

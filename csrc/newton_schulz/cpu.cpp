@@ -23,7 +23,10 @@ struct PolarTask {
   const ArrayView* out;
   int64_t index;  // position within its batch
   int64_t m, n;
-  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||G||_F); 0 for G = 0
+  // X_0 = 2^exponent G * inv_scale: the power of two (exact) brings the largest entry to [1, 2),
+  // so that neither a subnormal G (1 / amax overflows) nor a huge one under/overflows.
+  int exponent = 0;
+  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||2^exponent G||_F); 0 for G = 0
   bool finite = true;
   int64_t r() const { return std::min(m, n); }
   int64_t c() const { return std::max(m, n); }
@@ -51,12 +54,13 @@ void measure(PolarTask& t, const PolarOptions& o) {
     t.inv_scale = 1.0;
     return;
   }
-  double sum = 0.0;  // scaled by the largest entry so that neither tiny nor huge G under/overflows
+  t.exponent = -std::ilogb(amax);
+  double sum = 0.0;
   for (int64_t i = 0; i < size; ++i) {
-    const double v = to_double(g[i]) / amax;
+    const double v = std::ldexp(to_double(g[i]), t.exponent);
     sum += v * v;
   }
-  t.inv_scale = 1.0 / ((o.norm_scale + o.norm_eps) * amax * std::sqrt(sum));
+  t.inv_scale = 1.0 / ((o.norm_scale + o.norm_eps) * std::sqrt(sum));
 }
 
 // Working storage for one thread, reused across its matrices.
@@ -160,13 +164,13 @@ void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
   }
   if (t.inv_scale == 0.0 || o.steps.empty()) {  // G = 0 gives 0 (no steps: X_0)
     for (int64_t i = 0; i < size; ++i) {
-      const double x0 = o.steps.empty() ? to_double(g[i]) * t.inv_scale : 0.0;
+      const double x0 = o.steps.empty() ? std::ldexp(to_double(g[i]), t.exponent) * t.inv_scale : 0.0;
       out[i] = from_double<D>(o.beta == 0.0 ? o.alpha * x0 : o.beta * to_double(out[i]) + o.alpha * x0);
     }
     return;
   }
   ws.reserve(size, t.r());
-  for (int64_t i = 0; i < size; ++i) ws.x[size_t(i)] = T(to_double(g[i]) * t.inv_scale);
+  for (int64_t i = 0; i < size; ++i) ws.x[size_t(i)] = T(std::ldexp(to_double(g[i]), t.exponent) * t.inv_scale);
   iterate(sh, o, ws);
   if constexpr (std::is_same_v<T, D>) {
     sh.apply(ws.p.data(), ws.x.data(), out, T(o.alpha), T(o.beta));  // fused into the last product
@@ -328,6 +332,12 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
   const int64_t nn = int64_t(n) * n;
   w.reserve(n);
   load_symmetrized(a, index, w.a.data());
+  // Work on 2^k A with max|2^k A| near 1 (k even, exact): c below, its square and the residual
+  // then neither underflow (A = 1e-300 I gave c = 0, "converged" zeros) nor overflow (1e300 gave
+  // a NaN residual); sqrt(A) = 2^(-k/2) sqrt(2^k A).
+  const double amax = max_abs(w.a.data(), nn);
+  const int k = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
+  scale_pow2(w.a.data(), nn, k);
   // Scale: both ||A||_F and ||A||_inf bound the largest eigenvalue of symmetric A; the
   // smaller one puts the spectrum of A/c closest to 1 (near the identity ||A||_inf does).
   const double c = std::min(frobenius(w.a.data(), nn), max_row_sum(w.a.data(), n));
@@ -364,8 +374,8 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
     if (!all_finite(w.y)) std::fill(w.y.begin(), w.y.end(), T(0));
     if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
   }
-  if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, std::sqrt(c));
-  if (inv_out) store_matrix(w.z.data(), *inv_out, index, 1.0 / std::sqrt(c));
+  if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, std::ldexp(std::sqrt(c), -k / 2));
+  if (inv_out) store_matrix(w.z.data(), *inv_out, index, std::ldexp(1.0 / std::sqrt(c), k / 2));
 }
 
 }  // namespace
