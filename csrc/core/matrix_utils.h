@@ -45,6 +45,17 @@ inline void check_symmetric(const ArrayView& a, int64_t index, const char* name)
   });
 }
 
+// Checks matrix `index` of a (..., m, k) array `a` for NaN and Inf.
+inline void check_finite_matrix(const ArrayView& a, int64_t index, const char* name) {
+  const int64_t size = a.size(-2) * a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, name, S, [&] {
+    const S* p = a.ptr<const S>() + index * size;
+    bool finite = true;
+    for (int64_t i = 0; i < size; ++i) finite &= std::fabs(to_double(p[i])) <= DBL_MAX;
+    CK_CHECK_VALUE(finite, "argument '", name, "' contains NaN or Inf (matrix ", index, ")");
+  });
+}
+
 // (A + A^T)/2 of matrix `index`, in T.
 template <class T>
 void load_symmetrized(const ArrayView& a, int64_t index, T* dst) {
