@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence, Union
 
 from . import _arrays, _core
+from ._errors import ArgumentTypeError
 from ._errors import finish as _finish
 
 # Published coefficient schedules: (a, b, c) of p(x) = a x + b x^3 + c x^5 per step, and the
@@ -136,6 +137,8 @@ def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scal
     >>> np.allclose(W, expected)
     True
     """
+    if param is None:  # else polar's out=None path would return a new array and drop it
+        raise ArgumentTypeError("argument 'param' must be an array (or a list of arrays) to update, got None")
     _run(G, steps, coefficients, norm_eps, method, param, check_finite, alpha=-float(lr) * float(scale),
          beta=1.0 - float(lr) * float(weight_decay), out_name="param")
     return param
@@ -172,7 +175,7 @@ def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, bet
     stream, workspace = _arrays.call_context(inputs)
     _core.polar(inputs, written, steps=table, norm_scale=norm_scale, norm_eps=float(norm_eps), method=method,
                 alpha=alpha, beta=beta, normalize=True, check_finite=bool(check_finite), stream=stream,
-                workspace=workspace)
+                workspace=workspace, out_name=out_name)
     for o, w in zip(outputs, written):
         if w is not o:
             _arrays.convert(w, out=o, name=out_name)
