@@ -2,11 +2,16 @@
 // (RuntimeError) carrying file, line and the CUDA error string. Registered in
 // csrc/python/module.cpp. Every check names the argument and what was expected.
 #pragma once
+#include <algorithm>
+#include <cstdint>
 #include <cstdio>
+#include <initializer_list>
 #include <stdexcept>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
+#include <vector>
 
 #include "core/array.h"
 
@@ -133,6 +138,94 @@ inline void check_output_like(const ArrayView& a, const char* a_name, const Arra
   check_same_shape(a, a_name, out, name);
   check_same_device(a, a_name, out, name);
   CK_CHECK_VALUE(out.is_contiguous(), "argument '", name, "' must be C-contiguous");
+}
+
+// ---- Outputs that share memory with other arguments
+
+// The bytes [first, last) an array can reach through its strides (first == last: empty).
+struct MemoryRange {
+  uintptr_t first = 0, last = 0;
+};
+
+inline MemoryRange memory_range(const ArrayView& a) {
+  if (a.numel() == 0 || a.data == nullptr) return {};
+  int64_t low = 0, high = 0;  // element offsets reached
+  for (int d = 0; d < a.ndim(); ++d) {
+    const int64_t reach = (a.shape[size_t(d)] - 1) * a.strides[size_t(d)];
+    (reach < 0 ? low : high) += reach;
+  }
+  const auto base = reinterpret_cast<uintptr_t>(a.data);
+  const int64_t item = a.dtype.itemsize();
+  return {base + uintptr_t(low * item), base + uintptr_t((high + 1) * item)};
+}
+
+// Whether two arrays may touch the same bytes (their address ranges intersect on one device).
+inline bool may_overlap(const ArrayView& a, const ArrayView& b) {
+  if (a.device != b.device) return false;
+  const MemoryRange x = memory_range(a), y = memory_range(b);
+  return x.first < x.last && y.first < y.last && x.first < y.last && y.first < x.last;
+}
+
+// A list argument of one call (a single array is a list of one) and its name.
+struct NamedArrays {
+  const std::vector<ArrayView>& arrays;
+  const char* name;
+};
+
+// The arrays a call writes must share no memory with each other nor with any array it reads:
+// the kernels run the matrices of a list in any order (and on several threads), so
+// polar([a, b], out=[b, a]) would read what another matrix already wrote. An argument that is
+// both read and written (polar_update_'s param, a basis refined in place) is listed once, as
+// an output. Raises ValueError naming both arguments (and their list entries). One sort and
+// one sweep over the address ranges, so long lists (an optimizer's parameters) stay cheap.
+inline void check_no_overlap(std::initializer_list<NamedArrays> outputs, std::initializer_list<NamedArrays> inputs) {
+  struct Entry {
+    MemoryRange range;
+    int device_kind, device_id;
+    const NamedArrays* list;
+    size_t index;
+    bool output;
+  };
+  std::vector<Entry> entries;
+  const auto add = [&](const NamedArrays& l, bool output) {
+    for (size_t i = 0; i < l.arrays.size(); ++i) {
+      const ArrayView& a = l.arrays[i];
+      const MemoryRange r = memory_range(a);
+      if (r.first < r.last)
+        entries.push_back({r, int(a.device.kind), a.device.is_cuda() ? a.device.id : 0, &l, i, output});
+    }
+  };
+  for (const NamedArrays& l : outputs) add(l, true);
+  for (const NamedArrays& l : inputs) add(l, false);
+  std::sort(entries.begin(), entries.end(), [](const Entry& a, const Entry& b) {
+    return std::tie(a.device_kind, a.device_id, a.range.first) < std::tie(b.device_kind, b.device_id, b.range.first);
+  });
+  const auto where = [](const Entry& e) {
+    return e.list->arrays.size() > 1 ? cat("argument '", e.list->name, "' (entry ", e.index, ")")
+                                     : cat("argument '", e.list->name, "'");
+  };
+  // Sweeping by start address: an entry overlaps an earlier one iff it starts before the
+  // furthest end so far; the furthest-reaching earlier entry (of any kind, or an output) is then
+  // one it overlaps.
+  const Entry *reach_any = nullptr, *reach_output = nullptr;
+  for (size_t k = 0; k < entries.size(); ++k) {
+    const Entry& e = entries[k];
+    if (k > 0 && (e.device_kind != entries[k - 1].device_kind || e.device_id != entries[k - 1].device_id))
+      reach_any = reach_output = nullptr;
+    const Entry* other = e.output ? reach_any : reach_output;
+    CK_CHECK_VALUE(!other || other->range.last <= e.range.first, where(*other), " shares memory with ", where(e),
+                   "; an output must not overlap an input or another output (pass separate arrays)");
+    if (!reach_any || e.range.last > reach_any->range.last) reach_any = &e;
+    if (e.output && (!reach_output || e.range.last > reach_output->range.last)) reach_output = &e;
+  }
+}
+
+// The present entries of an optional per-input list (init, basis), for check_no_overlap.
+inline std::vector<ArrayView> present(const std::vector<const ArrayView*>& optional) {
+  std::vector<ArrayView> arrays;
+  for (const ArrayView* a : optional)
+    if (a) arrays.push_back(*a);
+  return arrays;
 }
 
 }  // namespace curvkit

@@ -45,6 +45,17 @@ inline void check_symmetric(const ArrayView& a, int64_t index, const char* name)
   });
 }
 
+// Checks matrix `index` of a (..., m, k) array `a` for NaN and Inf.
+inline void check_finite_matrix(const ArrayView& a, int64_t index, const char* name) {
+  const int64_t size = a.size(-2) * a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, name, S, [&] {
+    const S* p = a.ptr<const S>() + index * size;
+    bool finite = true;
+    for (int64_t i = 0; i < size; ++i) finite &= std::fabs(to_double(p[i])) <= DBL_MAX;
+    CK_CHECK_VALUE(finite, "argument '", name, "' contains NaN or Inf (matrix ", index, ")");
+  });
+}
+
 // (A + A^T)/2 of matrix `index`, in T.
 template <class T>
 void load_symmetrized(const ArrayView& a, int64_t index, T* dst) {
@@ -104,6 +115,20 @@ void store_vector(const T* src, int64_t n, const ArrayView& out, int64_t index) 
     D* p = out.ptr<D>() + index * n;
     for (int64_t i = 0; i < n; ++i) p[i] = from_double<D>(double(src[i]));
   });
+}
+
+// Largest |entry| of a row-major matrix (finite entries).
+template <class T>
+double max_abs(const T* a, int64_t size) {
+  double m = 0;
+  for (int64_t i = 0; i < size; ++i) m = std::max(m, std::fabs(double(a[i])));
+  return m;
+}
+
+// a <- 2^k a, exact (no entry overflows when k comes from numerics::even_scale_exponent).
+template <class T>
+void scale_pow2(T* a, int64_t size, int k) {
+  for (int64_t i = 0; i < size; ++i) a[i] = std::ldexp(a[i], k);
 }
 
 template <class T>

@@ -31,6 +31,16 @@ inline double symmetry_tolerance(const DType& dt) {
 
 namespace numerics {
 
+// ---- Scaling by powers of two (exact), so that no family depends on the magnitude of its input
+
+// The even k for which 2^k amax lies in [0.5, 2) (amax > 0 and finite): scaling by 2^k keeps
+// every product clear of overflow and underflow from the subnormals to DBL_MAX, and being even,
+// a square root unscales exactly by 2^(-k/2).
+CK_HD int even_scale_exponent(double amax) {
+  const int e = -ilogb(amax);
+  return e - (e & 1);
+}
+
 // ---- Distances of an iterate M to the identity
 
 // Entry (i, j) of M - I.

@@ -42,6 +42,8 @@ void probes(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset
     CK_CHECK_VALUE(workspace->is_contiguous() && workspace->numel() >= need, "argument 'workspace' must be ",
                    "contiguous with at least ", need, " elements");
     ws = workspace->ptr<double>();
+    const std::vector<ArrayView> outs{out}, workspaces{*workspace};
+    check_no_overlap({{outs, "out"}, {workspaces, "workspace"}}, {});
   }
   CK_DEVICE_DISPATCH(out.device, probes_cpu(out, kind, seed, offset), probes_cuda(out, kind, seed, offset, ws, stream));
 }

@@ -270,13 +270,15 @@ bool root_from_eigenpairs(int n, const RootOptions& o, RootWork<T>& w) {
   return ok && all_finite(w.x);
 }
 
-// X from the eigendecomposition of A (w.a holds A + eps I; the eps is taken back out and
-// applied after flooring), refined from `basis` (matrix `index`) when given and written back
-// to it. Returns false if LAPACK failed or A is singular or indefinite.
+// X from the eigendecomposition of A (matrix `index` of `a`; eps is applied after flooring),
+// refined from `basis` (matrix `index`) when given and written back to it. Returns false if
+// LAPACK failed or A is singular or indefinite.
 template <class T>
-bool root_eigh(int n, const RootOptions& o, const ArrayView* basis, int64_t index, RootWork<T>& w, RootStatus& st) {
-  w.t = w.a;
-  for (int64_t i = 0; i < n; ++i) w.t[size_t(i * n + i)] -= T(o.eps);
+bool root_eigh(int n, const RootOptions& o, const ArrayView& a, const ArrayView* basis, int64_t index, RootWork<T>& w,
+               RootStatus& st) {
+  // A itself, not (A + eps I) - eps I: with eps far above ||A|| (1e100) that subtraction
+  // cancels A's diagonal and made a correct root read as indefinite.
+  load_symmetrized(a, index, w.t.data());
   if (basis) load_matrix(*basis, index, w.v.data());
   if (!decompose(n, w.t.data(), basis != nullptr, w, st) || !all_finite(w.v) || !all_finite(w.w)) return false;
   if (basis) store_matrix(w.v.data(), *basis, index);
@@ -369,7 +371,7 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, c
   if (o.method == RootMethod::Newton) {
     ok = root_newton(n, o, init, index, w, st);
   } else {
-    ok = root_eigh(n, o, basis, index, w, st);
+    ok = root_eigh(n, o, a, basis, index, w, st);
     if (o.compute_residual) st.residual = root_residual(n, o.p, w);  // reported, not a criterion (nor counted)
   }
   st.converged = ok;
@@ -429,6 +431,10 @@ namespace {
 template <class T>
 bool qr_positive(int m, int k, T* a) {
   std::vector<T> tau(static_cast<size_t>(k));
+  // Q is the same for any positive multiple of a: scaling by a power of two (exact) to a largest
+  // entry near 1 keeps ||a||_F and the rank floor finite (1e300 inputs read as "lost rank").
+  const double amax = max_abs(a, int64_t(m) * k);
+  if (amax > 0 && amax <= DBL_MAX) scale_pow2(a, int64_t(m) * k, numerics::even_scale_exponent(amax));
   const double scale = frobenius(a, int64_t(m) * k);
   if (blas::geqrf(m, k, a, tau.data()) != 0) return false;
   std::vector<T> sign(static_cast<size_t>(k));
@@ -483,6 +489,10 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
     std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
     load_symmetrized(a_in, b, a.data());
     load_matrix(q, b, qb.data());
+    // A Q and the estimates from 2^e A (exact; A Q of a huge A would overflow), d unscaled below.
+    const double amax = max_abs(a.data(), n * n);
+    const int e = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
+    scale_pow2(a.data(), n * n, e);
     blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
     std::vector<double> d(static_cast<size_t>(k), 0.0);
     for (int64_t i = 0; i < n; ++i)
@@ -496,7 +506,7 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
     const bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
     store_matrix(p.data(), q_out, b);
     std::vector<double> sorted(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = d[size_t(order[size_t(j)])];
+    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e);
     store_vector(sorted.data(), k, estimates, b);
     std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
     return good;

@@ -67,6 +67,7 @@ void matrix_inverse_root(const std::vector<ArrayView>& inputs, const std::vector
     check_companion(inputs[i], inits[i], "init", false);
     check_companion(inputs[i], bases[i], "basis", true);
   }
+  check_no_overlap({{outputs, "out"}, {present(bases), "basis"}}, {{inputs, "A"}, {present(inits), "init"}});
   check_one_device(inputs, "A");
   status.clear();
   if (inputs.empty()) return;
@@ -102,6 +103,7 @@ void eigh(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& va
                    shape_text(a), ", got ", shape_text(values[i]));
     check_companion(a, bases[i], "basis", false);
   }
+  check_no_overlap({{values, "out"}, {vectors, "out"}}, {{inputs, "A"}, {present(bases), "basis"}});
   check_one_device(inputs, "A");
   status.clear();
   for (const ArrayView& a : inputs) status.push_back(solved<EighStatus>(a));
@@ -120,6 +122,7 @@ void orthonormalize_qr(const std::vector<ArrayView>& q, std::vector<std::vector<
     check_basis(x, "Q");
     check_writable(x, "Q");
   }
+  check_no_overlap({{q, "Q"}}, {});
   if (!q.empty()) check_one_device(q, "Q");
   status.clear();
   for (const ArrayView& x : q) {
@@ -159,6 +162,7 @@ void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayV
                    "argument 'out': the permutation must be a writable C-contiguous int64 host array of shape "
                    "(..., k)");
   }
+  check_no_overlap({{q_out, "out"}, {estimates, "out"}, {perm, "out"}}, {{a, "A"}, {q, "Q"}});
   check_one_device(a, "A");
   status.clear();
   for (size_t i = 0; i < a.size(); ++i) {

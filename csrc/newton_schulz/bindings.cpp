@@ -35,7 +35,7 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
       "polar",
       [](const py::list& inputs, const py::list& outputs, const std::vector<std::tuple<double, double, double>>& steps,
          double norm_scale, double norm_eps, const std::string& method, double alpha, double beta, bool normalize,
-         bool check_finite, StreamHandle stream, py::object workspace) {
+         bool check_finite, StreamHandle stream, py::object workspace, const std::string& out_name) {
         PolarOptions o;
         for (const auto& [a, b, c] : steps) o.steps.push_back({a, b, c});
         o.norm_scale = norm_scale;
@@ -45,13 +45,14 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
         o.beta = beta;
         o.normalize = normalize;
         o.check_finite = check_finite;
-        binding::ArrayList in(inputs, "G", stream), out(outputs, "out", stream, binding::Access::Write);
+        o.out_name = out_name.c_str();
+        binding::ArrayList in(inputs, "G", stream), out(outputs, o.out_name, stream, binding::Access::Write);
         binding::CallScope scope(std::move(workspace));
         polar(in.views(), out.views(), o, stream);
       },
       py::arg("inputs"), py::arg("outputs"), py::kw_only(), py::arg("steps"), py::arg("norm_scale"),
       py::arg("norm_eps"), py::arg("method"), py::arg("alpha"), py::arg("beta"), py::arg("normalize"),
-      py::arg("check_finite"), py::arg("stream"), py::arg("workspace"),
+      py::arg("check_finite"), py::arg("stream"), py::arg("workspace"), py::arg("out_name") = "out",
       "outputs[i] = beta * outputs[i] + alpha * polar(inputs[i]) (see curvkit.polar).");
   m.def(
       "matrix_sqrt",

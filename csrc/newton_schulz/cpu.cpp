@@ -23,7 +23,10 @@ struct PolarTask {
   const ArrayView* out;
   int64_t index;  // position within its batch
   int64_t m, n;
-  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||G||_F); 0 for G = 0
+  // X_0 = 2^exponent G * inv_scale: the power of two (exact) brings the largest entry to [1, 2),
+  // so that neither a subnormal G (1 / amax overflows) nor a huge one under/overflows.
+  int exponent = 0;
+  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||2^exponent G||_F); 0 for G = 0
   bool finite = true;
   int64_t r() const { return std::min(m, n); }
   int64_t c() const { return std::max(m, n); }
@@ -51,12 +54,13 @@ void measure(PolarTask& t, const PolarOptions& o) {
     t.inv_scale = 1.0;
     return;
   }
-  double sum = 0.0;  // scaled by the largest entry so that neither tiny nor huge G under/overflows
+  t.exponent = -std::ilogb(amax);
+  double sum = 0.0;
   for (int64_t i = 0; i < size; ++i) {
-    const double v = to_double(g[i]) / amax;
+    const double v = std::ldexp(to_double(g[i]), t.exponent);
     sum += v * v;
   }
-  t.inv_scale = 1.0 / ((o.norm_scale + o.norm_eps) * amax * std::sqrt(sum));
+  t.inv_scale = 1.0 / ((o.norm_scale + o.norm_eps) * std::sqrt(sum));
 }
 
 // Working storage for one thread, reused across its matrices.
@@ -160,13 +164,13 @@ void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
   }
   if (t.inv_scale == 0.0 || o.steps.empty()) {  // G = 0 gives 0 (no steps: X_0)
     for (int64_t i = 0; i < size; ++i) {
-      const double x0 = o.steps.empty() ? to_double(g[i]) * t.inv_scale : 0.0;
+      const double x0 = o.steps.empty() ? std::ldexp(to_double(g[i]), t.exponent) * t.inv_scale : 0.0;
       out[i] = from_double<D>(o.beta == 0.0 ? o.alpha * x0 : o.beta * to_double(out[i]) + o.alpha * x0);
     }
     return;
   }
   ws.reserve(size, t.r());
-  for (int64_t i = 0; i < size; ++i) ws.x[size_t(i)] = T(to_double(g[i]) * t.inv_scale);
+  for (int64_t i = 0; i < size; ++i) ws.x[size_t(i)] = T(std::ldexp(to_double(g[i]), t.exponent) * t.inv_scale);
   iterate(sh, o, ws);
   if constexpr (std::is_same_v<T, D>) {
     sh.apply(ws.p.data(), ws.x.data(), out, T(o.alpha), T(o.beta));  // fused into the last product
@@ -328,6 +332,12 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
   const int64_t nn = int64_t(n) * n;
   w.reserve(n);
   load_symmetrized(a, index, w.a.data());
+  // Work on 2^k A with max|2^k A| near 1 (k even, exact): c below, its square and the residual
+  // then neither underflow (A = 1e-300 I gave c = 0, "converged" zeros) nor overflow (1e300 gave
+  // a NaN residual); sqrt(A) = 2^(-k/2) sqrt(2^k A).
+  const double amax = max_abs(w.a.data(), nn);
+  const int k = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
+  scale_pow2(w.a.data(), nn, k);
   // Scale: both ||A||_F and ||A||_inf bound the largest eigenvalue of symmetric A; the
   // smaller one puts the spectrum of A/c closest to 1 (near the identity ||A||_inf does).
   const double c = std::min(frobenius(w.a.data(), nn), max_row_sum(w.a.data(), n));
@@ -364,8 +374,8 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
     if (!all_finite(w.y)) std::fill(w.y.begin(), w.y.end(), T(0));
     if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
   }
-  if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, std::sqrt(c));
-  if (inv_out) store_matrix(w.z.data(), *inv_out, index, 1.0 / std::sqrt(c));
+  if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, std::ldexp(std::sqrt(c), -k / 2));
+  if (inv_out) store_matrix(w.z.data(), *inv_out, index, std::ldexp(1.0 / std::sqrt(c), k / 2));
 }
 
 }  // namespace
@@ -388,25 +398,34 @@ void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayV
 namespace {
 
 // Matrix-sign iteration for S X + X S = C: B_0 = S/s, C_0 = C/s (s = ||S||_F), then
-// B <- B (3I - B^2)/2, C <- (C (3I - B^2) - B (B C - C B))/2; B -> I, C -> 2X.
+// B <- B (3I - B^2)/2, C <- (C (3I - B^2) - B (B C - C B))/2; B -> sign(S) = I, C -> 2X.
+// S and C are first scaled by powers of two (exact) to a largest entry near 1, so that s, the
+// iteration and the residual neither underflow nor overflow; X = 2^(k - j) X' for S' = 2^k S,
+// C' = 2^j C.
 template <class T>
 void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView& x_out, int64_t index, int max_iters,
                   SqrtWork<T>& w, SqrtStatus& st) {
   const int n = blas::dim(s_in.size(-1), "matrix dimension");
   const int64_t nn = int64_t(n) * n;
   w.reserve(n);
-  load_symmetrized(s_in, index, w.y.data());  // B
-  load_matrix(c_in, index, w.z.data());       // C
-  const double scale = frobenius(w.y.data(), nn);
+  load_symmetrized(s_in, index, w.a.data());  // S', kept for the residual
+  load_matrix(c_in, index, w.q.data());       // C', kept for the residual
+  const double s_max = max_abs(w.a.data(), nn), c_max = max_abs(w.q.data(), nn);
   st = SqrtStatus{};
-  if (scale == 0) {
+  if (s_max == 0 || c_max == 0) {  // C = 0: X = 0, solved; S = 0 (C != 0): no solution
     std::fill(w.z.begin(), w.z.end(), T(0));
     store_matrix(w.z.data(), x_out, index, 0.0);
+    st.converged = c_max == 0;
+    st.residual = c_max == 0 ? 0.0 : 1.0;
     return;
   }
+  const int k = numerics::even_scale_exponent(s_max), j = numerics::even_scale_exponent(c_max);
+  scale_pow2(w.a.data(), nn, k);
+  scale_pow2(w.q.data(), nn, j);
+  const double scale = frobenius(w.a.data(), nn);
   for (int64_t i = 0; i < nn; ++i) {
-    w.y[size_t(i)] = T(double(w.y[size_t(i)]) / scale);
-    w.z[size_t(i)] = T(double(w.z[size_t(i)]) / scale);
+    w.y[size_t(i)] = T(double(w.a[size_t(i)]) / scale);
+    w.z[size_t(i)] = T(double(w.q[size_t(i)]) / scale);
   }
   ConvergenceWatch watch{unit_roundoff<T>()};
   for (st.iterations = 0; st.iterations < max_iters; ++st.iterations) {
@@ -423,10 +442,22 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
     blas::mirror_lower(w.u.data(), n);
     std::swap(w.y, w.u);
   }
-  st.converged = watch.converged && all_finite(w.z);
-  st.residual = watch.previous;
-  if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
-  store_matrix(w.z.data(), x_out, index, 0.5);
+  const bool finite = all_finite(w.z);
+  if (!finite) std::fill(w.z.begin(), w.z.end(), T(0));
+  for (int64_t i = 0; i < nn; ++i) w.z[size_t(i)] *= T(0.5);  // X'
+  // The reported residual is the true ||S'X' + X'S' - C'||_F / ||C'||_F of the X' returned (the
+  // sign iteration's own distance says nothing about X: an indefinite S converges too, to
+  // sign(S) != I). Converged also needs B = sign(S) at I (S positive definite) and a normwise
+  // backward error ||R|| / (2 ||S'|| ||X'|| + ||C'||) below sqrt(u): a solution is at u.
+  w.p = w.q;
+  blas::gemm(n, n, n, T(1), w.a.data(), w.z.data(), T(-1), w.p.data());  // S'X' - C'
+  blas::gemm(n, n, n, T(1), w.z.data(), w.a.data(), T(1), w.p.data());   // + X'S'
+  const double r = frobenius(w.p.data(), nn), c_norm = frobenius(w.q.data(), nn);
+  const bool positive_definite = max_distance_to_identity(w.y.data(), n) <= 0.5;
+  const double backward = r / (2 * scale * frobenius(w.z.data(), nn) + c_norm);
+  st.residual = finite ? r / c_norm : std::numeric_limits<double>::infinity();
+  st.converged = watch.converged && finite && positive_definite && backward <= std::sqrt(unit_roundoff<T>());
+  store_matrix(w.z.data(), x_out, index, std::ldexp(1.0, k - j));
 }
 
 }  // namespace
@@ -435,7 +466,10 @@ void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView&
                         std::vector<SqrtStatus>& status) {
   const int64_t n = s.size(-1), batch = n ? s.numel() / (n * n) : 0;
   blas::dim(n, "matrix dimension");
-  for (int64_t b = 0; b < batch; ++b) check_symmetric(s, b, "S");
+  for (int64_t b = 0; b < batch; ++b) {
+    check_symmetric(s, b, "S");
+    check_finite_matrix(c, b, "C");
+  }
   status.assign(size_t(batch), SqrtStatus{});
   const double cost = double(n) * n * n;
   run_matrix_tasks(

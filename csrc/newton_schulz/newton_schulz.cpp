@@ -36,7 +36,8 @@ std::vector<Status> initial_status(const ArrayView& a, SqrtMethod method) {
 
 void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs, const PolarOptions& o,
            StreamHandle stream) {
-  check_list_sizes(inputs.size(), "G", outputs.size(), "out");
+  const char* out_name = o.out_name;
+  check_list_sizes(inputs.size(), "G", outputs.size(), out_name);
   for (const PolarStep& s : o.steps)
     CK_CHECK_VALUE(std::isfinite(s.a) && std::isfinite(s.b) && std::isfinite(s.c),
                    "argument 'coefficients' must be finite");
@@ -49,8 +50,9 @@ void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& o
     CK_CHECK_VALUE(g.ndim() >= 2, "argument 'G' must have shape (..., m, n), got ", shape_text(g));
     CK_CHECK_VALUE(g.is_contiguous(), "argument 'G' must be C-contiguous");
     check_same_device(inputs[0], "G", g, "G");
-    check_output_like(g, "G", out, "out");
+    check_output_like(g, "G", out, out_name);
   }
+  check_no_overlap({{outputs, out_name}}, {{inputs, "G"}});
   // One backend call per route: the backends take one method for all their matrices.
   for (PolarMethod route : {PolarMethod::Standard, PolarMethod::Gram}) {
     std::vector<ArrayView> in, out;
@@ -81,6 +83,7 @@ void matrix_sqrt(const std::vector<ArrayView>& inputs, const std::vector<ArrayVi
     if (!sqrt_out.empty()) check_output_like(inputs[i], "A", sqrt_out[i], "out");
     if (!inv_out.empty()) check_output_like(inputs[i], "A", inv_out[i], "out");
   }
+  check_no_overlap({{sqrt_out, "out"}, {inv_out, "out"}}, {{inputs, "A"}});
   status.clear();
   for (size_t i = 0; i < inputs.size(); ++i) {
     const ArrayView& a = inputs[i];
@@ -112,6 +115,7 @@ void solve_lyapunov(const std::vector<ArrayView>& s, const std::vector<ArrayView
     CK_CHECK_VALUE(c[i].is_contiguous(), "argument 'C' must be C-contiguous");
     check_output_like(s[i], "S", x[i], "out");
   }
+  check_no_overlap({{x, "out"}}, {{s, "S"}, {c, "C"}});
   status.clear();
   for (size_t i = 0; i < s.size(); ++i) {
     status.push_back(initial_status<SqrtStatus>(s[i], SqrtMethod::NewtonSchulz));

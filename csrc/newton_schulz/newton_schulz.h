@@ -42,6 +42,8 @@ struct PolarOptions {
   // false: no NaN/Inf check of the inputs, so no host synchronization on CUDA (the call can be
   // captured in a CUDA graph); a matrix holding NaN or Inf then gives NaN.
   bool check_finite = true;
+  // The name errors give the outputs: polar_update_ calls them 'param'.
+  const char* out_name = "out";
 };
 
 // inputs[i] (..., m_i, n_i) and outputs[i] of the same shape, any float dtypes, C-contiguous,

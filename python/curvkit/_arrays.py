@@ -7,6 +7,7 @@ torch or cupy only when handed one of their objects (or asked for a CUDA device)
 """
 from __future__ import annotations
 
+import numbers
 import operator
 
 import numpy as np
@@ -259,8 +260,22 @@ def matching(x, single, count, name, input_name="A"):
 
 
 def given_outputs(out, single, name="out", input_name="A"):
-    """The caller's `out` as a list of arrays (detached torch tensors), structured like the input."""
-    return [detached(o, name) for o in matching(out, single, 0, name, input_name)]
+    """The caller's `out` as a list of arrays (detached torch tensors), structured like the input.
+    They are marked written (see written_in_place)."""
+    return [written_in_place(detached(o, name)) for o in matching(out, single, 0, name, input_name)]
+
+
+def written_in_place(x):
+    """x, with torch's version counter bumped when it is a tensor the native call will write: the
+    write goes through DLPack, which autograd cannot see, so a graph that saved the tensor would
+    otherwise backpropagate through the new values silently; bumped, backward raises torch's
+    usual "modified by an inplace operation" error. Bumped before the call, so a call that then
+    fails also counts as a write (the safe side)."""
+    if x is not None and framework_of(x) == "torch":
+        import torch
+
+        torch.autograd.graph.increment_version(x)
+    return x
 
 
 def outputs_for(out, inputs, single, name="out", input_name="A"):
@@ -301,6 +316,21 @@ def call_context(arrays):
     if not arrays:
         return 0, None
     return stream_of(arrays[0]), workspace_of(arrays[0])
+
+
+def real(value, name):
+    """A real-number argument (Python or NumPy int or float of any width, not bool) as a float;
+    ArgumentTypeError naming `name` for anything else (None, a string, a complex)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.integer, np.floating)):
+        raise ArgumentTypeError(f"argument '{name}' must be a real number, got {type(value).__name__}")
+    return float(value)
+
+
+def method_name(value, name="method"):
+    """A method argument: a string, else ArgumentTypeError naming it."""
+    if not isinstance(value, str):
+        raise ArgumentTypeError(f"argument '{name}' must be a string, got {type(value).__name__}")
+    return value
 
 
 def index(value, name, low=0, high=None):

@@ -37,6 +37,7 @@ def polar(
     check_finite: bool,
     stream: int,
     workspace: Workspace,
+    out_name: str = "out",
 ) -> None: ...
 def matrix_sqrt(
     inputs: list[Array],

@@ -128,13 +128,14 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
     inputs = [_arrays.prepare(a, "A") for a in inputs]
     inits = [None if x is None else _arrays.prepare(x, "init")
              for x in _arrays.matching(init, single, len(inputs), "init")]
-    bases = [None if b is None else _arrays.detached(b, "basis")
+    bases = [None if b is None else _arrays.written_in_place(_arrays.detached(b, "basis"))
              for b in _arrays.matching(basis, single, len(inputs), "basis")]
     outputs = _arrays.outputs_for(out, inputs, single)
     stream, workspace = _arrays.call_context(inputs)
-    infos = _core.matrix_inverse_root(inputs, outputs, inits, bases, p=_arrays.index(p, "p", 1), eps=float(eps),
-                                      method=method, max_iters=_arrays.index(max_iters, "max_iters", 1),
-                                      tol=None if tol is None else float(tol), fallback=bool(fallback),
+    infos = _core.matrix_inverse_root(inputs, outputs, inits, bases, p=_arrays.index(p, "p", 1),
+                                      eps=_arrays.real(eps, "eps"), method=_arrays.method_name(method),
+                                      max_iters=_arrays.index(max_iters, "max_iters", 1),
+                                      tol=None if tol is None else _arrays.real(tol, "tol"), fallback=bool(fallback),
                                       compute_residual=bool(return_info), stream=stream, workspace=workspace)
     result = out if out is not None else (outputs[0] if single else outputs)
     return _finish("matrix_inverse_root", result, infos, single, return_info)

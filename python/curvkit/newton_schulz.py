@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Sequence, Union
 
 from . import _arrays, _core
+from ._errors import ArgumentTypeError
 from ._errors import finish as _finish
 
 # Published coefficient schedules: (a, b, c) of p(x) = a x + b x^3 + c x^5 per step, and the
@@ -136,8 +137,11 @@ def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scal
     >>> np.allclose(W, expected)
     True
     """
-    _run(G, steps, coefficients, norm_eps, method, param, check_finite, alpha=-float(lr) * float(scale),
-         beta=1.0 - float(lr) * float(weight_decay), out_name="param")
+    if param is None:  # else polar's out=None path would return a new array and drop it
+        raise ArgumentTypeError("argument 'param' must be an array (or a list of arrays) to update, got None")
+    lr = _arrays.real(lr, "lr")
+    _run(G, steps, coefficients, norm_eps, method, param, check_finite, alpha=-lr * _arrays.real(scale, "scale"),
+         beta=1.0 - lr * _arrays.real(weight_decay, "weight_decay"), out_name="param")
     return param
 
 
@@ -170,9 +174,10 @@ def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, bet
     written = [_arrays.contiguous(o, out_name) for o in outputs]
     table, norm_scale = schedule(coefficients, steps)
     stream, workspace = _arrays.call_context(inputs)
-    _core.polar(inputs, written, steps=table, norm_scale=norm_scale, norm_eps=float(norm_eps), method=method,
+    _core.polar(inputs, written, steps=table, norm_scale=norm_scale, norm_eps=_arrays.real(norm_eps, "norm_eps"),
+                method=_arrays.method_name(method),
                 alpha=alpha, beta=beta, normalize=True, check_finite=bool(check_finite), stream=stream,
-                workspace=workspace)
+                workspace=workspace, out_name=out_name)
     for o, w in zip(outputs, written):
         if w is not o:
             _arrays.convert(w, out=o, name=out_name)
@@ -293,7 +298,11 @@ def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return
     (Song et al. 2022) run to convergence rather than a fixed 8 steps: with B_0 = S/||S||_F,
     C_0 = C/||S||_F, B <- B(3I - B^2)/2, C <- (C(3I - B^2) - B(BC - CB))/2, X = C/2. CPU
     and CUDA (each matrix stopped on its own on the device), computed in float64. Failure
-    policy as in :func:`matrix_sqrt`.
+    policy as in :func:`matrix_sqrt`. On the CPU the info's "residual" is the true
+    ||S X + X S - C||_F / ||C||_F of the X returned, and a matrix converges only when S is
+    positive definite (an indefinite S is reported not converged) and the normwise backward
+    error ||S X + X S - C|| / (2 ||S|| ||X|| + ||C||) is below sqrt(eps). NaN or Inf in C
+    raises :class:`curvkit.ArgumentError`.
 
     >>> import numpy as np, curvkit
     >>> S = np.diag([1.0, 2.0]); C = np.array([[2.0, 3.0], [3.0, 8.0]])
@@ -322,8 +331,9 @@ def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, ret
         given = _arrays.outputs_for(out, inputs, single)
         S, R = (given, []) if want_sqrt else ([], given)
     stream, workspace = _arrays.call_context(inputs)
-    infos = _core.matrix_sqrt(inputs, S, R, method=method, max_iters=_arrays.index(max_iters, "max_iters", 1),
-                              tol=float(tol), stream=stream, workspace=workspace)
+    infos = _core.matrix_sqrt(inputs, S, R, method=_arrays.method_name(method),
+                              max_iters=_arrays.index(max_iters, "max_iters", 1),
+                              tol=_arrays.real(tol, "tol"), stream=stream, workspace=workspace)
     if out is not None:
         result = out
     else:

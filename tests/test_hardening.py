@@ -1,0 +1,170 @@
+"""Regression tests of issue 14 ("Hardening"): silently wrong results and unhelpful errors."""
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import curvkit as ck
+from curvkit import ArgumentError, ArgumentTypeError, CurvkitError
+
+
+def spd(n=6, seed=0):
+    b = np.random.default_rng(seed).standard_normal((n, n))
+    return b @ b.T + np.eye(n)
+
+
+def sqrt_ref(a):
+    w, v = np.linalg.eigh(a)
+    return (v * np.sqrt(w)) @ v.T
+
+
+SCALES = [1e-310, 1e-300, 1e300]
+
+
+@pytest.mark.parametrize("scale", SCALES)
+@pytest.mark.parametrize("method", ["eigh", "newton_schulz"])
+def test_matrix_sqrt_scale_invariant(scale, method):
+    a = spd()
+    s, info = ck.matrix_sqrt_and_inv_sqrt(a * scale, method=method, return_info=True)
+    assert info["converged"] and info["residual"] < 1e-13
+    ref = sqrt_ref(a)
+    rtol = 1e-12 if scale >= 1e-300 else 1e-10  # a subnormal input holds fewer bits
+    np.testing.assert_allclose(s[0] / np.sqrt(scale), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+    inv = np.linalg.inv(ref)
+    np.testing.assert_allclose(s[1] * np.sqrt(scale), inv, rtol=rtol, atol=rtol * np.abs(inv).max())
+
+
+@pytest.mark.parametrize("scale", SCALES)
+def test_polar_scale_invariant(scale):
+    g = np.random.default_rng(1).standard_normal((4, 6))
+    ref = ck.polar(g)
+    np.testing.assert_allclose(ck.polar(g * scale), ref, atol=1e-12)
+    w = np.zeros_like(g)
+    ck.polar_update_(w, g * scale, lr=1.0)
+    np.testing.assert_allclose(w, -ref, atol=1e-12)
+
+
+def lyapunov_residual(s, c, x):
+    return np.linalg.norm(s @ x + x @ s - c) / np.linalg.norm(c)
+
+
+def test_lyapunov_indefinite_not_converged():
+    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((6, 6)))
+    s = q @ np.diag([-1.5, 0.5, 1, 2, 3, 4]) @ q.T
+    c = np.random.default_rng(3).standard_normal((6, 6))
+    c = c + c.T
+    x, info = ck.solve_lyapunov(s, c, return_info=True)
+    assert not info["converged"]
+    assert info["residual"] == pytest.approx(lyapunov_residual(s, c, x), rel=1e-6)
+
+
+def test_lyapunov_singular_not_converged():
+    x, info = ck.solve_lyapunov(np.diag([0.0, 1, 2, 3]), np.eye(4), max_iters=60, return_info=True)
+    assert not info["converged"]
+
+
+@pytest.mark.parametrize("scale", [1e-300, 1e300])
+def test_lyapunov_scale_invariant(scale):
+    s = spd(5, 4)
+    c = np.random.default_rng(5).standard_normal((5, 5))
+    x, info = ck.solve_lyapunov(s * scale, c, return_info=True)
+    assert info["converged"] and info["residual"] < 1e-12
+    assert lyapunov_residual(s, c, x * scale) < 1e-12
+
+
+def test_lyapunov_nan_in_c_names_c():
+    with pytest.raises(ArgumentError, match="'C'"):
+        ck.solve_lyapunov(spd(3), np.full((3, 3), np.nan))
+
+
+@pytest.mark.parametrize("call", [
+    lambda a, b: ck.polar([a, b], out=[b, a]),
+    lambda a, b: ck.polar_update_([a, b], [b, a], lr=0.1),
+    lambda a, b: ck.polar_update_([a, a], [b, b.copy()], lr=0.1),
+    lambda a, b: ck.polar(a, out=a),
+    lambda a, b: ck.matrix_sqrt_and_inv_sqrt(a @ a.T, out=(b, b)),
+    lambda a, b: ck.solve_lyapunov(a @ a.T + np.eye(4), b, out=b),
+    lambda a, b: ck.matrix_inverse_root(a @ a.T, 2, out=b, basis=b),
+])
+def test_overlapping_outputs_raise(call):
+    rng = np.random.default_rng(6)
+    a, b = rng.standard_normal((4, 4)), rng.standard_normal((4, 4))
+    with pytest.raises(ArgumentError, match="shares memory"):
+        call(a, b)
+
+
+def test_polar_update_errors_name_param():
+    g = np.ones((3, 3))
+    with pytest.raises(ArgumentTypeError, match="'param'"):
+        ck.polar_update_(None, g, lr=0.1)
+    with pytest.raises(ArgumentTypeError, match="'param'"):
+        ck.polar_update_(np.ones((3, 3), dtype=np.int64), g, lr=0.1)
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300])
+def test_qr_bases_scale_invariant(scale):
+    q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((6, 4)))
+    np.testing.assert_allclose(ck.orthonormalize(q * scale, "qr"), q * np.sign(np.diag(q))[None] *
+                               np.sign(np.diag(q))[None], atol=1e-12)
+    a = spd(6, 8)
+    qn, d, _ = ck.eigenbasis_update(a * scale, np.linalg.qr(np.random.default_rng(9).standard_normal((6, 6)))[0])
+    qr, dr, _ = ck.eigenbasis_update(a, np.linalg.qr(np.random.default_rng(9).standard_normal((6, 6)))[0])
+    np.testing.assert_allclose(qn, qr, atol=1e-12)
+    np.testing.assert_allclose(d / scale, dr, rtol=1e-12)
+
+
+def test_inverse_root_huge_eps_converges():
+    a = spd()
+    x, info = ck.matrix_inverse_root(a, 2, eps=1e100, method="eigh", return_info=True)
+    assert info["converged"]
+    w, v = np.linalg.eigh(a)
+    ref = (v * (w + 1e100) ** -0.5) @ v.T  # off the diagonal only rounding (1e-16 of the norm)
+    np.testing.assert_allclose(x, ref, rtol=1e-12, atol=1e-14 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("kwargs, name", [({"eps": None}, "eps"), ({"eps": "a"}, "eps"), ({"tol": "a"}, "tol"),
+                                          ({"method": None}, "method")])
+def test_number_and_method_types(kwargs, name):
+    with pytest.raises(ArgumentTypeError, match=f"'{name}'"):
+        ck.matrix_inverse_root(spd(3), 2, **kwargs)
+
+
+def test_numpy_scalars_accepted():
+    a = spd(3)
+    ck.matrix_inverse_root(a, 2, eps=np.float32(1e-7), tol=np.float32(1e-6), method="newton")
+    ck.matrix_sqrt(a, tol=np.float32(1e-6))
+    ck.polar_update_(np.ones((3, 3)), a, lr=np.float32(0.1), weight_decay=np.float16(0))
+
+
+def test_torch_in_place_write_visible_to_autograd():
+    torch = pytest.importorskip("torch")
+    w = torch.randn(4, 4, dtype=torch.float64, requires_grad=True)
+    p = w * 1.0
+    y = (p * p).sum()  # saves p
+    ck.polar_update_(p.detach(), torch.randn(4, 4, dtype=torch.float64), lr=0.1)
+    with pytest.raises(RuntimeError, match="inplace"):
+        y.backward()
+
+
+MAGNITUDE = st.sampled_from([1e-310, 1e-305, 1e-300, 1e-150, 1e-20, 1.0, 1e20, 1e150, 1e300, 1e305])
+
+
+@settings(max_examples=30, deadline=None)
+@given(scale=MAGNITUDE, seed=st.integers(0, 2**16), n=st.integers(1, 5))
+def test_magnitude_property(scale, seed, n):
+    """Each call returns a result within its accuracy or raises a curvkit error naming an argument."""
+    a = spd(n, seed)
+    g = np.random.default_rng(seed).standard_normal((n, n + 1))
+    subnormal = scale < 1e-300
+    tol = 1e-9 if subnormal else 1e-11
+    try:
+        np.testing.assert_allclose(ck.polar(g * scale), ck.polar(g), atol=tol)
+        s = ck.matrix_sqrt(a * scale)
+        np.testing.assert_allclose(s / np.sqrt(scale), sqrt_ref(a), rtol=tol, atol=tol * np.sqrt(np.abs(a).max()))
+        x = ck.matrix_inverse_root(a * scale, 2)
+        inv = np.linalg.inv(sqrt_ref(a))
+        np.testing.assert_allclose(x * np.sqrt(scale), inv, rtol=1e-7, atol=1e-7 * np.abs(inv).max())
+        w, _ = ck.eigh(a * scale)
+        np.testing.assert_allclose(w / scale, np.linalg.eigvalsh(a), rtol=tol, atol=tol * np.abs(a).max())
+    except CurvkitError as e:
+        assert "argument '" in str(e)
