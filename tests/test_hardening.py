@@ -1,6 +1,7 @@
-"""Regression tests of issue 14 ("Hardening"): silently wrong results and unhelpful errors."""
+"""Regressions found by a hardening sweep: silently wrong results and unhelpful errors."""
 import numpy as np
 import pytest
+from conftest import needs_torch, torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -168,3 +169,30 @@ def test_magnitude_property(scale, seed, n):
         np.testing.assert_allclose(w / scale, np.linalg.eigvalsh(a), rtol=tol, atol=tol * np.abs(a).max())
     except CurvkitError as e:
         assert "argument '" in str(e)
+
+
+@needs_torch
+def test_torch_wrappers_name_arguments_of_the_wrong_type():
+    import curvkit.torch as ct
+
+    for bad in (None, "A", np.eye(3)):
+        with pytest.raises(ArgumentTypeError, match="'A' must be a torch.Tensor"):
+            ct.matrix_sqrt(bad)
+        with pytest.raises(ArgumentTypeError, match="'G' must be a torch.Tensor"):
+            ct.polar(bad)
+        with pytest.raises(ArgumentTypeError, match="'param' must be a torch.Tensor"):
+            ct.polar_update_(bad, torch.zeros(2, 2), lr=0.1)
+
+
+@needs_torch
+def test_tensors_on_other_devices_are_refused_by_name():
+    meta = torch.empty(3, 3, device="meta")
+    with pytest.raises(ArgumentError, match="'A' must be a CPU or CUDA tensor, got a tensor on meta"):
+        ck.matrix_sqrt(meta)
+    with pytest.raises(ArgumentError, match="argument 'G' must be a CPU or CUDA tensor"):
+        ck.polar(meta)
+
+
+def test_big_endian_input_is_named():
+    with pytest.raises(ArgumentTypeError, match="argument 'G' is not in native byte order"):
+        ck.polar(np.ones((3, 4), dtype=">f8"))

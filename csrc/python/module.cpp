@@ -4,6 +4,8 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <new>
+
 #include "core/check.h"
 #include "core/runtime.h"
 #include "python/interop.h"

@@ -29,9 +29,9 @@ def framework_of(x, name="x"):
     )
 
 
-def device_of(x):
+def device_of(x, name="x"):
     """('cpu', 0) or ('cuda', index) for an array of any supported framework."""
-    fw = framework_of(x)
+    fw = framework_of(x, name)
     if fw == "numpy":
         return ("cpu", 0)
     if fw == "torch":
@@ -40,7 +40,7 @@ def device_of(x):
             return ("cpu", 0)
         if dev.type == "cuda":
             return ("cuda", dev.index if dev.index is not None else 0)
-        raise ValueError(f"curvkit takes CPU and CUDA tensors, got a tensor on {dev}")
+        raise ArgumentError(f"argument '{name}' must be a CPU or CUDA tensor, got a tensor on {dev}")
     return ("cuda", x.device.id)
 
 
@@ -229,7 +229,10 @@ def contiguous(x, name="x", dtype=None):
 def detached(x, name="x"):
     """x itself, or for a torch tensor a view without autograd history (same storage: DLPack
     refuses tensors that require grad, such as the parameters polar_update_ writes)."""
-    return x.detach() if framework_of(x, name) == "torch" else x
+    if framework_of(x, name) != "torch":
+        return x
+    device_of(x, name)  # a tensor on another device (meta, mps, ...) is refused by name
+    return x.detach()
 
 
 def prepare(x, name):

@@ -34,6 +34,15 @@ from typing import List, Optional, Sequence, Union
 import torch
 
 from . import newton_schulz as _ns
+from ._errors import ArgumentTypeError
+
+
+def _tensor(x, name):
+    """x, which must be a torch tensor: these wrappers are torch's autograd and custom ops."""
+    if not isinstance(x, torch.Tensor):
+        kind = f"{type(x).__module__}.{type(x).__qualname__}"
+        raise ArgumentTypeError(f"argument '{name}' must be a torch.Tensor, got {kind}")
+    return x
 
 
 class _SqrtFunction(torch.autograd.Function):
@@ -64,17 +73,17 @@ class _SqrtFunction(torch.autograd.Function):
 
 def matrix_sqrt(A, method="auto", tol=1e-8, max_iters=100):
     """Differentiable :func:`curvkit.matrix_sqrt` for torch tensors."""
-    return _SqrtFunction.apply(A, True, False, method, tol, max_iters)
+    return _SqrtFunction.apply(_tensor(A, "A"), True, False, method, tol, max_iters)
 
 
 def matrix_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100):
     """Differentiable :func:`curvkit.matrix_inv_sqrt` for torch tensors."""
-    return _SqrtFunction.apply(A, False, True, method, tol, max_iters)
+    return _SqrtFunction.apply(_tensor(A, "A"), False, True, method, tol, max_iters)
 
 
 def matrix_sqrt_and_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100):
     """Differentiable :func:`curvkit.matrix_sqrt_and_inv_sqrt` for torch tensors."""
-    return _SqrtFunction.apply(A, True, True, method, tol, max_iters)
+    return _SqrtFunction.apply(_tensor(A, "A"), True, True, method, tol, max_iters)
 
 
 def _schedule(coefficients):
@@ -115,6 +124,7 @@ def _(params, G, lr, weight_decay, scale, steps, name, flat, norm_eps, method, c
 def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7,
           method: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """:func:`curvkit.polar` of one tensor, as the custom op ``curvkit::polar``."""
+    G = _tensor(G, "G")
     return _polar_op(G, int(steps), *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
 
 
@@ -123,8 +133,10 @@ def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float =
                   check_finite: bool = True):
     """:func:`curvkit.polar_update_` (a tensor or a list of them), as the custom op
     ``curvkit::polar_update_``. Returns ``param``."""
-    single = isinstance(param, torch.Tensor)
+    single = not isinstance(param, (list, tuple))
     params, updates = ([param], [G]) if single else (list(param), list(G))
+    params = [_tensor(p, "param") for p in params]
+    updates = [_tensor(g, "G") for g in updates]
     _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), int(steps),
                      *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
     return param
