@@ -143,7 +143,7 @@ def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scal
 
 def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, float, float]], float]:
     """(list of (a, b, c) for each step, normalization factor) for a schedule name or list."""
-    steps = _arrays.index(steps, "steps", 0)
+    steps = _arrays.steps(steps)
     if isinstance(coefficients, str):
         if coefficients not in SCHEDULES:
             raise ValueError(f"argument 'coefficients' must be one of {', '.join(map(repr, SCHEDULES))} "
@@ -306,7 +306,7 @@ def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return
     c_list = [_arrays.prepare(x, "C") for x in _arrays.matching(C, single, 0, "C", "S")]
     xs = _arrays.outputs_for(out, s_list, single, "out", "S")
     stream, workspace = _arrays.call_context(s_list)
-    infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_arrays.index(max_iters, "max_iters", 1),
+    infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_arrays.max_iters(max_iters),
                                  stream=stream, workspace=workspace)
     return _finish("solve_lyapunov", out if out is not None else (xs[0] if single else xs), infos, single,
                    return_info)
@@ -322,7 +322,7 @@ def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, ret
         given = _arrays.outputs_for(out, inputs, single)
         S, R = (given, []) if want_sqrt else ([], given)
     stream, workspace = _arrays.call_context(inputs)
-    infos = _core.matrix_sqrt(inputs, S, R, method=method, max_iters=_arrays.index(max_iters, "max_iters", 1),
+    infos = _core.matrix_sqrt(inputs, S, R, method=method, max_iters=_arrays.max_iters(max_iters),
                               tol=float(tol), stream=stream, workspace=workspace)
     if out is not None:
         result = out

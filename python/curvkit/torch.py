@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from . import _arrays
 from . import newton_schulz as _ns
 
 
@@ -112,10 +113,14 @@ def _(params, G, lr, weight_decay, scale, steps, name, flat, norm_eps, method, c
     return None
 
 
+def _steps(steps):  # checked before the op's int64 schema sees it
+    return _arrays.steps(steps)
+
+
 def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7,
           method: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """:func:`curvkit.polar` of one tensor, as the custom op ``curvkit::polar``."""
-    return _polar_op(G, int(steps), *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
+    return _polar_op(G, _steps(steps), *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
 
 
 def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
@@ -125,7 +130,7 @@ def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float =
     ``curvkit::polar_update_``. Returns ``param``."""
     single = isinstance(param, torch.Tensor)
     params, updates = ([param], [G]) if single else (list(param), list(G))
-    _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), int(steps),
+    _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), _steps(steps),
                      *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
     return param
 
