@@ -79,7 +79,7 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
         ``return_info``, "eigh" also reports ||X^p (A + eps I) - I||_max (it grows like
         condition * eps even for exact roots, so it is information, not a criterion).
     max_iters : int
-        Cap on Newton steps.
+        Cap on Newton steps, 1 to 2**31 - 1.
     fallback : bool
         A Newton failure is retried with eigh in float64 (and, if that fails and init is
         given, init is kept).

@@ -54,7 +54,7 @@ def polar(G: Any, steps: int = 5, coefficients: Coefficients = "muon", norm_eps:
         dimensions; a list is processed in one call (no padding, no Python loop per matrix)
         and gives a list. float64 computes in float64, the others in float32.
     steps : int
-        Number of iterations.
+        Number of iterations, 0 to 10000.
     coefficients : "muon", "you", "polar_express", or a sequence of (a, b, c)
         "muon": (3.4445, -4.7750, 2.0315) every step. "you": Jiacheng You's per-step set.
         "polar_express": the per-step optimal set of Amsel et al. (2025) with its safety
@@ -210,7 +210,8 @@ def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int 
         Converged means ||S^2 - A||_F / ||A||_F <= tol (and, for the inverse, A numerically
         nonsingular).
     max_iters : int
-        Iteration cap for "newton_schulz".
+        Iteration cap for "newton_schulz", 1 to 2**31 - 1; the iteration also stops, not
+        converged, after log(sqrt(n)/u)/log(1.5) + 10 steps (a singular A).
     out : array (or list of arrays), optional
         Where to write S (same shape, float dtype, C-contiguous).
     return_info : bool
