@@ -56,7 +56,7 @@ CK_HD bool stalled(double r, double previous, double unit) { return previous < s
 // below 1/u starts with x >= u / sqrt(n): every eigenvalue passes 1/2 within
 // log(sqrt(n) / u) / log(1.5) steps, and the quadratic phase converges within 10 more. An
 // iterate still short of I by then holds an eigenvalue at rounding level of 0 (a singular
-// input), which no number of steps moves: it has stalled (92 + 10 steps for n = 4 in float64).
+// input), which no number of steps moves: it has stalled (93 + 10 steps for n = 4 in float64).
 CK_HD int sign_step_limit(int64_t n, double unit) {
   return int(ceil(log(sqrt(double(n > 1 ? n : 1)) / unit) / log(1.5))) + 10;
 }
