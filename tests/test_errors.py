@@ -101,3 +101,48 @@ def test_thread_setting_errors():
         curvkit.set_num_threads(0)
     with pytest.raises(TypeError, match="'n'"):
         curvkit.set_num_threads("2")
+
+
+# ---- integer arguments bounded before they reach C++ (issue 14): no 2**40-entry schedule, no
+# pybind11 signature dump, a curvkit error naming the argument
+
+
+@pytest.mark.parametrize("call, name", [
+    (lambda: curvkit.polar(np.ones((3, 4)), steps=2**40), "'steps'"),
+    (lambda: curvkit.polar(np.ones((3, 4)), steps=10_001), "'steps'"),
+    (lambda: curvkit.polar_update_(np.ones((3, 4)), np.ones((3, 4)), lr=0.1, steps=2**40), "'steps'"),
+    (lambda: curvkit.orthonormalize(np.eye(4, 3), "polar", steps=2**40), "'steps'"),
+    (lambda: curvkit.matrix_sqrt(np.eye(3), max_iters=2**40), "'max_iters'"),
+    (lambda: curvkit.matrix_sqrt(np.eye(3), max_iters=2**31), "'max_iters'"),
+    (lambda: curvkit.matrix_inv_sqrt(np.eye(3), max_iters=2**40), "'max_iters'"),
+    (lambda: curvkit.matrix_sqrt_and_inv_sqrt(np.eye(3), max_iters=2**40), "'max_iters'"),
+    (lambda: curvkit.solve_lyapunov(np.eye(3), np.eye(3), max_iters=2**40), "'max_iters'"),
+    (lambda: curvkit.matrix_inverse_root(np.eye(3), p=4, max_iters=2**40), "'max_iters'"),
+    (lambda: curvkit.matrix_inverse_root(np.eye(3), p=2**31), "'p'"),
+    (lambda: curvkit.set_num_threads(2**40), "'n'"),
+])
+def test_integer_arguments_bounded(call, name):
+    with pytest.raises(curvkit.ArgumentError, match=name) as e:
+        call()
+    assert "incompatible function arguments" not in str(e.value)
+
+
+def test_integer_arguments_at_their_bounds():
+    assert curvkit.polar(np.ones((3, 4)), steps=0).shape == (3, 4)
+    _, info = curvkit.matrix_sqrt(np.eye(3), max_iters=2**31 - 1, return_info=True)
+    assert info["converged"]
+    X = curvkit.matrix_inverse_root(np.eye(3) * 4, p=2**31 - 1, method="eigh")
+    np.testing.assert_allclose(X, np.eye(3) * 4 ** (-1 / (2**31 - 1)), rtol=1e-12)
+
+
+@needs_torch
+def test_torch_polar_steps_bounded():
+    import torch
+
+    import curvkit.torch as ct
+
+    with pytest.raises(curvkit.ArgumentError, match="'steps'"):
+        ct.polar(torch.ones(3, 4, dtype=torch.float64), steps=2**40)
+    with pytest.raises(curvkit.ArgumentError, match="'steps'"):
+        ct.polar_update_(torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64), lr=0.1,
+                         steps=2**40)

@@ -93,17 +93,4 @@ void mirror_lower(T* a, int64_t n) {
     for (int64_t j = 0; j < i; ++j) a[j * n + i] = a[i * n + j];
 }
 
-// Sets OpenBLAS's thread count for a scope (e.g. 1 while OpenMP runs one matrix per thread)
-// and restores it after. The pool is curvkit's own (NumPy and PyTorch bring their own BLAS).
-class ScopedBlasThreads {
- public:
-  explicit ScopedBlasThreads(int n) : previous_(scipy_openblas_get_num_threads()) { scipy_openblas_set_num_threads(n); }
-  ~ScopedBlasThreads() { scipy_openblas_set_num_threads(previous_); }
-  ScopedBlasThreads(const ScopedBlasThreads&) = delete;
-  ScopedBlasThreads& operator=(const ScopedBlasThreads&) = delete;
-
- private:
-  int previous_;
-};
-
 }  // namespace curvkit::blas

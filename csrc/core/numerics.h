@@ -60,12 +60,25 @@ CK_HD double rms_distance(double sum_squares, int64_t n) { return sqrt(sum_squar
 // Once the distance is small (below sqrt(u)), one that no longer falls is at rounding level.
 CK_HD bool stalled(double r, double previous, double unit) { return previous < sqrt(unit) && r >= previous; }
 
-// Sign iterations (square root, Lyapunov) on the rms distance: converged at 100 u or once
-// stalled; a distance above 2 means divergence (indefinite input).
-enum class SignVerdict { GoOn, Converged, Diverged };
-CK_HD SignVerdict sign_verdict(double r, double previous, double unit) {
+// The most steps a sign iteration (square root, Lyapunov) takes. Its iterate starts with every
+// eigenvalue x in (0, 1] and multiplies a small one by about 1.5 a step (x (3 - x^2) / 2 for
+// Lyapunov's B; the square root's Z Y grows faster), and an input whose condition number is
+// below 1/u starts with x >= u / sqrt(n): every eigenvalue passes 1/2 within
+// log(sqrt(n) / u) / log(1.5) steps, and the quadratic phase converges within 10 more. An
+// iterate still short of I by then holds an eigenvalue at rounding level of 0 (a singular
+// input), which no number of steps moves: it has stalled (93 + 10 steps for n = 4 in float64).
+CK_HD int sign_step_limit(int64_t n, double unit) {
+  return int(ceil(log(sqrt(double(n > 1 ? n : 1)) / unit) / log(1.5))) + 10;
+}
+
+// Sign iterations on the rms distance, after `steps` steps: converged at 100 u or once stalled
+// near I; a distance above 2 means divergence (indefinite input); no convergence within
+// sign_step_limit steps means a singular input (Stalled: stop, not converged).
+enum class SignVerdict { GoOn, Converged, Diverged, Stalled };
+CK_HD SignVerdict sign_verdict(double r, double previous, double unit, int steps, int limit) {
   if (!(r <= 2.0)) return SignVerdict::Diverged;
   if (r <= 100 * unit || stalled(r, previous, unit)) return SignVerdict::Converged;
+  if (steps >= limit) return SignVerdict::Stalled;
   return SignVerdict::GoOn;
 }
 

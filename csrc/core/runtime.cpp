@@ -3,8 +3,10 @@
 #include <omp.h>
 #include <sched.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <mutex>
 #include <thread>
 
 #include <cblas.h>
@@ -22,12 +24,25 @@ namespace {
 int default_num_threads() {
   if (const char* env = std::getenv("CURVKIT_NUM_THREADS")) {
     const int n = std::atoi(env);
-    if (n >= 1) return n;
+    if (n >= 1) return std::min(n, kMaxThreads);
   }
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return std::min(CPU_COUNT(&set), kMaxThreads);
   const unsigned hw = std::thread::hardware_concurrency();
-  return hw ? int(hw) : 1;
+  return hw ? std::min(int(hw), kMaxThreads) : 1;
+}
+
+// OpenBLAS has one process-wide thread count. Calls that run one matrix per OpenMP thread
+// need it at 1 while they run, and concurrent calls may overlap: the count of such calls
+// decides it (1 while any runs, curvkit's setting otherwise), so it is never left changed.
+struct BlasThreads {
+  std::mutex mutex;
+  int single_scopes = 0;
+};
+
+BlasThreads& blas_threads() {
+  static BlasThreads b;
+  return b;
 }
 
 std::atomic<int>& thread_setting() {
@@ -44,9 +59,26 @@ std::atomic<int>& thread_setting() {
 int num_threads() { return thread_setting().load(std::memory_order_relaxed); }
 
 void set_num_threads(int n) {
-  CK_CHECK_VALUE(n >= 1, "argument 'n' must be a positive number of threads, got ", n);
+  CK_CHECK_VALUE(n >= 1 && n <= kMaxThreads, "argument 'n' must be a number of threads in [1, ", kMaxThreads, "], got ",
+                 n);
+  thread_setting();  // initialized before the lock (its initializer sets OpenBLAS too)
+  BlasThreads& b = blas_threads();
+  std::lock_guard<std::mutex> lock(b.mutex);
   thread_setting().store(n);
-  scipy_openblas_set_num_threads(n);
+  if (b.single_scopes == 0) scipy_openblas_set_num_threads(n);  // else the last scope to end sets it
+}
+
+SingleThreadedBlas::SingleThreadedBlas() {
+  thread_setting();
+  BlasThreads& b = blas_threads();
+  std::lock_guard<std::mutex> lock(b.mutex);
+  if (b.single_scopes++ == 0) scipy_openblas_set_num_threads(1);
+}
+
+SingleThreadedBlas::~SingleThreadedBlas() {
+  BlasThreads& b = blas_threads();
+  std::lock_guard<std::mutex> lock(b.mutex);
+  if (--b.single_scopes == 0) scipy_openblas_set_num_threads(num_threads());
 }
 
 bool built_with_cuda() {

@@ -340,18 +340,20 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
       std::swap(w.x, w.v);
       break;
     }
-    if (numerics::newton_root_stops(r, previous, stop, eps, st.iterations, o.max_iters)) break;
+    if (numerics::newton_root_stops(r, previous, stop, eps, st.iterations, o.max_iters) || interrupted()) break;
     previous = r;
     for (int64_t i = 0; i < nn; ++i)
       w.mp[size_t(i)] = T(((i % (n + 1) == 0 ? p + 1.0 : 0.0) - double(w.m[size_t(i)])) / p);
     w.v = w.x;  // the previous iterate, in case the next step grows the error
     blas::gemm(n, n, n, T(1), w.v.data(), w.mp.data(), T(0), w.x.data());
+    if (interrupted()) break;  // also between the products of a step: one step of a large matrix takes seconds
     matrix_power(n, w.mp, p, w.q, w.t, w.u);  // M <- M'^p M
     st.products += power_products(p) + 2;
     blas::gemm(n, n, n, T(1), w.q.data(), w.m.data(), T(0), w.t.data());
     std::swap(w.m, w.t);
   }
-  symmetrize(w.x.data(), n);  // X is symmetric in exact arithmetic
+  if (interrupted()) return false;  // the caller throws; skip the residual's products
+  symmetrize(w.x.data(), n);        // X is symmetric in exact arithmetic
   if (!all_finite(w.x)) return false;
   st.residual = root_residual(n, p, w);
   st.products += power_products(p) + 1;
@@ -375,7 +377,7 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, c
     if (o.compute_residual) st.residual = root_residual(n, o.p, w);  // reported, not a criterion (nor counted)
   }
   st.converged = ok;
-  if (!ok && o.method == RootMethod::Newton && o.fallback) {  // eigh, in float64
+  if (!ok && o.method == RootMethod::Newton && o.fallback && !interrupted()) {  // eigh, in float64
     RootWork<double> w64;
     RootOptions o64 = o;
     o64.method = RootMethod::Eigh;
@@ -411,8 +413,9 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
   }
   for (const RootTask& t : tasks)
     if (inits[t.input]) check_symmetric(*inits[t.input], t.index, "init");
+  const int threads = num_threads();
   run_matrix_tasks(
-      int64_t(tasks.size()), [&](int64_t k) { return std::pow(double(tasks[size_t(k)].n), 3); },
+      threads, int64_t(tasks.size()), [&](int64_t k) { return std::pow(double(tasks[size_t(k)].n), 3); },
       [&](int64_t k, int) {
         const RootTask& t = tasks[size_t(k)];
         RootStatus& st = status[t.input][size_t(t.index)];
@@ -421,7 +424,7 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
           root_one(inputs[t.input], outputs[t.input], inits[t.input], bases[t.input], t.index, o, w, st);
         });
       },
-      lapack_small_task(int64_t(tasks.size())));
+      lapack_small_task(int64_t(tasks.size()), threads));
 }
 
 namespace {
@@ -458,10 +461,11 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   CK_CHECK_VALUE(k <= m, "argument 'Q' must have at least as many rows as columns, got ", m, " x ", k);
   std::vector<char> good(static_cast<size_t>(batch));
   const double cost = double(m) * k * k;
+  const int threads = num_threads();
   run_matrix_tasks(
-      batch, [&](int64_t) { return cost; },
+      threads, batch, [&](int64_t) { return cost; },
       [&](int64_t b, int) { good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); }); },
-      lapack_small_task(batch));
+      lapack_small_task(batch, threads));
   ok.assign(good.begin(), good.end());
 }
 
@@ -546,13 +550,14 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
     steps[t.input][size_t(t.index)] = basis && !st.fell_back ? st.iterations : -1;
     return good;
   };
+  const int threads = num_threads();
   run_matrix_tasks(
-      int64_t(tasks.size()), [&](int64_t k) { return std::pow(double(tasks[size_t(k)].n), 3); },
+      threads, int64_t(tasks.size()), [&](int64_t k) { return std::pow(double(tasks[size_t(k)].n), 3); },
       [&](int64_t k, int) {
         const RootTask& t = tasks[size_t(k)];
         task_ok[size_t(k)] = CK_DISPATCH_COMPUTE(inputs[t.input].dtype, T, [&] { return solve(T(), t); });
       },
-      lapack_small_task(int64_t(tasks.size())));
+      lapack_small_task(int64_t(tasks.size()), threads));
   for (size_t k = 0; k < tasks.size(); ++k) ok[tasks[k].input][size_t(tasks[k].index)] = task_ok[k];
 }
 

@@ -108,7 +108,7 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
   const int r = sh.r;
   const size_t steps = o.steps.size();
   if (o.method == PolarMethod::Standard) {
-    for (size_t k = 0; k < steps; ++k) {
+    for (size_t k = 0; k < steps && !interrupted(); ++k) {
       sh.gram(ws.x.data(), ws.a.data());
       step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r);
       if (k + 1 == steps) return;  // the caller applies the last P
@@ -122,7 +122,7 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
   bool have_q = false;
   for (size_t k = 0; k < steps; ++k) {
     step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r);
-    if (k + 1 == steps) break;
+    if (k + 1 == steps || interrupted()) break;
     if (have_q) {
       blas::gemmt(r, T(1), ws.p.data(), ws.q.data(), T(0), ws.t.data());  // P Q, symmetric
       blas::mirror_lower(ws.t.data(), r);
@@ -213,9 +213,10 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
                    tasks[i].input, ")");
   }
 
+  // one workspace per slot of run_matrix_tasks, sized from the same snapshot it runs on
   std::tuple<std::vector<Workspace<float>>, std::vector<Workspace<double>>> ws{size_t(threads), size_t(threads)};
   run_matrix_tasks(
-      count, [&](int64_t i) { return tasks[size_t(i)].cost(); },
+      threads, count, [&](int64_t i) { return tasks[size_t(i)].cost(); },
       [&](int64_t i, int slot) {
         const PolarTask& t = tasks[size_t(i)];
         CK_DISPATCH_COMPUTE(t.in->dtype, T,
@@ -249,8 +250,8 @@ void sqrt_newton_schulz(int n, double c, int max_iters, SqrtWork<T>& w, SqrtStat
     w.y[size_t(i)] = T(double(w.a[size_t(i)]) / c);
     w.z[size_t(i)] = T(i % (n + 1) == 0 ? 1 : 0);
   }
-  ConvergenceWatch watch{unit_roundoff<T>()};
-  for (st.iterations = 0; st.iterations < max_iters; ++st.iterations) {
+  ConvergenceWatch watch(unit_roundoff<T>(), n);
+  for (st.iterations = 0; st.iterations < max_iters && !interrupted(); ++st.iterations) {
     blas::gemm(n, n, n, T(1), w.z.data(), w.y.data(), T(0), w.m.data());  // Z Y
     if (watch.done(identity_distance(w.m.data(), n))) break;
     for (int64_t i = 0; i < int64_t(n) * n; ++i)
@@ -386,13 +387,14 @@ void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayV
   blas::dim(n, "matrix dimension");
   for (int64_t b = 0; b < batch; ++b) check_symmetric(a, b, "A");
   const double cost = double(n) * n * n;
+  const int threads = num_threads();
   run_matrix_tasks(
-      batch, [&](int64_t) { return cost; },
+      threads, batch, [&](int64_t) { return cost; },
       [&](int64_t b, int) {
         SqrtWork<double> w;  // float64 for every input dtype (see newton_schulz.h)
         sqrt_one(a, b, sqrt_out, inv_out, o, w, status[b]);
       },
-      o.method == SqrtMethod::Eigh ? lapack_small_task(batch) : kSmallTask);
+      o.method == SqrtMethod::Eigh ? lapack_small_task(batch, threads) : kSmallTask);
 }
 
 namespace {
@@ -427,8 +429,8 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
     w.y[size_t(i)] = T(double(w.a[size_t(i)]) / scale);
     w.z[size_t(i)] = T(double(w.q[size_t(i)]) / scale);
   }
-  ConvergenceWatch watch{unit_roundoff<T>()};
-  for (st.iterations = 0; st.iterations < max_iters; ++st.iterations) {
+  ConvergenceWatch watch(unit_roundoff<T>(), n);
+  for (st.iterations = 0; st.iterations < max_iters && !interrupted(); ++st.iterations) {
     blas::syrk(false, n, n, T(1), w.y.data(), n, T(0), w.m.data(), n);  // B^2
     blas::mirror_lower(w.m.data(), n);
     if (watch.done(identity_distance(w.m.data(), n))) break;
@@ -473,7 +475,7 @@ void solve_lyapunov_cpu(const ArrayView& s, const ArrayView& c, const ArrayView&
   status.assign(size_t(batch), SqrtStatus{});
   const double cost = double(n) * n * n;
   run_matrix_tasks(
-      batch, [&](int64_t) { return cost; },
+      num_threads(), batch, [&](int64_t) { return cost; },
       [&](int64_t b, int) {
         SqrtWork<double> w;
         lyapunov_one(s, c, x, b, max_iters, w, status[size_t(b)]);

@@ -353,7 +353,8 @@ __global__ void identity_sum_squares_kernel(const double* m, double* partial, in
 }
 
 // One thread per matrix: stop when the distance reaches rounding level or stops falling once
-// small (converged), or exceeds 2 (diverged); count the matrices still active.
+// small (converged), exceeds 2 (diverged), or the steps reach numerics::sign_step_limit
+// (stalled: a singular input); count the matrices still active.
 __global__ void sqrt_watch_kernel(SqrtState* state, const double* partial, int slots, int64_t n, int64_t count,
                                   int* active) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -363,8 +364,10 @@ __global__ void sqrt_watch_kernel(SqrtState* state, const double* partial, int s
     double distance = 0.0;  // the blocks' shares of identity_sum_squares_kernel, in slot order
     for (int k = 0; k < slots; ++k) distance += partial[b * slots + k];
     const double r = numerics::rms_distance(distance, n);
-    const numerics::SignVerdict verdict = numerics::sign_verdict(r, s.previous, unit_roundoff<double>());
-    if (verdict == numerics::SignVerdict::Diverged) {
+    const double unit = unit_roundoff<double>();
+    const numerics::SignVerdict verdict =
+        numerics::sign_verdict(r, s.previous, unit, s.iterations, numerics::sign_step_limit(n, unit));
+    if (verdict == numerics::SignVerdict::Diverged || verdict == numerics::SignVerdict::Stalled) {
       s.active = 0;
     } else if (verdict == numerics::SignVerdict::Converged) {
       s.active = 0;

@@ -15,6 +15,7 @@
 
 #include "core/array.h"
 #include "core/check.h"
+#include "core/interrupt.h"
 #include "python/interop.h"
 
 namespace curvkit::binding {
@@ -44,16 +45,33 @@ class ArrayList {
   std::vector<const ArrayView*> pointers_;
 };
 
+// The interrupt hook of a call made on Python's main thread (core/interrupt.h): it takes the
+// GIL and runs PyErr_CheckSignals; a signal handler's exception (KeyboardInterrupt for
+// Ctrl-C) is kept until restore_interrupt() puts it back. Signals reach only the main thread,
+// so calls on other threads install no hook and never take the GIL to poll.
+InterruptHook interrupt_hook();
+// Sets the Python error to the exception the hook kept (KeyboardInterrupt when none); the GIL
+// held. The exception translator calls it for curvkit::Interrupted.
+void restore_interrupt();
+// Drops a kept exception that no Interrupted carried out (the call finished anyway) by
+// re-raising the signal for Python's next check; the GIL held.
+void forward_leftover_interrupt();
+
 // One native call: the caller's framework serves CUDA workspaces (`workspace` is the allocator
-// curvkit._arrays.workspace_allocator made, or None) and the GIL is released. Construct it
-// with the GIL held, after every argument is imported; on destruction the GIL is taken back
-// before the workspace blocks go back to the framework.
+// curvkit._arrays.workspace_allocator made, or None), the kernels may poll for Ctrl-C, and
+// the GIL is released. Construct it with the GIL held, after every argument is imported; on
+// destruction the GIL is taken back before the workspace blocks go back to the framework.
 class CallScope {
  public:
-  explicit CallScope(py::object workspace) : workspace_(std::move(workspace)) {}
+  explicit CallScope(py::object workspace) : workspace_(std::move(workspace)), interrupt_(interrupt_hook()) {}
 
  private:
+  struct Leftover {  // destroyed with the GIL held, after interrupt_
+    ~Leftover() { forward_leftover_interrupt(); }
+  };
   interop::FrameworkWorkspace workspace_;
+  Leftover leftover_;
+  InterruptScope interrupt_;
   py::gil_scoped_release release_;  // last: released after, and retaken before, the workspace
 };
 

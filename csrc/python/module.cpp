@@ -7,7 +7,9 @@
 #include <new>
 
 #include "core/check.h"
+#include "core/interrupt.h"
 #include "core/runtime.h"
+#include "python/binding.h"
 #include "python/interop.h"
 
 namespace py = pybind11;
@@ -42,11 +44,14 @@ PYBIND11_MODULE(_core, m) {
       curvkit::set_error("ArgumentTypeError", PyExc_TypeError, e.what());
     } catch (const curvkit::ValueError& e) {
       curvkit::set_error("ArgumentError", PyExc_ValueError, e.what());
-    } catch (const curvkit::CudaError& e) { curvkit::set_error("CudaError", PyExc_RuntimeError, e.what()); }
+    } catch (const curvkit::CudaError& e) {
+      curvkit::set_error("CudaError", PyExc_RuntimeError, e.what());
+    } catch (const curvkit::Interrupted&) { curvkit::binding::restore_interrupt(); }
   });
 
   m.def("num_threads", &curvkit::num_threads);
   m.def("set_num_threads", &curvkit::set_num_threads, py::arg("n"));
+  m.attr("MAX_THREADS") = curvkit::kMaxThreads;
   m.def("built_with_cuda", &curvkit::built_with_cuda);
   m.def("cuda_device_count", &curvkit::cuda_device_count);
   m.def("build_info", &curvkit::build_info);

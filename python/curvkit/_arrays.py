@@ -336,16 +336,33 @@ def method_name(value, name="method"):
     return value
 
 
+# The C++ int range: iteration caps and exponents beyond it would not convert (a pybind11
+# signature dump) or would wrap.
+INT_MAX = 2**31 - 1
+# polar's step schedule is a list of (a, b, c) triples, one per step: a cap keeps it small.
+MAX_STEPS = 10_000
+
+
 def index(value, name, low=0, high=None):
     """An integer argument (Python or NumPy int, not bool) checked to lie in [low, high)."""
     if isinstance(value, bool):
-        raise TypeError(f"argument '{name}' must be an integer, got bool")
+        raise ArgumentTypeError(f"argument '{name}' must be an integer, got bool")
     try:
         v = operator.index(value)
     except TypeError:
-        raise TypeError(f"argument '{name}' must be an integer, got {type(value).__name__}") from None
+        raise ArgumentTypeError(f"argument '{name}' must be an integer, got {type(value).__name__}") from None
     if v < low or (high is not None and v >= high):
         bound = f"[{low}, {high})" if high is not None else f">= {low}"
-        raise ValueError(f"argument '{name}' must be in {bound}, got {v}")
+        raise ArgumentError(f"argument '{name}' must be in {bound}, got {v}")
     return v
+
+
+def max_iters(value):
+    """An iteration cap: an integer in [1, 2**31 - 1]."""
+    return index(value, "max_iters", 1, INT_MAX + 1)
+
+
+def steps(value, low=0):
+    """A step count: an integer in [low, MAX_STEPS]."""
+    return index(value, "steps", low, MAX_STEPS + 1)
 

@@ -1,9 +1,11 @@
 """What this build and machine can do, and the one thread setting."""
 from __future__ import annotations
 
+import os
 import sys
+import warnings
 
-from . import _core
+from . import _arrays, _core
 
 
 def has_cuda():
@@ -31,6 +33,12 @@ def set_num_threads(n):
     One setting governs both pools; curvkit does not touch the settings of PyTorch or
     NumPy, so when running beside them give each its share of the cores.
 
+    ``n`` must lie in [1, 1024] (ArgumentError otherwise); OpenBLAS itself uses at most
+    its build's limit (64 threads for scipy-openblas32: see ``config()["blas_threads"]``).
+    More threads than the cores this process may run on only slow calls down, so that
+    warns (RuntimeWarning). It is safe to call while other threads run curvkit: each call
+    reads the setting once when it starts.
+
     >>> import curvkit
     >>> before = curvkit.get_num_threads()
     >>> curvkit.set_num_threads(1)
@@ -38,9 +46,19 @@ def set_num_threads(n):
     1
     >>> curvkit.set_num_threads(before)
     """
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise TypeError(f"argument 'n' must be an int, got {type(n).__name__}")
+    n = _arrays.index(n, "n", 1, _core.MAX_THREADS + 1)
+    cores = _available_cores()
+    if n > cores:
+        warnings.warn(f"curvkit.set_num_threads({n}): more threads than the {cores} cores this process may run on",
+                      RuntimeWarning, stacklevel=2)
     _core.set_num_threads(n)
+
+
+def _available_cores():
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
 
 
 def config():

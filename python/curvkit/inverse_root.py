@@ -79,7 +79,7 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
         ``return_info``, "eigh" also reports ||X^p (A + eps I) - I||_max (it grows like
         condition * eps even for exact roots, so it is information, not a criterion).
     max_iters : int
-        Cap on Newton steps.
+        Cap on Newton steps, 1 to 2**31 - 1.
     fallback : bool
         A Newton failure is retried with eigh in float64 (and, if that fails and init is
         given, init is kept).
@@ -132,9 +132,10 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
              for b in _arrays.matching(basis, single, len(inputs), "basis")]
     outputs = _arrays.outputs_for(out, inputs, single)
     stream, workspace = _arrays.call_context(inputs)
-    infos = _core.matrix_inverse_root(inputs, outputs, inits, bases, p=_arrays.index(p, "p", 1),
+    p = _arrays.index(p, "p", 1, _arrays.INT_MAX + 1)
+    infos = _core.matrix_inverse_root(inputs, outputs, inits, bases, p=p,
                                       eps=_arrays.real(eps, "eps"), method=_arrays.method_name(method),
-                                      max_iters=_arrays.index(max_iters, "max_iters", 1),
+                                      max_iters=_arrays.max_iters(max_iters),
                                       tol=None if tol is None else _arrays.real(tol, "tol"), fallback=bool(fallback),
                                       compute_residual=bool(return_info), stream=stream, workspace=workspace)
     result = out if out is not None else (outputs[0] if single else outputs)
@@ -221,7 +222,7 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
         inputs = [_arrays.prepare(q, "Q") for q in inputs]
         outputs = _arrays.outputs_for(out, inputs, single, "out", "Q")
         stream, workspace = _arrays.call_context(inputs)
-        _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _arrays.index(steps, "steps", 1), norm_scale=1.0,
+        _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _arrays.steps(steps, 1), norm_scale=1.0,
                     norm_eps=0.0, method="standard", alpha=1.0, beta=0.0, normalize=False, check_finite=True,
                     stream=stream, workspace=workspace)
         infos = [{"converged": np.ones(tuple(q.shape[:-2]), dtype=bool)} for q in inputs]

@@ -55,7 +55,7 @@ def polar(G: Any, steps: int = 5, coefficients: Coefficients = "muon", norm_eps:
         dimensions; a list is processed in one call (no padding, no Python loop per matrix)
         and gives a list. float64 computes in float64, the others in float32.
     steps : int
-        Number of iterations.
+        Number of iterations, 0 to 10000.
     coefficients : "muon", "you", "polar_express", or a sequence of (a, b, c)
         "muon": (3.4445, -4.7750, 2.0315) every step. "you": Jiacheng You's per-step set.
         "polar_express": the per-step optimal set of Amsel et al. (2025) with its safety
@@ -147,7 +147,7 @@ def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scal
 
 def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, float, float]], float]:
     """(list of (a, b, c) for each step, normalization factor) for a schedule name or list."""
-    steps = _arrays.index(steps, "steps", 0)
+    steps = _arrays.steps(steps)
     if isinstance(coefficients, str):
         if coefficients not in SCHEDULES:
             raise ValueError(f"argument 'coefficients' must be one of {', '.join(map(repr, SCHEDULES))} "
@@ -215,7 +215,8 @@ def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int 
         Converged means ||S^2 - A||_F / ||A||_F <= tol (and, for the inverse, A numerically
         nonsingular).
     max_iters : int
-        Iteration cap for "newton_schulz".
+        Iteration cap for "newton_schulz", 1 to 2**31 - 1; the iteration also stops, not
+        converged, after log(sqrt(n)/u)/log(1.5) + 10 steps (a singular A).
     out : array (or list of arrays), optional
         Where to write S (same shape, float dtype, C-contiguous).
     return_info : bool
@@ -315,7 +316,7 @@ def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return
     c_list = [_arrays.prepare(x, "C") for x in _arrays.matching(C, single, 0, "C", "S")]
     xs = _arrays.outputs_for(out, s_list, single, "out", "S")
     stream, workspace = _arrays.call_context(s_list)
-    infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_arrays.index(max_iters, "max_iters", 1),
+    infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_arrays.max_iters(max_iters),
                                  stream=stream, workspace=workspace)
     return _finish("solve_lyapunov", out if out is not None else (xs[0] if single else xs), infos, single,
                    return_info)
@@ -332,7 +333,7 @@ def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, ret
         S, R = (given, []) if want_sqrt else ([], given)
     stream, workspace = _arrays.call_context(inputs)
     infos = _core.matrix_sqrt(inputs, S, R, method=_arrays.method_name(method),
-                              max_iters=_arrays.index(max_iters, "max_iters", 1),
+                              max_iters=_arrays.max_iters(max_iters),
                               tol=_arrays.real(tol, "tol"), stream=stream, workspace=workspace)
     if out is not None:
         result = out

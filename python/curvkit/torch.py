@@ -33,6 +33,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
+from . import _arrays
 from . import newton_schulz as _ns
 from ._errors import ArgumentTypeError
 
@@ -121,11 +122,15 @@ def _(params, G, lr, weight_decay, scale, steps, name, flat, norm_eps, method, c
     return None
 
 
+def _steps(steps):  # checked before the op's int64 schema sees it
+    return _arrays.steps(steps)
+
+
 def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7,
           method: str = "auto", check_finite: bool = True) -> torch.Tensor:
     """:func:`curvkit.polar` of one tensor, as the custom op ``curvkit::polar``."""
     G = _tensor(G, "G")
-    return _polar_op(G, int(steps), *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
+    return _polar_op(G, _steps(steps), *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
 
 
 def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
@@ -137,7 +142,7 @@ def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float =
     params, updates = ([param], [G]) if single else (list(param), list(G))
     params = [_tensor(p, "param") for p in params]
     updates = [_tensor(g, "G") for g in updates]
-    _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), int(steps),
+    _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), _steps(steps),
                      *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
     return param
 

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/check.h"
+#include "core/interrupt.h"
 #include "hutchinson/hutchinson.h"
 #include "inverse_root/inverse_root.h"
 #include "newton_schulz/newton_schulz.h"
@@ -122,12 +123,47 @@ void test_inverse_root() {
       "argument 'p'", "matrix_inverse_root: p = 0 is refused");
 }
 
+// Without a hook nothing is interrupted; with one that asks to stop, a long call throws
+// Interrupted (after its first poll interval) and the next call without it runs normally.
+void test_interrupt() {
+  const int64_t m = 24, n = 40;
+  std::vector<double> g(size_t(m * n)), x(g.size());
+  ck::probes(view(g, {m, n}), ck::ProbeKind::Gaussian, 11, 0, nullptr, 0);
+  ck::PolarOptions o;
+  o.steps.assign(10000, ck::PolarStep{1.5, -0.5, 0.0});
+  expect(!ck::interrupted(), "interrupt: no hook, not interrupted");
+  bool thrown = false;
+  {
+    const ck::InterruptScope scope([] { return true; });
+    try {
+      ck::polar({view(g, {m, n}), view(g, {m, n})}, {view(x, {m, n}), view(x, {m, n})}, o, 0);
+    } catch (const ck::Interrupted&) { thrown = true; }
+  }
+  expect(thrown, "interrupt: a hook that asks to stop ends polar with Interrupted");
+  o.steps.assign(60, ck::PolarStep{1.5, -0.5, 0.0});
+  ck::polar({view(g, {m, n})}, {view(x, {m, n})}, o, 0);
+  expect(orthogonality_error(x, m, n) < 1e-10, "interrupt: the next call without a hook computes normally");
+}
+
+// A singular S stalls the sign iteration: it stops, not converged, within the step limit.
+void test_lyapunov_stall() {
+  std::vector<double> s = {0, 0, 0, 0, 0, 1, 0, 0, 0, 0, 2, 0, 0, 0, 0, 3}, c(16), x(16);
+  for (int i = 0; i < 4; ++i) c[size_t(i * 5)] = 1;
+  std::vector<std::vector<ck::SqrtStatus>> status;
+  ck::solve_lyapunov({view(s, {4, 4})}, {view(c, {4, 4})}, {view(x, {4, 4})}, ck::LyapunovOptions{2147483647}, status,
+                     0);
+  expect(status.size() == 1 && !status[0][0].converged && status[0][0].iterations <= 200,
+         "solve_lyapunov: a singular S stops (stalled), not converged");
+}
+
 }  // namespace
 
 int main() {
   test_probes();
   test_polar();
   test_inverse_root();
+  test_interrupt();
+  test_lyapunov_stall();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }
