@@ -127,7 +127,7 @@ void test_inverse_root() {
 // Interrupted (after its first poll interval) and the next call without it runs normally.
 void test_interrupt() {
   const int64_t m = 24, n = 40;
-  std::vector<double> g(size_t(m * n)), x(g.size());
+  std::vector<double> g(size_t(m * n)), x(g.size()), x2(g.size());
   ck::probes(view(g, {m, n}), ck::ProbeKind::Gaussian, 11, 0, nullptr, 0);
   ck::PolarOptions o;
   o.steps.assign(10000, ck::PolarStep{1.5, -0.5, 0.0});
@@ -136,7 +136,7 @@ void test_interrupt() {
   {
     const ck::InterruptScope scope([] { return true; });
     try {
-      ck::polar({view(g, {m, n}), view(g, {m, n})}, {view(x, {m, n}), view(x, {m, n})}, o, 0);
+      ck::polar({view(g, {m, n}), view(g, {m, n})}, {view(x, {m, n}), view(x2, {m, n})}, o, 0);
     } catch (const ck::Interrupted&) { thrown = true; }
   }
   expect(thrown, "interrupt: a hook that asks to stop ends polar with Interrupted");
