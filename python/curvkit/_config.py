@@ -5,7 +5,7 @@ import os
 import sys
 import warnings
 
-from . import _arrays, _core
+from . import _args, _core
 
 
 def has_cuda():
@@ -46,7 +46,7 @@ def set_num_threads(n):
     1
     >>> curvkit.set_num_threads(before)
     """
-    n = _arrays.index(n, "n", 1, _core.MAX_THREADS + 1)
+    n = _args.index(n, "n", 1, _core.MAX_THREADS + 1)
     cores = _available_cores()
     if n > cores:
         warnings.warn(f"curvkit.set_num_threads({n}): more threads than the {cores} cores this process may run on",

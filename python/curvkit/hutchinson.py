@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
-from . import _arrays, _core
+from . import _args, _arrays, _core
 
 
 def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int = 0, offset: int = 0,
@@ -73,8 +73,8 @@ def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int
     True
     """
     shape = _normalize_shape(shape)
-    seed = _arrays.index(seed, "seed", 0, 2**64)
-    offset = _arrays.index(offset, "offset", 0, 2**64)
+    seed = _args.index(seed, "seed", 0, 2**64)
+    offset = _args.index(offset, "offset", 0, 2**64)
     if out is None:
         framework, dev, dtype = _target(like, device, dtype)
         out = _arrays.empty(shape, dtype, framework, dev)
@@ -94,9 +94,9 @@ def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int
 
 def _normalize_shape(shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
     if isinstance(shape, (tuple, list)):
-        dims = tuple(_arrays.index(s, "shape", 0) for s in shape)
+        dims = tuple(_args.index(s, "shape", 0) for s in shape)
     else:
-        dims = (_arrays.index(shape, "shape", 0),)
+        dims = (_args.index(shape, "shape", 0),)
     if len(dims) == 0:
         raise ValueError("argument 'shape' must have at least one dimension: (n,) or (..., n, k)")
     total = 1

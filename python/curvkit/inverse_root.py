@@ -6,7 +6,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from . import _arrays, _core
+from . import _args, _arrays, _core
 from ._errors import ArgumentError
 from ._errors import finish as _finish
 
@@ -132,11 +132,11 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
              for b in _arrays.matching(basis, single, len(inputs), "basis")]
     outputs = _arrays.outputs_for(out, inputs, single)
     stream, workspace = _arrays.call_context(inputs)
-    p = _arrays.index(p, "p", 1, _arrays.INT_MAX + 1)
+    p = _args.index(p, "p", 1, _args.INT_MAX + 1)
     infos = _core.matrix_inverse_root(inputs, outputs, inits, bases, p=p,
-                                      eps=_arrays.real(eps, "eps"), method=_arrays.method_name(method),
-                                      max_iters=_arrays.max_iters(max_iters),
-                                      tol=None if tol is None else _arrays.real(tol, "tol"), fallback=bool(fallback),
+                                      eps=_args.real(eps, "eps"), method=_args.method_name(method),
+                                      max_iters=_args.max_iters(max_iters),
+                                      tol=None if tol is None else _args.real(tol, "tol"), fallback=bool(fallback),
                                       compute_residual=bool(return_info), stream=stream, workspace=workspace)
     result = out if out is not None else (outputs[0] if single else outputs)
     return _finish("matrix_inverse_root", result, infos, single, return_info)
@@ -222,7 +222,7 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
         inputs = [_arrays.prepare(q, "Q") for q in inputs]
         outputs = _arrays.outputs_for(out, inputs, single, "out", "Q")
         stream, workspace = _arrays.call_context(inputs)
-        _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _arrays.steps(steps, 1), norm_scale=1.0,
+        _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _args.steps(steps, 1), norm_scale=1.0,
                     norm_eps=0.0, method="standard", alpha=1.0, beta=0.0, normalize=False, check_finite=True,
                     stream=stream, workspace=workspace)
         infos = [{"converged": np.ones(tuple(q.shape[:-2]), dtype=bool)} for q in inputs]

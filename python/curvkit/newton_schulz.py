@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
-from . import _arrays, _core
+from . import _args, _arrays, _core
 from ._errors import ArgumentTypeError
 from ._errors import finish as _finish
 
@@ -139,15 +139,15 @@ def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scal
     """
     if param is None:  # else polar's out=None path would return a new array and drop it
         raise ArgumentTypeError("argument 'param' must be an array (or a list of arrays) to update, got None")
-    lr = _arrays.real(lr, "lr")
-    _run(G, steps, coefficients, norm_eps, method, param, check_finite, alpha=-lr * _arrays.real(scale, "scale"),
-         beta=1.0 - lr * _arrays.real(weight_decay, "weight_decay"), out_name="param")
+    lr = _args.real(lr, "lr")
+    _run(G, steps, coefficients, norm_eps, method, param, check_finite, alpha=-lr * _args.real(scale, "scale"),
+         beta=1.0 - lr * _args.real(weight_decay, "weight_decay"), out_name="param")
     return param
 
 
 def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, float, float]], float]:
     """(list of (a, b, c) for each step, normalization factor) for a schedule name or list."""
-    steps = _arrays.steps(steps)
+    steps = _args.steps(steps)
     if isinstance(coefficients, str):
         if coefficients not in SCHEDULES:
             raise ValueError(f"argument 'coefficients' must be one of {', '.join(map(repr, SCHEDULES))} "
@@ -174,8 +174,8 @@ def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, bet
     written = [_arrays.contiguous(o, out_name) for o in outputs]
     table, norm_scale = schedule(coefficients, steps)
     stream, workspace = _arrays.call_context(inputs)
-    _core.polar(inputs, written, steps=table, norm_scale=norm_scale, norm_eps=_arrays.real(norm_eps, "norm_eps"),
-                method=_arrays.method_name(method),
+    _core.polar(inputs, written, steps=table, norm_scale=norm_scale, norm_eps=_args.real(norm_eps, "norm_eps"),
+                method=_args.method_name(method),
                 alpha=alpha, beta=beta, normalize=True, check_finite=bool(check_finite), stream=stream,
                 workspace=workspace, out_name=out_name)
     for o, w in zip(outputs, written):
@@ -316,7 +316,7 @@ def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return
     c_list = [_arrays.prepare(x, "C") for x in _arrays.matching(C, single, 0, "C", "S")]
     xs = _arrays.outputs_for(out, s_list, single, "out", "S")
     stream, workspace = _arrays.call_context(s_list)
-    infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_arrays.max_iters(max_iters),
+    infos = _core.solve_lyapunov(s_list, c_list, xs, max_iters=_args.max_iters(max_iters),
                                  stream=stream, workspace=workspace)
     return _finish("solve_lyapunov", out if out is not None else (xs[0] if single else xs), infos, single,
                    return_info)
@@ -332,9 +332,9 @@ def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, ret
         given = _arrays.outputs_for(out, inputs, single)
         S, R = (given, []) if want_sqrt else ([], given)
     stream, workspace = _arrays.call_context(inputs)
-    infos = _core.matrix_sqrt(inputs, S, R, method=_arrays.method_name(method),
-                              max_iters=_arrays.max_iters(max_iters),
-                              tol=_arrays.real(tol, "tol"), stream=stream, workspace=workspace)
+    infos = _core.matrix_sqrt(inputs, S, R, method=_args.method_name(method),
+                              max_iters=_args.max_iters(max_iters),
+                              tol=_args.real(tol, "tol"), stream=stream, workspace=workspace)
     if out is not None:
         result = out
     else:

@@ -33,7 +33,7 @@ from typing import List, Optional, Sequence, Union
 
 import torch
 
-from . import _arrays
+from . import _args
 from . import newton_schulz as _ns
 from ._errors import ArgumentTypeError
 
@@ -123,7 +123,7 @@ def _(params, G, lr, weight_decay, scale, steps, name, flat, norm_eps, method, c
 
 
 def _steps(steps):  # checked before the op's int64 schema sees it
-    return _arrays.steps(steps)
+    return _args.steps(steps)
 
 
 def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7,
