@@ -114,6 +114,47 @@ def test_qr_bases_scale_invariant(scale):
     np.testing.assert_allclose(d / scale, dr, rtol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [1e-310, 1e-300, 1e-3, 10.0, 1e300])
+def test_polar_orthonormalize_is_scale_invariant(scale):
+    q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((9, 5)))
+    r, info = ck.orthonormalize(q * scale, "polar", return_info=True)
+    assert info["converged"] and info["orthogonality"] < 1e-15
+    # a subnormal Q has lost bits of its own: its nearest orthonormal matrix is that far from q
+    np.testing.assert_allclose(r, q, atol=1e-13 if scale < 1e-307 else 1e-15)
+
+
+def test_polar_orthonormalize_checks_shape_and_reports_what_it_could_not_orthonormalize():
+    rng = np.random.default_rng(3)
+    with pytest.raises(ArgumentError, match="'Q' must have at least as many rows as columns, got 3 x 5"):
+        ck.orthonormalize(rng.standard_normal((3, 5)), "polar")
+    q, _ = np.linalg.qr(rng.standard_normal((9, 5)))
+    good = q + 1e-3 * rng.standard_normal((9, 5))
+    lost = q.copy()
+    lost[:, 1] = lost[:, 0]  # rank 4: no orthonormal matrix is near
+    stack = np.stack([good, lost])
+    r, info = ck.orthonormalize(stack, "polar", return_info=True)
+    assert info["converged"].tolist() == [True, False]
+    measured = [np.abs(x.T @ x - np.eye(5)).max() for x in r]
+    np.testing.assert_allclose(info["orthogonality"], measured, rtol=1e-6, atol=1e-15)
+    assert info["orthogonality"][1] > 0.1
+    with pytest.raises(ck.ConvergenceError, match="1 of 2 matrices"):
+        ck.orthonormalize(stack, "polar")
+    _, info = ck.orthonormalize(good, "polar", steps=1, return_info=True)  # too few steps for float64
+    assert not info["converged"] and 1e-8 < info["orthogonality"] < 1e-4
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1.5e-8), ("float32", 2.5e-4), ("float16", 0.023)])
+def test_polar_orthonormalize_converges_to_the_precision_of_its_dtype(dtype, tol):
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 32)))
+    noisy = (q + 0.05 * rng.standard_normal((64, 32)) / 8).astype(dtype)  # 4-bit-like noise
+    r, info = ck.orthonormalize(noisy, "polar", return_info=True)
+    assert r.dtype == np.dtype(dtype) and info["converged"]
+    rd = r.astype(np.float64)
+    assert info["orthogonality"] == pytest.approx(np.abs(rd.T @ rd - np.eye(32)).max(), rel=1e-3, abs=1e-15)
+    assert info["orthogonality"] <= tol
+
+
 def test_inverse_root_huge_eps_converges():
     a = spd()
     x, info = ck.matrix_inverse_root(a, 2, eps=1e100, method="eigh", return_info=True)

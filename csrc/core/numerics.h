@@ -22,6 +22,13 @@ CK_HD constexpr double unit_roundoff() {
   return std::is_same<T, double>::value ? 0x1p-53 : 0x1p-24;
 }
 
+// Unit roundoff of a storage dtype (host): float64, float32, float16, bfloat16.
+inline double unit_roundoff(const DType& dt) {
+  if (dt == DType::float64()) return unit_roundoff<double>();
+  if (dt == DType::float32()) return unit_roundoff<float>();
+  return dt == DType::float16() ? 0x1p-11 : 0x1p-8;
+}
+
 // How far from symmetric an input may be, relative to its largest entry, by input dtype (host).
 inline double symmetry_tolerance(const DType& dt) {
   if (dt == DType::float64()) return 1e-10;

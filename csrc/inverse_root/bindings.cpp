@@ -89,6 +89,20 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
       py::arg("Q"), py::kw_only(), py::arg("stream"), py::arg("workspace"),
       "Orthonormalize the columns of each Q in place by QR (nonnegative R diagonal); an info dict per input.");
   m.def(
+      "orthonormalize_polar",
+      [](const py::list& q, const py::list& out, int steps, StreamHandle stream, py::object workspace) {
+        binding::ArrayList qv(q, "Q", stream), ov(out, "out", stream, binding::Access::Write);
+        std::vector<std::vector<BasisStatus>> status;
+        {
+          binding::CallScope scope(std::move(workspace));
+          orthonormalize_polar(qv.views(), ov.views(), steps, status, stream);
+        }
+        return binding::status_dicts(status, qv.views(), binding::field("converged", &BasisStatus::converged),
+                                     binding::field("orthogonality", &BasisStatus::orthogonality));
+      },
+      py::arg("Q"), py::arg("out"), py::kw_only(), py::arg("steps"), py::arg("stream"), py::arg("workspace"),
+      "out[i] = Q[i] orthonormalized by Bjorck passes (see curvkit.orthonormalize); an info dict per input.");
+  m.def(
       "eigenbasis_update",
       [](const py::list& a, const py::list& q, const py::list& q_out, const py::list& estimates, const py::list& perm,
          StreamHandle stream, py::object workspace) {

@@ -483,6 +483,22 @@ void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
   });
 }
 
+void orthogonality_cpu(const ArrayView& q, std::vector<double>& error) {
+  const int64_t m = q.size(-2), k = q.size(-1);
+  std::vector<bool> unused;
+  error.assign(size_t(m * k ? q.numel() / (m * k) : 0), 0.0);
+  for_each_basis(q, unused, [&](auto, int64_t b) {
+    std::vector<double> a(static_cast<size_t>(m * k)), g(static_cast<size_t>(k * k));
+    load_matrix(q, b, a.data());
+    blas::syrk(true, int(k), int(m), 1.0, a.data(), int(k), 0.0, g.data(), int(k));  // Q^T Q, lower
+    double worst = 0;
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j <= i; ++j) worst = std::max(worst, numerics::identity_gap(g[size_t(i * k + j)], i == j));
+    error[size_t(b)] = worst;
+    return true;
+  });
+}
+
 void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok) {
   const int64_t n = q.size(-2), k = q.size(-1);

@@ -1,5 +1,6 @@
-// QR-based routines on CUDA: orthonormalize "qr" (orthonormalize_qr_cuda) and SOAP's eigenbasis
-// refresh (eigenbasis_update_cuda). cuSOLVER's geqrf and orgqr per matrix, R's diagonal made
+// QR-based routines on CUDA: orthonormalize "qr" (orthonormalize_qr_cuda), the orthogonality
+// measure of orthonormalize "polar" (orthogonality_cuda) and SOAP's eigenbasis refresh
+// (eigenbasis_update_cuda). cuSOLVER's geqrf and orgqr per matrix, R's diagonal made
 // nonnegative, with the CPU's full-rank verdict (qr_positive in cpu.cpp).
 #include <algorithm>
 #include <cfloat>
@@ -125,6 +126,26 @@ __global__ void column_dots_kernel(const T* q, const T* aq, double* d, int64_t n
     }
 }
 
+// error[b] = max |G_b - I| over the k x k matrices G_b (Inf if one is not finite), a block per
+// matrix.
+template <class T>
+__global__ void identity_distance_kernel(const T* g, double* error, int64_t k, int64_t count) {
+  __shared__ double warp_max[32];
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    double worst = 0;
+    for (int64_t e = threadIdx.x; e < k * k; e += blockDim.x)
+      worst = fmax(worst, numerics::identity_gap(double(g[b * k * k + e]), e / k == e % k));
+    for (int o = 16; o > 0; o >>= 1) worst = fmax(worst, __shfl_xor_sync(0xffffffffu, worst, o));
+    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = worst;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      for (int w = 1; w < int(blockDim.x >> 5); ++w) worst = fmax(worst, warp_max[w]);
+      error[b] = worst;
+    }
+    __syncthreads();
+  }
+}
+
 // Matrices in a (..., m, k) stack of bases (m >= k, checked), with `ok` sized for them.
 int64_t bases_in(const ArrayView& q, std::vector<bool>& ok) {
   const int64_t m = q.size(-2), k = q.size(-1), count = m > 0 && k > 0 ? q.numel() / (m * k) : 0;
@@ -146,6 +167,26 @@ void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHan
     ok = qr_positive(stream, a.as<T>(), m, k, count);
     store_columns(stream, a.as<T>(), q, m, k, count);
     CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  });
+}
+
+void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHandle stream_handle) {
+  std::vector<bool> unused;
+  const int64_t m = q.size(-2), k = q.size(-1), count = bases_in(q, unused);
+  error.assign(size_t(count), 0.0);
+  if (count == 0) return;
+  CudaDeviceGuard guard(q.device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+  CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
+    DeviceBuffer a(sizeof(T) * size_t(count * m * k), stream), g(sizeof(T) * size_t(count * k * k), stream),
+        worst(sizeof(double) * size_t(count), stream);
+    load_columns(stream, q, a.as<T>(), m, k, count);
+    cuda::gemm(stream, dtype_of<T>(), Op::T, Op::N, int(k), int(k), int(m), 1.0, {a.as<T>(), m, m * k},
+               {a.as<T>(), m, m * k}, 0.0, {g.as<T>(), k, k * k}, count);  // Q^T Q
+    identity_distance_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(g.as<T>(), worst.as<double>(), k,
+                                                                                      count);
+    CK_CUDA_CHECK(cudaGetLastError());
+    error = cuda::copy_to_host(stream, worst.as<double>(), count);
   });
 }
 

@@ -6,6 +6,8 @@
 #include <cmath>
 
 #include "core/check.h"
+#include "core/numerics.h"
+#include "newton_schulz/newton_schulz.h"
 
 namespace curvkit {
 
@@ -131,6 +133,35 @@ void orthonormalize_qr(const std::vector<ArrayView>& q, std::vector<std::vector<
     std::vector<bool> ok;
     CK_DEVICE_DISPATCH(x.device, orthonormalize_qr_cpu(x, ok), orthonormalize_qr_cuda(x, ok, stream));
     for (size_t b = 0; b < ok.size() && b < status.back().size(); ++b) status.back()[b].converged = ok[b];
+  }
+}
+
+void orthonormalize_polar(const std::vector<ArrayView>& q, const std::vector<ArrayView>& out, int steps,
+                          std::vector<std::vector<BasisStatus>>& status, StreamHandle stream) {
+  CK_CHECK_VALUE(steps >= 1, "argument 'steps' must be >= 1, got ", steps);
+  check_list_sizes(q.size(), "Q", out.size(), "out");
+  for (size_t i = 0; i < q.size(); ++i) {
+    check_basis(q[i], "Q");
+    check_output_like(q[i], "Q", out[i], "out");
+  }
+  if (!q.empty()) check_one_device(q, "Q");
+  PolarOptions o;
+  o.steps.assign(size_t(steps), PolarStep{1.5, -0.5, 0.0});
+  o.normalize = false;
+  o.method = PolarMethod::Standard;
+  o.in_name = "Q";
+  polar(q, out, o, stream);
+  status.clear();
+  for (const ArrayView& x : out) {
+    status.push_back(solved<BasisStatus>(x));
+    if (x.numel() == 0) continue;
+    std::vector<double> error;
+    CK_DEVICE_DISPATCH(x.device, orthogonality_cpu(x, error), orthogonality_cuda(x, error, stream));
+    // Rounding an orthonormal Q to out's dtype moves Q^T Q by at most about 2u (u its unit
+    // roundoff): sqrt(u) is clear of that, and far below what a lost direction leaves (1).
+    const double tol = std::sqrt(unit_roundoff(x.dtype));
+    for (size_t b = 0; b < error.size() && b < status.back().size(); ++b)
+      status.back()[b] = {error[b] <= tol, error[b]};
   }
 }
 

@@ -73,7 +73,8 @@ struct EighStatus {
 };
 
 struct BasisStatus {
-  bool converged = false;  // the factorization succeeded and the basis kept full column rank
+  bool converged = false;    // the factorization succeeded and the basis kept full column rank
+  double orthogonality = 0;  // orthonormalize_polar: max |Q^T Q - I| of the result (Inf if not finite)
 };
 
 // inputs[i] (..., n_i, n_i), all on one device; outputs[i] of the same shape; inits[i] and
@@ -96,6 +97,15 @@ void eigh(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& va
 // in it). converged: LAPACK succeeded and the input had full column rank.
 void orthonormalize_qr(const std::vector<ArrayView>& q, std::vector<std::vector<BasisStatus>>& status,
                        StreamHandle stream);
+
+// Orthonormal columns of each q[i] (..., m, k), m >= k, written to out[i] (same shape, any float
+// dtype), by `steps` Bjorck passes Q <- 1.5 Q - 0.5 Q Q^T Q (4-bit Shampoo's rectification) on
+// Q divided by its RMS singular value ||Q||_F / sqrt(k): the nearest matrix with orthonormal
+// columns when the scaled singular values lie in (0, sqrt(3)), at any scale of Q.
+// converged: the result is finite and max |Q^T Q - I| <= sqrt(u) of out's dtype (u its unit
+// roundoff), so a rank-deficient Q, or one too far from orthogonal for the steps, fails.
+void orthonormalize_polar(const std::vector<ArrayView>& q, const std::vector<ArrayView>& out, int steps,
+                          std::vector<std::vector<BasisStatus>>& status, StreamHandle stream);
 
 // SOAP's eigenbasis refresh from a previous basis q[i] (..., n, k) of a[i] (..., n, n): the
 // eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
@@ -133,6 +143,9 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
                std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps, StreamHandle stream);
 
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok);
+// max |Q^T Q - I| per matrix of q (..., m, k) as stored (Inf where Q is not finite).
+void orthogonality_cpu(const ArrayView& q, std::vector<double>& error);
+void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHandle stream);
 void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
 void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,

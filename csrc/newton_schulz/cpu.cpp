@@ -26,7 +26,7 @@ struct PolarTask {
   // X_0 = 2^exponent G * inv_scale: the power of two (exact) brings the largest entry to [1, 2),
   // so that neither a subnormal G (1 / amax overflows) nor a huge one under/overflows.
   int exponent = 0;
-  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||2^exponent G||_F); 0 for G = 0
+  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||2^exponent G||_F) (see measure); 0 for G = 0
   bool finite = true;
   int64_t r() const { return std::min(m, n); }
   int64_t c() const { return std::max(m, n); }
@@ -50,17 +50,15 @@ void measure(PolarTask& t, const PolarOptions& o) {
     return;
   }
   if (amax == 0.0) return;
-  if (!o.normalize) {
-    t.inv_scale = 1.0;
-    return;
-  }
   t.exponent = -std::ilogb(amax);
   double sum = 0.0;
   for (int64_t i = 0; i < size; ++i) {
     const double v = std::ldexp(to_double(g[i]), t.exponent);
     sum += v * v;
   }
-  t.inv_scale = 1.0 / ((o.norm_scale + o.norm_eps) * std::sqrt(sum));
+  // Without normalization, G / (its RMS singular value ||G||_F / sqrt(r)).
+  t.inv_scale =
+      o.normalize ? 1.0 / ((o.norm_scale + o.norm_eps) * std::sqrt(sum)) : 1.0 / std::sqrt(sum / double(t.r()));
 }
 
 // Working storage for one thread, reused across its matrices.
@@ -209,8 +207,8 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
     CK_DISPATCH_FLOATING(tasks[i].in->dtype, "G", S, [&] { measure<S>(tasks[i], options); });
   }
   for (int64_t i = 0; i < count && options.check_finite; ++i) {
-    CK_CHECK_VALUE(tasks[i].finite, "argument 'G' contains NaN or Inf (matrix ", tasks[i].index, " of input ",
-                   tasks[i].input, ")");
+    CK_CHECK_VALUE(tasks[i].finite, "argument '", options.in_name, "' contains NaN or Inf (matrix ", tasks[i].index,
+                   " of input ", tasks[i].input, ")");
   }
 
   // one workspace per slot of run_matrix_tasks, sized from the same snapshot it runs on

@@ -31,22 +31,22 @@ using cuda::Op;
 using cuda::Stack;
 
 // X_b = G_b / ((norm_scale + eps) ||G_b||_F), computed as (G / amax) / ((norm_scale + eps) sqrt(sum (G/amax)^2))
-// so that any scale of G gives the same X; 0 for G = 0; X = G when not normalizing; NaN for a
-// G holding NaN or Inf (reached only unchecked, check_finite false: the iteration then spreads
-// it to the whole result). Matrix blockIdx.y; the scale in float64, so a half input is
-// normalized before it is rounded.
+// so that any scale of G gives the same X; without normalization, G_b / its RMS singular value
+// ||G_b||_F / sqrt(r), computed alike; 0 for G = 0; NaN for a G holding NaN or Inf (reached
+// only unchecked, check_finite false: the iteration then spreads it to the whole result).
+// Matrix blockIdx.y; the scale in float64, so a half input is scaled before it is rounded.
 template <class S, class T>
-__global__ void normalize_kernel(const S* const* g, T* x, int64_t size, const double* amax, const double* sumsq,
-                                 double norm_scale_eps, bool normalize) {
+__global__ void normalize_kernel(const S* const* g, T* x, int64_t size, int64_t r, const double* amax,
+                                 const double* sumsq, double norm_scale_eps, bool normalize) {
   const int64_t b = blockIdx.y;
   const double m = amax[b];
   const bool finite = m <= DBL_MAX;  // scaled_norms marks NaN/Inf with amax = Inf
-  const double f = m > 0.0 ? (normalize ? 1.0 / (norm_scale_eps * sqrt(sumsq[b])) : 1.0) : 0.0;
+  const double f = m > 0.0 ? 1.0 / (normalize ? norm_scale_eps * sqrt(sumsq[b]) : sqrt(sumsq[b] / double(r))) : 0.0;
   const S* src = g[b];
   T* dst = x + b * size;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < size; e += int64_t(gridDim.x) * blockDim.x) {
     const double v = double(cuda::load(src + e));
-    cuda::store(dst + e, cuda::acc_t<T>(!finite ? CUDART_NAN : normalize && m > 0.0 ? (v / m) * f : v * f));
+    cuda::store(dst + e, cuda::acc_t<T>(!finite ? CUDART_NAN : m > 0.0 ? (v / m) * f : 0.0));
   }
 }
 
@@ -147,7 +147,7 @@ void polar_group(const PolarGroup& g, const PolarOptions& o, cudaStream_t stream
   CK_DISPATCH_FLOATING(g.in_dtype, "G", S, [&] {
     CK_DISPATCH_FLOATING(dt, "G", T, [&] {
       normalize_kernel<<<matrix_grid(s.size(), count), 256, 0, stream>>>(reinterpret_cast<const S* const*>(in_ptrs),
-                                                                         static_cast<T*>(x), s.size(), amax, sumsq,
+                                                                         static_cast<T*>(x), s.size(), s.r, amax, sumsq,
                                                                          o.norm_scale + o.norm_eps, o.normalize);
     });
   });
@@ -278,7 +278,7 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
   }
   if (options.check_finite) {
     const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), int64_t(groups.size()));
-    for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument 'G' contains NaN or Inf");
+    for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument '", options.in_name, "' contains NaN or Inf");
   }
 
   first = 0;

@@ -36,8 +36,8 @@ std::vector<Status> initial_status(const ArrayView& a, SqrtMethod method) {
 
 void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs, const PolarOptions& o,
            StreamHandle stream) {
-  const char* out_name = o.out_name;
-  check_list_sizes(inputs.size(), "G", outputs.size(), out_name);
+  const char *in_name = o.in_name, *out_name = o.out_name;
+  check_list_sizes(inputs.size(), in_name, outputs.size(), out_name);
   for (const PolarStep& s : o.steps)
     CK_CHECK_VALUE(std::isfinite(s.a) && std::isfinite(s.b) && std::isfinite(s.c),
                    "argument 'coefficients' must be finite");
@@ -46,13 +46,13 @@ void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& o
                  "argument 'norm_eps' must be >= 0 and finite");
   for (size_t i = 0; i < inputs.size(); ++i) {
     const ArrayView &g = inputs[i], &out = outputs[i];
-    check_floating(g, "G");
-    CK_CHECK_VALUE(g.ndim() >= 2, "argument 'G' must have shape (..., m, n), got ", shape_text(g));
-    CK_CHECK_VALUE(g.is_contiguous(), "argument 'G' must be C-contiguous");
-    check_same_device(inputs[0], "G", g, "G");
-    check_output_like(g, "G", out, out_name);
+    check_floating(g, in_name);
+    CK_CHECK_VALUE(g.ndim() >= 2, "argument '", in_name, "' must have shape (..., m, n), got ", shape_text(g));
+    CK_CHECK_VALUE(g.is_contiguous(), "argument '", in_name, "' must be C-contiguous");
+    check_same_device(inputs[0], in_name, g, in_name);
+    check_output_like(g, in_name, out, out_name);
   }
-  check_no_overlap({{outputs, out_name}}, {{inputs, "G"}});
+  check_no_overlap({{outputs, out_name}}, {{inputs, in_name}});
   // One backend call per route: the backends take one method for all their matrices.
   for (PolarMethod route : {PolarMethod::Standard, PolarMethod::Gram}) {
     std::vector<ArrayView> in, out;

@@ -82,6 +82,9 @@ def eigh(
     workspace: Workspace,
 ) -> list[Info]: ...
 def orthonormalize_qr(Q: list[Array], *, stream: int, workspace: Workspace) -> list[Info]: ...
+def orthonormalize_polar(
+    Q: list[Array], out: list[Array], *, steps: int, stream: int, workspace: Workspace
+) -> list[Info]: ...
 def eigenbasis_update(
     A: list[Array],
     Q: list[Array],
