@@ -146,16 +146,22 @@ bool all_finite(const std::vector<T>& v) {
   return ok;
 }
 
-// ||I - M||_F / sqrt(n)
+// ||I - M||_F^2
 template <class T>
-double identity_distance(const T* m, int64_t n) {
+double identity_sum_squares(const T* m, int64_t n) {
   double s = 0;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
       const double d = numerics::identity_difference(double(m[i * n + j]), i == j);
       s += d * d;
     }
-  return numerics::rms_distance(s, n);
+  return s;
+}
+
+// ||I - M||_F / sqrt(n)
+template <class T>
+double identity_distance(const T* m, int64_t n) {
+  return numerics::rms_distance(identity_sum_squares(m, n), n);
 }
 
 // max|M - I| (Inf when M holds NaN or Inf)

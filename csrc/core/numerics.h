@@ -62,6 +62,11 @@ CK_HD double identity_gap(double m, bool diagonal) {
 // ||M - I||_F / sqrt(n), from the sum of squares of M - I.
 CK_HD double rms_distance(double sum_squares, int64_t n) { return sqrt(sum_squares / double(n)); }
 
+// Whether a converged sign iterate B is sign(S) = I, i.e. S positive definite, from the sum of
+// squares of B - I: each eigenvalue of S on the wrong side adds 4 (B - I has an eigenvalue -2
+// there), so the test holds for any n, however spread the eigenvector.
+CK_HD bool definite_sign(double sum_squares) { return sum_squares <= 1.0; }
+
 // ---- Stopping rules of quadratically convergent iterations on a distance r to I
 
 // Once the distance is small (below sqrt(u)), one that no longer falls is at rounding level.

@@ -79,7 +79,9 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   const int64_t mk = m * k;
   DeviceBuffer tau(sizeof(T) * size_t(count * k), stream), sign(sizeof(T) * size_t(count * k), stream),
       info(sizeof(int) * size_t(2 * count), stream), norm2(sizeof(double) * size_t(count), stream),
-      good(sizeof(int) * size_t(count), stream);
+      good(sizeof(int) * size_t(count), stream), exponent(sizeof(int) * size_t(count), stream);
+  // QR's Q does not depend on the scale: a largest entry near 1 keeps ||A||_F finite at 1e300.
+  cuda::scale_to_unit(stream, a, mk, count, exponent.as<int>());
   frobenius2_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(a, norm2.as<double>(), mk, count);
   CK_CUDA_CHECK(cudaGetLastError());
   cusolverDnHandle_t handle = cusolver_handle(stream);
@@ -113,16 +115,17 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   return ok;
 }
 
-// d_j = q_j . (A Q)_j per column (column-major n x k each), a block per (column, matrix).
+// d_j = 2^-e q_j . (2^e A Q)_j per column (column-major n x k each), a block per (column, matrix).
 template <class T>
-__global__ void column_dots_kernel(const T* q, const T* aq, double* d, int64_t n, int64_t k, int64_t count) {
+__global__ void column_dots_kernel(const T* q, const T* aq, const int* exponent, double* d, int64_t n, int64_t k,
+                                   int64_t count) {
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y)
     for (int64_t j = blockIdx.x; j < k; j += gridDim.x) {
       double local = 0;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
         local += double(q[b * n * k + j * n + i]) * double(aq[b * n * k + j * n + i]);
       local = cuda::block_sum(local);
-      if (threadIdx.x == 0) d[b * k + j] = local;
+      if (threadIdx.x == 0) d[b * k + j] = ldexp(local, -exponent[b]);
     }
 }
 
@@ -130,19 +133,12 @@ __global__ void column_dots_kernel(const T* q, const T* aq, double* d, int64_t n
 // matrix.
 template <class T>
 __global__ void identity_distance_kernel(const T* g, double* error, int64_t k, int64_t count) {
-  __shared__ double warp_max[32];
   for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
     double worst = 0;
     for (int64_t e = threadIdx.x; e < k * k; e += blockDim.x)
       worst = fmax(worst, numerics::identity_gap(double(g[b * k * k + e]), e / k == e % k));
-    for (int o = 16; o > 0; o >>= 1) worst = fmax(worst, __shfl_xor_sync(0xffffffffu, worst, o));
-    if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = worst;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      for (int w = 1; w < int(blockDim.x >> 5); ++w) worst = fmax(worst, warp_max[w]);
-      error[b] = worst;
-    }
-    __syncthreads();
+    worst = cuda::block_max(worst);
+    if (threadIdx.x == 0) error[b] = worst;
   }
 }
 
@@ -200,14 +196,16 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
   CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
     DeviceBuffer a(sizeof(T) * size_t(count * n * n), stream), qc(sizeof(T) * size_t(count * n * k), stream),
         aq(sizeof(T) * size_t(count * n * k), stream), d(sizeof(double) * size_t(count * k), stream),
-        order(sizeof(int64_t) * size_t(count * k), stream), stats(sizeof(MatrixStats) * size_t(count), stream);
+        order(sizeof(int64_t) * size_t(count * k), stream), stats(sizeof(MatrixStats) * size_t(count), stream),
+        exponent(sizeof(int) * size_t(count), stream);
     cuda::load_symmetric(stream, a_in, a.as<T>(), stats.as<MatrixStats>());
     cuda::check_symmetric(stream, a_in, stats.as<MatrixStats>(), "A");
+    cuda::scale_to_unit(stream, a.as<T>(), n * n, count, exponent.as<int>());  // A Q of a huge A would overflow
     load_columns(stream, q, qc.as<T>(), n, k, count);
     cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, int(n), int(k), int(n), 1.0, {a.as<T>(), n, n * n},
                {qc.as<T>(), n, n * k}, 0.0, {aq.as<T>(), n, n * k}, count);  // A Q
-    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(qc.as<T>(), aq.as<T>(), d.as<double>(), n,
-                                                                             k, count);
+    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(qc.as<T>(), aq.as<T>(), exponent.as<int>(),
+                                                                             d.as<double>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     CK_DISPATCH_FLOATING(estimates.dtype, "out", D, [&] {
       sort_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(d.as<double>(), order.as<int64_t>(),

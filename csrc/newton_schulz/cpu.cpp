@@ -453,7 +453,7 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
   blas::gemm(n, n, n, T(1), w.a.data(), w.z.data(), T(-1), w.p.data());  // S'X' - C'
   blas::gemm(n, n, n, T(1), w.z.data(), w.a.data(), T(1), w.p.data());   // + X'S'
   const double r = frobenius(w.p.data(), nn), c_norm = frobenius(w.q.data(), nn);
-  const bool positive_definite = max_distance_to_identity(w.y.data(), n) <= 0.5;
+  const bool positive_definite = numerics::definite_sign(identity_sum_squares(w.y.data(), n));
   const double backward = r / (2 * scale * frobenius(w.z.data(), nn) + c_norm);
   st.residual = finite ? r / c_norm : std::numeric_limits<double>::infinity();
   st.converged = watch.converged && finite && positive_definite && backward <= std::sqrt(unit_roundoff<T>());

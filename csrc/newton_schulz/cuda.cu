@@ -298,7 +298,9 @@ struct SqrtState {
   double previous;  // last ||I - Z Y||_F / sqrt(n)
   double residual;  // sum of squares of c Y^2 - A after the loop
   int iterations, active, converged;
-  int finite;  // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
+  int finite;    // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
+  int exponent;  // the input was scaled by 2^exponent (cuda::scale_to_unit)
+  int pad;
 };
 
 constexpr int kFiniteY = 1, kFiniteZ = 2, kAllFinite = kFiniteY | kFiniteZ;
@@ -327,15 +329,16 @@ struct SignWatch {
 };
 static_assert(sizeof(SqrtState) % alignof(double) == 0, "the partial sums follow the states");
 
-__global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stats, double* y, double* z,
-                                  SqrtState* state, int64_t n, int64_t count) {
+// From 2^k A (k = exponent[b]) and its stats: Y_0 = 2^k A / c, Z_0 = I.
+__global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stats, const int* exponent, double* y,
+                                  double* z, SqrtState* state, int64_t n, int64_t count) {
   const int64_t nn = n * n, total = nn * count;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / nn, e = i % nn;
     const double c = fmin(sqrt(stats[b].frobenius2), stats[b].max_row_sum);
     y[i] = c > 0 ? a[i] / c : 0.0;
     z[i] = c > 0 && e % (n + 1) == 0 ? 1.0 : 0.0;
-    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0, c > 0, 0, kAllFinite};
+    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0, c > 0, 0, kAllFinite, exponent[b], 0};
   }
 }
 
@@ -412,8 +415,8 @@ __global__ void sqrt_residual_kernel(const double* y2, const double* a, const do
   if (!finite_y || !finite_z) atomicAnd(&state[b].finite, (finite_y ? kFiniteY : 0) | (finite_z ? kFiniteZ : 0));
 }
 
-// out = factor(c) * src in the output dtype; a matrix with any non-finite value becomes zeros,
-// as on the CPU (never hand on NaN or Inf).
+// out = factor(c) * src in the output dtype, unscaled (sqrt(A) = 2^(-k/2) sqrt(2^k A), k even);
+// a matrix with any non-finite value becomes zeros, as on the CPU (never hand on NaN or Inf).
 template <class D>
 __global__ void sqrt_store_kernel(const double* src, D* out, const SqrtState* state, int64_t nn, int64_t count,
                                   bool inverse) {
@@ -421,7 +424,9 @@ __global__ void sqrt_store_kernel(const double* src, D* out, const SqrtState* st
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const SqrtState& s = state[i / nn];
     const double c = s.scale;
-    const double f = c > 0 && (s.finite & (inverse ? kFiniteZ : kFiniteY)) ? (inverse ? 1.0 / sqrt(c) : sqrt(c)) : 0.0;
+    const double f = c > 0 && (s.finite & (inverse ? kFiniteZ : kFiniteY))
+                         ? (inverse ? ldexp(1.0 / sqrt(c), s.exponent / 2) : ldexp(sqrt(c), -s.exponent / 2))
+                         : 0.0;
     out[i] = from_double<D>(f > 0 ? f * src[i] : 0.0);
   }
 }
@@ -455,18 +460,52 @@ __global__ void keep_stopped_kernel(const double* current, double* next, const S
     if (!state[i / nn].active) next[i] = current[i];
 }
 
-// X = C / 2 in the output dtype, zero for a matrix with non-finite entries (state.finite).
-template <class D>
-__global__ void lyapunov_store_kernel(const double* z, D* out, SqrtState* state, int64_t nn, int64_t count) {
-  const int64_t total = nn * count;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = from_double<D>(state[i / nn].finite ? 0.5 * z[i] : 0.0);
+// X' = C / 2, zero for a matrix with non-finite entries (which clears state.finite).
+__global__ void lyapunov_solution_kernel(const double* z, double* x, SqrtState* state, int64_t nn, int64_t count) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    bool finite = true;
+    for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) finite &= fabs(z[b * nn + e]) <= DBL_MAX;
+    finite = __syncthreads_and(finite);
+    for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) x[b * nn + e] = finite ? 0.5 * z[b * nn + e] : 0.0;
+    if (threadIdx.x == 0 && !finite) state[b].finite = 0;
+  }
 }
 
-__global__ void finite_kernel(const double* z, SqrtState* state, int64_t nn, int64_t count) {
+// What the Lyapunov verdict needs, per matrix (sums of squares): of the residual R, of C', of
+// X', and of B - I (B the sign iterate).
+struct LyapunovNorms {
+  double residual, c, x, sign;
+};
+
+// A block per matrix, summed in a fixed order (cuda::block_sum).
+__global__ void lyapunov_norms_kernel(const double* r, const double* c, const double* x, const double* b_sign,
+                                      LyapunovNorms* norms, int64_t n, int64_t count) {
+  const int64_t nn = n * n;
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    double rr = 0, cc = 0, xx = 0, bb = 0;
+    for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) {
+      const int64_t i = b * nn + e;
+      const double d = numerics::identity_difference(b_sign[i], e % (n + 1) == 0);
+      rr += r[i] * r[i];
+      cc += c[i] * c[i];
+      xx += x[i] * x[i];
+      bb += d * d;
+    }
+    rr = cuda::block_sum(rr);
+    cc = cuda::block_sum(cc);
+    xx = cuda::block_sum(xx);
+    bb = cuda::block_sum(bb);
+    if (threadIdx.x == 0) norms[b] = {rr, cc, xx, bb};
+  }
+}
+
+// out = 2^(k - j) X' in the output dtype (S' = 2^k S, C' = 2^j C).
+template <class D>
+__global__ void lyapunov_store_kernel(const double* x, D* out, const int* s_exponent, const int* c_exponent, int64_t nn,
+                                      int64_t count) {
   const int64_t total = nn * count;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    if (!(fabs(z[i]) <= DBL_MAX)) state[i / nn].finite = 0;
+    out[i] = from_double<D>(ldexp(x[i], s_exponent[i / nn] - c_exponent[i / nn]));
 }
 
 // One step of the sign iterations' watch (square root, Lyapunov), from M (Z Y, or B^2): each
@@ -485,6 +524,17 @@ bool watch_and_step(cudaStream_t stream, const double* m, double* t, const SignW
   sqrt_step_kernel<<<grid_for(nn * count, 256), 256, 0, stream>>>(m, t, watch.state, n, count);
   CK_CUDA_CHECK(cudaGetLastError());
   return true;
+}
+
+// Scales each symmetric n x n matrix of `a` (float64, device) to a largest entry near 1
+// (cuda::scale_to_unit; the exponents to `exponent`) and recomputes `stats` for the scaled
+// matrices: returned on the host too.
+std::vector<cuda::MatrixStats> scale_symmetric(cudaStream_t stream, double* a, const Device& device, int64_t n,
+                                               int64_t count, cuda::MatrixStats* stats, int* exponent) {
+  cuda::scale_to_unit(stream, a, n * n, count, exponent);
+  const ArrayView scaled{a, DType::float64(), device, {count, n, n}, {n * n, n, 1}, true};
+  cuda::load_symmetric<double>(stream, scaled, nullptr, stats);
+  return cuda::copy_to_host(stream, stats, count);
 }
 
 // The limits of one call of the sign iterations: each matrix within cuBLAS's 32-bit sizes, and
@@ -513,14 +563,18 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   // float32 rate on H100-class GPUs).
   DeviceBuffer a64(bytes, stream), y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream),
       u(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
-      state(SignWatch::bytes(count), stream);
+      state(SignWatch::bytes(count), stream), exponent(sizeof(int) * size_t(count), stream);
   cuda::load_symmetric(stream, a, a64.as<double>(), stats.as<cuda::MatrixStats>());
+  cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
+  // Work on 2^k A with max|2^k A| near 1, as on the CPU: c, its square and the residual then
+  // neither underflow (1e-300) nor overflow (1e300). The stats are those of 2^k A.
   const std::vector<cuda::MatrixStats> host_stats =
-      cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
+      scale_symmetric(stream, a64.as<double>(), a.device, n, count, stats.as<cuda::MatrixStats>(), exponent.as<int>());
   const SignWatch watch(state.as<void>(), count);
   SqrtState* st = watch.state;
   sqrt_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(a64.as<double>(), stats.as<cuda::MatrixStats>(),
-                                                              y.as<double>(), z.as<double>(), st, n, count);
+                                                              exponent.as<int>(), y.as<double>(), z.as<double>(), st, n,
+                                                              count);
   CK_CUDA_CHECK(cudaGetLastError());
 
   const DType f64 = DType::float64();
@@ -577,21 +631,34 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   CudaDeviceGuard guard(s_in.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
   const int64_t nn = n * n, total = nn * count;
-  const size_t bytes = size_t(total) * sizeof(double);
+  const size_t bytes = size_t(total) * sizeof(double), stats_bytes = sizeof(cuda::MatrixStats) * size_t(count),
+               exponent_bytes = sizeof(int) * size_t(count);
   // In float64 for every dtype, as on the CPU. The matrix-sign iteration on [[B, C], [0, -B]]:
   // B <- B T, C <- C T - B (B C - C B) / 2 with T = (3I - B^2)/2; X = C/2 at convergence.
   DeviceBuffer y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream), u(bytes, stream),
-      p(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
-      state(SignWatch::bytes(count), stream);
-  cuda::load_symmetric(stream, s_in, y.as<double>(), stats.as<cuda::MatrixStats>());
-  cuda::check_symmetric(stream, s_in, stats.as<cuda::MatrixStats>(), "S");
+      p(bytes, stream), s_scaled(bytes, stream), c_scaled(bytes, stream), s_stats(stats_bytes, stream),
+      c_stats(stats_bytes, stream), s_exponent(exponent_bytes, stream), c_exponent(exponent_bytes, stream),
+      norms(sizeof(LyapunovNorms) * size_t(count), stream), state(SignWatch::bytes(count), stream);
+  cuda::MatrixStats *ss = s_stats.as<cuda::MatrixStats>(), *cs = c_stats.as<cuda::MatrixStats>();
+  cuda::load_symmetric(stream, s_in, s_scaled.as<double>(), ss);
+  cuda::load_symmetric<double>(stream, c_in, nullptr, cs);  // C's largest entry and finiteness
+  const std::vector<cuda::MatrixStats> s_host = cuda::check_symmetric(stream, s_in, ss, "S");
+  const std::vector<cuda::MatrixStats> c_host = cuda::copy_to_host(stream, cs, count);
+  for (int64_t b = 0; b < count; ++b)
+    CK_CHECK_VALUE(!c_host[size_t(b)].nonfinite, "argument 'C' contains NaN or Inf (matrix ", b, ")");
   CK_DISPATCH_FLOATING(c_in.dtype, "C", S, [&] {
-    to_double_kernel<<<grid_for(total, 256), 256, 0, stream>>>(c_in.ptr<const S>(), z.as<double>(), total);
+    to_double_kernel<<<grid_for(total, 256), 256, 0, stream>>>(c_in.ptr<const S>(), c_scaled.as<double>(), total);
   });
+  CK_CUDA_CHECK(cudaGetLastError());
+  // S' = 2^k S and C' = 2^j C with largest entries near 1 (exact), as on the CPU, so that the
+  // iteration and the residual neither underflow nor overflow; X = 2^(k - j) X'.
+  scale_symmetric(stream, s_scaled.as<double>(), s_in.device, n, count, ss, s_exponent.as<int>());
+  cuda::scale_to_unit(stream, c_scaled.as<double>(), nn, count, c_exponent.as<int>());
+  CK_CUDA_CHECK(cudaMemcpyAsync(y.as<void>(), s_scaled.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
+  CK_CUDA_CHECK(cudaMemcpyAsync(z.as<void>(), c_scaled.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
   const SignWatch watch(state.as<void>(), count);
   SqrtState* st = watch.state;
-  lyapunov_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(y.as<double>(), z.as<double>(),
-                                                                  stats.as<cuda::MatrixStats>(), st, nn, count);
+  lyapunov_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(y.as<double>(), z.as<double>(), ss, st, nn, count);
   CK_CUDA_CHECK(cudaGetLastError());
   const DType f64 = DType::float64();
   const int ni = int(n);
@@ -612,16 +679,43 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pt), 0.0, stack(pu), count);  // B T
     std::swap(py, pu);
   }
-  finite_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), st, nn, count);
+  // The verdict, as on the CPU (lyapunov_one in cpu.cpp): the true residual R = S'X' + X'S' - C'
+  // of the X' returned, B = sign(S) at I (S positive definite), a small backward error.
+  const unsigned per_matrix = unsigned(std::min<int64_t>(count, 65535));
+  lyapunov_solution_kernel<<<per_matrix, 256, 0, stream>>>(static_cast<double*>(pz), static_cast<double*>(pm), st, nn,
+                                                           count);  // X' into m
+  CK_CUDA_CHECK(cudaGetLastError());
+  CK_CUDA_CHECK(cudaMemcpyAsync(pt, c_scaled.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
+  const Stack sx = stack(pm), sr = stack(pt), s_prime = stack(s_scaled.as<void>());
+  cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, s_prime, sx, -1.0, sr, count);  // S'X' - C'
+  cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, sx, s_prime, 1.0, sr, count);   // + X'S'
+  lyapunov_norms_kernel<<<per_matrix, 256, 0, stream>>>(static_cast<double*>(pt), c_scaled.as<double>(),
+                                                        static_cast<double*>(pm), static_cast<double*>(py),
+                                                        norms.as<LyapunovNorms>(), n, count);
+  CK_CUDA_CHECK(cudaGetLastError());
   CK_DISPATCH_FLOATING(x_out.dtype, "out", D, [&] {
-    lyapunov_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), x_out.ptr<D>(), st, nn,
-                                                                    count);
+    lyapunov_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(
+        static_cast<double*>(pm), x_out.ptr<D>(), s_exponent.as<int>(), c_exponent.as<int>(), nn, count);
   });
   CK_CUDA_CHECK(cudaGetLastError());
+  const std::vector<LyapunovNorms> norm = cuda::copy_to_host(stream, norms.as<LyapunovNorms>(), count);
   const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
     const SqrtState& h = host[size_t(b)];
-    status[size_t(b)] = SqrtStatus{h.converged && h.finite, h.iterations, h.scale > 0 ? h.previous : 0.0};
+    SqrtStatus& out = status[size_t(b)];
+    out.iterations = h.iterations;
+    if (s_host[size_t(b)].amax == 0 || c_host[size_t(b)].amax == 0) {  // C = 0: X = 0, solved; S = 0: no solution
+      const bool zero_c = c_host[size_t(b)].amax == 0;
+      out.converged = zero_c;
+      out.residual = zero_c ? 0.0 : 1.0;
+      continue;
+    }
+    const LyapunovNorms& q = norm[size_t(b)];
+    const double r = std::sqrt(q.residual), c_norm = std::sqrt(q.c);
+    const double backward = r / (2 * h.scale * std::sqrt(q.x) + c_norm);
+    out.residual = h.finite ? r / c_norm : INFINITY;
+    out.converged =
+        h.converged && h.finite && numerics::definite_sign(q.sign) && backward <= std::sqrt(unit_roundoff<double>());
   }
 }
 
