@@ -396,7 +396,10 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, c
     st.kept_init = true;
   }
   if (!all_finite(w.x)) std::fill(w.x.begin(), w.x.end(), T(0));
-  store_matrix(w.x.data(), out, index);
+  if (!store_matrix(w.x.data(), out, index)) {  // overflowed the output dtype
+    st.converged = false;
+    st.residual = std::numeric_limits<double>::infinity();
+  }
 }
 
 }  // namespace
@@ -473,6 +476,7 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
 
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
   const int64_t m = q.size(-2), k = q.size(-1);
+  for (int64_t b = 0; b < leading_count(q); ++b) check_finite_matrix(q, b, "Q");
   for_each_basis(q, ok, [&](auto tag, int64_t b) {
     using T = decltype(tag);
     std::vector<T> a(static_cast<size_t>(m * k));
@@ -503,16 +507,22 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok) {
   const int64_t n = q.size(-2), k = q.size(-1);
   const int64_t batch = n * k ? q.numel() / (n * k) : 0;
-  for (int64_t b = 0; b < batch; ++b) check_symmetric(a_in, b, "A");
+  for (int64_t b = 0; b < batch; ++b) {
+    check_symmetric(a_in, b, "A");
+    check_finite_matrix(q, b, "Q");
+  }
   for_each_basis(q, ok, [&](auto tag, int64_t b) {
     using T = decltype(tag);
     std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
     load_symmetrized(a_in, b, a.data());
     load_matrix(q, b, qb.data());
-    // A Q and the estimates from 2^e A (exact; A Q of a huge A would overflow), d unscaled below.
-    const double amax = max_abs(a.data(), n * n);
+    // A Q and the estimates from 2^e A and 2^f Q (exact; A Q and q^T A q of huge or tiny
+    // inputs would overflow or underflow), d unscaled below.
+    const double amax = max_abs(a.data(), n * n), qmax = max_abs(qb.data(), n * k);
     const int e = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
+    const int f = qmax > 0 ? numerics::even_scale_exponent(qmax) : 0;
     scale_pow2(a.data(), n * n, e);
+    scale_pow2(qb.data(), n * k, f);
     blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
     std::vector<double> d(static_cast<size_t>(k), 0.0);
     for (int64_t i = 0; i < n; ++i)
@@ -523,11 +533,11 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
                      [&](int64_t x, int64_t y) { return nan_last(d[size_t(x)], true) > nan_last(d[size_t(y)], true); });
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
-    const bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
+    bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
     store_matrix(p.data(), q_out, b);
     std::vector<double> sorted(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e);
-    store_vector(sorted.data(), k, estimates, b);
+    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e - 2 * f);
+    good &= store_vector(sorted.data(), k, estimates, b);  // q^T A q of a huge A and Q can overflow
     std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
     return good;
   });
@@ -556,12 +566,12 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
     load_symmetrized(inputs[t.input], t.index, a.data());
     if (basis) load_matrix(*basis, t.index, w.v.data());
     RootStatus st;
-    const bool good = decompose(n, a.data(), basis != nullptr, w, st) && all_finite(w.v) && all_finite(w.w);
+    bool good = decompose(n, a.data(), basis != nullptr, w, st) && all_finite(w.v) && all_finite(w.w);
     if (!good) {
       std::fill(w.v.begin(), w.v.end(), T(0));
       std::fill(w.w.begin(), w.w.end(), T(0));
     }
-    store_vector(w.w.data(), t.n, values[t.input], t.index);
+    good &= store_vector(w.w.data(), t.n, values[t.input], t.index);  // n max|A| may overflow a float16 output
     store_matrix(w.v.data(), vectors[t.input], t.index);
     steps[t.input][size_t(t.index)] = basis && !st.fell_back ? st.iterations : -1;
     return good;

@@ -115,17 +115,18 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   return ok;
 }
 
-// d_j = 2^-e q_j . (2^e A Q)_j per column (column-major n x k each), a block per (column, matrix).
+// d_j = 2^-(e + 2f) (2^f q_j) . (2^e A 2^f Q)_j per column (column-major n x k each), a block per
+// (column, matrix), with e = a_exponent[b] and f = q_exponent[b].
 template <class T>
-__global__ void column_dots_kernel(const T* q, const T* aq, const int* exponent, double* d, int64_t n, int64_t k,
-                                   int64_t count) {
+__global__ void column_dots_kernel(const T* q, const T* aq, const int* a_exponent, const int* q_exponent, double* d,
+                                   int64_t n, int64_t k, int64_t count) {
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y)
     for (int64_t j = blockIdx.x; j < k; j += gridDim.x) {
       double local = 0;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
         local += double(q[b * n * k + j * n + i]) * double(aq[b * n * k + j * n + i]);
       local = cuda::block_sum(local);
-      if (threadIdx.x == 0) d[b * k + j] = ldexp(local, -exponent[b]);
+      if (threadIdx.x == 0) d[b * k + j] = ldexp(local, -a_exponent[b] - 2 * q_exponent[b]);
     }
 }
 
@@ -140,6 +141,27 @@ __global__ void identity_distance_kernel(const T* g, double* error, int64_t k, i
     worst = cuda::block_max(worst);
     if (threadIdx.x == 0) error[b] = worst;
   }
+}
+
+// flag = 1 if any of the `total` entries is NaN or Inf.
+template <class T>
+__global__ void nonfinite_kernel(const T* a, int64_t total, int* flag) {
+  bool finite = true;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    finite &= fabs(double(a[i])) <= DBL_MAX;
+  if (!__syncthreads_and(finite) && threadIdx.x == 0) atomicOr(flag, 1);
+}
+
+// The bases loaded to `a` must be finite: an ArgumentError naming `name` before anything is
+// written (one host synchronization).
+template <class T>
+void check_finite_bases(cudaStream_t stream, const T* a, int64_t total, const char* name) {
+  DeviceBuffer flag(sizeof(int), stream);
+  CK_CUDA_CHECK(cudaMemsetAsync(flag.as<int>(), 0, sizeof(int), stream));
+  nonfinite_kernel<<<unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 1024)), kThreads, 0, stream>>>(
+      a, total, flag.as<int>());
+  CK_CUDA_CHECK(cudaGetLastError());
+  CK_CHECK_VALUE(cuda::read_counter(stream, flag.as<int>()) == 0, "argument '", name, "' contains NaN or Inf");
 }
 
 // Matrices in a (..., m, k) stack of bases (m >= k, checked), with `ok` sized for them.
@@ -160,6 +182,7 @@ void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHan
   CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
     DeviceBuffer a(sizeof(T) * size_t(count * m * k), stream);
     load_columns(stream, q, a.as<T>(), m, k, count);
+    check_finite_bases(stream, a.as<T>(), count * m * k, "Q");
     ok = qr_positive(stream, a.as<T>(), m, k, count);
     store_columns(stream, a.as<T>(), q, m, k, count);
     CK_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -197,15 +220,17 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
     DeviceBuffer a(sizeof(T) * size_t(count * n * n), stream), qc(sizeof(T) * size_t(count * n * k), stream),
         aq(sizeof(T) * size_t(count * n * k), stream), d(sizeof(double) * size_t(count * k), stream),
         order(sizeof(int64_t) * size_t(count * k), stream), stats(sizeof(MatrixStats) * size_t(count), stream),
-        exponent(sizeof(int) * size_t(count), stream);
+        exponent(sizeof(int) * size_t(2 * count), stream);
     cuda::load_symmetric(stream, a_in, a.as<T>(), stats.as<MatrixStats>());
     cuda::check_symmetric(stream, a_in, stats.as<MatrixStats>(), "A");
     cuda::scale_to_unit(stream, a.as<T>(), n * n, count, exponent.as<int>());  // A Q of a huge A would overflow
     load_columns(stream, q, qc.as<T>(), n, k, count);
+    check_finite_bases(stream, qc.as<T>(), count * n * k, "Q");
+    cuda::scale_to_unit(stream, qc.as<T>(), n * k, count, exponent.as<int>() + count);
     cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, int(n), int(k), int(n), 1.0, {a.as<T>(), n, n * n},
                {qc.as<T>(), n, n * k}, 0.0, {aq.as<T>(), n, n * k}, count);  // A Q
-    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(qc.as<T>(), aq.as<T>(), exponent.as<int>(),
-                                                                             d.as<double>(), n, k, count);
+    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(
+        qc.as<T>(), aq.as<T>(), exponent.as<int>(), exponent.as<int>() + count, d.as<double>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     CK_DISPATCH_FLOATING(estimates.dtype, "out", D, [&] {
       sort_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(d.as<double>(), order.as<int64_t>(),

@@ -209,6 +209,8 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
   for (int64_t i = 0; i < count && options.check_finite; ++i) {
     CK_CHECK_VALUE(tasks[i].finite, "argument '", options.in_name, "' contains NaN or Inf (matrix ", tasks[i].index,
                    " of input ", tasks[i].input, ")");
+    // An output that is read (beta != 0: polar_update_'s param) is an input too.
+    if (options.beta != 0.0) check_finite_matrix(*tasks[i].out, tasks[i].index, options.out_name);
   }
 
   // one workspace per slot of run_matrix_tasks, sized from the same snapshot it runs on
@@ -373,8 +375,11 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
     if (!all_finite(w.y)) std::fill(w.y.begin(), w.y.end(), T(0));
     if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
   }
-  if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, std::ldexp(std::sqrt(c), -k / 2));
-  if (inv_out) store_matrix(w.z.data(), *inv_out, index, std::ldexp(1.0 / std::sqrt(c), k / 2));
+  bool stored = true;  // the inverse root of a tiny A can overflow a float32 output
+  if (sqrt_out) stored &= store_matrix(w.y.data(), *sqrt_out, index, std::ldexp(std::sqrt(c), -k / 2));
+  if (inv_out) stored &= store_matrix(w.z.data(), *inv_out, index, std::ldexp(1.0 / std::sqrt(c), k / 2));
+  st.converged = st.converged && stored;
+  if (!stored) st.residual = std::numeric_limits<double>::infinity();
 }
 
 }  // namespace
@@ -457,7 +462,10 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
   const double backward = r / (2 * scale * frobenius(w.z.data(), nn) + c_norm);
   st.residual = finite ? r / c_norm : std::numeric_limits<double>::infinity();
   st.converged = watch.converged && finite && positive_definite && backward <= std::sqrt(unit_roundoff<T>());
-  store_matrix(w.z.data(), x_out, index, std::ldexp(1.0, k - j));
+  if (!store_matrix(w.z.data(), x_out, index, std::ldexp(1.0, k - j))) {  // X overflowed the output dtype
+    st.converged = false;
+    st.residual = std::numeric_limits<double>::infinity();
+  }
 }
 
 }  // namespace

@@ -277,8 +277,27 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
     first += int64_t(grp.in.size());
   }
   if (options.check_finite) {
-    const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), int64_t(groups.size()));
+    // An output that is read (beta != 0: polar_update_'s param) is an input too: its flags follow
+    // the inputs', its norms go to scratch.
+    const bool read_out = options.beta != 0.0;
+    const int64_t group_count = int64_t(groups.size());
+    DeviceBuffer out_flags(read_out ? sizeof(int) * groups.size() : 0, stream),
+        scratch(read_out ? 2 * size_t(total) * sizeof(double) : 0, stream);
+    if (read_out) {
+      first = 0;
+      gi = 0;
+      for (auto& [key, grp] : groups) {
+        cuda::scaled_norms(stream, grp.out_dtype, reinterpret_cast<const void* const*>(out_ptrs + first), grp.m * grp.n,
+                           int64_t(grp.out.size()), scratch.as<double>() + first, scratch.as<double>() + total + first,
+                           out_flags.as<int>() + gi++);
+        first += int64_t(grp.out.size());
+      }
+    }
+    const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), group_count);
     for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument '", options.in_name, "' contains NaN or Inf");
+    if (read_out)
+      for (int f : cuda::copy_to_host(stream, out_flags.as<int>(), group_count))
+        CK_CHECK_VALUE(f == 0, "argument '", options.out_name, "' contains NaN or Inf");
   }
 
   first = 0;

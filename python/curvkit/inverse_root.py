@@ -202,11 +202,11 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
 
     A matrix that fails raises :class:`curvkit.ConvergenceError` (the result attached), or
     with ``return_info`` is reported in the info dict's "converged" per matrix: for "qr",
-    Q was rank-deficient or non-finite; for "polar", the result is not orthonormal to
+    Q was rank-deficient; for "polar", the result is not orthonormal to
     max|Q^T Q - I| <= sqrt(u) of the output dtype (u its unit roundoff: 1.5e-8 float64,
     2.4e-4 float32, 0.022 float16, 0.063 bfloat16), which a rank-deficient Q, one too far
     from orthonormal for the steps given, or a non-finite result fails; "polar"'s info also
-    has that "orthogonality" per matrix.
+    has that "orthogonality" per matrix. NaN or Inf in Q raises :class:`curvkit.ArgumentError`.
 
     >>> import numpy as np, curvkit
     >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
@@ -247,8 +247,9 @@ def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False
     perm[j]: apply it to any state kept in the old basis (SOAP's second-moment estimate).
     CPU and CUDA (cuBLAS product, cuSOLVER QR). Lists of (A, Q) give a list of triples;
     ``out`` is a triple (Q_new, d, perm) to write (of lists, for list input). A matrix whose
-    A Q lost rank or became non-finite raises :class:`curvkit.ConvergenceError`, or with
-    ``return_info`` is reported in the info dict's "converged".
+    A Q lost rank, or whose estimates overflow d's dtype (zeros then), raises
+    :class:`curvkit.ConvergenceError`, or with ``return_info`` is reported in the info
+    dict's "converged". NaN or Inf in A or Q raises :class:`curvkit.ArgumentError`.
 
     >>> import numpy as np, curvkit
     >>> A = np.diag([1.0, 5.0, 3.0])

@@ -49,7 +49,12 @@ def _tensor(x, name):
 class _SqrtFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, A, want_sqrt, want_inverse, method, tol, max_iters):
-        S, R = _ns.matrix_sqrt_and_inv_sqrt(A.detach(), method=method, tol=tol, max_iters=max_iters)
+        # Only what is asked for: the square root of a singular PSD matrix exists (its
+        # backward, a Lyapunov solve with S, then reports the singularity).
+        if want_inverse:
+            S, R = _ns.matrix_sqrt_and_inv_sqrt(A.detach(), method=method, tol=tol, max_iters=max_iters)
+        else:
+            S, R = _ns.matrix_sqrt(A.detach(), method=method, tol=tol, max_iters=max_iters), None
         ctx.save_for_backward(S, R)
         ctx.max_iters = max_iters
         outputs = ([S] if want_sqrt else []) + ([R] if want_inverse else [])
