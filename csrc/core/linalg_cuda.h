@@ -181,6 +181,11 @@ struct MatrixStats {
 template <class T>
 void scale_to_unit(cudaStream_t stream, T* a, int64_t size, int64_t count, int* exponent);
 
+// Zeroes each of the `count` matrices of `size` elements at `out` (dtype `dtype`, device) that
+// holds NaN or Inf, and says which on the host (synchronizes the stream): a result beyond the
+// output dtype's range is a failure, never handed on as Inf (as store_matrix on the CPU).
+std::vector<char> zero_nonfinite(cudaStream_t stream, DType dtype, void* out, int64_t size, int64_t count);
+
 // dst (float32 or float64, `count` n x n matrices; may be null: stats only) = (A + A^T)/2 of
 // the C-contiguous stack `a` (any float dtype, `count` = a's batch), with stats per matrix
 // (device array). Then the host check that CPU inputs get (core/matrix_utils.h

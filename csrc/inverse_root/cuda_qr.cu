@@ -240,6 +240,9 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
                                                                                  order.as<int64_t>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     ok = qr_positive(stream, qc.as<T>(), n, k, count);
+    // q^T A q of a huge A and Q can overflow d's dtype: a failure, zeros
+    const std::vector<char> overflow = cuda::zero_nonfinite(stream, estimates.dtype, estimates.data, k, count);
+    for (int64_t b = 0; b < count; ++b) ok[size_t(b)] = ok[size_t(b)] && !overflow[size_t(b)];
     store_columns(stream, qc.as<T>(), q_out, n, k, count);
     CK_CUDA_CHECK(cudaMemcpyAsync(perm.data, order.as<int64_t>(), sizeof(int64_t) * size_t(count * k),
                                   cudaMemcpyDeviceToHost, stream));

@@ -19,6 +19,7 @@
 #include <map>
 #include <vector>
 
+#include "core/interrupt.h"
 #include "inverse_root/cuda_kernels.cuh"
 
 namespace curvkit {
@@ -379,6 +380,7 @@ class RootGroup {
       revert_kernel<<<elements_, kThreads, 0, stream_>>>(xp_, previous, st_, n_, count_);
       CK_CUDA_CHECK(cudaGetLastError());
       if ((it % 4 == 3 || it >= o_.max_iters) && cuda::read_counter(stream_, active_) == 0) break;
+      throw_if_interrupted();  // Ctrl-C: between steps (the host waits on the GPU every 4)
       newton_step_kernel<<<elements_, kThreads, 0, stream_>>>(mp_, mprime, st_, n_, count_, o_.p);
       CK_CUDA_CHECK(cudaGetLastError());
       products.multiply(xp_, mprime, previous, true);  // X <- X M'
@@ -438,15 +440,19 @@ class RootGroup {
     CK_CUDA_CHECK(cudaGetLastError());
   }
 
-  // X into the segments' outputs (zeros where not finite).
+  // X into the segments' outputs (zeros where not finite, or where the output dtype overflowed:
+  // overflowed_ says which).
   void store() {
     int64_t first = 0;
+    overflowed_.clear();
     for (const Segment& s : segments_) {
       CK_DISPATCH_FLOATING(s.out.dtype, "out", D, [&] {
         store_matrices_kernel<<<matrix_grid(n_, s.count, 1024), kThreads, 0, stream_>>>(
             xp_ + first * nn_, s.out.ptr<D>(), st_ + first, n_, s.count, false);
       });
       CK_CUDA_CHECK(cudaGetLastError());
+      const std::vector<char> bad = cuda::zero_nonfinite(stream_, s.out.dtype, s.out.data, nn_, s.count);
+      overflowed_.insert(overflowed_.end(), bad.begin(), bad.end());
       first += s.count;
     }
   }
@@ -469,6 +475,10 @@ class RootGroup {
         // a non-finite Newton iterate is not measured (the CPU returns before); eigh's is Inf
         status.residual = !measured() ? -1.0 : (h.finite ? h.residual : (newton_ ? -1.0 : INFINITY));
         status.converged = h.finite && (newton_ ? h.residual <= *o_.tol : h.ok);
+        if (overflowed_[size_t(first + b)]) {  // as on the CPU: a failure, zeros
+          status.converged = false;
+          status.residual = INFINITY;
+        }
         status.products = start_products + residual_products + (newton_ ? h.iterations * (powers + 2) * f : 0.0);
         if (!newton_ && s.basis) {
           const size_t k = size_t(first + b);
@@ -498,6 +508,7 @@ class RootGroup {
   T* mp_;
   bool any_warm_ = false;
   EigenpairsInfo refined_;
+  std::vector<char> overflowed_;  // per matrix, by store()
 };
 
 // The group's matrices in the compute type of `dtype` (double for float64, float otherwise).

@@ -19,6 +19,7 @@
 #include <math_constants.h>
 
 #include "core/dispatch.h"
+#include "core/interrupt.h"
 #include "core/linalg_cuda.h"
 #include "core/numerics.h"
 #include "newton_schulz/newton_schulz.h"
@@ -600,7 +601,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   const Stack sm{m.as<void>(), n, nn}, stt{t.as<void>(), n, nn};
   const int ni = int(n);
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>();
-  for (int it = 0; it < o.max_iters; ++it) {
+  for (int it = 0; it < o.max_iters && !interrupted(); ++it) {  // the host waits on the GPU every 4 steps
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {pz, n, nn}, {py, n, nn}, 0.0, sm, count);  // Z Y
     if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, stt, 0.0, {pu, n, nn}, count);  // Y T
@@ -608,6 +609,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stt, {pz, n, nn}, 0.0, {pu, n, nn}, count);  // T Z
     std::swap(pz, pu);
   }
+  throw_if_interrupted();
   // Verdict: residual of S = sqrt(c) Y against A, finiteness.
   cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, {py, n, nn}, 0.0, sm, count);
   const dim3 per_matrix = per_matrix_grid(nn, count);
@@ -626,6 +628,11 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   };
   store(sqrt_out, py, false);
   store(inv_out, pz, true);
+  // the inverse root of a tiny A can overflow a float32 output: a failure, zeros
+  const auto overflowed = [&](const ArrayView* out) {
+    return out ? cuda::zero_nonfinite(stream, out->dtype, out->data, nn, count) : std::vector<char>(size_t(count), 0);
+  };
+  const std::vector<char> sqrt_overflow = overflowed(sqrt_out), inv_overflow = overflowed(inv_out);
   const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
     const SqrtState& s = host[size_t(b)];
@@ -637,6 +644,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
       continue;
     }
     out.residual = s.finite & kFiniteY ? std::sqrt(s.residual / host_stats[size_t(b)].frobenius2) : INFINITY;
+    if (sqrt_overflow[size_t(b)] || inv_overflow[size_t(b)]) out.residual = INFINITY;
     out.converged = s.converged && s.finite == kAllFinite && out.residual <= o.tol;
   }
 }
@@ -684,7 +692,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>(), *pm = m.as<void>(), *pt = t.as<void>(),
        *pp = p.as<void>();
   auto stack = [&](void* ptr) { return Stack{ptr, n, nn}; };
-  for (int it = 0; it < max_iters; ++it) {
+  for (int it = 0; it < max_iters && !interrupted(); ++it) {
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(py), 0.0, stack(pm), count);   // B^2
     if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;               // T
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pz), 0.0, stack(pp), count);   // B C
@@ -698,6 +706,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pt), 0.0, stack(pu), count);  // B T
     std::swap(py, pu);
   }
+  throw_if_interrupted();
   // The verdict, as on the CPU (lyapunov_one in cpu.cpp): the true residual R = S'X' + X'S' - C'
   // of the X' returned, B = sign(S) at I (S positive definite), a small backward error.
   const unsigned per_matrix = unsigned(std::min<int64_t>(count, 65535));
@@ -717,6 +726,7 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
         static_cast<double*>(pm), x_out.ptr<D>(), s_exponent.as<int>(), c_exponent.as<int>(), nn, count);
   });
   CK_CUDA_CHECK(cudaGetLastError());
+  const std::vector<char> overflow = cuda::zero_nonfinite(stream, x_out.dtype, x_out.data, nn, count);
   const std::vector<LyapunovNorms> norm = cuda::copy_to_host(stream, norms.as<LyapunovNorms>(), count);
   const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
@@ -732,9 +742,9 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
     const LyapunovNorms& q = norm[size_t(b)];
     const double r = std::sqrt(q.residual), c_norm = std::sqrt(q.c);
     const double backward = r / (2 * h.scale * std::sqrt(q.x) + c_norm);
-    out.residual = h.finite ? r / c_norm : INFINITY;
-    out.converged =
-        h.converged && h.finite && numerics::definite_sign(q.sign) && backward <= std::sqrt(unit_roundoff<double>());
+    out.residual = h.finite && !overflow[size_t(b)] ? r / c_norm : INFINITY;  // X overflowed the output dtype
+    out.converged = h.converged && h.finite && !overflow[size_t(b)] && numerics::definite_sign(q.sign) &&
+                    backward <= std::sqrt(unit_roundoff<double>());
   }
 }
 
