@@ -73,7 +73,25 @@ def test_float32_beyond_its_range_falls_back_to_float64(rng):
     assert info["fell_back"] and info["method"] == "eigh" and info["converged"]
     assert rel(X, root_reference(A, 4)) <= 1e-5  # float64 eigh, rounded to float32
     _, info = curvkit.matrix_inverse_root(A, 4, method="eigh", return_info=True)
-    assert not info["converged"]  # float32 eigh cannot resolve it, and says so
+    assert info["converged"] and info["unresolved"] > 0  # float32 eigh cannot resolve it, and says so
+
+
+def test_a_float32_accumulated_rank_deficient_factor_is_floored_not_refused(rng):
+    # Distributed Shampoo's pattern: a rank-32 factor, an EMA of outer products accumulated in
+    # float32, rooted in float64. Rounding leaves eigenvalues below zero (-2.8e-8 of the largest
+    # here, beyond the old sqrt(u) "clearly negative" line): floored, as the anchors do.
+    basis = rng.standard_normal((256, 32)).astype(np.float32)
+    A = np.zeros((256, 256), np.float32)
+    for _ in range(300):
+        g = basis @ rng.standard_normal((32, 8)).astype(np.float32) * np.float32(10 ** rng.uniform(-2, 2))
+        A = np.float32(0.95) * A + np.float32(0.05) * (g @ g.T)
+    A = A.astype(np.float64)
+    w, V = np.linalg.eigh((A + A.T) / 2)
+    eps = 1e-12 * w[-1]
+    X, info = curvkit.matrix_inverse_root(A, 4, eps=eps, return_info=True)
+    assert info["converged"] and info["negative"] < -1.5e-8 and info["unresolved"] == 0
+    want = (V * (np.maximum(w, 0) + eps) ** -0.25) @ V.T
+    assert rel(X, want) <= 1e-8
 
 
 def test_diagonal_identity_sizes_one_and_two(rng):
@@ -90,10 +108,11 @@ def test_rank_deficient_gram_matrices(rng):
     A = G @ G.T / 8  # rank 8 of 32
     X = curvkit.matrix_inverse_root(A, 4, eps=1e-3)
     np.testing.assert_allclose(X, root_reference(A, 4, 1e-3), rtol=1e-10, atol=1e-12)
-    X, info = curvkit.matrix_inverse_root(A, 4, return_info=True)  # no ridge: no inverse root
-    assert not info["converged"] and np.isfinite(X).all()
-    with pytest.raises(curvkit.ConvergenceError):
-        curvkit.matrix_inverse_root(A, 4)
+    X, info = curvkit.matrix_inverse_root(A, 4, return_info=True)  # no ridge: the pseudo-inverse root
+    w, V = np.linalg.eigh(A)
+    kept = w > 1e-8 * w.max()
+    np.testing.assert_allclose(X, (V[:, kept] * w[kept] ** -0.25) @ V[:, kept].T, rtol=1e-10, atol=1e-12)
+    assert info["converged"] and info["unresolved"] == 24 and info["negative"] > -1e-12
     Z, info = curvkit.matrix_inverse_root(np.zeros((3, 3)), 2, eps=1e-4, return_info=True)
     np.testing.assert_allclose(Z, 100 * np.eye(3))
     assert info["converged"]
@@ -240,7 +259,7 @@ def test_basis_lists_and_errors(rng):
 
 
 def test_keep_init_when_everything_fails(backend, rng):
-    A = make(-np.eye(4), backend)  # negative definite: no root
+    A = make(-np.eye(4), backend)  # negative definite: no root (not a rounding floor)
     init = 0.5 * np.eye(4)
     X, info = curvkit.matrix_inverse_root(A, 2, method="newton", init=make(init, backend), return_info=True)
     assert info["kept_init"] and not info["converged"]
@@ -396,9 +415,10 @@ def test_each_matrix_stops_on_its_own(backend, rng):
     X, info = curvkit.matrix_inverse_root(make(A, backend), 2, method="newton", return_info=True)
     Xn = to_numpy(X)
     assert np.isfinite(Xn).all()
-    assert info["converged"].tolist() == [True, True, False, False]
+    assert info["converged"].tolist() == [True, True, True, True]  # the last two: pseudo-inverse roots
     assert info["iterations"][0] < info["iterations"][1]
     assert info["fell_back"].tolist() == [False, False, True, True]
+    assert info["unresolved"].tolist() == [0, 0, 28, 32]
     for k in (0, 1):
         assert rel(Xn[k], root_reference(A[k], 2)) <= 1e-10 * (100 if k else 1)
     cpu, cpu_info = curvkit.matrix_inverse_root(A, 2, method="newton", return_info=True)

@@ -51,7 +51,8 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
             binding::field("iterations", &RootStatus::iterations), binding::field("residual", &RootStatus::residual),
             binding::field("method", [](const RootStatus& s) { return binding::choice_name(kRootMethods, s.method); }),
             binding::field("fell_back", &RootStatus::fell_back), binding::field("kept_init", &RootStatus::kept_init),
-            binding::field("products", &RootStatus::products));
+            binding::field("products", &RootStatus::products), binding::field("negative", &RootStatus::negative),
+            binding::field("unresolved", &RootStatus::unresolved));
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("bases"), py::kw_only(), py::arg("p"),
       py::arg("eps"), py::arg("method"), py::arg("max_iters"), py::arg("tol"), py::arg("fallback"),

@@ -250,24 +250,23 @@ bool decompose(int n, const T* a, bool warm, RootWork<T>& w, RootStatus& st) {
   return blas::syevd(n, w.v.data(), w.w.data()) == 0;
 }
 
-// X from the eigendecomposition of A (w.v, w.w; w.v is overwritten). Returns false if A is
-// singular or indefinite for its compute dtype.
+// X from the eigendecomposition of A (w.v, w.w; w.v is overwritten), with the floor's report.
+// Returns false if A is clearly indefinite or X is not finite.
 template <class T>
-bool root_from_eigenpairs(int n, const RootOptions& o, RootWork<T>& w) {
-  const double top = std::max(double(w.w[size_t(n - 1)]), 0.0);
-  const double zero = numerics::singular_level(n, unit_roundoff<T>(), top, o.eps);
-  bool ok = numerics::not_indefinite(double(w.w[0]), unit_roundoff<T>(), top);  // else a real negative eigenvalue
+bool root_from_eigenpairs(int n, const RootOptions& o, RootWork<T>& w, RootStatus& st) {
+  const double w_min = double(w.w[0]), w_max = double(w.w[size_t(n - 1)]);
+  const double level = numerics::singular_level(n, unit_roundoff<T>(), std::max(w_max, 0.0), o.eps);
+  st.negative = numerics::negative_ratio(w_min, w_max);
   std::vector<double> scale(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) {
-    const double lambda = numerics::floored_eigenvalue(double(w.w[size_t(j)]), o.eps);
-    ok &= lambda > zero;  // numerically singular: the root is unreliable in that direction
-    scale[size_t(j)] = numerics::inverse_root_factor(lambda, o.p);  // pseudo-inverse of exact zeros
+  for (int64_t j = 0; j < n; ++j) {  // the floor of inverse_root.h
+    st.unresolved += numerics::floored_eigenvalue(double(w.w[size_t(j)]), o.eps) <= level;
+    scale[size_t(j)] = numerics::eigen_factor(double(w.w[size_t(j)]), o.eps, level, o.p);
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) w.v[size_t(i * n + j)] = T(double(w.v[size_t(i * n + j)]) * scale[size_t(j)]);
   blas::syrk(false, n, n, T(1), w.v.data(), n, T(0), w.x.data(), n);
   blas::mirror_lower(w.x.data(), n);
-  return ok && all_finite(w.x);
+  return !numerics::clearly_indefinite(st.negative) && all_finite(w.x);
 }
 
 // X from the eigendecomposition of A (matrix `index` of `a`; eps is applied after flooring),
@@ -283,7 +282,7 @@ bool root_eigh(int n, const RootOptions& o, const ArrayView& a, const ArrayView*
   if (!decompose(n, w.t.data(), basis != nullptr, w, st) || !all_finite(w.v) || !all_finite(w.w)) return false;
   if (basis) store_matrix(w.v.data(), *basis, index);
   st.products += 0.5;  // the syrk that rebuilds the root
-  return root_from_eigenpairs(n, o, w);
+  return root_from_eigenpairs(n, o, w, st);
 }
 
 // Largest-eigenvalue upper estimate for the Newton scaling.

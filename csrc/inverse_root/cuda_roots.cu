@@ -32,16 +32,17 @@ struct RootState {
   double distance;  // this step's max|M - I|
   double residual;  // max|X^p A_r - I| of the result
   int iterations;
-  int active;  // still iterating
-  int revert;  // 1: the error grew, restore the previous iterate (2 once done)
-  int finite;  // X holds no NaN or Inf
-  int ok;      // eigh: decomposed, not singular, not indefinite
-  int pad;
+  int active;       // still iterating
+  int revert;       // 1: the error grew, restore the previous iterate (2 once done)
+  int finite;       // X holds no NaN or Inf
+  int ok;           // eigh: decomposed
+  int unresolved;   // eigh: eigenvalues at or below numerics::singular_level
+  double negative;  // eigh: numerics::negative_ratio, the eigenvalues floored to 0
 };
 
 __global__ void reset_states_kernel(RootState* st, int64_t count) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < count) st[b] = RootState{INFINITY, 0.0, 0.0, 0, 0, 0, 1, 1, 0};
+  if (b < count) st[b] = RootState{INFINITY, 0.0, 0.0, 0, 0, 0, 1, 1, 0, 0.0};
 }
 
 template <class T>
@@ -186,8 +187,9 @@ __global__ void symmetrize_kernel(T* x, RootState* st, int64_t n, int64_t count)
   }
 }
 
-// Eigenvectors (columns of v) scaled by lambda^(-1/(2p)), lambda = max(w, 0) + eps, exact zeros
-// by 0 (the pseudo-inverse); the CPU's verdict (root_from_eigenpairs in cpu.cpp) into ok. A
+// Eigenvectors (columns of v) scaled by numerics::eigen_factor (the floor, eps, the
+// pseudo-inverse of unridged zeros), and the floor's report and verdict, as on the CPU
+// (root_from_eigenpairs). A
 // failed decomposition (info: cuSOLVER's, or finite_verdict_kernel's) gives V = 0, so X = 0, as
 // the CPU leaves it (root_eigh).
 template <class T>
@@ -196,17 +198,21 @@ __global__ void eigen_scale_kernel(T* v, const T* w, const int* info, RootState*
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
     const T* wb = w + b * n;
     const bool decomposed = info[b] == 0;
-    const double top = fmax(double(wb[n - 1]), 0.0);
-    const double zero = numerics::singular_level(n, unit, top, eps);
-    bool ok = decomposed && numerics::not_indefinite(double(wb[0]), unit, top);
+    const double w_min = double(wb[0]), w_max = double(wb[n - 1]);
+    const double level = numerics::singular_level(n, unit, fmax(w_max, 0.0), eps);
+    const double negative = decomposed ? numerics::negative_ratio(w_min, w_max) : 0.0;
     for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
-      const double lambda = numerics::floored_eigenvalue(double(wb[j]), eps);
-      ok &= lambda > zero;
-      const double s = numerics::inverse_root_factor(lambda, p);
+      const double w_j = double(wb[j]);
+      if (threadIdx.x == 0 && decomposed && numerics::floored_eigenvalue(w_j, eps) <= level)
+        atomicAdd(&st[b].unresolved, 1);
+      const double s = numerics::eigen_factor(w_j, eps, level, p);
       T* col = v + b * n * n + j * n;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) col[i] = decomposed ? T(double(col[i]) * s) : T(0);
     }
-    if (!ok && threadIdx.x == 0) st[b].ok = 0;
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+      st[b].negative = negative;
+      if (!decomposed || numerics::clearly_indefinite(negative)) st[b].ok = 0;
+    }
   }
 }
 
@@ -475,6 +481,8 @@ class RootGroup {
         // a non-finite Newton iterate is not measured (the CPU returns before); eigh's is Inf
         status.residual = !measured() ? -1.0 : (h.finite ? h.residual : (newton_ ? -1.0 : INFINITY));
         status.converged = h.finite && (newton_ ? h.residual <= *o_.tol : h.ok);
+        status.negative = newton_ ? 0.0 : h.negative;
+        status.unresolved = newton_ ? 0 : h.unresolved;
         if (overflowed_[size_t(first + b)]) {  // as on the CPU: a failure, zeros
           status.converged = false;
           status.residual = INFINITY;

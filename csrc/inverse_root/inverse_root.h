@@ -3,9 +3,14 @@
 // matrix_inverse_root: X = (A + eps I)^{-1/p} for symmetric positive semidefinite A, p >= 1.
 //   Eigh:   LAPACK syevd of A; eigenvalues floored at 0 and shifted by eps, w <- max(w, 0) + eps;
 //           X = (V diag(w^{-1/(2p)})) (V diag(w^{-1/(2p)}))^T, one syrk (half a plain product).
-//           A matrix with an eigenvalue (after the shift) at or below n * eps_dtype * w_max is
-//           numerically singular for this dtype and reported as not converged (exact zeros
-//           get the pseudo-inverse); so is one with a clearly negative eigenvalue.
+//           The floor is what optimizers need: a factor accumulated in float32 is PSD only up to
+//           its accumulated rounding, which can reach 1e-3 of its largest eigenvalue
+//           (Distributed Shampoo shifts its spectrum likewise). status.negative reports the
+//           most negative eigenvalue over the largest magnitude; beyond -numerics::kIndefinite
+//           (1e-2) the input is indefinite, a failure. Rank-deficient and ill-conditioned inputs
+//           are not failures: without eps, eigenvalues below what the compute dtype resolves
+//           (n u w_max) are zeros and get the pseudo-inverse; with eps they get
+//           (max(w, 0) + eps)^{-1/p}; status.unresolved counts them either way.
 //   Newton: the coupled iteration of Scalable Shampoo / Distributed Shampoo:
 //           X_0 = z^{1/p} I, M_0 = z (A + eps I), z = (p + 1) / (2 lambda), lambda an upper
 //           estimate of the largest eigenvalue (10 power steps, x1.25, capped by
@@ -55,6 +60,9 @@ struct RootStatus {
   bool fell_back = false;
   bool kept_init = false;
   double products = 0;  // n x n matrix products spent (a symmetric one, syrk / gemmt, counts 0.5)
+  double negative = 0;  // Eigh: min(w_min, 0) / w_max, the eigenvalues floored to 0 (0: none)
+  int unresolved = 0;   // Eigh: eigenvalues (floored, + eps) at or below n u w_max, below what the
+                        // compute dtype resolves: the root is unreliable in those directions
 };
 
 // Products of b^p by binary powering: floor(log2 p) squarings, popcount(p) - 1 multiplications.

@@ -32,11 +32,18 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
         Ridge added to A.
     method : "auto", "eigh" or "newton"
         "eigh": eigendecomposition, eigenvalues floored at 0 and shifted by eps, rebuilt with
-        one symmetric product. A matrix whose shifted eigenvalues reach n * eps_dtype *
-        lambda_max (numerically singular in its compute dtype: float32 at condition ~1e5
-        for n = 128), or with a clearly negative eigenvalue, is reported as not converged;
-        exact zeros get the pseudo-inverse root; with ``basis``, refined from a previous
-        eigenbasis instead of decomposed from scratch. "newton": the coupled Newton iteration of
+        one symmetric product. The floor is the optimizer's policy: a factor accumulated in
+        float32 is PSD only up to its accumulated rounding, which can reach 1e-3 of its
+        largest eigenvalue (Distributed Shampoo shifts its spectrum likewise), so
+        rank-deficient, ill-conditioned and rounding-indefinite inputs all give their
+        floored root, converged. "negative" in the info is the most negative eigenvalue over
+        the largest magnitude (0 if none); below -0.01 the input is indefinite and reported
+        not converged. "unresolved" counts the eigenvalues (floored, plus eps) at or below
+        n * unit roundoff * lambda_max, which the compute dtype does not resolve (float32
+        beyond condition ~1e5 at n = 128): without ``eps`` they are zeros and get the
+        pseudo-inverse root (Distributed Shampoo's pseudo-inverse threshold); with it, the
+        root there is dominated by eps; pass float64 for more. With ``basis``, refined from a previous eigenbasis
+        instead of decomposed from scratch. "newton": the coupled Newton iteration of
         (Scalable / Distributed) Shampoo, X_0 = z^{1/p} I, M_0 = z (A + eps I),
         z = (p+1)/(2 lambda_max estimate), M' = ((p+1) I - M)/p, X <- X M', M <- M'^p M, stopped at rounding level
         (max|M - I| <= 10 sqrt(n) unit roundoffs, or no longer falling once small) or when
@@ -88,7 +95,8 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
     return_info : bool
         Also return, per input, a dict of NumPy arrays over the batch: "converged",
         "iterations", "residual" (||X^p (A + eps I) - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
-        matrix), "fell_back", "kept_init", "products" (the n x n matrix products spent,
+        matrix), "fell_back", "kept_init", "negative" and "unresolved" (eigh's, above; 0
+        for newton), "products" (the n x n matrix products spent,
         fallbacks included; a symmetric one counts its share of a plain one, 0.5 on CPU; a
         LAPACK / cuSOLVER decomposition none, nor the residual eigh reports). Without it, a matrix that did not converge
         raises :class:`curvkit.ConvergenceError` (results are never NaN or Inf).
