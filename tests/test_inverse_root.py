@@ -524,6 +524,27 @@ def test_eigenbasis_update_refuses_a_non_finite_basis_by_name(backend, rng):
         curvkit.orthonormalize(make(Q, backend), "qr")
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_eigenbasis_update_of_ill_conditioned_float32_factors_falls_back_to_float64(backend, rng):
+    # SOAP's factors reach condition 1e8: in float32 the small columns of A Q fall below its
+    # resolution ("lost rank"); such a matrix is refreshed in float64, not refused.
+    conds = [2e5, 1e7, 9e7]
+    A = np.stack([reference.spd_with_condition(rng, 96, c) for c in conds])
+    Q = np.stack([np.linalg.eigh(a + 1e-3 * np.diag(rng.standard_normal(96)))[1] for a in A])
+    (q32, d32, p32), info = curvkit.eigenbasis_update(make(A, backend, "float32"), make(Q, backend, "float32"),
+                                                      return_info=True)
+    assert info["converged"].all() and info["fell_back"][1:].all()  # 2e5 at n = 96 is still within float32
+    stored_a, stored_q = A.astype(np.float32).astype(np.float64), Q.astype(np.float32).astype(np.float64)
+    q64, d64, p64 = curvkit.eigenbasis_update(stored_a, stored_q)  # the same inputs, in float64
+    fell = info["fell_back"]
+    np.testing.assert_array_equal(p32[fell], p64[fell])
+    np.testing.assert_allclose(to_numpy(q32)[fell], q64[fell], atol=4 * 2.0 ** -24)  # rounded to float32 once
+    np.testing.assert_allclose(to_numpy(d32)[fell], d64[fell], rtol=2.0 ** -23)
+    _, info = curvkit.eigenbasis_update(make(A[:1] / 1e5 + np.eye(96), backend, "float32"),
+                                        make(Q[:1], backend, "float32"), return_info=True)
+    assert info["converged"].all() and not info["fell_back"].any()  # well conditioned: float32 suffices
+
+
 def test_eigenbasis_update_agrees_with_numpy(backend, rng):
     n = 24
     V, _ = np.linalg.qr(rng.standard_normal((n, n)))

@@ -114,7 +114,8 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
           binding::CallScope scope(std::move(workspace));
           eigenbasis_update(av.views(), qv.views(), ov.views(), ev.views(), pv.views(), status, stream);
         }
-        return basis_infos(status, qv.views());
+        return binding::status_dicts(status, qv.views(), binding::field("converged", &BasisStatus::converged),
+                                     binding::field("fell_back", &BasisStatus::fell_back));
       },
       py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"), py::kw_only(),
       py::arg("stream"), py::arg("workspace"), "SOAP's eigenbasis refresh (see curvkit.eigenbasis_update).");

@@ -210,13 +210,13 @@ void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHa
 }
 
 void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
+                            const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok,
                             StreamHandle stream_handle) {
   const int64_t n = q.size(-2), k = q.size(-1), count = bases_in(q, ok);
   if (count == 0) return;
   CudaDeviceGuard guard(q.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
-  CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
+  CK_DISPATCH_COMPUTE(in_float64 ? DType::float64() : q.dtype, T, [&] {
     DeviceBuffer a(sizeof(T) * size_t(count * n * n), stream), qc(sizeof(T) * size_t(count * n * k), stream),
         aq(sizeof(T) * size_t(count * n * k), stream), d(sizeof(double) * size_t(count * k), stream),
         order(sizeof(int64_t) * size_t(count * k), stream), stats(sizeof(MatrixStats) * size_t(count), stream),

@@ -82,6 +82,7 @@ struct EighStatus {
 
 struct BasisStatus {
   bool converged = false;    // the factorization succeeded and the basis kept full column rank
+  bool fell_back = false;    // eigenbasis_update: recomputed in float64 (its A Q lost rank in float32)
   double orthogonality = 0;  // orthonormalize_polar: max |Q^T Q - I| of the result (Inf if not finite)
 };
 
@@ -118,6 +119,8 @@ void orthonormalize_polar(const std::vector<ArrayView>& q, const std::vector<Arr
 // SOAP's eigenbasis refresh from a previous basis q[i] (..., n, k) of a[i] (..., n, n): the
 // eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
 // column j is old column perm[j]), then one power step A Q and QR (nonnegative R diagonal).
+// A matrix whose A Q loses rank in float32 (SOAP's factors reach condition 1e8: the small
+// columns of A Q fall below float32's resolution) is recomputed in float64 (status.fell_back).
 // q_out[i] (..., n, k), estimates[i] (..., k) sorted descending, perm[i] (..., k) int64 on the
 // host (also for CUDA input).
 void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
@@ -156,10 +159,12 @@ void orthogonality_cpu(const ArrayView& q, std::vector<double>& error);
 void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHandle stream);
 void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
+// in_float64: compute in float64 whatever the dtype (the fallback of a float32 matrix whose A Q
+// lost rank).
 void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                           const ArrayView& perm, std::vector<bool>& ok);
+                           const ArrayView& perm, bool in_float64, std::vector<bool>& ok);
 // The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.
 void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                            const ArrayView& perm, std::vector<bool>& ok, StreamHandle stream);
+                            const ArrayView& perm, bool in_float64, std::vector<bool>& ok, StreamHandle stream);
 
 }  // namespace curvkit
