@@ -41,6 +41,9 @@ struct PolarOptions {
   // Gram route: restart after every this many steps (0: never); polar() sets it for the route.
   int restart_after = 0;
   double alpha = 1.0, beta = 0.0;
+  // Per input, when not empty (one entry each): these factors instead of alpha and beta (Muon's
+  // per-parameter learning rates and shape scales in one call).
+  std::vector<double> alphas, betas;
   // false: no NaN/Inf check of the inputs, so no host synchronization on CUDA (the call can be
   // captured in a CUDA graph); a matrix holding NaN or Inf then gives NaN.
   bool check_finite = true;
