@@ -262,19 +262,20 @@ def test_torch_custom_ops_compile_without_graph_breaks(backend, rng):
     schedule = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]  # a custom list travels through the op too
 
     def step(G, W, U):
-        ct.polar_update_(W, U, lr=0.1, weight_decay=0.5, coefficients="polar_express")
+        ct.polar_update_(W, U, lr=0.1, weight_decay=0.5, scale=[1.0, 2.0], coefficients="polar_express")
         return ct.polar(2 * G, steps=3, coefficients=schedule)
 
     eager_W = [w.clone() for w in W]
     expected = curvkit.polar(2 * G, steps=3, coefficients=schedule)
-    curvkit.polar_update_(eager_W, U, lr=0.1, weight_decay=0.5, coefficients="polar_express")
+    curvkit.polar_update_(eager_W, U, lr=0.1, weight_decay=0.5, scale=[1.0, 2.0], coefficients="polar_express")
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fails on any graph break
     torch.testing.assert_close(compiled(G, W, U), expected, atol=0, rtol=0)
     for w, e in zip(W, eager_W):
         torch.testing.assert_close(w, e, atol=0, rtol=0)
     torch.library.opcheck(torch.ops.curvkit.polar.default, (G, 5, "muon", None, 1e-7, "auto", True))
     torch.library.opcheck(torch.ops.curvkit.polar_update_.default,
-                          ([w.clone() for w in W], U, 0.1, 0.0, 1.0, 5, "", [3.0, -3.2, 1.2], 1e-7, "auto", True))
+                          ([w.clone() for w in W], U, [0.1, 0.2], [0.0, 0.0], [1.0, 2.0], 5, "", [3.0, -3.2, 1.2], 1e-7,
+                           "auto", True))
     torch._dynamo.reset()
 
 

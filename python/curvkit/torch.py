@@ -149,9 +149,9 @@ def _(G, steps, name, flat, norm_eps, method, check_finite):
 
 
 @torch.library.custom_op("curvkit::polar_update_", mutates_args=("params",))
-def _polar_update_op(params: List[torch.Tensor], G: List[torch.Tensor], lr: float, weight_decay: float,
-                     scale: float, steps: int, name: str, flat: Optional[List[float]], norm_eps: float, method: str,
-                     check_finite: bool) -> None:
+def _polar_update_op(params: List[torch.Tensor], G: List[torch.Tensor], lr: List[float], weight_decay: List[float],
+                     scale: List[float], steps: int, name: str, flat: Optional[List[float]], norm_eps: float,
+                     method: str, check_finite: bool) -> None:
     _ns.polar_update_(list(params), list(G), lr, weight_decay, scale, steps, _coefficients(name, flat), norm_eps,
                       method, check_finite)
 
@@ -175,14 +175,18 @@ def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = 
 def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
                   coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7, method: str = "auto",
                   check_finite: bool = True):
-    """:func:`curvkit.polar_update_` (a tensor or a list of them), as the custom op
-    ``curvkit::polar_update_``. Returns ``param``."""
+    """:func:`curvkit.polar_update_` (a tensor or a list of them; ``lr``, ``weight_decay``
+    and ``scale`` one number or one per tensor), as the custom op ``curvkit::polar_update_``.
+    Returns ``param``."""
     single = not isinstance(param, (list, tuple))
     params, updates = ([param], [G]) if single else (list(param), list(G))
     params = [_tensor(p, "param") for p in params]
     updates = [_tensor(g, "G") for g in updates]
-    _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), _steps(steps),
-                     *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
+    count = None if single else len(params)
+    factors = [_ns._per_parameter(v, name, count) for v, name in
+               ((lr, "lr"), (weight_decay, "weight_decay"), (scale, "scale"))]
+    _polar_update_op(params, updates, *factors, _steps(steps), *_schedule(coefficients), float(norm_eps), method,
+                     bool(check_finite))
     return param
 
 
