@@ -545,6 +545,22 @@ def test_eigenbasis_update_of_ill_conditioned_float32_factors_falls_back_to_floa
     assert info["converged"].all() and not info["fell_back"].any()  # well conditioned: float32 suffices
 
 
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_eigenbasis_update_of_a_rank_deficient_factor_is_not_a_failure(backend, dtype, rng):
+    # SOAP's first factors: one gradient's G G^T, rank 2 of 12. Q_new is orthonormal, its first
+    # columns span A's range (the power step), the rest complete the basis.
+    g = rng.standard_normal((12, 2))
+    A = g @ g.T
+    Q = np.linalg.qr(rng.standard_normal((12, 12)))[0]
+    (q, d, perm), info = curvkit.eigenbasis_update(make(A, backend, dtype), make(Q, backend, dtype), return_info=True)
+    q = to_numpy(q)
+    tol = 1e-12 if dtype == "float64" else 1e-5
+    assert info["converged"] and np.abs(q.T @ q - np.eye(12)).max() < tol
+    range_basis = np.linalg.qr(g)[0]
+    np.testing.assert_allclose(np.linalg.svd(range_basis.T @ q[:, :2])[1], 1, atol=tol * 10)
+
+
 def test_eigenbasis_update_agrees_with_numpy(backend, rng):
     n = 24
     V, _ = np.linalg.qr(rng.standard_normal((n, n)))

@@ -432,9 +432,10 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
 namespace {
 
 // In-place QR of row-major a (m x k) keeping Q, with column j multiplied by sign(R_jj).
-// False when LAPACK fails or a column was (numerically) dependent on the previous ones.
+// False when LAPACK fails or a column was (numerically) dependent on the previous ones; with
+// full_rank_out given, only when LAPACK fails (the rank verdict goes there).
 template <class T>
-bool qr_positive(int m, int k, T* a) {
+bool qr_positive(int m, int k, T* a, bool* full_rank_out = nullptr) {
   std::vector<T> tau(static_cast<size_t>(k));
   // Q is the same for any positive multiple of a: scaling by a power of two (exact) to a largest
   // entry near 1 keeps ||a||_F and the rank floor finite (1e300 inputs read as "lost rank").
@@ -452,6 +453,10 @@ bool qr_positive(int m, int k, T* a) {
   if (blas::orgqr(m, k, a, tau.data()) != 0) return false;
   for (int64_t i = 0; i < m; ++i)
     for (int64_t j = 0; j < k; ++j) a[size_t(i * k + j)] *= sign[size_t(j)];
+  if (full_rank_out) {
+    *full_rank_out = full_rank;
+    return true;
+  }
   return full_rank;
 }
 
@@ -507,9 +512,11 @@ void orthogonality_cpu(const ArrayView& q, std::vector<double>& error) {
 }
 
 void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                           const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok) {
+                           const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok,
+                           std::vector<bool>& full_rank) {
   const int64_t n = q.size(-2), k = q.size(-1);
   const int64_t batch = n * k ? q.numel() / (n * k) : 0;
+  std::vector<char> resolved(size_t(batch), 1);
   for (int64_t b = 0; b < batch; ++b) {
     check_symmetric(a_in, b, "A");
     check_finite_matrix(q, b, "Q");
@@ -539,7 +546,11 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
         });
         for (int64_t i = 0; i < n; ++i)
           for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
-        bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
+        // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the
+        // basis), as SOAP's own QR: not a failure; resolved says whether this dtype resolved it.
+        bool full = true;
+        bool good = all_finite(p) && qr_positive(int(n), int(k), p.data(), &full);
+        resolved[size_t(b)] = full;
         store_matrix(p.data(), q_out, b);
         std::vector<double> sorted(static_cast<size_t>(k));
         for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e - 2 * f);
@@ -548,6 +559,7 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
         return good;
       },
       in_float64);
+  full_rank.assign(resolved.begin(), resolved.end());
 }
 
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,

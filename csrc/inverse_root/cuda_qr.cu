@@ -26,8 +26,11 @@ __global__ void frobenius2_kernel(const T* a, double* out, int64_t size, int64_t
   }
 }
 
-// After geqrf: sign(R_jj) per column, and the CPU's verdict (qr_positive in cpu.cpp): LAPACK
-// succeeded, A finite, every |R_jj| > m u ||A||_F (full column rank). A block per matrix.
+// After geqrf: sign(R_jj) per column, and the CPU's verdict (qr_positive in cpu.cpp) as bits:
+// kFactored (LAPACK succeeded, A finite) and kFullRank (every |R_jj| > m u ||A||_F). A block per
+// matrix.
+constexpr int kFactored = 1, kFullRank = 2;
+
 template <class T>
 __global__ void qr_signs_kernel(const T* a, T* sign, const int* info, const double* norm2, int* good, int64_t m,
                                 int64_t k, int64_t count, double unit) {
@@ -40,7 +43,7 @@ __global__ void qr_signs_kernel(const T* a, T* sign, const int* info, const doub
       ok &= fabs(r) > floor;
     }
     ok = __syncthreads_and(ok);
-    if (threadIdx.x == 0) good[b] = ok && info[b] == 0 && norm2[b] <= DBL_MAX;
+    if (threadIdx.x == 0) good[b] = (info[b] == 0 && norm2[b] <= DBL_MAX ? kFactored : 0) | (ok ? kFullRank : 0);
   }
 }
 
@@ -68,10 +71,12 @@ cusolverStatus_t orgqr(cusolverDnHandle_t h, int m, int k, double* a, const doub
 
 // Householder QR of each column-major m x k matrix (m >= k) in place, keeping Q with column j
 // multiplied by sign(R_jj): the Gram-Schmidt basis, continuous in the input. Per matrix (on
-// the host): whether it succeeded with full column rank. cuSOLVER has no batched QR for
-// general sizes: one geqrf and one orgqr call per matrix, all queued on the stream.
+// the host): whether it succeeded with full column rank (and, when asked, the two apart).
+// cuSOLVER has no batched QR for general sizes: one geqrf and one orgqr call per matrix, all
+// queued on the stream.
 template <class T>
-std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, int64_t count) {
+std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, int64_t count,
+                              std::vector<bool>* factored_only = nullptr, std::vector<bool>* full_rank = nullptr) {
   std::vector<bool> ok(static_cast<size_t>(count));
   if (count == 0) return ok;
   CK_CHECK_VALUE(m * k <= INT32_MAX, "argument 'Q': a ", m, " x ", k, " matrix is too large for cuSOLVER's QR");
@@ -111,7 +116,12 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   CK_CUDA_CHECK(
       cudaMemcpyAsync(verdict.data(), good.as<int>(), sizeof(int) * verdict.size(), cudaMemcpyDeviceToHost, stream));
   CK_CUDA_CHECK(cudaStreamSynchronize(stream));  // also keeps the host workspace alive long enough
-  for (int64_t b = 0; b < count; ++b) ok[size_t(b)] = verdict[size_t(b)] && flags[size_t(count + b)] == 0;
+  for (int64_t b = 0; b < count; ++b) {
+    const bool factored = (verdict[size_t(b)] & kFactored) && flags[size_t(count + b)] == 0;
+    ok[size_t(b)] = factored && (verdict[size_t(b)] & kFullRank);
+    if (full_rank) (*full_rank)[size_t(b)] = verdict[size_t(b)] & kFullRank;
+    if (factored_only) (*factored_only)[size_t(b)] = factored;
+  }
   return ok;
 }
 
@@ -211,8 +221,9 @@ void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHa
 
 void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
                             const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok,
-                            StreamHandle stream_handle) {
+                            std::vector<bool>& full_rank, StreamHandle stream_handle) {
   const int64_t n = q.size(-2), k = q.size(-1), count = bases_in(q, ok);
+  full_rank.assign(size_t(count), true);
   if (count == 0) return;
   CudaDeviceGuard guard(q.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
@@ -239,7 +250,12 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
     permute_columns_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(aq.as<T>(), qc.as<T>(),
                                                                                  order.as<int64_t>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
-    ok = qr_positive(stream, qc.as<T>(), n, k, count);
+    std::vector<bool> factored(size_t(count)), full(size_t(count));
+    qr_positive(stream, qc.as<T>(), n, k, count, &factored, &full);
+    // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the basis),
+    // as SOAP's own QR: not a failure here; full_rank says whether float32 resolved it.
+    ok = factored;
+    full_rank = full;
     // q^T A q of a huge A and Q can overflow d's dtype: a failure, zeros
     const std::vector<char> overflow = cuda::zero_nonfinite(stream, estimates.dtype, estimates.data, k, count);
     for (int64_t b = 0; b < count; ++b) ok[size_t(b)] = ok[size_t(b)] && !overflow[size_t(b)];

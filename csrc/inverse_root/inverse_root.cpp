@@ -213,21 +213,22 @@ void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayV
   for (size_t i = 0; i < a.size(); ++i) {
     status.push_back(solved<BasisStatus>(q[i]));
     if (q[i].numel() == 0) continue;
-    std::vector<bool> ok;
+    std::vector<bool> ok, full_rank;
     const auto refresh = [&](const ArrayView& av, const ArrayView& qv, const ArrayView& ov, const ArrayView& ev,
-                             const ArrayView& pv, bool in_float64, std::vector<bool>& verdict) {
-      CK_DEVICE_DISPATCH(av.device, eigenbasis_update_cpu(av, qv, ov, ev, pv, in_float64, verdict),
-                         eigenbasis_update_cuda(av, qv, ov, ev, pv, in_float64, verdict, stream));
+                             const ArrayView& pv, bool in_float64, std::vector<bool>& verdict,
+                             std::vector<bool>& resolved) {
+      CK_DEVICE_DISPATCH(av.device, eigenbasis_update_cpu(av, qv, ov, ev, pv, in_float64, verdict, resolved),
+                         eigenbasis_update_cuda(av, qv, ov, ev, pv, in_float64, verdict, resolved, stream));
     };
-    refresh(a[i], q[i], q_out[i], estimates[i], perm[i], false, ok);
+    refresh(a[i], q[i], q_out[i], estimates[i], perm[i], false, ok, full_rank);
     for (size_t b = 0; b < ok.size() && b < status.back().size(); ++b) {
       BasisStatus& st = status.back()[b];
       st.converged = ok[b];
-      if (ok[b] || q[i].dtype == DType::float64()) continue;
-      std::vector<bool> again;  // the one matrix, in float64
+      if ((ok[b] && full_rank[b]) || q[i].dtype == DType::float64()) continue;
+      std::vector<bool> again, again_full;  // the one matrix, in float64
       const int64_t index = int64_t(b);
       refresh(batch_item(a[i], index, 2), batch_item(q[i], index, 2), batch_item(q_out[i], index, 2),
-              batch_item(estimates[i], index, 1), batch_item(perm[i], index, 1), true, again);
+              batch_item(estimates[i], index, 1), batch_item(perm[i], index, 1), true, again, again_full);
       st.converged = again.empty() || again[0];
       st.fell_back = true;
     }

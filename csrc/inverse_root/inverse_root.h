@@ -119,8 +119,10 @@ void orthonormalize_polar(const std::vector<ArrayView>& q, const std::vector<Arr
 // SOAP's eigenbasis refresh from a previous basis q[i] (..., n, k) of a[i] (..., n, n): the
 // eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
 // column j is old column perm[j]), then one power step A Q and QR (nonnegative R diagonal).
-// A matrix whose A Q loses rank in float32 (SOAP's factors reach condition 1e8: the small
-// columns of A Q fall below float32's resolution) is recomputed in float64 (status.fell_back).
+// A rank-deficient A Q is not a failure: Householder's Q is orthonormal all the same, its last
+// columns completing the basis (as SOAP's own QR). A matrix whose A Q loses rank in float32
+// (SOAP's factors reach condition 1e8: the small columns of A Q fall below float32's
+// resolution) is recomputed in float64 (status.fell_back).
 // q_out[i] (..., n, k), estimates[i] (..., k) sorted descending, perm[i] (..., k) int64 on the
 // host (also for CUDA input).
 void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
@@ -160,11 +162,12 @@ void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHa
 void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
 // in_float64: compute in float64 whatever the dtype (the fallback of a float32 matrix whose A Q
-// lost rank).
+// lost rank). ok: factored, finite, estimates within d's dtype; full_rank: A Q kept its rank.
 void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                           const ArrayView& perm, bool in_float64, std::vector<bool>& ok);
+                           const ArrayView& perm, bool in_float64, std::vector<bool>& ok, std::vector<bool>& full_rank);
 // The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.
 void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                            const ArrayView& perm, bool in_float64, std::vector<bool>& ok, StreamHandle stream);
+                            const ArrayView& perm, bool in_float64, std::vector<bool>& ok, std::vector<bool>& full_rank,
+                            StreamHandle stream);
 
 }  // namespace curvkit
