@@ -115,7 +115,7 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
           eigenbasis_update(av.views(), qv.views(), ov.views(), ev.views(), pv.views(), status, stream);
         }
         return binding::status_dicts(status, qv.views(), binding::field("converged", &BasisStatus::converged),
-                                     binding::field("fell_back", &BasisStatus::fell_back));
+                                     binding::field("full_rank", &BasisStatus::full_rank));
       },
       py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"), py::kw_only(),
       py::arg("stream"), py::arg("workspace"), "SOAP's eigenbasis refresh (see curvkit.eigenbasis_update).");

@@ -460,10 +460,9 @@ bool qr_positive(int m, int k, T* a, bool* full_rank_out = nullptr) {
   return full_rank;
 }
 
-// Tasks over the batch of q (..., m, k), calling solve(tag, index) with T the compute type
-// (float64 for every dtype when in_float64).
+// Tasks over the batch of q (..., m, k), calling solve(tag, index) with T the compute type.
 template <class Solve>
-void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve, bool in_float64 = false) {
+void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   const int64_t m = q.size(-2), k = q.size(-1), batch = m * k ? q.numel() / (m * k) : 0;
   blas::dim(m, "matrix dimension");
   CK_CHECK_VALUE(k <= m, "argument 'Q' must have at least as many rows as columns, got ", m, " x ", k);
@@ -472,10 +471,7 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve, bool
   const int threads = num_threads();
   run_matrix_tasks(
       threads, batch, [&](int64_t) { return cost; },
-      [&](int64_t b, int) {
-        const DType compute = in_float64 ? DType::float64() : q.dtype;
-        good[size_t(b)] = CK_DISPATCH_COMPUTE(compute, T, [&] { return solve(T(), b); });
-      },
+      [&](int64_t b, int) { good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); }); },
       lapack_small_task(batch, threads));
   ok.assign(good.begin(), good.end());
 }
@@ -512,7 +508,7 @@ void orthogonality_cpu(const ArrayView& q, std::vector<double>& error) {
 }
 
 void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                           const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok,
+                           const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
                            std::vector<bool>& full_rank) {
   const int64_t n = q.size(-2), k = q.size(-1);
   const int64_t batch = n * k ? q.numel() / (n * k) : 0;
@@ -521,44 +517,40 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
     check_symmetric(a_in, b, "A");
     check_finite_matrix(q, b, "Q");
   }
-  for_each_basis(
-      q, ok,
-      [&](auto tag, int64_t b) {
-        using T = decltype(tag);
-        std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
-        load_symmetrized(a_in, b, a.data());
-        load_matrix(q, b, qb.data());
-        // A Q and the estimates from 2^e A and 2^f Q (exact; A Q and q^T A q of huge or tiny
-        // inputs would overflow or underflow), d unscaled below.
-        const double amax = max_abs(a.data(), n * n), qmax = max_abs(qb.data(), n * k);
-        const int e = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
-        const int f = qmax > 0 ? numerics::even_scale_exponent(qmax) : 0;
-        scale_pow2(a.data(), n * n, e);
-        scale_pow2(qb.data(), n * k, f);
-        blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
-        std::vector<double> d(static_cast<size_t>(k), 0.0);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < k; ++j) d[size_t(j)] += double(qb[size_t(i * k + j)]) * double(aq[size_t(i * k + j)]);
-        std::vector<int64_t> order(static_cast<size_t>(k));
-        for (int64_t j = 0; j < k; ++j) order[size_t(j)] = j;
-        std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
-          return nan_last(d[size_t(x)], true) > nan_last(d[size_t(y)], true);
-        });
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
-        // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the
-        // basis), as SOAP's own QR: not a failure; resolved says whether this dtype resolved it.
-        bool full = true;
-        bool good = all_finite(p) && qr_positive(int(n), int(k), p.data(), &full);
-        resolved[size_t(b)] = full;
-        store_matrix(p.data(), q_out, b);
-        std::vector<double> sorted(static_cast<size_t>(k));
-        for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e - 2 * f);
-        good &= store_vector(sorted.data(), k, estimates, b);  // q^T A q of a huge A and Q can overflow
-        std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
-        return good;
-      },
-      in_float64);
+  for_each_basis(q, ok, [&](auto tag, int64_t b) {
+    using T = decltype(tag);
+    std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
+    load_symmetrized(a_in, b, a.data());
+    load_matrix(q, b, qb.data());
+    // A Q and the estimates from 2^e A and 2^f Q (exact; A Q and q^T A q of huge or tiny
+    // inputs would overflow or underflow), d unscaled below.
+    const double amax = max_abs(a.data(), n * n), qmax = max_abs(qb.data(), n * k);
+    const int e = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
+    const int f = qmax > 0 ? numerics::even_scale_exponent(qmax) : 0;
+    scale_pow2(a.data(), n * n, e);
+    scale_pow2(qb.data(), n * k, f);
+    blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
+    std::vector<double> d(static_cast<size_t>(k), 0.0);
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) d[size_t(j)] += double(qb[size_t(i * k + j)]) * double(aq[size_t(i * k + j)]);
+    std::vector<int64_t> order(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) order[size_t(j)] = j;
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t x, int64_t y) { return nan_last(d[size_t(x)], true) > nan_last(d[size_t(y)], true); });
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
+    // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the
+    // basis), as SOAP's own QR: not a failure; resolved says whether this dtype resolved it.
+    bool full = true;
+    bool good = all_finite(p) && qr_positive(int(n), int(k), p.data(), &full);
+    resolved[size_t(b)] = full;
+    store_matrix(p.data(), q_out, b);
+    std::vector<double> sorted(static_cast<size_t>(k));
+    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e - 2 * f);
+    good &= store_vector(sorted.data(), k, estimates, b);  // q^T A q of a huge A and Q can overflow
+    std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
+    return good;
+  });
   full_rank.assign(resolved.begin(), resolved.end());
 }
 

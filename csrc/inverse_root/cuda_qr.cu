@@ -220,14 +220,14 @@ void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHa
 }
 
 void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                            const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok,
+                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
                             std::vector<bool>& full_rank, StreamHandle stream_handle) {
   const int64_t n = q.size(-2), k = q.size(-1), count = bases_in(q, ok);
   full_rank.assign(size_t(count), true);
   if (count == 0) return;
   CudaDeviceGuard guard(q.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
-  CK_DISPATCH_COMPUTE(in_float64 ? DType::float64() : q.dtype, T, [&] {
+  CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
     DeviceBuffer a(sizeof(T) * size_t(count * n * n), stream), qc(sizeof(T) * size_t(count * n * k), stream),
         aq(sizeof(T) * size_t(count * n * k), stream), d(sizeof(double) * size_t(count * k), stream),
         order(sizeof(int64_t) * size_t(count * k), stream), stats(sizeof(MatrixStats) * size_t(count), stream),
@@ -253,7 +253,7 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
     std::vector<bool> factored(size_t(count)), full(size_t(count));
     qr_positive(stream, qc.as<T>(), n, k, count, &factored, &full);
     // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the basis),
-    // as SOAP's own QR: not a failure here; full_rank says whether float32 resolved it.
+    // as SOAP's own QR: not a failure; full_rank says whether the compute dtype resolved it.
     ok = factored;
     full_rank = full;
     // q^T A q of a huge A and Q can overflow d's dtype: a failure, zeros

@@ -39,18 +39,6 @@ void check_basis(const ArrayView& q, const char* name) {
                  q.size(-2), " x ", q.size(-1));
 }
 
-// Matrix `index` of the leading batch of a C-contiguous array, as an array of its last `dims`
-// dimensions.
-ArrayView batch_item(const ArrayView& a, int64_t index, int dims) {
-  ArrayView item = a;
-  item.shape.assign(a.shape.end() - dims, a.shape.end());
-  item.strides.assign(a.strides.end() - dims, a.strides.end());
-  int64_t size = 1;
-  for (int64_t d : item.shape) size *= d;
-  item.data = static_cast<char*>(a.data) + index * size * a.dtype.itemsize();
-  return item;
-}
-
 // Statuses of one input, every matrix "converged" until its backend says otherwise (so 0 x 0
 // matrices, which no backend visits, are trivially solved).
 template <class Status>
@@ -214,23 +202,11 @@ void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayV
     status.push_back(solved<BasisStatus>(q[i]));
     if (q[i].numel() == 0) continue;
     std::vector<bool> ok, full_rank;
-    const auto refresh = [&](const ArrayView& av, const ArrayView& qv, const ArrayView& ov, const ArrayView& ev,
-                             const ArrayView& pv, bool in_float64, std::vector<bool>& verdict,
-                             std::vector<bool>& resolved) {
-      CK_DEVICE_DISPATCH(av.device, eigenbasis_update_cpu(av, qv, ov, ev, pv, in_float64, verdict, resolved),
-                         eigenbasis_update_cuda(av, qv, ov, ev, pv, in_float64, verdict, resolved, stream));
-    };
-    refresh(a[i], q[i], q_out[i], estimates[i], perm[i], false, ok, full_rank);
+    CK_DEVICE_DISPATCH(a[i].device, eigenbasis_update_cpu(a[i], q[i], q_out[i], estimates[i], perm[i], ok, full_rank),
+                       eigenbasis_update_cuda(a[i], q[i], q_out[i], estimates[i], perm[i], ok, full_rank, stream));
     for (size_t b = 0; b < ok.size() && b < status.back().size(); ++b) {
-      BasisStatus& st = status.back()[b];
-      st.converged = ok[b];
-      if ((ok[b] && full_rank[b]) || q[i].dtype == DType::float64()) continue;
-      std::vector<bool> again, again_full;  // the one matrix, in float64
-      const int64_t index = int64_t(b);
-      refresh(batch_item(a[i], index, 2), batch_item(q[i], index, 2), batch_item(q_out[i], index, 2),
-              batch_item(estimates[i], index, 1), batch_item(perm[i], index, 1), true, again, again_full);
-      st.converged = again.empty() || again[0];
-      st.fell_back = true;
+      status.back()[b].converged = ok[b];
+      status.back()[b].full_rank = full_rank[b];
     }
   }
 }

@@ -82,7 +82,7 @@ struct EighStatus {
 
 struct BasisStatus {
   bool converged = false;    // the factorization succeeded and the basis kept full column rank
-  bool fell_back = false;    // eigenbasis_update: recomputed in float64 (its A Q lost rank in float32)
+  bool full_rank = true;     // eigenbasis_update: A Q kept its rank in the compute dtype
   double orthogonality = 0;  // orthonormalize_polar: max |Q^T Q - I| of the result (Inf if not finite)
 };
 
@@ -120,9 +120,9 @@ void orthonormalize_polar(const std::vector<ArrayView>& q, const std::vector<Arr
 // eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
 // column j is old column perm[j]), then one power step A Q and QR (nonnegative R diagonal).
 // A rank-deficient A Q is not a failure: Householder's Q is orthonormal all the same, its last
-// columns completing the basis (as SOAP's own QR). A matrix whose A Q loses rank in float32
-// (SOAP's factors reach condition 1e8: the small columns of A Q fall below float32's
-// resolution) is recomputed in float64 (status.fell_back).
+// columns completing the basis (as SOAP's own QR); status.full_rank says whether the compute
+// dtype resolved A Q (SOAP's factors reach condition 1e8, and in float32 the small columns of
+// A Q fall below its resolution: pass float64 for those eigenvectors).
 // q_out[i] (..., n, k), estimates[i] (..., k) sorted descending, perm[i] (..., k) int64 on the
 // host (also for CUDA input).
 void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
@@ -161,13 +161,13 @@ void orthogonality_cpu(const ArrayView& q, std::vector<double>& error);
 void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHandle stream);
 void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
-// in_float64: compute in float64 whatever the dtype (the fallback of a float32 matrix whose A Q
-// lost rank). ok: factored, finite, estimates within d's dtype; full_rank: A Q kept its rank.
+// ok: factored, finite, estimates within d's dtype; full_rank: A Q kept its rank in the compute
+// dtype (information: a rank-deficient A Q is not a failure).
 void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                           const ArrayView& perm, bool in_float64, std::vector<bool>& ok, std::vector<bool>& full_rank);
+                           const ArrayView& perm, std::vector<bool>& ok, std::vector<bool>& full_rank);
 // The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.
 void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                            const ArrayView& perm, bool in_float64, std::vector<bool>& ok, std::vector<bool>& full_rank,
+                            const ArrayView& perm, std::vector<bool>& ok, std::vector<bool>& full_rank,
                             StreamHandle stream);
 
 }  // namespace curvkit

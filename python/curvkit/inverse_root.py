@@ -256,13 +256,13 @@ def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False
     CPU and CUDA (cuBLAS product, cuSOLVER QR). Lists of (A, Q) give a list of triples;
     ``out`` is a triple (Q_new, d, perm) to write (of lists, for list input). A
     rank-deficient A Q (a rank-one factor, early in training) is not a failure: Q_new is
-    orthonormal all the same, its last columns completing the basis, as SOAP's own QR.
-    Float16, bfloat16 and float32 compute in float32; a matrix whose A Q loses rank there
-    (SOAP's factors reach condition 1e8, and the small columns of A Q fall below float32's
-    resolution) is recomputed in float64, reported as "fell_back" in the info. A matrix
-    whose factorization fails, or whose estimates overflow d's dtype (zeros then), raises
+    orthonormal all the same, its last columns completing the basis, as SOAP's own QR;
+    "full_rank" in the info says whether the compute dtype resolved A Q (float16, bfloat16
+    and float32 compute in float32, where SOAP's factors of condition 1e7-1e8 lose their
+    small columns: pass float64 for those eigenvectors). A matrix whose factorization
+    fails, or whose estimates overflow d's dtype (zeros then), raises
     :class:`curvkit.ConvergenceError`, or with ``return_info`` is reported in the info
-    dict's "converged" (with "fell_back"). NaN or Inf in A or Q raises
+    dict's "converged" (with "full_rank"). NaN or Inf in A or Q raises
     :class:`curvkit.ArgumentError`.
 
     >>> import numpy as np, curvkit
