@@ -250,7 +250,7 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
     permute_columns_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(aq.as<T>(), qc.as<T>(),
                                                                                  order.as<int64_t>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
-    std::vector<bool> factored(size_t(count)), full(size_t(count));
+    std::vector<bool> factored(static_cast<size_t>(count)), full(static_cast<size_t>(count));
     qr_positive(stream, qc.as<T>(), n, k, count, &factored, &full);
     // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the basis),
     // as SOAP's own QR: not a failure; full_rank says whether the compute dtype resolved it.
