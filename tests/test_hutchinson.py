@@ -255,11 +255,12 @@ def test_xtrace_spectra_thresholds(rotation, name, method, m, bound):
 
 def test_deflation_gains_on_decay_not_on_flat(rotation):
     decay, flat = with_spectrum(rotation, "exp7"), with_spectrum(rotation, "flat")
-    hutch = mean_relative_error(decay, "hutchinson", 120)
-    assert mean_relative_error(decay, "hutch++", 120) < 1e-3 * hutch
-    assert mean_relative_error(decay, "xtrace", 120) < 1e-3 * hutch
+    hutch = mean_relative_error(decay, "hutchinson", 120, trials=4)
+    assert mean_relative_error(decay, "hutch++", 120, trials=4) < 1e-3 * hutch
+    assert mean_relative_error(decay, "xtrace", 120, trials=4) < 1e-3 * hutch
     # A flat spectrum has nothing to deflate: sign probes make Hutchinson the best there
-    # (the reference survey's simulation: 1.0e-3 against 1.9e-3 and 2.3e-3 at m = 120).
+    # (the reference survey's simulation: 1.0e-3 against 1.9e-3 and 2.3e-3 at m = 120; the
+    # gap needs the 10 trials to stand out of the noise).
     hutch_flat = mean_relative_error(flat, "hutchinson", 120)
     assert mean_relative_error(flat, "xtrace", 120) > hutch_flat
     assert mean_relative_error(flat, "hutch++", 120) > hutch_flat
