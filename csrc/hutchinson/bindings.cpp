@@ -36,8 +36,7 @@ void register_estimators(py::module_& m) {
   m.def(
       "xtrace_estimates",
       [](py::handle omega, py::handle y, py::handle q, py::handle r, py::handle z, bool improved, py::handle o) {
-        auto a = in(omega, "omega"), b = in(y, "y"), c = in(q, "q"), d = in(r, "r"), e = in(z, "z"),
-             f = out(o, "out");
+        auto a = in(omega, "omega"), b = in(y, "y"), c = in(q, "q"), d = in(r, "r"), e = in(z, "z"), f = out(o, "out");
         binding::CallScope scope{py::none()};
         xtrace_estimates(a.view, b.view, c.view, d.view, e.view, improved, f.view);
       },
@@ -123,7 +122,8 @@ void register_estimators(py::module_& m) {
         binding::CallScope scope{py::none()};
         basis_combination(a.view, b.view, steps, c.view);
       },
-      py::arg("basis"), py::arg("coefficients"), py::arg("steps"), py::arg("out"), "Ritz vectors from a Lanczos basis.");
+      py::arg("basis"), py::arg("coefficients"), py::arg("steps"), py::arg("out"),
+      "Ritz vectors from a Lanczos basis.");
   m.def(
       "power_step",
       [](py::handle v, py::handle w, py::handle found) {
@@ -162,10 +162,10 @@ void register_steps(py::module_& m) {
         binding::CallScope scope(std::move(workspace));
         adahessian_step(p.views(), g.views(), h.views(), m1.views(), m2.views(), o, stream);
       },
-      py::arg("params"), py::arg("grads"), py::arg("hessian_diag_samples"), py::arg("exp_avg"),
-      py::arg("exp_avg_sq"), py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"),
-      py::arg("weight_decay"), py::arg("hessian_power"), py::arg("step"), py::arg("group_sizes"), py::arg("stream"),
-      py::arg("workspace"), "The fused AdaHessian step over lists of tensors (see curvkit.adahessian_step_).");
+      py::arg("params"), py::arg("grads"), py::arg("hessian_diag_samples"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+      py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+      py::arg("hessian_power"), py::arg("step"), py::arg("group_sizes"), py::arg("stream"), py::arg("workspace"),
+      "The fused AdaHessian step over lists of tensors (see curvkit.adahessian_step_).");
   m.def(
       "sophia_step",
       [](const py::list& params, const py::list& grads, const py::list& exp_avg, const py::list& hessian,

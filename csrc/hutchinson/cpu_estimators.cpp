@@ -112,7 +112,7 @@ void sketch_qr_impl(T* q, T* r, int64_t n, int64_t k, int64_t k0) {
   const int N = blas::dim(n, "sketch rows"), K = blas::dim(k, "sketch columns"), K0 = int(k0), B = int(b);
   T* x = q + k0;
   for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = k0; j < k; ++j) r[i * k + j] = T(0);
+    for (int64_t j = i < k0 ? k0 : 0; j < k; ++j) r[i * k + j] = T(0);
   if (k0 > 0) {
     std::vector<T> c(static_cast<size_t>(k0 * b));
     for (int pass = 0; pass < 2; ++pass) {  // twice is enough (Giraud et al.'s CGS2)
@@ -138,8 +138,8 @@ Dense cross(const T* a, const T* b, int64_t n, int64_t k) {
 }
 
 template <class T>
-void xtrace_impl(const T* omega, const T* y, const T* q, const T* r_in, const T* z, int64_t n, int64_t k,
-                 bool improved, double* out) {
+void xtrace_impl(const T* omega, const T* y, const T* q, const T* r_in, const T* z, int64_t n, int64_t k, bool improved,
+                 double* out) {
   const Dense h = cross(q, z, n, k), w = cross(q, omega, n, k), t = cross(z, omega, n, k);
   std::vector<double> omega_y(static_cast<size_t>(k));
   column_dots_impl(omega, y, n, k, omega_y.data());
@@ -230,7 +230,8 @@ bool xnystrace_impl(const T* omega, T* y, int64_t n, int64_t k, double relative_
   for (int64_t i = 0; i < n * k; ++i) y[i] = T(double(y[i]) + nu * double(omega[i]));
   Dense c = cross(omega, y, n, k);
   for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < i; ++j) c[size_t(i * k + j)] = c[size_t(j * k + i)] = 0.5 * (c[size_t(i * k + j)] + c[size_t(j * k + i)]);
+    for (int64_t j = 0; j < i; ++j)
+      c[size_t(i * k + j)] = c[size_t(j * k + i)] = 0.5 * (c[size_t(i * k + j)] + c[size_t(j * k + i)]);
   if (!cholesky_upper(c, k)) return false;
   // R of Y_shift = Q R; then B = Q F with F = R C^{-1}, so |B x| = |F x|.
   std::vector<T> tau(static_cast<size_t>(k));
@@ -298,23 +299,23 @@ void row_dots_impl(const T* a, const T* b, int64_t n, int64_t k, T* o) {
 template <class T>
 void accumulate_impl(const T* a, const T* b, int64_t n, int64_t k, int64_t count, T* mu, T* s2) {
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (n * k > (1 << 15))
-    for (int64_t i = 0; i < n; ++i) {
-      double block_mean = 0.0, block_m2 = 0.0;
-      for (int64_t j = 0; j < k; ++j) block_mean += double(a[i * k + j]) * double(b[i * k + j]);
-      block_mean /= double(k);
-      for (int64_t j = 0; j < k; ++j) {
-        const double d = double(a[i * k + j]) * double(b[i * k + j]) - block_mean;
-        block_m2 += d * d;
-      }
-      if (count == 0) {
-        mu[i] = T(block_mean);
-        s2[i] = T(block_m2);
-      } else {
-        const double total = double(count + k), delta = block_mean - double(mu[i]);
-        mu[i] = T(double(mu[i]) + delta * double(k) / total);
-        s2[i] = T(double(s2[i]) + block_m2 + delta * delta * double(count) * double(k) / total);
-      }
+  for (int64_t i = 0; i < n; ++i) {
+    double block_mean = 0.0, block_m2 = 0.0;
+    for (int64_t j = 0; j < k; ++j) block_mean += double(a[i * k + j]) * double(b[i * k + j]);
+    block_mean /= double(k);
+    for (int64_t j = 0; j < k; ++j) {
+      const double d = double(a[i * k + j]) * double(b[i * k + j]) - block_mean;
+      block_m2 += d * d;
     }
+    if (count == 0) {
+      mu[i] = T(block_mean);
+      s2[i] = T(block_m2);
+    } else {
+      const double total = double(count + k), delta = block_mean - double(mu[i]);
+      mu[i] = T(double(mu[i]) + delta * double(k) / total);
+      s2[i] = T(double(s2[i]) + block_m2 + delta * delta * double(count) * double(k) / total);
+    }
+  }
 }
 
 template <class T>
@@ -400,8 +401,7 @@ void row_dots_cpu(const ArrayView& x, const ArrayView& y, const ArrayView& out) 
 }
 
 void project_out_cpu(const ArrayView& q, const ArrayView& x) {
-  CK_DISPATCH_COMPUTE(q.dtype, T,
-                      [&] { project_out_impl(q.ptr<T>(), x.ptr<T>(), q.size(0), q.size(1), x.size(1)); });
+  CK_DISPATCH_COMPUTE(q.dtype, T, [&] { project_out_impl(q.ptr<T>(), x.ptr<T>(), q.size(0), q.size(1), x.size(1)); });
 }
 
 void accumulate_products_cpu(const ArrayView& x, const ArrayView& y, int64_t count, const ArrayView& mean,
@@ -410,7 +410,6 @@ void accumulate_products_cpu(const ArrayView& x, const ArrayView& y, int64_t cou
     accumulate_impl(x.ptr<T>(), y.ptr<T>(), x.size(0), x.size(1), count, mean.ptr<T>(), m2.ptr<T>());
   });
 }
-
 
 void lanczos_step_cpu(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
                       const ArrayView& lengths, int64_t j, bool reorthogonalize) {
@@ -452,8 +451,8 @@ void tridiagonal_eigh_cpu(const ArrayView& alpha, const ArrayView& beta, const A
       for (int64_t c = 0; c < l; ++c) vb[i * steps + c] = zz[size_t(i * l + c)];
   }
   for (int64_t b = 0; b < p; ++b)
-    CK_CHECK_VALUE(status[size_t(b)] == 0, "tridiagonal eigensolver (LAPACK stev) failed for probe ", b,
-                   " (info ", status[size_t(b)], ")");
+    CK_CHECK_VALUE(status[size_t(b)] == 0, "tridiagonal eigensolver (LAPACK stev) failed for probe ", b, " (info ",
+                   status[size_t(b)], ")");
 }
 
 void basis_combination_cpu(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out) {
@@ -464,8 +463,8 @@ void basis_combination_cpu(const ArrayView& basis, const ArrayView& coefficients
       std::vector<T> c(static_cast<size_t>(steps * r));
       for (int64_t i = 0; i < steps; ++i)
         for (int64_t j = 0; j < r; ++j) c[size_t(i * r + j)] = T(coefficients.ptr<double>()[(b * rows + i) * r + j]);
-      gemm(true, false, blas::dim(n, "rows"), int(r), int(steps), T(1), basis.ptr<T>() + b * m1 * n, int(n),
-           c.data(), int(r), T(0), out.ptr<T>() + b * n * r, int(r));
+      gemm(true, false, blas::dim(n, "rows"), int(r), int(steps), T(1), basis.ptr<T>() + b * m1 * n, int(n), c.data(),
+           int(r), T(0), out.ptr<T>() + b * n * r, int(r));
     }
   });
 }

@@ -89,8 +89,8 @@ int64_t sophia_step_cpu(const std::vector<ArrayView>& params, const std::vector<
                         const std::vector<ArrayView>& exp_avg, const std::vector<ArrayView>& hessian,
                         const std::vector<ArrayView>& estimates, const SophiaOptions& o) {
   const std::vector<Task> tasks = chunk_tasks(params, {});
-  const step_math::SophiaScalars s{o.lr,        o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2, 1.0 - o.lr * o.weight_decay,
-                                   o.rho * o.batch_size, o.eps};
+  const step_math::SophiaScalars s{
+      o.lr, o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2, 1.0 - o.lr * o.weight_decay, o.rho * o.batch_size, o.eps};
   int64_t wins = 0;
 #pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads()) if (tasks.size() > 1) reduction(+ : wins)
   for (size_t i = 0; i < tasks.size(); ++i) {

@@ -33,7 +33,8 @@ __global__ void adahessian_kernel(TensorList<T> list, step_math::AdaHessianScala
   const step_math::AdaHessianElement<C> element(s);
   const int t = blockIdx.y;
   const int64_t n = list.numel[t], group = list.group[t], groups = (n + group - 1) / group;
-  for (int64_t gi = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; gi < groups; gi += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t gi = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; gi < groups;
+       gi += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = gi * group, e = b + group < n ? b + group : n;
     C sum = C(0);
     for (int64_t j = b; j < e; ++j) sum += fabs(cuda::load(list.h[t] + j));
@@ -128,8 +129,8 @@ int64_t sophia_step_cuda(const std::vector<ArrayView>& params, const std::vector
                          const std::vector<ArrayView>& estimates, const SophiaOptions& o, StreamHandle stream) {
   CudaDeviceGuard guard(params[0].device);
   const cudaStream_t s = to_cuda_stream(stream);
-  const step_math::SophiaScalars scalars{o.lr,          o.beta1, 1.0 - o.beta1,       o.beta2, 1.0 - o.beta2,
-                                         1.0 - o.lr * o.weight_decay, o.rho * o.batch_size, o.eps};
+  const step_math::SophiaScalars scalars{
+      o.lr, o.beta1, 1.0 - o.beta1, o.beta2, 1.0 - o.beta2, 1.0 - o.lr * o.weight_decay, o.rho * o.batch_size, o.eps};
   cuda::DeviceBuffer counter(sizeof(unsigned long long), s);
   unsigned long long* wins = o.count_wins ? counter.as<unsigned long long>() : nullptr;
   if (wins) CK_CUDA_CHECK(cudaMemsetAsync(wins, 0, sizeof(unsigned long long), s));

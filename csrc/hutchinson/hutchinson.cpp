@@ -70,16 +70,16 @@ void check_array(const ArrayView& a, const char* name, std::initializer_list<int
                  " dimensions, got shape ", shape_text(a));
   int d = 0;
   for (int64_t s : shape) {
-    CK_CHECK_VALUE(s < 0 || a.shape[size_t(d)] == s, "argument '", name, "' has shape ", shape_text(a),
-                   ": dimension ", d, " must be ", s);
+    CK_CHECK_VALUE(s < 0 || a.shape[size_t(d)] == s, "argument '", name, "' has shape ", shape_text(a), ": dimension ",
+                   d, " must be ", s);
     ++d;
   }
   CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
   if (writable) check_writable(a, name);
   if (a.device.is_cuda()) {
 #ifdef CURVKIT_WITH_CUDA
-    throw ValueError(cat("argument '", name,
-                         "' is a CUDA array: the estimator kernels run on CPU arrays only in this version"));
+    throw ValueError(
+        cat("argument '", name, "' is a CUDA array: the estimator kernels run on CPU arrays only in this version"));
 #else
     throw_not_built_with_cuda();
 #endif
@@ -101,8 +101,7 @@ void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0) {
   check_array(q, "q", {-1, -1}, q.dtype, true);
   const int64_t n = q.size(0), k = q.size(1);
   check_array(r, "r", {k, k}, q.dtype, true);
-  CK_CHECK_VALUE(k <= n, "the sketch has ", k, " columns, more than the dimension n = ", n,
-                 " (use at most n probes)");
+  CK_CHECK_VALUE(k <= n, "the sketch has ", k, " columns, more than the dimension n = ", n, " (use at most n probes)");
   CK_CHECK_VALUE(k0 >= 0 && k0 <= k, "argument 'k0' must be in [0, ", k, "], got ", k0);
   sketch_qr_cpu(q, r, k0);
 }
@@ -228,8 +227,7 @@ double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found
 
 namespace {
 
-void check_step_lists(const std::vector<std::pair<const std::vector<ArrayView>*, const char*>>& lists,
-                      size_t outputs) {
+void check_step_lists(const std::vector<std::pair<const std::vector<ArrayView>*, const char*>>& lists, size_t outputs) {
   const std::vector<ArrayView>& params = *lists[0].first;
   for (const auto& [list, name] : lists) check_list_sizes(params.size(), "params", list->size(), name);
   for (size_t i = 0; i < params.size(); ++i) {
@@ -263,9 +261,9 @@ void adahessian_step(const std::vector<ArrayView>& params, const std::vector<Arr
   for (int64_t g : o.group_sizes) CK_CHECK_VALUE(g >= 1, "argument 'block_size' must be >= 1, got ", g);
   CK_CHECK_VALUE(o.step >= 1, "argument 'step' must be >= 1, got ", o.step);
   CK_CHECK_VALUE(o.beta1 >= 0 && o.beta1 < 1 && o.beta2 >= 0 && o.beta2 < 1, "argument 'betas' must lie in [0, 1)");
-  CK_CHECK_VALUE(std::isfinite(o.lr) && std::isfinite(o.eps) && std::isfinite(o.weight_decay) &&
-                     std::isfinite(o.hessian_power),
-                 "arguments 'lr', 'eps', 'weight_decay' and 'hessian_power' must be finite");
+  CK_CHECK_VALUE(
+      std::isfinite(o.lr) && std::isfinite(o.eps) && std::isfinite(o.weight_decay) && std::isfinite(o.hessian_power),
+      "arguments 'lr', 'eps', 'weight_decay' and 'hessian_power' must be finite");
   check_no_overlap({{params, "params"}, {exp_avg, "exp_avg"}, {exp_avg_sq, "exp_avg_sq"}},
                    {{grads, "grads"}, {hessian, "hessian_diag_samples"}});
   if (params.empty()) return;

@@ -42,7 +42,6 @@ void probes_cpu(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t of
 void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset, double* workspace,
                  StreamHandle stream);
 
-
 // ---- Estimator cores (trace_estimate, diag_estimate, top_eigenvalues, spectral_density)
 //
 // The estimators' outer loop calls the user's matvec and lives in Python; the linear algebra
@@ -54,7 +53,8 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
 // q (n, k): columns [0, k0) hold an orthonormal basis; columns [k0, k) hold new sketch
 // columns on entry and, on exit, their orthonormal completion (block Gram–Schmidt twice
 // against the old basis, then Householder QR). r (k, k) receives the new columns of R
-// (rows [0, k) of columns [k0, k); the rest is left alone), so Y[:, :k] = Q R over calls.
+// (columns [k0, k)) and zeros below the old block (rows [k0, k) of columns [0, k0)); its
+// block [0, k0) x [0, k0) is left alone, so Y[:, :k] = Q R over calls.
 void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0);
 
 // XTrace (Epperly, Tropp & Webber 2024): out (k,) float64, the leave-one-out estimates

@@ -34,9 +34,16 @@ template <class C>
 struct AdaHessianElement {
   C lr, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, sqrt_bias2_pow, eps, weight_decay, power;
   explicit CK_HD AdaHessianElement(const AdaHessianScalars& s)
-      : lr(C(s.lr)), beta1(C(s.beta1)), one_minus_beta1(C(s.one_minus_beta1)), beta2(C(s.beta2)),
-        one_minus_beta2(C(s.one_minus_beta2)), bias1(C(s.bias1)), sqrt_bias2_pow(C(s.sqrt_bias2_pow)), eps(C(s.eps)),
-        weight_decay(C(s.weight_decay)), power(C(s.power)) {}
+      : lr(C(s.lr)),
+        beta1(C(s.beta1)),
+        one_minus_beta1(C(s.one_minus_beta1)),
+        beta2(C(s.beta2)),
+        one_minus_beta2(C(s.one_minus_beta2)),
+        bias1(C(s.bias1)),
+        sqrt_bias2_pow(C(s.sqrt_bias2_pow)),
+        eps(C(s.eps)),
+        weight_decay(C(s.weight_decay)),
+        power(C(s.power)) {}
   // d: the group's mean |h|.
   CK_HD void operator()(C& p, C g, C d, C& m, C& v) const {
     m = beta1 * m + one_minus_beta1 * g;
@@ -55,8 +62,14 @@ template <class C>
 struct SophiaElement {
   C lr, beta1, one_minus_beta1, beta2, one_minus_beta2, decay, rho_bs, eps;
   explicit CK_HD SophiaElement(const SophiaScalars& s)
-      : lr(C(s.lr)), beta1(C(s.beta1)), one_minus_beta1(C(s.one_minus_beta1)), beta2(C(s.beta2)),
-        one_minus_beta2(C(s.one_minus_beta2)), decay(C(s.decay)), rho_bs(C(s.rho_bs)), eps(C(s.eps)) {}
+      : lr(C(s.lr)),
+        beta1(C(s.beta1)),
+        one_minus_beta1(C(s.one_minus_beta1)),
+        beta2(C(s.beta2)),
+        one_minus_beta2(C(s.one_minus_beta2)),
+        decay(C(s.decay)),
+        rho_bs(C(s.rho_bs)),
+        eps(C(s.eps)) {}
   CK_HD void update_hessian(C& h, C e) const { h = beta2 * h + one_minus_beta2 * e; }
   // Returns whether the step was unclipped (ratio < 1).
   CK_HD bool operator()(C& p, C g, C& m, C h) const {
@@ -73,8 +86,16 @@ struct SophiaElement {
 inline AdaHessianScalars adahessian_scalars(double lr, double beta1, double beta2, double eps, double weight_decay,
                                             double power, long long step) {
   const double bias2 = 1.0 - std::pow(beta2, double(step));
-  return {lr,   beta1, 1.0 - beta1, beta2, 1.0 - beta2, 1.0 - std::pow(beta1, double(step)),
-          std::pow(std::sqrt(bias2), power), eps, weight_decay, power};
+  return {lr,
+          beta1,
+          1.0 - beta1,
+          beta2,
+          1.0 - beta2,
+          1.0 - std::pow(beta1, double(step)),
+          std::pow(std::sqrt(bias2), power),
+          eps,
+          weight_decay,
+          power};
 }
 
 }  // namespace curvkit::step_math

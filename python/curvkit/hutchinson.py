@@ -362,7 +362,7 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
     if block_size is not None:
         block_size = _args.index(block_size, "block_size", 1, 2**31)
     if method == "hutchinson":
-        estimates, base, error_scale = _hutchinson_trace(op, budget, tol, block_size or 16), 0.0, 1.0
+        estimates = _hutchinson_trace(op, budget, tol, block_size or 16)
         value, error = _mean_and_error(estimates)
     elif method == "hutch++":
         value, error, estimates = _hutchpp_trace(op, budget, tol, block_size or 16)
@@ -421,7 +421,7 @@ def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first
     limit = min(budget // per_probe, op.n)
     if limit < 1:
         raise ArgumentError(f"argument 'num_matvecs' must allow at least one probe for {method}")
-    omega = y = q = z = None
+    omega = y = q = z = r = None
     k = 0
     while True:
         new = limit - k if tol is None else min(limit - k, first if k == 0 else k)
@@ -497,12 +497,10 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
         k = min(budget // 2, op.n)
         omega = op.compute_copy(op.draw(k))
         q = op(omega, copy=True)
-        y_kept = None
         r = op.empty((k, k))
         _core.sketch_qr(q, r, 0)
         z = op(q)
         _core.xdiag_estimates(omega, q, r, z, mean, m2)
-        del y_kept
         error = np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0))
     else:
         count, q = 0, None
@@ -602,11 +600,13 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
     k = _args.index(k, "k", 1, op.n + 1)
     default_budget = min(op.n, 300) if method == "lanczos" else 300 * k
     budget = default_budget if max_matvecs is None else _args.index(max_matvecs, "max_matvecs", 1, 2**31)
-    tol = (1e-8 if op.compute == "float64" else 1e-4) if tol is None else _tol(tol)
+    tolerance = _tol(tol)
+    if tolerance is None:
+        tolerance = 1e-8 if op.compute == "float64" else 1e-4
     if method == "lanczos":
-        values, vectors, info = _lanczos_top(op, k, which, min(budget, op.n), tol, bool(reorthogonalize))
+        values, vectors, info = _lanczos_top(op, k, which, min(budget, op.n), tolerance, bool(reorthogonalize))
     else:
-        values, vectors, info = _power_top(op, k, budget, tol)
+        values, vectors, info = _power_top(op, k, budget, tolerance)
     result: Any = (values, vectors) if return_vectors else values
     if return_info:
         return (*result, info) if return_vectors else (values, info)
@@ -632,7 +632,8 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, reorth: 
     start = op.compute_copy(op.draw(1, unit=True))
     basis[0, 0, :] = start[:, 0]
     w = start
-    converged, steps, chosen, residual, vecs = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf), None
+    converged, steps, chosen, residual = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf)
+    nodes, vecs = np.zeros((1, 0)), np.zeros((1, 0, 0))
     for j in range(m):
         w = op(w, copy=True)
         _core.lanczos_step(basis, w, alpha, beta, lengths, j, reorth)
@@ -661,7 +662,7 @@ def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
     values, residual = [], []
     converged = True
     per_eigenvalue = max(1, budget // k)
-    for i in range(k):
+    for _ in range(k):
         v = op.compute_copy(op.draw(1))
         _core.power_step(v, op.compute_copy(v), found)  # deflate the start
         theta, ok, used = 0.0, False, 0

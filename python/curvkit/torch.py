@@ -240,7 +240,7 @@ def layer_traces(loss_fn, params: Sequence[torch.Tensor], num_matvecs: int, kind
     block = _args.index(block_size, "block_size", 1, 2**31)
     compute = "float64" if params[0].dtype == torch.float64 else "float32"
     dtype = getattr(torch, compute)
-    samples = [[] for _ in params]
+    samples: List[List[torch.Tensor]] = [[] for _ in params]
     means = [torch.zeros(s, dtype=dtype) for s in sizes]
     m2 = [torch.zeros(s, dtype=dtype) for s in sizes]
     done = 0
@@ -261,7 +261,7 @@ def layer_traces(loss_fn, params: Sequence[torch.Tensor], num_matvecs: int, kind
     result = []
     for i, p in enumerate(params):
         values = torch.cat(samples[i])
-        entry = {"trace": float(values.mean()),
+        entry: dict = {"trace": float(values.mean()),
                  "std_error": float(values.std() / m ** 0.5) if m > 1 else float("inf")}
         if return_diagonals:
             entry["diagonal"] = means[i].reshape(p.shape).to(p.device)
