@@ -4,6 +4,8 @@ entries, in one run. Run: python -m pytest bench/bench_hutchinson.py --benchmark
 Each benchmark writes n entries once; bytes written / time is the GB/s reported (the
 roofline is the machine's copy bandwidth: about 3.0 TB/s on an H100).
 """
+import math
+
 import numpy as np
 import pytest
 from baselines.probes import numpy_probes, torch_probes
@@ -197,3 +199,15 @@ def test_layer_traces_mlp(benchmark, impl):
     else:
         gen = torch.Generator().manual_seed(0)
         benchmark(lambda: hutchinson_layer_traces_loop(loss_fn, params, 64, gen))
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+def test_adahessian_resnet18_bandwidth(benchmark, request):
+    """The machine's ceiling for the same entries: c = a + 2 b over 11.17M float32 (read two,
+    write one, torch's threads), reported as GB/s beside the fused step's."""
+    _largest_case(request)
+    count = sum(math.prod(s) for s in resnet18_cifar_shapes())
+    a, b, c = torch.rand(count), torch.rand(count), torch.empty(count)
+    benchmark.group = "adahessian-resnet18-float32"
+    benchmark.extra_info.update(impl="triad", bytes=3 * 4 * count)
+    benchmark(lambda: torch.add(a, b, alpha=2.0, out=c))

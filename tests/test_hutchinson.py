@@ -704,3 +704,28 @@ def test_layer_traces_are_unbiased_per_layer():
         spread = np.sqrt((np.sum(h[block] ** 2, axis=1) - np.diag(h)[block] ** 2) / m)
         assert r["diagonal"].shape == p.shape
         assert np.all(np.abs(r["diagonal"].numpy().ravel() - np.diag(h)[block]) < 5 * spread + 1e-12)
+
+
+@pytest.mark.parametrize("case", ["well", "graded", "rank-deficient"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_sketch_qr_extends_an_orthonormal_basis(rng, case, dtype):
+    n, k, k0 = 3000, 24, 10
+    y = rng.standard_normal((n, k))
+    if case == "graded":  # CholeskyQR2 cannot take this one: the Householder fallback does
+        y = y * np.logspace(0, -12, k)
+    elif case == "rank-deficient":
+        y[:, 5] = y[:, 2] + y[:, 3]
+    y = y.astype(dtype)
+    r = np.zeros((k, k), dtype)
+    _core = curvkit._core
+    first = np.ascontiguousarray(y[:, :k0])
+    r0 = np.zeros((k0, k0), dtype)
+    _core.sketch_qr(first, r0, 0)
+    q = np.ascontiguousarray(np.hstack([first, y[:, k0:]]))
+    r[:k0, :k0] = r0
+    _core.sketch_qr(q, r, k0)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(q.T.astype(np.float64) @ q, np.eye(k), atol=200 * eps * k)
+    # backward error of a Householder or CholeskyQR2 factorization: a small multiple of k eps
+    assert np.linalg.norm(q.astype(np.float64) @ r - y) <= 20 * k * eps * np.linalg.norm(y.astype(np.float64))
+    assert np.all(np.tril(r, -1) == 0)

@@ -105,22 +105,134 @@ Dense unit_inverse_transpose(const Dense& r, int64_t k, double eps) {
   return s;
 }
 
+// Products with n rows (n up to millions, the other sides tens to hundreds) run as one OpenMP
+// loop over fixed row chunks, each a single-threaded BLAS call: no synchronization inside
+// BLAS, and partial sums added in chunk order, so results do not depend on the thread count.
+constexpr int64_t kProductRows = 8192;
+
+template <class F>
+void for_row_chunks(int64_t n, const F& body) {
+  const int64_t chunks = (n + kProductRows - 1) / kProductRows;
+  if (chunks <= 1) {
+    if (n > 0) body(0, n);
+    return;
+  }
+  SingleThreadedBlas single;
+#pragma omp parallel for schedule(static) num_threads(num_threads())
+  for (int64_t c = 0; c < chunks; ++c) body(c * kProductRows, std::min(n, (c + 1) * kProductRows) - c * kProductRows);
+}
+
+// A^T B (k1 x k2, float64) for row-major A (n x k1, leading dimension lda) and B (n x k2, ldb).
+template <class T>
+Dense tn_product(const T* a, int64_t lda, int64_t k1, const T* b, int64_t ldb, int64_t k2, int64_t n) {
+  const int64_t chunks = std::max<int64_t>(1, (n + kProductRows - 1) / kProductRows);
+  std::vector<T> partial(static_cast<size_t>(chunks * k1 * k2), T(0));
+  for_row_chunks(n, [&](int64_t row0, int64_t rows) {
+    gemm(true, false, int(k1), int(k2), int(rows), T(1), a + row0 * lda, int(lda), b + row0 * ldb, int(ldb), T(0),
+         partial.data() + (row0 / kProductRows) * k1 * k2, int(k2));
+  });
+  Dense out(static_cast<size_t>(k1 * k2), 0.0);
+  for (int64_t c = 0; c < chunks; ++c)
+    for (int64_t i = 0; i < k1 * k2; ++i) out[size_t(i)] += double(partial[size_t(c * k1 * k2 + i)]);
+  return out;
+}
+
+// out = alpha A C + beta out, A (n x k1, lda), C (k1 x k2, row-major, contiguous), out (n x k2, ldo).
+template <class T>
+void nn_product(const T* a, int64_t lda, int64_t k1, const T* c, int64_t k2, T alpha, T beta, T* out, int64_t ldo,
+                int64_t n) {
+  for_row_chunks(n, [&](int64_t row0, int64_t rows) {
+    gemm(false, false, int(rows), int(k2), int(k1), alpha, a + row0 * lda, int(lda), c, int(k2), beta, out + row0 * ldo,
+         int(ldo));
+  });
+}
+
+// Inverse of an upper triangular k x k matrix (float64).
+Dense upper_inverse(const Dense& r, int64_t k) {
+  Dense inv(static_cast<size_t>(k * k), 0.0);
+  for (int64_t j = 0; j < k; ++j) {  // column j: R x = e_j, back substitution
+    for (int64_t i = j; i >= 0; --i) {
+      double acc = i == j ? 1.0 : 0.0;
+      for (int64_t l = i + 1; l <= j; ++l) acc -= r[size_t(i * k + l)] * inv[size_t(l * k + j)];
+      inv[size_t(i * k + j)] = acc / r[size_t(i * k + i)];
+    }
+  }
+  return inv;
+}
+
+bool cholesky_upper(Dense& g, int64_t k);
+
+// CholeskyQR2 of x (n x b, leading dimension ld) in place, R (b x b) returned in `r`: two
+// passes of G = X^T X, X <- X R^{-1}, then a check that X^T X = I to working accuracy. Four
+// products with n rows instead of LAPACK's level-2-bound Householder panels on a tall, thin
+// sketch; false (x untouched) when the sketch is too ill-conditioned for it (a rank below b).
+template <class T>
+bool cholesky_qr2(T* x, int64_t ld, int64_t b, int64_t n, Dense& r) {
+  std::vector<T> saved(static_cast<size_t>(n * b)), rinv_t(static_cast<size_t>(b * b));
+  for (int64_t i = 0; i < n; ++i) std::copy_n(x + i * ld, b, saved.data() + i * b);
+  r.assign(static_cast<size_t>(b * b), 0.0);
+  for (int64_t i = 0; i < b; ++i) r[size_t(i * b + i)] = 1.0;
+  const double eps = std::numeric_limits<T>::epsilon();
+  for (int pass = 0; pass < 2; ++pass) {
+    Dense g = tn_product(x, ld, b, x, ld, b, n);
+    double largest = 0.0, smallest = INFINITY;
+    bool ok = cholesky_upper(g, b);
+    for (int64_t i = 0; ok && i < b; ++i) {
+      largest = std::max(largest, g[size_t(i * b + i)]);
+      smallest = std::min(smallest, g[size_t(i * b + i)]);
+    }
+    // The first pass must leave X within the range where the second restores orthogonality
+    // (condition below eps^{-1/2}); the diagonal ratio bounds the condition from below, hence
+    // the margin.
+    if (!ok || !(smallest > 10 * std::sqrt(eps) * largest)) {
+      for (int64_t i = 0; i < n; ++i) std::copy_n(saved.data() + i * b, b, x + i * ld);
+      return false;
+    }
+    const Dense inv = upper_inverse(g, b);
+    for (int64_t i = 0; i < b * b; ++i) rinv_t[size_t(i)] = T(inv[size_t(i)]);
+    std::vector<T> tmp(static_cast<size_t>(n * b));
+    nn_product(x, ld, b, rinv_t.data(), b, T(1), T(0), tmp.data(), b, n);
+    for (int64_t i = 0; i < n; ++i) std::copy_n(tmp.data() + i * b, b, x + i * ld);
+    Dense next(static_cast<size_t>(b * b), 0.0);  // R <- R_pass R
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t j = i; j < b; ++j)
+        for (int64_t l = i; l <= j; ++l) next[size_t(i * b + j)] += g[size_t(i * b + l)] * r[size_t(l * b + j)];
+    r = next;
+  }
+  const Dense check = tn_product(x, ld, b, x, ld, b, n);
+  double worst = 0.0;
+  for (int64_t i = 0; i < b; ++i)
+    for (int64_t j = 0; j < b; ++j) worst = std::max(worst, std::abs(check[size_t(i * b + j)] - (i == j)));
+  if (worst > 100 * eps * double(b)) {
+    for (int64_t i = 0; i < n; ++i) std::copy_n(saved.data() + i * b, b, x + i * ld);
+    return false;
+  }
+  return true;
+}
+
 template <class T>
 void sketch_qr_impl(T* q, T* r, int64_t n, int64_t k, int64_t k0) {
   const int64_t b = k - k0;
   if (b <= 0) return;
-  const int N = blas::dim(n, "sketch rows"), K = blas::dim(k, "sketch columns"), K0 = int(k0), B = int(b);
+  const int N = blas::dim(n, "sketch rows"), K = blas::dim(k, "sketch columns"), B = int(b);
   T* x = q + k0;
   for (int64_t i = 0; i < k; ++i)
     for (int64_t j = i < k0 ? k0 : 0; j < k; ++j) r[i * k + j] = T(0);
   if (k0 > 0) {
     std::vector<T> c(static_cast<size_t>(k0 * b));
     for (int pass = 0; pass < 2; ++pass) {  // twice is enough (Giraud et al.'s CGS2)
-      gemm(true, false, K0, B, N, T(1), q, K, x, K, T(0), c.data(), B);
-      gemm(false, false, N, B, K0, T(-1), q, K, c.data(), B, T(1), x, K);
+      const Dense proj = tn_product(q, k, k0, x, k, b, n);
+      for (int64_t i = 0; i < k0 * b; ++i) c[size_t(i)] = T(proj[size_t(i)]);
+      nn_product(q, k, k0, c.data(), b, T(-1), T(1), x, k, n);
       for (int64_t i = 0; i < k0; ++i)
         for (int64_t j = 0; j < b; ++j) r[i * k + k0 + j] += c[size_t(i * b + j)];
     }
+  }
+  Dense rc;
+  if (cholesky_qr2(x, k, b, n, rc)) {
+    for (int64_t i = 0; i < b; ++i)
+      for (int64_t j = i; j < b; ++j) r[(k0 + i) * k + k0 + j] = T(rc[size_t(i * b + j)]);
+    return;
   }
   std::vector<T> tau(static_cast<size_t>(b));
   CK_CHECK_VALUE(geqrf(N, B, x, K, tau.data()) == 0, "sketch QR failed (LAPACK geqrf)");
@@ -132,9 +244,7 @@ void sketch_qr_impl(T* q, T* r, int64_t n, int64_t k, int64_t k0) {
 // Q^T B (k x k) in the data's dtype, returned in float64.
 template <class T>
 Dense cross(const T* a, const T* b, int64_t n, int64_t k) {
-  std::vector<T> c(static_cast<size_t>(k * k));
-  gemm(true, false, int(k), int(k), blas::dim(n, "rows"), T(1), a, int(k), b, int(k), T(0), c.data(), int(k));
-  return to_dense(c.data(), k * k);
+  return tn_product(a, k, k, b, k, k, n);
 }
 
 template <class T>
@@ -181,9 +291,8 @@ void xdiag_impl(const T* omega, const T* q, const T* r_in, const T* z, int64_t n
   for (int64_t i = 0; i < k; ++i)
     for (int64_t a = 0; a < k; ++a) c[size_t(i)] += s[size_t(a * k + i)] * r[size_t(a * k + i)];
   std::vector<T> st(s.begin(), s.end()), qs(static_cast<size_t>(n * k)), zs(static_cast<size_t>(n * k));
-  const int N = blas::dim(n, "rows"), K = int(k);
-  gemm(false, false, N, K, K, T(1), q, K, st.data(), K, T(0), qs.data(), K);
-  gemm(false, false, N, K, K, T(1), z, K, st.data(), K, T(0), zs.data(), K);
+  nn_product(q, k, k, st.data(), k, T(1), T(0), qs.data(), k, n);
+  nn_product(z, k, k, st.data(), k, T(1), T(0), zs.data(), k, n);
 #pragma omp parallel for schedule(static) num_threads(num_threads()) if (n * k > (1 << 15))
   for (int64_t row = 0; row < n; ++row) {
     double base = 0.0;
@@ -270,10 +379,10 @@ template <class T>
 void project_out_impl(const T* q, T* x, int64_t n, int64_t k, int64_t p) {
   if (k == 0 || p == 0) return;
   std::vector<T> c(static_cast<size_t>(k * p));
-  const int N = blas::dim(n, "rows"), K = int(k), P = int(p);
   for (int pass = 0; pass < 2; ++pass) {
-    gemm(true, false, K, P, N, T(1), q, K, x, P, T(0), c.data(), P);
-    gemm(false, false, N, P, K, T(-1), q, K, c.data(), P, T(1), x, P);
+    const Dense proj = tn_product(q, k, k, x, p, p, n);
+    for (int64_t i = 0; i < k * p; ++i) c[size_t(i)] = T(proj[size_t(i)]);
+    nn_product(q, k, k, c.data(), p, T(-1), T(1), x, p, n);
   }
 }
 
