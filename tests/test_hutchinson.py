@@ -729,3 +729,21 @@ def test_sketch_qr_extends_an_orthonormal_basis(rng, case, dtype):
     # backward error of a Householder or CholeskyQR2 factorization: a small multiple of k eps
     assert np.linalg.norm(q.astype(np.float64) @ r - y) <= 20 * k * eps * np.linalg.norm(y.astype(np.float64))
     assert np.all(np.tril(r, -1) == 0)
+
+
+def test_estimators_independent_of_the_thread_count(rng):
+    n = 20000  # several row chunks
+    d = rng.random(n)
+    a = lambda z: d[:, None] * z + 1e-3 * z.sum(axis=0, keepdims=True)  # noqa: E731
+    previous = curvkit.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            curvkit.set_num_threads(threads)
+            results.append((curvkit.trace_estimate(a, n, 40, method="xtrace"),
+                            curvkit.trace_estimate(a, n, 42, method="hutch++"),
+                            curvkit.diag_estimate(a, n, 40, method="xdiag")))
+    finally:
+        curvkit.set_num_threads(previous)
+    assert results[0][0] == results[1][0] and results[0][1] == results[1][1]
+    np.testing.assert_array_equal(results[0][2], results[1][2])
