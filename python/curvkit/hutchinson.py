@@ -391,7 +391,7 @@ def _hutchinson_trace(op: _Operator, budget: int, tol: Optional[float], block: i
 
 
 def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int) -> tuple[float, float, np.ndarray]:
-    k = budget // 3
+    k = min(budget // 3, op.n)  # a sketch of n columns already holds the whole trace
     s = op.draw(k)
     q = op(s, copy=True)
     r = op.empty((k, k))
@@ -445,8 +445,10 @@ def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first
             estimates = np.empty(k)
             shift = 10 * float(np.finfo(op.compute).eps)
             if not _core.xnystrace_estimates(omega, _arrays.convert(y), shift, estimates):
-                raise ArgumentError("argument 'matvec' is not positive semidefinite (Omega^T A Omega has a negative "
-                                    "eigenvalue); xnystrace needs a PSD operator: use method='xtrace'")
+                raise ArgumentError("argument 'matvec' is not positive semidefinite, or the probes are linearly "
+                                    "dependent (Omega^T A Omega is not positive definite; sign probes can be for "
+                                    "small n): xnystrace needs a PSD operator; use method='xtrace' or "
+                                    "kind='gaussian'")
         _require_finite(estimates, "leave-one-out estimates")
         if k >= limit or (tol is not None and k > 1 and _mean_and_error(estimates)[1] <= tol):
             return estimates
