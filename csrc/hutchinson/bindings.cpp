@@ -20,19 +20,24 @@ namespace {
 const binding::Choices<ProbeKind> kProbeKinds = {
     {"rademacher", ProbeKind::Rademacher}, {"gaussian", ProbeKind::Gaussian}, {"sphere", ProbeKind::Sphere}};
 
-interop::ImportedArray in(py::handle a, const char* name) { return interop::import_array(a, name, 0); }
-interop::ImportedArray out(py::handle a, const char* name) { return interop::import_output(a, name, 0); }
+interop::ImportedArray in(py::handle a, const char* name, StreamHandle stream = 0) {
+  return interop::import_array(a, name, stream);
+}
+interop::ImportedArray out(py::handle a, const char* name, StreamHandle stream = 0) {
+  return interop::import_output(a, name, stream);
+}
 
-// The estimator cores run on the CPU: no stream, no workspace.
+// The estimator cores: CPU arrays, and for the kernels with a CUDA backend CUDA arrays on `stream`.
 void register_estimators(py::module_& m) {
   m.def(
       "sketch_qr",
-      [](py::handle q, py::handle r, int64_t k0) {
-        auto qa = out(q, "q"), ra = out(r, "r");
-        binding::CallScope scope{py::none()};
-        sketch_qr(qa.view, ra.view, k0);
+      [](py::handle q, py::handle r, int64_t k0, StreamHandle stream, py::object workspace) {
+        auto qa = out(q, "q", stream), ra = out(r, "r", stream);
+        binding::CallScope scope(std::move(workspace));
+        sketch_qr(qa.view, ra.view, k0, stream);
       },
-      py::arg("q"), py::arg("r"), py::arg("k0"), "Orthonormalize the new sketch columns q[:, k0:] (see hutchinson.h).");
+      py::arg("q"), py::arg("r"), py::arg("k0"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "Orthonormalize the new sketch columns q[:, k0:] (see hutchinson.h).");
   m.def(
       "xtrace_estimates",
       [](py::handle omega, py::handle y, py::handle q, py::handle r, py::handle z, bool improved, py::handle o) {
@@ -63,36 +68,38 @@ void register_estimators(py::module_& m) {
       "Leave-one-out XNysTrace estimates; False when the operator is not PSD.");
   m.def(
       "column_dots",
-      [](py::handle x, py::handle y, py::handle o) {
-        auto a = in(x, "x"), b = in(y, "y"), f = out(o, "out");
-        binding::CallScope scope{py::none()};
-        column_dots(a.view, b.view, f.view);
+      [](py::handle x, py::handle y, py::handle o, StreamHandle stream, py::object workspace) {
+        auto a = in(x, "x", stream), b = in(y, "y", stream), f = out(o, "out", stream);
+        binding::CallScope scope(std::move(workspace));
+        column_dots(a.view, b.view, f.view, stream);
       },
-      py::arg("x"), py::arg("y"), py::arg("out"), "out[j] = sum_i x[i, j] y[i, j] (float64).");
+      py::arg("x"), py::arg("y"), py::arg("out"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "out[j] = sum_i x[i, j] y[i, j] (float64).");
   m.def(
       "row_dots",
-      [](py::handle x, py::handle y, py::handle o) {
-        auto a = in(x, "x"), b = in(y, "y"), f = out(o, "out");
+      [](py::handle x, py::handle y, py::handle o, StreamHandle stream) {
+        auto a = in(x, "x", stream), b = in(y, "y", stream), f = out(o, "out", stream);
         binding::CallScope scope{py::none()};
-        row_dots(a.view, b.view, f.view);
+        row_dots(a.view, b.view, f.view, stream);
       },
-      py::arg("x"), py::arg("y"), py::arg("out"), "out[i] = sum_j x[i, j] y[i, j].");
+      py::arg("x"), py::arg("y"), py::arg("out"), py::arg("stream") = 0, "out[i] = sum_j x[i, j] y[i, j].");
   m.def(
       "project_out",
-      [](py::handle q, py::handle x) {
-        auto a = in(q, "q"), b = out(x, "x");
-        binding::CallScope scope{py::none()};
-        project_out(a.view, b.view);
+      [](py::handle q, py::handle x, StreamHandle stream, py::object workspace) {
+        auto a = in(q, "q", stream), b = out(x, "x", stream);
+        binding::CallScope scope(std::move(workspace));
+        project_out(a.view, b.view, stream);
       },
-      py::arg("q"), py::arg("x"), "x <- x - Q (Q^T x), twice.");
+      py::arg("q"), py::arg("x"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "x <- x - Q (Q^T x), twice.");
   m.def(
       "accumulate_products",
-      [](py::handle x, py::handle y, int64_t count, py::handle mean, py::handle m2) {
-        auto a = in(x, "x"), b = in(y, "y"), c = out(mean, "mean"), d = out(m2, "m2");
+      [](py::handle x, py::handle y, int64_t count, py::handle mean, py::handle m2, StreamHandle stream) {
+        auto a = in(x, "x", stream), b = in(y, "y", stream), c = out(mean, "mean", stream), d = out(m2, "m2", stream);
         binding::CallScope scope{py::none()};
-        accumulate_products(a.view, b.view, count, c.view, d.view);
+        accumulate_products(a.view, b.view, count, c.view, d.view, stream);
       },
-      py::arg("x"), py::arg("y"), py::arg("count"), py::arg("mean"), py::arg("m2"),
+      py::arg("x"), py::arg("y"), py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("stream") = 0,
       "Merge the row samples x * y into a running mean and sum of squared deviations.");
   m.def(
       "lanczos_step",

@@ -8,6 +8,9 @@
 #include "core/blas.h"
 #include "core/check.h"
 #include "hutchinson/estimators_cpu.h"
+#ifdef CURVKIT_WITH_CUDA
+#include "hutchinson/estimators_cuda.h"
+#endif
 #include "hutchinson/probe_math.h"
 
 namespace curvkit {
@@ -64,7 +67,7 @@ namespace {
 // A C-contiguous array of `ndim` dimensions with the given sizes (-1: any), on the CPU, of
 // dtype `dtype` (or any float32/float64 when dtype is floating and `compute` is set).
 void check_array(const ArrayView& a, const char* name, std::initializer_list<int64_t> shape, DType dtype,
-                 bool writable = false) {
+                 bool writable = false, const ArrayView* device_of = nullptr) {
   CK_CHECK_TYPE(a.dtype == dtype, "argument '", name, "' must have dtype ", dtype.name(), ", got ", a.dtype.name());
   CK_CHECK_VALUE(a.ndim() == int(shape.size()), "argument '", name, "' must have ", shape.size(),
                  " dimensions, got shape ", shape_text(a));
@@ -76,6 +79,11 @@ void check_array(const ArrayView& a, const char* name, std::initializer_list<int
   }
   CK_CHECK_VALUE(a.is_contiguous(), "argument '", name, "' must be C-contiguous");
   if (writable) check_writable(a, name);
+  if (device_of) {  // a kernel with a CUDA backend: one device for all its arrays
+    CK_CHECK_VALUE(a.device == device_of->device, "argument '", name, "' must be on the device of the other ",
+                   "arrays (", device_of->device.name(), "), got ", a.device.name());
+    return;
+  }
   if (a.device.is_cuda()) {
 #ifdef CURVKIT_WITH_CUDA
     throw ValueError(
@@ -96,14 +104,15 @@ constexpr DType kI64{DTypeCode::Int, 64};
 
 }  // namespace
 
-void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0) {
+void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0, StreamHandle stream) {
   check_compute(q, "q");
-  check_array(q, "q", {-1, -1}, q.dtype, true);
+  check_array(q, "q", {-1, -1}, q.dtype, true, &q);
   const int64_t n = q.size(0), k = q.size(1);
-  check_array(r, "r", {k, k}, q.dtype, true);
+  check_array(r, "r", {k, k}, q.dtype, true, &q);
   CK_CHECK_VALUE(k <= n, "the sketch has ", k, " columns, more than the dimension n = ", n, " (use at most n probes)");
   CK_CHECK_VALUE(k0 >= 0 && k0 <= k, "argument 'k0' must be in [0, ", k, "], got ", k0);
-  sketch_qr_cpu(q, r, k0);
+  blas::dim(n, "the dimension n");
+  CK_DEVICE_DISPATCH(q.device, sketch_qr_cpu(q, r, k0), sketch_qr_cuda(q, r, k0, stream));
 }
 
 void xtrace_estimates(const ArrayView& omega, const ArrayView& y, const ArrayView& q, const ArrayView& r,
@@ -142,39 +151,41 @@ bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double rela
   return xnystrace_estimates_cpu(omega, y, relative_shift, out);
 }
 
-void column_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out) {
+void column_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream) {
   check_compute(x, "x");
-  check_array(x, "x", {-1, -1}, x.dtype);
-  check_array(y, "y", {x.size(0), x.size(1)}, x.dtype);
-  check_array(out, "out", {x.size(1)}, kF64, true);
-  column_dots_cpu(x, y, out);
+  check_array(x, "x", {-1, -1}, x.dtype, false, &x);
+  check_array(y, "y", {x.size(0), x.size(1)}, x.dtype, false, &x);
+  check_array(out, "out", {x.size(1)}, kF64, true, &x);
+  CK_DEVICE_DISPATCH(x.device, column_dots_cpu(x, y, out), column_dots_cuda(x, y, out, stream));
 }
 
-void row_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out) {
+void row_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream) {
   check_compute(x, "x");
-  check_array(x, "x", {-1, -1}, x.dtype);
-  check_array(y, "y", {x.size(0), x.size(1)}, x.dtype);
-  check_array(out, "out", {x.size(0)}, x.dtype, true);
-  row_dots_cpu(x, y, out);
+  check_array(x, "x", {-1, -1}, x.dtype, false, &x);
+  check_array(y, "y", {x.size(0), x.size(1)}, x.dtype, false, &x);
+  check_array(out, "out", {x.size(0)}, x.dtype, true, &x);
+  CK_DEVICE_DISPATCH(x.device, row_dots_cpu(x, y, out), row_dots_cuda(x, y, out, stream));
 }
 
-void project_out(const ArrayView& q, const ArrayView& x) {
+void project_out(const ArrayView& q, const ArrayView& x, StreamHandle stream) {
   check_compute(q, "q");
-  check_array(q, "q", {-1, -1}, q.dtype);
-  check_array(x, "x", {q.size(0), -1}, q.dtype, true);
-  project_out_cpu(q, x);
+  check_array(q, "q", {-1, -1}, q.dtype, false, &q);
+  check_array(x, "x", {q.size(0), -1}, q.dtype, true, &q);
+  blas::dim(q.size(0), "the dimension n");
+  CK_DEVICE_DISPATCH(q.device, project_out_cpu(q, x), project_out_cuda(q, x, stream));
 }
 
 void accumulate_products(const ArrayView& x, const ArrayView& y, int64_t count, const ArrayView& mean,
-                         const ArrayView& m2) {
+                         const ArrayView& m2, StreamHandle stream) {
   check_compute(x, "x");
-  check_array(x, "x", {-1, -1}, x.dtype);
-  check_array(y, "y", {x.size(0), x.size(1)}, x.dtype);
-  check_array(mean, "mean", {x.size(0)}, x.dtype, true);
-  check_array(m2, "m2", {x.size(0)}, x.dtype, true);
+  check_array(x, "x", {-1, -1}, x.dtype, false, &x);
+  check_array(y, "y", {x.size(0), x.size(1)}, x.dtype, false, &x);
+  check_array(mean, "mean", {x.size(0)}, x.dtype, true, &x);
+  check_array(m2, "m2", {x.size(0)}, x.dtype, true, &x);
   CK_CHECK_VALUE(count >= 0, "argument 'count' must be >= 0");
   if (x.size(1) == 0) return;
-  accumulate_products_cpu(x, y, count, mean, m2);
+  CK_DEVICE_DISPATCH(x.device, accumulate_products_cpu(x, y, count, mean, m2),
+                     accumulate_products_cuda(x, y, count, mean, m2, stream));
 }
 
 void lanczos_step(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,

@@ -48,14 +48,16 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
 // between matvecs is here. Arrays are C-contiguous and row-major, float32 or float64, one
 // dtype per call (bookkeeping arrays named below are float64 or int64), all on one device.
 // Notation: n the operator's dimension, k the columns of a probe block, Omega the probes,
-// Y = A Omega, Q R = Y the sketch's QR, Z = A Q.
+// Y = A Omega, Q R = Y the sketch's QR, Z = A Q. sketch_qr, column_dots, row_dots,
+// project_out and accumulate_products also run on CUDA arrays (on `stream`; the float64
+// outputs then live on the device too); the others take CPU arrays.
 
 // q (n, k): columns [0, k0) hold an orthonormal basis; columns [k0, k) hold new sketch
 // columns on entry and, on exit, their orthonormal completion (block Gram–Schmidt twice
 // against the old basis, then Householder QR). r (k, k) receives the new columns of R
 // (columns [k0, k)) and zeros below the old block (rows [k0, k) of columns [0, k0)); its
 // block [0, k0) x [0, k0) is left alone, so Y[:, :k] = Q R over calls.
-void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0);
+void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0, StreamHandle stream = 0);
 
 // XTrace (Epperly, Tropp & Webber 2024): out (k,) float64, the leave-one-out estimates
 //   t_i = tr(H) - s_i^T H s_i + scale_i (omega_i^T y_i - 2 (Z^T omega_i)^T v_i + v_i^T H v_i),
@@ -81,16 +83,16 @@ void xdiag_estimates(const ArrayView& omega, const ArrayView& q, const ArrayView
 bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out);
 
 // out (k,) float64: out[j] = sum_i x_ij y_ij (Hutchinson's quadratic forms).
-void column_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out);
+void column_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream = 0);
 // out (n,) in the dtype of x: out[i] = sum_j x_ij y_ij (the diagonal of X Y^T).
-void row_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out);
+void row_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream = 0);
 // x (n, p) <- x - Q (Q^T x), twice (q (n, k) orthonormal columns).
-void project_out(const ArrayView& q, const ArrayView& x);
+void project_out(const ArrayView& q, const ArrayView& x, StreamHandle stream = 0);
 // Running per-entry mean and sum of squared deviations (Chan et al.'s update) of the k
 // samples x_ij y_ij of each row i, merged into mean (n,) and m2 (n,) which already hold
 // `count` samples.
 void accumulate_products(const ArrayView& x, const ArrayView& y, int64_t count, const ArrayView& mean,
-                         const ArrayView& m2);
+                         const ArrayView& m2, StreamHandle stream = 0);
 
 // One Lanczos step on p independent starting vectors. basis (p, m + 1, n) holds v_0 .. v_j
 // of each probe; w (n, p) holds A v_j on entry and v_{j+1} on exit (the next matvec's input,

@@ -180,6 +180,17 @@ class _Operator:
         self.seed = _args.index(seed, "seed", 0, 2**64)
         self.offset = 0
         self.matvecs = 0
+        self.stream = _arrays.current_stream(self.framework, self.device)
+
+    @property
+    def context(self) -> dict:
+        """The stream and workspace allocator of the native calls on this operator's device."""
+        return {"stream": self.stream, "workspace": _arrays.workspace_allocator(self.framework, self.device)}
+
+    def require_cpu(self, what: str) -> None:
+        if self.device[0] == "cuda":
+            raise ArgumentError(f"{what} runs on CPU arrays only in this version (the Hutchinson, Hutch++ and "
+                                "Diag++ methods also run on CUDA): pass CPU probes (like=) and a CPU matvec")
 
     def empty(self, shape: tuple, dtype: Any = None) -> Any:
         return _arrays.empty(shape, dtype or self.compute, self.framework, self.device)
@@ -337,8 +348,9 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
 
     Notes
     -----
-    The kernels between matvecs (QR of the sketch, leave-one-out downdates) run on the CPU
-    in this version; CUDA arrays are refused with an ArgumentError.
+    "hutchinson" and "hutch++" also run on CUDA probes and matvecs (the sketch QR on
+    cuSOLVER, the products on cuBLAS; each block's quadratic forms are read back to the host).
+    "xtrace" and "xnystrace" run on the CPU only in this version (ArgumentError for CUDA).
 
     Examples
     --------
@@ -380,10 +392,11 @@ def _hutchinson_trace(op: _Operator, budget: int, tol: Optional[float], block: i
         k = budget - op.matvecs if tol is None else min(block, budget - op.matvecs)
         z = op.draw(k)
         y = op(z)
-        out = np.empty(k)
-        _core.column_dots(_arrays.contiguous(z, dtype=op.compute), y, out)
-        _require_finite(out, "quadratic forms")
-        parts.append(out)
+        out = op.empty((k,), "float64")
+        _core.column_dots(_arrays.contiguous(z, dtype=op.compute), y, out, **op.context)
+        values = _host(out)
+        _require_finite(values, "quadratic forms")
+        parts.append(values)
         estimates = np.concatenate(parts)
         if tol is not None and estimates.size > 1 and _mean_and_error(estimates)[1] <= tol:
             break
@@ -395,20 +408,22 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
     s = op.draw(k)
     q = op(s, copy=True)
     r = op.empty((k, k))
-    _core.sketch_qr(q, r, 0)
+    _core.sketch_qr(q, r, 0, **op.context)
     aq = op(q)
-    head = np.empty(k)
-    _core.column_dots(q, aq, head)
+    head_out = op.empty((k,), "float64")
+    _core.column_dots(q, aq, head_out, **op.context)
+    head = _host(head_out)
     _require_finite(head, "sketch")
     parts: list[np.ndarray] = []
     while op.matvecs < budget:
         count = budget - op.matvecs if tol is None else min(block, budget - op.matvecs)
         g = op.compute_copy(op.draw(count))
-        _core.project_out(q, g)
-        out = np.empty(count)
-        _core.column_dots(g, op(g), out)
-        _require_finite(out, "residual quadratic forms")
-        parts.append(out)
+        _core.project_out(q, g, **op.context)
+        out = op.empty((count,), "float64")
+        _core.column_dots(g, op(g), out, **op.context)
+        values = _host(out)
+        _require_finite(values, "residual quadratic forms")
+        parts.append(values)
         residual = np.concatenate(parts)
         if tol is not None and residual.size > 1 and _mean_and_error(residual)[1] <= tol:
             break
@@ -417,6 +432,7 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
 
 
 def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first: int, method: str) -> np.ndarray:
+    op.require_cpu(f"method {method!r}")
     per_probe = 2 if method == "xtrace" else 1
     limit = min(budget // per_probe, op.n)
     if limit < 1:
@@ -496,6 +512,7 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
     block = 16 if block_size is None else _args.index(block_size, "block_size", 1, 2**31)
     mean, m2 = op.empty((op.n,)), op.empty((op.n,))
     if method == "xdiag":
+        op.require_cpu("method 'xdiag'")
         k = min(budget // 2, op.n)
         omega = op.compute_copy(op.draw(k))
         q = op(omega, copy=True)
@@ -511,16 +528,16 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
             k = min(budget // 3, op.n)
             q = op(op.draw(k), copy=True)
             r = op.empty((k, k))
-            _core.sketch_qr(q, r, 0)
+            _core.sketch_qr(q, r, 0, **op.context)
             base = op.empty((op.n,))
-            _core.row_dots(q, op(q), base)
+            _core.row_dots(q, op(q), base, stream=op.stream)
         while op.matvecs < budget:
             k = budget - op.matvecs if tol is None else min(block, budget - op.matvecs)
             g = op.draw(k)
             y = op(g, copy=q is not None)
             if q is not None:
-                _core.project_out(q, y)
-            _core.accumulate_products(_arrays.contiguous(g, dtype=op.compute), y, count, mean, m2)
+                _core.project_out(q, y, **op.context)
+            _core.accumulate_products(_arrays.contiguous(g, dtype=op.compute), y, count, mean, m2, stream=op.stream)
             count += k
             error = _diag_error(m2, count)
             if tol is not None and count > 1 and error.max() <= tol:
@@ -599,6 +616,7 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
         raise ArgumentError("power iteration finds the eigenvalues of largest magnitude: pass which='magnitude' "
                             "or method='lanczos'")
     op = _Operator(matvec, n, dtype, like, "sphere", seed)
+    op.require_cpu("top_eigenvalues")
     k = _args.index(k, "k", 1, op.n + 1)
     default_budget = min(op.n, 300) if method == "lanczos" else 300 * k
     budget = default_budget if max_matvecs is None else _args.index(max_matvecs, "max_matvecs", 1, 2**31)
@@ -728,6 +746,7 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     True
     """
     op = _Operator(matvec, n, dtype, like, kind, seed)
+    op.require_cpu("spectral_density")
     p = _args.index(num_probes, "num_probes", 1, 2**20)
     steps = _args.index(steps, "steps", 1, op.n + 1)
     if op.kind == "gaussian":  # the directions of gaussian probes are those of sphere probes
