@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import reference
-from conftest import TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
+from conftest import CUDA_BACKENDS, TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
 
 import curvkit
 
@@ -747,3 +747,22 @@ def test_estimators_independent_of_the_thread_count(rng):
         curvkit.set_num_threads(previous)
     assert results[0][0] == results[1][0] and results[0][1] == results[1][1]
     np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_estimators_match_the_cpu(rng, backend):
+    n = 500
+    b = rng.standard_normal((n, n))
+    a = (b + b.T) / 2
+    dense = make(a, backend)
+    like = make(np.zeros(1), backend)
+    for method, m in (("hutchinson", 64), ("hutch++", 60)):
+        cpu = curvkit.trace_estimate(a, None, m, method=method, seed=3)
+        gpu = curvkit.trace_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
+        assert gpu == pytest.approx(cpu, rel=1e-10)
+    for method, m in (("hutchinson", 64), ("diag++", 60)):
+        cpu = curvkit.diag_estimate(a, None, m, method=method, seed=3)
+        gpu = curvkit.diag_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
+        np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-9, atol=1e-9 * np.abs(cpu).max())
+    with pytest.raises(curvkit.ArgumentError, match="xtrace"):
+        curvkit.trace_estimate(lambda z: dense @ z, n, 40, like=like)
