@@ -40,13 +40,15 @@ void register_estimators(py::module_& m) {
       "Orthonormalize the new sketch columns q[:, k0:] (see hutchinson.h).");
   m.def(
       "xtrace_estimates",
-      [](py::handle omega, py::handle y, py::handle q, py::handle r, py::handle z, bool improved, py::handle o) {
-        auto a = in(omega, "omega"), b = in(y, "y"), c = in(q, "q"), d = in(r, "r"), e = in(z, "z"), f = out(o, "out");
-        binding::CallScope scope{py::none()};
-        xtrace_estimates(a.view, b.view, c.view, d.view, e.view, improved, f.view);
+      [](py::handle omega, py::handle y, py::handle q, py::handle r, py::handle z, bool improved, py::handle o,
+         StreamHandle stream, py::object workspace) {
+        auto a = in(omega, "omega", stream), b = in(y, "y", stream), c = in(q, "q", stream), d = in(r, "r", stream),
+             e = in(z, "z", stream), f = out(o, "out", stream);
+        binding::CallScope scope(std::move(workspace));
+        xtrace_estimates(a.view, b.view, c.view, d.view, e.view, improved, f.view, stream);
       },
       py::arg("omega"), py::arg("y"), py::arg("q"), py::arg("r"), py::arg("z"), py::arg("improved"), py::arg("out"),
-      "Leave-one-out XTrace estimates, one per probe.");
+      py::arg("stream") = 0, py::arg("workspace") = py::none(), "Leave-one-out XTrace estimates, one per probe.");
   m.def(
       "xdiag_estimates",
       [](py::handle omega, py::handle q, py::handle r, py::handle z, py::handle mean, py::handle variance) {

@@ -3,6 +3,7 @@
 // out of a basis, and the per-column and per-row sums of products. Row-major (n, k) arrays
 // are the column-major k x n matrices cuBLAS sees, so no copies are needed for the products.
 #include <algorithm>
+#include <limits>
 
 #include "core/cuda_utils.h"
 #include "core/dispatch.h"
@@ -119,7 +120,101 @@ cusolverStatus_t orgqr(cusolverDnHandle_t h, int m, int n, double* a, double* ta
   return cusolverDnDorgqr(h, m, n, n, a, m, tau, work, lwork, info);
 }
 
+// S = R^{-T} with unit columns (r row-major k x k; s column-major in float64: column i is s_i),
+// the diagonal floored as on the CPU (cpu_estimators.cpp unit_inverse_transpose). One block.
+template <class T>
+__global__ void unit_inverse_transpose_kernel(const T* r, int64_t k, double eps, double* s) {
+  __shared__ double floor_value;
+  if (threadIdx.x == 0) {
+    double largest = 0;
+    for (int64_t j = 0; j < k; ++j) largest = fmax(largest, fabs(double(r[j * k + j])));
+    floor_value = largest > 0 ? eps * largest : 1.0;
+  }
+  __syncthreads();
+  for (int64_t i = threadIdx.x; i < k; i += blockDim.x) {
+    double* col = s + i * k;
+    double norm = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      if (j < i) {
+        col[j] = 0;
+        continue;
+      }
+      double acc = j == i ? 1.0 : 0.0;
+      for (int64_t l = i; l < j; ++l) acc -= double(r[l * k + j]) * col[l];
+      const double d = double(r[j * k + j]);
+      col[j] = acc / (fabs(d) >= floor_value ? d : copysign(floor_value, d));
+      norm += col[j] * col[j];
+    }
+    norm = sqrt(norm);
+    for (int64_t j = 0; j < k; ++j) col[j] /= norm;
+  }
+}
+
+// The XTrace leave-one-out estimate of probe i (hutchinson.h); h, w, t are the column-major
+// k x k products Q^T Z, Q^T Omega, Z^T Omega as cuBLAS left them: h[a + c k] = (Q^T Z)[a][c].
+template <class T>
+__global__ void xtrace_kernel(const T* h, const T* w, const T* t, const double* s, const double* omega_y, int64_t n,
+                              int64_t k, bool improved, double* out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < k; i += int64_t(gridDim.x) * blockDim.x) {
+    const double* si = s + i * k;
+    double trace_h = 0, sw = 0, ww = 0;
+    for (int64_t a = 0; a < k; ++a) {
+      trace_h += double(h[a + a * k]);
+      const double wa = double(w[a + i * k]);
+      sw += si[a] * wa;
+      ww += wa * wa;
+    }
+    double shs = 0, vhv = 0, tv = 0;
+    for (int64_t a = 0; a < k; ++a) {
+      const double va = double(w[a + i * k]) - si[a] * sw;
+      double hs = 0, hv = 0;
+      for (int64_t c = 0; c < k; ++c) {
+        const double hac = double(h[a + c * k]), vc = double(w[c + i * k]) - si[c] * sw;
+        hs += hac * si[c];
+        hv += hac * vc;
+      }
+      shs += si[a] * hs;
+      vhv += va * hv;
+      tv += double(t[a + i * k]) * va;
+    }
+    const double scale = improved ? double(n - k + 1) / (double(n) - ww + sw * sw) : 1.0;
+    out[i] = trace_h - shs + scale * (omega_y[i] - 2.0 * tv + vhv);
+  }
+}
+
 }  // namespace
+
+void xtrace_estimates_cuda(const ArrayView& omega, const ArrayView& y, const ArrayView& q, const ArrayView& r,
+                           const ArrayView& z, bool improved, const ArrayView& out, StreamHandle stream) {
+  CudaDeviceGuard guard(q.device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  const int64_t n = q.size(0), k = q.size(1);
+  const int64_t chunks = std::max<int64_t>(1, (n + kChunkRows - 1) / kChunkRows);
+  CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
+    cuda::DeviceBuffer products(sizeof(T) * size_t(3 * k * k), s), sinv(sizeof(double) * size_t(k * k), s),
+        omega_y(sizeof(double) * size_t(k), s), partial(sizeof(double) * size_t(chunks * k), s);
+    T* h = products.as<T>();
+    T* w = h + k * k;
+    T* t = w + k * k;
+    const auto cross = [&](const void* a, const void* b, T* c) {  // column-major (A^T B) of row-major n x k
+      cuda::gemm(s, q.dtype, cuda::Op::N, cuda::Op::T, int(k), int(k), int(n), 1.0, {const_cast<void*>(a), k, 0},
+                 {const_cast<void*>(b), k, 0}, 0.0, {c, k, 0}, 1);
+    };
+    cross(q.data, z.data, h);
+    cross(q.data, omega.data, w);
+    cross(z.data, omega.data, t);
+    column_partials_kernel<T><<<dim3(unsigned(chunks), unsigned(k)), kThreads, 0, s>>>(omega.ptr<T>(), y.ptr<T>(), n, k,
+                                                                                       chunks, partial.as<double>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    cuda::sum_slots(s, partial.as<double>(), chunks, k, omega_y.as<double>(), sizeof(double));
+    unit_inverse_transpose_kernel<T>
+        <<<1, kThreads, 0, s>>>(r.ptr<T>(), k, double(std::numeric_limits<T>::epsilon()), sinv.as<double>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    xtrace_kernel<T><<<grid_for(k, 64), 64, 0, s>>>(h, w, t, sinv.as<double>(), omega_y.as<double>(), n, k, improved,
+                                                    out.ptr<double>());
+    CK_CUDA_CHECK(cudaGetLastError());
+  });
+}
 
 void column_dots_cuda(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream) {
   CudaDeviceGuard guard(x.device);

@@ -116,15 +116,18 @@ void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0, StreamHandle 
 }
 
 void xtrace_estimates(const ArrayView& omega, const ArrayView& y, const ArrayView& q, const ArrayView& r,
-                      const ArrayView& z, bool improved, const ArrayView& out) {
+                      const ArrayView& z, bool improved, const ArrayView& out, StreamHandle stream) {
   check_compute(q, "q");
-  const int64_t n = q.size(0), k = q.ndim() == 2 ? q.size(1) : 0;
+  CK_CHECK_VALUE(q.ndim() == 2, "argument 'q' must have shape (n, k), got ", shape_text(q));
+  const int64_t n = q.size(0), k = q.size(1);
   for (const auto& [a, name] : {std::pair{&omega, "omega"}, {&y, "y"}, {&q, "q"}, {&z, "z"}})
-    check_array(*a, name, {n, k}, q.dtype);
-  check_array(r, "r", {k, k}, q.dtype);
-  check_array(out, "out", {k}, kF64, true);
+    check_array(*a, name, {n, k}, q.dtype, false, &q);
+  check_array(r, "r", {k, k}, q.dtype, false, &q);
+  check_array(out, "out", {k}, kF64, true, &q);
   CK_CHECK_VALUE(k >= 1 && k <= n, "XTrace needs between 1 and n probes, got ", k);
-  xtrace_estimates_cpu(omega, y, q, r, z, improved, out);
+  blas::dim(n, "the dimension n");
+  CK_DEVICE_DISPATCH(q.device, xtrace_estimates_cpu(omega, y, q, r, z, improved, out),
+                     xtrace_estimates_cuda(omega, y, q, r, z, improved, out, stream));
 }
 
 void xdiag_estimates(const ArrayView& omega, const ArrayView& q, const ArrayView& r, const ArrayView& z,

@@ -48,8 +48,8 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
 // between matvecs is here. Arrays are C-contiguous and row-major, float32 or float64, one
 // dtype per call (bookkeeping arrays named below are float64 or int64), all on one device.
 // Notation: n the operator's dimension, k the columns of a probe block, Omega the probes,
-// Y = A Omega, Q R = Y the sketch's QR, Z = A Q. sketch_qr, column_dots, row_dots,
-// project_out and accumulate_products also run on CUDA arrays (on `stream`; the float64
+// Y = A Omega, Q R = Y the sketch's QR, Z = A Q. sketch_qr, xtrace_estimates, column_dots,
+// row_dots, project_out and accumulate_products also run on CUDA arrays (on `stream`; the float64
 // outputs then live on the device too); the others take CPU arrays.
 
 // q (n, k): columns [0, k0) hold an orthonormal basis; columns [k0, k) hold new sketch
@@ -66,7 +66,7 @@ void sketch_qr(const ArrayView& q, const ArrayView& r, int64_t k0, StreamHandle 
 // uniform on the sphere of radius sqrt(n)) rescales the residual term by
 // scale_i = (n - k + 1) / (n - |w_i|^2 + (s_i^T w_i)^2); otherwise scale_i = 1.
 void xtrace_estimates(const ArrayView& omega, const ArrayView& y, const ArrayView& q, const ArrayView& r,
-                      const ArrayView& z, bool improved, const ArrayView& out);
+                      const ArrayView& z, bool improved, const ArrayView& out, StreamHandle stream = 0);
 
 // XDiag: mean (n,) and the per-entry variance of the mean (n,) of the k leave-one-out
 // diagonal estimates d_i = diag(Q Z^T) - (Q s_i) . (Z s_i) + omega_i . (Q s_i) (s_i^T R e_i),

@@ -189,8 +189,8 @@ class _Operator:
 
     def require_cpu(self, what: str) -> None:
         if self.device[0] == "cuda":
-            raise ArgumentError(f"{what} runs on CPU arrays only in this version (the Hutchinson, Hutch++ and "
-                                "Diag++ methods also run on CUDA): pass CPU probes (like=) and a CPU matvec")
+            raise ArgumentError(f"{what} runs on CPU arrays only in this version (Hutchinson, Hutch++, XTrace "
+                                "and Diag++ also run on CUDA): pass CPU probes (like=) and a CPU matvec")
 
     def empty(self, shape: tuple, dtype: Any = None) -> Any:
         return _arrays.empty(shape, dtype or self.compute, self.framework, self.device)
@@ -348,9 +348,9 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
 
     Notes
     -----
-    "hutchinson" and "hutch++" also run on CUDA probes and matvecs (the sketch QR on
-    cuSOLVER, the products on cuBLAS; each block's quadratic forms are read back to the host).
-    "xtrace" and "xnystrace" run on the CPU only in this version (ArgumentError for CUDA).
+    "hutchinson", "hutch++" and "xtrace" also run on CUDA probes and matvecs (the sketch QR
+    on cuSOLVER, the products on cuBLAS; each block's estimates are read back to the host).
+    "xnystrace" runs on the CPU only in this version (ArgumentError for CUDA arrays).
 
     Examples
     --------
@@ -432,7 +432,8 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
 
 
 def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first: int, method: str) -> np.ndarray:
-    op.require_cpu(f"method {method!r}")
+    if method == "xnystrace":
+        op.require_cpu("method 'xnystrace'")
     per_probe = 2 if method == "xtrace" else 1
     limit = min(budget // per_probe, op.n)
     if limit < 1:
@@ -452,11 +453,12 @@ def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first
             if k0:
                 r_new[:k0, :k0] = r
             r = r_new
-            _core.sketch_qr(q, r, k0)
+            _core.sketch_qr(q, r, k0, **op.context)
             z_new = op(q[:, k0:k])
             z = z_new if z is None else _hstack([z, z_new], op, op.compute)
-            estimates = np.empty(k)
-            _core.xtrace_estimates(omega, y, q, r, z, op.kind == "sphere", estimates)
+            out = op.empty((k,), "float64")
+            _core.xtrace_estimates(omega, y, q, r, z, op.kind == "sphere", out, **op.context)
+            estimates = _host(out)
         else:
             estimates = np.empty(k)
             shift = 10 * float(np.finfo(op.compute).eps)
