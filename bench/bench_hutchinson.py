@@ -113,63 +113,74 @@ def _largest_case(request):
         pytest.skip("largest case: skipped in the smoke run")
 
 
-def _optimizer_state(shapes, dtype, seed=0):
+def _optimizer_state(shapes, dtype, seed=0, device="cpu"):
     gen = torch.Generator().manual_seed(seed)
-    make = lambda s: torch.randn(s, generator=gen, dtype=dtype)  # noqa: E731
+    make = lambda s: torch.randn(s, generator=gen, dtype=dtype).to(device)  # noqa: E731
     return ([make(s) for s in shapes], [make(s) for s in shapes], [make(s) for s in shapes],
             [make(s) for s in shapes], [make(s).abs() for s in shapes])
 
 
+def _synced(fn, device):
+    def run():
+        out = fn()
+        _sync(device)
+        return out
+    return run
+
+
 @pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["curvkit", "torch-loop"])
-def test_adahessian_resnet18(benchmark, request, impl):
+def test_adahessian_resnet18(benchmark, request, impl, device):
     _largest_case(request)
     shapes = resnet18_cifar_shapes()
-    params, grads, h, m, v = _optimizer_state(shapes, torch.float32)
+    params, grads, h, m, v = _optimizer_state(shapes, torch.float32, device=device)
     count = sum(p.numel() for p in params)
-    benchmark.group = "adahessian-resnet18-float32"
+    benchmark.group = f"adahessian-resnet18-float32-{device}"
     # reads p, g, h, m, v and writes p, m, v: 8 float32 per entry
     benchmark.extra_info.update(impl=impl if impl != "torch-loop" else "torch", bytes=8 * 4 * count)
     if impl == "curvkit":
-        benchmark(lambda: curvkit.adahessian_step_(params, grads, h, m, v, step=10, lr=1e-3))
+        benchmark(_synced(lambda: curvkit.adahessian_step_(params, grads, h, m, v, step=10, lr=1e-3), device))
     else:
-        benchmark(lambda: adahessian_step_torch(params, grads, h, m, v, step=10, lr=1e-3))
+        benchmark(_synced(lambda: adahessian_step_torch(params, grads, h, m, v, step=10, lr=1e-3), device))
 
 
 @pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("impl", ["curvkit", "torch-loop"])
-def test_sophia_resnet18(benchmark, request, impl):
+def test_sophia_resnet18(benchmark, request, impl, device):
     _largest_case(request)
     shapes = resnet18_cifar_shapes()
-    params, grads, _, m, hess = _optimizer_state(shapes, torch.float32)
+    params, grads, _, m, hess = _optimizer_state(shapes, torch.float32, device=device)
     count = sum(p.numel() for p in params)
-    benchmark.group = "sophia-resnet18-float32"
+    benchmark.group = f"sophia-resnet18-float32-{device}"
     benchmark.extra_info.update(impl=impl if impl != "torch-loop" else "torch", bytes=6 * 4 * count)
     if impl == "curvkit":
-        benchmark(lambda: curvkit.sophia_step_(params, grads, m, hess))
+        benchmark(_synced(lambda: curvkit.sophia_step_(params, grads, m, hess), device))
     else:
-        benchmark(lambda: sophia_step_torch(params, grads, m, hess))
+        benchmark(_synced(lambda: sophia_step_torch(params, grads, m, hess), device))
 
 
 @pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("n", [100_000, 1_000_000])
 @pytest.mark.parametrize("impl", ["curvkit", "per-probe"])
-def test_xtrace_cheap_operator(benchmark, request, n, impl):
+def test_xtrace_cheap_operator(benchmark, request, n, impl, device):
     """XTrace overhead with a diagonal operator at equal matvecs (100): what is left is the
     estimator's own work (sketch QR, leave-one-out algebra, probe handling)."""
     if n > 100_000:
         _largest_case(request)
-    d = torch.linspace(1, 2, n, dtype=torch.float64) ** -2.0
+    d = (torch.linspace(1, 2, n, dtype=torch.float64) ** -2.0).to(device)
     m, k = 100, 50
-    benchmark.group = f"xtrace-diagonal-n{n}"
+    benchmark.group = f"xtrace-diagonal-n{n}-{device}"
     # about 2 n k^2 (QR) + 2 n k^2 (orgqr) + 3 x 2 n k^2 (Q^T Z, Q^T Omega, Z^T Omega) flops
     benchmark.extra_info.update(impl="curvkit" if impl == "curvkit" else "curvlinops-style", flops=10 * n * k * k)
     if impl == "curvkit":
-        like = torch.empty(0, dtype=torch.float64)
+        like = torch.empty(0, dtype=torch.float64, device=device)
         est = benchmark(lambda: curvkit.trace_estimate(lambda z: d[:, None] * z, n, m, like=like))
     else:
-        gen = torch.Generator().manual_seed(0)
-        est = benchmark(lambda: xtrace_per_probe(lambda v: d * v, n, m, gen, torch.float64))
+        gen = torch.Generator(device=device).manual_seed(0)
+        est = benchmark(lambda: xtrace_per_probe(lambda v: d * v, n, m, gen, torch.float64, device))
     assert abs(est - float(d.sum())) / float(d.sum()) < 1e-2
 
 
@@ -208,6 +219,6 @@ def test_adahessian_resnet18_bandwidth(benchmark, request):
     _largest_case(request)
     count = sum(math.prod(s) for s in resnet18_cifar_shapes())
     a, b, c = torch.rand(count), torch.rand(count), torch.empty(count)
-    benchmark.group = "adahessian-resnet18-float32"
+    benchmark.group = "adahessian-resnet18-float32-cpu"
     benchmark.extra_info.update(impl="triad", bytes=3 * 4 * count)
     benchmark(lambda: torch.add(a, b, alpha=2.0, out=c))

@@ -760,7 +760,7 @@ def test_cuda_estimators_match_the_cpu(rng, backend):
         cpu = curvkit.trace_estimate(a, None, m, method=method, seed=3)
         gpu = curvkit.trace_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
         assert gpu == pytest.approx(cpu, rel=1e-10)
-    for method, m in (("hutchinson", 64), ("diag++", 60)):
+    for method, m in (("hutchinson", 64), ("diag++", 60), ("xdiag", 60)):
         cpu = curvkit.diag_estimate(a, None, m, method=method, seed=3)
         gpu = curvkit.diag_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
         np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-9, atol=1e-9 * np.abs(cpu).max())

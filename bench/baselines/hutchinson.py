@@ -52,12 +52,12 @@ def sophia_step_torch(params, grads, exp_avg, hessian, lr=1e-4, betas=(0.965, 0.
         p.addcmul_(m.sign(), ratio, value=-lr)
 
 
-def xtrace_per_probe(matvec_one, n, num_matvecs, generator, dtype):
+def xtrace_per_probe(matvec_one, n, num_matvecs, generator, dtype, device="cpu"):
     """XTrace with one matvec per probe (curvlinops' loop structure) and torch linear algebra."""
     import torch
 
     k = num_matvecs // 2
-    omega = (torch.randint(0, 2, (n, k), generator=generator, dtype=dtype) * 2 - 1)
+    omega = (torch.randint(0, 2, (n, k), generator=generator, dtype=dtype, device=device) * 2 - 1)
     y = torch.stack([matvec_one(omega[:, i]) for i in range(k)], dim=1)
     q, r = torch.linalg.qr(y)
     z = torch.stack([matvec_one(q[:, i]) for i in range(k)], dim=1)

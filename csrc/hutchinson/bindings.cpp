@@ -51,13 +51,15 @@ void register_estimators(py::module_& m) {
       py::arg("stream") = 0, py::arg("workspace") = py::none(), "Leave-one-out XTrace estimates, one per probe.");
   m.def(
       "xdiag_estimates",
-      [](py::handle omega, py::handle q, py::handle r, py::handle z, py::handle mean, py::handle variance) {
-        auto a = in(omega, "omega"), c = in(q, "q"), d = in(r, "r"), e = in(z, "z"), f = out(mean, "mean"),
-             g = out(variance, "variance");
-        binding::CallScope scope{py::none()};
-        xdiag_estimates(a.view, c.view, d.view, e.view, f.view, g.view);
+      [](py::handle omega, py::handle q, py::handle r, py::handle z, py::handle mean, py::handle variance,
+         StreamHandle stream, py::object workspace) {
+        auto a = in(omega, "omega", stream), c = in(q, "q", stream), d = in(r, "r", stream), e = in(z, "z", stream),
+             f = out(mean, "mean", stream), g = out(variance, "variance", stream);
+        binding::CallScope scope(std::move(workspace));
+        xdiag_estimates(a.view, c.view, d.view, e.view, f.view, g.view, stream);
       },
       py::arg("omega"), py::arg("q"), py::arg("r"), py::arg("z"), py::arg("mean"), py::arg("variance"),
+      py::arg("stream") = 0, py::arg("workspace") = py::none(),
       "XDiag: the mean of the leave-one-out diagonal estimates and its variance.");
   m.def(
       "xnystrace_estimates",

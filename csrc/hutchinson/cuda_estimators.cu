@@ -182,7 +182,69 @@ __global__ void xtrace_kernel(const T* h, const T* w, const T* t, const double* 
   }
 }
 
+// c_i = s_i^T R e_i and st = S in the compute dtype (column-major, as s).
+template <class T>
+__global__ void xdiag_prepare_kernel(const double* s, const T* r, int64_t k, double* c, T* st) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < k * k; t += int64_t(gridDim.x) * blockDim.x) {
+    st[t] = T(s[t]);
+    if (t < k) {
+      double acc = 0;
+      for (int64_t a = 0; a < k; ++a) acc += s[t * k + a] * double(r[a * k + t]);
+      c[t] = acc;
+    }
+  }
+}
+
+// Row i of XDiag: the mean of d_ij = diag(Q Z^T)_i - QS_ij ZS_ij + Omega_ij QS_ij c_j over j,
+// and the variance of that mean (hutchinson.h); QS, ZS row-major n x k.
+template <class T>
+__global__ void xdiag_rows_kernel(const T* omega, const T* q, const T* z, const T* qs, const T* zs, const double* c,
+                                  int64_t n, int64_t k, T* mean, T* variance) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x) {
+    double base = 0;
+    for (int64_t j = 0; j < k; ++j) base += double(q[i * k + j]) * double(z[i * k + j]);
+    double sum = 0, sum_sq = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const double qsv = double(qs[i * k + j]);
+      const double d = base - qsv * double(zs[i * k + j]) + double(omega[i * k + j]) * qsv * c[j];
+      sum += d;
+      sum_sq += d * d;
+    }
+    const double m = sum / double(k);
+    mean[i] = T(m);
+    variance[i] = T(k > 1 ? fmax(0.0, sum_sq - double(k) * m * m) / double(k - 1) / double(k) : INFINITY);
+  }
+}
+
 }  // namespace
+
+void xdiag_estimates_cuda(const ArrayView& omega, const ArrayView& q, const ArrayView& r, const ArrayView& z,
+                          const ArrayView& mean, const ArrayView& variance, StreamHandle stream) {
+  CudaDeviceGuard guard(q.device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  const int64_t n = q.size(0), k = q.size(1);
+  CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
+    cuda::DeviceBuffer sinv(sizeof(double) * size_t(k * k + k), s), st(sizeof(T) * size_t(k * k), s),
+        prod(sizeof(T) * size_t(2 * n * k), s);
+    double* c = sinv.as<double>() + k * k;
+    unit_inverse_transpose_kernel<T>
+        <<<1, kThreads, 0, s>>>(r.ptr<T>(), k, double(std::numeric_limits<T>::epsilon()), sinv.as<double>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    xdiag_prepare_kernel<T>
+        <<<grid_for(k * k, kThreads), kThreads, 0, s>>>(sinv.as<double>(), r.ptr<T>(), k, c, st.as<T>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    T* qs = prod.as<T>();
+    T* zs = qs + n * k;
+    // row-major Q S is the column-major S^T Q^T: S is stored column-major, so op T on it
+    cuda::gemm(s, q.dtype, cuda::Op::T, cuda::Op::N, int(k), int(n), int(k), 1.0, {st.as<T>(), k, 0}, {q.data, k, 0},
+               0.0, {qs, k, 0}, 1);
+    cuda::gemm(s, q.dtype, cuda::Op::T, cuda::Op::N, int(k), int(n), int(k), 1.0, {st.as<T>(), k, 0}, {z.data, k, 0},
+               0.0, {zs, k, 0}, 1);
+    xdiag_rows_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(omega.ptr<T>(), q.ptr<T>(), z.ptr<T>(), qs, zs, c,
+                                                                    n, k, mean.ptr<T>(), variance.ptr<T>());
+    CK_CUDA_CHECK(cudaGetLastError());
+  });
+}
 
 void xtrace_estimates_cuda(const ArrayView& omega, const ArrayView& y, const ArrayView& q, const ArrayView& r,
                            const ArrayView& z, bool improved, const ArrayView& out, StreamHandle stream) {

@@ -131,16 +131,19 @@ void xtrace_estimates(const ArrayView& omega, const ArrayView& y, const ArrayVie
 }
 
 void xdiag_estimates(const ArrayView& omega, const ArrayView& q, const ArrayView& r, const ArrayView& z,
-                     const ArrayView& mean, const ArrayView& variance) {
+                     const ArrayView& mean, const ArrayView& variance, StreamHandle stream) {
   check_compute(q, "q");
-  const int64_t n = q.size(0), k = q.ndim() == 2 ? q.size(1) : 0;
+  CK_CHECK_VALUE(q.ndim() == 2, "argument 'q' must have shape (n, k), got ", shape_text(q));
+  const int64_t n = q.size(0), k = q.size(1);
   for (const auto& [a, name] : {std::pair{&omega, "omega"}, {&q, "q"}, {&z, "z"}})
-    check_array(*a, name, {n, k}, q.dtype);
-  check_array(r, "r", {k, k}, q.dtype);
-  check_array(mean, "mean", {n}, q.dtype, true);
-  check_array(variance, "variance", {n}, q.dtype, true);
+    check_array(*a, name, {n, k}, q.dtype, false, &q);
+  check_array(r, "r", {k, k}, q.dtype, false, &q);
+  check_array(mean, "mean", {n}, q.dtype, true, &q);
+  check_array(variance, "variance", {n}, q.dtype, true, &q);
   CK_CHECK_VALUE(k >= 1 && k <= n, "XDiag needs between 1 and n probes, got ", k);
-  xdiag_estimates_cpu(omega, q, r, z, mean, variance);
+  blas::dim(n, "the dimension n");
+  CK_DEVICE_DISPATCH(q.device, xdiag_estimates_cpu(omega, q, r, z, mean, variance),
+                     xdiag_estimates_cuda(omega, q, r, z, mean, variance, stream));
 }
 
 bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out) {

@@ -48,8 +48,8 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
 // between matvecs is here. Arrays are C-contiguous and row-major, float32 or float64, one
 // dtype per call (bookkeeping arrays named below are float64 or int64), all on one device.
 // Notation: n the operator's dimension, k the columns of a probe block, Omega the probes,
-// Y = A Omega, Q R = Y the sketch's QR, Z = A Q. sketch_qr, xtrace_estimates, column_dots,
-// row_dots, project_out and accumulate_products also run on CUDA arrays (on `stream`; the float64
+// Y = A Omega, Q R = Y the sketch's QR, Z = A Q. sketch_qr, xtrace_estimates, xdiag_estimates,
+// column_dots, row_dots, project_out and accumulate_products also run on CUDA arrays (on `stream`; the float64
 // outputs then live on the device too); the others take CPU arrays.
 
 // q (n, k): columns [0, k0) hold an orthonormal basis; columns [k0, k) hold new sketch
@@ -72,7 +72,7 @@ void xtrace_estimates(const ArrayView& omega, const ArrayView& y, const ArrayVie
 // diagonal estimates d_i = diag(Q Z^T) - (Q s_i) . (Z s_i) + omega_i . (Q s_i) (s_i^T R e_i),
 // both in the dtype of q.
 void xdiag_estimates(const ArrayView& omega, const ArrayView& q, const ArrayView& r, const ArrayView& z,
-                     const ArrayView& mean, const ArrayView& variance);
+                     const ArrayView& mean, const ArrayView& variance, StreamHandle stream = 0);
 
 // XNysTrace (PSD operators): out (k,) float64 leave-one-out estimates from the Nystrom
 // approximation of A + nu I built from Omega and Y = A Omega (y is overwritten),

@@ -189,8 +189,8 @@ class _Operator:
 
     def require_cpu(self, what: str) -> None:
         if self.device[0] == "cuda":
-            raise ArgumentError(f"{what} runs on CPU arrays only in this version (Hutchinson, Hutch++, XTrace "
-                                "and Diag++ also run on CUDA): pass CPU probes (like=) and a CPU matvec")
+            raise ArgumentError(f"{what} runs on CPU arrays only in this version (Hutchinson, Hutch++, XTrace, "
+                                "Diag++ and XDiag also run on CUDA): pass CPU probes (like=) and a CPU matvec")
 
     def empty(self, shape: tuple, dtype: Any = None) -> Any:
         return _arrays.empty(shape, dtype or self.compute, self.framework, self.device)
@@ -514,14 +514,13 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
     block = 16 if block_size is None else _args.index(block_size, "block_size", 1, 2**31)
     mean, m2 = op.empty((op.n,)), op.empty((op.n,))
     if method == "xdiag":
-        op.require_cpu("method 'xdiag'")
         k = min(budget // 2, op.n)
         omega = op.compute_copy(op.draw(k))
         q = op(omega, copy=True)
         r = op.empty((k, k))
-        _core.sketch_qr(q, r, 0)
+        _core.sketch_qr(q, r, 0, **op.context)
         z = op(q)
-        _core.xdiag_estimates(omega, q, r, z, mean, m2)
+        _core.xdiag_estimates(omega, q, r, z, mean, m2, **op.context)
         error = np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0))
     else:
         count, q = 0, None
