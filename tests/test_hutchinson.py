@@ -519,6 +519,12 @@ def test_estimator_argument_errors():
         curvkit.trace_estimate(lambda z: z[:5], 10, 10)
     with pytest.raises(curvkit.ArgumentError, match="non-finite"):
         curvkit.trace_estimate(lambda z: z * np.nan, 10, 10, method="hutchinson")
+    with pytest.raises(curvkit.ArgumentError, match="non-finite"):
+        curvkit.top_eigenvalues(lambda z: z * np.inf, 10)
+    with pytest.raises(curvkit.ArgumentError, match="non-finite"):
+        curvkit.spectral_density(lambda z: z * np.nan, 10, steps=3)
+    with pytest.raises(curvkit.ArgumentError, match="non-finite"):
+        curvkit.diag_estimate(lambda z: z * np.nan, 10, 10, method="xdiag")
     with pytest.raises(curvkit.ArgumentError, match="positive semidefinite"):
         curvkit.trace_estimate(-np.eye(10), None, 4, method="xnystrace")
     with pytest.raises(curvkit.ArgumentError, match="num_matvecs"):

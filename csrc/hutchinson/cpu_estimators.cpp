@@ -235,7 +235,9 @@ void sketch_qr_impl(T* q, T* r, int64_t n, int64_t k, int64_t k0) {
     return;
   }
   std::vector<T> tau(static_cast<size_t>(b));
-  CK_CHECK_VALUE(geqrf(N, B, x, K, tau.data()) == 0, "sketch QR failed (LAPACK geqrf)");
+  const int info = geqrf(N, B, x, K, tau.data());
+  // LAPACKE refuses NaN and Inf by a negative info naming the matrix argument.
+  CK_CHECK_VALUE(info == 0, "argument 'q' (the sketch) holds non-finite values (NaN or Inf); LAPACK geqrf info ", info);
   for (int64_t i = 0; i < b; ++i)
     for (int64_t j = i; j < b; ++j) r[(k0 + i) * k + k0 + j] = x[i * k + j];
   CK_CHECK_VALUE(orgqr(N, B, x, K, tau.data()) == 0, "sketch QR failed (LAPACK orgqr)");

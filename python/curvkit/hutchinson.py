@@ -660,6 +660,7 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, reorth: 
         _core.lanczos_step(basis, w, alpha, beta, lengths, j, reorth)
         steps = int(lengths[0])
         broke = beta[0, j] == 0.0
+        _require_finite(alpha[0, :steps], "Lanczos coefficients")
         if steps >= k or broke or j == m - 1:
             nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
             _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs)
@@ -763,9 +764,9 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     for j in range(steps):
         w = op(w, copy=True)
         _core.lanczos_step(basis, w, alpha, beta, lengths, j, bool(reorthogonalize))
+        _require_finite(alpha[:, j], "Lanczos coefficients")
         if not np.any(beta[:, j] > 0):
             break
-    _require_finite(alpha, "Lanczos coefficients")
     nodes, vectors = np.empty((p, steps)), np.empty((p, steps, steps))
     _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors)
     weights = vectors[:, 0, :] ** 2
