@@ -446,13 +446,15 @@ def test_float32_numpy_operator(rng):
     assert abs(est - np.trace(a.astype(np.float64))) / np.trace(a) < 1e-5
 
 
+@pytest.mark.parametrize("reorthogonalize", ["full", "selective"])
 @pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
-def test_lanczos_top_k(rng, which):
+def test_lanczos_top_k(rng, which, reorthogonalize):
     n = 300
     q, _ = np.linalg.qr(rng.standard_normal((n, n)))
     lam = np.r_[-9.0, rng.uniform(-1, 4, n - 1)]  # a negative dominant eigenvalue
     a = (q * lam) @ q.T
-    vals, vecs, info = curvkit.top_eigenvalues(a, None, k=3, which=which, return_vectors=True, return_info=True)
+    vals, vecs, info = curvkit.top_eigenvalues(a, None, k=3, which=which, return_vectors=True, return_info=True,
+                                               reorthogonalize=reorthogonalize)
     order = {"largest": np.sort(lam)[::-1], "smallest": np.sort(lam),
              "magnitude": lam[np.argsort(-np.abs(lam))]}[which]
     np.testing.assert_allclose(vals, order[:3], rtol=1e-8, atol=1e-8)

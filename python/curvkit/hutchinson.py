@@ -562,7 +562,7 @@ WHICH = ("largest", "smallest", "magnitude")
 
 def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", method: str = "lanczos",
                     max_matvecs: Optional[int] = None, tol: Optional[float] = None, seed: int = 0,
-                    dtype: Any = None, like: Any = None, reorthogonalize: bool = True,
+                    dtype: Any = None, like: Any = None, reorthogonalize: Union[bool, str] = True,
                     return_vectors: bool = False, return_info: bool = False) -> Any:
     """The k extreme eigenvalues of a symmetric operator known through products with it.
 
@@ -576,7 +576,7 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
         The algebraically largest (descending), the smallest (ascending), or those of largest
         absolute value (by decreasing magnitude, signs kept).
     method : {"lanczos", "power"}
-        Lanczos (with full reorthogonalization unless ``reorthogonalize=False``), or power
+        Lanczos, or power
         iteration with deflation against the eigenvectors already found, as PyHessian does
         (``which="magnitude"`` only).
     max_matvecs : int, optional
@@ -587,6 +587,11 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
         1e-8 for float64, 1e-4 otherwise.
     seed : int
         The starting vector is sphere probe 0 (power: probe i for eigenvalue i) under this seed.
+    reorthogonalize : {True, "full", "selective", False, "none"}
+        Lanczos: full reorthogonalization against the whole basis (classical Gram–Schmidt
+        twice, every step); selective (Parlett & Scott 1979: only against the Ritz vectors
+        that have converged to sqrt(eps), cheaper for long runs); or none (the plain
+        three-term recurrence, whose lost orthogonality shows as repeated Ritz values).
     return_vectors : bool
         Also return the eigenvectors (n, k) in the probes' framework (compute dtype).
     return_info : bool
@@ -625,7 +630,8 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
     if tolerance is None:
         tolerance = 1e-8 if op.compute == "float64" else 1e-4
     if method == "lanczos":
-        values, vectors, info = _lanczos_top(op, k, which, min(budget, op.n), tolerance, bool(reorthogonalize))
+        mode = _reorthogonalization(reorthogonalize, allow_selective=True)
+        values, vectors, info = _lanczos_top(op, k, which, min(budget, op.n), tolerance, mode)
     else:
         values, vectors, info = _power_top(op, k, budget, tolerance)
     result: Any = (values, vectors) if return_vectors else values
@@ -646,7 +652,16 @@ def _select(nodes: np.ndarray, k: int, which: str) -> np.ndarray:
     return np.argsort(-np.abs(nodes), kind="stable")[:k]
 
 
-def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, reorth: bool) -> tuple:
+def _reorthogonalization(value: Any, allow_selective: bool) -> str:
+    modes = {True: "full", False: "none", "full": "full", "none": "none"}
+    if allow_selective:
+        modes["selective"] = "selective"
+    if not isinstance(value, (bool, str)) or value not in modes:
+        raise ArgumentError(f"argument 'reorthogonalize' must be one of {', '.join(map(repr, modes))}, got {value!r}")
+    return modes[value]
+
+
+def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: str) -> tuple:
     basis = op.empty((1, m + 1, op.n))
     alpha, beta = np.zeros((1, m)), np.zeros((1, m))
     lengths = np.zeros(1, dtype=np.int64)
@@ -655,22 +670,37 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, reorth: 
     w = start
     converged, steps, chosen, residual = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf)
     nodes, vecs = np.zeros((1, 0)), np.zeros((1, 0, 0))
+    purge_level = math.sqrt(float(np.finfo(op.compute).eps))
     for j in range(m):
         w = op(w, copy=True)
-        _core.lanczos_step(basis, w, alpha, beta, lengths, j, reorth)
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full")
         steps = int(lengths[0])
         broke = beta[0, j] == 0.0
         _require_finite(alpha[0, :steps], "Lanczos coefficients")
-        if steps >= k or broke or j == m - 1:
-            nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
-            _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs)
-            chosen = _select(nodes[0], k, which)
-            residual = np.abs(beta[0, j] * vecs[0, steps - 1, chosen])
-            scale = max(float(np.max(np.abs(nodes[0]))), np.finfo(np.float64).tiny)
-            converged = bool(len(chosen) == k and np.all(residual <= tol * scale))
-            _require_finite(nodes[0], "Lanczos coefficients")
-            if converged or broke:
-                break
+        if not (mode == "selective" or steps >= k or broke or j == m - 1):
+            continue
+        nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
+        _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs)
+        _require_finite(nodes[0], "Lanczos coefficients")
+        scale = max(float(np.max(np.abs(nodes[0]))), np.finfo(np.float64).tiny)
+        bounds = np.abs(beta[0, j] * vecs[0, steps - 1, :])
+        chosen = _select(nodes[0], k, which)
+        residual = bounds[chosen]
+        converged = bool(len(chosen) == k and np.all(residual <= tol * scale))
+        if converged or broke:
+            break
+        if mode == "selective":
+            # Parlett & Scott: the next vector loses orthogonality only towards Ritz vectors that
+            # have converged (|beta_j s_ji| small); purge exactly those directions.
+            good = np.nonzero(bounds <= purge_level * scale)[0]
+            if good.size:
+                ritz = op.empty((1, op.n, good.size))
+                _core.basis_combination(basis, np.ascontiguousarray(vecs[:, :, good]), steps, ritz)
+                _core.project_out(ritz[0], w, **op.context)
+                following = basis[0, j + 1].reshape(op.n, 1)
+                _, norm = _core.power_step(following, w, None)
+                beta[0, j] *= norm
+                w = op.compute_copy(following)
     values = nodes[0, chosen]
     coefficients = np.ascontiguousarray(vecs[:, :, chosen])
     vectors = op.empty((1, op.n, len(chosen)))
@@ -708,7 +738,8 @@ def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
 
 
 def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100, seed: int = 0,
-                     kind: str = "rademacher", dtype: Any = None, like: Any = None, reorthogonalize: bool = True,
+                     kind: str = "rademacher", dtype: Any = None, like: Any = None,
+                     reorthogonalize: Union[bool, str] = True,
                      return_info: bool = False) -> Any:
     """Stochastic Lanczos quadrature: the spectral density of a symmetric operator as nodes
     and weights (Golub & Meurant; Ubaru, Chen & Saad 2017; PyHessian's `density`).
@@ -749,6 +780,7 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     """
     op = _Operator(matvec, n, dtype, like, kind, seed)
     op.require_cpu("spectral_density")
+    full = _reorthogonalization(reorthogonalize, allow_selective=False) == "full"
     p = _args.index(num_probes, "num_probes", 1, 2**20)
     steps = _args.index(steps, "steps", 1, op.n + 1)
     if op.kind == "gaussian":  # the directions of gaussian probes are those of sphere probes
@@ -763,7 +795,7 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     w = z
     for j in range(steps):
         w = op(w, copy=True)
-        _core.lanczos_step(basis, w, alpha, beta, lengths, j, bool(reorthogonalize))
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, full)
         _require_finite(alpha[:, j], "Lanczos coefficients")
         if not np.any(beta[:, j] > 0):
             break
