@@ -1,5 +1,7 @@
 """Float64 NumPy references for curvkit's kernels, written from the definitions (not from
 curvkit's code): Philox4x32-10, the probe constructions, and correctly rounded casts."""
+import math
+
 import numpy as np
 
 MASK32 = np.uint64(0xFFFFFFFF)
@@ -199,3 +201,62 @@ def inverse_root(A, p, eps=0.0):
 def sqrt_and_inv_sqrt(A):
     """(A^{1/2}, A^{-1/2}) of symmetric PSD A, accurate beyond float64 (see eigh_extended)."""
     return tuple(spd_functions(A, np.sqrt, lambda w: 1 / np.sqrt(w)))
+
+
+# ---- Hutchinson family: the reference optimizers (float64, one tensor at a time, in place)
+
+def adahessian_group_size(shape, block_size=None):
+    """AdaHessian's spatial averaging as contiguous groups: by rank (none for 0-D/1-D, the last
+    dimension for 2-D and 3-D, the two spatial dimensions of a 4-D kernel), or blocks."""
+    size = int(np.prod(shape)) if len(shape) else 1
+    if block_size is not None:
+        return max(1, min(block_size, size))
+    if len(shape) in (2, 3):
+        return max(1, shape[-1])
+    if len(shape) == 4:
+        return max(1, shape[2] * shape[3])
+    return 1
+
+
+def group_mean_abs(h, group):
+    """Mean of |h| over contiguous groups (the last one may be shorter), summed left to right
+    (np.cumsum is sequential), broadcast back to h's shape."""
+    a = np.abs(h).reshape(-1)
+    out = np.empty_like(a)
+    for start in range(0, a.size, group):
+        seg = a[start:start + group]
+        out[start:start + group] = np.cumsum(seg)[-1] / seg.size
+    return out.reshape(h.shape)
+
+
+def adahessian_step(params, grads, hessian, exp_avg, exp_avg_sq, step, lr=0.15, betas=(0.9, 0.999), eps=1e-4,
+                    weight_decay=0.0, hessian_power=1.0, block_size=None):
+    """AdaHessian (Yao et al. 2021; adahessian/image_classification/optim_adahessian.py) with the
+    averaging of its instruction/ version, the per-tensor loop of the published optimizer."""
+    beta1, beta2 = betas
+    bias1 = 1 - beta1 ** step
+    bias2 = 1 - beta2 ** step
+    sqrt_bias2_pow = math.sqrt(bias2) ** hessian_power
+    for p, g, h, m, v in zip(params, grads, hessian, exp_avg, exp_avg_sq):
+        d = group_mean_abs(h, adahessian_group_size(p.shape, block_size))
+        m[...] = beta1 * m + (1 - beta1) * g
+        v[...] = beta2 * v + (1 - beta2) * (d * d)
+        denom = np.sqrt(v) ** hessian_power / sqrt_bias2_pow + eps
+        p[...] = p - lr * (m / bias1 / denom + weight_decay * p)
+
+
+def sophia_step(params, grads, exp_avg, hessian, lr=1e-4, betas=(0.965, 0.99), rho=0.04, weight_decay=0.1,
+                batch_size=5120, eps=1e-15, estimates=None):
+    """Sophia (Liu et al. 2023; Sophia/sophia.py): the Hessian EMA on update steps, then the
+    clipped step. Returns the number of unclipped entries."""
+    beta1, beta2 = betas
+    wins = 0
+    for i, (p, g, m, h) in enumerate(zip(params, grads, exp_avg, hessian)):
+        if estimates is not None:
+            h[...] = beta2 * h + (1 - beta2) * estimates[i]
+        p[...] = p * (1 - lr * weight_decay)
+        m[...] = beta1 * m + (1 - beta1) * g
+        ratio = np.abs(m) / (rho * batch_size * h + eps)
+        wins += int(np.sum(ratio < 1))
+        p[...] = p - lr * (np.sign(m) * np.minimum(ratio, 1.0))
+    return wins

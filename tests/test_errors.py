@@ -146,3 +146,40 @@ def test_torch_polar_steps_bounded():
     with pytest.raises(curvkit.ArgumentError, match="'steps'"):
         ct.polar_update_(torch.ones(3, 4, dtype=torch.float64), torch.ones(3, 4, dtype=torch.float64), lr=0.1,
                          steps=2**40)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: curvkit.trace_estimate(np.eye(4), None, 0), ValueError, "'num_matvecs'"),
+        (lambda: curvkit.trace_estimate(np.eye(4), None, 8, seed=-1), ValueError, "'seed'"),
+        (lambda: curvkit.trace_estimate(np.eye(4), None, 8, tol=-1.0), ValueError, "'tol'"),
+        (lambda: curvkit.trace_estimate(np.eye(4), None, 8, tol="x"), TypeError, "'tol'"),
+        (lambda: curvkit.trace_estimate(np.eye(4), None, 8, method=3), TypeError, "'method'"),
+        (lambda: curvkit.trace_estimate(np.eye(4), 5, 8), ValueError, "'n'"),
+        (lambda: curvkit.trace_estimate(lambda z: z, None, 8), TypeError, "'n'"),
+        (lambda: curvkit.trace_estimate(lambda z: z, 4, 8, dtype="int32"), TypeError, "'dtype'"),
+        (lambda: curvkit.trace_estimate(lambda z: [1.0], 4, 8), ValueError, "'matvec'"),
+        (lambda: curvkit.diag_estimate(np.eye(4), None, 8, block_size=0), ValueError, "'block_size'"),
+        (lambda: curvkit.top_eigenvalues(np.eye(4), None, k=5), ValueError, "'k'"),
+        (lambda: curvkit.top_eigenvalues(np.eye(4), None, which="left"), ValueError, "'which'"),
+        (lambda: curvkit.top_eigenvalues(np.eye(4), None, max_matvecs=0), ValueError, "'max_matvecs'"),
+        (lambda: curvkit.spectral_density(np.eye(4), None, num_probes=0), ValueError, "'num_probes'"),
+        (lambda: curvkit.adahessian_step_([np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [np.zeros(2)],
+                                          [np.zeros(2)], step=1, betas=0.9), TypeError, "'betas'"),
+        (lambda: curvkit.adahessian_step_([np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [np.zeros(2)],
+                                          [np.zeros(2)], step=1, lr=float("nan")), ValueError, "'lr'"),
+        (lambda: curvkit.adahessian_step_(np.zeros(2), [np.zeros(2)], [np.zeros(2)], [np.zeros(2)],
+                                          [np.zeros(2)], step=1), ValueError, "'grads'"),
+        (lambda: curvkit.sophia_step_([np.zeros(2)], [np.zeros(2)], [np.zeros(2)], [np.zeros(2)], lr=None),
+         TypeError, "'lr'"),
+        (lambda: curvkit.sophia_step_([np.zeros(2, "int64")], [np.zeros(2)], [np.zeros(2)], [np.zeros(2)]),
+         TypeError, "'params'"),
+        (lambda: _core.sketch_qr(np.zeros((3, 4)), np.zeros((4, 4)), 0), ValueError, "more than the dimension"),
+        (lambda: _core.lanczos_step(np.zeros((1, 3, 5)), np.zeros((5, 1)), np.zeros((1, 2)), np.zeros((1, 2)),
+                                    np.zeros(1, dtype=np.int32), 0, True), TypeError, "'lengths'"),
+    ],
+)
+def test_estimator_and_step_argument_errors(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

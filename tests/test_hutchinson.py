@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import reference
-from conftest import TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
+from conftest import CUDA_BACKENDS, TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
 
 import curvkit
 
@@ -211,3 +211,566 @@ def test_vectorized_cpu_kernel_equals_scalar_definition_bit_for_bit(rng):
     z = curvkit.probes((3001, 3), "gaussian", seed=seed, offset=offset)
     for i, j in zip(rng.integers(0, 3001, 300), rng.integers(0, 3, 300)):
         assert z[i, j] == curvkit._core._testing.gaussian_entry(seed, offset + int(j), int(i))
+
+
+# ---------------------------------------------------------------------------------------
+# Estimators: trace, diagonal, eigenvalues, spectral density
+
+N_XTRACE = 1000  # the XTrace paper's test set (eepperly/XTrace tests/test_vectors.m)
+SPECTRA = {
+    "flat": np.linspace(1, 3, N_XTRACE),
+    "poly": np.arange(1, N_XTRACE + 1) ** -2.0,
+    "exp9": 0.9 ** np.arange(N_XTRACE),
+    "exp7": 0.7 ** np.arange(N_XTRACE),
+    "step": np.r_[np.ones(N_XTRACE // 20), 1e-3 * np.ones(N_XTRACE - N_XTRACE // 20)],
+}
+
+
+@pytest.fixture(scope="module")
+def rotation():
+    q, _ = np.linalg.qr(np.random.default_rng(2024).standard_normal((N_XTRACE, N_XTRACE)))
+    return q
+
+
+def with_spectrum(rotation, name):
+    a = (rotation * SPECTRA[name]) @ rotation.T
+    return (a + a.T) / 2
+
+
+def mean_relative_error(a, method, m, trials=10, **kw):
+    exact = np.trace(a)
+    return float(np.mean([abs(curvkit.trace_estimate(a, None, m, method=method, seed=s, **kw) - exact) / exact
+                          for s in range(trials)]))
+
+
+@pytest.mark.parametrize("name, method, m, bound", [
+    ("exp7", "xtrace", 70, 1e-5),       # the and matfree's thresholds
+    ("step", "xtrace", 120, 1e-4),
+    ("exp7", "xnystrace", 50, 1e-4),
+    ("step", "xnystrace", 110, 1e-3),
+])
+def test_xtrace_spectra_thresholds(rotation, name, method, m, bound):
+    assert mean_relative_error(with_spectrum(rotation, name), method, m) < bound
+
+
+def test_deflation_gains_on_decay_not_on_flat(rotation):
+    decay, flat = with_spectrum(rotation, "exp7"), with_spectrum(rotation, "flat")
+    hutch = mean_relative_error(decay, "hutchinson", 120, trials=4)
+    assert mean_relative_error(decay, "hutch++", 120, trials=4) < 1e-3 * hutch
+    assert mean_relative_error(decay, "xtrace", 120, trials=4) < 1e-3 * hutch
+    # A flat spectrum has nothing to deflate: sign probes make Hutchinson the best there
+    # (the reference survey's simulation: 1.0e-3 against 1.9e-3 and 2.3e-3 at m = 120; the
+    # gap needs the 10 trials to stand out of the noise).
+    hutch_flat = mean_relative_error(flat, "hutchinson", 120)
+    assert mean_relative_error(flat, "xtrace", 120) > hutch_flat
+    assert mean_relative_error(flat, "hutch++", 120) > hutch_flat
+
+
+def test_hutchinson_error_falls_as_inverse_sqrt_m(rotation):
+    a = with_spectrum(rotation, "flat")
+    # E|error| = sqrt(2/pi) sigma / sqrt(m) for the (near normal) mean of m probes, with the
+    # Rademacher variance sigma^2 = 2 (|A|_F^2 - sum a_ii^2).
+    sigma = math.sqrt(2 * (np.sum(a * a) - np.sum(np.diag(a) ** 2)))
+    for m in (16, 256):
+        errors = [abs(curvkit.trace_estimate(a, None, m, method="hutchinson", seed=s) - np.trace(a))
+                  for s in range(60)]
+        expected = math.sqrt(2 / math.pi) * sigma / math.sqrt(m)
+        # 60 trials: the mean absolute error has relative spread sqrt((pi/2 - 1) / 60) = 0.1
+        assert 0.6 * expected < np.mean(errors) < 1.4 * expected
+
+
+@pytest.mark.parametrize("method, m", [("hutch++", 30), ("xtrace", 24), ("xnystrace", 12)])
+def test_trace_exact_below_sketch_rank(rng, method, m):
+    b = rng.standard_normal((300, 8))
+    a = b @ b.T  # rank 8 < the sketch
+    assert abs(curvkit.trace_estimate(a, None, m, method=method, seed=3) - np.trace(a)) < 1e-10 * np.trace(a)
+
+
+@pytest.mark.parametrize("method, m", [("diag++", 30), ("xdiag", 24)])
+def test_diag_exact_below_sketch_rank(rng, method, m):
+    b = rng.standard_normal((300, 8))
+    a = b @ b.T
+    d = curvkit.diag_estimate(a, None, m, method=method, seed=3)
+    np.testing.assert_allclose(d, np.diag(a), rtol=0, atol=1e-10 * np.abs(a).max())
+
+
+def test_xtrace_matches_naive_leave_one_out(rng):
+    n, k = 60, 6
+    a = rng.standard_normal((n, n))
+    a = a + a.T
+    est, info = curvkit.trace_estimate(a, None, 2 * k, method="xtrace", seed=9, return_info=True)
+    omega = curvkit.probes((n, k), seed=9)
+    y = a @ omega
+    naive = []
+    for i in range(k):  # the definition: a basis of the other k - 1 sketch columns
+        q, _ = np.linalg.qr(np.delete(y, i, axis=1))
+        w = omega[:, i] - q @ (q.T @ omega[:, i])
+        naive.append(np.trace(q.T @ a @ q) + w @ a @ w)
+    np.testing.assert_allclose(info["estimates"], naive, rtol=1e-10, atol=1e-10)
+    assert est == pytest.approx(np.mean(naive), rel=1e-12)
+
+
+def test_xdiag_matches_naive_leave_one_out(rng):
+    n, k = 50, 5
+    a = rng.standard_normal((n, n))
+    a = a + a.T
+    d = curvkit.diag_estimate(a, None, 2 * k, method="xdiag", seed=4)
+    omega = curvkit.probes((n, k), seed=4)
+    y = a @ omega
+    naive = []
+    for i in range(k):
+        q, _ = np.linalg.qr(np.delete(y, i, axis=1))
+        resid = a @ omega[:, i] - q @ (q.T @ (a @ omega[:, i]))
+        naive.append(np.einsum("ij,ji->i", q, q.T @ a) + omega[:, i] * resid)
+    np.testing.assert_allclose(d, np.mean(naive, axis=0), rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_trace_unbiased_with_the_textbook_variance(rng, kind):
+    n, m = 20, 20000
+    a = rng.standard_normal((n, n))
+    a = a + a.T
+    est, info = curvkit.trace_estimate(a, None, m, method="hutchinson", kind=kind, seed=1, return_info=True)
+    samples = info["estimates"]
+    frob, diag = np.sum(a * a), np.sum(np.diag(a) ** 2)
+    variance = 2 * (frob - diag) if kind == "rademacher" else 2 * frob
+    assert abs(est - np.trace(a)) < 4 * math.sqrt(variance / m)
+    # the sample variance's own standard deviation, from the sample fourth moment
+    spread = math.sqrt((np.mean((samples - samples.mean()) ** 4) - samples.var() ** 2) / m)
+    assert abs(samples.var(ddof=1) - variance) < 5 * spread
+
+
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian"])
+def test_diag_unbiased_with_the_textbook_variance(rng, kind):
+    n, m = 12, 20000
+    a = rng.standard_normal((n, n))
+    a = a + a.T
+    d, info = curvkit.diag_estimate(a, None, m, kind=kind, seed=2, return_info=True)
+    off = np.sum(a * a, axis=1) - np.diag(a) ** 2
+    variance = off if kind == "rademacher" else np.diag(a) ** 2 + np.sum(a * a, axis=1)
+    assert np.all(np.abs(d - np.diag(a)) < 4 * np.sqrt(variance / m))
+    # std_error^2 * m is the per-probe sample variance; z_i^2 (z^T a_i)^2 has kurtosis below
+    # 20 for these sizes, so the relative spread of the variance is below sqrt(19/m) = 3%.
+    np.testing.assert_allclose(info["std_error"] ** 2 * m, variance, rtol=0.15)
+
+
+@pytest.mark.parametrize("method, m, level, rate", [
+    ("hutchinson", 40, 2, 0.9),    # nominal 0.95; 200 trials put 0.9 three deviations below
+    ("hutch++", 42, 2, 0.9),
+    ("xtrace", 40, 3, 0.85),       # the leave-one-out spread is an estimate (0.92 measured)
+])
+def test_error_estimate_covers_the_error(rng, method, m, level, rate):
+    n = 200
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.arange(1, n + 1) ** -2.0
+    a = (q * lam) @ q.T
+    hits = 0
+    for s in range(200):
+        est, info = curvkit.trace_estimate(a, None, m, method=method, seed=s, return_info=True)
+        hits += abs(est - lam.sum()) <= level * info["std_error"]
+    assert hits / 200 >= rate
+
+
+def test_xdiag_and_diagpp_on_spectra(rotation):
+    for name, m, bound in (("exp7", 70, 1e-2), ("step", 120, 5e-2)):  # matfree's XDiag thresholds
+        a = with_spectrum(rotation, name)
+        errors = [np.abs(curvkit.diag_estimate(a, None, m, method="xdiag", seed=s) - np.diag(a)).max()
+                  / np.abs(np.diag(a)).max() for s in range(10)]
+        assert np.median(errors) < bound
+    a = with_spectrum(rotation, "exp7")
+    hutch = np.abs(curvkit.diag_estimate(a, None, 120) - np.diag(a)).max()
+    assert np.abs(curvkit.diag_estimate(a, None, 120, method="diag++") - np.diag(a)).max() < 1e-3 * hutch
+
+
+def test_tol_stops_early_and_reports(rng):
+    a = np.diag(rng.random(400) + 1.0) + 0.001 * np.ones((400, 400))
+    est, info = curvkit.trace_estimate(a, None, 4000, method="hutchinson", tol=0.5, return_info=True)
+    assert info["converged"] and info["std_error"] <= 0.5 and info["matvecs"] < 4000
+    assert abs(est - np.trace(a)) < 5 * 0.5
+    q, _ = np.linalg.qr(rng.standard_normal((400, 400)))
+    decaying = (q * 0.7 ** np.arange(400)) @ q.T
+    est, info = curvkit.trace_estimate(decaying, None, 400, method="xtrace", tol=1e-6, return_info=True)
+    assert info["converged"] and info["matvecs"] < 400 and info["std_error"] <= 1e-6
+    assert abs(est - np.trace(decaying)) < 1e-5
+    d, info = curvkit.diag_estimate(a, None, 4000, tol=0.05, return_info=True)
+    assert info["converged"] and info["std_error"].max() <= 0.05 and info["matvecs"] < 4000
+    with pytest.raises(curvkit.ConvergenceError) as e:
+        curvkit.trace_estimate(a, None, 20, method="hutchinson", tol=1e-9)
+    assert e.value.info["matvecs"] == 20 and not e.value.info["converged"]
+
+
+def test_estimates_reproducible_and_blocks_match(rng):
+    a = rng.standard_normal((100, 100))
+    a = a + a.T
+    calls = []
+
+    def matvec(z):
+        calls.append(z.shape[1])
+        return a @ z
+
+    one = curvkit.trace_estimate(matvec, 100, 64, method="hutchinson", seed=5)
+    assert calls == [64]
+    blocks = curvkit.trace_estimate(matvec, 100, 64, method="hutchinson", seed=5, tol=1e-12, block_size=16,
+                                    return_info=True)[0]
+    assert calls[1:] == [16, 16, 16, 16]
+    assert blocks == pytest.approx(one, rel=1e-13)
+    assert curvkit.trace_estimate(a, None, 64, method="xtrace", seed=5) == \
+        curvkit.trace_estimate(a, None, 64, method="xtrace", seed=5)
+
+
+@needs_torch
+@pytest.mark.parametrize("dtype", ["float32", "float64", "bfloat16"])
+def test_torch_operators_and_dtypes(rng, dtype):
+    import torch
+
+    n = 200
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = 0.7 ** np.arange(n)
+    a64 = (q * lam) @ q.T
+    a = torch.tensor(a64, dtype=getattr(torch, dtype))
+    exact = lam.sum()
+    like = torch.zeros(1, dtype=getattr(torch, dtype))
+    est = curvkit.trace_estimate(lambda z: a @ z, n, 160, like=like)  # 0.7^80: below rounding
+    # float32 carries 1e-7 relative rounding; bfloat16 (8 bits) products accumulate in float32
+    bound = {"float64": 1e-10, "float32": 1e-5, "bfloat16": 3e-2}[dtype]
+    assert abs(est - exact) / exact < bound
+    d = curvkit.diag_estimate(lambda z: a @ z, n, 160, method="xdiag", like=like)
+    assert isinstance(d, torch.Tensor) and d.dtype == (torch.float64 if dtype == "float64" else torch.float32)
+    assert float((d.double() - torch.tensor(np.diag(a64))).abs().max()) < 50 * bound
+
+
+def test_float32_numpy_operator(rng):
+    b = rng.standard_normal((300, 5))
+    a = (b @ b.T).astype("float32")
+    est = curvkit.trace_estimate(a, None, 20, method="xtrace", dtype="float32")
+    assert abs(est - np.trace(a.astype(np.float64))) / np.trace(a) < 1e-5
+
+
+@pytest.mark.parametrize("reorthogonalize", ["full", "selective"])
+@pytest.mark.parametrize("which", ["largest", "smallest", "magnitude"])
+def test_lanczos_top_k(rng, which, reorthogonalize):
+    n = 300
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.r_[-9.0, rng.uniform(-1, 4, n - 1)]  # a negative dominant eigenvalue
+    a = (q * lam) @ q.T
+    vals, vecs, info = curvkit.top_eigenvalues(a, None, k=3, which=which, return_vectors=True, return_info=True,
+                                               reorthogonalize=reorthogonalize)
+    order = {"largest": np.sort(lam)[::-1], "smallest": np.sort(lam),
+             "magnitude": lam[np.argsort(-np.abs(lam))]}[which]
+    np.testing.assert_allclose(vals, order[:3], rtol=1e-8, atol=1e-8)
+    assert info["converged"]
+    np.testing.assert_allclose(np.linalg.norm(a @ vecs - vecs * vals, axis=0), 0, atol=1e-5)
+
+
+def test_lanczos_without_reorthogonalization_and_power(rng):
+    n = 200
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.r_[-6.0, 5.0, rng.uniform(-1, 1, n - 2)]
+    a = (q * lam) @ q.T
+    vals = curvkit.top_eigenvalues(a, None, k=1, which="magnitude", reorthogonalize=False)
+    np.testing.assert_allclose(vals, [-6.0], rtol=1e-8)
+    power = curvkit.top_eigenvalues(a, None, k=2, which="magnitude", method="power", tol=1e-10, max_matvecs=4000)
+    np.testing.assert_allclose(power, [-6.0, 5.0], rtol=1e-6)
+    with pytest.raises(curvkit.ConvergenceError):
+        curvkit.top_eigenvalues(a, None, k=1, max_matvecs=3)
+
+
+@pytest.mark.parametrize("reorthogonalize", [True, False])
+def test_slq_gauss_quadrature(rng, reorthogonalize):
+    n, steps = 120, 8
+    b = rng.standard_normal((n, n))
+    a = (b + b.T) / math.sqrt(2 * n)
+    nodes, weights = curvkit.spectral_density(a, None, num_probes=3, steps=steps, seed=4,
+                                              reorthogonalize=reorthogonalize)
+    assert nodes.shape == weights.shape == (3, steps)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=1e-12)
+    v = curvkit.probes((n, 3), seed=4) / math.sqrt(n)
+    for p in range(2 * steps):  # Gauss rule: exact for degrees below 2 steps
+        exact = np.einsum("ij,ij->j", v, np.linalg.matrix_power(a, p) @ v)
+        np.testing.assert_allclose((weights * nodes ** p).sum(axis=1), exact, rtol=1e-8, atol=1e-10)
+
+
+def test_slq_density_of_a_known_spectrum(rng):
+    n = 400
+    q, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    lam = np.r_[rng.uniform(0.9, 1.1, 100), rng.uniform(2.9, 3.1, 300)]
+    a = (q * lam) @ q.T
+    nodes, weights, info = curvkit.spectral_density(a, None, num_probes=20, steps=30, return_info=True)
+    low = (weights * (nodes < 2)).sum(axis=1).mean()
+    # each probe's mass near 1 is |v_low|^2, of mean 1/4 and (Rademacher) spread below 0.03
+    assert abs(low - 0.25) < 0.03
+    assert info["matvecs"] == 20 * 30
+    small = np.diag([1.0, 2.0, 2.0, 5.0])
+    nodes, weights, info = curvkit.spectral_density(small, None, num_probes=2, steps=4, return_info=True)
+    assert list(info["lengths"]) == [3, 3]  # three distinct eigenvalues: the Krylov space closes
+    np.testing.assert_allclose(nodes[:, :3], [[1, 2, 5], [1, 2, 5]], atol=1e-12)
+    np.testing.assert_allclose(weights, [[0.25, 0.5, 0.25, 0]] * 2, atol=1e-12)
+
+
+def test_estimator_argument_errors():
+    a = np.eye(10)
+    with pytest.raises(curvkit.ArgumentError, match="method"):
+        curvkit.trace_estimate(a, None, 10, method="nope")
+    with pytest.raises(curvkit.ArgumentError, match="kind"):
+        curvkit.trace_estimate(a, None, 10, kind="uniform")
+    with pytest.raises(curvkit.ArgumentTypeError, match="matvec"):
+        curvkit.trace_estimate(3.0, 10, 10)
+    with pytest.raises(curvkit.ArgumentError, match="square"):
+        curvkit.trace_estimate(np.ones((3, 4)), None, 10)
+    with pytest.raises(curvkit.ArgumentError, match="shape"):
+        curvkit.trace_estimate(lambda z: z[:5], 10, 10)
+    with pytest.raises(curvkit.ArgumentError, match="non-finite"):
+        curvkit.trace_estimate(lambda z: z * np.nan, 10, 10, method="hutchinson")
+    with pytest.raises(curvkit.ArgumentError, match="non-finite"):
+        curvkit.top_eigenvalues(lambda z: z * np.inf, 10)
+    with pytest.raises(curvkit.ArgumentError, match="non-finite"):
+        curvkit.spectral_density(lambda z: z * np.nan, 10, steps=3)
+    with pytest.raises(curvkit.ArgumentError, match="non-finite"):
+        curvkit.diag_estimate(lambda z: z * np.nan, 10, 10, method="xdiag")
+    with pytest.raises(curvkit.ArgumentError, match="positive semidefinite"):
+        curvkit.trace_estimate(-np.eye(10), None, 4, method="xnystrace")
+    with pytest.raises(curvkit.ArgumentError, match="num_matvecs"):
+        curvkit.trace_estimate(a, None, 2, method="hutch++")
+    with pytest.raises(curvkit.ArgumentError, match="tol"):
+        curvkit.diag_estimate(a, None, 10, method="xdiag", tol=0.1)
+    with pytest.raises(curvkit.ArgumentError, match="magnitude"):
+        curvkit.top_eigenvalues(a, None, method="power", which="largest")
+    with pytest.raises(curvkit.ArgumentError, match="steps"):
+        curvkit.spectral_density(a, None, steps=11)
+
+
+# ---------------------------------------------------------------------------------------
+# Fused AdaHessian and Sophia steps against the float64 reference optimizers
+
+STEP_SHAPES = [(7,), (5, 3), (4, 3, 6), (6, 3, 3, 3), (2, 2, 2, 2, 2), (1,), (3, 0)]
+
+
+def step_state(rng, shapes, scale=1.0):
+    return [rng.standard_normal(s) * scale for s in shapes]
+
+
+@pytest.mark.parametrize("block_size", [None, 1, 4, 1000])
+@pytest.mark.parametrize("hessian_power", [1.0, 0.5, 0.7])
+def test_adahessian_bitwise_float64(rng, block_size, hessian_power):
+    params, grads, m = step_state(rng, STEP_SHAPES), step_state(rng, STEP_SHAPES), step_state(rng, STEP_SHAPES)
+    v = [np.abs(x) for x in step_state(rng, STEP_SHAPES)]
+    ref = [[x.copy() for x in xs] for xs in (params, m, v)]
+    for step in (1, 2, 5):
+        h = step_state(rng, STEP_SHAPES)
+        kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-4, weight_decay=0.01, hessian_power=hessian_power,
+                  block_size=block_size)
+        curvkit.adahessian_step_(params, grads, h, m, v, step=step, **kw)
+        reference.adahessian_step(ref[0], grads, h, ref[1], ref[2], step, **kw)
+    for got, want in zip(params + m + v, ref[0] + ref[1] + ref[2]):
+        np.testing.assert_array_equal(raw_bits(got), raw_bits(want))
+
+
+def test_adahessian_diagonal_quadratic_is_exact_with_one_probe():
+    # For a diagonal Hessian, |z * Hz| = |diag(H)| whatever the signs z: one probe is exact.
+    hdiag = np.array([1.0, -2.0, 3.0, 0.5])
+    z = curvkit.probes((4,), seed=3)
+    p, m, v = np.ones(4), np.zeros(4), np.zeros(4)
+    curvkit.adahessian_step_([p], [np.zeros(4)], [z * (hdiag * z)], [m], [v], step=1, block_size=1)
+    np.testing.assert_allclose(np.sqrt(v / (1 - 0.999)), np.abs(hdiag), rtol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_adahessian_low_precision(rng, dtype):
+    shapes = [(64, 32), (16, 8, 3, 3), (100,)]
+    params, grads, h = step_state(rng, shapes), step_state(rng, shapes), step_state(rng, shapes)
+    m, v = step_state(rng, shapes, 0.1), [np.abs(x) for x in step_state(rng, shapes)]
+    low = [[x.astype(dtype) for x in xs] for xs in (params, grads, h, m, v)]
+    ref = [[x.astype(dtype).astype(np.float64) for x in xs] for xs in (params, grads, h, m, v)]
+    curvkit.adahessian_step_(*low, step=3, lr=0.01)
+    reference.adahessian_step(*ref, step=3, lr=0.01)
+    unit = TOL.get((dtype, "ulp"), 2.0 ** -24)
+    for got, want in zip(low[0] + low[3] + low[4], ref[0] + ref[3] + ref[4]):
+        np.testing.assert_allclose(got.astype(np.float64), want, rtol=8 * unit, atol=8 * unit * np.abs(want).max())
+
+
+@pytest.mark.parametrize("with_estimate", [False, True])
+def test_sophia_bitwise_float64(rng, with_estimate):
+    shapes = STEP_SHAPES
+    params, grads = step_state(rng, shapes), step_state(rng, shapes)
+    m = step_state(rng, shapes, 1e-3)
+    hess = [np.abs(x) * 1e-3 for x in step_state(rng, shapes)]
+    est = [np.abs(x) * 1e-3 for x in step_state(rng, shapes)] if with_estimate else None
+    ref = [[x.copy() for x in xs] for xs in (params, m, hess)]
+    kw = dict(lr=0.05, betas=(0.9, 0.95), rho=0.04, weight_decay=0.1, batch_size=64, eps=1e-15)
+    rate = curvkit.sophia_step_(params, grads, m, hess, hessian_estimate=est, return_win_rate=True, **kw)
+    wins = reference.sophia_step(ref[0], grads, ref[1], ref[2], estimates=est, **kw)
+    assert rate == wins / sum(p.size for p in params)
+    assert 0 < rate < 1
+    for got, want in zip(params + m + hess, ref[0] + ref[1] + ref[2]):
+        np.testing.assert_array_equal(raw_bits(got), raw_bits(want))
+
+
+def test_sophia_sign_step_and_saturation():
+    p, g, m, h = np.zeros(5), np.array([1.0, -1.0, 0.0, 4.0, -4.0]), np.zeros(5), np.zeros(5)
+    assert curvkit.sophia_step_(p, g, m, h, lr=1.0, betas=(0.0, 0.5), weight_decay=0.0,
+                                return_win_rate=True) == pytest.approx(1 / 5)   # only m = 0 is unclipped
+    np.testing.assert_array_equal(p, [-1.0, 1.0, 0.0, -1.0, 1.0])
+    # |m| = rho bs h exactly: ratio 1, clipped; |m| below: the step is |m| / (rho bs h)
+    p, m, h = np.zeros(2), np.zeros(2), np.array([1.0, 2.0])
+    curvkit.sophia_step_(p, np.array([2.0, 2.0]), m, h, lr=1.0, betas=(0.0, 0.5), rho=1.0, batch_size=2.0,
+                         weight_decay=0.0, eps=0.0)
+    np.testing.assert_array_equal(p, [-1.0, -0.5])
+
+
+@needs_torch
+def test_fused_steps_on_torch_parameters(rng):
+    import torch
+
+    shapes = [(8, 4), (4,), (3, 2, 3, 3)]
+    params = [torch.nn.Parameter(torch.tensor(x)) for x in step_state(rng, shapes)]
+    grads, h = [torch.tensor(x) for x in step_state(rng, shapes)], [torch.tensor(x) for x in step_state(rng, shapes)]
+    m, v = [torch.zeros(s, dtype=torch.float64) for s in shapes], [torch.zeros(s, dtype=torch.float64) for s in shapes]
+    ref = [[p.detach().numpy().copy() for p in params], [x.numpy().copy() for x in m], [x.numpy().copy() for x in v]]
+    curvkit.adahessian_step_(params, grads, h, m, v, step=1)
+    reference.adahessian_step(ref[0], [x.numpy() for x in grads], [x.numpy() for x in h], ref[1], ref[2], 1)
+    for got, want in zip(params, ref[0]):
+        np.testing.assert_array_equal(got.detach().numpy(), want)
+
+
+def test_fused_step_argument_errors():
+    p = [np.zeros(3), np.zeros(4)]
+    with pytest.raises(curvkit.ArgumentError, match="grads"):
+        curvkit.adahessian_step_(p, [np.zeros(3)], p, p, p, step=1)
+    with pytest.raises(curvkit.ArgumentError, match="same shape"):
+        curvkit.sophia_step_([np.zeros(3)], [np.zeros(4)], [np.zeros(3)], [np.zeros(3)])
+    with pytest.raises(curvkit.ArgumentError, match="C-contiguous"):
+        curvkit.sophia_step_([np.zeros((3, 4)).T], [np.zeros((4, 3))], [np.zeros((4, 3))], [np.zeros((4, 3))])
+    with pytest.raises(curvkit.ArgumentError, match="step"):
+        curvkit.adahessian_step_([np.zeros(3)], [np.zeros(3)], [np.zeros(3)], [np.zeros(3)], [np.zeros(3)], step=0)
+    shared = np.zeros(3)
+    with pytest.raises(curvkit.ArgumentError, match="shares memory"):
+        curvkit.sophia_step_([shared], [np.zeros(3)], [shared], [np.zeros(3)])
+    with pytest.raises(curvkit.ArgumentTypeError, match="dtype"):
+        curvkit.sophia_step_([np.zeros(3)], [np.zeros(3, "float32")], [np.zeros(3)], [np.zeros(3)])
+
+
+# ---------------------------------------------------------------------------------------
+# curvkit.torch: Hessian-vector products of a loss and per-layer traces
+
+
+def _small_mlp():
+    import torch
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 5, generator=gen, dtype=torch.float64)
+    y = torch.randn(64, 2, generator=gen, dtype=torch.float64)
+    w1 = torch.randn(5, 6, generator=gen, dtype=torch.float64).requires_grad_()
+    b1 = torch.zeros(6, dtype=torch.float64).requires_grad_()
+    w2 = torch.randn(6, 2, generator=gen, dtype=torch.float64).requires_grad_()
+    params = [w1, b1, w2]
+
+    def loss_of(a, b, c):
+        return ((torch.tanh(x @ a + b) @ c - y) ** 2).mean()
+
+    return params, loss_of
+
+
+@needs_torch
+def test_hessian_matvec_matches_the_dense_hessian():
+    import torch
+
+    import curvkit.torch as ct
+
+    params, loss_of = _small_mlp()
+    dense = torch.autograd.functional.hessian(loss_of, tuple(params))
+    sizes = [p.numel() for p in params]
+    h = torch.cat([torch.cat([dense[i][j].reshape(sizes[i], sizes[j]) for j in range(3)], dim=1)
+                   for i in range(3)], dim=0)
+    matvec = ct.hessian_matvec(lambda: loss_of(*params), params)
+    z = torch.randn(sum(sizes), 7, dtype=torch.float64)
+    torch.testing.assert_close(matvec(z), h @ z, rtol=1e-12, atol=1e-12)
+    est, info = curvkit.trace_estimate(matvec, sum(sizes), 400, method="hutchinson", like=z, return_info=True)
+    assert abs(est - float(torch.trace(h))) < 4 * info["std_error"]
+    vals = curvkit.top_eigenvalues(matvec, sum(sizes), k=2, like=z)
+    np.testing.assert_allclose(vals, np.sort(np.linalg.eigvalsh(h.numpy()))[::-1][:2], rtol=1e-8)
+
+
+@needs_torch
+def test_layer_traces_are_unbiased_per_layer():
+    import torch
+
+    import curvkit.torch as ct
+
+    params, loss_of = _small_mlp()
+    dense = torch.autograd.functional.hessian(loss_of, tuple(params))
+    sizes = [p.numel() for p in params]
+    h = torch.cat([torch.cat([dense[i][j].reshape(sizes[i], sizes[j]) for j in range(3)], dim=1)
+                   for i in range(3)], dim=0).numpy()
+    m = 400
+    result = ct.layer_traces(lambda: loss_of(*params), params, num_matvecs=m, block_size=200, return_diagonals=True)
+    offset = 0
+    for r, p, size in zip(result, params, sizes):
+        block = slice(offset, offset + size)
+        offset += size
+        assert abs(r["trace"] - np.trace(h[block, block])) < 4 * r["std_error"]
+        # Rademacher: entry i of the diagonal estimate has variance sum_{j != i} h_ij^2 per probe
+        spread = np.sqrt((np.sum(h[block] ** 2, axis=1) - np.diag(h)[block] ** 2) / m)
+        assert r["diagonal"].shape == p.shape
+        assert np.all(np.abs(r["diagonal"].numpy().ravel() - np.diag(h)[block]) < 5 * spread + 1e-12)
+
+
+@pytest.mark.parametrize("case", ["well", "graded", "rank-deficient"])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_sketch_qr_extends_an_orthonormal_basis(rng, case, dtype):
+    n, k, k0 = 3000, 24, 10
+    y = rng.standard_normal((n, k))
+    if case == "graded":  # CholeskyQR2 cannot take this one: the Householder fallback does
+        y = y * np.logspace(0, -12, k)
+    elif case == "rank-deficient":
+        y[:, 5] = y[:, 2] + y[:, 3]
+    y = y.astype(dtype)
+    r = np.zeros((k, k), dtype)
+    _core = curvkit._core
+    first = np.ascontiguousarray(y[:, :k0])
+    r0 = np.zeros((k0, k0), dtype)
+    _core.sketch_qr(first, r0, 0)
+    q = np.ascontiguousarray(np.hstack([first, y[:, k0:]]))
+    r[:k0, :k0] = r0
+    _core.sketch_qr(q, r, k0)
+    eps = np.finfo(dtype).eps
+    np.testing.assert_allclose(q.T.astype(np.float64) @ q, np.eye(k), atol=200 * eps * k)
+    # backward error of a Householder or CholeskyQR2 factorization: a small multiple of k eps
+    assert np.linalg.norm(q.astype(np.float64) @ r - y) <= 20 * k * eps * np.linalg.norm(y.astype(np.float64))
+    assert np.all(np.tril(r, -1) == 0)
+
+
+def test_estimators_independent_of_the_thread_count(rng):
+    n = 20000  # several row chunks
+    d = rng.random(n)
+    a = lambda z: d[:, None] * z + 1e-3 * z.sum(axis=0, keepdims=True)  # noqa: E731
+    previous = curvkit.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            curvkit.set_num_threads(threads)
+            results.append((curvkit.trace_estimate(a, n, 40, method="xtrace"),
+                            curvkit.trace_estimate(a, n, 42, method="hutch++"),
+                            curvkit.diag_estimate(a, n, 40, method="xdiag")))
+    finally:
+        curvkit.set_num_threads(previous)
+    assert results[0][0] == results[1][0] and results[0][1] == results[1][1]
+    np.testing.assert_array_equal(results[0][2], results[1][2])
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+def test_cuda_estimators_match_the_cpu(rng, backend):
+    n = 500
+    b = rng.standard_normal((n, n))
+    a = (b + b.T) / 2
+    dense = make(a, backend)
+    like = make(np.zeros(1), backend)
+    for method, m in (("hutchinson", 64), ("hutch++", 60), ("xtrace", 60)):
+        cpu = curvkit.trace_estimate(a, None, m, method=method, seed=3)
+        gpu = curvkit.trace_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
+        assert gpu == pytest.approx(cpu, rel=1e-10)
+    for method, m in (("hutchinson", 64), ("diag++", 60), ("xdiag", 60)):
+        cpu = curvkit.diag_estimate(a, None, m, method=method, seed=3)
+        gpu = curvkit.diag_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
+        np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-9, atol=1e-9 * np.abs(cpu).max())
+    with pytest.raises(curvkit.ArgumentError, match="xnystrace"):
+        curvkit.trace_estimate(lambda z: dense @ z, n, 40, method="xnystrace", like=like)

@@ -158,3 +158,27 @@ def test_frameworks_agree_on_the_same_view(case):
     assume(dtype != "bfloat16")  # NumPy has no bfloat16
     other = torch.from_numpy(np.asarray(x)) if fw == "numpy" else x.numpy()
     np.testing.assert_array_equal(raw_bits(curvkit.polar(x)), raw_bits(curvkit.polar(other)))
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(seed=seeds, n=st.integers(2, 60), rank=st.integers(1, 6), method=st.sampled_from(["hutch++", "xtrace"]),
+       scale=scales)
+def test_deflated_trace_exact_below_the_sketch_rank(seed, n, rank, method, scale):
+    # Hutch++ and XTrace are exact once the sketch holds the operator's range (rank < probes)
+    rng = np.random.default_rng(seed)
+    rank = min(rank, n - 1)
+    b = rng.standard_normal((n, rank))
+    a = scale * (b @ b.T)
+    m = 3 * (rank + 2) if method == "hutch++" else 2 * (rank + 2)
+    assume(m // (3 if method == "hutch++" else 2) <= n)
+    est = curvkit.trace_estimate(a, None, m, method=method, seed=seed % 1000)
+    assert abs(est - np.trace(a)) <= 1e-9 * np.trace(a)
+
+
+@settings(max_examples=30, **SETTINGS)
+@given(seed=seeds, n=st.integers(1, 50), m=st.integers(1, 40))
+def test_hutchinson_exact_on_diagonal_operators_with_sign_probes(seed, n, m):
+    # z_i^2 = 1: z^T D z = tr D and z * Dz = diag D for every Rademacher z
+    d = np.random.default_rng(seed).standard_normal(n)
+    assert curvkit.trace_estimate(np.diag(d), None, m, method="hutchinson") == pytest.approx(d.sum(), abs=1e-12 * n)
+    np.testing.assert_allclose(curvkit.diag_estimate(np.diag(d), None, m), d, rtol=1e-14, atol=1e-14)

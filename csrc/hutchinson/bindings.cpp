@@ -4,6 +4,8 @@
 
 #include <array>
 #include <optional>
+#include <utility>
+#include <vector>
 
 #include "hutchinson/hutchinson.h"
 #include "hutchinson/probe_math.h"
@@ -17,6 +19,189 @@ namespace {
 
 const binding::Choices<ProbeKind> kProbeKinds = {
     {"rademacher", ProbeKind::Rademacher}, {"gaussian", ProbeKind::Gaussian}, {"sphere", ProbeKind::Sphere}};
+
+interop::ImportedArray in(py::handle a, const char* name, StreamHandle stream = 0) {
+  return interop::import_array(a, name, stream);
+}
+interop::ImportedArray out(py::handle a, const char* name, StreamHandle stream = 0) {
+  return interop::import_output(a, name, stream);
+}
+
+// The estimator cores: CPU arrays, and for the kernels with a CUDA backend CUDA arrays on `stream`.
+void register_estimators(py::module_& m) {
+  m.def(
+      "sketch_qr",
+      [](py::handle q, py::handle r, int64_t k0, StreamHandle stream, py::object workspace) {
+        auto qa = out(q, "q", stream), ra = out(r, "r", stream);
+        binding::CallScope scope(std::move(workspace));
+        sketch_qr(qa.view, ra.view, k0, stream);
+      },
+      py::arg("q"), py::arg("r"), py::arg("k0"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "Orthonormalize the new sketch columns q[:, k0:] (see hutchinson.h).");
+  m.def(
+      "xtrace_estimates",
+      [](py::handle omega, py::handle y, py::handle q, py::handle r, py::handle z, bool improved, py::handle o,
+         StreamHandle stream, py::object workspace) {
+        auto a = in(omega, "omega", stream), b = in(y, "y", stream), c = in(q, "q", stream), d = in(r, "r", stream),
+             e = in(z, "z", stream), f = out(o, "out", stream);
+        binding::CallScope scope(std::move(workspace));
+        xtrace_estimates(a.view, b.view, c.view, d.view, e.view, improved, f.view, stream);
+      },
+      py::arg("omega"), py::arg("y"), py::arg("q"), py::arg("r"), py::arg("z"), py::arg("improved"), py::arg("out"),
+      py::arg("stream") = 0, py::arg("workspace") = py::none(), "Leave-one-out XTrace estimates, one per probe.");
+  m.def(
+      "xdiag_estimates",
+      [](py::handle omega, py::handle q, py::handle r, py::handle z, py::handle mean, py::handle variance,
+         StreamHandle stream, py::object workspace) {
+        auto a = in(omega, "omega", stream), c = in(q, "q", stream), d = in(r, "r", stream), e = in(z, "z", stream),
+             f = out(mean, "mean", stream), g = out(variance, "variance", stream);
+        binding::CallScope scope(std::move(workspace));
+        xdiag_estimates(a.view, c.view, d.view, e.view, f.view, g.view, stream);
+      },
+      py::arg("omega"), py::arg("q"), py::arg("r"), py::arg("z"), py::arg("mean"), py::arg("variance"),
+      py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "XDiag: the mean of the leave-one-out diagonal estimates and its variance.");
+  m.def(
+      "xnystrace_estimates",
+      [](py::handle omega, py::handle y, double relative_shift, py::handle o) {
+        auto a = in(omega, "omega"), b = out(y, "y"), f = out(o, "out");
+        binding::CallScope scope{py::none()};
+        return xnystrace_estimates(a.view, b.view, relative_shift, f.view);
+      },
+      py::arg("omega"), py::arg("y"), py::arg("relative_shift"), py::arg("out"),
+      "Leave-one-out XNysTrace estimates; False when the operator is not PSD.");
+  m.def(
+      "column_dots",
+      [](py::handle x, py::handle y, py::handle o, StreamHandle stream, py::object workspace) {
+        auto a = in(x, "x", stream), b = in(y, "y", stream), f = out(o, "out", stream);
+        binding::CallScope scope(std::move(workspace));
+        column_dots(a.view, b.view, f.view, stream);
+      },
+      py::arg("x"), py::arg("y"), py::arg("out"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "out[j] = sum_i x[i, j] y[i, j] (float64).");
+  m.def(
+      "row_dots",
+      [](py::handle x, py::handle y, py::handle o, StreamHandle stream) {
+        auto a = in(x, "x", stream), b = in(y, "y", stream), f = out(o, "out", stream);
+        binding::CallScope scope{py::none()};
+        row_dots(a.view, b.view, f.view, stream);
+      },
+      py::arg("x"), py::arg("y"), py::arg("out"), py::arg("stream") = 0, "out[i] = sum_j x[i, j] y[i, j].");
+  m.def(
+      "project_out",
+      [](py::handle q, py::handle x, StreamHandle stream, py::object workspace) {
+        auto a = in(q, "q", stream), b = out(x, "x", stream);
+        binding::CallScope scope(std::move(workspace));
+        project_out(a.view, b.view, stream);
+      },
+      py::arg("q"), py::arg("x"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "x <- x - Q (Q^T x), twice.");
+  m.def(
+      "accumulate_products",
+      [](py::handle x, py::handle y, int64_t count, py::handle mean, py::handle m2, StreamHandle stream) {
+        auto a = in(x, "x", stream), b = in(y, "y", stream), c = out(mean, "mean", stream), d = out(m2, "m2", stream);
+        binding::CallScope scope{py::none()};
+        accumulate_products(a.view, b.view, count, c.view, d.view, stream);
+      },
+      py::arg("x"), py::arg("y"), py::arg("count"), py::arg("mean"), py::arg("m2"), py::arg("stream") = 0,
+      "Merge the row samples x * y into a running mean and sum of squared deviations.");
+  m.def(
+      "lanczos_step",
+      [](py::handle basis, py::handle w, py::handle alpha, py::handle beta, py::handle lengths, int64_t j,
+         bool reorthogonalize) {
+        auto a = out(basis, "basis"), b = out(w, "w"), c = out(alpha, "alpha"), d = out(beta, "beta"),
+             e = out(lengths, "lengths");
+        binding::CallScope scope{py::none()};
+        lanczos_step(a.view, b.view, c.view, d.view, e.view, j, reorthogonalize);
+      },
+      py::arg("basis"), py::arg("w"), py::arg("alpha"), py::arg("beta"), py::arg("lengths"), py::arg("j"),
+      py::arg("reorthogonalize"), "One Lanczos step on p independent probes.");
+  m.def(
+      "tridiagonal_eigh",
+      [](py::handle alpha, py::handle beta, py::handle lengths, int64_t steps, py::handle nodes, py::handle vectors) {
+        auto a = in(alpha, "alpha"), b = in(beta, "beta"), c = in(lengths, "lengths"), d = out(nodes, "nodes"),
+             e = out(vectors, "vectors");
+        binding::CallScope scope{py::none()};
+        tridiagonal_eigh(a.view, b.view, c.view, steps, d.view, e.view);
+      },
+      py::arg("alpha"), py::arg("beta"), py::arg("lengths"), py::arg("steps"), py::arg("nodes"), py::arg("vectors"),
+      "Eigenpairs of the Lanczos tridiagonal matrices.");
+  m.def(
+      "basis_combination",
+      [](py::handle basis, py::handle coefficients, int64_t steps, py::handle o) {
+        auto a = in(basis, "basis"), b = in(coefficients, "coefficients"), c = out(o, "out");
+        binding::CallScope scope{py::none()};
+        basis_combination(a.view, b.view, steps, c.view);
+      },
+      py::arg("basis"), py::arg("coefficients"), py::arg("steps"), py::arg("out"),
+      "Ritz vectors from a Lanczos basis.");
+  m.def(
+      "power_step",
+      [](py::handle v, py::handle w, py::handle found) {
+        auto a = out(v, "v"), b = out(w, "w");
+        std::optional<interop::ImportedArray> f;
+        if (!found.is_none()) f.emplace(in(found, "found"));
+        double norm = 0, rayleigh = 0;
+        {
+          binding::CallScope scope{py::none()};
+          rayleigh = power_step(a.view, b.view, f ? &f->view : nullptr, norm);
+        }
+        return std::make_pair(rayleigh, norm);
+      },
+      py::arg("v"), py::arg("w"), py::arg("found"), "One deflated power-iteration step: (v^T w, |w|).");
+}
+
+void register_steps(py::module_& m) {
+  m.def(
+      "adahessian_step",
+      [](const py::list& params, const py::list& grads, const py::list& hessian, const py::list& exp_avg,
+         const py::list& exp_avg_sq, double lr, double beta1, double beta2, double eps, double weight_decay,
+         double hessian_power, int64_t step, std::vector<int64_t> group_sizes, StreamHandle stream,
+         py::object workspace) {
+        AdaHessianOptions o;
+        o.lr = lr;
+        o.beta1 = beta1;
+        o.beta2 = beta2;
+        o.eps = eps;
+        o.weight_decay = weight_decay;
+        o.hessian_power = hessian_power;
+        o.step = step;
+        o.group_sizes = std::move(group_sizes);
+        binding::ArrayList p(params, "params", stream, binding::Access::Write), g(grads, "grads", stream),
+            h(hessian, "hessian_diag_samples", stream), m1(exp_avg, "exp_avg", stream, binding::Access::Write),
+            m2(exp_avg_sq, "exp_avg_sq", stream, binding::Access::Write);
+        binding::CallScope scope(std::move(workspace));
+        adahessian_step(p.views(), g.views(), h.views(), m1.views(), m2.views(), o, stream);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("hessian_diag_samples"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
+      py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
+      py::arg("hessian_power"), py::arg("step"), py::arg("group_sizes"), py::arg("stream"), py::arg("workspace"),
+      "The fused AdaHessian step over lists of tensors (see curvkit.adahessian_step_).");
+  m.def(
+      "sophia_step",
+      [](const py::list& params, const py::list& grads, const py::list& exp_avg, const py::list& hessian,
+         const py::list& estimates, double lr, double beta1, double beta2, double rho, double weight_decay,
+         double batch_size, double eps, bool count_wins, StreamHandle stream, py::object workspace) {
+        SophiaOptions o;
+        o.lr = lr;
+        o.beta1 = beta1;
+        o.beta2 = beta2;
+        o.rho = rho;
+        o.weight_decay = weight_decay;
+        o.batch_size = batch_size;
+        o.eps = eps;
+        o.count_wins = count_wins;
+        binding::ArrayList p(params, "params", stream, binding::Access::Write), g(grads, "grads", stream),
+            m1(exp_avg, "exp_avg", stream, binding::Access::Write),
+            h(hessian, "hessian", stream, binding::Access::Write), e(estimates, "hessian_estimate", stream);
+        binding::CallScope scope(std::move(workspace));
+        return sophia_step(p.views(), g.views(), m1.views(), h.views(), e.views(), o, stream);
+      },
+      py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("hessian"), py::arg("hessian_estimate"),
+      py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("rho"), py::arg("weight_decay"),
+      py::arg("batch_size"), py::arg("eps"), py::arg("count_wins"), py::arg("stream"), py::arg("workspace"),
+      "The fused Sophia step over lists of tensors; the unclipped count (see curvkit.sophia_step_).");
+}
 
 }  // namespace
 
@@ -56,6 +241,8 @@ void register_hutchinson(py::module_& m, py::module_& testing) {
       py::arg("seed"), py::arg("probe"), py::arg("i"),
       "Entry i of gaussian probe `probe`, from the scalar definition (tests compare the "
       "vectorized kernels against it bit for bit).");
+  register_estimators(m);
+  register_steps(m);
 }
 
 }  // namespace curvkit

@@ -8,7 +8,15 @@ import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the exte
 from . import _core
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
 from ._errors import ArgumentError, ArgumentTypeError, ConvergenceError, CudaError, CurvkitError
-from .hutchinson import probes
+from .hutchinson import (
+    adahessian_step_,
+    diag_estimate,
+    probes,
+    sophia_step_,
+    spectral_density,
+    top_eigenvalues,
+    trace_estimate,
+)
 from .inverse_root import eigenbasis_update, eigh, matrix_inverse_root, orthonormalize
 from .newton_schulz import (
     matrix_inv_sqrt,
@@ -23,12 +31,14 @@ __version__ = _core.build_info()["version"]
 
 __all__ = [
     "__version__",
+    "adahessian_step_",
     "ArgumentError",
     "ArgumentTypeError",
     "ConvergenceError",
     "CudaError",
     "CurvkitError",
     "config",
+    "diag_estimate",
     "eigenbasis_update",
     "eigh",
     "get_num_threads",
@@ -44,4 +54,8 @@ __all__ = [
     "set_num_threads",
     "show_config",
     "solve_lyapunov",
+    "sophia_step_",
+    "spectral_density",
+    "top_eigenvalues",
+    "trace_estimate",
 ]

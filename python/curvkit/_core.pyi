@@ -22,6 +22,57 @@ def convert(src: Array, dst: Array, stream: int = 0, name: str = "src") -> None:
 # hutchinson
 def probes(out: Array, *, kind: str, seed: int, offset: int, workspace: Optional[Array], stream: int) -> None: ...
 def probes_workspace_size(shape: Sequence[int], kind: str, cuda: bool) -> int: ...
+def sketch_qr(q: Array, r: Array, k0: int, stream: int = 0, workspace: Workspace = None) -> None: ...
+def xtrace_estimates(omega: Array, y: Array, q: Array, r: Array, z: Array, improved: bool, out: Array,
+                     stream: int = 0, workspace: Workspace = None) -> None: ...
+def xdiag_estimates(omega: Array, q: Array, r: Array, z: Array, mean: Array, variance: Array, stream: int = 0,
+                    workspace: Workspace = None) -> None: ...
+def xnystrace_estimates(omega: Array, y: Array, relative_shift: float, out: Array) -> bool: ...
+def column_dots(x: Array, y: Array, out: Array, stream: int = 0, workspace: Workspace = None) -> None: ...
+def row_dots(x: Array, y: Array, out: Array, stream: int = 0) -> None: ...
+def project_out(q: Array, x: Array, stream: int = 0, workspace: Workspace = None) -> None: ...
+def accumulate_products(x: Array, y: Array, count: int, mean: Array, m2: Array, stream: int = 0) -> None: ...
+def lanczos_step(basis: Array, w: Array, alpha: Array, beta: Array, lengths: Array, j: int,
+                 reorthogonalize: bool) -> None: ...
+def tridiagonal_eigh(alpha: Array, beta: Array, lengths: Array, steps: int, nodes: Array, vectors: Array) -> None: ...
+def basis_combination(basis: Array, coefficients: Array, steps: int, out: Array) -> None: ...
+def power_step(v: Array, w: Array, found: Optional[Array]) -> tuple[float, float]: ...
+def adahessian_step(
+    params: list[Array],
+    grads: list[Array],
+    hessian_diag_samples: list[Array],
+    exp_avg: list[Array],
+    exp_avg_sq: list[Array],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    hessian_power: float,
+    step: int,
+    group_sizes: list[int],
+    stream: int,
+    workspace: Workspace,
+) -> None: ...
+def sophia_step(
+    params: list[Array],
+    grads: list[Array],
+    exp_avg: list[Array],
+    hessian: list[Array],
+    hessian_estimate: list[Array],
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    rho: float,
+    weight_decay: float,
+    batch_size: float,
+    eps: float,
+    count_wins: bool,
+    stream: int,
+    workspace: Workspace,
+) -> int: ...
 
 # newton_schulz
 def polar(

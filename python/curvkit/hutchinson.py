@@ -2,9 +2,13 @@
 spectrum estimators (AdaHessian, Sophia, HAWQ, Hutch++, XTrace)."""
 from __future__ import annotations
 
-from typing import Any, Sequence, Union
+import math
+from typing import Any, Optional, Sequence, Union
+
+import numpy as np
 
 from . import _args, _arrays, _core
+from ._errors import ArgumentError, ArgumentTypeError, ConvergenceError
 
 
 def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int = 0, offset: int = 0,
@@ -132,3 +136,814 @@ def _target(like: Any, device: Any, dtype: Any) -> tuple[str, tuple[str, int], s
     if dev[0] == "cuda" and not _core.built_with_cuda():
         raise ValueError("a CUDA device was asked for, but this curvkit build has no CUDA kernels")
     return framework, dev, dtype
+
+
+# ---------------------------------------------------------------------------------------
+# Estimators over a user matvec: trace, diagonal, extreme eigenvalues, spectral density.
+# The loop that calls the matvec lives here; the linear algebra between calls is native.
+
+TRACE_METHODS = ("hutchinson", "hutch++", "xtrace", "xnystrace")
+DIAG_METHODS = ("hutchinson", "diag++", "xdiag")
+PROBE_KINDS = ("rademacher", "gaussian", "sphere")
+
+
+class _Operator:
+    """The user's operator: a callable on (n, k) blocks, or a dense (n, n) array. Draws probes in
+    the operator's framework, device and dtype, applies the matvec, counts matvecs, and hands
+    the products back in the compute dtype (float64 for float64, float32 otherwise)."""
+
+    def __init__(self, matvec: Any, n: Any, dtype: Any, like: Any, kind: str, seed: int) -> None:
+        if callable(matvec):
+            self.apply = matvec
+            if n is None:
+                raise ArgumentTypeError("argument 'n' is required when 'matvec' is a callable")
+        elif hasattr(matvec, "shape") and hasattr(matvec, "dtype"):
+            _arrays.framework_of(matvec, "matvec")
+            shape = tuple(matvec.shape)
+            if len(shape) != 2 or shape[0] != shape[1]:
+                raise ArgumentError(f"argument 'matvec' must be a callable or a square (n, n) array, got shape {shape}")
+            n = shape[0] if n is None else n
+            if n != shape[0]:
+                raise ArgumentError(f"argument 'n' ({n}) does not match the array 'matvec' of shape {shape}")
+            dense = _arrays.detached(matvec, "matvec")
+            like = dense if like is None else like
+            self.apply = lambda z: dense @ z
+        else:
+            raise ArgumentTypeError("argument 'matvec' must be a callable mapping (n, k) blocks to A @ block, or an "
+                                    f"(n, n) array, got {type(matvec).__name__}")
+        self.n = _args.index(n, "n", 1, 2**31)
+        self.framework, self.device, self.dtype = _target(like, None, dtype)
+        self.compute = "float64" if self.dtype == "float64" else "float32"
+        self.kind = kind if isinstance(kind, str) else ""
+        if self.kind not in PROBE_KINDS:
+            raise ArgumentError(f"argument 'kind' must be one of {', '.join(map(repr, PROBE_KINDS))}, got {kind!r}")
+        self.seed = _args.index(seed, "seed", 0, 2**64)
+        self.offset = 0
+        self.matvecs = 0
+        self.stream = _arrays.current_stream(self.framework, self.device)
+
+    @property
+    def context(self) -> dict:
+        """The stream and workspace allocator of the native calls on this operator's device."""
+        return {"stream": self.stream, "workspace": _arrays.workspace_allocator(self.framework, self.device)}
+
+    def require_cpu(self, what: str) -> None:
+        if self.device[0] == "cuda":
+            raise ArgumentError(f"{what} runs on CPU arrays only in this version (Hutchinson, Hutch++, XTrace, "
+                                "Diag++ and XDiag also run on CUDA): pass CPU probes (like=) and a CPU matvec")
+
+    def empty(self, shape: tuple, dtype: Any = None) -> Any:
+        return _arrays.empty(shape, dtype or self.compute, self.framework, self.device)
+
+    def draw(self, k: int, unit: bool = False) -> Any:
+        """k fresh probes (n, k) in the user's dtype, E[z z^T] = I (sphere probes have norm sqrt(n)),
+        or with `unit` sphere probes of norm 1."""
+        z = probes((self.n, k), kind=self.kind, seed=self.seed, offset=self.offset, dtype=self.dtype,
+                   device=_device_object(self.framework, self.device))
+        self.offset += k
+        if self.kind == "sphere" and not unit:
+            z *= math.sqrt(self.n)
+        return z
+
+    def __call__(self, z: Any, copy: bool = False) -> Any:
+        """A z in the compute dtype, C-contiguous (a private copy when `copy`)."""
+        k = int(z.shape[1])
+        if _arrays.dtype_name(z.dtype) != self.dtype:
+            z = _arrays.convert(z, self.dtype)
+        y = self.apply(z)
+        if not hasattr(y, "shape") or tuple(y.shape) != (self.n, k):
+            got = tuple(y.shape) if hasattr(y, "shape") else type(y).__name__
+            raise ArgumentError(f"argument 'matvec' must return an array of shape ({self.n}, {k}) for a block of "
+                                f"{k} probes, got {got}")
+        if _arrays.framework_of(y, "matvec output") != self.framework or _arrays.device_of(y) != self.device:
+            raise ArgumentError("argument 'matvec' must return an array of the probes' framework and device "
+                                f"({self.framework} on {self.device[0]})")
+        self.matvecs += k
+        y = _arrays.detached(y, "matvec output")
+        if copy or _arrays.dtype_name(y.dtype) != self.compute:
+            return _arrays.convert(y, self.compute, name="matvec output")
+        return _arrays.contiguous(y, "matvec output")
+
+    def compute_copy(self, x: Any) -> Any:
+        return _arrays.convert(x, self.compute)
+
+
+def _device_object(framework: str, device: tuple) -> Any:
+    if framework == "numpy":
+        return "cpu"
+    if framework == "torch":
+        import torch
+
+        return torch.device(device[0], device[1]) if device[0] == "cuda" else torch.device("cpu")
+    import cupy
+
+    return cupy.cuda.Device(device[1])
+
+
+def _host(x: Any) -> np.ndarray:
+    """A NumPy view or copy of a CPU array of any framework (float64 results of native calls)."""
+    fw = _arrays.framework_of(x)
+    if fw == "torch":
+        return x.detach().cpu().numpy()
+    if fw == "cupy":
+        return x.get()
+    return np.asarray(x)
+
+
+def _hstack(parts: list, op: _Operator, dtype: str) -> Any:
+    """The columns of `parts` side by side, as one C-contiguous array of op's framework."""
+    k = sum(int(p.shape[1]) for p in parts)
+    out = op.empty((op.n, k), dtype)
+    col = 0
+    for p in parts:
+        width = int(p.shape[1])
+        out[:, col:col + width] = p if _arrays.dtype_name(p.dtype) == dtype else _arrays.convert(p, dtype)
+        col += width
+    return out
+
+
+def _require_finite(values: np.ndarray, what: str) -> None:
+    if not np.all(np.isfinite(values)):
+        raise ArgumentError(f"argument 'matvec' produced non-finite values (NaN or Inf) in the {what}")
+
+
+def _budget(num_matvecs: Any, low: int) -> int:
+    return _args.index(num_matvecs, "num_matvecs", low, 2**31)
+
+
+def _tol(tol: Any) -> Optional[float]:
+    if tol is None:
+        return None
+    t = _args.real(tol, "tol")
+    if not t > 0 or not math.isfinite(t):
+        raise ArgumentError(f"argument 'tol' must be a positive finite number, got {tol}")
+    return t
+
+
+def _finish(function: str, result: Any, info: dict, return_info: bool) -> Any:
+    if return_info:
+        return result, info
+    if not info["converged"]:
+        raise ConvergenceError(f"{function}: the target standard error (tol) was not reached within the budget "
+                               f"of {info['matvecs']} matvecs (standard error {np.max(info['std_error']):.3g}); pass "
+                               "return_info=True to get the estimate anyway", info, result)
+    return result
+
+
+def _mean_and_error(estimates: np.ndarray) -> tuple[float, float]:
+    m = estimates.size
+    mean = float(np.mean(estimates))
+    error = float(np.std(estimates, ddof=1) / math.sqrt(m)) if m > 1 else math.inf
+    return mean, error
+
+
+def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace", kind: str = "rademacher",
+                   seed: int = 0, dtype: Any = None, like: Any = None, tol: Optional[float] = None,
+                   block_size: Optional[int] = None, return_info: bool = False) -> Any:
+    """Stochastic estimate of tr(A) from products with A alone.
+
+    Parameters
+    ----------
+    matvec : callable or array (n, n)
+        ``matvec(Z)`` maps a block of probes Z (n, k), of the framework, device and dtype of
+        ``like`` (NumPy float64 by default), to ``A @ Z`` of the same kind; it is called on
+        blocks, never once per probe. A dense square array is used as ``A @ Z``. A is
+        symmetric (positive semidefinite for "xnystrace").
+    n : int
+        The dimension (None for an array ``matvec``).
+    num_matvecs : int
+        The budget in products with A (columns of all blocks together), so that methods
+        compare at equal cost: "hutchinson" uses m probes; "hutch++" m/3 to sketch, m/3 on the
+        sketch and the rest as probes of the residual; "xtrace" m/2 probes (each used twice);
+        "xnystrace" m probes.
+    method : {"xtrace", "hutchinson", "hutch++", "xnystrace"}
+        Hutchinson (Girard-Hutchinson); Hutch++ (Meyer et al. 2021); XTrace and XNysTrace
+        (Epperly, Tropp & Webber 2024), exchangeable leave-one-out estimators that are exact
+        for operators of rank below the number of probes and reach errors orders of magnitude
+        below Hutchinson's on decaying spectra.
+    kind : {"rademacher", "gaussian", "sphere"}
+        Probe distribution (:func:`probes`; sphere probes are scaled to norm sqrt(n), and
+        XTrace then uses Epperly et al.'s rescaled "improved" estimator).
+    seed : int
+        Probes are :func:`probes` numbers 0, 1, ... under this seed: reproducible everywhere.
+    dtype, like : optional
+        The probes' dtype and framework/device, as in :func:`probes`. float16/bfloat16
+        matvec outputs are accumulated in float32.
+    tol : float, optional
+        Target standard error: probes are drawn in blocks until the estimate's standard
+        error is at most ``tol`` or the budget is spent ("hutchinson", "xtrace", "xnystrace";
+        for "hutch++" the residual probes are drawn this way). Missing it raises
+        ConvergenceError unless ``return_info``.
+    block_size : int, optional
+        Probes per block when ``tol`` is given (default 16 for Hutchinson, 8 for the first
+        block of XTrace/XNysTrace, whose later blocks double the probes).
+    return_info : bool
+        Also return a dict: "std_error" (the standard error of the estimate; for XTrace and
+        XNysTrace the spread of the leave-one-out estimates), "matvecs", "num_probes",
+        "estimates" (the per-probe or leave-one-out values), "converged".
+
+    Returns
+    -------
+    float, or (float, dict) with ``return_info``.
+
+    Notes
+    -----
+    "hutchinson", "hutch++" and "xtrace" also run on CUDA probes and matvecs (the sketch QR
+    on cuSOLVER, the products on cuBLAS; each block's estimates are read back to the host).
+    "xnystrace" runs on the CPU only in this version (ArgumentError for CUDA arrays).
+
+    Examples
+    --------
+    >>> import numpy as np, curvkit
+    >>> rng = np.random.default_rng(0)
+    >>> U, _ = np.linalg.qr(rng.standard_normal((300, 300)))
+    >>> A = (U * 0.7 ** np.arange(300)) @ U.T          # fast-decaying spectrum, trace 3.33
+    >>> est = curvkit.trace_estimate(lambda Z: A @ Z, 300, num_matvecs=100)
+    >>> bool(abs(est - np.trace(A)) < 1e-6)
+    True
+    >>> est, info = curvkit.trace_estimate(A, None, 200, method="hutchinson", return_info=True)
+    >>> info["matvecs"], bool(abs(est - np.trace(A)) < 4 * info["std_error"])
+    (200, True)
+    """
+    method = _args.method_name(method)
+    if method not in TRACE_METHODS:
+        raise ArgumentError(f"argument 'method' must be one of {', '.join(map(repr, TRACE_METHODS))}, got {method!r}")
+    op = _Operator(matvec, n, dtype, like, kind, seed)
+    budget = _budget(num_matvecs, {"hutchinson": 1, "hutch++": 3, "xtrace": 2, "xnystrace": 1}[method])
+    tol = _tol(tol)
+    if block_size is not None:
+        block_size = _args.index(block_size, "block_size", 1, 2**31)
+    if method == "hutchinson":
+        estimates = _hutchinson_trace(op, budget, tol, block_size or 16)
+        value, error = _mean_and_error(estimates)
+    elif method == "hutch++":
+        value, error, estimates = _hutchpp_trace(op, budget, tol, block_size or 16)
+    else:
+        estimates = _leave_one_out_trace(op, budget, tol, block_size or 8, method)
+        value, error = _mean_and_error(estimates)
+    info = {"std_error": error, "matvecs": op.matvecs, "num_probes": op.offset, "estimates": estimates,
+            "converged": tol is None or error <= tol}
+    return _finish("trace_estimate", value, info, return_info)
+
+
+def _hutchinson_trace(op: _Operator, budget: int, tol: Optional[float], block: int) -> np.ndarray:
+    parts: list[np.ndarray] = []
+    while op.matvecs < budget:
+        k = budget - op.matvecs if tol is None else min(block, budget - op.matvecs)
+        z = op.draw(k)
+        y = op(z)
+        out = op.empty((k,), "float64")
+        _core.column_dots(_arrays.contiguous(z, dtype=op.compute), y, out, **op.context)
+        values = _host(out)
+        _require_finite(values, "quadratic forms")
+        parts.append(values)
+        estimates = np.concatenate(parts)
+        if tol is not None and estimates.size > 1 and _mean_and_error(estimates)[1] <= tol:
+            break
+    return np.concatenate(parts)
+
+
+def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int) -> tuple[float, float, np.ndarray]:
+    k = min(budget // 3, op.n)  # a sketch of n columns already holds the whole trace
+    s = op.draw(k)
+    q = op(s, copy=True)
+    r = op.empty((k, k))
+    _core.sketch_qr(q, r, 0, **op.context)
+    aq = op(q)
+    head_out = op.empty((k,), "float64")
+    _core.column_dots(q, aq, head_out, **op.context)
+    head = _host(head_out)
+    _require_finite(head, "sketch")
+    parts: list[np.ndarray] = []
+    while op.matvecs < budget:
+        count = budget - op.matvecs if tol is None else min(block, budget - op.matvecs)
+        g = op.compute_copy(op.draw(count))
+        _core.project_out(q, g, **op.context)
+        out = op.empty((count,), "float64")
+        _core.column_dots(g, op(g), out, **op.context)
+        values = _host(out)
+        _require_finite(values, "residual quadratic forms")
+        parts.append(values)
+        residual = np.concatenate(parts)
+        if tol is not None and residual.size > 1 and _mean_and_error(residual)[1] <= tol:
+            break
+    mean, error = _mean_and_error(residual)
+    return float(head.sum()) + mean, error, float(head.sum()) + residual
+
+
+def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first: int, method: str) -> np.ndarray:
+    if method == "xnystrace":
+        op.require_cpu("method 'xnystrace'")
+    per_probe = 2 if method == "xtrace" else 1
+    limit = min(budget // per_probe, op.n)
+    if limit < 1:
+        raise ArgumentError(f"argument 'num_matvecs' must allow at least one probe for {method}")
+    omega = y = q = z = r = None
+    k = 0
+    while True:
+        new = limit - k if tol is None else min(limit - k, first if k == 0 else k)
+        w_new = op.compute_copy(op.draw(new))
+        y_new = op(w_new)
+        omega = w_new if omega is None else _hstack([omega, w_new], op, op.compute)
+        y = y_new if y is None else _hstack([y, y_new], op, op.compute)
+        k0, k = k, k + new
+        if method == "xtrace":
+            q = _hstack([y] if q is None else [q, y_new], op, op.compute)
+            r_new = op.empty((k, k))
+            if k0:
+                r_new[:k0, :k0] = r
+            r = r_new
+            _core.sketch_qr(q, r, k0, **op.context)
+            z_new = op(q[:, k0:k])
+            z = z_new if z is None else _hstack([z, z_new], op, op.compute)
+            out = op.empty((k,), "float64")
+            _core.xtrace_estimates(omega, y, q, r, z, op.kind == "sphere", out, **op.context)
+            estimates = _host(out)
+        else:
+            estimates = np.empty(k)
+            shift = 10 * float(np.finfo(op.compute).eps)
+            if not _core.xnystrace_estimates(omega, _arrays.convert(y), shift, estimates):
+                raise ArgumentError("argument 'matvec' is not positive semidefinite, or the probes are linearly "
+                                    "dependent (Omega^T A Omega is not positive definite; sign probes can be for "
+                                    "small n): xnystrace needs a PSD operator; use method='xtrace' or "
+                                    "kind='gaussian'")
+        _require_finite(estimates, "leave-one-out estimates")
+        if k >= limit or (tol is not None and k > 1 and _mean_and_error(estimates)[1] <= tol):
+            return estimates
+
+
+def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchinson", kind: str = "rademacher",
+                  seed: int = 0, dtype: Any = None, like: Any = None, tol: Optional[float] = None,
+                  block_size: Optional[int] = None, return_info: bool = False) -> Any:
+    """Stochastic estimate of the diagonal of A from products with A alone.
+
+    Parameters as in :func:`trace_estimate`; ``method``:
+    "hutchinson" (the mean of z * Az over m probes; Bekas et al. 2007), "diag++" (an m/3-column
+    sketch Q, diag(Q (AQ)^T) plus Hutchinson on the residual (I - QQ^T) A; Baston &
+    Nakatsukasa 2022) or "xdiag" (m/2 probes, the exchangeable leave-one-out estimator of
+    Epperly, Tropp & Webber 2024). ``tol`` (Hutchinson only) is a target for the largest
+    per-entry standard error.
+
+    Returns
+    -------
+    array (n,) of the probes' framework and device, in the compute dtype (float64 for float64
+    probes, float32 otherwise); with ``return_info`` also a dict with "std_error" (n,),
+    "matvecs", "num_probes", "converged".
+
+    Examples
+    --------
+    >>> import numpy as np, curvkit
+    >>> A = np.diag(np.arange(1.0, 6.0)) + 0.01
+    >>> d = curvkit.diag_estimate(A, None, num_matvecs=400)
+    >>> bool(np.abs(d - np.diag(A)).max() < 0.01)
+    True
+    >>> B = np.random.default_rng(0).standard_normal((50, 6))
+    >>> A = B @ B.T                                             # rank 6
+    >>> d = curvkit.diag_estimate(A, None, num_matvecs=16, method="xdiag")  # 8 probes: exact
+    >>> bool(np.abs(d - np.diag(A)).max() < 1e-9)
+    True
+    """
+    method = _args.method_name(method)
+    if method not in DIAG_METHODS:
+        raise ArgumentError(f"argument 'method' must be one of {', '.join(map(repr, DIAG_METHODS))}, got {method!r}")
+    op = _Operator(matvec, n, dtype, like, kind, seed)
+    budget = _budget(num_matvecs, {"hutchinson": 1, "diag++": 3, "xdiag": 2}[method])
+    tol = _tol(tol)
+    if tol is not None and method != "hutchinson":
+        raise ArgumentError(f"argument 'tol' is supported by method 'hutchinson' only, not {method!r}")
+    block = 16 if block_size is None else _args.index(block_size, "block_size", 1, 2**31)
+    mean, m2 = op.empty((op.n,)), op.empty((op.n,))
+    if method == "xdiag":
+        k = min(budget // 2, op.n)
+        omega = op.compute_copy(op.draw(k))
+        q = op(omega, copy=True)
+        r = op.empty((k, k))
+        _core.sketch_qr(q, r, 0, **op.context)
+        z = op(q)
+        _core.xdiag_estimates(omega, q, r, z, mean, m2, **op.context)
+        error = np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0))
+    else:
+        count, q = 0, None
+        base = None
+        if method == "diag++":
+            k = min(budget // 3, op.n)
+            q = op(op.draw(k), copy=True)
+            r = op.empty((k, k))
+            _core.sketch_qr(q, r, 0, **op.context)
+            base = op.empty((op.n,))
+            _core.row_dots(q, op(q), base, stream=op.stream)
+        while op.matvecs < budget:
+            k = budget - op.matvecs if tol is None else min(block, budget - op.matvecs)
+            g = op.draw(k)
+            y = op(g, copy=q is not None)
+            if q is not None:
+                _core.project_out(q, y, **op.context)
+            _core.accumulate_products(_arrays.contiguous(g, dtype=op.compute), y, count, mean, m2, stream=op.stream)
+            count += k
+            error = _diag_error(m2, count)
+            if tol is not None and count > 1 and error.max() <= tol:
+                break
+        if base is not None:
+            mean += base
+    _require_finite(_host(mean), "diagonal estimate")
+    info = {"std_error": error, "matvecs": op.matvecs, "num_probes": op.offset,
+            "converged": tol is None or bool(error.max() <= tol)}
+    return _finish("diag_estimate", mean, info, return_info)
+
+
+def _diag_error(m2: Any, count: int) -> np.ndarray:
+    if count < 2:
+        return np.full(int(m2.shape[0]), math.inf)
+    return np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0) / (count - 1) / count)
+
+
+WHICH = ("largest", "smallest", "magnitude")
+
+
+def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", method: str = "lanczos",
+                    max_matvecs: Optional[int] = None, tol: Optional[float] = None, seed: int = 0,
+                    dtype: Any = None, like: Any = None, reorthogonalize: Union[bool, str] = True,
+                    return_vectors: bool = False, return_info: bool = False) -> Any:
+    """The k extreme eigenvalues of a symmetric operator known through products with it.
+
+    Parameters
+    ----------
+    matvec, n, dtype, like
+        As in :func:`trace_estimate` (called here on one vector (n, 1) at a time).
+    k : int
+        How many eigenvalues.
+    which : {"largest", "smallest", "magnitude"}
+        The algebraically largest (descending), the smallest (ascending), or those of largest
+        absolute value (by decreasing magnitude, signs kept).
+    method : {"lanczos", "power"}
+        Lanczos, or power
+        iteration with deflation against the eigenvectors already found, as PyHessian does
+        (``which="magnitude"`` only).
+    max_matvecs : int, optional
+        Budget (default min(n, 300) for Lanczos, 300 k for power iteration).
+    tol : float, optional
+        Lanczos stops when every wanted Ritz pair has residual |beta_j s_ji| <= tol * |theta|_max;
+        power iteration when the Rayleigh quotient changes by at most tol relatively. Default
+        1e-8 for float64, 1e-4 otherwise.
+    seed : int
+        The starting vector is sphere probe 0 (power: probe i for eigenvalue i) under this seed.
+    reorthogonalize : {True, "full", "selective", False, "none"}
+        Lanczos: full reorthogonalization against the whole basis (classical Gram–Schmidt
+        twice, every step); selective (Parlett & Scott 1979: only against the Ritz vectors
+        that have converged to sqrt(eps), cheaper for long runs); or none (the plain
+        three-term recurrence, whose lost orthogonality shows as repeated Ritz values).
+    return_vectors : bool
+        Also return the eigenvectors (n, k) in the probes' framework (compute dtype).
+    return_info : bool
+        Also return {"converged", "matvecs", "residual" (k,), "steps"}. Without it a miss
+        raises ConvergenceError.
+
+    Returns
+    -------
+    NumPy float64 array (k,), then the vectors and/or info as asked.
+
+    Examples
+    --------
+    >>> import numpy as np, curvkit
+    >>> A = np.diag([-5.0, 1.0, 2.0, 3.0] + [0.1] * 96)
+    >>> curvkit.top_eigenvalues(A, None, k=2, which="magnitude")
+    array([-5.,  3.])
+    >>> vals, vecs = curvkit.top_eigenvalues(A, None, k=1, return_vectors=True)
+    >>> vals, bool(abs(abs(vecs[3, 0]) - 1) < 1e-8)
+    (array([3.]), True)
+    """
+    method = _args.method_name(method)
+    if method not in ("lanczos", "power"):
+        raise ArgumentError(f"argument 'method' must be 'lanczos' or 'power', got {method!r}")
+    which = _args.method_name(which, "which")
+    if which not in WHICH:
+        raise ArgumentError(f"argument 'which' must be one of {', '.join(map(repr, WHICH))}, got {which!r}")
+    if method == "power" and which != "magnitude":
+        raise ArgumentError("power iteration finds the eigenvalues of largest magnitude: pass which='magnitude' "
+                            "or method='lanczos'")
+    op = _Operator(matvec, n, dtype, like, "sphere", seed)
+    op.require_cpu("top_eigenvalues")
+    k = _args.index(k, "k", 1, op.n + 1)
+    default_budget = min(op.n, 300) if method == "lanczos" else 300 * k
+    budget = default_budget if max_matvecs is None else _args.index(max_matvecs, "max_matvecs", 1, 2**31)
+    tolerance = _tol(tol)
+    if tolerance is None:
+        tolerance = 1e-8 if op.compute == "float64" else 1e-4
+    if method == "lanczos":
+        mode = _reorthogonalization(reorthogonalize, allow_selective=True)
+        values, vectors, info = _lanczos_top(op, k, which, min(budget, op.n), tolerance, mode)
+    else:
+        values, vectors, info = _power_top(op, k, budget, tolerance)
+    result: Any = (values, vectors) if return_vectors else values
+    if return_info:
+        return (*result, info) if return_vectors else (values, info)
+    if not info["converged"]:
+        raise ConvergenceError(f"top_eigenvalues: not converged within {info['matvecs']} matvecs (largest "
+                               f"residual {np.max(info['residual']):.3g}); pass return_info=True to get the "
+                               "estimates anyway", info, result)
+    return result
+
+
+def _select(nodes: np.ndarray, k: int, which: str) -> np.ndarray:
+    if which == "largest":
+        return np.argsort(-nodes, kind="stable")[:k]
+    if which == "smallest":
+        return np.argsort(nodes, kind="stable")[:k]
+    return np.argsort(-np.abs(nodes), kind="stable")[:k]
+
+
+def _reorthogonalization(value: Any, allow_selective: bool) -> str:
+    modes = {True: "full", False: "none", "full": "full", "none": "none"}
+    if allow_selective:
+        modes["selective"] = "selective"
+    if not isinstance(value, (bool, str)) or value not in modes:
+        raise ArgumentError(f"argument 'reorthogonalize' must be one of {', '.join(map(repr, modes))}, got {value!r}")
+    return modes[value]
+
+
+def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: str) -> tuple:
+    basis = op.empty((1, m + 1, op.n))
+    alpha, beta = np.zeros((1, m)), np.zeros((1, m))
+    lengths = np.zeros(1, dtype=np.int64)
+    start = op.compute_copy(op.draw(1, unit=True))
+    basis[0, 0, :] = start[:, 0]
+    w = start
+    converged, steps, chosen, residual = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf)
+    nodes, vecs = np.zeros((1, 0)), np.zeros((1, 0, 0))
+    purge_level = math.sqrt(float(np.finfo(op.compute).eps))
+    for j in range(m):
+        w = op(w, copy=True)
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full")
+        steps = int(lengths[0])
+        broke = beta[0, j] == 0.0
+        _require_finite(alpha[0, :steps], "Lanczos coefficients")
+        if not (mode == "selective" or steps >= k or broke or j == m - 1):
+            continue
+        nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
+        _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs)
+        _require_finite(nodes[0], "Lanczos coefficients")
+        scale = max(float(np.max(np.abs(nodes[0]))), np.finfo(np.float64).tiny)
+        bounds = np.abs(beta[0, j] * vecs[0, steps - 1, :])
+        chosen = _select(nodes[0], k, which)
+        residual = bounds[chosen]
+        converged = bool(len(chosen) == k and np.all(residual <= tol * scale))
+        if converged or broke:
+            break
+        if mode == "selective":
+            # Parlett & Scott: the next vector loses orthogonality only towards Ritz vectors that
+            # have converged (|beta_j s_ji| small); purge exactly those directions.
+            good = np.nonzero(bounds <= purge_level * scale)[0]
+            if good.size:
+                ritz = op.empty((1, op.n, good.size))
+                _core.basis_combination(basis, np.ascontiguousarray(vecs[:, :, good]), steps, ritz)
+                _core.project_out(ritz[0], w, **op.context)
+                following = basis[0, j + 1].reshape(op.n, 1)
+                _, norm = _core.power_step(following, w, None)
+                beta[0, j] *= norm
+                w = op.compute_copy(following)
+    values = nodes[0, chosen]
+    coefficients = np.ascontiguousarray(vecs[:, :, chosen])
+    vectors = op.empty((1, op.n, len(chosen)))
+    _core.basis_combination(basis, coefficients, steps, vectors)
+    info = {"converged": converged, "matvecs": op.matvecs, "residual": residual, "steps": steps}
+    return values, vectors[0], info
+
+
+def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
+    found = None
+    values, residual = [], []
+    converged = True
+    per_eigenvalue = max(1, budget // k)
+    for _ in range(k):
+        v = op.compute_copy(op.draw(1))
+        _core.power_step(v, op.compute_copy(v), found)  # deflate the start
+        theta, ok, used = 0.0, False, 0
+        while used < per_eigenvalue:
+            w = op(v, copy=True)
+            used += 1
+            new, norm = _core.power_step(v, w, found)
+            if not math.isfinite(new):
+                _require_finite(np.array([new]), "power iteration")
+            change = abs(new - theta)
+            theta = new
+            if used > 1 and change <= tol * abs(theta) or norm == 0.0:
+                ok = True
+                break
+        converged = converged and ok
+        values.append(theta)
+        residual.append(change)
+        found = v if found is None else _hstack([found, v], op, op.compute)
+    info = {"converged": converged, "matvecs": op.matvecs, "residual": np.array(residual), "steps": op.matvecs}
+    return np.array(values), found, info
+
+
+def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100, seed: int = 0,
+                     kind: str = "rademacher", dtype: Any = None, like: Any = None,
+                     reorthogonalize: Union[bool, str] = True,
+                     return_info: bool = False) -> Any:
+    """Stochastic Lanczos quadrature: the spectral density of a symmetric operator as nodes
+    and weights (Golub & Meurant; Ubaru, Chen & Saad 2017; PyHessian's `density`).
+
+    All probes run Lanczos together, so each matvec call takes a block (n, num_probes).
+    Probe b's ``steps``-point Gauss rule (nodes[b], weights[b]) integrates polynomials up to
+    degree 2 steps - 1 against v_b^T f(A) v_b exactly (v_b the normalized probe); averaged
+    over probes, sum_i weights[b, i] f(nodes[b, i]) estimates tr f(A) / n.
+
+    Parameters
+    ----------
+    matvec, n, seed, dtype, like
+        As in :func:`trace_estimate`.
+    num_probes, steps : int
+        Probes and Lanczos steps (at most n) per probe.
+    kind : {"rademacher", "gaussian", "sphere"}
+        Starting vectors (normalized; gaussian and sphere give the same directions).
+    reorthogonalize : bool
+        Full reorthogonalization (default), or the plain three-term recurrence.
+    return_info : bool
+        Also return {"lengths": the Krylov dimension each probe reached, "matvecs"}.
+
+    Returns
+    -------
+    (nodes, weights): NumPy float64 arrays (num_probes, steps), nodes ascending, the weights
+    of each probe summing to 1. A probe whose Krylov space closed after L < steps steps
+    (an invariant subspace: its quadrature is then exact) has zero weights past L.
+
+    Examples
+    --------
+    >>> import numpy as np, curvkit
+    >>> A = np.diag(np.r_[np.ones(50), 3 * np.ones(50)])
+    >>> nodes, weights = curvkit.spectral_density(A, None, num_probes=4, steps=10)
+    >>> np.allclose(weights.sum(axis=1), 1.0)
+    True
+    >>> bool(abs((weights * nodes).sum(axis=1).mean() - 2.0) < 0.2)   # tr(A)/n = 2
+    True
+    """
+    op = _Operator(matvec, n, dtype, like, kind, seed)
+    op.require_cpu("spectral_density")
+    full = _reorthogonalization(reorthogonalize, allow_selective=False) == "full"
+    p = _args.index(num_probes, "num_probes", 1, 2**20)
+    steps = _args.index(steps, "steps", 1, op.n + 1)
+    if op.kind == "gaussian":  # the directions of gaussian probes are those of sphere probes
+        op.kind = "sphere"
+    z = op.compute_copy(op.draw(p, unit=True))
+    if op.kind == "rademacher":
+        z *= 1.0 / math.sqrt(op.n)
+    basis = op.empty((p, steps + 1, op.n))
+    basis[:, 0, :] = z.T
+    alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
+    lengths = np.zeros(p, dtype=np.int64)
+    w = z
+    for j in range(steps):
+        w = op(w, copy=True)
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, full)
+        _require_finite(alpha[:, j], "Lanczos coefficients")
+        if not np.any(beta[:, j] > 0):
+            break
+    nodes, vectors = np.empty((p, steps)), np.empty((p, steps, steps))
+    _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors)
+    weights = vectors[:, 0, :] ** 2
+    if return_info:
+        return nodes, weights, {"lengths": lengths.copy(), "matvecs": op.matvecs}
+    return nodes, weights
+
+
+# ---------------------------------------------------------------------------------------
+# Fused optimizer steps
+
+
+def _step_lists(function: str, **lists: Any) -> tuple[dict[str, list], bool]:
+    """Each named argument as a list (a single array is a list of one), torch tensors detached."""
+    out: dict[str, list] = {}
+    single = None
+    for name, value in lists.items():
+        items, is_single = _arrays.as_list(value)
+        if single is None:
+            single = is_single
+        elif is_single != single:
+            raise ArgumentError(f"{function}: argument '{name}' must match 'params': one array for an array, "
+                                "a list for a list")
+        out[name] = [_arrays.detached(x, name) for x in items]
+    return out, bool(single)
+
+
+def _betas(betas: Any) -> tuple[float, float]:
+    try:
+        b1, b2 = betas
+    except (TypeError, ValueError):
+        raise ArgumentTypeError("argument 'betas' must be a pair (beta1, beta2)") from None
+    return _args.real(b1, "betas"), _args.real(b2, "betas")
+
+
+def _group_size(shape: tuple, block_size: Optional[int]) -> int:
+    if block_size is not None:
+        return max(1, min(block_size, math.prod(shape) or 1))
+    if len(shape) == 2:
+        return max(1, shape[1])
+    if len(shape) == 3:
+        return max(1, shape[2])
+    if len(shape) == 4:
+        return max(1, shape[2] * shape[3])
+    return 1
+
+
+def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg: Any, exp_avg_sq: Any,
+                     step: int, lr: float = 0.15, betas: tuple = (0.9, 0.999), eps: float = 1e-4,
+                     weight_decay: float = 0.0, hessian_power: float = 1.0,
+                     block_size: Optional[int] = None) -> None:
+    """AdaHessian's update (Yao et al. 2021) of every tensor of a list, in one native call.
+
+    For each tensor, with h its Hessian-diagonal samples (z * Hz; for Rademacher z, |Hz| is
+    the same, so Hz may be passed):
+
+    - D = |h| averaged over each group: by tensor rank as AdaHessian does (none for 0-D and
+      1-D, over the last dimension for 2-D and 3-D, over the two spatial dimensions for 4-D
+      convolution kernels), or over contiguous blocks of ``block_size`` elements (the last
+      block may be shorter);
+    - exp_avg <- b1 exp_avg + (1 - b1) grad;  exp_avg_sq <- b2 exp_avg_sq + (1 - b2) D^2;
+    - denom = sqrt(exp_avg_sq)^k / sqrt(1 - b2^step)^k + eps  (k = hessian_power);
+    - param <- param - lr (exp_avg / (1 - b1^step) / denom + weight_decay param).
+
+    float64 tensors follow exactly this order of operations (bit-for-bit equal to the
+    per-tensor loop of tests/reference.py); other dtypes compute in float32. All tensors of
+    one index share shape and dtype, are C-contiguous and on one device. ``step`` counts
+    from 1. Nothing is returned: params, exp_avg and exp_avg_sq are updated in place.
+    CPU: one OpenMP loop over all tensors; CUDA: a launch per 24 tensors of one dtype, no
+    host synchronization.
+
+    >>> import numpy as np, curvkit
+    >>> p, g = np.ones((2, 3)), np.full((2, 3), 0.5)
+    >>> h = np.array([[1.0, -2.0, 3.0], [0.0, 0.0, 3.0]])
+    >>> m, v = np.zeros_like(p), np.zeros_like(p)
+    >>> curvkit.adahessian_step_([p], [g], [h], [m], [v], step=1, lr=0.1)
+    >>> v[:, 0]                                    # (1 - 0.999) * (row mean of |h|)^2
+    array([0.004, 0.001])
+    """
+    lists, _ = _step_lists("adahessian_step_", params=params, grads=grads,
+                           hessian_diag_samples=hessian_diag_samples, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    beta1, beta2 = _betas(betas)
+    if block_size is not None:
+        block_size = _args.index(block_size, "block_size", 1, 2**62)
+    groups = [_group_size(tuple(p.shape), block_size) for p in lists["params"]]
+    for name in ("params", "exp_avg", "exp_avg_sq"):
+        for x in lists[name]:
+            _arrays.written_in_place(x)
+    stream, workspace = _arrays.call_context(lists["params"])
+    _core.adahessian_step(lists["params"], lists["grads"], lists["hessian_diag_samples"], lists["exp_avg"],
+                          lists["exp_avg_sq"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
+                          eps=_args.real(eps, "eps"), weight_decay=_args.real(weight_decay, "weight_decay"),
+                          hessian_power=_args.real(hessian_power, "hessian_power"),
+                          step=_args.index(step, "step", 1, 2**62), group_sizes=groups, stream=stream,
+                          workspace=workspace)
+
+
+def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float = 1e-4,
+                 betas: tuple = (0.965, 0.99), rho: float = 0.04, weight_decay: float = 0.1,
+                 batch_size: float = 5120, eps: float = 1e-15, hessian_estimate: Any = None,
+                 return_win_rate: bool = False) -> Optional[float]:
+    """Sophia's clipped update (Liu et al. 2023) of every tensor of a list, in one native call.
+
+    For each tensor: when ``hessian_estimate`` is given (an update step: Sophia-G's g * g of
+    sampled-label gradients, or Sophia-H's z * Hz), first
+    hessian <- b2 hessian + (1 - b2) estimate; then
+
+    - param <- param (1 - lr weight_decay);  exp_avg <- b1 exp_avg + (1 - b1) grad;
+    - ratio = |exp_avg| / (rho batch_size hessian + eps);
+    - param <- param - lr sign(exp_avg) min(ratio, 1).
+
+    While hessian is 0 this is a sign-momentum step. float64 follows exactly this order
+    (bit-for-bit equal to tests/reference.py); other dtypes compute in float32.
+
+    Returns
+    -------
+    None, or with ``return_win_rate`` the fraction of entries whose step was not clipped
+    (ratio < 1; Sophia's README advises 0.1-0.5). On CUDA that fraction needs a host
+    synchronization.
+
+    >>> import numpy as np, curvkit
+    >>> p, g = np.zeros(4), np.array([1.0, -1.0, 0.0, 2.0])
+    >>> m, h = np.zeros(4), np.zeros(4)
+    >>> curvkit.sophia_step_(p, g, m, h, lr=0.5, weight_decay=0.0, return_win_rate=True)
+    0.25
+    >>> p                                      # h = 0: a sign step
+    array([-0.5,  0.5,  0. , -0.5])
+    """
+    if hessian_estimate is None:
+        lists, _ = _step_lists("sophia_step_", params=params, grads=grads, exp_avg=exp_avg, hessian=hessian)
+        lists["hessian_estimate"] = []
+    else:
+        lists, _ = _step_lists("sophia_step_", params=params, grads=grads, exp_avg=exp_avg, hessian=hessian,
+                               hessian_estimate=hessian_estimate)
+    beta1, beta2 = _betas(betas)
+    for name in ("params", "exp_avg", "hessian"):
+        for x in lists[name]:
+            _arrays.written_in_place(x)
+    stream, workspace = _arrays.call_context(lists["params"])
+    wins = _core.sophia_step(lists["params"], lists["grads"], lists["exp_avg"], lists["hessian"],
+                             lists["hessian_estimate"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
+                             rho=_args.real(rho, "rho"), weight_decay=_args.real(weight_decay, "weight_decay"),
+                             batch_size=_args.real(batch_size, "batch_size"), eps=_args.real(eps, "eps"),
+                             count_wins=bool(return_win_rate), stream=stream, workspace=workspace)
+    if not return_win_rate:
+        return None
+    total = sum(math.prod(tuple(p.shape)) for p in lists["params"])
+    return wins / total if total else 0.0

@@ -1,4 +1,4 @@
-// The C++ API without Python: three families called on plain std::vector memory, each checked
+// The C++ API without Python: the families called on plain std::vector memory, each checked
 // against a property its result must have, and the errors it must raise on bad arguments.
 // Built with -DCURVKIT_CPP_TESTS=ON and run by ctest (see CONTRIBUTING.md).
 #include <cmath>
@@ -156,6 +156,40 @@ void test_lyapunov_stall() {
          "solve_lyapunov: a singular S stops (stalled), not converged");
 }
 
+// XTrace of a rank-3 operator from 4 probes is exact: every leave-one-out basis holds its range.
+void test_xtrace() {
+  const int64_t n = 50, k = 4, rank = 3;
+  std::vector<double> b(size_t(n * rank)), a(size_t(n * n), 0.0), omega(size_t(n * k)), y(omega.size()),
+      q(omega.size()), z(omega.size()), r(size_t(k * k)), est(static_cast<size_t>(k));
+  ck::probes(view(b, {n, rank}), ck::ProbeKind::Gaussian, 5, 0, nullptr, 0);
+  double trace = 0;
+  for (int64_t i = 0; i < n; ++i)
+    for (int64_t j = 0; j < n; ++j)
+      for (int64_t c = 0; c < rank; ++c) a[size_t(i * n + j)] += b[size_t(i * rank + c)] * b[size_t(j * rank + c)];
+  for (int64_t i = 0; i < n; ++i) trace += a[size_t(i * n + i)];
+  const auto apply = [&](const std::vector<double>& x, std::vector<double>& out) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t c = 0; c < k; ++c) {
+        double s = 0;
+        for (int64_t j = 0; j < n; ++j) s += a[size_t(i * n + j)] * x[size_t(j * k + c)];
+        out[size_t(i * k + c)] = s;
+      }
+  };
+  ck::probes(view(omega, {n, k}), ck::ProbeKind::Rademacher, 9, 0, nullptr, 0);
+  apply(omega, y);
+  q = y;
+  ck::sketch_qr(view(q, {n, k}), view(r, {k, k}), 0);
+  apply(q, z);
+  ck::xtrace_estimates(view(omega, {n, k}), view(y, {n, k}), view(q, {n, k}), view(r, {k, k}), view(z, {n, k}), false,
+                       view(est, {k}));
+  bool exact = true;
+  for (double e : est) exact &= std::fabs(e - trace) < 1e-9 * trace;
+  expect(exact, "xtrace: exact below the sketch rank");
+  std::vector<double> small(size_t(k * k));
+  expect_error<ck::ValueError>([&] { ck::sketch_qr(view(q, {n, k}), view(small, {k, k - 1}), 0); }, "argument 'r'",
+                               "sketch_qr: a wrong-shaped R is refused");
+}
+
 }  // namespace
 
 int main() {
@@ -164,6 +198,7 @@ int main() {
   test_inverse_root();
   test_interrupt();
   test_lyapunov_stall();
+  test_xtrace();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }
