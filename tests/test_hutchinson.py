@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 import reference
-from conftest import CUDA_BACKENDS, TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy
+from conftest import CUDA_BACKENDS, TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy, torch
 
 import curvkit
 
@@ -774,3 +774,25 @@ def test_cuda_estimators_match_the_cpu(rng, backend):
         np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-9, atol=1e-9 * np.abs(cpu).max())
     with pytest.raises(curvkit.ArgumentError, match="xnystrace"):
         curvkit.trace_estimate(lambda z: dense @ z, n, 40, method="xnystrace", like=like)
+
+
+def test_probes_like_gives_one_reproducible_probe_per_tensor():
+    tensors = [np.zeros((3, 4)), np.zeros(5, dtype=np.float32), np.zeros((2, 2, 2))]
+    z = curvkit.probes_like(tensors, seed=3, step=7)
+    assert [x.shape for x in z] == [(3, 4), (5,), (2, 2, 2)] and z[1].dtype == np.float32
+    for i, (x, t) in enumerate(zip(z, tensors)):  # probe number step * 2**24 + i
+        np.testing.assert_array_equal(x.ravel(), curvkit.probes((t.size,), seed=3, offset=7 * 2**24 + i))
+    assert not np.array_equal(curvkit.probes_like(tensors, seed=3, step=8)[0], z[0])  # a new step, new probes
+    with pytest.raises(curvkit.ArgumentTypeError, match="'tensors'"):
+        curvkit.probes_like(np.zeros(3))
+    with pytest.raises(curvkit.ArgumentError, match="'step'"):
+        curvkit.probes_like(tensors, step=-1)
+
+
+@pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
+def test_a_torch_dtype_gives_a_torch_tensor():
+    z = curvkit.probes(5, dtype=torch.float32)
+    assert isinstance(z, torch.Tensor) and z.dtype == torch.float32
+    params = [torch.zeros(4, 3, dtype=torch.bfloat16), torch.zeros(3)]
+    zs = curvkit.probes_like(params, kind="gaussian", seed=1)
+    assert [(type(x), x.dtype, tuple(x.shape)) for x in zs] == [(torch.Tensor, p.dtype, tuple(p.shape)) for p in params]

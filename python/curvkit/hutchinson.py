@@ -96,6 +96,39 @@ def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int
     return out
 
 
+# Probe numbers of probes_like: step * 2**24 + index, so (seed, step, index) names one probe
+# for lists of up to 2**24 tensors and 2**40 steps.
+_TENSORS_PER_STEP = 2**24
+
+
+def probes_like(tensors: Sequence[Any], kind: str = "rademacher", seed: int = 0, step: int = 0) -> list:
+    """One probe shaped like each tensor of a list (a model's parameters): the entries of probe
+    number ``step * 2**24 + i`` for tensor i (as :func:`probes` numbers them), in its
+    framework, device and dtype. Reproducible per (seed, step, tensor index) on any device
+    and any split of the list; Hutchinson's estimators for AdaHessian and Sophia draw theirs
+    this way, one call per step.
+
+    >>> import numpy as np, curvkit
+    >>> W, b = np.zeros((3, 4)), np.zeros(4, dtype=np.float32)
+    >>> zw, zb = curvkit.probes_like([W, b], seed=1, step=5)
+    >>> zw.shape, zb.dtype.name
+    ((3, 4), 'float32')
+    >>> bool((curvkit.probes_like([b], seed=1, step=5)[0] == curvkit.probes((4,), seed=1, offset=5 * 2**24)).all())
+    True
+    """
+    if isinstance(tensors, (str, bytes)) or hasattr(tensors, "shape") or not hasattr(tensors, "__len__"):
+        raise ArgumentTypeError(f"argument 'tensors' must be a list of arrays, got {type(tensors).__name__}")
+    if len(tensors) > _TENSORS_PER_STEP:
+        raise ArgumentError(f"argument 'tensors' may hold at most {_TENSORS_PER_STEP} arrays, got {len(tensors)}")
+    step = _args.index(step, "step", 0, 2**40)
+    out = []
+    for i, t in enumerate(tensors):
+        size = int(np.prod(tuple(t.shape), dtype=np.int64))
+        z = probes((size,), kind, seed=seed, offset=step * _TENSORS_PER_STEP + i, like=t)
+        out.append(z.reshape(tuple(t.shape)))
+    return out
+
+
 def _normalize_shape(shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
     if isinstance(shape, (tuple, list)):
         dims = tuple(_args.index(s, "shape", 0) for s in shape)
@@ -123,8 +156,11 @@ def _target(like: Any, device: Any, dtype: Any) -> tuple[str, tuple[str, int], s
     else:
         dev = _arrays.parse_device(device)
         module = type(device).__module__.split(".", 1)[0]
+        dtype_module = type(dtype).__module__.split(".", 1)[0]  # a torch.dtype asks for PyTorch
         if module in ("torch", "cupy"):
             framework = module
+        elif dtype_module == "torch":
+            framework = "torch"
         elif dev[0] == "cuda":
             framework = _arrays.cuda_framework()
         else:
