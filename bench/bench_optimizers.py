@@ -1,6 +1,6 @@
 """One optimizer step of the reference optimizers (examples/optimizers.py) against the same
 optimizer with the anchors' linear algebra in plain PyTorch (bench/baselines/optimizers.py):
-Muon's NS5, Distributed Shampoo's eigh roots, SOAP's QR refresh. The model is the MLP
+Muon's NS5, Distributed Shampoo's eigh roots, SOAP's QR refresh, AdaHessian's per-tensor loop. The model is the MLP
 784-256-256-10 of the issue that asked for it, float32, one batch of 256; each timed call is a
 forward, a backward and the step, so the ratio is what a training loop sees.
 Run: python -m pytest bench/bench_optimizers.py --benchmark-only
@@ -8,8 +8,8 @@ Run: python -m pytest bench/bench_optimizers.py --benchmark-only
 import pytest
 
 torch = pytest.importorskip("torch")
-from baselines.optimizers import SOAPQR, MuonNS5, ShampooEigh  # noqa: E402
-from optimizers import SOAP, Muon, Shampoo  # noqa: E402
+from baselines.optimizers import SOAPQR, AdaHessianLoop, MuonNS5, ShampooEigh  # noqa: E402
+from optimizers import SOAP, AdaHessian, Muon, Shampoo  # noqa: E402
 
 # Shampoo and SOAP refresh their preconditioners every step here: the refresh is the linear
 # algebra being compared (their default every-10-steps cost is a tenth of it per step).
@@ -19,6 +19,7 @@ OPTIMIZERS = {
                 "torch eigh": lambda ps: ShampooEigh(ps, precondition_frequency=1)},
     "soap": {"curvkit": lambda ps: SOAP(ps, precondition_frequency=1),
              "torch QR": lambda ps: SOAPQR(ps, precondition_frequency=1)},
+    "adahessian": {"curvkit": lambda ps: AdaHessian(ps), "torch loop": lambda ps: AdaHessianLoop(ps)},
 }
 CASES = [(name, impl) for name, impls in OPTIMIZERS.items() for impl in impls]
 
@@ -29,11 +30,12 @@ def training_step(make_optimizer):
     model = torch.nn.Sequential(torch.nn.Linear(784, 256), torch.nn.ReLU(), torch.nn.Linear(256, 256),
                                 torch.nn.ReLU(), torch.nn.Linear(256, 10))
     optimizer = make_optimizer([p for p in model.parameters() if p.ndim == 2])
+    second_order = isinstance(optimizer, AdaHessian)  # its step needs the gradient's graph
 
     def step():
         loss = torch.nn.functional.cross_entropy(model(x), y)
         optimizer.zero_grad()
-        loss.backward()
+        loss.backward(create_graph=second_order)
         optimizer.step()
 
     for _ in range(3):  # past SOAP's first (set-up) step and every lazy initialization

@@ -1,15 +1,17 @@
-"""Reference optimizers on curvkit: Muon, Shampoo and SOAP as short torch.optim.Optimizers.
+"""Reference optimizers on curvkit: Muon, Shampoo, SOAP and AdaHessian as short
+torch.optim.Optimizers.
 
 Each does what its paper's optimizer does, with curvkit doing the linear algebra in one call
 per step for all of a model's matrices: Muon's orthogonalization fused into the update
 (``curvkit.torch.polar_update_``), Shampoo's inverse fourth roots of every factor of every
 block in one ragged call (``curvkit.matrix_inverse_root``), SOAP's eigenbasis refresh of every
-factor in one call (``curvkit.eigenbasis_update``). tests/test_optimizers.py trains a model with
+factor in one call (``curvkit.eigenbasis_update``), AdaHessian's probes and fused update of every
+parameter (``curvkit.probes_like``, ``curvkit.adahessian_step_``). tests/test_optimizers.py trains a model with
 each, next to the pure-PyTorch versions in bench/baselines/optimizers.py, and checks that the
 loss curves agree; bench/bench_optimizers.py times their steps.
 
-They take matrices (2-D parameters, or conv weights viewed as (out, -1)); give biases and
-norms to another optimizer (AdamW), as Muon's authors do.
+Muon, Shampoo and SOAP take matrices (2-D parameters, or conv weights viewed as (out, -1));
+give biases and norms to another optimizer (AdamW), as Muon's authors do.
 
 Run it: ``python examples/optimizers.py`` trains a small MLP with each and prints its loss.
 """
@@ -187,12 +189,51 @@ class SOAP(torch.optim.Optimizer):
         return [(q, torch.as_tensor(perm, device=q.device)) for q, _, perm in curvkit.eigenbasis_update(factors, bases)]
 
 
+class AdaHessian(torch.optim.Optimizer):
+    """AdaHessian (Yao et al., 2021): Adam with the Hessian diagonal in place of the squared
+    gradient. Each step draws one Rademacher probe z per parameter (``curvkit.probes_like``,
+    named by (seed, step, index)), takes H z by a double backward, and hands z * Hz to
+    ``curvkit.adahessian_step_``: spatial averaging by tensor rank, |z * Hz|, the RMS EMA with
+    bias correction and the step, over every parameter in one native call. It needs the
+    gradient's graph: call ``loss.backward(create_graph=True)`` before ``step()``. Takes any
+    parameter (biases too)."""
+
+    def __init__(self, params, lr=0.15, betas=(0.9, 0.999), eps=1e-4, weight_decay=0.0, hessian_power=1.0, seed=0):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      hessian_power=hessian_power))
+        self.seed, self.steps = seed, 0
+
+    def step(self, closure=None):
+        loss = None if closure is None else torch.enable_grad()(closure)()
+        self.steps += 1
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        probes = curvkit.probes_like(params, seed=self.seed, step=self.steps)
+        hz = torch.autograd.grad([p.grad for p in params], params, grad_outputs=probes)
+        with torch.no_grad():
+            for group in self.param_groups:
+                live = [p for p in group["params"] if p.grad is not None]
+                index = {id(p): i for i, p in enumerate(params)}
+                for p in live:
+                    self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                    self.state[p].setdefault("exp_avg_sq", torch.zeros_like(p))
+                samples = [(probes[index[id(p)]] * hz[index[id(p)]]).contiguous() for p in live]
+                self._update(live, [p.grad.detach() for p in live], samples, group)
+        return loss
+
+    def _update(self, params, grads, samples, group):
+        """AdaHessian's update of every parameter of the group, in one call."""
+        curvkit.adahessian_step_(params, grads, samples, [self.state[p]["exp_avg"] for p in params],
+                                 [self.state[p]["exp_avg_sq"] for p in params], step=self.steps, lr=group["lr"],
+                                 betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                                 hessian_power=group["hessian_power"])
+
+
 def _demo():
     torch.manual_seed(0)
     x = torch.randn(512, 32)
     y = (x @ torch.randn(32, 1)).sin()
     for name, make in [("Muon", lambda ps: Muon(ps, lr=0.02)), ("Shampoo", lambda ps: Shampoo(ps, lr=0.02)),
-                       ("SOAP", lambda ps: SOAP(ps, lr=3e-3))]:
+                       ("SOAP", lambda ps: SOAP(ps, lr=3e-3)), ("AdaHessian", lambda ps: AdaHessian(ps, lr=0.05))]:
         torch.manual_seed(1)
         model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.Tanh(), torch.nn.Linear(64, 1))
         matrices = [p for p in model.parameters() if p.ndim == 2]
@@ -202,10 +243,10 @@ def _demo():
             loss = torch.nn.functional.mse_loss(model(x), y)
             for o in optimizers:
                 o.zero_grad()
-            loss.backward()
+            loss.backward(create_graph=name == "AdaHessian")
             for o in optimizers:
                 o.step()
-        print(f"{name:8s} loss after 100 steps: {loss.item():.4f}")
+        print(f"{name:10s} loss after 100 steps: {loss.item():.4f}")
 
 
 if __name__ == "__main__":

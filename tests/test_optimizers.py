@@ -1,7 +1,8 @@
 """The reference optimizers of examples/optimizers.py train a small model as their anchors do:
 each runs next to the same optimizer with the anchor's linear algebra in plain PyTorch
 (bench/baselines/optimizers.py), from the same start on the same data, and the loss curves
-agree (float64: to 1e-6 relative; float32: to the drift float32 rounding allows), and fall."""
+agree (float64: to 1e-6 relative; float32: to the drift float32 rounding allows), and fall.
+AdaHessian's update is bit for bit the reference loop's in float64 (tests/test_hutchinson.py)."""
 import sys
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import pytest
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-from baselines.optimizers import SOAPQR, MuonNS5, ShampooEigh  # noqa: E402
-from optimizers import SOAP, Muon, Shampoo  # noqa: E402  (examples/, put on the path by the baselines)
+from baselines.optimizers import SOAPQR, AdaHessianLoop, MuonNS5, ShampooEigh  # noqa: E402
+from optimizers import SOAP, AdaHessian, Muon, Shampoo  # noqa: E402  (examples/, put on the path by the baselines)
 
 PAIRS = {
+    "adahessian": (lambda ps: AdaHessian(ps, lr=0.05), lambda ps: AdaHessianLoop(ps, lr=0.05)),
     "muon": (lambda ps: Muon(ps, lr=0.02, weight_decay=0.01), lambda ps: MuonNS5(ps, lr=0.02, weight_decay=0.01)),
     "shampoo": (lambda ps: Shampoo(ps, lr=0.05, block_size=24, precondition_frequency=5),
                 lambda ps: ShampooEigh(ps, lr=0.05, block_size=24, precondition_frequency=5)),
@@ -32,12 +34,13 @@ def train(make_optimizer, dtype, steps=40):
     matrices = [p for p in model.parameters() if p.ndim == 2]
     vectors = [p for p in model.parameters() if p.ndim < 2]
     optimizers = [make_optimizer(matrices), torch.optim.AdamW(vectors, lr=1e-3)]
+    second_order = isinstance(optimizers[0], AdaHessian)
     losses = []
     for _ in range(steps):
         loss = torch.nn.functional.mse_loss(model(x), y)
         for o in optimizers:
             o.zero_grad()
-        loss.backward()
+        loss.backward(create_graph=second_order)
         for o in optimizers:
             o.step()
         losses.append(loss.item())

@@ -5,6 +5,7 @@ inside one optimizer, and benchmarks time what each step costs):
 - Muon: ``zeropower_via_newtonschulz5`` (Keller Jordan's Muon), one matrix at a time.
 - Shampoo: Distributed Shampoo's eigh root per factor (``matrix_inverse_root_eigen``: eigh of
   F + eps I; if its smallest eigenvalue is below eps, the spectrum is shifted up to eps).
+- AdaHessian: the reference optimizer's per-tensor loop (``baselines.hutchinson``).
 - SOAP: SOAP's ``get_orthogonal_matrix_QR``: estimates diag(Q^T F Q), columns sorted
   descending, Q <- qr(F Q).Q; the first bases from eigh (``torch.linalg.eigh`` of F + 1e-30 I),
   flipped to descending order.
@@ -16,8 +17,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "examples"))
 
-from optimizers import SOAP, Muon, Shampoo  # noqa: E402
+from optimizers import SOAP, AdaHessian, Muon, Shampoo  # noqa: E402
 
+from baselines.hutchinson import adahessian_step_torch  # noqa: E402
 from baselines.newton_schulz import muon_newton_schulz  # noqa: E402
 
 
@@ -54,3 +56,11 @@ class SOAPQR(SOAP):
             order = torch.argsort(estimates, descending=True, stable=True)
             out.append((torch.linalg.qr(F @ Q[:, order]).Q, order))
         return out
+
+
+class AdaHessianLoop(AdaHessian):
+    def _update(self, params, grads, samples, group):
+        adahessian_step_torch(params, grads, samples, [self.state[p]["exp_avg"] for p in params],
+                              [self.state[p]["exp_avg_sq"] for p in params], self.steps, lr=group["lr"],
+                              betas=group["betas"], eps=group["eps"], weight_decay=group["weight_decay"],
+                              hessian_power=group["hessian_power"])

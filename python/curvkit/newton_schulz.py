@@ -119,7 +119,10 @@ def polar(G: Any, steps: int = 5, coefficients: Coefficients = "muon", norm_eps:
     return _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha=None, beta=None)
 
 
-def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
+Factor = Union[float, Sequence[float]]  # one number, or one per parameter
+
+
+def polar_update_(param: Any, G: Any, lr: Factor, weight_decay: Factor = 0.0, scale: Factor = 1.0, steps: int = 5,
                   coefficients: Coefficients = "muon", norm_eps: float = 1e-7, method: str = "auto",
                   check_finite: bool = True) -> Any:
     """Muon's parameter update in place, fused into the last Newton–Schulz product:

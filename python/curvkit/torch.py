@@ -172,7 +172,7 @@ def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = 
     return _polar_op(G, _steps(steps), *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
 
 
-def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
+def polar_update_(param, G, lr: _ns.Factor, weight_decay: _ns.Factor = 0.0, scale: _ns.Factor = 1.0, steps: int = 5,
                   coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7, method: str = "auto",
                   check_finite: bool = True):
     """:func:`curvkit.polar_update_` (a tensor or a list of them; ``lr``, ``weight_decay``
