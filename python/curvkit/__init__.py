@@ -10,6 +10,13 @@ from ._config import config, get_num_threads, has_cuda, set_num_threads, show_co
 from ._errors import ArgumentError, ArgumentTypeError, ConvergenceError, CudaError, CurvkitError
 from .hutchinson import probes
 from .inverse_root import eigenbasis_update, eigh, matrix_inverse_root, orthonormalize
+from .mfac import (
+    FisherWindow,
+    fisher_ihvp,
+    fisher_inverse_diag,
+    fisher_inverse_entries,
+    fisher_inverse_factor,
+)
 from .newton_schulz import (
     matrix_inv_sqrt,
     matrix_sqrt,
@@ -30,6 +37,11 @@ __all__ = [
     "CurvkitError",
     "config",
     "eigenbasis_update",
+    "FisherWindow",
+    "fisher_ihvp",
+    "fisher_inverse_diag",
+    "fisher_inverse_entries",
+    "fisher_inverse_factor",
     "eigh",
     "get_num_threads",
     "has_cuda",
