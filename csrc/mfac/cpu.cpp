@@ -36,6 +36,10 @@ inline double load(bfloat16_t v) {
 }
 inline double load(half_t v) { return to_double(v); }
 
+// Threads for a loop of `work` multiply-adds: one below ~1e5, where waking the team (and then
+// contending with OpenBLAS's spinning pool on few cores) costs more than the loop.
+inline int team(int threads, double work) { return work < 1e5 ? 1 : threads; }
+
 // Columns of G one task of a pass covers: fixed by d alone (at most 256 chunks, at least 8192
 // columns), so the order partial sums are added in never depends on the thread count.
 struct Chunks {
@@ -53,7 +57,7 @@ void gram_product(const S* G, int64_t d, const std::vector<int64_t>& slots, cons
   const int64_t n = int64_t(slots.size());
   const Chunks ch(d);
   std::vector<double> partial(size_t(ch.count * n * k), 0.0);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
   {
     std::vector<double> xb(static_cast<size_t>(ch.size * k)), acc(static_cast<size_t>(k));
 #pragma omp for schedule(dynamic)
@@ -93,7 +97,7 @@ void woodbury_finish(const S* G, int64_t d, const std::vector<int64_t>& slots, c
                      double damp, S* out, int threads) {
   const int64_t n = int64_t(slots.size());
   const Chunks ch(d);
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
   {
     std::vector<double> acc(size_t(ch.size * k));
 #pragma omp for schedule(dynamic)
@@ -126,7 +130,7 @@ double squared_norm(const S* g, int64_t d, bool& finite, int threads) {
   const Chunks ch(d);
   std::vector<double> partial(size_t(ch.count), 0.0);
   std::vector<unsigned char> ok(size_t(ch.count), 1);
-#pragma omp parallel for schedule(dynamic) num_threads(threads)
+#pragma omp parallel for schedule(dynamic) num_threads(team(threads, double(d)))
   for (int64_t c = 0; c < ch.count; ++c) {
     const int64_t j0 = c * ch.size, len = std::min(ch.size, d - j0);
     double s = 0;
@@ -151,14 +155,14 @@ double squared_norm(const S* g, int64_t d, bool& finite, int threads) {
 template <class S>
 bool all_finite_array(const S* a, int64_t size, int threads) {
   bool finite = true;
-#pragma omp parallel for reduction(&& : finite) num_threads(threads)
+#pragma omp parallel for reduction(&& : finite) num_threads(team(threads, double(size)))
   for (int64_t i = 0; i < size; ++i) finite = finite && std::fabs(load(a[i])) <= DBL_MAX;
   return finite;
 }
 
 template <class S>
 void widen(const S* a, int64_t size, double* out, int threads) {
-#pragma omp parallel for num_threads(threads)
+#pragma omp parallel for num_threads(team(threads, double(size)))
   for (int64_t i = 0; i < size; ++i) out[i] = load(a[i]);
 }
 
@@ -217,7 +221,7 @@ void remove_first(double* L, int64_t ld, int64_t n, int threads) {
     diag[size_t(k)] = std::sqrt(sigma[size_t(k + 1)] / sigma[size_t(k)]);
     coef[size_t(k)] = p[size_t(k)] / std::sqrt(sigma[size_t(k)] * sigma[size_t(k + 1)]);
   }
-#pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
+#pragma omp parallel for schedule(dynamic, 16) num_threads(team(threads, 0.5 * double(r) * double(r)))
   for (int64_t i = 0; i < r; ++i) {
     double* row = L22 + i * ld;
     double suffix = 0;
@@ -260,7 +264,7 @@ void inverse_diag(const S* G, int64_t d, const Capacitance& cap, const double* L
   const int64_t n = cap.n, width = 256;
   const int64_t tasks = (d + width - 1) / width;
   SingleThreadedBlas single;
-#pragma omp parallel num_threads(threads)
+#pragma omp parallel num_threads(team(threads, double(n) * double(n) * double(d)))
   {
     std::vector<double> z(size_t(std::max<int64_t>(n, 1) * width));
 #pragma omp for schedule(dynamic)
