@@ -2,9 +2,9 @@
 import numpy as np
 import pytest
 from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, make, needs_torch, to_numpy
+from reference import fisher_inverse, fisher_matrix, fisher_solve
 
 import curvkit
-from reference import fisher_inverse, fisher_matrix, fisher_solve
 
 F64 = TOL[("float64", "mfac")]
 

@@ -19,9 +19,7 @@ const binding::Choices<FisherNormalize> kNormalize = {{"capacity", FisherNormali
 
 using State = std::tuple<int64_t, int64_t, int64_t, int64_t>;  // size, oldest, count, since_refactor
 
-FisherWindowState to_state(const State& s) {
-  return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)};
-}
+FisherWindowState to_state(const State& s) { return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)}; }
 
 // The window's arrays, imported writable (push writes all three; the others only read).
 struct Window {
@@ -126,8 +124,7 @@ void register_mfac(py::module_& m, py::module_& /*testing*/) {
   m.def(
       "fisher_inverse_factor",
       [](py::handle G, py::handle V, double damp, StreamHandle stream, py::object workspace) {
-        interop::ImportedArray gi = interop::import_array(G, "G", stream),
-                               vi = interop::import_output(V, "V", stream);
+        interop::ImportedArray gi = interop::import_array(G, "G", stream), vi = interop::import_output(V, "V", stream);
         binding::CallScope scope(std::move(workspace));
         fisher_inverse_factor(gi.view, vi.view, damp, stream);
       },
@@ -144,8 +141,8 @@ void register_mfac(py::module_& m, py::module_& /*testing*/) {
         binding::CallScope scope(std::move(workspace));
         fisher_inverse_entries(vi.view, ri.view, ci.view, oi.view, damp, stream);
       },
-      py::arg("V"), py::arg("rows"), py::arg("cols"), py::arg("out"), py::kw_only(), py::arg("damp"),
-      py::arg("stream"), py::arg("workspace"), "Entries of F^-1 from V (see curvkit.fisher_inverse_entries).");
+      py::arg("V"), py::arg("rows"), py::arg("cols"), py::arg("out"), py::kw_only(), py::arg("damp"), py::arg("stream"),
+      py::arg("workspace"), "Entries of F^-1 from V (see curvkit.fisher_inverse_entries).");
   m.def(
       "fisher_ihvp_blocks",
       [](py::handle G, py::handle x, py::handle out, double damp, int64_t block, StreamHandle stream,

@@ -385,14 +385,13 @@ void diag_cpu(const FisherWindowArrays& w, const Capacitance& cap, const ArrayVi
 }
 
 void refactor_cpu(const FisherWindowArrays& w, const Capacitance& cap) {
-  if (!refactor_from_gram(w.gram.ptr<const double>(), w.G.size(0), cap, w.factor.ptr<double>()))
-    throw_breakdown(cap);
+  if (!refactor_from_gram(w.gram.ptr<const double>(), w.G.size(0), cap, w.factor.ptr<double>())) throw_breakdown(cap);
 }
 
 // ---- Static
 
-void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag,
-                const ArrayView* V, double damp) {
+void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag, const ArrayView* V,
+                double damp) {
   const int threads = num_threads();
   const int64_t m = G.size(0), d = G.size(1);
   Capacitance cap;

@@ -52,8 +52,8 @@ void check_vectors(const ArrayView& G, const ArrayView& x, const char* x_name, c
 void check_diag_out(const ArrayView& G, const ArrayView& out) {
   check_writable(out, "out");
   CK_CHECK_TYPE(out.dtype == G.dtype, "argument 'out' must have dtype ", G.dtype.name(), ", got ", out.dtype.name());
-  CK_CHECK_VALUE(out.ndim() == 1 && out.size(0) == G.size(1), "argument 'out' must have shape (", G.size(1),
-                 ",), got ", shape_text(out));
+  CK_CHECK_VALUE(out.ndim() == 1 && out.size(0) == G.size(1), "argument 'out' must have shape (", G.size(1), ",), got ",
+                 shape_text(out));
   check_same_device(G, "G", out, "out");
   check_contiguous(out, "out");
 }
@@ -70,10 +70,9 @@ void check_window(const FisherWindowArrays& w, const FisherWindowState& s, const
   check_writable(w.factor, "factor");
   check_damp(o.damp);
   CK_CHECK_VALUE(o.refactor_every >= 0, "argument 'refactor_every' must be >= 0, got ", o.refactor_every);
-  CK_CHECK_VALUE(s.size >= 0 && s.size <= m && s.oldest >= 0 && s.oldest < m && s.count >= s.size &&
-                     s.since_refactor >= 0,
-                 "the window state (size ", s.size, ", oldest ", s.oldest, ", count ", s.count,
-                 ") does not fit its capacity ", m);
+  CK_CHECK_VALUE(
+      s.size >= 0 && s.size <= m && s.oldest >= 0 && s.oldest < m && s.count >= s.size && s.since_refactor >= 0,
+      "the window state (size ", s.size, ", oldest ", s.oldest, ", count ", s.count, ") does not fit its capacity ", m);
   const std::vector<ArrayView> state{w.G, w.gram, w.factor};
   check_no_overlap({{state, "window arrays"}}, {});
 }
@@ -104,16 +103,15 @@ FisherWindowState fisher_window_push(const FisherWindowArrays& w, const FisherWi
   check_window(w, state, o);
   CK_CHECK_TYPE(g.dtype == w.G.dtype, "argument 'g' must have the window's dtype ", w.G.dtype.name(), ", got ",
                 g.dtype.name());
-  CK_CHECK_VALUE(g.ndim() == 1 && g.size(0) == w.G.size(1), "argument 'g' must have shape (", w.G.size(1),
-                 ",), got ", shape_text(g));
+  CK_CHECK_VALUE(g.ndim() == 1 && g.size(0) == w.G.size(1), "argument 'g' must have shape (", w.G.size(1), ",), got ",
+                 shape_text(g));
   check_same_device(w.G, "G", g, "g");
   check_contiguous(g, "g");
   const std::vector<ArrayView> state_arrays{w.G, w.gram, w.factor}, inputs{g};
   check_no_overlap({{state_arrays, "window arrays"}}, {{inputs, "g"}});
   (void)stream;
   FisherWindowState next;
-  CK_DEVICE_DISPATCH(w.G.device, next = mfac::push_cpu(w, state, o, g),
-                     next = mfac::push_cuda(w, state, o, g, stream));
+  CK_DEVICE_DISPATCH(w.G.device, next = mfac::push_cpu(w, state, o, g), next = mfac::push_cuda(w, state, o, g, stream));
   return next;
 }
 
@@ -212,9 +210,7 @@ void fisher_inverse_entries(const ArrayView& V, const ArrayView& rows, const Arr
 }
 
 namespace {
-void check_block(int64_t block) {
-  CK_CHECK_VALUE(block >= 1, "argument 'block_size' must be >= 1, got ", block);
-}
+void check_block(int64_t block) { CK_CHECK_VALUE(block >= 1, "argument 'block_size' must be >= 1, got ", block); }
 }  // namespace
 
 void fisher_ihvp_blocks(const ArrayView& G, const ArrayView& x, const ArrayView& out, double damp, int64_t block,

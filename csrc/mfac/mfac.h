@@ -107,8 +107,8 @@ FisherWindowState push_cpu(const FisherWindowArrays& w, const FisherWindowState&
 void ihvp_cpu(const FisherWindowArrays& w, const Capacitance& cap, const ArrayView& x, const ArrayView& out);
 void diag_cpu(const FisherWindowArrays& w, const Capacitance& cap, const ArrayView& out);
 void refactor_cpu(const FisherWindowArrays& w, const Capacitance& cap);
-void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag,
-                const ArrayView* V, double damp);
+void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag, const ArrayView* V,
+                double damp);
 void entries_cpu(const ArrayView& V, const ArrayView& rows, const ArrayView& cols, const ArrayView& out, double damp);
 void blocks_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag, double damp,
                 int64_t block);
@@ -122,8 +122,8 @@ void diag_cuda(const FisherWindowArrays& w, const Capacitance& cap, const ArrayV
 void refactor_cuda(const FisherWindowArrays& w, const Capacitance& cap, StreamHandle stream);
 void static_cuda(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag,
                  const ArrayView* V, double damp, StreamHandle stream);
-void entries_cuda(const ArrayView& V, const ArrayView& rows, const ArrayView& cols, const ArrayView& out,
-                  double damp, StreamHandle stream);
+void entries_cuda(const ArrayView& V, const ArrayView& rows, const ArrayView& cols, const ArrayView& out, double damp,
+                  StreamHandle stream);
 void blocks_cuda(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag, double damp,
                  int64_t block, StreamHandle stream);
 #endif

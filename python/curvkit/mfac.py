@@ -111,7 +111,7 @@ class FisherWindow:
         self._G = _zero(_arrays.empty((self._m, self._d), dtype, framework, dev))
         self._gram = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
         self._factor = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
-        self._state = (0, 0, 0, 0)
+        self._state: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     # ---- state
 
@@ -191,9 +191,10 @@ class FisherWindow:
         """
         g = _arrays.prepare(g, "g")
         stream, workspace = _arrays.call_context([self._G])
-        self._state = tuple(_core.fisher_window_push(
+        size, oldest, count, since = _core.fisher_window_push(
             self._G, self._gram, self._factor, self._state, damp=self._damp, normalize=self._normalize,
-            refactor_every=self._refactor_every, g=g, stream=stream, workspace=workspace))
+            refactor_every=self._refactor_every, g=g, stream=stream, workspace=workspace)
+        self._state = (size, oldest, count, since)
 
     def ihvp(self, x: Any, out: Any = None) -> Any:
         """``F^-1 x`` for x of shape (d,) or (d, k) (k vectors in one pass over G), in the
