@@ -252,3 +252,94 @@ def test_window_dense_matrix_check(rng):
         w.push(g)
     ref = np.diag(np.linalg.inv(fisher_matrix(Gs.astype(np.float64), damp)))
     assert rel(w.diag(), ref) < window_bound("float32", 1e5)
+
+
+# ---------------------------------------------------------------------------------------
+# Compressed (EFCP) windows
+
+@pytest.mark.parametrize("normalize", ["capacity", "count"])
+@pytest.mark.parametrize("d, m, k, block", [(300, 5, 7, None), (1000, 6, 4, 96), (70_000, 3, 5, 40_000),
+                                            (50, 4, 60, 20)])
+def test_sparse_window_equals_dense_of_densified(rng, d, m, k, block, normalize):
+    """Block sizes past 32767 (the anchors' int16 indices wrap there), a last partial block, k
+    larger than a block: the products equal the dense solve on the densified rows."""
+    damp = 1e-2
+    w = curvkit.SparseFisherWindow(d, m, k, damp, block_size=block, dtype="float64", normalize=normalize)
+    G = rng.standard_normal((3 * m + 1, d))
+    for g in G:
+        w.push(g)
+    S = w.densified()[w.slots]
+    nnz = w.values.shape[1]
+    assert (S != 0).sum(axis=1).max() <= nnz
+    X = rng.standard_normal((d, 2))
+    # F is damp I outside the rows' support: the dense solve there is on the support's columns.
+    support = np.flatnonzero(np.any(S != 0, axis=0))
+    ref = X / damp
+    scale = m if normalize == "capacity" else min(w.count, m)
+    ref[support] = fisher_solve(S[:, support], X[support], damp, scale=scale)
+    assert rel(w.ihvp(X), ref) < F64
+    assert rel(w.ihvp(X[:, 0]), ref[:, 0]) < F64
+    dense = curvkit.FisherWindow(d, m, damp, dtype="float64", normalize=normalize)
+    for s in S:
+        dense.push(s)
+    if normalize == "capacity" or w.count == w.size:
+        assert rel(dense.ihvp(X), w.ihvp(X)) < F64
+
+
+def test_sparse_window_selection_and_error_feedback(rng):
+    d, k, block = 1000, 6, 300
+    w = curvkit.SparseFisherWindow(d, 2, k, 1e-2, block_size=block, dtype="float64")
+    w.push(rng.standard_normal(d))
+    e_before = np.array(w.error)
+    g = rng.standard_normal(d)
+    w.push(g)
+    acc = e_before + g
+    slot = w.slots[-1]
+    idx, val = np.array(w.indices[slot]), np.array(w.values[slot])
+    assert idx.dtype == np.int32 and np.all(np.diff(idx) > 0)
+    for b0 in range(0, d, block):
+        in_block = idx[(idx >= b0) & (idx < b0 + block)]
+        assert len(in_block) == min(k, min(d, b0 + block) - b0)
+        top = np.argsort(-np.abs(acc[b0:b0 + block]), kind="stable")[:len(in_block)] + b0
+        assert set(in_block) == set(top)
+    assert np.array_equal(val, acc[idx])
+    dense_row = np.zeros(d)
+    dense_row[idx] = val
+    assert np.array_equal(np.array(w.error) + dense_row, acc)  # nothing lost
+
+
+@needs_torch
+def test_sparse_window_bfloat16_and_float32(rng):
+    import torch
+
+    d, m, k = 2000, 4, 50
+    for dtype in (torch.float32, torch.bfloat16):
+        w = curvkit.SparseFisherWindow(d, m, k, 1e-1, block_size=500, dtype=dtype, like=torch.zeros(1))
+        G = torch.tensor(rng.standard_normal((2 * m, d))).to(dtype)
+        for g in G:
+            w.push(g)
+        assert w.indices.dtype == torch.int32 and w.error.dtype == torch.float32
+        S = w.densified()[w.slots]
+        x = G[-1]
+        ref = fisher_solve(S, x.double().numpy(), 1e-1, scale=m)
+        name = str(dtype).replace("torch.", "")
+        assert rel(w.ihvp(x).double().numpy(), ref) < window_bound(name, 1e3)
+
+
+def test_sparse_window_refuses_bad_gradients_unchanged(rng):
+    w = curvkit.SparseFisherWindow(40, 3, 4, 1e-2, dtype="float64")
+    for g in rng.standard_normal((4, 40)):
+        w.push(g)
+    before = [np.array(a) for a in (w.indices, w.values, w.error, w.gram, w.factor)] + [w.slots, w.count]
+    bad = rng.standard_normal(40)
+    bad[7] = np.nan
+    with pytest.raises(ValueError, match="'g' contains NaN"):
+        w.push(bad)
+    with pytest.raises(ValueError, match="'g' must have shape"):
+        w.push(np.zeros(39))
+    with pytest.raises(TypeError, match="'g' must have the window's dtype"):
+        w.push(np.zeros(40, dtype=np.float32))
+    after = [np.array(a) for a in (w.indices, w.values, w.error, w.gram, w.factor)] + [w.slots, w.count]
+    assert all(np.array_equal(a, b) for a, b in zip(before[:5], after[:5])) and before[5:] == after[5:]
+    w.reset()
+    assert w.size == 0 and not np.array(w.error).any()

@@ -31,6 +31,17 @@ struct Window {
   FisherWindowArrays arrays() const { return {G.view, gram.view, factor.view}; }
 };
 
+struct SparseWindow {
+  interop::ImportedArray indices, values, error, gram, factor;
+  SparseWindow(py::handle i, py::handle v, py::handle e, py::handle k, py::handle l, StreamHandle stream)
+      : indices(interop::import_output(i, "indices", stream)),
+        values(interop::import_output(v, "values", stream)),
+        error(interop::import_output(e, "error", stream)),
+        gram(interop::import_output(k, "gram", stream)),
+        factor(interop::import_output(l, "factor", stream)) {}
+  SparseWindowArrays arrays() const { return {indices.view, values.view, error.view, gram.view, factor.view}; }
+};
+
 FisherWindowOptions options(double damp, const std::string& normalize, int64_t refactor_every) {
   FisherWindowOptions o;
   o.damp = damp;
@@ -101,6 +112,43 @@ void register_mfac(py::module_& m, py::module_& /*testing*/) {
       py::arg("G"), py::arg("gram"), py::arg("factor"), py::arg("state"), py::kw_only(), py::arg("damp"),
       py::arg("normalize"), py::arg("refactor_every"), py::arg("stream"), py::arg("workspace"),
       "Refactor a FisherWindow's capacitance matrix from its Gram matrix.");
+  m.def(
+      "fisher_sparse_window_push",
+      [](py::handle indices, py::handle values, py::handle error, py::handle gram, py::handle factor,
+         const State& state, double damp, const std::string& normalize, int64_t refactor_every, int64_t block_size,
+         int64_t k, py::handle g, StreamHandle stream, py::object workspace) {
+        const FisherWindowOptions o = options(damp, normalize, refactor_every);
+        SparseOptions so;
+        so.block = block_size;
+        so.k_per_block = k;
+        SparseWindow w(indices, values, error, gram, factor, stream);
+        interop::ImportedArray gi = interop::import_array(g, "g", stream);
+        FisherWindowState next;
+        {
+          binding::CallScope scope(std::move(workspace));
+          next = sparse_window_push(w.arrays(), to_state(state), o, so, gi.view, stream);
+        }
+        return State{next.size, next.oldest, next.count, next.since_refactor};
+      },
+      py::arg("indices"), py::arg("values"), py::arg("error"), py::arg("gram"), py::arg("factor"), py::arg("state"),
+      py::kw_only(), py::arg("damp"), py::arg("normalize"), py::arg("refactor_every"), py::arg("block_size"),
+      py::arg("k"), py::arg("g"), py::arg("stream"), py::arg("workspace"),
+      "Push g into a SparseFisherWindow's arrays; returns the new state (see curvkit.SparseFisherWindow).");
+  m.def(
+      "fisher_sparse_window_ihvp",
+      [](py::handle indices, py::handle values, py::handle error, py::handle gram, py::handle factor,
+         const State& state, double damp, const std::string& normalize, int64_t refactor_every, py::handle x,
+         py::handle out, StreamHandle stream, py::object workspace) {
+        const FisherWindowOptions o = options(damp, normalize, refactor_every);
+        SparseWindow w(indices, values, error, gram, factor, stream);
+        interop::ImportedArray xi = interop::import_array(x, "x", stream);
+        interop::ImportedArray oi = interop::import_output(out, "out", stream);
+        binding::CallScope scope(std::move(workspace));
+        sparse_window_ihvp(w.arrays(), to_state(state), o, xi.view, oi.view, stream);
+      },
+      py::arg("indices"), py::arg("values"), py::arg("error"), py::arg("gram"), py::arg("factor"), py::arg("state"),
+      py::kw_only(), py::arg("damp"), py::arg("normalize"), py::arg("refactor_every"), py::arg("x"), py::arg("out"),
+      py::arg("stream"), py::arg("workspace"), "out = F^-1 x for a SparseFisherWindow.");
   m.def(
       "fisher_ihvp",
       [](py::handle G, py::handle x, py::handle out, double damp, StreamHandle stream, py::object workspace) {

@@ -99,7 +99,7 @@ void woodbury_finish(const S* G, int64_t d, const std::vector<int64_t>& slots, c
   const Chunks ch(d);
 #pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
   {
-    std::vector<double> acc(size_t(ch.size * k));
+    std::vector<double> acc(static_cast<size_t>(ch.size * k));
 #pragma omp for schedule(dynamic)
     for (int64_t c = 0; c < ch.count; ++c) {
       const int64_t j0 = c * ch.size, len = std::min(ch.size, d - j0);
@@ -266,7 +266,7 @@ void inverse_diag(const S* G, int64_t d, const Capacitance& cap, const double* L
   SingleThreadedBlas single;
 #pragma omp parallel num_threads(team(threads, double(n) * double(n) * double(d)))
   {
-    std::vector<double> z(size_t(std::max<int64_t>(n, 1) * width));
+    std::vector<double> z(static_cast<size_t>(std::max<int64_t>(n, 1) * width));
 #pragma omp for schedule(dynamic)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t j0 = t * width, len = std::min(width, d - j0);
@@ -290,7 +290,7 @@ void inverse_diag(const S* G, int64_t d, const Capacitance& cap, const double* L
 template <class S>
 void woodbury_apply(const S* G, int64_t d, const Capacitance& cap, const double* L, int64_t ld, const S* X, int64_t k,
                     S* out, int threads) {
-  std::vector<double> Y(size_t(cap.n * k));
+  std::vector<double> Y(static_cast<size_t>(cap.n * k));
   gram_product(G, d, cap.slots, X, k, Y.data(), threads);
   cholesky_solve(L, ld, cap.n, Y.data(), k);
   woodbury_finish(G, d, cap.slots, Y.data(), X, k, cap.damp, out, threads);
@@ -304,7 +304,7 @@ void gram_matrix(const S* G, int64_t m, int64_t d, double* K) {
   std::fill(K, K + m * m, 0.0);
   if (m == 0) return;
   const int64_t width = std::max<int64_t>(256, std::min<int64_t>(4096, (int64_t(1) << 22) / m));
-  std::vector<double> buf(size_t(m * width));
+  std::vector<double> buf(static_cast<size_t>(m * width));
   for (int64_t j0 = 0; j0 < d; j0 += width) {
     const int64_t len = std::min(width, d - j0);
     for (int64_t i = 0; i < m; ++i)
@@ -313,6 +313,42 @@ void gram_matrix(const S* G, int64_t m, int64_t d, double* K) {
     throw_if_interrupted();
   }
   blas::mirror_lower(K, m);
+}
+
+// The state after a push into a window of capacity m.
+FisherWindowState next_state(const FisherWindowState& state, int64_t m) {
+  const bool full = state.size == m;
+  FisherWindowState next = state;
+  next.size = full ? m : state.size + 1;
+  next.oldest = full ? (state.oldest + 1) % m : 0;
+  next.count = state.count + 1;
+  next.since_refactor = state.since_refactor + 1;
+  return next;
+}
+
+// Once the new gradient's Gram row is in K: L follows it, by the rank-one update and the append
+// (O(m^2)), or refactored from K when c changed, the period came, or the append broke down.
+void advance_factor(const double* K, double* L, int64_t m, const FisherWindowState& state, FisherWindowState& next,
+                    const FisherWindowOptions& o, const std::vector<double>& dots, double norm2, int threads) {
+  const Capacitance cap = window_capacitance(next, m, o);
+  const double old_scale = fisher_window_scale(m, state.size, o.normalize);
+  const int64_t every = o.refactor_every > 0 ? o.refactor_every : m;
+  bool refactor = cap.scale != old_scale || next.since_refactor >= every;
+  if (!refactor) {
+    if (state.size == m) remove_first(L, m, state.size, threads);
+    refactor = !append_row(L, m, int64_t(dots.size()), dots, cap.scale * o.damp + norm2);
+  }
+  if (refactor) {
+    if (!refactor_from_gram(K, m, cap, L)) throw_breakdown(cap);
+    next.since_refactor = 0;
+  }
+}
+
+void check_kappa(double norm2, const Capacitance& cap) {
+  const double kappa = norm2 / (cap.scale * cap.damp);
+  CK_CHECK_VALUE(kappa <= kMaxKappa, "argument 'g' has ||g||^2 / (c * damp) = ", kappa, " > ", kMaxKappa, ": 'damp' (",
+                 cap.damp, ") is too small for float64 to hold the capacitance matrix positive ",
+                 "definite; the window is unchanged");
 }
 
 }  // namespace
@@ -325,13 +361,8 @@ FisherWindowState push_cpu(const FisherWindowArrays& w, const FisherWindowState&
   const int64_t m = w.G.size(0), d = w.G.size(1), n = state.size;
   const bool full = n == m;
   const int64_t target = full ? state.oldest : n;
-  FisherWindowState next = state;
-  next.size = full ? m : n + 1;
-  next.oldest = full ? (state.oldest + 1) % m : 0;
-  next.count = state.count + 1;
-  next.since_refactor = state.since_refactor + 1;
+  FisherWindowState next = next_state(state, m);
   const Capacitance cap = window_capacitance(next, m, o);
-  const double old_scale = fisher_window_scale(m, n, o.normalize);
   double* K = w.gram.ptr<double>();
   double* L = w.factor.ptr<double>();
 
@@ -341,10 +372,7 @@ FisherWindowState push_cpu(const FisherWindowArrays& w, const FisherWindowState&
     bool finite = true;
     const double norm2 = squared_norm(gp, d, finite, threads);
     CK_CHECK_VALUE(finite, "argument 'g' contains NaN or Inf; the window is unchanged");
-    const double kappa = norm2 / (cap.scale * o.damp);
-    CK_CHECK_VALUE(kappa <= kMaxKappa, "argument 'g' has ||g||^2 / (c * damp) = ", kappa, " > ", kMaxKappa,
-                   ": 'damp' (", o.damp, ") is too small for float64 to hold the capacitance matrix positive ",
-                   "definite; the window is unchanged");
+    check_kappa(norm2, cap);
     // The gradients that stay, in age order (their slots), and their products with g.
     std::vector<int64_t> kept;
     for (int64_t p = full ? 1 : 0; p < n; ++p) kept.push_back((state.oldest + p) % m);
@@ -353,17 +381,7 @@ FisherWindowState push_cpu(const FisherWindowArrays& w, const FisherWindowState&
     std::memcpy(G + target * d, gp, size_t(d) * sizeof(S));
     for (size_t i = 0; i < kept.size(); ++i) K[target * m + kept[i]] = K[kept[i] * m + target] = dots[i];
     K[target * m + target] = norm2;
-
-    const int64_t every = o.refactor_every > 0 ? o.refactor_every : m;
-    bool refactor = cap.scale != old_scale || next.since_refactor >= every;
-    if (!refactor) {
-      if (full) remove_first(L, m, n, threads);
-      refactor = !append_row(L, m, int64_t(kept.size()), dots, cap.scale * o.damp + norm2);
-    }
-    if (refactor) {
-      if (!refactor_from_gram(K, m, cap, L)) throw_breakdown(cap);
-      next.since_refactor = 0;
-    }
+    advance_factor(K, L, m, state, next, o, dots, norm2, threads);
   });
   return next;
 }
@@ -388,6 +406,125 @@ void refactor_cpu(const FisherWindowArrays& w, const Capacitance& cap) {
   if (!refactor_from_gram(w.gram.ptr<const double>(), w.G.size(0), cap, w.factor.ptr<double>())) throw_breakdown(cap);
 }
 
+// ---- Compressed (sparse) window
+
+namespace {
+
+// The k largest |a[j]| of [b0, b1), ties to the smaller index (deterministic), ascending.
+void select_block(const std::vector<double>& a, int64_t b0, int64_t b1, int64_t k, std::vector<int32_t>& chosen) {
+  std::vector<int32_t> idx(static_cast<size_t>(b1 - b0));
+  for (int64_t j = b0; j < b1; ++j) idx[size_t(j - b0)] = int32_t(j);
+  const auto larger = [&](int32_t x, int32_t y) {
+    const double ax = std::fabs(a[size_t(x)]), ay = std::fabs(a[size_t(y)]);
+    return ax > ay || (ax == ay && x < y);
+  };
+  if (k < int64_t(idx.size())) std::nth_element(idx.begin(), idx.begin() + k, idx.end(), larger);
+  idx.resize(size_t(k));
+  std::sort(idx.begin(), idx.end());
+  chosen.insert(chosen.end(), idx.begin(), idx.end());
+}
+
+// Y (rows, k) = the sparse rows `rows` times X (d, k) (X of any element type).
+template <class S, class T>
+void sparse_rows_times(const int32_t* I, const S* V, int64_t nnz, const std::vector<int64_t>& rows, const T* X,
+                       int64_t k, double* Y, int threads) {
+  const int64_t n = int64_t(rows.size());
+#pragma omp parallel for schedule(static) num_threads(team(threads, double(n) * double(nnz) * double(k)))
+  for (int64_t p = 0; p < n; ++p) {
+    const int64_t s = rows[size_t(p)];
+    for (int64_t q = 0; q < k; ++q) Y[p * k + q] = 0;
+    for (int64_t t = 0; t < nnz; ++t) {
+      const double v = load(V[s * nnz + t]);
+      const int64_t j = I[s * nnz + t];
+      for (int64_t q = 0; q < k; ++q) Y[p * k + q] += v * load(X[j * k + q]);
+    }
+  }
+}
+
+}  // namespace
+
+FisherWindowState sparse_push_cpu(const SparseWindowArrays& w, const FisherWindowState& state,
+                                  const FisherWindowOptions& o, const SparseOptions& so, const ArrayView& g) {
+  const int threads = num_threads();
+  const int64_t m = w.indices.size(0), nnz = w.indices.size(1), d = w.error.size(0), n = state.size;
+  const int64_t block = so.block > 0 ? so.block : d;
+  const bool full = n == m;
+  const int64_t target = full ? state.oldest : n;
+  FisherWindowState next = next_state(state, m);
+  const Capacitance cap = window_capacitance(next, m, o);
+  double* K = w.gram.ptr<double>();
+  double* L = w.factor.ptr<double>();
+  int32_t* I = w.indices.ptr<int32_t>();
+  CK_DISPATCH_FLOATING(w.values.dtype, "values", S, [&] {
+    CK_DISPATCH_COMPUTE(w.values.dtype, E, [&] {
+      S* V = w.values.ptr<S>();
+      E* err = w.error.ptr<E>();
+      const S* gp = g.ptr<const S>();
+      // e + g, checked before anything is written.
+      std::vector<double> acc(static_cast<size_t>(d));
+      bool finite = true;
+      for (int64_t j = 0; j < d; ++j) {
+        acc[size_t(j)] = double(err[j]) + load(gp[j]);
+        finite &= std::fabs(load(gp[j])) <= DBL_MAX && std::fabs(acc[size_t(j)]) <= DBL_MAX;
+      }
+      CK_CHECK_VALUE(finite,
+                     "argument 'g' contains NaN or Inf (or overflows the error feedback); the window is "
+                     "unchanged");
+      std::vector<int32_t> chosen;
+      chosen.reserve(size_t(nnz));
+      for (int64_t b0 = 0; b0 < d; b0 += block)
+        select_block(acc, b0, std::min(d, b0 + block), std::min(so.k_per_block, std::min(d, b0 + block) - b0), chosen);
+      std::vector<S> kept_values(static_cast<size_t>(nnz));
+      std::vector<double> z(size_t(d), 0.0);  // the stored row, densified
+      double norm2 = 0;
+      for (int64_t t = 0; t < nnz; ++t) {
+        kept_values[size_t(t)] = from_double<S>(acc[size_t(chosen[size_t(t)])]);
+        const double v = load(kept_values[size_t(t)]);
+        z[size_t(chosen[size_t(t)])] = v;
+        norm2 += v * v;
+      }
+      check_kappa(norm2, cap);
+      std::vector<int64_t> kept;
+      for (int64_t p = full ? 1 : 0; p < n; ++p) kept.push_back((state.oldest + p) % m);
+      std::vector<double> dots(kept.size());
+      sparse_rows_times(I, V, nnz, kept, z.data(), 1, dots.data(), threads);
+      // The error keeps what was not stored, the stored values' rounding included.
+      for (int64_t j = 0; j < d; ++j) err[j] = E(acc[size_t(j)] - z[size_t(j)]);
+      std::memcpy(I + target * nnz, chosen.data(), size_t(nnz) * sizeof(int32_t));
+      std::memcpy(V + target * nnz, kept_values.data(), size_t(nnz) * sizeof(S));
+      for (size_t i = 0; i < kept.size(); ++i) K[target * m + kept[i]] = K[kept[i] * m + target] = dots[i];
+      K[target * m + target] = norm2;
+      advance_factor(K, L, m, state, next, o, dots, norm2, threads);
+    });
+  });
+  return next;
+}
+
+void sparse_ihvp_cpu(const SparseWindowArrays& w, const Capacitance& cap, const ArrayView& x, const ArrayView& out) {
+  const int threads = num_threads();
+  const int64_t m = w.indices.size(0), nnz = w.indices.size(1), d = w.error.size(0), n = cap.n, k = columns(x);
+  const int32_t* I = w.indices.ptr<const int32_t>();
+  const double* L = w.factor.ptr<const double>();
+  CK_DISPATCH_FLOATING(w.values.dtype, "values", S, [&] {
+    const S* V = w.values.ptr<const S>();
+    const S* X = x.ptr<const S>();
+    std::vector<double> Y(size_t(n * k), 0.0);
+    sparse_rows_times(I, V, nnz, cap.slots, X, k, Y.data(), threads);
+    cholesky_solve(L, m, n, Y.data(), k);
+    std::vector<double> acc(size_t(d * k), 0.0);
+    for (int64_t p = 0; p < n; ++p) {
+      const int64_t s = cap.slots[size_t(p)];
+      for (int64_t t = 0; t < nnz; ++t) {
+        const double v = load(V[s * nnz + t]);
+        const int64_t j = I[s * nnz + t];
+        for (int64_t q = 0; q < k; ++q) acc[size_t(j * k + q)] += v * Y[size_t(p * k + q)];
+      }
+    }
+    S* o = out.ptr<S>();
+    for (int64_t t = 0; t < d * k; ++t) o[t] = from_double<S>((load(X[t]) - acc[size_t(t)]) / cap.damp);
+  });
+}
+
 // ---- Static
 
 void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag, const ArrayView* V,
@@ -405,7 +542,7 @@ void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, co
     const S* g = G.ptr<const S>();
     CK_CHECK_VALUE(all_finite_array(g, m * d, threads), "argument 'G' contains NaN or Inf");
     if (x) CK_CHECK_VALUE(all_finite_array(x->ptr<const S>(), x->numel(), threads), "argument 'x' contains NaN or Inf");
-    std::vector<double> K(size_t(m * m)), L(size_t(m * m));
+    std::vector<double> K(static_cast<size_t>(m * m)), L(size_t(m * m));
     gram_matrix(g, m, d, K.data());
     for (int64_t i = 0; i < m; ++i) {
       const double kappa = K[size_t(i * m + i)] / (cap.scale * damp);
@@ -468,7 +605,7 @@ void blocks_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, co
     run_matrix_tasks(threads, count, cost, [&](int64_t b, int) {
       const int64_t j0 = b * block, bw = width(b);
       const int ibw = int(bw), im = int(m);
-      std::vector<double> Gb(size_t(m * bw));
+      std::vector<double> Gb(static_cast<size_t>(m * bw));
       for (int64_t i = 0; i < m; ++i)
         for (int64_t j = 0; j < bw; ++j) Gb[size_t(i * bw + j)] = load(g[i * d + j0 + j]);
       std::vector<double> xb;
@@ -477,7 +614,7 @@ void blocks_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, co
         const S* xp = x->ptr<const S>() + j0 * k;
         for (int64_t t = 0; t < bw * k; ++t) xb[size_t(t)] = load(xp[t]);
       }
-      std::vector<double> result(size_t(x ? bw * k : bw));
+      std::vector<double> result(static_cast<size_t>(x ? bw * k : bw));
       if (bw <= m || m == 0) {
         // Dense F_b = damp I + G_b^T G_b / m (bw x bw).
         std::vector<double> F(size_t(bw * bw), 0.0);
@@ -507,7 +644,7 @@ void blocks_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, co
           return;
         }
         if (x) {
-          std::vector<double> Y(size_t(m * k));
+          std::vector<double> Y(static_cast<size_t>(m * k));
           scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, im, int(k), ibw, 1.0, Gb.data(), ibw, xb.data(),
                             int(k), 0.0, Y.data(), int(k));
           cholesky_solve(C.data(), m, m, Y.data(), k);

@@ -1,8 +1,11 @@
 // M-FAC family: argument checks and the one CPU/CUDA dispatch.
 #include "mfac/mfac.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
+#include <utility>
 
 #include "core/check.h"
 
@@ -207,6 +210,99 @@ void fisher_inverse_entries(const ArrayView& V, const ArrayView& rows, const Arr
   (void)stream;
   CK_DEVICE_DISPATCH(V.device, mfac::entries_cpu(V, rows, cols, out, damp),
                      mfac::entries_cuda(V, rows, cols, out, damp, stream));
+}
+
+int64_t sparse_row_nnz(int64_t d, int64_t block, int64_t k_per_block) {
+  const int64_t b = block > 0 ? block : d;
+  if (d <= 0 || b <= 0) return 0;
+  const int64_t full_blocks = d / b, rest = d % b;
+  return full_blocks * std::min(k_per_block, b) + std::min(k_per_block, rest);
+}
+
+namespace {
+
+void check_sparse_window(const SparseWindowArrays& w, const FisherWindowState& s, const FisherWindowOptions& o,
+                         const SparseOptions* so) {
+  CK_CHECK_TYPE(w.indices.dtype == (DType{DTypeCode::Int, 32}), "argument 'indices' must be int32, got ",
+                w.indices.dtype.name());
+  CK_CHECK_VALUE(w.indices.ndim() == 2 && w.indices.size(0) >= 1, "argument 'indices' must have shape (m, nnz), got ",
+                 shape_text(w.indices));
+  check_floating(w.values, "values");
+  check_same_shape(w.indices, "indices", w.values, "values");
+  const int64_t m = w.indices.size(0);
+  const DType err = w.values.dtype == DType::float64() ? DType::float64() : DType::float32();
+  CK_CHECK_TYPE(w.error.dtype == err, "argument 'error' must be ", err.name(), ", got ", w.error.dtype.name());
+  CK_CHECK_VALUE(w.error.ndim() == 1 && w.error.size(0) >= 1, "argument 'error' must have shape (d,), got ",
+                 shape_text(w.error));
+  const int64_t d = w.error.size(0);
+  CK_CHECK_VALUE(d <= INT32_MAX, "the dimension d (", d, ") exceeds the int32 column indices (2^31-1)");
+  if (so) {
+    CK_CHECK_VALUE(so->block >= 0 && so->k_per_block >= 1, "arguments 'block_size' (", so->block, ") and 'k' (",
+                   so->k_per_block, ") must be >= 0 and >= 1");
+    const int64_t nnz = sparse_row_nnz(d, so->block, so->k_per_block);
+    CK_CHECK_VALUE(w.indices.size(1) == nnz, "argument 'indices' must have ", nnz, " columns for d = ", d, ", got ",
+                   w.indices.size(1));
+  }
+  for (const auto& [a, name] : {std::pair<const ArrayView*, const char*>{&w.indices, "indices"},
+                                {&w.values, "values"},
+                                {&w.error, "error"},
+                                {&w.gram, "gram"},
+                                {&w.factor, "factor"}}) {
+    check_contiguous(*a, name);
+    check_writable(*a, name);
+    check_same_device(w.values, "values", *a, name);
+  }
+  check_float64_square(w.gram, "gram", m, w.values);
+  check_float64_square(w.factor, "factor", m, w.values);
+  check_damp(o.damp);
+  CK_CHECK_VALUE(o.refactor_every >= 0, "argument 'refactor_every' must be >= 0, got ", o.refactor_every);
+  CK_CHECK_VALUE(
+      s.size >= 0 && s.size <= m && s.oldest >= 0 && s.oldest < m && s.count >= s.size && s.since_refactor >= 0,
+      "the window state (size ", s.size, ", oldest ", s.oldest, ", count ", s.count, ") does not fit its capacity ", m);
+  const std::vector<ArrayView> state{w.indices, w.values, w.error, w.gram, w.factor};
+  check_no_overlap({{state, "window arrays"}}, {});
+}
+
+[[noreturn]] void throw_sparse_cpu_only() {
+  throw ValueError("compressed (sparse) windows run on the CPU only in this version; pass CPU arrays");
+}
+
+}  // namespace
+
+FisherWindowState sparse_window_push(const SparseWindowArrays& w, const FisherWindowState& state,
+                                     const FisherWindowOptions& o, const SparseOptions& so, const ArrayView& g,
+                                     StreamHandle stream) {
+  check_sparse_window(w, state, o, &so);
+  CK_CHECK_TYPE(g.dtype == w.values.dtype, "argument 'g' must have the window's dtype ", w.values.dtype.name(),
+                ", got ", g.dtype.name());
+  CK_CHECK_VALUE(g.ndim() == 1 && g.size(0) == w.error.size(0), "argument 'g' must have shape (", w.error.size(0),
+                 ",), got ", shape_text(g));
+  check_same_device(w.values, "values", g, "g");
+  check_contiguous(g, "g");
+  const std::vector<ArrayView> state_arrays{w.indices, w.values, w.error, w.gram, w.factor}, inputs{g};
+  check_no_overlap({{state_arrays, "window arrays"}}, {{inputs, "g"}});
+  (void)stream;
+  if (w.values.device.is_cuda()) throw_sparse_cpu_only();
+  return mfac::sparse_push_cpu(w, state, o, so, g);
+}
+
+void sparse_window_ihvp(const SparseWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
+                        const ArrayView& x, const ArrayView& out, StreamHandle stream) {
+  check_sparse_window(w, state, o, nullptr);
+  const int64_t d = w.error.size(0);
+  CK_CHECK_TYPE(x.dtype == w.values.dtype, "argument 'x' must have the window's dtype ", w.values.dtype.name(),
+                ", got ", x.dtype.name());
+  CK_CHECK_VALUE((x.ndim() == 1 || x.ndim() == 2) && x.size(0) == d, "argument 'x' must have shape (", d, ",) or (", d,
+                 ", k), got ", shape_text(x));
+  check_same_device(w.values, "values", x, "x");
+  check_contiguous(x, "x");
+  check_output_like(x, "x", out, "out");
+  CK_CHECK_TYPE(out.dtype == x.dtype, "argument 'out' must have dtype ", x.dtype.name(), ", got ", out.dtype.name());
+  const std::vector<ArrayView> state_arrays{w.indices, w.values, w.error, w.gram, w.factor}, outs{out}, ins{x};
+  check_no_overlap({{outs, "out"}}, {{state_arrays, "window arrays"}, {ins, "x"}});
+  (void)stream;
+  if (w.values.device.is_cuda()) throw_sparse_cpu_only();
+  mfac::sparse_ihvp_cpu(w, mfac::window_capacitance(state, w.indices.size(0), o), x, out);
 }
 
 namespace {

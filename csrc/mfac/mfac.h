@@ -92,6 +92,29 @@ void fisher_ihvp_blocks(const ArrayView& G, const ArrayView& x, const ArrayView&
 void fisher_inverse_diag_blocks(const ArrayView& G, const ArrayView& out, double damp, int64_t block,
                                 StreamHandle stream);
 
+// Compressed window (EFCP, Modoranu et al. 2023): each gradient is added to an error-feedback
+// buffer e, the buffer's `k_per_block` largest magnitudes in every block of `block` coordinates
+// (the last block partial; block = d: one block) are stored as (int32 column, value) pairs, and
+// e keeps the rest (and the rounding of the kept values). Columns are absolute int32 indices, so
+// no block size overflows them (d < 2^31). F is the Fisher of the densified rows: products equal
+// the dense window's on the same rows. Arrays: indices (m, nnz) int32, values (m, nnz) in the
+// storage dtype, error (d,) float64 for float64 storage, float32 otherwise, gram and factor
+// (m, m) float64. CPU only in this version.
+struct SparseWindowArrays {
+  ArrayView indices, values, error, gram, factor;
+};
+struct SparseOptions {
+  int64_t block = 0;        // coordinates per selection block (0: d)
+  int64_t k_per_block = 0;  // values kept per block
+};
+// Values stored per gradient: sum over blocks of min(k_per_block, block length).
+int64_t sparse_row_nnz(int64_t d, int64_t block, int64_t k_per_block);
+FisherWindowState sparse_window_push(const SparseWindowArrays& w, const FisherWindowState& state,
+                                     const FisherWindowOptions& o, const SparseOptions& so, const ArrayView& g,
+                                     StreamHandle stream);
+void sparse_window_ihvp(const SparseWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
+                        const ArrayView& x, const ArrayView& out, StreamHandle stream);
+
 // ---- Backends, called once arguments are checked.
 namespace mfac {
 
@@ -112,6 +135,10 @@ void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, co
 void entries_cpu(const ArrayView& V, const ArrayView& rows, const ArrayView& cols, const ArrayView& out, double damp);
 void blocks_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag, double damp,
                 int64_t block);
+
+FisherWindowState sparse_push_cpu(const SparseWindowArrays& w, const FisherWindowState& state,
+                                  const FisherWindowOptions& o, const SparseOptions& so, const ArrayView& g);
+void sparse_ihvp_cpu(const SparseWindowArrays& w, const Capacitance& cap, const ArrayView& x, const ArrayView& out);
 
 #ifdef CURVKIT_WITH_CUDA
 FisherWindowState push_cuda(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,

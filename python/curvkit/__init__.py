@@ -16,6 +16,7 @@ from .mfac import (
     fisher_inverse_diag,
     fisher_inverse_entries,
     fisher_inverse_factor,
+    SparseFisherWindow,
 )
 from .newton_schulz import (
     matrix_inv_sqrt,
@@ -55,5 +56,6 @@ __all__ = [
     "probes",
     "set_num_threads",
     "show_config",
+    "SparseFisherWindow",
     "solve_lyapunov",
 ]

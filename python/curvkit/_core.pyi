@@ -124,3 +124,11 @@ def fisher_ihvp_blocks(
 def fisher_inverse_diag_blocks(
     G: Array, out: Array, *, damp: float, block_size: int, stream: int, workspace: Workspace
 ) -> None: ...
+def fisher_sparse_window_push(
+    indices: Array, values: Array, error: Array, gram: Array, factor: Array, state: WindowState, *, damp: float,
+    normalize: str, refactor_every: int, block_size: int, k: int, g: Array, stream: int, workspace: Workspace,
+) -> WindowState: ...
+def fisher_sparse_window_ihvp(
+    indices: Array, values: Array, error: Array, gram: Array, factor: Array, state: WindowState, *, damp: float,
+    normalize: str, refactor_every: int, x: Array, out: Array, stream: int, workspace: Workspace,
+) -> None: ...

@@ -229,6 +229,156 @@ class FisherWindow:
                 f"normalize={self._normalize!r}, size={self.size}, count={self.count})")
 
 
+class SparseFisherWindow:
+    """A compressed sliding window (EFCP): each gradient is added to an error-feedback buffer,
+    the buffer's ``k`` largest magnitudes in every block of ``block_size`` coordinates (the
+    last block partial; default one block of d) are kept as (int32 column, value) pairs, and
+    the buffer keeps the rest (the rounding of the kept values included).
+
+    F is the Fisher of the densified rows, ``damp * I + (1/c) sum_i s_i s_i^T``: its products
+    equal those of a dense :class:`FisherWindow` holding the same rows (:meth:`densified`).
+    Columns are absolute int32 indices (d < 2^31), so no block size overflows them. The m x m
+    system is the dense window's (float64 Gram matrix and Cholesky factor, O(m^2) update per
+    push); a push costs O(d log k + m nnz), a product O(m nnz k + d k). CPU only for now.
+
+    Parameters are those of :class:`FisherWindow`, plus ``k`` (values kept per block, >= 1)
+    and ``block_size`` (coordinates per selection block, default d).
+
+    Examples
+    --------
+    >>> import numpy as np, curvkit
+    >>> rng = np.random.default_rng(0)
+    >>> w = curvkit.SparseFisherWindow(d=1000, m=4, k=10, damp=1e-2, dtype="float64", block_size=250)
+    >>> for g in rng.standard_normal((6, 1000)):
+    ...     w.push(g)
+    >>> w.values.shape, w.indices.dtype.name
+    ((4, 40), 'int32')
+    >>> S = w.densified()[w.slots]
+    >>> x = rng.standard_normal(1000)
+    >>> F = 1e-2 * np.eye(1000) + S.T @ S / 4
+    >>> bool(np.allclose(w.ihvp(x), np.linalg.solve(F, x), rtol=1e-10))
+    True
+    """
+
+    def __init__(self, d: int, m: int, k: int, damp: float, block_size: Optional[int] = None,
+                 dtype: Any = "float32", like: Any = None, device: Any = None, normalize: str = "capacity",
+                 refactor_every: Optional[int] = None) -> None:
+        self._d = _args.index(d, "d", 1, 2**31)
+        self._m = _args.index(m, "m", 1, 2**31)
+        self._k = _args.index(k, "k", 1, 2**31)
+        self._block = self._d if block_size is None else _args.index(block_size, "block_size", 1, 2**62)
+        self._damp = _positive(damp)
+        if not isinstance(normalize, str) or normalize not in NORMALIZATIONS:
+            raise ArgumentError(f"argument 'normalize' must be one of 'capacity', 'count', got {normalize!r}")
+        self._normalize = normalize
+        self._refactor_every = 0 if refactor_every is None else _args.index(refactor_every, "refactor_every", 1,
+                                                                              2**62)
+        framework, dev, dtype = _target(like, device, dtype)
+        self._dtype = dtype
+        full, rest = divmod(self._d, self._block)
+        nnz = full * min(self._k, self._block) + min(self._k, rest)
+        self._values = _zero(_arrays.empty((self._m, nnz), dtype, framework, dev))
+        self._indices = _int32_like(self._values, (self._m, nnz))
+        self._error = _zero(_arrays.empty((self._d,), "float64" if dtype == "float64" else "float32", framework,
+                                          dev))
+        self._gram = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
+        self._factor = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
+        self._state: tuple[int, int, int, int] = (0, 0, 0, 0)
+
+    @property
+    def size(self) -> int:
+        return self._state[0]
+
+    @property
+    def count(self) -> int:
+        return self._state[2]
+
+    @property
+    def slots(self) -> list[int]:
+        """Rows that hold gradients, oldest first."""
+        size, oldest = self._state[0], self._state[1]
+        return [(oldest + p) % self._m for p in range(size)]
+
+    @property
+    def indices(self) -> Any:
+        """(m, nnz) int32 columns of the stored values, by slot, ascending in each row (read-only)."""
+        return _readonly(self._indices)
+
+    @property
+    def values(self) -> Any:
+        """(m, nnz) stored values by slot (read-only)."""
+        return _readonly(self._values)
+
+    @property
+    def error(self) -> Any:
+        """The error-feedback buffer (d,) (read-only)."""
+        return _readonly(self._error)
+
+    @property
+    def gram(self) -> Any:
+        return _readonly(self._gram)
+
+    @property
+    def factor(self) -> Any:
+        return _readonly(self._factor)
+
+    def densified(self) -> Any:
+        """The stored rows as a dense (m, d) NumPy float64 array, by slot (rows not yet filled are zero)."""
+        from ._arrays import framework_of
+
+        def host(a: Any) -> np.ndarray:
+            fw = framework_of(a)
+            if fw == "torch":
+                return a.detach().cpu().double().numpy() if a.dtype.is_floating_point else a.cpu().numpy()
+            return np.asarray(a.get() if fw == "cupy" else a)
+        rows = np.zeros((self._m, self._d))
+        idx, val = host(self._indices), host(self._values).astype(np.float64)
+        for s in self.slots:
+            rows[s, idx[s]] = val[s]
+        return rows
+
+    def push(self, g: Any) -> None:
+        """Add gradient g (shape (d,), the window's dtype) through the error-feedback buffer; a
+        non-finite g (or kappa above 1e12) raises with the window and the buffer unchanged."""
+        g = _arrays.prepare(g, "g")
+        size, oldest, count, since = _core.fisher_sparse_window_push(
+            self._indices, self._values, self._error, self._gram, self._factor, self._state, damp=self._damp,
+            normalize=self._normalize, refactor_every=self._refactor_every, block_size=self._block, k=self._k, g=g,
+            stream=0, workspace=None)
+        self._state = (size, oldest, count, since)
+
+    def ihvp(self, x: Any, out: Any = None) -> Any:
+        """``F^-1 x`` for x of shape (d,) or (d, k), in the window's dtype."""
+        x = _arrays.prepare(x, "x")
+        result = _arrays.empty_like(x) if out is None else _arrays.written_in_place(_arrays.detached(out, "out"))
+        _core.fisher_sparse_window_ihvp(self._indices, self._values, self._error, self._gram, self._factor,
+                                        self._state, damp=self._damp, normalize=self._normalize,
+                                        refactor_every=self._refactor_every, x=x, out=result, stream=0,
+                                        workspace=None)
+        return out if out is not None else result
+
+    def reset(self) -> None:
+        """Empty the window and the error-feedback buffer."""
+        for a in (self._indices, self._values, self._error, self._gram, self._factor):
+            _zero(a)
+        self._state = (0, 0, 0, 0)
+
+
+def _int32_like(a: Any, shape: tuple[int, int]) -> Any:
+    """A zeroed int32 array with a's framework and device."""
+    fw = _arrays.framework_of(a)
+    if fw == "numpy":
+        return np.zeros(shape, dtype=np.int32)
+    if fw == "torch":
+        import torch
+
+        return torch.zeros(shape, dtype=torch.int32, device=a.device)
+    import cupy
+
+    with a.device:
+        return cupy.zeros(shape, dtype=cupy.int32)
+
+
 def _positive(damp: Any) -> float:
     value = _args.real(damp, "damp")
     if not (np.isfinite(value) and value > 0):
