@@ -12,11 +12,11 @@ from .hutchinson import probes
 from .inverse_root import eigenbasis_update, eigh, matrix_inverse_root, orthonormalize
 from .mfac import (
     FisherWindow,
+    SparseFisherWindow,
     fisher_ihvp,
     fisher_inverse_diag,
     fisher_inverse_entries,
     fisher_inverse_factor,
-    SparseFisherWindow,
 )
 from .newton_schulz import (
     matrix_inv_sqrt,
