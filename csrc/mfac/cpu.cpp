@@ -51,43 +51,50 @@ struct Chunks {
 };
 
 // Y (n, k) float64 = G[slots] X with X (d, k) in the storage dtype; rows of G in `slots` order.
+// Tasks are (column chunk, row) pairs, chunk-major, so the threads stream neighbouring rows
+// against one chunk of X held in cache (64K columns: long row segments for the prefetchers);
+// each pair's dot product is one task's, and the chunks are added in order: the result does not
+// depend on the thread count.
 template <class S>
 void gram_product(const S* G, int64_t d, const std::vector<int64_t>& slots, const S* X, int64_t k, double* Y,
                   int threads) {
   const int64_t n = int64_t(slots.size());
-  const Chunks ch(d);
-  std::vector<double> partial(size_t(ch.count * n * k), 0.0);
+  constexpr int64_t chunk = 65536;
+  const int64_t chunks = (d + chunk - 1) / chunk, tasks = chunks * n;
+  std::vector<double> partial(static_cast<size_t>(tasks * k), 0.0);
 #pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
   {
-    std::vector<double> xb(static_cast<size_t>(ch.size * k)), acc(static_cast<size_t>(k));
-#pragma omp for schedule(dynamic)
-    for (int64_t c = 0; c < ch.count; ++c) {
-      const int64_t j0 = c * ch.size, len = std::min(ch.size, d - j0);
-      for (int64_t t = 0; t < len * k; ++t) xb[size_t(t)] = load(X[j0 * k + t]);
-      double* out = partial.data() + c * n * k;
-      for (int64_t i = 0; i < n; ++i) {
-        const S* g = G + slots[size_t(i)] * d + j0;
-        if (k == 1) {
-          double s = 0;
+    std::vector<double> xb(static_cast<size_t>(std::min(chunk, d) * k)), acc(static_cast<size_t>(k));
+    int64_t loaded = -1;
+#pragma omp for schedule(static)
+    for (int64_t t = 0; t < tasks; ++t) {
+      const int64_t c = t / n, i = t % n, j0 = c * chunk, len = std::min(chunk, d - j0);
+      if (c != loaded) {
+        for (int64_t e = 0; e < len * k; ++e) xb[size_t(e)] = load(X[j0 * k + e]);
+        loaded = c;
+      }
+      const S* g = G + slots[size_t(i)] * d + j0;
+      double* out = partial.data() + t * k;
+      if (k == 1) {
+        double s = 0;
 #pragma omp simd reduction(+ : s)
-          for (int64_t j = 0; j < len; ++j) s += load(g[j]) * xb[size_t(j)];
-          out[i] = s;
-        } else {
-          std::fill(acc.begin(), acc.end(), 0.0);
-          for (int64_t j = 0; j < len; ++j) {
-            const double gj = load(g[j]);
-            const double* xr = xb.data() + j * k;
-            for (int64_t q = 0; q < k; ++q) acc[size_t(q)] += gj * xr[q];
-          }
-          for (int64_t q = 0; q < k; ++q) out[i * k + q] = acc[size_t(q)];
+        for (int64_t j = 0; j < len; ++j) s += load(g[j]) * xb[size_t(j)];
+        out[0] = s;
+      } else {
+        std::fill(acc.begin(), acc.end(), 0.0);
+        for (int64_t j = 0; j < len; ++j) {
+          const double gj = load(g[j]);
+          const double* xr = xb.data() + j * k;
+          for (int64_t q = 0; q < k; ++q) acc[size_t(q)] += gj * xr[q];
         }
+        for (int64_t q = 0; q < k; ++q) out[q] = acc[size_t(q)];
       }
     }
   }
-  for (int64_t t = 0; t < n * k; ++t) {
+  for (int64_t e = 0; e < n * k; ++e) {
     double s = 0;
-    for (int64_t c = 0; c < ch.count; ++c) s += partial[size_t(c * n * k + t)];
-    Y[t] = s;
+    for (int64_t c = 0; c < chunks; ++c) s += partial[size_t(c * n * k + e)];
+    Y[e] = s;
   }
 }
 
@@ -96,7 +103,9 @@ template <class S>
 void woodbury_finish(const S* G, int64_t d, const std::vector<int64_t>& slots, const double* W, const S* X, int64_t k,
                      double damp, S* out, int threads) {
   const int64_t n = int64_t(slots.size());
-  const Chunks ch(d);
+  Chunks ch(d);  // 32K columns per task: the float64 accumulator stays in L2, row segments stay long
+  ch.size = std::max<int64_t>(1, std::min<int64_t>(32768, std::max<int64_t>(d, 1)));
+  ch.count = (d + ch.size - 1) / ch.size;
 #pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
   {
     std::vector<double> acc(static_cast<size_t>(ch.size * k));
