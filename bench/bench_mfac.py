@@ -11,7 +11,7 @@ Two groups:
                    Cholesky update against the anchor's O(m^3) refactorization.
 Cases marked large (d = 1e6, d = 1e7, m = 4096) run only when timing
 (skipped under --benchmark-disable, the CI smoke run); d = 1e7 also needs MFAC_BENCH_HUGE=1
-(20 GB for the two windows).
+(10 GB per window, one implementation at a time).
 """
 import os
 
@@ -32,7 +32,7 @@ def _skip_large(request, large, d=0):
     if large and request.config.getoption("benchmark_disable"):
         pytest.skip("large case: timed runs only")
     if d >= 10_000_000 and not os.environ.get("MFAC_BENCH_HUGE"):
-        pytest.skip("d = 1e7 holds 20 GB of windows: set MFAC_BENCH_HUGE=1")
+        pytest.skip("d = 1e7 holds a 10 GB window: set MFAC_BENCH_HUGE=1")
 
 
 def _gradients(m, d, seed=0):
@@ -44,17 +44,25 @@ def _damp(d, m):
     return d / (m * DAMP_KAPPA)  # ||g||^2 ~ d: kappa ~ 1e4
 
 
-def _filled_window(d, m, grads):
-    w = curvkit.FisherWindow(d, m, _damp(d, m), dtype=torch.float32, like=grads)
-    for g in grads:
-        w.push(g)
+def _rows(m, d, seed=0, device="cpu"):
+    """m standard normal float32 rows of length d, one at a time (no m x d copy)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for _ in range(m):
+        yield torch.randn(d, generator=gen, dtype=torch.float32, device=device)
+
+
+def _filled_window(d, m, dtype=torch.float32, device="cpu"):
+    w = curvkit.FisherWindow(d, m, _damp(d, m), dtype=dtype, like=torch.empty(0, device=device))
+    for g in _rows(m, d, device=device):
+        w.push(g.to(dtype))
     return w
 
 
-def _filled_anchor(d, m, grads):
-    a = MFACDynamic(d, m, _damp(d, m), dtype=torch.float32)
-    a.G.copy_(grads)
-    a.GG.copy_(grads @ grads.T)
+def _filled_anchor(d, m, device="cpu"):
+    a = MFACDynamic(d, m, _damp(d, m), dtype=torch.float32, device=device)  # the anchor has no bfloat16 path
+    for i, g in enumerate(_rows(m, d, device=device)):
+        a.G[i] = g
+    torch.matmul(a.G, a.G.T, out=a.GG)
     a.setup()
     return a
 
@@ -63,11 +71,10 @@ def _filled_anchor(d, m, grads):
 @pytest.mark.parametrize("impl", ["curvkit", "anchor"])
 def test_step(benchmark, request, impl, d, m, large):
     _skip_large(request, large, d)
-    grads = _gradients(m, d)
     new = _gradients(4, d, seed=1)
     state = {"i": 0}
     if impl == "curvkit":
-        w = _filled_window(d, m, grads)
+        w = _filled_window(d, m)
 
         def step():
             g = new[state["i"] % 4]
@@ -75,14 +82,13 @@ def test_step(benchmark, request, impl, d, m, large):
             w.push(g)
             return w.ihvp(g)
     else:
-        a = _filled_anchor(d, m, grads)
+        a = _filled_anchor(d, m)
 
         def step():
             g = new[state["i"] % 4]
             state["i"] += 1
             a.push(g)
             return a.ihvp(g)
-    del grads
     benchmark.group = f"step-d{d}-m{m}"
     benchmark.extra_info.update(impl=impl, bytes=3 * m * d * 4)
     rounds = 3 if m * d >= 10**9 else 5
@@ -90,18 +96,45 @@ def test_step(benchmark, request, impl, d, m, large):
     assert out.shape == (d,) and bool(torch.isfinite(out).all())
 
 
+CUDA_STEP_CASES = [(1_000_000, 256, "float32"), (1_000_000, 1024, "float32"), (100_000_000, 256, "bfloat16")]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and curvkit.has_cuda()), reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("d, m, dtype", CUDA_STEP_CASES, ids=[f"d{d}-m{m}-{t}" for d, m, t in CUDA_STEP_CASES])
+@pytest.mark.parametrize("impl", ["curvkit", "anchor"])
+def test_step_cuda(benchmark, request, impl, d, m, dtype):
+    """The step group on the GPU: curvkit stores G in `dtype` (bfloat16 at d = 1e8: 51 GB), the
+    anchor in float32 (its only low-precision path); synchronized after each step."""
+    _skip_large(request, True)
+    storage = getattr(torch, dtype)
+    new = [g.to(storage) for g in _rows(4, d, seed=1, device="cuda")]
+    state = {"i": 0}
+    obj = _filled_window(d, m, storage, "cuda") if impl == "curvkit" else _filled_anchor(d, m, "cuda")
+
+    def step():
+        g = new[state["i"] % 4]
+        state["i"] += 1
+        g = g if impl == "curvkit" else g.float()
+        obj.push(g)
+        out = obj.ihvp(g)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"step-cuda-d{d}-m{m}-{dtype}"
+    itemsize = 2 if (dtype == "bfloat16" and impl == "curvkit") else 4
+    benchmark.extra_info.update(impl=impl, bytes=3 * m * d * itemsize)
+    out = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    assert bool(torch.isfinite(out.float()).all())
+
+
 @pytest.mark.parametrize("m, large", UPDATE_CASES, ids=[f"m{m}" for m, _ in UPDATE_CASES])
 @pytest.mark.parametrize("impl", ["curvkit", "anchor"])
 def test_update(benchmark, request, impl, m, large):
     _skip_large(request, large)
     d = 64
-    grads = _gradients(m, d)
     new = _gradients(8, d, seed=1)
     state = {"i": 0}
-    if impl == "curvkit":
-        target = _filled_window(d, m, grads)
-    else:
-        target = _filled_anchor(d, m, grads)
+    target = _filled_window(d, m) if impl == "curvkit" else _filled_anchor(d, m)
 
     def push():
         target.push(new[state["i"] % 8])
