@@ -72,6 +72,10 @@ def test_static_backends_dtypes(backend, dtype, rng):
     assert rel(to_numpy(got), fisher_solve(G64, x64, damp)) < window_bound(dtype, 1e3)
     diag = curvkit.fisher_inverse_diag(Gs, damp)
     assert rel(to_numpy(diag), np.diag(fisher_inverse(G64, damp))) < window_bound(dtype, 1e3)
+    blocks = curvkit.fisher_ihvp(Gs, xs, damp, block_size=128)  # a last partial block of 44
+    assert rel(to_numpy(blocks), fisher_solve(G64, x64, damp, block=128)) < window_bound(dtype, 1e3)
+    diag = curvkit.fisher_inverse_diag(Gs, damp, block_size=128)
+    assert rel(to_numpy(diag), np.diag(fisher_inverse(G64, damp, block=128))) < window_bound(dtype, 1e3)
 
 
 def test_static_out_and_empty(rng):

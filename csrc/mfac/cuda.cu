@@ -132,21 +132,35 @@ __global__ void zero_upper_kernel(double* L, int64_t m, int64_t n) {
   }
 }
 
-// Cholesky of the capacitance matrix from K; reads cuSOLVER's status back (one synchronization).
-bool refactor(cudaStream_t stream, const double* K, int64_t m, Rows rows, double shift, double* L) {
+// Cholesky of the capacitance matrix from K into L; cuSOLVER's status into *info (on the device).
+void factor(cudaStream_t stream, const double* K, int64_t m, Rows rows, double shift, double* L, int* info) {
   capacitance_kernel<<<grid_for(m * m, kThreads), kThreads, 0, stream>>>(K, m, rows, shift, L);
   CK_CUDA_CHECK(cudaGetLastError());
   const int64_t n = rows.count;
-  if (n == 0) return true;
+  if (n == 0) return;
   cusolverDnHandle_t h = cusolver_handle(stream);
   int lwork = 0;
   CK_CUSOLVER_CHECK(cusolverDnDpotrf_bufferSize(h, CUBLAS_FILL_MODE_UPPER, int(n), L, int(m), &lwork));
-  DeviceBuffer work(sizeof(double) * size_t(std::max(lwork, 1)), stream), info(sizeof(int), stream);
-  CK_CUSOLVER_CHECK(
-      cusolverDnDpotrf(h, CUBLAS_FILL_MODE_UPPER, int(n), L, int(m), work.as<double>(), lwork, info.as<int>()));
+  DeviceBuffer work(sizeof(double) * size_t(std::max(lwork, 1)), stream);
+  CK_CUSOLVER_CHECK(cusolverDnDpotrf(h, CUBLAS_FILL_MODE_UPPER, int(n), L, int(m), work.as<double>(), lwork, info));
   zero_upper_kernel<<<grid_for(n * n, kThreads), kThreads, 0, stream>>>(L, m, n);
   CK_CUDA_CHECK(cudaGetLastError());
+}
+
+// factor(), then its status read back (one synchronization).
+bool refactor(cudaStream_t stream, const double* K, int64_t m, Rows rows, double shift, double* L) {
+  DeviceBuffer info(sizeof(int), stream);
+  CK_CUDA_CHECK(cudaMemsetAsync(info.as<int>(), 0, sizeof(int), stream));
+  factor(stream, K, m, rows, shift, L, info.as<int>());
   return cuda::copy_to_host(stream, info.as<int>(), 1)[0] == 0;
+}
+
+// The upper triangle of row-major K from its lower one.
+__global__ void mirror_kernel(double* K, int64_t m) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < m * m; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t i = t / m, j = t % m;
+    if (j > i) K[t] = K[j * m + i];
+  }
 }
 
 // p = L[1:n, 0]; then (after p <- L22^-1 p) sigma, diag and coef of the closed-form update.
@@ -302,6 +316,28 @@ void inverse_diag(cudaStream_t stream, const S* G, int64_t d, Rows rows, const d
     diag_finish_kernel<S><<<grid_for(w, kThreads), kThreads, 0, stream>>>(z.as<double>(), n, w, damp, out + j0);
     CK_CUDA_CHECK(cudaGetLastError());
   }
+}
+
+// K (m x m, full) = g g^T in float64 for a contiguous (m, d) g, a column chunk at a time: the
+// row-major (m, w) chunk is the column-major w x m A, and A^T A lands in the column-major upper
+// (= row-major lower) triangle, mirrored after.
+template <class S>
+void gram_matrix(cudaStream_t stream, const S* g, int64_t m, int64_t d, double* K) {
+  CK_CUDA_CHECK(cudaMemsetAsync(K, 0, sizeof(double) * size_t(m * m), stream));
+  if (m == 0 || d == 0) return;
+  const Rows rows{0, m, m};
+  const int64_t width = std::min<int64_t>(d, std::max<int64_t>(256, (int64_t(1) << 22) / m));
+  DeviceBuffer chunk(sizeof(double) * size_t(m * width), stream);
+  const double one = 1.0;
+  for (int64_t j0 = 0; j0 < d; j0 += width) {
+    const int64_t w = std::min(width, d - j0);
+    widen_rows_kernel<S><<<grid_for(m * w, kThreads), kThreads, 0, stream>>>(g, d, rows, j0, w, chunk.as<double>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    CK_CUBLAS_CHECK(cublasDsyrk(blas(stream), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, int(m), int(w), &one,
+                                chunk.as<double>(), int(w), &one, K, int(m)));
+  }
+  mirror_kernel<<<grid_for(m * m, kThreads), kThreads, 0, stream>>>(K, m);
+  CK_CUDA_CHECK(cudaGetLastError());
 }
 
 template <class S>
@@ -461,30 +497,13 @@ void static_cuda(const ArrayView& G, const ArrayView* x, const ArrayView* out, c
     DeviceBuffer kbuf(sizeof(double) * size_t(std::max<int64_t>(1, 2 * m * m)), stream);
     double* K = kbuf.as<double>();
     double* L = K + m * m;
-    CK_CUDA_CHECK(cudaMemsetAsync(K, 0, sizeof(double) * size_t(m * m), stream));
-    if (m > 0 && d > 0) {
-      // K = G G^T a column chunk at a time: the row-major (m, w) chunk is the column-major w x m A,
-      // and A^T A lands in the column-major upper (= row-major lower) triangle.
-      const int64_t width = std::min<int64_t>(d, std::max<int64_t>(256, (int64_t(1) << 22) / m));
-      DeviceBuffer chunk(sizeof(double) * size_t(m * width), stream);
-      const double one = 1.0;
-      for (int64_t j0 = 0; j0 < d; j0 += width) {
-        const int64_t w = std::min(width, d - j0);
-        widen_rows_kernel<S><<<grid_for(m * w, kThreads), kThreads, 0, stream>>>(g, d, rows, j0, w, chunk.as<double>());
-        CK_CUDA_CHECK(cudaGetLastError());
-        CK_CUBLAS_CHECK(cublasDsyrk(blas(stream), CUBLAS_FILL_MODE_UPPER, CUBLAS_OP_T, int(m), int(w), &one,
-                                    chunk.as<double>(), int(w), &one, K, int(m)));
-      }
-    }
-    // K holds its lower triangle (row-major): check kappa and mirror it for the capacitance kernel.
-    std::vector<double> k_full = cuda::copy_to_host(stream, K, m * m);
+    gram_matrix<S>(stream, g, m, d, K);
+    const std::vector<double> k_host = cuda::copy_to_host(stream, K, m * m);
     for (int64_t i = 0; i < m; ++i) {
-      const double kappa = k_full[size_t(i * m + i)] / (scale * damp);
+      const double kappa = k_host[size_t(i * m + i)] / (scale * damp);
       CK_CHECK_VALUE(kappa <= kMaxKappa, "argument 'damp' (", damp, ") is too small: gradient ", i,
                      " has ||g||^2 / (m * damp) = ", kappa, " > ", kMaxKappa);
-      for (int64_t j = 0; j < i; ++j) k_full[size_t(j * m + i)] = k_full[size_t(i * m + j)];
     }
-    if (m > 0) cuda::copy_to_device(stream, K, k_full.data(), sizeof(double) * k_full.size());
     Capacitance cap;
     cap.n = m;
     cap.damp = damp;
@@ -523,10 +542,46 @@ void entries_cuda(const ArrayView& V, const ArrayView& rows, const ArrayView& co
   CK_CUDA_CHECK(cudaGetLastError());
 }
 
-void blocks_cuda(const ArrayView&, const ArrayView*, const ArrayView*, const ArrayView*, double, int64_t,
-                 StreamHandle) {
-  throw ValueError(
-      "the blockwise M-FAC products (block_size=...) run on the CPU only in this version; pass CPU arrays");
+void blocks_cuda(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag, double damp,
+                 int64_t block, StreamHandle stream_handle) {
+  CudaDeviceGuard guard(G.device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+  const int64_t m = G.size(0), d = G.size(1), k = x ? columns(*x) : 0;
+  const int64_t count = d > 0 ? (d + block - 1) / block : 0, widest = std::min(block, d);
+  CK_CHECK_VALUE(m <= cuda::kMaxMatrixSide, "the number of gradients m (", m, ") exceeds ", cuda::kMaxMatrixSide,
+                 " on CUDA");
+  const Rows rows{0, m, std::max<int64_t>(m, 1)};
+  const double shift = double(std::max<int64_t>(m, 1)) * damp;
+  CK_DISPATCH_FLOATING(G.dtype, "G", S, [&] {
+    const S* g = G.ptr<const S>();
+    CK_CHECK_VALUE(all_finite<S>(stream, g, m * d), "argument 'G' contains NaN or Inf");
+    if (x) CK_CHECK_VALUE(all_finite<S>(stream, x->ptr<const S>(), x->numel()), "argument 'x' contains NaN or Inf");
+    if (count == 0) return;
+    // Every block through the Woodbury route on a contiguous copy of its columns; the factor's
+    // status per block lands in `infos`, read back once at the end.
+    DeviceBuffer gb(sizeof(S) * size_t(std::max<int64_t>(1, m * widest)), stream);
+    DeviceBuffer kl(sizeof(double) * size_t(std::max<int64_t>(1, 2 * m * m)), stream);
+    DeviceBuffer infos(sizeof(int) * size_t(count), stream);
+    CK_CUDA_CHECK(cudaMemsetAsync(infos.as<int>(), 0, sizeof(int) * size_t(count), stream));
+    double* K = kl.as<double>();
+    double* L = K + m * m;
+    for (int64_t b = 0; b < count; ++b) {
+      const int64_t b0 = b * block, bw = std::min(block, d - b0);
+      if (m > 0)
+        CK_CUDA_CHECK(cudaMemcpy2DAsync(gb.as<S>(), sizeof(S) * size_t(bw), g + b0, sizeof(S) * size_t(d),
+                                        sizeof(S) * size_t(bw), size_t(m), cudaMemcpyDeviceToDevice, stream));
+      gram_matrix<S>(stream, gb.as<S>(), m, bw, K);
+      factor(stream, K, std::max<int64_t>(m, 1), rows, shift, L, infos.as<int>() + b);
+      if (x)
+        woodbury_apply<S>(stream, gb.as<S>(), bw, rows, L, m, damp, x->ptr<const S>() + b0 * k, k,
+                          out->ptr<S>() + b0 * k);
+      if (diag) inverse_diag<S>(stream, gb.as<S>(), bw, rows, L, m, damp, diag->ptr<S>() + b0);
+    }
+    const std::vector<int> status = cuda::copy_to_host(stream, infos.as<int>(), count);
+    for (int64_t b = 0; b < count; ++b)
+      CK_CHECK_VALUE(status[size_t(b)] == 0, "block ", b, " of F is not positive definite in float64: 'damp' (", damp,
+                     ") is too small for the gradients' norms");
+  });
 }
 
 }  // namespace curvkit::mfac

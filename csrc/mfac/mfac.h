@@ -10,8 +10,8 @@
 // G is stored in float32, bfloat16, float16 or float64; every product with G accumulates in
 // float64 and C is held in float64 (its Cholesky factor L, C = L L^T), so the cancellation in
 // x - G^T w stays at float64 rounding: against the float64 result on the stored G and x, the
-// relative error is about 1e-16 * m * kappa (kappa = max ||g||^2 / (c * damp)) plus the one
-// rounding of the result to its dtype.
+// relative error stays below 1e-14 * kappa (kappa = max ||g||^2 / (c * damp); docs/mfac.md) plus
+// the one rounding of the result to its dtype.
 //
 // Static (pruning; M-FAC's "static" algorithm, oBERT): G given at once, c = m.
 // Sliding window (optimization; M-FAC's "dynamic" algorithm): a ring of m rows in caller memory
@@ -86,7 +86,8 @@ void fisher_inverse_entries(const ArrayView& V, const ArrayView& rows, const Arr
 
 // Blockwise: F restricted to the contiguous coordinate blocks [b*B, min((b+1)*B, d)) (the last
 // one partial), each block F_b = damp I + G_b^T G_b / m with G_b = G[:, block]; blocks solved
-// independently (dense B x B Cholesky when B <= m, Woodbury otherwise), in float64.
+// independently in float64 (CPU: in parallel, dense B x B Cholesky when B <= m and Woodbury
+// otherwise; CUDA: Woodbury, block by block).
 void fisher_ihvp_blocks(const ArrayView& G, const ArrayView& x, const ArrayView& out, double damp, int64_t block,
                         StreamHandle stream);
 void fisher_inverse_diag_blocks(const ArrayView& G, const ArrayView& out, double damp, int64_t block,

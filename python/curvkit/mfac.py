@@ -403,7 +403,8 @@ def fisher_ihvp(G: Any, x: Any, damp: float, block_size: Optional[int] = None, o
     block_size : int, optional
         Restrict F to contiguous blocks of ``block_size`` coordinates (the last one partial),
         ``F_b = damp I + G_b^T G_b / m`` (oBERT's and M-FAC's block pruners), blocks solved
-        independently and in parallel: dense B x B when B <= m, Woodbury otherwise.
+        independently: on the CPU in parallel, dense B x B when B <= m and Woodbury otherwise;
+        on CUDA block by block through Woodbury.
     out : array, optional
         Where to write the result (shaped like x).
 
