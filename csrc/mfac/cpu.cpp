@@ -50,44 +50,77 @@ struct Chunks {
   }
 };
 
+// Dot products of up to four rows with one float64 vector, each row on two independent
+// accumulators (eight chains in flight: the float64 add latency, not memory, bounds a single
+// chain), x loaded once for the four rows. The order of each row's sum is fixed.
+template <class S>
+void dot_rows(const S* const* rows, int count, const double* x, int64_t len, double* out) {
+  double acc[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
+  int64_t j = 0;
+  if (count == 4) {
+    for (; j + 2 <= len; j += 2) {
+      const double x0 = x[j], x1 = x[j + 1];
+      for (int r = 0; r < 4; ++r) {
+        acc[r][0] += load(rows[r][j]) * x0;
+        acc[r][1] += load(rows[r][j + 1]) * x1;
+      }
+    }
+  } else {
+    for (; j + 2 <= len; j += 2)
+      for (int r = 0; r < count; ++r) {
+        acc[r][0] += load(rows[r][j]) * x[j];
+        acc[r][1] += load(rows[r][j + 1]) * x[j + 1];
+      }
+  }
+  for (int r = 0; r < count; ++r) {
+    double s = acc[r][0] + acc[r][1];
+    for (int64_t t = j; t < len; ++t) s += load(rows[r][t]) * x[t];
+    out[r] = s;
+  }
+}
+
 // Y (n, k) float64 = G[slots] X with X (d, k) in the storage dtype; rows of G in `slots` order.
-// Tasks are (column chunk, row) pairs, chunk-major, so the threads stream neighbouring rows
-// against one chunk of X held in cache (64K columns: long row segments for the prefetchers);
-// each pair's dot product is one task's, and the chunks are added in order: the result does not
-// depend on the thread count.
+// Tasks are (column chunk, group of four rows) pairs, chunk-major, so the threads stream
+// neighbouring rows against one chunk of X held in cache (64K columns: long row segments for the
+// prefetchers); each row's dot product is one task's, and the chunks are added in order: the
+// result does not depend on the thread count.
 template <class S>
 void gram_product(const S* G, int64_t d, const std::vector<int64_t>& slots, const S* X, int64_t k, double* Y,
                   int threads) {
   const int64_t n = int64_t(slots.size());
   constexpr int64_t chunk = 65536;
-  const int64_t chunks = (d + chunk - 1) / chunk, tasks = chunks * n;
-  std::vector<double> partial(static_cast<size_t>(tasks * k), 0.0);
+  const int64_t chunks = (d + chunk - 1) / chunk, groups = (n + 3) / 4, tasks = chunks * groups;
+  std::vector<double> partial(static_cast<size_t>(chunks * n * k), 0.0);
 #pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
   {
     std::vector<double> xb(static_cast<size_t>(std::min(chunk, d) * k)), acc(static_cast<size_t>(k));
     int64_t loaded = -1;
-#pragma omp for schedule(static)
+    // A column chunk's row groups at a time, dynamically: a thread slowed by a busy core takes
+    // fewer chunks instead of holding up the pass.
+#pragma omp for schedule(dynamic, groups)
     for (int64_t t = 0; t < tasks; ++t) {
-      const int64_t c = t / n, i = t % n, j0 = c * chunk, len = std::min(chunk, d - j0);
+      const int64_t c = t / groups, r0 = (t % groups) * 4, j0 = c * chunk, len = std::min(chunk, d - j0);
+      const int count = int(std::min<int64_t>(4, n - r0));
       if (c != loaded) {
         for (int64_t e = 0; e < len * k; ++e) xb[size_t(e)] = load(X[j0 * k + e]);
         loaded = c;
       }
-      const S* g = G + slots[size_t(i)] * d + j0;
-      double* out = partial.data() + t * k;
+      double* out = partial.data() + (c * n + r0) * k;
       if (k == 1) {
-        double s = 0;
-#pragma omp simd reduction(+ : s)
-        for (int64_t j = 0; j < len; ++j) s += load(g[j]) * xb[size_t(j)];
-        out[0] = s;
+        const S* rows[4];
+        for (int r = 0; r < count; ++r) rows[r] = G + slots[size_t(r0 + r)] * d + j0;
+        dot_rows(rows, count, xb.data(), len, out);
       } else {
-        std::fill(acc.begin(), acc.end(), 0.0);
-        for (int64_t j = 0; j < len; ++j) {
-          const double gj = load(g[j]);
-          const double* xr = xb.data() + j * k;
-          for (int64_t q = 0; q < k; ++q) acc[size_t(q)] += gj * xr[q];
+        for (int r = 0; r < count; ++r) {
+          const S* g = G + slots[size_t(r0 + r)] * d + j0;
+          std::fill(acc.begin(), acc.end(), 0.0);
+          for (int64_t j = 0; j < len; ++j) {
+            const double gj = load(g[j]);
+            const double* xr = xb.data() + j * k;
+            for (int64_t q = 0; q < k; ++q) acc[size_t(q)] += gj * xr[q];
+          }
+          for (int64_t q = 0; q < k; ++q) out[r * k + q] = acc[size_t(q)];
         }
-        for (int64_t q = 0; q < k; ++q) out[q] = acc[size_t(q)];
       }
     }
   }
@@ -113,11 +146,21 @@ void woodbury_finish(const S* G, int64_t d, const std::vector<int64_t>& slots, c
     for (int64_t c = 0; c < ch.count; ++c) {
       const int64_t j0 = c * ch.size, len = std::min(ch.size, d - j0);
       std::fill(acc.begin(), acc.begin() + len * k, 0.0);
-      for (int64_t i = 0; i < n; ++i) {
+      int64_t i = 0;
+      if (k == 1)  // four rows per sweep of the accumulator: a quarter of its loads and stores
+        for (; i + 4 <= n; i += 4) {
+          const S* g0 = G + slots[size_t(i)] * d + j0;
+          const S* g1 = G + slots[size_t(i + 1)] * d + j0;
+          const S* g2 = G + slots[size_t(i + 2)] * d + j0;
+          const S* g3 = G + slots[size_t(i + 3)] * d + j0;
+          const double w0 = W[i], w1 = W[i + 1], w2 = W[i + 2], w3 = W[i + 3];
+          for (int64_t j = 0; j < len; ++j)
+            acc[size_t(j)] += (load(g0[j]) * w0 + load(g1[j]) * w1) + (load(g2[j]) * w2 + load(g3[j]) * w3);
+        }
+      for (; i < n; ++i) {
         const S* g = G + slots[size_t(i)] * d + j0;
         if (k == 1) {
           const double w = W[i];
-#pragma omp simd
           for (int64_t j = 0; j < len; ++j) acc[size_t(j)] += load(g[j]) * w;
         } else {
           const double* w = W + i * k;
