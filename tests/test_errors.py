@@ -259,3 +259,17 @@ def test_fisher_static_errors():
         curvkit.fisher_inverse_entries(V, 1.0, [0, 1], [0])
     with pytest.raises(TypeError, match="'V' must be float64"):
         curvkit.fisher_inverse_entries(G.astype(np.float32), 1.0, [0], [0])
+
+
+def test_fisher_results_never_hand_on_nan_or_inf():
+    w = curvkit.FisherWindow(4, 2, 1e-39, dtype="float32")  # x / damp overflows float32
+    with pytest.raises(ValueError, match="not finite in float32"):
+        w.ihvp(np.ones(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="not finite in float32"):
+        w.diag()
+    v = curvkit.FisherWindow(4, 2, 1.0, dtype="float64")
+    v.push(np.ones(4))
+    with pytest.raises(ValueError, match="'x' holds NaN"):
+        v.ihvp(np.array([1.0, np.nan, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="not finite in float32"):
+        curvkit.fisher_ihvp(np.zeros((2, 4), dtype=np.float32), np.ones(4, dtype=np.float32), 1e-39, block_size=2)

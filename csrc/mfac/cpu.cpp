@@ -10,6 +10,7 @@
 #include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "core/blas.h"
@@ -35,6 +36,14 @@ inline double load(bfloat16_t v) {
   return f;
 }
 inline double load(half_t v) { return to_double(v); }
+
+template <class S>
+const char* dtype_name() {
+  if (std::is_same<S, float>::value) return "float32";
+  if (std::is_same<S, double>::value) return "float64";
+  if (std::is_same<S, bfloat16_t>::value) return "bfloat16";
+  return "float16";
+}
 
 // Threads for a loop of `work` multiply-adds: one below ~1e5, where waking the team (and then
 // contending with OpenBLAS's spinning pool on few cores) costs more than the loop.
@@ -174,6 +183,15 @@ void woodbury_finish(const S* G, int64_t d, const std::vector<int64_t>& slots, c
         out[j0 * k + t] = from_double<S>((load(X[j0 * k + t]) - acc[size_t(t)]) / damp);
     }
   }
+}
+
+// A result is never handed on with NaN or Inf: x held them, or |x| / damp overflows the dtype.
+template <class S>
+void check_result(const S* out, int64_t size, double damp, const char* what) {
+  bool finite = true;
+  for (int64_t i = 0; i < size; ++i) finite &= std::fabs(load(out[i])) <= DBL_MAX;
+  CK_CHECK_VALUE(finite, "the result of ", what, " is not finite in ", dtype_name<S>(),
+                 ": 'x' holds NaN or Inf, or 1 / damp (damp = ", damp, ") overflows the dtype");
 }
 
 // Sum of squares of a vector in the storage dtype (chunk order), and whether it is finite.
@@ -443,6 +461,7 @@ void ihvp_cpu(const FisherWindowArrays& w, const Capacitance& cap, const ArrayVi
   CK_DISPATCH_FLOATING(w.G.dtype, "G", S, [&] {
     woodbury_apply(w.G.ptr<const S>(), w.G.size(1), cap, w.factor.ptr<const double>(), w.G.size(0), x.ptr<const S>(),
                    columns(x), out.ptr<S>(), threads);
+    check_result(out.ptr<const S>(), x.numel(), cap.damp, "ihvp");
   });
 }
 
@@ -451,6 +470,7 @@ void diag_cpu(const FisherWindowArrays& w, const Capacitance& cap, const ArrayVi
   CK_DISPATCH_FLOATING(w.G.dtype, "G", S, [&] {
     inverse_diag(w.G.ptr<const S>(), w.G.size(1), cap, w.factor.ptr<const double>(), w.G.size(0), out.ptr<S>(),
                  threads);
+    check_result(out.ptr<const S>(), out.numel(), cap.damp, "diag");
   });
 }
 
@@ -574,6 +594,7 @@ void sparse_ihvp_cpu(const SparseWindowArrays& w, const Capacitance& cap, const 
     }
     S* o = out.ptr<S>();
     for (int64_t t = 0; t < d * k; ++t) o[t] = from_double<S>((load(X[t]) - acc[size_t(t)]) / cap.damp);
+    check_result(o, d * k, cap.damp, "ihvp");
   });
 }
 
@@ -602,8 +623,14 @@ void static_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, co
                      " has ||g||^2 / (m * damp) = ", kappa, " > ", kMaxKappa);
     }
     if (!refactor_from_gram(K.data(), m, cap, L.data())) throw_breakdown(cap);
-    if (x) woodbury_apply(g, d, cap, L.data(), m, x->ptr<const S>(), columns(*x), out->ptr<S>(), threads);
-    if (diag) inverse_diag(g, d, cap, L.data(), m, diag->ptr<S>(), threads);
+    if (x) {
+      woodbury_apply(g, d, cap, L.data(), m, x->ptr<const S>(), columns(*x), out->ptr<S>(), threads);
+      check_result(out->ptr<const S>(), out->numel(), damp, "fisher_ihvp");
+    }
+    if (diag) {
+      inverse_diag(g, d, cap, L.data(), m, diag->ptr<S>(), threads);
+      check_result(diag->ptr<const S>(), diag->numel(), damp, "fisher_inverse_diag");
+    }
     if (V) {
       double* v = V->ptr<double>();
       const int ld = blas::dim(d, "the dimension d");
@@ -717,6 +744,8 @@ void blocks_cpu(const ArrayView& G, const ArrayView* x, const ArrayView* out, co
       S* o = x ? out->ptr<S>() + j0 * k : diag->ptr<S>() + j0;
       for (size_t t = 0; t < result.size(); ++t) o[t] = from_double<S>(result[t]);
     });
+    if (x) check_result(out->ptr<const S>(), out->numel(), damp, "fisher_ihvp");
+    if (diag) check_result(diag->ptr<const S>(), diag->numel(), damp, "fisher_inverse_diag");
   });
   for (int64_t b = 0; b < count; ++b)
     CK_CHECK_VALUE(!failed[size_t(b)], "block ", b, " of F is not positive definite in float64: 'damp' (", damp,
