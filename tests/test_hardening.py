@@ -1,7 +1,7 @@
 """Regressions found by a hardening sweep: silently wrong results and unhelpful errors."""
 import numpy as np
 import pytest
-from conftest import needs_torch, torch
+from conftest import KERNEL_BACKENDS, is_cuda, make, needs_torch, to_numpy, torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,60 +22,84 @@ def sqrt_ref(a):
 SCALES = [1e-310, 1e-300, 1e300]
 
 
+# The magnitude cases run on every kernel path: NumPy (the CPU kernels) and the CUDA backends.
+on_every_kernel = pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+
+
+@on_every_kernel
 @pytest.mark.parametrize("scale", SCALES)
 @pytest.mark.parametrize("method", ["eigh", "newton_schulz"])
-def test_matrix_sqrt_scale_invariant(scale, method):
+def test_matrix_sqrt_scale_invariant(scale, method, backend):
+    if method == "eigh" and is_cuda(backend):
+        pytest.skip("eigh square roots are CPU only")
     a = spd()
-    s, info = ck.matrix_sqrt_and_inv_sqrt(a * scale, method=method, return_info=True)
+    s, info = ck.matrix_sqrt_and_inv_sqrt(make(a * scale, backend), method=method, return_info=True)
     assert info["converged"] and info["residual"] < 1e-13
     ref = sqrt_ref(a)
     rtol = 1e-12 if scale >= 1e-300 else 1e-10  # a subnormal input holds fewer bits
-    np.testing.assert_allclose(s[0] / np.sqrt(scale), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
+    np.testing.assert_allclose(to_numpy(s[0]) / np.sqrt(scale), ref, rtol=rtol, atol=rtol * np.abs(ref).max())
     inv = np.linalg.inv(ref)
-    np.testing.assert_allclose(s[1] * np.sqrt(scale), inv, rtol=rtol, atol=rtol * np.abs(inv).max())
+    np.testing.assert_allclose(to_numpy(s[1]) * np.sqrt(scale), inv, rtol=rtol, atol=rtol * np.abs(inv).max())
 
 
+@on_every_kernel
 @pytest.mark.parametrize("scale", SCALES)
-def test_polar_scale_invariant(scale):
+def test_polar_scale_invariant(scale, backend):
     g = np.random.default_rng(1).standard_normal((4, 6))
     ref = ck.polar(g)
-    np.testing.assert_allclose(ck.polar(g * scale), ref, atol=1e-12)
-    w = np.zeros_like(g)
-    ck.polar_update_(w, g * scale, lr=1.0)
-    np.testing.assert_allclose(w, -ref, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(ck.polar(make(g * scale, backend))), ref, atol=1e-12)
+    w = make(np.zeros_like(g), backend)
+    ck.polar_update_(w, make(g * scale, backend), lr=1.0)
+    np.testing.assert_allclose(to_numpy(w), -ref, atol=1e-12)
 
 
 def lyapunov_residual(s, c, x):
     return np.linalg.norm(s @ x + x @ s - c) / np.linalg.norm(c)
 
 
-def test_lyapunov_indefinite_not_converged():
-    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((6, 6)))
-    s = q @ np.diag([-1.5, 0.5, 1, 2, 3, 4]) @ q.T
-    c = np.random.default_rng(3).standard_normal((6, 6))
+@on_every_kernel
+@pytest.mark.parametrize("n", [6, 64])
+def test_lyapunov_indefinite_not_converged(n, backend):
+    # one negative eigenvalue, its eigenvector spread over all n entries
+    q, _ = np.linalg.qr(np.random.default_rng(2).standard_normal((n, n)))
+    s = q @ np.diag(np.r_[-1.5, np.linspace(0.5, 4, n - 1)]) @ q.T
+    c = np.random.default_rng(3).standard_normal((n, n))
     c = c + c.T
-    x, info = ck.solve_lyapunov(s, c, return_info=True)
+    x, info = ck.solve_lyapunov(make(s, backend), make(c, backend), return_info=True)
     assert not info["converged"]
-    assert info["residual"] == pytest.approx(lyapunov_residual(s, c, x), rel=1e-6)
+    assert info["residual"] == pytest.approx(lyapunov_residual(s, c, to_numpy(x)), rel=1e-6)
 
 
-def test_lyapunov_singular_not_converged():
-    x, info = ck.solve_lyapunov(np.diag([0.0, 1, 2, 3]), np.eye(4), max_iters=60, return_info=True)
+@on_every_kernel
+def test_lyapunov_singular_not_converged(backend):
+    x, info = ck.solve_lyapunov(make(np.diag([0.0, 1, 2, 3]), backend), make(np.eye(4), backend), max_iters=60,
+                                return_info=True)
     assert not info["converged"]
 
 
+@on_every_kernel
 @pytest.mark.parametrize("scale", [1e-300, 1e300])
-def test_lyapunov_scale_invariant(scale):
+def test_lyapunov_scale_invariant(scale, backend):
     s = spd(5, 4)
     c = np.random.default_rng(5).standard_normal((5, 5))
-    x, info = ck.solve_lyapunov(s * scale, c, return_info=True)
+    x, info = ck.solve_lyapunov(make(s * scale, backend), make(c, backend), return_info=True)
     assert info["converged"] and info["residual"] < 1e-12
-    assert lyapunov_residual(s, c, x * scale) < 1e-12
+    assert lyapunov_residual(s, c, to_numpy(x) * scale) < 1e-12
 
 
-def test_lyapunov_nan_in_c_names_c():
-    with pytest.raises(ArgumentError, match="'C'"):
-        ck.solve_lyapunov(spd(3), np.full((3, 3), np.nan))
+@on_every_kernel
+def test_lyapunov_zero_inputs(backend):
+    s, c = spd(4), np.random.default_rng(5).standard_normal((4, 4))
+    x, info = ck.solve_lyapunov(make(s, backend), make(np.zeros((4, 4)), backend), return_info=True)
+    assert info["converged"] and info["residual"] == 0 and not to_numpy(x).any()
+    x, info = ck.solve_lyapunov(make(np.zeros((4, 4)), backend), make(c, backend), return_info=True)
+    assert not info["converged"] and info["residual"] == 1 and not to_numpy(x).any()
+
+
+@on_every_kernel
+def test_lyapunov_nan_in_c_names_c(backend):
+    with pytest.raises(ArgumentError, match="'C' contains NaN or Inf"):
+        ck.solve_lyapunov(make(spd(3), backend), make(np.full((3, 3), np.nan), backend))
 
 
 @pytest.mark.parametrize("call", [
@@ -102,16 +126,61 @@ def test_polar_update_errors_name_param():
         ck.polar_update_(np.ones((3, 3), dtype=np.int64), g, lr=0.1)
 
 
+@on_every_kernel
 @pytest.mark.parametrize("scale", [1e300, 1e-300])
-def test_qr_bases_scale_invariant(scale):
+def test_qr_bases_scale_invariant(scale, backend):
     q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((6, 4)))
-    np.testing.assert_allclose(ck.orthonormalize(q * scale, "qr"), q * np.sign(np.diag(q))[None] *
-                               np.sign(np.diag(q))[None], atol=1e-12)
+    np.testing.assert_allclose(to_numpy(ck.orthonormalize(make(q * scale, backend), "qr")),
+                               q * np.sign(np.diag(q))[None] * np.sign(np.diag(q))[None], atol=1e-12)
     a = spd(6, 8)
-    qn, d, _ = ck.eigenbasis_update(a * scale, np.linalg.qr(np.random.default_rng(9).standard_normal((6, 6)))[0])
-    qr, dr, _ = ck.eigenbasis_update(a, np.linalg.qr(np.random.default_rng(9).standard_normal((6, 6)))[0])
-    np.testing.assert_allclose(qn, qr, atol=1e-12)
-    np.testing.assert_allclose(d / scale, dr, rtol=1e-12)
+    q0 = np.linalg.qr(np.random.default_rng(9).standard_normal((6, 6)))[0]
+    qn, d, _ = ck.eigenbasis_update(make(a * scale, backend), make(q0, backend))
+    qr, dr, _ = ck.eigenbasis_update(a, q0)
+    np.testing.assert_allclose(to_numpy(qn), qr, atol=1e-12)
+    np.testing.assert_allclose(to_numpy(d) / scale, dr, rtol=1e-12)
+
+
+@on_every_kernel
+@pytest.mark.parametrize("scale", [1e-310, 1e-300, 1e-3, 10.0, 1e300])
+def test_polar_orthonormalize_is_scale_invariant(scale, backend):
+    q, _ = np.linalg.qr(np.random.default_rng(7).standard_normal((9, 5)))
+    r, info = ck.orthonormalize(make(q * scale, backend), "polar", return_info=True)
+    assert info["converged"] and info["orthogonality"] < 1e-15
+    # a subnormal Q has lost bits of its own: its nearest orthonormal matrix is that far from q
+    np.testing.assert_allclose(to_numpy(r), q, atol=1e-13 if scale < 1e-307 else 1e-15)
+
+
+@on_every_kernel
+def test_polar_orthonormalize_checks_shape_and_reports_what_it_could_not_orthonormalize(backend):
+    rng = np.random.default_rng(3)
+    with pytest.raises(ArgumentError, match="'Q' must have at least as many rows as columns, got 3 x 5"):
+        ck.orthonormalize(make(rng.standard_normal((3, 5)), backend), "polar")
+    q, _ = np.linalg.qr(rng.standard_normal((9, 5)))
+    good = q + 1e-3 * rng.standard_normal((9, 5))
+    lost = q.copy()
+    lost[:, 1] = lost[:, 0]  # rank 4: no orthonormal matrix is near
+    stack = make(np.stack([good, lost]), backend)
+    r, info = ck.orthonormalize(stack, "polar", return_info=True)
+    assert info["converged"].tolist() == [True, False]
+    measured = [np.abs(x.T @ x - np.eye(5)).max() for x in to_numpy(r)]
+    np.testing.assert_allclose(info["orthogonality"], measured, rtol=1e-6, atol=1e-15)
+    assert info["orthogonality"][1] > 0.1
+    with pytest.raises(ck.ConvergenceError, match="1 of 2 matrices"):
+        ck.orthonormalize(stack, "polar")
+    _, info = ck.orthonormalize(make(good, backend), "polar", steps=1, return_info=True)  # too few for float64
+    assert not info["converged"] and 1e-8 < info["orthogonality"] < 1e-4
+
+
+@pytest.mark.parametrize("dtype, tol", [("float64", 1.5e-8), ("float32", 2.5e-4), ("float16", 0.023)])
+def test_polar_orthonormalize_converges_to_the_precision_of_its_dtype(dtype, tol):
+    rng = np.random.default_rng(4)
+    q, _ = np.linalg.qr(rng.standard_normal((64, 32)))
+    noisy = (q + 0.05 * rng.standard_normal((64, 32)) / 8).astype(dtype)  # 4-bit-like noise
+    r, info = ck.orthonormalize(noisy, "polar", return_info=True)
+    assert r.dtype == np.dtype(dtype) and info["converged"]
+    rd = r.astype(np.float64)
+    assert info["orthogonality"] == pytest.approx(np.abs(rd.T @ rd - np.eye(32)).max(), rel=1e-3, abs=1e-15)
+    assert info["orthogonality"] <= tol
 
 
 def test_inverse_root_huge_eps_converges():

@@ -222,7 +222,7 @@ GIL_CALLS = {
     "convert": lambda h: _core.convert(h(np.ones(8_000_000)), np.empty(8_000_000, dtype=np.float32)),
     "polar": lambda h: _core.polar(
         [h(np.ones((400, 400)) + np.eye(400))], [np.empty((400, 400))], steps=[(3.4445, -4.775, 2.0315)] * 5,
-        norm_scale=1.0, norm_eps=1e-7, method="standard", alpha=1.0, beta=0.0, normalize=True, check_finite=True,
+        norm_scale=1.0, norm_eps=1e-7, method="standard", alpha=[1.0], beta=[0.0], normalize=True, check_finite=True,
         **_NO_WORKSPACE),
     "matrix_sqrt": lambda h: _core.matrix_sqrt([h(_spd(300))], [np.empty((300, 300))], [], method="newton_schulz",
                                                max_iters=100, tol=1e-8, **_NO_WORKSPACE),

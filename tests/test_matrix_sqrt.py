@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 import reference
-from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, to_numpy
+from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, needs_torch, to_numpy
 
 import curvkit
 
@@ -160,6 +160,48 @@ def test_autograd_gradcheck(backend):
     A0 = torch.from_numpy(reference.spd_with_condition(rng, 5, 1e4))
     C = torch.randn(5, 5, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda C: ct.matrix_sqrt(A0 + 1e-3 * (C @ C.mT)), (C,))
+
+
+@pytest.mark.parametrize("backend", backends("torch"))
+def test_autograd_takes_the_symmetric_part_and_refuses_a_second_derivative(backend):
+    import torch
+
+    import curvkit.torch as ct
+
+    B = torch.randn(5, 5, dtype=torch.float64, device=backend[1])
+    A = (B @ B.mT + torch.eye(5, dtype=torch.float64, device=backend[1])).requires_grad_()
+    # gradcheck perturbs one entry at a time: the inputs are not symmetric, and need not be
+    for fn in (ct.matrix_sqrt, ct.matrix_inv_sqrt, ct.matrix_sqrt_and_inv_sqrt):
+        assert torch.autograd.gradcheck(fn, (A,))
+    skew = torch.triu(torch.ones(5, 5, dtype=torch.float64, device=backend[1]), 1)
+    torch.testing.assert_close(ct.matrix_sqrt(A.detach() + skew), ct.matrix_sqrt(A.detach() + (skew + skew.mT) / 2))
+    # a Hessian-vector product through the square root would need the Lyapunov solve's own
+    # derivative: it raises rather than silently dropping the curvature term
+    with pytest.raises(RuntimeError, match="curvkit.solve_lyapunov.*no autograd formula"):
+        torch.autograd.gradgradcheck(ct.matrix_sqrt, (A,))
+
+
+@needs_torch
+def test_square_roots_compile_without_graph_breaks():
+    import torch
+
+    import curvkit.torch as ct
+
+    B = torch.randn(2, 6, 6, dtype=torch.float64)
+    A = (B @ B.mT + torch.eye(6, dtype=torch.float64)).requires_grad_()
+
+    def loss(A):
+        S, R = ct.matrix_sqrt_and_inv_sqrt(A)
+        return ct.matrix_sqrt(A).sum() + (S * R).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # fails on any graph break
+    (g_eager,) = torch.autograd.grad(loss(A), A)
+    value = compiled(A)
+    (g_compiled,) = torch.autograd.grad(value, A)
+    torch.testing.assert_close(value, loss(A), atol=0, rtol=0)
+    torch.testing.assert_close(g_compiled, g_eager, atol=0, rtol=0)
+    torch.library.opcheck(torch.ops.curvkit.sqrt_and_inv_sqrt.default, (A.detach(), True, "auto", 1e-8, 100))
+    torch._dynamo.reset()
 
 
 @pytest.mark.parametrize("backend", KERNEL_BACKENDS)

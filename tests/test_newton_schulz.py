@@ -3,7 +3,7 @@ iteration), over schedules, routes, shapes, dtypes and frameworks."""
 import numpy as np
 import pytest
 import reference
-from conftest import TOL, backend_dtypes, backends, make, needs_torch, to_numpy
+from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, needs_torch, to_numpy
 
 import curvkit
 from curvkit.newton_schulz import schedule
@@ -262,19 +262,20 @@ def test_torch_custom_ops_compile_without_graph_breaks(backend, rng):
     schedule = [(3.0, -3.2, 1.2), (2.0, -1.5, 0.5)]  # a custom list travels through the op too
 
     def step(G, W, U):
-        ct.polar_update_(W, U, lr=0.1, weight_decay=0.5, coefficients="polar_express")
+        ct.polar_update_(W, U, lr=0.1, weight_decay=0.5, scale=[1.0, 2.0], coefficients="polar_express")
         return ct.polar(2 * G, steps=3, coefficients=schedule)
 
     eager_W = [w.clone() for w in W]
     expected = curvkit.polar(2 * G, steps=3, coefficients=schedule)
-    curvkit.polar_update_(eager_W, U, lr=0.1, weight_decay=0.5, coefficients="polar_express")
+    curvkit.polar_update_(eager_W, U, lr=0.1, weight_decay=0.5, scale=[1.0, 2.0], coefficients="polar_express")
     compiled = torch.compile(step, fullgraph=True, backend="aot_eager")  # fails on any graph break
     torch.testing.assert_close(compiled(G, W, U), expected, atol=0, rtol=0)
     for w, e in zip(W, eager_W):
         torch.testing.assert_close(w, e, atol=0, rtol=0)
     torch.library.opcheck(torch.ops.curvkit.polar.default, (G, 5, "muon", None, 1e-7, "auto", True))
     torch.library.opcheck(torch.ops.curvkit.polar_update_.default,
-                          ([w.clone() for w in W], U, 0.1, 0.0, 1.0, 5, "", [3.0, -3.2, 1.2], 1e-7, "auto", True))
+                          ([w.clone() for w in W], U, [0.1, 0.2], [0.0, 0.0], [1.0, 2.0], 5, "", [3.0, -3.2, 1.2], 1e-7,
+                           "auto", True))
     torch._dynamo.reset()
 
 
@@ -320,3 +321,34 @@ def test_results_are_reproducible(backend, rng):
 
     for first, second in zip(run(), run()):
         np.testing.assert_array_equal(first, second)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_polar_update_takes_per_parameter_factors_in_one_call(backend, rng):
+    # Muon's per-shape scale max(1, m/n)^0.5, and per-group learning rates and decays
+    shapes = [(64, 16), (16, 64), (64, 16), (32, 32)]
+    Ws = [rng.standard_normal(s) for s in shapes]
+    Gs = [rng.standard_normal(s) for s in shapes]
+    lrs, decays = [0.02, 0.02, 0.01, 0.05], [0.0, 0.1, 0.1, 0.0]
+    scales = [max(1, m / n) ** 0.5 for m, n in shapes]
+    params = [make(w, backend) for w in Ws]
+    curvkit.polar_update_(params, [make(g, backend) for g in Gs], lr=lrs, weight_decay=decays, scale=scales)
+    for p, w, g, lr, wd, s in zip(params, Ws, Gs, lrs, decays, scales):
+        single = make(w, backend)
+        curvkit.polar_update_(single, make(g, backend), lr=lr, weight_decay=wd, scale=s)
+        np.testing.assert_array_equal(to_numpy(p), to_numpy(single))  # as one call per parameter, bit for bit
+        np.testing.assert_allclose(to_numpy(p), w * (1 - lr * wd) - lr * s * curvkit.polar(g), atol=1e-12)
+
+
+def test_polar_update_per_parameter_factor_errors_name_the_argument():
+    Ws, Gs = [np.eye(3), np.eye(3)], [np.eye(3), np.eye(3)]
+    with pytest.raises(curvkit.ArgumentError, match="'scale' must have one entry per parameter \\(2\\), got 3"):
+        curvkit.polar_update_(Ws, Gs, lr=0.1, scale=[1.0, 2.0, 3.0])
+    with pytest.raises(curvkit.ArgumentTypeError, match="'lr' must be a real number"):
+        curvkit.polar_update_(Ws, Gs, lr=[0.1, "x"])
+    with pytest.raises(curvkit.ArgumentTypeError, match="'weight_decay' must be a real number or a sequence"):
+        curvkit.polar_update_(Ws, Gs, lr=0.1, weight_decay="0.1")
+    with pytest.raises(curvkit.ArgumentTypeError, match="'lr' must be a real number"):
+        curvkit.polar_update_(np.eye(3), np.eye(3), lr=[0.1])  # one array: one number
+    with pytest.raises(curvkit.ArgumentError, match="update factors must be finite"):
+        curvkit.polar_update_(Ws, Gs, lr=[0.1, float("inf")])

@@ -8,6 +8,7 @@ import warnings
 
 import numpy as np
 import pytest
+from conftest import torch
 
 import curvkit
 from curvkit import _core
@@ -265,7 +266,10 @@ needs_main_thread = pytest.mark.skipif(threading.current_thread() is not threadi
 @needs_main_thread
 @pytest.mark.skipif(signal.getsignal(signal.SIGINT) is not signal.default_int_handler,
                     reason="SIGINT is not Python's default handler here")
-@pytest.mark.parametrize("case", ["one_matrix", "matrix_list", "newton_root"])
+@pytest.mark.parametrize("case", ["one_matrix", "matrix_list", "newton_root",
+                                  pytest.param("newton_root_cuda", marks=pytest.mark.skipif(
+                                      not (curvkit.has_cuda() and torch is not None and torch.cuda.is_available()),
+                                      reason="needs PyTorch with CUDA and a CUDA build of curvkit"))])
 def test_keyboard_interrupt_is_prompt(case, restore_threads):
     rng = np.random.default_rng(4)
     if case == "one_matrix":  # the iterate loop of one large task (about 30 s uninterrupted)
@@ -281,6 +285,8 @@ def test_keyboard_interrupt_is_prompt(case, restore_threads):
     else:  # Newton's loop; a huge p makes each step long, checked between its products
         B = rng.standard_normal((96, 96))
         A = B @ B.T / 96 + np.eye(96)
+        if case == "newton_root_cuda":  # the host loop, between steps
+            A = torch.from_numpy(A).cuda()
 
         def call():
             return curvkit.matrix_inverse_root([A] * 4, p=2**30, method="newton", max_iters=2**31 - 1,

@@ -344,7 +344,56 @@ __global__ void load_symmetric_kernel(const S* a, D* dst, int64_t n, MatrixStats
   row_sq[b * n + i] = sq;
 }
 
+// A block per matrix: its largest magnitude, then the scaling by 2^k.
+template <class T>
+__global__ void scale_to_unit_kernel(T* a, int64_t size, int64_t count, int* exponent) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    T* m = a + b * size;
+    double amax = 0;
+    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) amax = fmax(amax, fabs(double(m[i])));
+    amax = block_max(amax);
+    const int k = amax > 0 && amax <= DBL_MAX ? numerics::even_scale_exponent(amax) : 0;
+    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) m[i] = T(ldexp(double(m[i]), k));
+    if (threadIdx.x == 0) exponent[b] = k;
+  }
+}
+
+// A block per matrix: finite, or zeroed with bad[b] = 1.
+template <class T>
+__global__ void zero_nonfinite_kernel(T* out, int64_t size, int64_t count, char* bad) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    T* m = out + b * size;
+    bool finite = true;
+    for (int64_t i = threadIdx.x; i < size; i += blockDim.x) finite &= fabs(to_double(m[i])) <= DBL_MAX;
+    finite = __syncthreads_and(finite);
+    if (!finite)
+      for (int64_t i = threadIdx.x; i < size; i += blockDim.x) m[i] = from_double<T>(0.0);
+    if (threadIdx.x == 0) bad[b] = !finite;
+  }
+}
+
 }  // namespace
+
+std::vector<char> zero_nonfinite(cudaStream_t stream, DType dtype, void* out, int64_t size, int64_t count) {
+  if (count == 0 || size == 0) return std::vector<char>(size_t(std::max<int64_t>(count, 0)), 0);
+  DeviceBuffer bad(size_t(count), stream);
+  CK_DISPATCH_FLOATING(dtype, "out", T, [&] {
+    zero_nonfinite_kernel<<<unsigned(std::min<int64_t>(count, 65535)), 256, 0, stream>>>(static_cast<T*>(out), size,
+                                                                                         count, bad.as<char>());
+  });
+  CK_CUDA_CHECK(cudaGetLastError());
+  return copy_to_host(stream, bad.as<char>(), count);
+}
+
+template <class T>
+void scale_to_unit(cudaStream_t stream, T* a, int64_t size, int64_t count, int* exponent) {
+  if (count == 0) return;
+  scale_to_unit_kernel<<<unsigned(std::min<int64_t>(count, 65535)), 256, 0, stream>>>(a, size, count, exponent);
+  CK_CUDA_CHECK(cudaGetLastError());
+}
+
+template void scale_to_unit<float>(cudaStream_t, float*, int64_t, int64_t, int*);
+template void scale_to_unit<double>(cudaStream_t, double*, int64_t, int64_t, int*);
 
 template <class D>
 void load_symmetric(cudaStream_t stream, const ArrayView& a, D* dst, MatrixStats* stats) {

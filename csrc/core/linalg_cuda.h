@@ -73,6 +73,20 @@ __device__ inline double block_sum(double v) {
   __syncthreads();
   return total;
 }
+
+// max of v >= 0 over the block, returned to every thread (every thread calls it); NaN counts as
+// Inf, so a non-finite entry is never dropped.
+__device__ inline double block_max(double v) {
+  __shared__ double warp_max[32];
+  v = v == v ? v : INFINITY;
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, o));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double m = 0;
+  for (int w = 0; w < int(blockDim.x >> 5); ++w) m = fmax(m, warp_max[w]);
+  __syncthreads();
+  return m;
+}
 #endif
 
 // out[b] = sum over k < slots of partial[b * slots + k], in a fixed order, for b < count; out[b]
@@ -159,6 +173,18 @@ struct MatrixStats {
   int nonfinite;       // 1 if A holds NaN or Inf
   int pad;
 };
+
+// Scales each of `count` matrices of `size` elements (float32 or float64, device) by 2^k, k the
+// even exponent that brings its largest magnitude to [0.5, 2) (numerics::even_scale_exponent;
+// exact), and writes k to exponent[b] (device; 0 for a zero or non-finite matrix): the CPU's
+// guard against under- and overflow from the subnormals to DBL_MAX.
+template <class T>
+void scale_to_unit(cudaStream_t stream, T* a, int64_t size, int64_t count, int* exponent);
+
+// Zeroes each of the `count` matrices of `size` elements at `out` (dtype `dtype`, device) that
+// holds NaN or Inf, and says which on the host (synchronizes the stream): a result beyond the
+// output dtype's range is a failure, never handed on as Inf (as store_matrix on the CPU).
+std::vector<char> zero_nonfinite(cudaStream_t stream, DType dtype, void* out, int64_t size, int64_t count);
 
 // dst (float32 or float64, `count` n x n matrices; may be null: stats only) = (A + A^T)/2 of
 // the C-contiguous stack `a` (any float dtype, `count` = a's batch), with stats per matrix

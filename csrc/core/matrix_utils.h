@@ -79,13 +79,21 @@ void load_matrix(const ArrayView& a, int64_t index, T* dst) {
   });
 }
 
-// scale * src into matrix `index` of a (..., m, k) output, rounded once to its dtype.
+// scale * src into matrix `index` of a (..., m, k) output, rounded once to its dtype; false, with
+// zeros written, where a value overflowed the dtype.
 template <class T>
-void store_matrix(const T* src, const ArrayView& out, int64_t index, double scale = 1.0) {
+bool store_matrix(const T* src, const ArrayView& out, int64_t index, double scale = 1.0) {
   const int64_t size = out.size(-2) * out.size(-1);
-  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+  return CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
     D* p = out.ptr<D>() + index * size;
-    for (int64_t i = 0; i < size; ++i) p[i] = from_double<D>(scale * double(src[i]));
+    bool finite = true;
+    for (int64_t i = 0; i < size; ++i) {
+      p[i] = from_double<D>(scale * double(src[i]));
+      finite &= std::fabs(to_double(p[i])) <= DBL_MAX;
+    }
+    // A result beyond the output dtype's range (1e40 in float32) is never handed on as Inf.
+    if (!finite) std::fill(p, p + size, from_double<D>(0.0));
+    return finite;
   });
 }
 
@@ -109,12 +117,19 @@ double max_row_sum(const T* a, int64_t n) {
   return row_max;
 }
 
-// A length-n vector into entry `index` of a (..., n) output.
+// A length-n vector into entry `index` of a (..., n) output; false, with zeros written, where a
+// value overflowed the dtype.
 template <class T>
-void store_vector(const T* src, int64_t n, const ArrayView& out, int64_t index) {
-  CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+bool store_vector(const T* src, int64_t n, const ArrayView& out, int64_t index) {
+  return CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
     D* p = out.ptr<D>() + index * n;
-    for (int64_t i = 0; i < n; ++i) p[i] = from_double<D>(double(src[i]));
+    bool finite = true;
+    for (int64_t i = 0; i < n; ++i) {
+      p[i] = from_double<D>(double(src[i]));
+      finite &= std::fabs(to_double(p[i])) <= DBL_MAX;
+    }
+    if (!finite) std::fill(p, p + n, from_double<D>(0.0));  // as store_matrix
+    return finite;
   });
 }
 
@@ -146,16 +161,22 @@ bool all_finite(const std::vector<T>& v) {
   return ok;
 }
 
-// ||I - M||_F / sqrt(n)
+// ||I - M||_F^2
 template <class T>
-double identity_distance(const T* m, int64_t n) {
+double identity_sum_squares(const T* m, int64_t n) {
   double s = 0;
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) {
       const double d = numerics::identity_difference(double(m[i * n + j]), i == j);
       s += d * d;
     }
-  return numerics::rms_distance(s, n);
+  return s;
+}
+
+// ||I - M||_F / sqrt(n)
+template <class T>
+double identity_distance(const T* m, int64_t n) {
+  return numerics::rms_distance(identity_sum_squares(m, n), n);
 }
 
 // max|M - I| (Inf when M holds NaN or Inf)

@@ -22,6 +22,13 @@ CK_HD constexpr double unit_roundoff() {
   return std::is_same<T, double>::value ? 0x1p-53 : 0x1p-24;
 }
 
+// Unit roundoff of a storage dtype (host): float64, float32, float16, bfloat16.
+inline double unit_roundoff(const DType& dt) {
+  if (dt == DType::float64()) return unit_roundoff<double>();
+  if (dt == DType::float32()) return unit_roundoff<float>();
+  return dt == DType::float16() ? 0x1p-11 : 0x1p-8;
+}
+
 // How far from symmetric an input may be, relative to its largest entry, by input dtype (host).
 inline double symmetry_tolerance(const DType& dt) {
   if (dt == DType::float64()) return 1e-10;
@@ -54,6 +61,11 @@ CK_HD double identity_gap(double m, bool diagonal) {
 
 // ||M - I||_F / sqrt(n), from the sum of squares of M - I.
 CK_HD double rms_distance(double sum_squares, int64_t n) { return sqrt(sum_squares / double(n)); }
+
+// Whether a converged sign iterate B is sign(S) = I, i.e. S positive definite, from the sum of
+// squares of B - I: each eigenvalue of S on the wrong side adds 4 (B - I has an eigenvalue -2
+// there), so the test holds for any n, however spread the eigenvector.
+CK_HD bool definite_sign(double sum_squares) { return sum_squares <= 1.0; }
 
 // ---- Stopping rules of quadratically convergent iterations on a distance r to I
 
@@ -106,17 +118,33 @@ CK_HD double newton_scale(int p, double lambda) { return (p + 1) / (2 * lambda);
 
 // ---- Inverse roots from eigenpairs (w ascending, top = max(w_max, 0))
 
-// Eigenvalues (after the shift) at or below n u (top + eps) are numerically singular.
+// Eigenvalues (after the floor and eps) at or below n u (top + eps) are not resolved by the
+// compute dtype (unit roundoff u): the root is unreliable in their directions. Without a ridge
+// (eps = 0) they are taken as zeros and pseudo-inverted (Distributed Shampoo's pseudo-inverse
+// uses the same n u relative threshold).
 CK_HD double singular_level(int64_t n, double unit, double top, double eps) { return double(n) * unit * (top + eps); }
 
-// No clearly negative eigenvalue: w_min >= -sqrt(u) top (else the input is indefinite).
-CK_HD bool not_indefinite(double w_min, double unit, double top) { return w_min >= -sqrt(unit) * top; }
+// The floor's report: min(w_min, 0) / max(|w_min|, |w_max|), in [-1, 0].
+CK_HD double negative_ratio(double w_min, double w_max) {
+  const double scale = fmax(fabs(w_min), fabs(w_max));
+  return w_min < 0 && scale > 0 ? w_min / scale : 0.0;
+}
+
+// Negative eigenvalues down to this fraction of the largest magnitude are accumulated rounding
+// (measured: 1e-3 for a float32-accumulated Shampoo factor) and floored; beyond it the input is
+// indefinite, a failure (its floored root is still returned).
+constexpr double kIndefinite = 1e-2;
+CK_HD bool clearly_indefinite(double negative) { return negative < -kIndefinite; }
+
+// The column factor of eigenvalue w: lambda^(-1/(2p)) for lambda = max(w, 0) + eps, 0 for a
+// numerical zero of an unridged matrix (the pseudo-inverse).
+CK_HD double eigen_factor(double w, double eps, double level, int p) {
+  const double lambda = (w > 0 ? w : 0.0) + eps;
+  return eps == 0 && lambda <= level ? 0.0 : pow(lambda, -0.5 / p);
+}
 
 // lambda = max(w, 0) + eps (finite w).
 CK_HD double floored_eigenvalue(double w, double eps) { return (w > 0 ? w : 0.0) + eps; }
-
-// The column scale lambda^(-1/(2p)) of V in X = (V D)(V D)^T; exact zeros get 0 (pseudo-inverse).
-CK_HD double inverse_root_factor(double lambda, int p) { return lambda > 0 ? pow(lambda, -0.5 / p) : 0.0; }
 
 // ---- Ogita-Aishima refinement of eigenbases (S = V^T A V, R = I - V^T V, d the eigenvalues)
 

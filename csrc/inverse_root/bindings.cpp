@@ -51,7 +51,8 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
             binding::field("iterations", &RootStatus::iterations), binding::field("residual", &RootStatus::residual),
             binding::field("method", [](const RootStatus& s) { return binding::choice_name(kRootMethods, s.method); }),
             binding::field("fell_back", &RootStatus::fell_back), binding::field("kept_init", &RootStatus::kept_init),
-            binding::field("products", &RootStatus::products));
+            binding::field("products", &RootStatus::products), binding::field("negative", &RootStatus::negative),
+            binding::field("unresolved", &RootStatus::unresolved));
       },
       py::arg("inputs"), py::arg("outputs"), py::arg("inits"), py::arg("bases"), py::kw_only(), py::arg("p"),
       py::arg("eps"), py::arg("method"), py::arg("max_iters"), py::arg("tol"), py::arg("fallback"),
@@ -89,6 +90,20 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
       py::arg("Q"), py::kw_only(), py::arg("stream"), py::arg("workspace"),
       "Orthonormalize the columns of each Q in place by QR (nonnegative R diagonal); an info dict per input.");
   m.def(
+      "orthonormalize_polar",
+      [](const py::list& q, const py::list& out, int steps, StreamHandle stream, py::object workspace) {
+        binding::ArrayList qv(q, "Q", stream), ov(out, "out", stream, binding::Access::Write);
+        std::vector<std::vector<BasisStatus>> status;
+        {
+          binding::CallScope scope(std::move(workspace));
+          orthonormalize_polar(qv.views(), ov.views(), steps, status, stream);
+        }
+        return binding::status_dicts(status, qv.views(), binding::field("converged", &BasisStatus::converged),
+                                     binding::field("orthogonality", &BasisStatus::orthogonality));
+      },
+      py::arg("Q"), py::arg("out"), py::kw_only(), py::arg("steps"), py::arg("stream"), py::arg("workspace"),
+      "out[i] = Q[i] orthonormalized by Bjorck passes (see curvkit.orthonormalize); an info dict per input.");
+  m.def(
       "eigenbasis_update",
       [](const py::list& a, const py::list& q, const py::list& q_out, const py::list& estimates, const py::list& perm,
          StreamHandle stream, py::object workspace) {
@@ -99,7 +114,8 @@ void register_inverse_root(py::module_& m, py::module_& /*testing*/) {
           binding::CallScope scope(std::move(workspace));
           eigenbasis_update(av.views(), qv.views(), ov.views(), ev.views(), pv.views(), status, stream);
         }
-        return basis_infos(status, qv.views());
+        return binding::status_dicts(status, qv.views(), binding::field("converged", &BasisStatus::converged),
+                                     binding::field("fell_back", &BasisStatus::fell_back));
       },
       py::arg("A"), py::arg("Q"), py::arg("Q_out"), py::arg("estimates"), py::arg("perm"), py::kw_only(),
       py::arg("stream"), py::arg("workspace"), "SOAP's eigenbasis refresh (see curvkit.eigenbasis_update).");

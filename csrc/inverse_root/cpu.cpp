@@ -250,24 +250,23 @@ bool decompose(int n, const T* a, bool warm, RootWork<T>& w, RootStatus& st) {
   return blas::syevd(n, w.v.data(), w.w.data()) == 0;
 }
 
-// X from the eigendecomposition of A (w.v, w.w; w.v is overwritten). Returns false if A is
-// singular or indefinite for its compute dtype.
+// X from the eigendecomposition of A (w.v, w.w; w.v is overwritten), with the floor's report.
+// Returns false if A is clearly indefinite or X is not finite.
 template <class T>
-bool root_from_eigenpairs(int n, const RootOptions& o, RootWork<T>& w) {
-  const double top = std::max(double(w.w[size_t(n - 1)]), 0.0);
-  const double zero = numerics::singular_level(n, unit_roundoff<T>(), top, o.eps);
-  bool ok = numerics::not_indefinite(double(w.w[0]), unit_roundoff<T>(), top);  // else a real negative eigenvalue
+bool root_from_eigenpairs(int n, const RootOptions& o, RootWork<T>& w, RootStatus& st) {
+  const double w_min = double(w.w[0]), w_max = double(w.w[size_t(n - 1)]);
+  const double level = numerics::singular_level(n, unit_roundoff<T>(), std::max(w_max, 0.0), o.eps);
+  st.negative = numerics::negative_ratio(w_min, w_max);
   std::vector<double> scale(static_cast<size_t>(n));
-  for (int64_t j = 0; j < n; ++j) {
-    const double lambda = numerics::floored_eigenvalue(double(w.w[size_t(j)]), o.eps);
-    ok &= lambda > zero;  // numerically singular: the root is unreliable in that direction
-    scale[size_t(j)] = numerics::inverse_root_factor(lambda, o.p);  // pseudo-inverse of exact zeros
+  for (int64_t j = 0; j < n; ++j) {  // the floor of inverse_root.h
+    st.unresolved += numerics::floored_eigenvalue(double(w.w[size_t(j)]), o.eps) <= level;
+    scale[size_t(j)] = numerics::eigen_factor(double(w.w[size_t(j)]), o.eps, level, o.p);
   }
   for (int64_t i = 0; i < n; ++i)
     for (int64_t j = 0; j < n; ++j) w.v[size_t(i * n + j)] = T(double(w.v[size_t(i * n + j)]) * scale[size_t(j)]);
   blas::syrk(false, n, n, T(1), w.v.data(), n, T(0), w.x.data(), n);
   blas::mirror_lower(w.x.data(), n);
-  return ok && all_finite(w.x);
+  return !numerics::clearly_indefinite(st.negative) && all_finite(w.x);
 }
 
 // X from the eigendecomposition of A (matrix `index` of `a`; eps is applied after flooring),
@@ -283,7 +282,7 @@ bool root_eigh(int n, const RootOptions& o, const ArrayView& a, const ArrayView*
   if (!decompose(n, w.t.data(), basis != nullptr, w, st) || !all_finite(w.v) || !all_finite(w.w)) return false;
   if (basis) store_matrix(w.v.data(), *basis, index);
   st.products += 0.5;  // the syrk that rebuilds the root
-  return root_from_eigenpairs(n, o, w);
+  return root_from_eigenpairs(n, o, w, st);
 }
 
 // Largest-eigenvalue upper estimate for the Newton scaling.
@@ -396,7 +395,10 @@ void root_one(const ArrayView& a, const ArrayView& out, const ArrayView* init, c
     st.kept_init = true;
   }
   if (!all_finite(w.x)) std::fill(w.x.begin(), w.x.end(), T(0));
-  store_matrix(w.x.data(), out, index);
+  if (!store_matrix(w.x.data(), out, index)) {  // overflowed the output dtype
+    st.converged = false;
+    st.residual = std::numeric_limits<double>::infinity();
+  }
 }
 
 }  // namespace
@@ -453,9 +455,10 @@ bool qr_positive(int m, int k, T* a) {
   return full_rank;
 }
 
-// Tasks over the batch of q (..., m, k), calling solve(tag, index) with T the compute type.
+// Tasks over the batch of q (..., m, k), calling solve(tag, index) with T the compute type
+// (float64 for every dtype when in_float64).
 template <class Solve>
-void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
+void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve, bool in_float64 = false) {
   const int64_t m = q.size(-2), k = q.size(-1), batch = m * k ? q.numel() / (m * k) : 0;
   blas::dim(m, "matrix dimension");
   CK_CHECK_VALUE(k <= m, "argument 'Q' must have at least as many rows as columns, got ", m, " x ", k);
@@ -464,7 +467,10 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   const int threads = num_threads();
   run_matrix_tasks(
       threads, batch, [&](int64_t) { return cost; },
-      [&](int64_t b, int) { good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); }); },
+      [&](int64_t b, int) {
+        const DType compute = in_float64 ? DType::float64() : q.dtype;
+        good[size_t(b)] = CK_DISPATCH_COMPUTE(compute, T, [&] { return solve(T(), b); });
+      },
       lapack_small_task(batch, threads));
   ok.assign(good.begin(), good.end());
 }
@@ -473,6 +479,7 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
 
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
   const int64_t m = q.size(-2), k = q.size(-1);
+  for (int64_t b = 0; b < leading_count(q); ++b) check_finite_matrix(q, b, "Q");
   for_each_basis(q, ok, [&](auto tag, int64_t b) {
     using T = decltype(tag);
     std::vector<T> a(static_cast<size_t>(m * k));
@@ -483,38 +490,64 @@ void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
   });
 }
 
+void orthogonality_cpu(const ArrayView& q, std::vector<double>& error) {
+  const int64_t m = q.size(-2), k = q.size(-1);
+  std::vector<bool> unused;
+  error.assign(size_t(m * k ? q.numel() / (m * k) : 0), 0.0);
+  for_each_basis(q, unused, [&](auto, int64_t b) {
+    std::vector<double> a(static_cast<size_t>(m * k)), g(static_cast<size_t>(k * k));
+    load_matrix(q, b, a.data());
+    blas::syrk(true, int(k), int(m), 1.0, a.data(), int(k), 0.0, g.data(), int(k));  // Q^T Q, lower
+    double worst = 0;
+    for (int64_t i = 0; i < k; ++i)
+      for (int64_t j = 0; j <= i; ++j) worst = std::max(worst, numerics::identity_gap(g[size_t(i * k + j)], i == j));
+    error[size_t(b)] = worst;
+    return true;
+  });
+}
+
 void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                           const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok) {
+                           const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok) {
   const int64_t n = q.size(-2), k = q.size(-1);
   const int64_t batch = n * k ? q.numel() / (n * k) : 0;
-  for (int64_t b = 0; b < batch; ++b) check_symmetric(a_in, b, "A");
-  for_each_basis(q, ok, [&](auto tag, int64_t b) {
-    using T = decltype(tag);
-    std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
-    load_symmetrized(a_in, b, a.data());
-    load_matrix(q, b, qb.data());
-    // A Q and the estimates from 2^e A (exact; A Q of a huge A would overflow), d unscaled below.
-    const double amax = max_abs(a.data(), n * n);
-    const int e = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
-    scale_pow2(a.data(), n * n, e);
-    blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
-    std::vector<double> d(static_cast<size_t>(k), 0.0);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < k; ++j) d[size_t(j)] += double(qb[size_t(i * k + j)]) * double(aq[size_t(i * k + j)]);
-    std::vector<int64_t> order(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) order[size_t(j)] = j;
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int64_t x, int64_t y) { return nan_last(d[size_t(x)], true) > nan_last(d[size_t(y)], true); });
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
-    const bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
-    store_matrix(p.data(), q_out, b);
-    std::vector<double> sorted(static_cast<size_t>(k));
-    for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e);
-    store_vector(sorted.data(), k, estimates, b);
-    std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
-    return good;
-  });
+  for (int64_t b = 0; b < batch; ++b) {
+    check_symmetric(a_in, b, "A");
+    check_finite_matrix(q, b, "Q");
+  }
+  for_each_basis(
+      q, ok,
+      [&](auto tag, int64_t b) {
+        using T = decltype(tag);
+        std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
+        load_symmetrized(a_in, b, a.data());
+        load_matrix(q, b, qb.data());
+        // A Q and the estimates from 2^e A and 2^f Q (exact; A Q and q^T A q of huge or tiny
+        // inputs would overflow or underflow), d unscaled below.
+        const double amax = max_abs(a.data(), n * n), qmax = max_abs(qb.data(), n * k);
+        const int e = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
+        const int f = qmax > 0 ? numerics::even_scale_exponent(qmax) : 0;
+        scale_pow2(a.data(), n * n, e);
+        scale_pow2(qb.data(), n * k, f);
+        blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
+        std::vector<double> d(static_cast<size_t>(k), 0.0);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < k; ++j) d[size_t(j)] += double(qb[size_t(i * k + j)]) * double(aq[size_t(i * k + j)]);
+        std::vector<int64_t> order(static_cast<size_t>(k));
+        for (int64_t j = 0; j < k; ++j) order[size_t(j)] = j;
+        std::stable_sort(order.begin(), order.end(), [&](int64_t x, int64_t y) {
+          return nan_last(d[size_t(x)], true) > nan_last(d[size_t(y)], true);
+        });
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
+        bool good = all_finite(p) && qr_positive(int(n), int(k), p.data());
+        store_matrix(p.data(), q_out, b);
+        std::vector<double> sorted(static_cast<size_t>(k));
+        for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e - 2 * f);
+        good &= store_vector(sorted.data(), k, estimates, b);  // q^T A q of a huge A and Q can overflow
+        std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
+        return good;
+      },
+      in_float64);
 }
 
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
@@ -540,12 +573,12 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
     load_symmetrized(inputs[t.input], t.index, a.data());
     if (basis) load_matrix(*basis, t.index, w.v.data());
     RootStatus st;
-    const bool good = decompose(n, a.data(), basis != nullptr, w, st) && all_finite(w.v) && all_finite(w.w);
+    bool good = decompose(n, a.data(), basis != nullptr, w, st) && all_finite(w.v) && all_finite(w.w);
     if (!good) {
       std::fill(w.v.begin(), w.v.end(), T(0));
       std::fill(w.w.begin(), w.w.end(), T(0));
     }
-    store_vector(w.w.data(), t.n, values[t.input], t.index);
+    good &= store_vector(w.w.data(), t.n, values[t.input], t.index);  // n max|A| may overflow a float16 output
     store_matrix(w.v.data(), vectors[t.input], t.index);
     steps[t.input][size_t(t.index)] = basis && !st.fell_back ? st.iterations : -1;
     return good;

@@ -1,5 +1,6 @@
-// QR-based routines on CUDA: orthonormalize "qr" (orthonormalize_qr_cuda) and SOAP's eigenbasis
-// refresh (eigenbasis_update_cuda). cuSOLVER's geqrf and orgqr per matrix, R's diagonal made
+// QR-based routines on CUDA: orthonormalize "qr" (orthonormalize_qr_cuda), the orthogonality
+// measure of orthonormalize "polar" (orthogonality_cuda) and SOAP's eigenbasis refresh
+// (eigenbasis_update_cuda). cuSOLVER's geqrf and orgqr per matrix, R's diagonal made
 // nonnegative, with the CPU's full-rank verdict (qr_positive in cpu.cpp).
 #include <algorithm>
 #include <cfloat>
@@ -78,7 +79,9 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   const int64_t mk = m * k;
   DeviceBuffer tau(sizeof(T) * size_t(count * k), stream), sign(sizeof(T) * size_t(count * k), stream),
       info(sizeof(int) * size_t(2 * count), stream), norm2(sizeof(double) * size_t(count), stream),
-      good(sizeof(int) * size_t(count), stream);
+      good(sizeof(int) * size_t(count), stream), exponent(sizeof(int) * size_t(count), stream);
+  // QR's Q does not depend on the scale: a largest entry near 1 keeps ||A||_F finite at 1e300.
+  cuda::scale_to_unit(stream, a, mk, count, exponent.as<int>());
   frobenius2_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(a, norm2.as<double>(), mk, count);
   CK_CUDA_CHECK(cudaGetLastError());
   cusolverDnHandle_t handle = cusolver_handle(stream);
@@ -112,17 +115,53 @@ std::vector<bool> qr_positive(cudaStream_t stream, T* a, int64_t m, int64_t k, i
   return ok;
 }
 
-// d_j = q_j . (A Q)_j per column (column-major n x k each), a block per (column, matrix).
+// d_j = 2^-(e + 2f) (2^f q_j) . (2^e A 2^f Q)_j per column (column-major n x k each), a block per
+// (column, matrix), with e = a_exponent[b] and f = q_exponent[b].
 template <class T>
-__global__ void column_dots_kernel(const T* q, const T* aq, double* d, int64_t n, int64_t k, int64_t count) {
+__global__ void column_dots_kernel(const T* q, const T* aq, const int* a_exponent, const int* q_exponent, double* d,
+                                   int64_t n, int64_t k, int64_t count) {
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y)
     for (int64_t j = blockIdx.x; j < k; j += gridDim.x) {
       double local = 0;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
         local += double(q[b * n * k + j * n + i]) * double(aq[b * n * k + j * n + i]);
       local = cuda::block_sum(local);
-      if (threadIdx.x == 0) d[b * k + j] = local;
+      if (threadIdx.x == 0) d[b * k + j] = ldexp(local, -a_exponent[b] - 2 * q_exponent[b]);
     }
+}
+
+// error[b] = max |G_b - I| over the k x k matrices G_b (Inf if one is not finite), a block per
+// matrix.
+template <class T>
+__global__ void identity_distance_kernel(const T* g, double* error, int64_t k, int64_t count) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    double worst = 0;
+    for (int64_t e = threadIdx.x; e < k * k; e += blockDim.x)
+      worst = fmax(worst, numerics::identity_gap(double(g[b * k * k + e]), e / k == e % k));
+    worst = cuda::block_max(worst);
+    if (threadIdx.x == 0) error[b] = worst;
+  }
+}
+
+// flag = 1 if any of the `total` entries is NaN or Inf.
+template <class T>
+__global__ void nonfinite_kernel(const T* a, int64_t total, int* flag) {
+  bool finite = true;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
+    finite &= fabs(double(a[i])) <= DBL_MAX;
+  if (!__syncthreads_and(finite) && threadIdx.x == 0) atomicOr(flag, 1);
+}
+
+// The bases loaded to `a` must be finite: an ArgumentError naming `name` before anything is
+// written (one host synchronization).
+template <class T>
+void check_finite_bases(cudaStream_t stream, const T* a, int64_t total, const char* name) {
+  DeviceBuffer flag(sizeof(int), stream);
+  CK_CUDA_CHECK(cudaMemsetAsync(flag.as<int>(), 0, sizeof(int), stream));
+  nonfinite_kernel<<<unsigned(std::min<int64_t>((total + kThreads - 1) / kThreads, 1024)), kThreads, 0, stream>>>(
+      a, total, flag.as<int>());
+  CK_CUDA_CHECK(cudaGetLastError());
+  CK_CHECK_VALUE(cuda::read_counter(stream, flag.as<int>()) == 0, "argument '", name, "' contains NaN or Inf");
 }
 
 // Matrices in a (..., m, k) stack of bases (m >= k, checked), with `ok` sized for them.
@@ -143,30 +182,55 @@ void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHan
   CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
     DeviceBuffer a(sizeof(T) * size_t(count * m * k), stream);
     load_columns(stream, q, a.as<T>(), m, k, count);
+    check_finite_bases(stream, a.as<T>(), count * m * k, "Q");
     ok = qr_positive(stream, a.as<T>(), m, k, count);
     store_columns(stream, a.as<T>(), q, m, k, count);
     CK_CUDA_CHECK(cudaStreamSynchronize(stream));
   });
 }
 
+void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHandle stream_handle) {
+  std::vector<bool> unused;
+  const int64_t m = q.size(-2), k = q.size(-1), count = bases_in(q, unused);
+  error.assign(size_t(count), 0.0);
+  if (count == 0) return;
+  CudaDeviceGuard guard(q.device);
+  const cudaStream_t stream = to_cuda_stream(stream_handle);
+  CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
+    DeviceBuffer a(sizeof(T) * size_t(count * m * k), stream), g(sizeof(T) * size_t(count * k * k), stream),
+        worst(sizeof(double) * size_t(count), stream);
+    load_columns(stream, q, a.as<T>(), m, k, count);
+    cuda::gemm(stream, dtype_of<T>(), Op::T, Op::N, int(k), int(k), int(m), 1.0, {a.as<T>(), m, m * k},
+               {a.as<T>(), m, m * k}, 0.0, {g.as<T>(), k, k * k}, count);  // Q^T Q
+    identity_distance_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(g.as<T>(), worst.as<double>(), k,
+                                                                                      count);
+    CK_CUDA_CHECK(cudaGetLastError());
+    error = cuda::copy_to_host(stream, worst.as<double>(), count);
+  });
+}
+
 void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
+                            const ArrayView& estimates, const ArrayView& perm, bool in_float64, std::vector<bool>& ok,
                             StreamHandle stream_handle) {
   const int64_t n = q.size(-2), k = q.size(-1), count = bases_in(q, ok);
   if (count == 0) return;
   CudaDeviceGuard guard(q.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
-  CK_DISPATCH_COMPUTE(q.dtype, T, [&] {
+  CK_DISPATCH_COMPUTE(in_float64 ? DType::float64() : q.dtype, T, [&] {
     DeviceBuffer a(sizeof(T) * size_t(count * n * n), stream), qc(sizeof(T) * size_t(count * n * k), stream),
         aq(sizeof(T) * size_t(count * n * k), stream), d(sizeof(double) * size_t(count * k), stream),
-        order(sizeof(int64_t) * size_t(count * k), stream), stats(sizeof(MatrixStats) * size_t(count), stream);
+        order(sizeof(int64_t) * size_t(count * k), stream), stats(sizeof(MatrixStats) * size_t(count), stream),
+        exponent(sizeof(int) * size_t(2 * count), stream);
     cuda::load_symmetric(stream, a_in, a.as<T>(), stats.as<MatrixStats>());
     cuda::check_symmetric(stream, a_in, stats.as<MatrixStats>(), "A");
+    cuda::scale_to_unit(stream, a.as<T>(), n * n, count, exponent.as<int>());  // A Q of a huge A would overflow
     load_columns(stream, q, qc.as<T>(), n, k, count);
+    check_finite_bases(stream, qc.as<T>(), count * n * k, "Q");
+    cuda::scale_to_unit(stream, qc.as<T>(), n * k, count, exponent.as<int>() + count);
     cuda::gemm(stream, dtype_of<T>(), Op::N, Op::N, int(n), int(k), int(n), 1.0, {a.as<T>(), n, n * n},
                {qc.as<T>(), n, n * k}, 0.0, {aq.as<T>(), n, n * k}, count);  // A Q
-    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(qc.as<T>(), aq.as<T>(), d.as<double>(), n,
-                                                                             k, count);
+    column_dots_kernel<<<matrix_grid(k, count, 1024), kThreads, 0, stream>>>(
+        qc.as<T>(), aq.as<T>(), exponent.as<int>(), exponent.as<int>() + count, d.as<double>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     CK_DISPATCH_FLOATING(estimates.dtype, "out", D, [&] {
       sort_kernel<<<cuda::blocks_per_matrix(count), kThreads, 0, stream>>>(d.as<double>(), order.as<int64_t>(),
@@ -176,6 +240,9 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
                                                                                  order.as<int64_t>(), n, k, count);
     CK_CUDA_CHECK(cudaGetLastError());
     ok = qr_positive(stream, qc.as<T>(), n, k, count);
+    // q^T A q of a huge A and Q can overflow d's dtype: a failure, zeros
+    const std::vector<char> overflow = cuda::zero_nonfinite(stream, estimates.dtype, estimates.data, k, count);
+    for (int64_t b = 0; b < count; ++b) ok[size_t(b)] = ok[size_t(b)] && !overflow[size_t(b)];
     store_columns(stream, qc.as<T>(), q_out, n, k, count);
     CK_CUDA_CHECK(cudaMemcpyAsync(perm.data, order.as<int64_t>(), sizeof(int64_t) * size_t(count * k),
                                   cudaMemcpyDeviceToHost, stream));

@@ -19,6 +19,7 @@
 #include <map>
 #include <vector>
 
+#include "core/interrupt.h"
 #include "inverse_root/cuda_kernels.cuh"
 
 namespace curvkit {
@@ -31,16 +32,17 @@ struct RootState {
   double distance;  // this step's max|M - I|
   double residual;  // max|X^p A_r - I| of the result
   int iterations;
-  int active;  // still iterating
-  int revert;  // 1: the error grew, restore the previous iterate (2 once done)
-  int finite;  // X holds no NaN or Inf
-  int ok;      // eigh: decomposed, not singular, not indefinite
-  int pad;
+  int active;       // still iterating
+  int revert;       // 1: the error grew, restore the previous iterate (2 once done)
+  int finite;       // X holds no NaN or Inf
+  int ok;           // eigh: decomposed
+  int unresolved;   // eigh: eigenvalues at or below numerics::singular_level
+  double negative;  // eigh: numerics::negative_ratio, the eigenvalues floored to 0
 };
 
 __global__ void reset_states_kernel(RootState* st, int64_t count) {
   const int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (b < count) st[b] = RootState{INFINITY, 0.0, 0.0, 0, 0, 0, 1, 1, 0};
+  if (b < count) st[b] = RootState{INFINITY, 0.0, 0.0, 0, 0, 0, 1, 1, 0, 0.0};
 }
 
 template <class T>
@@ -185,8 +187,9 @@ __global__ void symmetrize_kernel(T* x, RootState* st, int64_t n, int64_t count)
   }
 }
 
-// Eigenvectors (columns of v) scaled by lambda^(-1/(2p)), lambda = max(w, 0) + eps, exact zeros
-// by 0 (the pseudo-inverse); the CPU's verdict (root_from_eigenpairs in cpu.cpp) into ok. A
+// Eigenvectors (columns of v) scaled by numerics::eigen_factor (the floor, eps, the
+// pseudo-inverse of unridged zeros), and the floor's report and verdict, as on the CPU
+// (root_from_eigenpairs). A
 // failed decomposition (info: cuSOLVER's, or finite_verdict_kernel's) gives V = 0, so X = 0, as
 // the CPU leaves it (root_eigh).
 template <class T>
@@ -195,17 +198,21 @@ __global__ void eigen_scale_kernel(T* v, const T* w, const int* info, RootState*
   for (int64_t b = blockIdx.y; b < count; b += gridDim.y) {
     const T* wb = w + b * n;
     const bool decomposed = info[b] == 0;
-    const double top = fmax(double(wb[n - 1]), 0.0);
-    const double zero = numerics::singular_level(n, unit, top, eps);
-    bool ok = decomposed && numerics::not_indefinite(double(wb[0]), unit, top);
+    const double w_min = double(wb[0]), w_max = double(wb[n - 1]);
+    const double level = numerics::singular_level(n, unit, fmax(w_max, 0.0), eps);
+    const double negative = decomposed ? numerics::negative_ratio(w_min, w_max) : 0.0;
     for (int64_t j = blockIdx.x; j < n; j += gridDim.x) {
-      const double lambda = numerics::floored_eigenvalue(double(wb[j]), eps);
-      ok &= lambda > zero;
-      const double s = numerics::inverse_root_factor(lambda, p);
+      const double w_j = double(wb[j]);
+      if (threadIdx.x == 0 && decomposed && numerics::floored_eigenvalue(w_j, eps) <= level)
+        atomicAdd(&st[b].unresolved, 1);
+      const double s = numerics::eigen_factor(w_j, eps, level, p);
       T* col = v + b * n * n + j * n;
       for (int64_t i = threadIdx.x; i < n; i += blockDim.x) col[i] = decomposed ? T(double(col[i]) * s) : T(0);
     }
-    if (!ok && threadIdx.x == 0) st[b].ok = 0;
+    if (threadIdx.x == 0 && blockIdx.x == 0) {
+      st[b].negative = negative;
+      if (!decomposed || numerics::clearly_indefinite(negative)) st[b].ok = 0;
+    }
   }
 }
 
@@ -379,6 +386,7 @@ class RootGroup {
       revert_kernel<<<elements_, kThreads, 0, stream_>>>(xp_, previous, st_, n_, count_);
       CK_CUDA_CHECK(cudaGetLastError());
       if ((it % 4 == 3 || it >= o_.max_iters) && cuda::read_counter(stream_, active_) == 0) break;
+      throw_if_interrupted();  // Ctrl-C: between steps (the host waits on the GPU every 4)
       newton_step_kernel<<<elements_, kThreads, 0, stream_>>>(mp_, mprime, st_, n_, count_, o_.p);
       CK_CUDA_CHECK(cudaGetLastError());
       products.multiply(xp_, mprime, previous, true);  // X <- X M'
@@ -438,15 +446,19 @@ class RootGroup {
     CK_CUDA_CHECK(cudaGetLastError());
   }
 
-  // X into the segments' outputs (zeros where not finite).
+  // X into the segments' outputs (zeros where not finite, or where the output dtype overflowed:
+  // overflowed_ says which).
   void store() {
     int64_t first = 0;
+    overflowed_.clear();
     for (const Segment& s : segments_) {
       CK_DISPATCH_FLOATING(s.out.dtype, "out", D, [&] {
         store_matrices_kernel<<<matrix_grid(n_, s.count, 1024), kThreads, 0, stream_>>>(
             xp_ + first * nn_, s.out.ptr<D>(), st_ + first, n_, s.count, false);
       });
       CK_CUDA_CHECK(cudaGetLastError());
+      const std::vector<char> bad = cuda::zero_nonfinite(stream_, s.out.dtype, s.out.data, nn_, s.count);
+      overflowed_.insert(overflowed_.end(), bad.begin(), bad.end());
       first += s.count;
     }
   }
@@ -469,6 +481,12 @@ class RootGroup {
         // a non-finite Newton iterate is not measured (the CPU returns before); eigh's is Inf
         status.residual = !measured() ? -1.0 : (h.finite ? h.residual : (newton_ ? -1.0 : INFINITY));
         status.converged = h.finite && (newton_ ? h.residual <= *o_.tol : h.ok);
+        status.negative = newton_ ? 0.0 : h.negative;
+        status.unresolved = newton_ ? 0 : h.unresolved;
+        if (overflowed_[size_t(first + b)]) {  // as on the CPU: a failure, zeros
+          status.converged = false;
+          status.residual = INFINITY;
+        }
         status.products = start_products + residual_products + (newton_ ? h.iterations * (powers + 2) * f : 0.0);
         if (!newton_ && s.basis) {
           const size_t k = size_t(first + b);
@@ -498,6 +516,7 @@ class RootGroup {
   T* mp_;
   bool any_warm_ = false;
   EigenpairsInfo refined_;
+  std::vector<char> overflowed_;  // per matrix, by store()
 };
 
 // The group's matrices in the compute type of `dtype` (double for float64, float otherwise).

@@ -6,6 +6,8 @@
 #include <cmath>
 
 #include "core/check.h"
+#include "core/numerics.h"
+#include "newton_schulz/newton_schulz.h"
 
 namespace curvkit {
 
@@ -35,6 +37,18 @@ void check_basis(const ArrayView& q, const char* name) {
   CK_CHECK_VALUE(q.is_contiguous(), "argument '", name, "' must be C-contiguous");
   CK_CHECK_VALUE(q.size(-1) <= q.size(-2), "argument '", name, "' must have at least as many rows as columns, got ",
                  q.size(-2), " x ", q.size(-1));
+}
+
+// Matrix `index` of the leading batch of a C-contiguous array, as an array of its last `dims`
+// dimensions.
+ArrayView batch_item(const ArrayView& a, int64_t index, int dims) {
+  ArrayView item = a;
+  item.shape.assign(a.shape.end() - dims, a.shape.end());
+  item.strides.assign(a.strides.end() - dims, a.strides.end());
+  int64_t size = 1;
+  for (int64_t d : item.shape) size *= d;
+  item.data = static_cast<char*>(a.data) + index * size * a.dtype.itemsize();
+  return item;
 }
 
 // Statuses of one input, every matrix "converged" until its backend says otherwise (so 0 x 0
@@ -134,6 +148,37 @@ void orthonormalize_qr(const std::vector<ArrayView>& q, std::vector<std::vector<
   }
 }
 
+void orthonormalize_polar(const std::vector<ArrayView>& q, const std::vector<ArrayView>& out, int steps,
+                          std::vector<std::vector<BasisStatus>>& status, StreamHandle stream) {
+  CK_CHECK_VALUE(steps >= 1, "argument 'steps' must be >= 1, got ", steps);
+  check_list_sizes(q.size(), "Q", out.size(), "out");
+  for (size_t i = 0; i < q.size(); ++i) {
+    check_basis(q[i], "Q");
+    check_output_like(q[i], "Q", out[i], "out");
+  }
+  if (!q.empty()) check_one_device(q, "Q");
+  PolarOptions o;
+  o.steps.assign(size_t(steps), PolarStep{1.5, -0.5, 0.0});
+  o.normalize = false;
+  o.method = PolarMethod::Standard;
+  o.in_name = "Q";
+  polar(q, out, o, stream);
+  status.clear();
+  for (const ArrayView& x : out) {
+    status.push_back(solved<BasisStatus>(x));
+    if (x.numel() == 0) continue;
+    std::vector<double> error;
+    CK_DEVICE_DISPATCH(x.device, orthogonality_cpu(x, error), orthogonality_cuda(x, error, stream));
+    // Rounding an orthonormal Q to out's dtype moves Q^T Q by at most about 2u (u its unit
+    // roundoff): sqrt(u) is clear of that, and far below what a lost direction leaves (1).
+    const double tol = std::sqrt(unit_roundoff(x.dtype));
+    for (size_t b = 0; b < error.size() && b < status.back().size(); ++b) {
+      status.back()[b].converged = error[b] <= tol;
+      status.back()[b].orthogonality = error[b];
+    }
+  }
+}
+
 void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
                        const std::vector<ArrayView>& q_out, const std::vector<ArrayView>& estimates,
                        const std::vector<ArrayView>& perm, std::vector<std::vector<BasisStatus>>& status,
@@ -169,9 +214,23 @@ void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayV
     status.push_back(solved<BasisStatus>(q[i]));
     if (q[i].numel() == 0) continue;
     std::vector<bool> ok;
-    CK_DEVICE_DISPATCH(a[i].device, eigenbasis_update_cpu(a[i], q[i], q_out[i], estimates[i], perm[i], ok),
-                       eigenbasis_update_cuda(a[i], q[i], q_out[i], estimates[i], perm[i], ok, stream));
-    for (size_t b = 0; b < ok.size() && b < status.back().size(); ++b) status.back()[b].converged = ok[b];
+    const auto refresh = [&](const ArrayView& av, const ArrayView& qv, const ArrayView& ov, const ArrayView& ev,
+                             const ArrayView& pv, bool in_float64, std::vector<bool>& verdict) {
+      CK_DEVICE_DISPATCH(av.device, eigenbasis_update_cpu(av, qv, ov, ev, pv, in_float64, verdict),
+                         eigenbasis_update_cuda(av, qv, ov, ev, pv, in_float64, verdict, stream));
+    };
+    refresh(a[i], q[i], q_out[i], estimates[i], perm[i], false, ok);
+    for (size_t b = 0; b < ok.size() && b < status.back().size(); ++b) {
+      BasisStatus& st = status.back()[b];
+      st.converged = ok[b];
+      if (ok[b] || q[i].dtype == DType::float64()) continue;
+      std::vector<bool> again;  // the one matrix, in float64
+      const int64_t index = int64_t(b);
+      refresh(batch_item(a[i], index, 2), batch_item(q[i], index, 2), batch_item(q_out[i], index, 2),
+              batch_item(estimates[i], index, 1), batch_item(perm[i], index, 1), true, again);
+      st.converged = again.empty() || again[0];
+      st.fell_back = true;
+    }
   }
 }
 

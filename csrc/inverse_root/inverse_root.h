@@ -3,9 +3,14 @@
 // matrix_inverse_root: X = (A + eps I)^{-1/p} for symmetric positive semidefinite A, p >= 1.
 //   Eigh:   LAPACK syevd of A; eigenvalues floored at 0 and shifted by eps, w <- max(w, 0) + eps;
 //           X = (V diag(w^{-1/(2p)})) (V diag(w^{-1/(2p)}))^T, one syrk (half a plain product).
-//           A matrix with an eigenvalue (after the shift) at or below n * eps_dtype * w_max is
-//           numerically singular for this dtype and reported as not converged (exact zeros
-//           get the pseudo-inverse); so is one with a clearly negative eigenvalue.
+//           The floor is what optimizers need: a factor accumulated in float32 is PSD only up to
+//           its accumulated rounding, which can reach 1e-3 of its largest eigenvalue
+//           (Distributed Shampoo shifts its spectrum likewise). status.negative reports the
+//           most negative eigenvalue over the largest magnitude; beyond -numerics::kIndefinite
+//           (1e-2) the input is indefinite, a failure. Rank-deficient and ill-conditioned inputs
+//           are not failures: without eps, eigenvalues below what the compute dtype resolves
+//           (n u w_max) are zeros and get the pseudo-inverse; with eps they get
+//           (max(w, 0) + eps)^{-1/p}; status.unresolved counts them either way.
 //   Newton: the coupled iteration of Scalable Shampoo / Distributed Shampoo:
 //           X_0 = z^{1/p} I, M_0 = z (A + eps I), z = (p + 1) / (2 lambda), lambda an upper
 //           estimate of the largest eigenvalue (10 power steps, x1.25, capped by
@@ -55,6 +60,9 @@ struct RootStatus {
   bool fell_back = false;
   bool kept_init = false;
   double products = 0;  // n x n matrix products spent (a symmetric one, syrk / gemmt, counts 0.5)
+  double negative = 0;  // Eigh: min(w_min, 0) / w_max, the eigenvalues floored to 0 (0: none)
+  int unresolved = 0;   // Eigh: eigenvalues (floored, + eps) at or below n u w_max, below what the
+                        // compute dtype resolves: the root is unreliable in those directions
 };
 
 // Products of b^p by binary powering: floor(log2 p) squarings, popcount(p) - 1 multiplications.
@@ -73,7 +81,9 @@ struct EighStatus {
 };
 
 struct BasisStatus {
-  bool converged = false;  // the factorization succeeded and the basis kept full column rank
+  bool converged = false;    // the factorization succeeded and the basis kept full column rank
+  bool fell_back = false;    // eigenbasis_update: recomputed in float64 (its A Q lost rank in float32)
+  double orthogonality = 0;  // orthonormalize_polar: max |Q^T Q - I| of the result (Inf if not finite)
 };
 
 // inputs[i] (..., n_i, n_i), all on one device; outputs[i] of the same shape; inits[i] and
@@ -97,9 +107,20 @@ void eigh(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& va
 void orthonormalize_qr(const std::vector<ArrayView>& q, std::vector<std::vector<BasisStatus>>& status,
                        StreamHandle stream);
 
+// Orthonormal columns of each q[i] (..., m, k), m >= k, written to out[i] (same shape, any float
+// dtype), by `steps` Bjorck passes Q <- 1.5 Q - 0.5 Q Q^T Q (4-bit Shampoo's rectification) on
+// Q divided by its RMS singular value ||Q||_F / sqrt(k): the nearest matrix with orthonormal
+// columns when the scaled singular values lie in (0, sqrt(3)), at any scale of Q.
+// converged: the result is finite and max |Q^T Q - I| <= sqrt(u) of out's dtype (u its unit
+// roundoff), so a rank-deficient Q, or one too far from orthogonal for the steps, fails.
+void orthonormalize_polar(const std::vector<ArrayView>& q, const std::vector<ArrayView>& out, int steps,
+                          std::vector<std::vector<BasisStatus>>& status, StreamHandle stream);
+
 // SOAP's eigenbasis refresh from a previous basis q[i] (..., n, k) of a[i] (..., n, n): the
 // eigenvalue estimates d_j = q_j^T A q_j, the columns ordered by d descending (perm: new
 // column j is old column perm[j]), then one power step A Q and QR (nonnegative R diagonal).
+// A matrix whose A Q loses rank in float32 (SOAP's factors reach condition 1e8: the small
+// columns of A Q fall below float32's resolution) is recomputed in float64 (status.fell_back).
 // q_out[i] (..., n, k), estimates[i] (..., k) sorted descending, perm[i] (..., k) int64 on the
 // host (also for CUDA input).
 void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
@@ -133,12 +154,17 @@ void eigh_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
                std::vector<std::vector<bool>>& ok, std::vector<std::vector<int>>& steps, StreamHandle stream);
 
 void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok);
+// max |Q^T Q - I| per matrix of q (..., m, k) as stored (Inf where Q is not finite).
+void orthogonality_cpu(const ArrayView& q, std::vector<double>& error);
+void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHandle stream);
 void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHandle stream);
 
+// in_float64: compute in float64 whatever the dtype (the fallback of a float32 matrix whose A Q
+// lost rank).
 void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                           const ArrayView& perm, std::vector<bool>& ok);
+                           const ArrayView& perm, bool in_float64, std::vector<bool>& ok);
 // The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.
 void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                            const ArrayView& perm, std::vector<bool>& ok, StreamHandle stream);
+                            const ArrayView& perm, bool in_float64, std::vector<bool>& ok, StreamHandle stream);
 
 }  // namespace curvkit

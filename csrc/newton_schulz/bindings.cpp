@@ -34,15 +34,16 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
   m.def(
       "polar",
       [](const py::list& inputs, const py::list& outputs, const std::vector<std::tuple<double, double, double>>& steps,
-         double norm_scale, double norm_eps, const std::string& method, double alpha, double beta, bool normalize,
-         bool check_finite, StreamHandle stream, py::object workspace, const std::string& out_name) {
+         double norm_scale, double norm_eps, const std::string& method, const std::vector<double>& alpha,
+         const std::vector<double>& beta, bool normalize, bool check_finite, StreamHandle stream, py::object workspace,
+         const std::string& out_name) {
         PolarOptions o;
         for (const auto& [a, b, c] : steps) o.steps.push_back({a, b, c});
         o.norm_scale = norm_scale;
         o.norm_eps = norm_eps;
         o.method = binding::parse_choice(kPolarMethods, method, "method");
-        o.alpha = alpha;
-        o.beta = beta;
+        o.alphas = alpha;  // one per input
+        o.betas = beta;
         o.normalize = normalize;
         o.check_finite = check_finite;
         o.out_name = out_name.c_str();

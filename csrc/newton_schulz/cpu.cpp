@@ -26,7 +26,7 @@ struct PolarTask {
   // X_0 = 2^exponent G * inv_scale: the power of two (exact) brings the largest entry to [1, 2),
   // so that neither a subnormal G (1 / amax overflows) nor a huge one under/overflows.
   int exponent = 0;
-  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||2^exponent G||_F); 0 for G = 0
+  double inv_scale = 0.0;  // 1 / ((norm_scale + eps) ||2^exponent G||_F) (see measure); 0 for G = 0
   bool finite = true;
   int64_t r() const { return std::min(m, n); }
   int64_t c() const { return std::max(m, n); }
@@ -50,17 +50,15 @@ void measure(PolarTask& t, const PolarOptions& o) {
     return;
   }
   if (amax == 0.0) return;
-  if (!o.normalize) {
-    t.inv_scale = 1.0;
-    return;
-  }
   t.exponent = -std::ilogb(amax);
   double sum = 0.0;
   for (int64_t i = 0; i < size; ++i) {
     const double v = std::ldexp(to_double(g[i]), t.exponent);
     sum += v * v;
   }
-  t.inv_scale = 1.0 / ((o.norm_scale + o.norm_eps) * std::sqrt(sum));
+  // Without normalization, G / (its RMS singular value ||G||_F / sqrt(r)).
+  t.inv_scale =
+      o.normalize ? 1.0 / ((o.norm_scale + o.norm_eps) * std::sqrt(sum)) : 1.0 / std::sqrt(sum / double(t.r()));
 }
 
 // Working storage for one thread, reused across its matrices.
@@ -209,8 +207,10 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
     CK_DISPATCH_FLOATING(tasks[i].in->dtype, "G", S, [&] { measure<S>(tasks[i], options); });
   }
   for (int64_t i = 0; i < count && options.check_finite; ++i) {
-    CK_CHECK_VALUE(tasks[i].finite, "argument 'G' contains NaN or Inf (matrix ", tasks[i].index, " of input ",
-                   tasks[i].input, ")");
+    CK_CHECK_VALUE(tasks[i].finite, "argument '", options.in_name, "' contains NaN or Inf (matrix ", tasks[i].index,
+                   " of input ", tasks[i].input, ")");
+    // An output that is read (beta != 0: polar_update_'s param) is an input too.
+    if (options.beta != 0.0) check_finite_matrix(*tasks[i].out, tasks[i].index, options.out_name);
   }
 
   // one workspace per slot of run_matrix_tasks, sized from the same snapshot it runs on
@@ -375,8 +375,11 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
     if (!all_finite(w.y)) std::fill(w.y.begin(), w.y.end(), T(0));
     if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));
   }
-  if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, std::ldexp(std::sqrt(c), -k / 2));
-  if (inv_out) store_matrix(w.z.data(), *inv_out, index, std::ldexp(1.0 / std::sqrt(c), k / 2));
+  bool stored = true;  // the inverse root of a tiny A can overflow a float32 output
+  if (sqrt_out) stored &= store_matrix(w.y.data(), *sqrt_out, index, std::ldexp(std::sqrt(c), -k / 2));
+  if (inv_out) stored &= store_matrix(w.z.data(), *inv_out, index, std::ldexp(1.0 / std::sqrt(c), k / 2));
+  st.converged = st.converged && stored;
+  if (!stored) st.residual = std::numeric_limits<double>::infinity();
 }
 
 }  // namespace
@@ -455,11 +458,14 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
   blas::gemm(n, n, n, T(1), w.a.data(), w.z.data(), T(-1), w.p.data());  // S'X' - C'
   blas::gemm(n, n, n, T(1), w.z.data(), w.a.data(), T(1), w.p.data());   // + X'S'
   const double r = frobenius(w.p.data(), nn), c_norm = frobenius(w.q.data(), nn);
-  const bool positive_definite = max_distance_to_identity(w.y.data(), n) <= 0.5;
+  const bool positive_definite = numerics::definite_sign(identity_sum_squares(w.y.data(), n));
   const double backward = r / (2 * scale * frobenius(w.z.data(), nn) + c_norm);
   st.residual = finite ? r / c_norm : std::numeric_limits<double>::infinity();
   st.converged = watch.converged && finite && positive_definite && backward <= std::sqrt(unit_roundoff<T>());
-  store_matrix(w.z.data(), x_out, index, std::ldexp(1.0, k - j));
+  if (!store_matrix(w.z.data(), x_out, index, std::ldexp(1.0, k - j))) {  // X overflowed the output dtype
+    st.converged = false;
+    st.residual = std::numeric_limits<double>::infinity();
+  }
 }
 
 }  // namespace

@@ -19,6 +19,7 @@
 #include <math_constants.h>
 
 #include "core/dispatch.h"
+#include "core/interrupt.h"
 #include "core/linalg_cuda.h"
 #include "core/numerics.h"
 #include "newton_schulz/newton_schulz.h"
@@ -31,22 +32,22 @@ using cuda::Op;
 using cuda::Stack;
 
 // X_b = G_b / ((norm_scale + eps) ||G_b||_F), computed as (G / amax) / ((norm_scale + eps) sqrt(sum (G/amax)^2))
-// so that any scale of G gives the same X; 0 for G = 0; X = G when not normalizing; NaN for a
-// G holding NaN or Inf (reached only unchecked, check_finite false: the iteration then spreads
-// it to the whole result). Matrix blockIdx.y; the scale in float64, so a half input is
-// normalized before it is rounded.
+// so that any scale of G gives the same X; without normalization, G_b / its RMS singular value
+// ||G_b||_F / sqrt(r), computed alike; 0 for G = 0; NaN for a G holding NaN or Inf (reached
+// only unchecked, check_finite false: the iteration then spreads it to the whole result).
+// Matrix blockIdx.y; the scale in float64, so a half input is scaled before it is rounded.
 template <class S, class T>
-__global__ void normalize_kernel(const S* const* g, T* x, int64_t size, const double* amax, const double* sumsq,
-                                 double norm_scale_eps, bool normalize) {
+__global__ void normalize_kernel(const S* const* g, T* x, int64_t size, int64_t r, const double* amax,
+                                 const double* sumsq, double norm_scale_eps, bool normalize) {
   const int64_t b = blockIdx.y;
   const double m = amax[b];
   const bool finite = m <= DBL_MAX;  // scaled_norms marks NaN/Inf with amax = Inf
-  const double f = m > 0.0 ? (normalize ? 1.0 / (norm_scale_eps * sqrt(sumsq[b])) : 1.0) : 0.0;
+  const double f = m > 0.0 ? 1.0 / (normalize ? norm_scale_eps * sqrt(sumsq[b]) : sqrt(sumsq[b] / double(r))) : 0.0;
   const S* src = g[b];
   T* dst = x + b * size;
   for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < size; e += int64_t(gridDim.x) * blockDim.x) {
     const double v = double(cuda::load(src + e));
-    cuda::store(dst + e, cuda::acc_t<T>(!finite ? CUDART_NAN : normalize && m > 0.0 ? (v / m) * f : v * f));
+    cuda::store(dst + e, cuda::acc_t<T>(!finite ? CUDART_NAN : m > 0.0 ? (v / m) * f : 0.0));
   }
 }
 
@@ -147,7 +148,7 @@ void polar_group(const PolarGroup& g, const PolarOptions& o, cudaStream_t stream
   CK_DISPATCH_FLOATING(g.in_dtype, "G", S, [&] {
     CK_DISPATCH_FLOATING(dt, "G", T, [&] {
       normalize_kernel<<<matrix_grid(s.size(), count), 256, 0, stream>>>(reinterpret_cast<const S* const*>(in_ptrs),
-                                                                         static_cast<T*>(x), s.size(), amax, sumsq,
+                                                                         static_cast<T*>(x), s.size(), s.r, amax, sumsq,
                                                                          o.norm_scale + o.norm_eps, o.normalize);
     });
   });
@@ -277,8 +278,27 @@ void polar_cuda(const std::vector<ArrayView>& inputs, const std::vector<ArrayVie
     first += int64_t(grp.in.size());
   }
   if (options.check_finite) {
-    const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), int64_t(groups.size()));
-    for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument 'G' contains NaN or Inf");
+    // An output that is read (beta != 0: polar_update_'s param) is an input too: its flags follow
+    // the inputs', its norms go to scratch.
+    const bool read_out = options.beta != 0.0;
+    const int64_t group_count = int64_t(groups.size());
+    DeviceBuffer out_flags(read_out ? sizeof(int) * groups.size() : 0, stream),
+        scratch(read_out ? 2 * size_t(total) * sizeof(double) : 0, stream);
+    if (read_out) {
+      first = 0;
+      gi = 0;
+      for (auto& [key, grp] : groups) {
+        cuda::scaled_norms(stream, grp.out_dtype, reinterpret_cast<const void* const*>(out_ptrs + first), grp.m * grp.n,
+                           int64_t(grp.out.size()), scratch.as<double>() + first, scratch.as<double>() + total + first,
+                           out_flags.as<int>() + gi++);
+        first += int64_t(grp.out.size());
+      }
+    }
+    const std::vector<int> nonfinite = cuda::copy_to_host(stream, flags.as<int>(), group_count);
+    for (int f : nonfinite) CK_CHECK_VALUE(f == 0, "argument '", options.in_name, "' contains NaN or Inf");
+    if (read_out)
+      for (int f : cuda::copy_to_host(stream, out_flags.as<int>(), group_count))
+        CK_CHECK_VALUE(f == 0, "argument '", options.out_name, "' contains NaN or Inf");
   }
 
   first = 0;
@@ -298,7 +318,9 @@ struct SqrtState {
   double previous;  // last ||I - Z Y||_F / sqrt(n)
   double residual;  // sum of squares of c Y^2 - A after the loop
   int iterations, active, converged;
-  int finite;  // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
+  int finite;    // kFiniteY | kFiniteZ while Y (the square root, or Lyapunov's C) and Z are finite
+  int exponent;  // the input was scaled by 2^exponent (cuda::scale_to_unit)
+  int pad;
 };
 
 constexpr int kFiniteY = 1, kFiniteZ = 2, kAllFinite = kFiniteY | kFiniteZ;
@@ -327,15 +349,16 @@ struct SignWatch {
 };
 static_assert(sizeof(SqrtState) % alignof(double) == 0, "the partial sums follow the states");
 
-__global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stats, double* y, double* z,
-                                  SqrtState* state, int64_t n, int64_t count) {
+// From 2^k A (k = exponent[b]) and its stats: Y_0 = 2^k A / c, Z_0 = I.
+__global__ void sqrt_start_kernel(const double* a, const cuda::MatrixStats* stats, const int* exponent, double* y,
+                                  double* z, SqrtState* state, int64_t n, int64_t count) {
   const int64_t nn = n * n, total = nn * count;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t b = i / nn, e = i % nn;
     const double c = fmin(sqrt(stats[b].frobenius2), stats[b].max_row_sum);
     y[i] = c > 0 ? a[i] / c : 0.0;
     z[i] = c > 0 && e % (n + 1) == 0 ? 1.0 : 0.0;
-    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0, c > 0, 0, kAllFinite};
+    if (e == 0) state[b] = SqrtState{c, INFINITY, 0.0, 0, c > 0, 0, kAllFinite, exponent[b], 0};
   }
 }
 
@@ -412,8 +435,8 @@ __global__ void sqrt_residual_kernel(const double* y2, const double* a, const do
   if (!finite_y || !finite_z) atomicAnd(&state[b].finite, (finite_y ? kFiniteY : 0) | (finite_z ? kFiniteZ : 0));
 }
 
-// out = factor(c) * src in the output dtype; a matrix with any non-finite value becomes zeros,
-// as on the CPU (never hand on NaN or Inf).
+// out = factor(c) * src in the output dtype, unscaled (sqrt(A) = 2^(-k/2) sqrt(2^k A), k even);
+// a matrix with any non-finite value becomes zeros, as on the CPU (never hand on NaN or Inf).
 template <class D>
 __global__ void sqrt_store_kernel(const double* src, D* out, const SqrtState* state, int64_t nn, int64_t count,
                                   bool inverse) {
@@ -421,7 +444,9 @@ __global__ void sqrt_store_kernel(const double* src, D* out, const SqrtState* st
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const SqrtState& s = state[i / nn];
     const double c = s.scale;
-    const double f = c > 0 && (s.finite & (inverse ? kFiniteZ : kFiniteY)) ? (inverse ? 1.0 / sqrt(c) : sqrt(c)) : 0.0;
+    const double f = c > 0 && (s.finite & (inverse ? kFiniteZ : kFiniteY))
+                         ? (inverse ? ldexp(1.0 / sqrt(c), s.exponent / 2) : ldexp(sqrt(c), -s.exponent / 2))
+                         : 0.0;
     out[i] = from_double<D>(f > 0 ? f * src[i] : 0.0);
   }
 }
@@ -455,18 +480,52 @@ __global__ void keep_stopped_kernel(const double* current, double* next, const S
     if (!state[i / nn].active) next[i] = current[i];
 }
 
-// X = C / 2 in the output dtype, zero for a matrix with non-finite entries (state.finite).
-template <class D>
-__global__ void lyapunov_store_kernel(const double* z, D* out, SqrtState* state, int64_t nn, int64_t count) {
-  const int64_t total = nn * count;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    out[i] = from_double<D>(state[i / nn].finite ? 0.5 * z[i] : 0.0);
+// X' = C / 2, zero for a matrix with non-finite entries (which clears state.finite).
+__global__ void lyapunov_solution_kernel(const double* z, double* x, SqrtState* state, int64_t nn, int64_t count) {
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    bool finite = true;
+    for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) finite &= fabs(z[b * nn + e]) <= DBL_MAX;
+    finite = __syncthreads_and(finite);
+    for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) x[b * nn + e] = finite ? 0.5 * z[b * nn + e] : 0.0;
+    if (threadIdx.x == 0 && !finite) state[b].finite = 0;
+  }
 }
 
-__global__ void finite_kernel(const double* z, SqrtState* state, int64_t nn, int64_t count) {
+// What the Lyapunov verdict needs, per matrix (sums of squares): of the residual R, of C', of
+// X', and of B - I (B the sign iterate).
+struct LyapunovNorms {
+  double residual, c, x, sign;
+};
+
+// A block per matrix, summed in a fixed order (cuda::block_sum).
+__global__ void lyapunov_norms_kernel(const double* r, const double* c, const double* x, const double* b_sign,
+                                      LyapunovNorms* norms, int64_t n, int64_t count) {
+  const int64_t nn = n * n;
+  for (int64_t b = blockIdx.x; b < count; b += gridDim.x) {
+    double rr = 0, cc = 0, xx = 0, bb = 0;
+    for (int64_t e = threadIdx.x; e < nn; e += blockDim.x) {
+      const int64_t i = b * nn + e;
+      const double d = numerics::identity_difference(b_sign[i], e % (n + 1) == 0);
+      rr += r[i] * r[i];
+      cc += c[i] * c[i];
+      xx += x[i] * x[i];
+      bb += d * d;
+    }
+    rr = cuda::block_sum(rr);
+    cc = cuda::block_sum(cc);
+    xx = cuda::block_sum(xx);
+    bb = cuda::block_sum(bb);
+    if (threadIdx.x == 0) norms[b] = {rr, cc, xx, bb};
+  }
+}
+
+// out = 2^(k - j) X' in the output dtype (S' = 2^k S, C' = 2^j C).
+template <class D>
+__global__ void lyapunov_store_kernel(const double* x, D* out, const int* s_exponent, const int* c_exponent, int64_t nn,
+                                      int64_t count) {
   const int64_t total = nn * count;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x)
-    if (!(fabs(z[i]) <= DBL_MAX)) state[i / nn].finite = 0;
+    out[i] = from_double<D>(ldexp(x[i], s_exponent[i / nn] - c_exponent[i / nn]));
 }
 
 // One step of the sign iterations' watch (square root, Lyapunov), from M (Z Y, or B^2): each
@@ -485,6 +544,17 @@ bool watch_and_step(cudaStream_t stream, const double* m, double* t, const SignW
   sqrt_step_kernel<<<grid_for(nn * count, 256), 256, 0, stream>>>(m, t, watch.state, n, count);
   CK_CUDA_CHECK(cudaGetLastError());
   return true;
+}
+
+// Scales each symmetric n x n matrix of `a` (float64, device) to a largest entry near 1
+// (cuda::scale_to_unit; the exponents to `exponent`) and recomputes `stats` for the scaled
+// matrices: returned on the host too.
+std::vector<cuda::MatrixStats> scale_symmetric(cudaStream_t stream, double* a, const Device& device, int64_t n,
+                                               int64_t count, cuda::MatrixStats* stats, int* exponent) {
+  cuda::scale_to_unit(stream, a, n * n, count, exponent);
+  const ArrayView scaled{a, DType::float64(), device, {count, n, n}, {n * n, n, 1}, true};
+  cuda::load_symmetric<double>(stream, scaled, nullptr, stats);
+  return cuda::copy_to_host(stream, stats, count);
 }
 
 // The limits of one call of the sign iterations: each matrix within cuBLAS's 32-bit sizes, and
@@ -513,21 +583,25 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   // float32 rate on H100-class GPUs).
   DeviceBuffer a64(bytes, stream), y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream),
       u(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
-      state(SignWatch::bytes(count), stream);
+      state(SignWatch::bytes(count), stream), exponent(sizeof(int) * size_t(count), stream);
   cuda::load_symmetric(stream, a, a64.as<double>(), stats.as<cuda::MatrixStats>());
+  cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
+  // Work on 2^k A with max|2^k A| near 1, as on the CPU: c, its square and the residual then
+  // neither underflow (1e-300) nor overflow (1e300). The stats are those of 2^k A.
   const std::vector<cuda::MatrixStats> host_stats =
-      cuda::check_symmetric(stream, a, stats.as<cuda::MatrixStats>(), "A");
+      scale_symmetric(stream, a64.as<double>(), a.device, n, count, stats.as<cuda::MatrixStats>(), exponent.as<int>());
   const SignWatch watch(state.as<void>(), count);
   SqrtState* st = watch.state;
   sqrt_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(a64.as<double>(), stats.as<cuda::MatrixStats>(),
-                                                              y.as<double>(), z.as<double>(), st, n, count);
+                                                              exponent.as<int>(), y.as<double>(), z.as<double>(), st, n,
+                                                              count);
   CK_CUDA_CHECK(cudaGetLastError());
 
   const DType f64 = DType::float64();
   const Stack sm{m.as<void>(), n, nn}, stt{t.as<void>(), n, nn};
   const int ni = int(n);
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>();
-  for (int it = 0; it < o.max_iters; ++it) {
+  for (int it = 0; it < o.max_iters && !interrupted(); ++it) {  // the host waits on the GPU every 4 steps
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {pz, n, nn}, {py, n, nn}, 0.0, sm, count);  // Z Y
     if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, stt, 0.0, {pu, n, nn}, count);  // Y T
@@ -535,6 +609,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stt, {pz, n, nn}, 0.0, {pu, n, nn}, count);  // T Z
     std::swap(pz, pu);
   }
+  throw_if_interrupted();
   // Verdict: residual of S = sqrt(c) Y against A, finiteness.
   cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, {py, n, nn}, {py, n, nn}, 0.0, sm, count);
   const dim3 per_matrix = per_matrix_grid(nn, count);
@@ -553,6 +628,11 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
   };
   store(sqrt_out, py, false);
   store(inv_out, pz, true);
+  // the inverse root of a tiny A can overflow a float32 output: a failure, zeros
+  const auto overflowed = [&](const ArrayView* out) {
+    return out ? cuda::zero_nonfinite(stream, out->dtype, out->data, nn, count) : std::vector<char>(size_t(count), 0);
+  };
+  const std::vector<char> sqrt_overflow = overflowed(sqrt_out), inv_overflow = overflowed(inv_out);
   const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
     const SqrtState& s = host[size_t(b)];
@@ -564,6 +644,7 @@ void matrix_sqrt_cuda(const ArrayView& a, const ArrayView* sqrt_out, const Array
       continue;
     }
     out.residual = s.finite & kFiniteY ? std::sqrt(s.residual / host_stats[size_t(b)].frobenius2) : INFINITY;
+    if (sqrt_overflow[size_t(b)] || inv_overflow[size_t(b)]) out.residual = INFINITY;
     out.converged = s.converged && s.finite == kAllFinite && out.residual <= o.tol;
   }
 }
@@ -577,28 +658,41 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
   CudaDeviceGuard guard(s_in.device);
   const cudaStream_t stream = to_cuda_stream(stream_handle);
   const int64_t nn = n * n, total = nn * count;
-  const size_t bytes = size_t(total) * sizeof(double);
+  const size_t bytes = size_t(total) * sizeof(double), stats_bytes = sizeof(cuda::MatrixStats) * size_t(count),
+               exponent_bytes = sizeof(int) * size_t(count);
   // In float64 for every dtype, as on the CPU. The matrix-sign iteration on [[B, C], [0, -B]]:
   // B <- B T, C <- C T - B (B C - C B) / 2 with T = (3I - B^2)/2; X = C/2 at convergence.
   DeviceBuffer y(bytes, stream), z(bytes, stream), m(bytes, stream), t(bytes, stream), u(bytes, stream),
-      p(bytes, stream), stats(sizeof(cuda::MatrixStats) * size_t(count), stream),
-      state(SignWatch::bytes(count), stream);
-  cuda::load_symmetric(stream, s_in, y.as<double>(), stats.as<cuda::MatrixStats>());
-  cuda::check_symmetric(stream, s_in, stats.as<cuda::MatrixStats>(), "S");
+      p(bytes, stream), s_scaled(bytes, stream), c_scaled(bytes, stream), s_stats(stats_bytes, stream),
+      c_stats(stats_bytes, stream), s_exponent(exponent_bytes, stream), c_exponent(exponent_bytes, stream),
+      norms(sizeof(LyapunovNorms) * size_t(count), stream), state(SignWatch::bytes(count), stream);
+  cuda::MatrixStats *ss = s_stats.as<cuda::MatrixStats>(), *cs = c_stats.as<cuda::MatrixStats>();
+  cuda::load_symmetric(stream, s_in, s_scaled.as<double>(), ss);
+  cuda::load_symmetric<double>(stream, c_in, nullptr, cs);  // C's largest entry and finiteness
+  const std::vector<cuda::MatrixStats> s_host = cuda::check_symmetric(stream, s_in, ss, "S");
+  const std::vector<cuda::MatrixStats> c_host = cuda::copy_to_host(stream, cs, count);
+  for (int64_t b = 0; b < count; ++b)
+    CK_CHECK_VALUE(!c_host[size_t(b)].nonfinite, "argument 'C' contains NaN or Inf (matrix ", b, ")");
   CK_DISPATCH_FLOATING(c_in.dtype, "C", S, [&] {
-    to_double_kernel<<<grid_for(total, 256), 256, 0, stream>>>(c_in.ptr<const S>(), z.as<double>(), total);
+    to_double_kernel<<<grid_for(total, 256), 256, 0, stream>>>(c_in.ptr<const S>(), c_scaled.as<double>(), total);
   });
+  CK_CUDA_CHECK(cudaGetLastError());
+  // S' = 2^k S and C' = 2^j C with largest entries near 1 (exact), as on the CPU, so that the
+  // iteration and the residual neither underflow nor overflow; X = 2^(k - j) X'.
+  scale_symmetric(stream, s_scaled.as<double>(), s_in.device, n, count, ss, s_exponent.as<int>());
+  cuda::scale_to_unit(stream, c_scaled.as<double>(), nn, count, c_exponent.as<int>());
+  CK_CUDA_CHECK(cudaMemcpyAsync(y.as<void>(), s_scaled.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
+  CK_CUDA_CHECK(cudaMemcpyAsync(z.as<void>(), c_scaled.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
   const SignWatch watch(state.as<void>(), count);
   SqrtState* st = watch.state;
-  lyapunov_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(y.as<double>(), z.as<double>(),
-                                                                  stats.as<cuda::MatrixStats>(), st, nn, count);
+  lyapunov_start_kernel<<<grid_for(total, 256), 256, 0, stream>>>(y.as<double>(), z.as<double>(), ss, st, nn, count);
   CK_CUDA_CHECK(cudaGetLastError());
   const DType f64 = DType::float64();
   const int ni = int(n);
   void *py = y.as<void>(), *pz = z.as<void>(), *pu = u.as<void>(), *pm = m.as<void>(), *pt = t.as<void>(),
        *pp = p.as<void>();
   auto stack = [&](void* ptr) { return Stack{ptr, n, nn}; };
-  for (int it = 0; it < max_iters; ++it) {
+  for (int it = 0; it < max_iters && !interrupted(); ++it) {
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(py), 0.0, stack(pm), count);   // B^2
     if (!watch_and_step(stream, m.as<double>(), t.as<double>(), watch, n, count, it)) break;               // T
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pz), 0.0, stack(pp), count);   // B C
@@ -612,16 +706,45 @@ void solve_lyapunov_cuda(const ArrayView& s_in, const ArrayView& c_in, const Arr
     cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, stack(py), stack(pt), 0.0, stack(pu), count);  // B T
     std::swap(py, pu);
   }
-  finite_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), st, nn, count);
+  throw_if_interrupted();
+  // The verdict, as on the CPU (lyapunov_one in cpu.cpp): the true residual R = S'X' + X'S' - C'
+  // of the X' returned, B = sign(S) at I (S positive definite), a small backward error.
+  const unsigned per_matrix = unsigned(std::min<int64_t>(count, 65535));
+  lyapunov_solution_kernel<<<per_matrix, 256, 0, stream>>>(static_cast<double*>(pz), static_cast<double*>(pm), st, nn,
+                                                           count);  // X' into m
+  CK_CUDA_CHECK(cudaGetLastError());
+  CK_CUDA_CHECK(cudaMemcpyAsync(pt, c_scaled.as<void>(), bytes, cudaMemcpyDeviceToDevice, stream));
+  const Stack sx = stack(pm), sr = stack(pt), s_prime = stack(s_scaled.as<void>());
+  cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, s_prime, sx, -1.0, sr, count);  // S'X' - C'
+  cuda::gemm(stream, f64, Op::N, Op::N, ni, ni, ni, 1.0, sx, s_prime, 1.0, sr, count);   // + X'S'
+  lyapunov_norms_kernel<<<per_matrix, 256, 0, stream>>>(static_cast<double*>(pt), c_scaled.as<double>(),
+                                                        static_cast<double*>(pm), static_cast<double*>(py),
+                                                        norms.as<LyapunovNorms>(), n, count);
+  CK_CUDA_CHECK(cudaGetLastError());
   CK_DISPATCH_FLOATING(x_out.dtype, "out", D, [&] {
-    lyapunov_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(static_cast<double*>(pz), x_out.ptr<D>(), st, nn,
-                                                                    count);
+    lyapunov_store_kernel<<<grid_for(total, 256), 256, 0, stream>>>(
+        static_cast<double*>(pm), x_out.ptr<D>(), s_exponent.as<int>(), c_exponent.as<int>(), nn, count);
   });
   CK_CUDA_CHECK(cudaGetLastError());
+  const std::vector<char> overflow = cuda::zero_nonfinite(stream, x_out.dtype, x_out.data, nn, count);
+  const std::vector<LyapunovNorms> norm = cuda::copy_to_host(stream, norms.as<LyapunovNorms>(), count);
   const std::vector<SqrtState> host = cuda::copy_to_host(stream, st, count);
   for (int64_t b = 0; b < count; ++b) {
     const SqrtState& h = host[size_t(b)];
-    status[size_t(b)] = SqrtStatus{h.converged && h.finite, h.iterations, h.scale > 0 ? h.previous : 0.0};
+    SqrtStatus& out = status[size_t(b)];
+    out.iterations = h.iterations;
+    if (s_host[size_t(b)].amax == 0 || c_host[size_t(b)].amax == 0) {  // C = 0: X = 0, solved; S = 0: no solution
+      const bool zero_c = c_host[size_t(b)].amax == 0;
+      out.converged = zero_c;
+      out.residual = zero_c ? 0.0 : 1.0;
+      continue;
+    }
+    const LyapunovNorms& q = norm[size_t(b)];
+    const double r = std::sqrt(q.residual), c_norm = std::sqrt(q.c);
+    const double backward = r / (2 * h.scale * std::sqrt(q.x) + c_norm);
+    out.residual = h.finite && !overflow[size_t(b)] ? r / c_norm : INFINITY;  // X overflowed the output dtype
+    out.converged = h.converged && h.finite && !overflow[size_t(b)] && numerics::definite_sign(q.sign) &&
+                    backward <= std::sqrt(unit_roundoff<double>());
   }
 }
 

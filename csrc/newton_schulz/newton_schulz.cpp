@@ -3,6 +3,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <map>
+#include <tuple>
+#include <utility>
 
 #include "core/check.h"
 
@@ -36,35 +39,44 @@ std::vector<Status> initial_status(const ArrayView& a, SqrtMethod method) {
 
 void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& outputs, const PolarOptions& o,
            StreamHandle stream) {
-  const char* out_name = o.out_name;
-  check_list_sizes(inputs.size(), "G", outputs.size(), out_name);
+  const char *in_name = o.in_name, *out_name = o.out_name;
+  check_list_sizes(inputs.size(), in_name, outputs.size(), out_name);
   for (const PolarStep& s : o.steps)
     CK_CHECK_VALUE(std::isfinite(s.a) && std::isfinite(s.b) && std::isfinite(s.c),
                    "argument 'coefficients' must be finite");
   CK_CHECK_VALUE(std::isfinite(o.alpha) && std::isfinite(o.beta), "the update factors must be finite");
+  CK_CHECK_VALUE(o.alphas.size() == o.betas.size() && (o.alphas.empty() || o.alphas.size() == inputs.size()),
+                 "the per-input update factors must have one entry per input (", inputs.size(), "), got ",
+                 o.alphas.size(), " and ", o.betas.size());
+  for (size_t i = 0; i < o.alphas.size(); ++i)
+    CK_CHECK_VALUE(std::isfinite(o.alphas[i]) && std::isfinite(o.betas[i]), "the update factors must be finite");
   CK_CHECK_VALUE(o.norm_scale > 0 && o.norm_eps >= 0 && std::isfinite(o.norm_scale + o.norm_eps),
                  "argument 'norm_eps' must be >= 0 and finite");
   for (size_t i = 0; i < inputs.size(); ++i) {
     const ArrayView &g = inputs[i], &out = outputs[i];
-    check_floating(g, "G");
-    CK_CHECK_VALUE(g.ndim() >= 2, "argument 'G' must have shape (..., m, n), got ", shape_text(g));
-    CK_CHECK_VALUE(g.is_contiguous(), "argument 'G' must be C-contiguous");
-    check_same_device(inputs[0], "G", g, "G");
-    check_output_like(g, "G", out, out_name);
+    check_floating(g, in_name);
+    CK_CHECK_VALUE(g.ndim() >= 2, "argument '", in_name, "' must have shape (..., m, n), got ", shape_text(g));
+    CK_CHECK_VALUE(g.is_contiguous(), "argument '", in_name, "' must be C-contiguous");
+    check_same_device(inputs[0], in_name, g, in_name);
+    check_output_like(g, in_name, out, out_name);
   }
-  check_no_overlap({{outputs, out_name}}, {{inputs, "G"}});
-  // One backend call per route: the backends take one method for all their matrices.
-  for (PolarMethod route : {PolarMethod::Standard, PolarMethod::Gram}) {
-    std::vector<ArrayView> in, out;
-    for (size_t i = 0; i < inputs.size(); ++i) {
-      if (polar_route(inputs[i], o.method) != route) continue;
-      in.push_back(inputs[i]);
-      out.push_back(outputs[i]);
-    }
-    if (in.empty()) continue;
+  check_no_overlap({{outputs, out_name}}, {{inputs, in_name}});
+  // One backend call per route and pair of update factors: the backends take one method and
+  // one (alpha, beta) for all their matrices.
+  std::map<std::tuple<PolarMethod, double, double>, std::pair<std::vector<ArrayView>, std::vector<ArrayView>>> calls;
+  for (size_t i = 0; i < inputs.size(); ++i) {
+    const double alpha = o.alphas.empty() ? o.alpha : o.alphas[i], beta = o.betas.empty() ? o.beta : o.betas[i];
+    auto& [in, out] = calls[{polar_route(inputs[i], o.method), alpha, beta}];
+    in.push_back(inputs[i]);
+    out.push_back(outputs[i]);
+  }
+  for (const auto& [key, call] : calls) {
     PolarOptions routed = o;
-    routed.method = route;
-    routed.restart_after = route == PolarMethod::Gram ? kGramRestart : 0;
+    std::tie(routed.method, routed.alpha, routed.beta) = key;
+    routed.alphas.clear();
+    routed.betas.clear();
+    routed.restart_after = routed.method == PolarMethod::Gram ? kGramRestart : 0;
+    const auto& [in, out] = call;
     CK_DEVICE_DISPATCH(in[0].device, polar_cpu(in, out, routed), polar_cuda(in, out, routed, stream));
   }
 }

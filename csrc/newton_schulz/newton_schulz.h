@@ -34,15 +34,22 @@ struct PolarOptions {
   std::vector<PolarStep> steps;
   double norm_scale = 1.0;
   double norm_eps = 1e-7;  // relative guard on the normalization (not a ridge)
-  bool normalize = true;   // false: X_0 = G (Bjorck rectification of a nearly orthogonal G)
+  // false: X_0 = G / (its RMS singular value ||G||_F / sqrt(min(m, n))), for Bjorck's
+  // rectification of a nearly orthogonal G at any scale.
+  bool normalize = true;
   PolarMethod method = PolarMethod::Auto;
   // Gram route: restart after every this many steps (0: never); polar() sets it for the route.
   int restart_after = 0;
   double alpha = 1.0, beta = 0.0;
+  // Per input, when not empty (one entry each): these factors instead of alpha and beta (Muon's
+  // per-parameter learning rates and shape scales in one call).
+  std::vector<double> alphas, betas;
   // false: no NaN/Inf check of the inputs, so no host synchronization on CUDA (the call can be
   // captured in a CUDA graph); a matrix holding NaN or Inf then gives NaN.
   bool check_finite = true;
-  // The name errors give the outputs: polar_update_ calls them 'param'.
+  // The names errors give the inputs and outputs: polar_update_ calls its outputs 'param',
+  // orthonormalize its inputs 'Q'.
+  const char* in_name = "G";
   const char* out_name = "out";
 };
 

@@ -41,8 +41,8 @@ def index(value, name, low=0, high=None):
     except TypeError:
         raise ArgumentTypeError(f"argument '{name}' must be an integer, got {type(value).__name__}") from None
     if v < low or (high is not None and v >= high):
-        bound = f"[{low}, {high - 1}]" if high is not None else f">= {low}"
-        raise ArgumentError(f"argument '{name}' must be in {bound}, got {v}")
+        bound = f"be in [{low}, {high - 1}]" if high is not None else f"be >= {low}"
+        raise ArgumentError(f"argument '{name}' must {bound}, got {v}")
     return v
 
 

@@ -32,8 +32,8 @@ def polar(
     norm_scale: float,
     norm_eps: float,
     method: str,
-    alpha: float,
-    beta: float,
+    alpha: list[float],
+    beta: list[float],
     normalize: bool,
     check_finite: bool,
     stream: int,
@@ -82,6 +82,9 @@ def eigh(
     workspace: Workspace,
 ) -> list[Info]: ...
 def orthonormalize_qr(Q: list[Array], *, stream: int, workspace: Workspace) -> list[Info]: ...
+def orthonormalize_polar(
+    Q: list[Array], out: list[Array], *, steps: int, stream: int, workspace: Workspace
+) -> list[Info]: ...
 def eigenbasis_update(
     A: list[Array],
     Q: list[Array],

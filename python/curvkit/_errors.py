@@ -56,8 +56,9 @@ def raise_unless_converged(function: str, infos: list[dict], result: Any, single
         failed = [tuple(int(i) for i in idx) for idx in np.argwhere(~converged)] if converged.ndim else [()]
         where = f"batch index {failed[0]}" + ("" if single else f" of input {position}")
         detail = ""
-        if "residual" in info:
-            detail = f", residual {float(np.asarray(info['residual'])[failed[0]]):.2e}"
+        residual = float(np.asarray(info["residual"])[failed[0]]) if "residual" in info else -1.0
+        if residual >= 0 or np.isnan(residual):  # negative: not computed
+            detail = f", residual {residual:.2e}"
         total = sum(max(np.asarray(i["converged"]).size, 1) for i in infos)
         failed_total = sum(int((~np.asarray(i["converged"])).sum()) for i in infos)
         raise ConvergenceError(

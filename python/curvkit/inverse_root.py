@@ -32,11 +32,18 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
         Ridge added to A.
     method : "auto", "eigh" or "newton"
         "eigh": eigendecomposition, eigenvalues floored at 0 and shifted by eps, rebuilt with
-        one symmetric product. A matrix whose shifted eigenvalues reach n * eps_dtype *
-        lambda_max (numerically singular in its compute dtype: float32 at condition ~1e5
-        for n = 128), or with a clearly negative eigenvalue, is reported as not converged;
-        exact zeros get the pseudo-inverse root; with ``basis``, refined from a previous
-        eigenbasis instead of decomposed from scratch. "newton": the coupled Newton iteration of
+        one symmetric product. The floor is the optimizer's policy: a factor accumulated in
+        float32 is PSD only up to its accumulated rounding, which can reach 1e-3 of its
+        largest eigenvalue (Distributed Shampoo shifts its spectrum likewise), so
+        rank-deficient, ill-conditioned and rounding-indefinite inputs all give their
+        floored root, converged. "negative" in the info is the most negative eigenvalue over
+        the largest magnitude (0 if none); below -0.01 the input is indefinite and reported
+        not converged. "unresolved" counts the eigenvalues (floored, plus eps) at or below
+        n * unit roundoff * lambda_max, which the compute dtype does not resolve (float32
+        beyond condition ~1e5 at n = 128): without ``eps`` they are zeros and get the
+        pseudo-inverse root (Distributed Shampoo's pseudo-inverse threshold); with it, the
+        root there is dominated by eps; pass float64 for more. With ``basis``, refined from a previous eigenbasis
+        instead of decomposed from scratch. "newton": the coupled Newton iteration of
         (Scalable / Distributed) Shampoo, X_0 = z^{1/p} I, M_0 = z (A + eps I),
         z = (p+1)/(2 lambda_max estimate), M' = ((p+1) I - M)/p, X <- X M', M <- M'^p M, stopped at rounding level
         (max|M - I| <= 10 sqrt(n) unit roundoffs, or no longer falling once small) or when
@@ -88,7 +95,8 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
     return_info : bool
         Also return, per input, a dict of NumPy arrays over the batch: "converged",
         "iterations", "residual" (||X^p (A + eps I) - I||_max; -1 where not measured), "method" ("eigh"/"newton" per
-        matrix), "fell_back", "kept_init", "products" (the n x n matrix products spent,
+        matrix), "fell_back", "kept_init", "negative" and "unresolved" (eigh's, above; 0
+        for newton), "products" (the n x n matrix products spent,
         fallbacks included; a symmetric one counts its share of a plain one, 0.5 on CPU; a
         LAPACK / cuSOLVER decomposition none, nor the residual eigh reports). Without it, a matrix that did not converge
         raises :class:`curvkit.ConvergenceError` (results are never NaN or Inf).
@@ -193,13 +201,20 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
     "qr": Householder QR with R's diagonal made nonnegative, so the result is the
     Gram-Schmidt basis of Q (column j spans what columns 0..j span). "polar": ``steps``
     Bjorck passes Q <- 1.5 Q - 0.5 Q Q^T Q (4-bit Shampoo's rectification), run by
-    curvkit's Newton–Schulz kernel without normalization; it moves Q to the nearest matrix
-    with orthonormal columns and needs singular values in (0, sqrt(3)). Returns a new array
-    (or writes ``out``; a list for list input); float64 computes in float64, others in
-    float32. CPU and CUDA (cuSOLVER geqrf/orgqr, one call per matrix, for "qr"). With
-    ``return_info``, "qr" also returns a dict with "converged" per matrix (False where Q was
-    rank-deficient or non-finite, which otherwise raises :class:`curvkit.ConvergenceError`);
-    "polar" has no status and reports every matrix converged.
+    curvkit's Newton–Schulz kernel on Q divided by its RMS singular value ||Q||_F / sqrt(k)
+    (so any scale of Q gives the same result); it moves Q to the nearest matrix with
+    orthonormal columns when the scaled singular values lie in (0, sqrt(3)), converging
+    quadratically near 1. Returns a new
+    array (or writes ``out``; a list for list input); float64 computes in float64, others in
+    float32. CPU and CUDA (cuSOLVER geqrf/orgqr, one call per matrix, for "qr").
+
+    A matrix that fails raises :class:`curvkit.ConvergenceError` (the result attached), or
+    with ``return_info`` is reported in the info dict's "converged" per matrix: for "qr",
+    Q was rank-deficient; for "polar", the result is not orthonormal to
+    max|Q^T Q - I| <= sqrt(u) of the output dtype (u its unit roundoff: 1.5e-8 float64,
+    2.4e-4 float32, 0.022 float16, 0.063 bfloat16), which a rank-deficient Q, one too far
+    from orthonormal for the steps given, or a non-finite result fails; "polar"'s info also
+    has that "orthogonality" per matrix. NaN or Inf in Q raises :class:`curvkit.ArgumentError`.
 
     >>> import numpy as np, curvkit
     >>> Q, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((6, 6)))
@@ -222,10 +237,8 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
         inputs = [_arrays.prepare(q, "Q") for q in inputs]
         outputs = _arrays.outputs_for(out, inputs, single, "out", "Q")
         stream, workspace = _arrays.call_context(inputs)
-        _core.polar(inputs, outputs, steps=[(1.5, -0.5, 0.0)] * _args.steps(steps, 1), norm_scale=1.0,
-                    norm_eps=0.0, method="standard", alpha=1.0, beta=0.0, normalize=False, check_finite=True,
-                    stream=stream, workspace=workspace)
-        infos = [{"converged": np.ones(tuple(q.shape[:-2]), dtype=bool)} for q in inputs]
+        infos = _core.orthonormalize_polar(inputs, outputs, steps=_args.steps(steps, 1), stream=stream,
+                                           workspace=workspace)
     else:
         raise ArgumentError(f"argument 'method' must be one of 'qr', 'polar', got {method!r}")
     result = out if out is not None else (outputs[0] if single else outputs)
@@ -241,9 +254,14 @@ def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False
     perm (int64, NumPy, also for CUDA input) such that new column j came from old column
     perm[j]: apply it to any state kept in the old basis (SOAP's second-moment estimate).
     CPU and CUDA (cuBLAS product, cuSOLVER QR). Lists of (A, Q) give a list of triples;
-    ``out`` is a triple (Q_new, d, perm) to write (of lists, for list input). A matrix whose
-    A Q lost rank or became non-finite raises :class:`curvkit.ConvergenceError`, or with
-    ``return_info`` is reported in the info dict's "converged".
+    ``out`` is a triple (Q_new, d, perm) to write (of lists, for list input). Float16,
+    bfloat16 and float32 compute in float32; a matrix whose A Q loses rank there (SOAP's
+    factors reach condition 1e8, and the small columns of A Q fall below float32's
+    resolution) is recomputed in float64, reported as "fell_back" in the info. A matrix
+    whose A Q lost rank even so, or whose estimates overflow d's dtype (zeros then), raises
+    :class:`curvkit.ConvergenceError`, or with ``return_info`` is reported in the info
+    dict's "converged" (with "fell_back"). NaN or Inf in A or Q raises
+    :class:`curvkit.ArgumentError`.
 
     >>> import numpy as np, curvkit
     >>> A = np.diag([1.0, 5.0, 3.0])

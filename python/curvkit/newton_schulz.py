@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from typing import Any, Sequence, Union
 
+import numpy as np
+
 from . import _args, _arrays, _core
-from ._errors import ArgumentTypeError
+from ._errors import ArgumentError, ArgumentTypeError
 from ._errors import finish as _finish
 
 # Published coefficient schedules: (a, b, c) of p(x) = a x + b x^3 + c x^5 per step, and the
@@ -114,7 +116,7 @@ def polar(G: Any, steps: int = 5, coefficients: Coefficients = "muon", norm_eps:
     >>> bool(np.isnan(curvkit.polar(bad, check_finite=False)).all())  # no check, no host sync
     True
     """
-    return _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha=1.0, beta=0.0)
+    return _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha=None, beta=None)
 
 
 def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
@@ -125,9 +127,12 @@ def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scal
     ``param <- param * (1 - lr * weight_decay) - lr * scale * polar(G)``
 
     ``param`` and ``G`` are arrays of the same shape (or lists of them); other arguments as
-    in :func:`polar`. Returns ``param``. With ``check_finite=False``, a G holding NaN or Inf
-    makes its param NaN (except with ``lr * scale == 0``: as in BLAS, a zero factor does not
-    read the update).
+    in :func:`polar`. For lists, ``lr``, ``weight_decay`` and ``scale`` may each be one
+    number or a sequence of one per parameter (Muon's per-shape scale
+    ``max(1, rows / cols) ** 0.5``, per-group learning rates): still one call. NaN or Inf in
+    ``param`` raises :class:`curvkit.ArgumentError`. Returns ``param``. With
+    ``check_finite=False``, a G holding NaN or Inf makes its param NaN (except with
+    ``lr * scale == 0``: as in BLAS, a zero factor does not read the update).
 
     >>> import numpy as np, curvkit
     >>> rng = np.random.default_rng(1)
@@ -136,13 +141,37 @@ def polar_update_(param: Any, G: Any, lr: float, weight_decay: float = 0.0, scal
     >>> _ = curvkit.polar_update_(W, G, lr=0.1, weight_decay=0.01)
     >>> np.allclose(W, expected)
     True
+    >>> Ws = [rng.standard_normal((64, 16)), rng.standard_normal((16, 64))]
+    >>> Gs = [rng.standard_normal((64, 16)), rng.standard_normal((16, 64))]
+    >>> scales = [max(1, w.shape[0] / w.shape[1]) ** 0.5 for w in Ws]   # 2.0 and 1.0
+    >>> expected = [w - 0.02 * s * curvkit.polar(g) for w, g, s in zip(Ws, Gs, scales)]
+    >>> _ = curvkit.polar_update_(Ws, Gs, lr=0.02, scale=scales)
+    >>> all(np.allclose(w, e) for w, e in zip(Ws, expected))
+    True
     """
     if param is None:  # else polar's out=None path would return a new array and drop it
         raise ArgumentTypeError("argument 'param' must be an array (or a list of arrays) to update, got None")
-    lr = _args.real(lr, "lr")
-    _run(G, steps, coefficients, norm_eps, method, param, check_finite, alpha=-lr * _args.real(scale, "scale"),
-         beta=1.0 - lr * _args.real(weight_decay, "weight_decay"), out_name="param")
+    count = len(param) if isinstance(param, (list, tuple)) else None
+    lrs = _per_parameter(lr, "lr", count)
+    decays = _per_parameter(weight_decay, "weight_decay", count)
+    scales = _per_parameter(scale, "scale", count)
+    _run(G, steps, coefficients, norm_eps, method, param, check_finite,
+         alpha=[-r * s for r, s in zip(lrs, scales)], beta=[1.0 - r * d for r, d in zip(lrs, decays)],
+         out_name="param")
     return param
+
+
+def _per_parameter(value, name, count):
+    """A number for every parameter: one number, or (for a list of `count` parameters) a
+    sequence of one each."""
+    if count is None or isinstance(value, (int, float, np.integer, np.floating)) or getattr(value, "ndim", 1) == 0:
+        return [_args.real(value, name)] * (count or 1)
+    if isinstance(value, (str, bytes)) or not hasattr(value, "__len__"):
+        raise ArgumentTypeError(f"argument '{name}' must be a real number or a sequence of one per parameter, "
+                                f"got {type(value).__name__}")
+    if len(value) != count:
+        raise ArgumentError(f"argument '{name}' must have one entry per parameter ({count}), got {len(value)}")
+    return [_args.real(v, name) for v in value]
 
 
 def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, float, float]], float]:
@@ -166,6 +195,7 @@ def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, 
 
 
 def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, beta, out_name="out"):
+    """out = beta out + alpha polar(G), alpha and beta one per input (None: 1 and 0)."""
     inputs, single = _arrays.as_list(G)
     inputs = [_arrays.prepare(g, "G") for g in inputs]
     outputs = _arrays.outputs_for(out, inputs, single, out_name, "G")
@@ -176,7 +206,9 @@ def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, bet
     stream, workspace = _arrays.call_context(inputs)
     _core.polar(inputs, written, steps=table, norm_scale=norm_scale, norm_eps=_args.real(norm_eps, "norm_eps"),
                 method=_args.method_name(method),
-                alpha=alpha, beta=beta, normalize=True, check_finite=bool(check_finite), stream=stream,
+                alpha=[1.0] * len(inputs) if alpha is None else alpha,
+                beta=[0.0] * len(inputs) if beta is None else beta, normalize=True, check_finite=bool(check_finite),
+                stream=stream,
                 workspace=workspace, out_name=out_name)
     for o, w in zip(outputs, written):
         if w is not o:

@@ -1,12 +1,16 @@
-"""PyTorch integration (imported on demand: ``import curvkit.torch``): autograd for the
-square-root family, and the polar factor as torch.library custom ops that torch.compile
+"""PyTorch integration (imported on demand: ``import curvkit.torch``): the square-root
+family with autograd and the polar factor, as torch.library custom ops that torch.compile
 traces without a graph break.
 
-The square-root family is differentiable: for S = A^{1/2}, the gradient with respect to A
-of a loss with gradient G_S on S is the X with S X + X S = G_S (symmetrized, since only
-(A + A^T)/2 enters); for R = A^{-1/2} it is the same with G_S = -R G_R R. The Lyapunov
-equation is solved by :func:`curvkit.solve_lyapunov` (the matrix-sign iteration of Song et
-al., run to convergence), on CPU and CUDA tensors alike.
+The square-root family is differentiable: they take the symmetric part (A + A^T)/2 of their
+input (so ``torch.autograd.gradcheck`` works on them as written), and for S = A^{1/2} the
+gradient with respect to A of a loss with gradient G_S on S is the X with S X + X S = G_S
+(symmetrized); for R = A^{-1/2} it is the same with G_S = -R G_R R. The Lyapunov equation is
+solved by :func:`curvkit.solve_lyapunov` (the matrix-sign iteration of Song et al., run to
+convergence), on CPU and CUDA tensors alike. They are custom ops (``curvkit::sqrt_and_inv_sqrt``,
+``curvkit::solve_lyapunov``) that torch.compile traces with ``fullgraph=True``, and once
+differentiable: a second derivative (a Hessian-vector product through them, gradgradcheck)
+raises a RuntimeError rather than silently dropping the curvature term.
 
 >>> import torch, curvkit, curvkit.torch as ct
 >>> B = torch.randn(6, 6, dtype=torch.float64)
@@ -29,7 +33,7 @@ True
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -46,45 +50,80 @@ def _tensor(x, name):
     return x
 
 
-class _SqrtFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, A, want_sqrt, want_inverse, method, tol, max_iters):
-        S, R = _ns.matrix_sqrt_and_inv_sqrt(A.detach(), method=method, tol=tol, max_iters=max_iters)
-        ctx.save_for_backward(S, R)
-        ctx.max_iters = max_iters
-        outputs = ([S] if want_sqrt else []) + ([R] if want_inverse else [])
-        ctx.layout = (want_sqrt, want_inverse)
-        return tuple(outputs) if len(outputs) > 1 else outputs[0]
+def _symmetric_part(A):
+    return (A + A.mT) / 2
 
-    @staticmethod
-    def backward(ctx, *grads):
-        S, R = ctx.saved_tensors
-        want_sqrt, want_inverse = ctx.layout
-        remaining = list(grads)
-        grad_s = remaining.pop(0) if want_sqrt else None
-        grad_r = remaining.pop(0) if want_inverse else None
-        total = torch.zeros_like(S)
-        if grad_s is not None:
-            total = total + grad_s
-        if grad_r is not None:
-            total = total - R @ grad_r @ R
-        X = _ns.solve_lyapunov(S, total.contiguous(), max_iters=ctx.max_iters)
-        return (X + X.mT) / 2, None, None, None, None, None
+
+@torch.library.custom_op("curvkit::sqrt_and_inv_sqrt", mutates_args=())
+def _sqrt_op(A: torch.Tensor, want_inverse: bool, method: str, tol: float,
+             max_iters: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    # Only what is asked for: the square root of a singular PSD matrix exists (its backward, a
+    # Lyapunov solve with S, then reports the singularity). An unwanted R is empty.
+    A = _symmetric_part(A).contiguous()
+    if want_inverse:
+        S, R = _ns.matrix_sqrt_and_inv_sqrt(A, method=method, tol=tol, max_iters=max_iters)
+        return S, R
+    return _ns.matrix_sqrt(A, method=method, tol=tol, max_iters=max_iters), A.new_empty(0)
+
+
+@_sqrt_op.register_fake
+def _(A, want_inverse, method, tol, max_iters):
+    return torch.empty_like(A, memory_format=torch.contiguous_format), (
+        torch.empty_like(A, memory_format=torch.contiguous_format) if want_inverse else A.new_empty(0))
+
+
+@torch.library.custom_op("curvkit::solve_lyapunov", mutates_args=())
+def _lyapunov_op(S: torch.Tensor, C: torch.Tensor, max_iters: int) -> torch.Tensor:
+    return _ns.solve_lyapunov(S, C.contiguous(), max_iters=max_iters)
+
+
+@_lyapunov_op.register_fake
+def _(S, C, max_iters):
+    return torch.empty_like(C, memory_format=torch.contiguous_format)
+
+
+def _sqrt_setup_context(ctx, inputs, output):
+    _, want_inverse, _, _, max_iters = inputs
+    ctx.save_for_backward(*output)
+    ctx.want_inverse, ctx.max_iters = want_inverse, max_iters
+
+
+def _sqrt_backward(ctx, grad_s, grad_r):
+    # Once differentiable: the Lyapunov op has no derivative of its own, so a second backward
+    # (create_graph=True, torch.autograd.gradgradcheck) raises instead of dropping that term.
+    S, R = ctx.saved_tensors
+    total = grad_s if grad_s is not None else torch.zeros_like(S)
+    if ctx.want_inverse and grad_r is not None:
+        total = total - R @ grad_r @ R
+    return _symmetric_part(_lyapunov_op(S, total, ctx.max_iters)), None, None, None, None
+
+
+_sqrt_op.register_autograd(_sqrt_backward, setup_context=_sqrt_setup_context)
+
+
+def _square_roots(A, want_sqrt, want_inverse, method, tol, max_iters):
+    S, R = _sqrt_op(_tensor(A, "A"), want_inverse, method, float(_args.real(tol, "tol")),
+                    _args.max_iters(max_iters))
+    if want_sqrt and want_inverse:
+        return S, R
+    return S if want_sqrt else R
 
 
 def matrix_sqrt(A, method="auto", tol=1e-8, max_iters=100):
-    """Differentiable :func:`curvkit.matrix_sqrt` for torch tensors."""
-    return _SqrtFunction.apply(_tensor(A, "A"), True, False, method, tol, max_iters)
+    """Differentiable :func:`curvkit.matrix_sqrt` of the symmetric part (A + A^T)/2 of a
+    torch tensor, as the custom op ``curvkit::sqrt_and_inv_sqrt`` (torch.compile traces it
+    with ``fullgraph=True``). Once differentiable: a second derivative raises."""
+    return _square_roots(A, True, False, method, tol, max_iters)
 
 
 def matrix_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100):
-    """Differentiable :func:`curvkit.matrix_inv_sqrt` for torch tensors."""
-    return _SqrtFunction.apply(_tensor(A, "A"), False, True, method, tol, max_iters)
+    """Differentiable :func:`curvkit.matrix_inv_sqrt`, as :func:`matrix_sqrt`."""
+    return _square_roots(A, False, True, method, tol, max_iters)
 
 
 def matrix_sqrt_and_inv_sqrt(A, method="auto", tol=1e-8, max_iters=100):
-    """Differentiable :func:`curvkit.matrix_sqrt_and_inv_sqrt` for torch tensors."""
-    return _SqrtFunction.apply(_tensor(A, "A"), True, True, method, tol, max_iters)
+    """Differentiable :func:`curvkit.matrix_sqrt_and_inv_sqrt`, as :func:`matrix_sqrt`."""
+    return _square_roots(A, True, True, method, tol, max_iters)
 
 
 def _schedule(coefficients):
@@ -110,9 +149,9 @@ def _(G, steps, name, flat, norm_eps, method, check_finite):
 
 
 @torch.library.custom_op("curvkit::polar_update_", mutates_args=("params",))
-def _polar_update_op(params: List[torch.Tensor], G: List[torch.Tensor], lr: float, weight_decay: float,
-                     scale: float, steps: int, name: str, flat: Optional[List[float]], norm_eps: float, method: str,
-                     check_finite: bool) -> None:
+def _polar_update_op(params: List[torch.Tensor], G: List[torch.Tensor], lr: List[float], weight_decay: List[float],
+                     scale: List[float], steps: int, name: str, flat: Optional[List[float]], norm_eps: float,
+                     method: str, check_finite: bool) -> None:
     _ns.polar_update_(list(params), list(G), lr, weight_decay, scale, steps, _coefficients(name, flat), norm_eps,
                       method, check_finite)
 
@@ -136,14 +175,18 @@ def polar(G: torch.Tensor, steps: int = 5, coefficients: Union[str, Sequence] = 
 def polar_update_(param, G, lr: float, weight_decay: float = 0.0, scale: float = 1.0, steps: int = 5,
                   coefficients: Union[str, Sequence] = "muon", norm_eps: float = 1e-7, method: str = "auto",
                   check_finite: bool = True):
-    """:func:`curvkit.polar_update_` (a tensor or a list of them), as the custom op
-    ``curvkit::polar_update_``. Returns ``param``."""
+    """:func:`curvkit.polar_update_` (a tensor or a list of them; ``lr``, ``weight_decay``
+    and ``scale`` one number or one per tensor), as the custom op ``curvkit::polar_update_``.
+    Returns ``param``."""
     single = not isinstance(param, (list, tuple))
     params, updates = ([param], [G]) if single else (list(param), list(G))
     params = [_tensor(p, "param") for p in params]
     updates = [_tensor(g, "G") for g in updates]
-    _polar_update_op(params, updates, float(lr), float(weight_decay), float(scale), _steps(steps),
-                     *_schedule(coefficients), float(norm_eps), method, bool(check_finite))
+    count = None if single else len(params)
+    factors = [_ns._per_parameter(v, name, count) for v, name in
+               ((lr, "lr"), (weight_decay, "weight_decay"), (scale, "scale"))]
+    _polar_update_op(params, updates, *factors, _steps(steps), *_schedule(coefficients), float(norm_eps), method,
+                     bool(check_finite))
     return param
 
 

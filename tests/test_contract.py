@@ -1,0 +1,425 @@
+"""Property tests of the public contract (hypothesis), one per public function: over dtype,
+shape (empty and 1 x 1 included), layout (contiguous, strided or transposed views), magnitude
+(subnormals to 1e300, so also values a half dtype turns into Inf or zero), framework (NumPy,
+PyTorch CPU, through curvkit and curvkit.torch) and thread count. Each call either returns a
+result of the caller's kind, finite and within its documented accuracy measured against the
+input as stored, or raises a curvkit error naming the argument; any other exception, or NaN or
+Inf handed on, fails."""
+import os
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pytest
+import reference
+from conftest import TOL, make, to_numpy, torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import curvkit
+from curvkit import ArgumentError, ConvergenceError, CurvkitError
+from curvkit.newton_schulz import schedule
+
+# CURVKIT_CONTRACT_EXAMPLES=1000 for a longer search than CI's.
+SETTINGS = dict(deadline=None, database=None, derandomize=True,
+                max_examples=int(os.environ.get("CURVKIT_CONTRACT_EXAMPLES", "60")),
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+# A magnitude beyond a half dtype's range becomes Inf on purpose (the call must then refuse it).
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+FRAMEWORKS = ["numpy"] + (["torch"] if torch is not None else [])
+MAGNITUDES = [1e-310, 1e-300, 1e-40, 1e-20, 1e-5, 1.0, 1e5, 1e20, 1e40, 1e300]
+UNIT = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 ** -11, "bfloat16": 2.0 ** -8}
+# What curvkit computes in for each input dtype (float64 in float64, the others in float32).
+COMPUTE_UNIT = {d: UNIT["float64"] if d == "float64" else UNIT["float32"] for d in UNIT}
+
+
+@dataclass
+class Case:
+    framework: str
+    dtype: str
+    x: Any              # the argument: a possibly strided view of the caller's framework
+    stored: np.ndarray  # its values as stored (float64): what the function actually sees
+    threads: int
+
+    @property
+    def finite(self):
+        return bool(np.isfinite(self.stored).all())
+
+
+@st.composite
+def cases(draw, kind, fw=None, dtype=None, shape=None):
+    """An argument of `kind`: "general" (..., m, n), "spd" (..., n, n) with condition number
+    <= 100, or "basis" (..., m, k), m >= k, near orthonormal columns. fw, dtype and shape
+    (batch dims, m, n) follow another case's when given."""
+    fw = fw or draw(st.sampled_from(FRAMEWORKS))
+    dtype = dtype or draw(st.sampled_from(["float16", "float32", "float64"] + (["bfloat16"] if fw == "torch" else [])))
+    if shape is None:
+        batch = tuple(draw(st.lists(st.integers(0, 2), max_size=2)))
+        n = draw(st.integers(0, 5))
+        m = n if kind == "spd" else draw(st.integers(n if kind == "basis" else 0, 6))
+    else:
+        *batch, m, n = shape
+        batch = tuple(batch)
+    magnitude = draw(st.sampled_from(MAGNITUDES))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    count = int(np.prod(batch, dtype=np.int64))
+    if kind == "spd":
+        cond = draw(st.sampled_from([1.0, 10.0, 100.0]))
+        mats = [reference.spd_with_condition(rng, n, cond) if n else np.zeros((0, 0)) for _ in range(count)]
+    elif kind == "basis":
+        mats = [np.linalg.qr(rng.standard_normal((m, n)))[0] + 1e-3 * rng.standard_normal((m, n)) if n else
+                np.zeros((m, 0)) for _ in range(count)]
+    else:
+        mats = [rng.standard_normal((m, n)) for _ in range(count)]
+    values = np.array(mats, dtype=np.float64).reshape(batch + (m, n)) * magnitude
+    layout = draw(st.sampled_from(["contiguous", "strided", "transposed"]))
+    if layout == "strided":  # every second row and column of a larger array
+        big = np.full(batch + (2 * m, 2 * n), np.nan)
+        big[..., ::2, ::2] = values
+        x = make(big, (fw, "cpu"), dtype)[..., ::2, ::2]
+    elif layout == "transposed":
+        x = make(np.ascontiguousarray(np.swapaxes(values, -1, -2)), (fw, "cpu"), dtype).swapaxes(-1, -2)
+    else:
+        x = make(values, (fw, "cpu"), dtype)
+    return Case(fw, dtype, x, to_numpy(x), draw(st.integers(1, 2)))
+
+
+def run(case, call):
+    """(result, None) or (None, the curvkit error), with case.threads threads; any other
+    exception propagates and fails the test."""
+    previous = curvkit.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # more threads than cores is allowed
+        curvkit.set_num_threads(case.threads)
+    try:
+        return call(), None
+    except CurvkitError as e:
+        return None, e
+    finally:
+        curvkit.set_num_threads(previous)
+
+
+def refused_by_name(error, *names):
+    assert isinstance(error, ArgumentError), repr(error)
+    assert any(f"argument '{name}'" in str(error) for name in names), str(error)
+
+
+def same_kind(result, case, shape=None):
+    assert type(result) is type(case.x), type(result)
+    assert str(result.dtype).replace("torch.", "") == case.dtype
+    assert tuple(result.shape) == (tuple(case.x.shape) if shape is None else shape)
+    values = to_numpy(result)
+    assert np.isfinite(values).all(), "NaN or Inf handed on"
+    return values
+
+
+def relative_error(got, want):
+    """||got - want||_F / ||want||_F, safe from 1e-300 to 1e300."""
+    scale = np.abs(want).max() if want.size else 0.0
+    if scale == 0:
+        return float(np.abs(got).max()) if got.size else 0.0
+    return np.linalg.norm(got / scale - want / scale) / np.linalg.norm(want / scale)
+
+
+def spd_function(a, f):
+    """f(A) of each stored SPD matrix by float64 eigh of A / max|A| (scale-safe from subnormals
+    to 1e300), for f(x) = x^power: at most cond * 1e-15 off, far inside the bounds below."""
+    out = np.empty_like(a)
+    for index in np.ndindex(a.shape[:-2]):
+        scale = np.abs(a[index]).max() if a[index].size else 1.0
+        if scale == 0:
+            out[index] = 0.0
+            continue
+        w, v = np.linalg.eigh(a[index] / scale)
+        out[index] = (v * f(np.maximum(w, 0))) @ v.T * f(scale)
+    return out
+
+
+def gram(q):
+    """Q^T Q of each stored basis, scale-safe."""
+    scale = np.abs(q).max(axis=(-2, -1), keepdims=True) if q.size else 1.0
+    q = q / np.where(scale > 0, scale, 1)
+    return np.swapaxes(q, -1, -2) @ q
+
+
+LARGEST = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38, "float64": np.finfo(np.float64).max}
+SMALLEST = {"float16": 2.0 ** -24, "bfloat16": 2.0 ** -133, "float32": 2.0 ** -149, "float64": 2.0 ** -1074}
+
+
+def representable(x, dtype):
+    """Whether every value of x (float64, Inf where it overflowed) fits the dtype's range."""
+    return not x.size or bool(np.abs(x).max() <= LARGEST[dtype])
+
+
+def rescale(x, multiply=(), divide=()):
+    """x times the factors in `multiply` over those in `divide`, with no intermediate overflow or
+    underflow (mantissas and exponents apart, one rounding at the end)."""
+    mantissa, exponent = 1.0, 0
+    for f, sign in [(f, 1) for f in multiply] + [(f, -1) for f in divide]:
+        m, e = np.frexp(f)
+        mantissa, exponent = mantissa * m ** sign, exponent + sign * int(e)
+    with np.errstate(over="ignore"):
+        return np.ldexp(np.asarray(x, dtype=np.float64) * mantissa, exponent)
+
+
+def spd_condition(a):
+    """Largest condition number over the batch of a stored SPD input (Inf if any is singular)."""
+    if a.size == 0:
+        return 1.0
+    a = a.reshape((-1,) + a.shape[-2:])
+    scale = np.abs(a).max(axis=(-2, -1), keepdims=True)
+    w = np.linalg.eigvalsh(a / np.where(scale > 0, scale, 1))
+    small, large = w[:, 0], w[:, -1]
+    return float(np.max(np.where(small > 0, large / np.where(small > 0, small, 1), np.inf)))
+
+
+def api(case, draw_torch):
+    """curvkit, or curvkit.torch for a torch tensor when drawn."""
+    if case.framework == "torch" and draw_torch:
+        import curvkit.torch as ct
+        return ct
+    return curvkit
+
+
+# ---- Newton–Schulz family
+
+
+@settings(**SETTINGS)
+@given(case=cases("general"), through_torch=st.booleans())
+def test_polar(case, through_torch):
+    got, error = run(case, lambda: api(case, through_torch).polar(case.x))
+    if not case.finite:
+        return refused_by_name(error, "G")
+    assert error is None, error
+    steps, norm_scale = schedule("muon", 5)
+    amax = np.abs(case.stored).max() if case.stored.size else 1.0
+    want = reference.newton_schulz(case.stored / (amax or 1.0), steps, norm_scale)
+    np.testing.assert_allclose(same_kind(got, case), want, rtol=0, atol=TOL[(case.dtype, "polar")])
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), through_torch=st.booleans())
+def test_polar_update(data, through_torch):
+    g = data.draw(cases("general"))
+    w = data.draw(cases("general", g.framework, g.dtype, tuple(g.x.shape)))
+    param = make(w.stored, (w.framework, "cpu"), w.dtype)  # a contiguous parameter, written in place
+    before = to_numpy(param).copy()  # to_numpy of a float64 NumPy array is the array itself
+    _, error = run(g, lambda: api(g, through_torch).polar_update_(param, g.x, lr=0.1, weight_decay=0.01))
+    if not (g.finite and w.finite):
+        return refused_by_name(error, "G", "param")
+    assert error is None, error
+    steps, norm_scale = schedule("muon", 5)
+    amax = np.abs(g.stored).max() if g.stored.size else 1.0
+    want = before * (1 - 0.1 * 0.01) - 0.1 * reference.newton_schulz(g.stored / (amax or 1.0), steps, norm_scale)
+    got = same_kind(param, w)
+    scale = np.abs(want).max() if want.size else 0.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=0.1 * TOL[(g.dtype, "polar")] + 4 * UNIT[g.dtype] * scale)
+
+
+@settings(**SETTINGS)
+@given(case=cases("spd"), which=st.sampled_from(["matrix_sqrt", "matrix_inv_sqrt", "matrix_sqrt_and_inv_sqrt"]),
+       through_torch=st.booleans())
+def test_square_roots(case, which, through_torch):
+    got, error = run(case, lambda: getattr(api(case, through_torch), which)(case.x))
+    if not case.finite:
+        return refused_by_name(error, "A")
+    cond = spd_condition(case.stored)
+    want_sqrt = "inv" not in which or "and" in which
+    want_inverse = "inv" in which
+    if cond > 1e4:  # rounding to a half dtype (or a subnormal) left it (nearly) singular or indefinite
+        assert error is None or isinstance(error, ConvergenceError), error
+        return
+    sqrt_ref = spd_function(case.stored, np.sqrt)
+    inv_ref = spd_function(case.stored, lambda x: x ** -0.5)
+    if want_inverse and not representable(inv_ref, case.dtype):  # the result does not fit the dtype
+        assert isinstance(error, ConvergenceError), error
+        return
+    assert error is None, error
+    results = list(got) if want_sqrt and want_inverse else [got]
+    n = case.stored.shape[-1]
+    # documented: ||S^2 - A|| / ||A|| <= tol = 1e-8 in float64, then one rounding to the dtype
+    bound = 1e-8 * cond + 8 * np.sqrt(max(n, 1)) * UNIT[case.dtype] * cond
+    for result, want in zip(results, ([sqrt_ref] if want_sqrt else []) + ([inv_ref] if want_inverse else [])):
+        assert relative_error(same_kind(result, case), want) <= bound
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_solve_lyapunov(data):
+    s = data.draw(cases("spd"))
+    c = data.draw(cases("general", s.framework, s.dtype, tuple(s.x.shape)))
+    got, error = run(s, lambda: curvkit.solve_lyapunov(s.x, c.x))
+    if not s.finite:
+        return refused_by_name(error, "S")
+    if not c.finite:
+        return refused_by_name(error, "C")
+    cond = spd_condition(s.stored)
+    if cond > 1e4 or (s.stored.size and not np.abs(s.stored).max(axis=(-2, -1)).all()):
+        assert error is None or isinstance(error, ConvergenceError), error
+        return
+    # X = (C / S) X' in terms of S' = S / max|S|, C' = C / max|C| and S'X' + X'S' = C'
+    s_scale, c_scale, scaled = [], [], []
+    for index in np.ndindex(s.stored.shape[:-2]):
+        ss = np.abs(s.stored[index]).max() if s.stored[index].size else 1.0
+        cs = np.abs(c.stored[index]).max() if c.stored[index].size else 1.0
+        w, v = np.linalg.eigh(s.stored[index] / ss)
+        x = v @ ((v.T @ (c.stored[index] / (cs or 1.0)) @ v) / (w[:, None] + w[None, :])) @ v.T
+        s_scale.append(ss)
+        c_scale.append(cs)
+        scaled.append(rescale(np.abs(x).max(), [cs], [ss]) if x.size and cs else 0.0)
+    if not representable(np.array(scaled), s.dtype):  # X does not fit the dtype
+        assert isinstance(error, ConvergenceError), error
+        return
+    assert error is None, error
+    x = same_kind(got, c)
+    for k, index in enumerate(np.ndindex(s.stored.shape[:-2])):
+        if c_scale[k] == 0 or not x[index].size:
+            assert not x[index].any()
+            continue
+        s1, x1, c1 = s.stored[index] / s_scale[k], rescale(x[index], [s_scale[k]], [c_scale[k]]), c.stored[index] / \
+            c_scale[k]
+        r = s1 @ x1 + x1 @ s1 - c1
+        # X rounded to the dtype adds about 2 u ||S|| ||X|| <= u cond ||C|| to the residual, or
+        # where X lies among the dtype's subnormals (or below), their spacing relative to X
+        rounding = max(UNIT[s.dtype], SMALLEST[s.dtype] / scaled[k]) if scaled[k] > 0 else np.inf  # X underflows
+        bound = (1e-8 + 8 * r.shape[-1] * rounding) * cond * np.linalg.norm(c1)
+        assert np.linalg.norm(r) <= bound
+
+
+# ---- inverse roots and eigenbases
+
+
+@settings(**SETTINGS)
+@given(case=cases("spd"), p=st.sampled_from([1, 2, 4]))
+def test_matrix_inverse_root(case, p):
+    got, error = run(case, lambda: curvkit.matrix_inverse_root(case.x, p))
+    if not case.finite:
+        return refused_by_name(error, "A")
+    cond = spd_condition(case.stored)
+    if cond > 1e4:
+        assert error is None or isinstance(error, ConvergenceError), error
+        return
+    want = spd_function(case.stored, lambda x: x ** (-1 / p))
+    if not representable(want, case.dtype):  # the result does not fit the dtype
+        assert isinstance(error, ConvergenceError), error
+        return
+    assert error is None, error
+    n = max(case.stored.shape[-1], 1)
+    tol = 1e-8 if case.dtype == "float64" else 1e-3  # the default stopping tolerances
+    assert relative_error(same_kind(got, case), want) <= 2 * tol + 8 * np.sqrt(n) * UNIT[case.dtype]
+
+
+def orthonormality(q):
+    return np.abs(np.swapaxes(q, -1, -2) @ q - np.eye(q.shape[-1])).max() if q.size else 0.0
+
+
+@settings(**SETTINGS)
+@given(case=cases("spd"))
+def test_eigh(case):
+    got, error = run(case, lambda: curvkit.eigh(case.x))
+    if not case.finite:
+        return refused_by_name(error, "A")
+    scale = np.abs(case.stored).max(axis=(-2, -1), keepdims=True) if case.stored.size else 1.0
+    if case.stored.size and not representable(np.linalg.eigvalsh(case.stored / np.where(scale > 0, scale, 1)) *
+                                              scale[..., 0], case.dtype):
+        assert isinstance(error, ConvergenceError), error  # n max|A| beyond a float16 output's range
+        return
+    assert error is None, error
+    n = case.stored.shape[-1]
+    w = same_kind(got[0], case, tuple(case.x.shape[:-1]))
+    v = same_kind(got[1], case)
+    unit = 8 * max(n, 1) * max(UNIT[case.dtype], COMPUTE_UNIT[case.dtype])
+    if case.stored.size:
+        want = np.linalg.eigvalsh(case.stored)
+        norm = np.broadcast_to(np.abs(want).max(axis=-1, keepdims=True), want.shape)
+        # eigenvalues rounded to the dtype: relative u, or the spacing of its subnormals
+        np.testing.assert_array_less(np.abs(w - want), unit * norm + UNIT[case.dtype] * np.abs(want) +
+                                     SMALLEST[case.dtype])
+    assert orthonormality(v) <= unit
+
+
+@settings(**SETTINGS)
+@given(data=st.data())
+def test_eigenbasis_update(data):
+    a = data.draw(cases("spd"))
+    q = data.draw(cases("basis", a.framework, a.dtype, tuple(a.x.shape)))
+    got, error = run(a, lambda: curvkit.eigenbasis_update(a.x, q.x))
+    if not a.finite:
+        return refused_by_name(error, "A")
+    if not q.finite:
+        return refused_by_name(error, "Q")
+    if spd_condition(a.stored) > 1e4 or spd_condition(gram(q.stored)) > 1e4:
+        assert error is None or isinstance(error, ConvergenceError), error
+        return
+    estimates = {}  # q_j^T A q_j, scale-safe (Inf where it overflows float64)
+    for index in np.ndindex(a.stored.shape[:-2]):
+        a_scale = np.abs(a.stored[index]).max() if a.stored[index].size else 1.0
+        q_scale = np.abs(q.stored[index]).max() if q.stored[index].size else 1.0
+        qn = q.stored[index] / (q_scale or 1.0)
+        estimates[index] = rescale(np.einsum("ij,ik,kj->j", qn, a.stored[index] / (a_scale or 1.0), qn),
+                                   [q_scale, q_scale, a_scale])
+    if not all(representable(e, a.dtype) for e in estimates.values()):  # the estimates do not fit the dtype
+        assert isinstance(error, ConvergenceError), error
+        return
+    assert error is None, error
+    q_new, d, perm = got
+    q_new = same_kind(q_new, q)
+    d = same_kind(d, a, tuple(a.x.shape[:-1]))
+    n = a.stored.shape[-1]
+    assert orthonormality(q_new) <= 8 * max(n, 1) * max(UNIT[a.dtype], COMPUTE_UNIT[a.dtype])
+    assert isinstance(perm, np.ndarray) and perm.dtype == np.int64
+    for index in np.ndindex(a.stored.shape[:-2]):
+        want = to_numpy(make(estimates[index], (a.framework, "cpu"), a.dtype))  # as the dtype stores them
+        assert sorted(perm[index].tolist()) == list(range(n))
+        scale = np.abs(want).max() if n else 0.0
+        unit = 16 * max(n, 1) * max(UNIT[a.dtype], COMPUTE_UNIT[a.dtype])
+        np.testing.assert_allclose(d[index], want[perm[index]], rtol=0, atol=unit * scale + SMALLEST[a.dtype])
+        assert np.all(np.diff(d[index]) <= 0)
+
+
+@settings(**SETTINGS)
+@given(case=cases("basis"), method=st.sampled_from(["qr", "polar"]))
+def test_orthonormalize(case, method):
+    got, error = run(case, lambda: curvkit.orthonormalize(case.x, method))
+    if not case.finite:
+        return refused_by_name(error, "Q")
+    if spd_condition(gram(case.stored)) > 1e4:  # rounding left it rank-deficient
+        assert error is None or isinstance(error, ConvergenceError), error
+        return
+    assert error is None, error
+    m = case.stored.shape[-2]
+    # "qr": orthonormal to rounding; "polar": documented, sqrt(u) of the output dtype
+    bound = 8 * max(m, 1) * max(UNIT[case.dtype], COMPUTE_UNIT[case.dtype]) if method == "qr" else \
+        np.sqrt(UNIT[case.dtype])
+    assert orthonormality(same_kind(got, case)) <= bound
+
+
+# ---- probes
+
+
+@settings(**SETTINGS)
+@given(fw=st.sampled_from(FRAMEWORKS), dtype=st.sampled_from(["float16", "float32", "float64", "bfloat16"]),
+       shape=st.lists(st.integers(0, 5), min_size=1, max_size=3), kind=st.sampled_from(["rademacher", "gaussian",
+                                                                                         "sphere"]),
+       seed=st.integers(0, 2**64 - 1), offset=st.integers(0, 2**40), threads=st.integers(1, 2))
+def test_probes(fw, dtype, shape, kind, seed, offset, threads):
+    if dtype == "bfloat16" and fw == "numpy":
+        dtype = "float32"
+    like = make(np.zeros(1), (fw, "cpu"), dtype)
+    case = Case(fw, dtype, like, np.zeros(1), threads)
+    got, error = run(case, lambda: curvkit.probes(tuple(shape), kind, seed=seed, offset=offset, like=like))
+    assert error is None, error
+    values = same_kind(got, case, tuple(shape))
+    want = reference.probes(tuple(shape), kind, seed, offset)
+    np.testing.assert_allclose(values, want, rtol=TOL[(dtype, "probe")] if kind != "rademacher" else 0,
+                               atol=1e-300)
+
+
+@pytest.mark.parametrize("fw", FRAMEWORKS)
+def test_probes_refuse_a_strided_out_by_name(fw):
+    out = make(np.zeros((4, 6)), (fw, "cpu"))[:, ::2]
+    with pytest.raises(ArgumentError, match="'out'"):
+        curvkit.probes((4, 3), out=out)
