@@ -260,3 +260,25 @@ def sophia_step(params, grads, exp_avg, hessian, lr=1e-4, betas=(0.965, 0.99), r
         wins += int(np.sum(ratio < 1))
         p[...] = p - lr * (np.sign(m) * np.minimum(ratio, 1.0))
     return wins
+
+
+def fisher_matrix(G, damp, scale=None, block=None):
+    """damp I + G^T G / scale (scale defaults to the rows of G) in float64; with `block`, the
+    entries outside the diagonal blocks of `block` coordinates set to zero (the last block partial)."""
+    G = np.asarray(G, dtype=np.float64)
+    m, d = G.shape
+    F = damp * np.eye(d) + G.T @ G / (scale if scale is not None else max(m, 1))
+    if block is not None:
+        ids = np.arange(d) // block
+        F[ids[:, None] != ids[None, :]] = 0
+    return F
+
+
+def fisher_solve(G, x, damp, scale=None, block=None):
+    """F^-1 x by a dense float64 solve (see fisher_matrix)."""
+    return np.linalg.solve(fisher_matrix(G, damp, scale, block), np.asarray(x, dtype=np.float64))
+
+
+def fisher_inverse(G, damp, scale=None, block=None):
+    """The dense float64 inverse of F (see fisher_matrix)."""
+    return np.linalg.inv(fisher_matrix(G, damp, scale, block))

@@ -183,3 +183,130 @@ def test_torch_polar_steps_bounded():
 def test_estimator_and_step_argument_errors(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+# ---- M-FAC
+
+def _window_snapshot(w):
+    return (w.size, w.count, w.slots, np.array(w.G), np.array(w.gram), np.array(w.factor))
+
+
+def _same_snapshot(a, b):
+    return a[:3] == b[:3] and all(np.array_equal(x, y) for x, y in zip(a[3:], b[3:]))
+
+
+@pytest.mark.parametrize("bad, match", [(np.zeros(9), "'g' must have shape"),
+                                        (np.zeros((10, 1)), "'g' must have shape"),
+                                        (np.zeros(10, dtype=np.float32), "'g' must have the window's dtype"),
+                                        (np.zeros(10, dtype=np.int64), "'g'"),
+                                        (np.array([np.nan] + [1.0] * 9), "'g' contains NaN or Inf"),
+                                        (np.array([1.0] * 9 + [np.inf]), "'g' contains NaN or Inf"),
+                                        (np.full(10, 1e9), "'g' has .*too small"),
+                                        ([1.0] * 10, "'g' must be")])
+def test_fisher_window_refuses_bad_gradients_unchanged(bad, match):
+    rng = np.random.default_rng(0)
+    w = curvkit.FisherWindow(10, 3, 1e-3, dtype="float64")
+    for g in rng.standard_normal((4, 10)):
+        w.push(g)
+    before = _window_snapshot(w)
+    with pytest.raises((curvkit.CurvkitError, TypeError), match=match):
+        w.push(bad)
+    assert _same_snapshot(before, _window_snapshot(w))
+    w.push(rng.standard_normal(10))  # still usable
+    assert w.count == 5
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(damp=0.0), ValueError, "'damp'"), (dict(damp=-1.0), ValueError, "'damp'"),
+    (dict(damp=float("nan")), ValueError, "'damp'"), (dict(damp="1"), TypeError, "'damp'"),
+    (dict(d=0), ValueError, "'d'"), (dict(m=0), ValueError, "'m'"), (dict(m=2.5), TypeError, "'m'"),
+    (dict(normalize="mean"), ValueError, "'normalize'"), (dict(refactor_every=0), ValueError, "'refactor_every'"),
+    (dict(dtype="int32"), TypeError, "'dtype'"), (dict(dtype="bfloat16"), TypeError, "bfloat16"),
+    (dict(device="tpu"), ValueError, "'device'"),
+])
+def test_fisher_window_constructor_errors(kwargs, error, match):
+    args = dict(d=10, m=3, damp=1e-3, dtype="float64")
+    args.update(kwargs)
+    with pytest.raises(error, match=match):
+        curvkit.FisherWindow(**args)
+
+
+def test_fisher_window_vector_and_damp_errors():
+    w = curvkit.FisherWindow(6, 2, 1e-2, dtype="float32")
+    w.push(np.ones(6, dtype=np.float32))
+    with pytest.raises(ValueError, match="'x' must have shape"):
+        w.ihvp(np.ones(5, dtype=np.float32))
+    with pytest.raises(TypeError, match="'x' must have the gradients' dtype float32"):
+        w.ihvp(np.ones(6))
+    with pytest.raises(ValueError, match="'out'"):
+        w.ihvp(np.ones(6, dtype=np.float32), out=np.ones(5, dtype=np.float32))
+    with pytest.raises(ValueError, match="'out'"):
+        w.diag(out=np.ones(5, dtype=np.float32))
+    with pytest.raises(ValueError, match="'damp'"):
+        w.damp = 0
+    assert w.damp == 1e-2
+
+
+@needs_torch
+def test_fisher_window_device_errors():
+    import torch
+
+    w = curvkit.FisherWindow(4, 2, 1e-2, dtype="float32", like=torch.zeros(1))
+    with pytest.raises(ValueError, match="'g'"):
+        w.push(torch.zeros(4, device="meta"))
+
+
+@pytest.mark.skipif(curvkit.has_cuda(), reason="checks the message of a build or machine without CUDA")
+def test_fisher_window_cuda_without_cuda():
+    with pytest.raises(ValueError, match="CUDA"):
+        curvkit.FisherWindow(4, 2, 1e-2, device="cuda")
+
+
+def test_fisher_static_errors():
+    G = np.ones((3, 5))
+    x = np.ones(5)
+    with pytest.raises(ValueError, match="'damp'"):
+        curvkit.fisher_ihvp(G, x, 0.0)
+    with pytest.raises(ValueError, match="'damp'.*too small"):
+        curvkit.fisher_ihvp(G * 1e8, x, 1e-8)
+    with pytest.raises(ValueError, match="'G' must have shape"):
+        curvkit.fisher_ihvp(np.ones(5), x, 1.0)
+    with pytest.raises(ValueError, match="'x' must have shape"):
+        curvkit.fisher_ihvp(G, np.ones(4), 1.0)
+    with pytest.raises(TypeError, match="'x' must have the gradients' dtype"):
+        curvkit.fisher_ihvp(G, x.astype(np.float32), 1.0)
+    with pytest.raises(ValueError, match="'G' contains NaN"):
+        curvkit.fisher_ihvp(np.full((3, 5), np.nan), x, 1.0)
+    with pytest.raises(ValueError, match="'x' contains NaN"):
+        curvkit.fisher_ihvp(G, np.full(5, np.inf), 1.0)
+    with pytest.raises(ValueError, match="'block_size'"):
+        curvkit.fisher_ihvp(G, x, 1.0, block_size=0)
+    with pytest.raises(ValueError, match="'G' contains NaN"):
+        curvkit.fisher_inverse_diag(np.full((3, 5), np.nan), 1.0, block_size=2)
+    with pytest.raises(ValueError, match="'out'"):
+        curvkit.fisher_inverse_diag(G, 1.0, out=np.ones(4))
+    V = curvkit.fisher_inverse_factor(G, 1.0)
+    with pytest.raises(ValueError, match="'rows' entry 1"):
+        curvkit.fisher_inverse_entries(V, 1.0, [0, 5], [0, 0])
+    with pytest.raises(ValueError, match="'cols' entry 0"):
+        curvkit.fisher_inverse_entries(V, 1.0, [0], [-1])
+    with pytest.raises(TypeError, match="'rows'"):
+        curvkit.fisher_inverse_entries(V, 1.0, [0.5], [0])
+    with pytest.raises(ValueError, match="'rows' and 'cols'"):
+        curvkit.fisher_inverse_entries(V, 1.0, [0, 1], [0])
+    with pytest.raises(TypeError, match="'V' must be float64"):
+        curvkit.fisher_inverse_entries(G.astype(np.float32), 1.0, [0], [0])
+
+
+def test_fisher_results_never_hand_on_nan_or_inf():
+    w = curvkit.FisherWindow(4, 2, 1e-39, dtype="float32")  # x / damp overflows float32
+    with pytest.raises(ValueError, match="not finite in float32"):
+        w.ihvp(np.ones(4, dtype=np.float32))
+    with pytest.raises(ValueError, match="not finite in float32"):
+        w.diag()
+    v = curvkit.FisherWindow(4, 2, 1.0, dtype="float64")
+    v.push(np.ones(4))
+    with pytest.raises(ValueError, match="'x' holds NaN"):
+        v.ihvp(np.array([1.0, np.nan, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="not finite in float32"):
+        curvkit.fisher_ihvp(np.zeros((2, 4), dtype=np.float32), np.ones(4, dtype=np.float32), 1e-39, block_size=2)

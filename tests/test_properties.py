@@ -182,3 +182,33 @@ def test_hutchinson_exact_on_diagonal_operators_with_sign_probes(seed, n, m):
     d = np.random.default_rng(seed).standard_normal(n)
     assert curvkit.trace_estimate(np.diag(d), None, m, method="hutchinson") == pytest.approx(d.sum(), abs=1e-12 * n)
     np.testing.assert_allclose(curvkit.diag_estimate(np.diag(d), None, m), d, rtol=1e-14, atol=1e-14)
+
+
+# ---- M-FAC
+
+@settings(max_examples=30, **SETTINGS)
+@given(seed=seeds, d=st.integers(1, 40), m=st.integers(1, 8), pushes=st.integers(0, 30),
+       normalize=st.sampled_from(["capacity", "count"]), log_damp=st.floats(-3, 2),
+       refactor_every=st.sampled_from([None, 1, 3, 10**6]))
+def test_fisher_window_inverts_its_fisher(seed, d, m, pushes, normalize, log_damp, refactor_every):
+    # F (F^-1 x) = x for the F of the last min(pushes, m) gradients, whatever the order of
+    # pushes, the normalization and the refactor period; diag matches the dense inverse.
+    rng = np.random.default_rng(seed)
+    damp = 10.0 ** log_damp
+    G = rng.standard_normal((pushes, d)) * np.exp(rng.uniform(-2, 2, size=(pushes, 1)))
+    w = curvkit.FisherWindow(d, m, damp, dtype="float64", normalize=normalize, refactor_every=refactor_every)
+    for g in G:
+        w.push(g)
+    held = G[max(0, pushes - m):]
+    c = m if normalize == "capacity" else max(len(held), 1)
+    F = reference.fisher_matrix(held, damp, scale=c) if len(held) else damp * np.eye(d)
+    x = rng.standard_normal(d)
+    y = w.ihvp(x)
+    np.testing.assert_allclose(F @ y, x, rtol=1e-9, atol=1e-9 * np.abs(x).max())
+    np.testing.assert_allclose(w.diag(), np.diag(np.linalg.inv(F)), rtol=1e-8)
+    # The same gradients in another order give the same F.
+    if len(held) > 1:
+        v = curvkit.FisherWindow(d, m, damp, dtype="float64", normalize=normalize)
+        for g in held[rng.permutation(len(held))]:
+            v.push(g)
+        np.testing.assert_allclose(v.ihvp(x), y, rtol=1e-9, atol=1e-9 * np.abs(y).max())

@@ -18,6 +18,7 @@ namespace curvkit {
 void register_hutchinson(py::module_& m, py::module_& testing);
 void register_newton_schulz(py::module_& m, py::module_& testing);
 void register_inverse_root(py::module_& m, py::module_& testing);
+void register_mfac(py::module_& m, py::module_& testing);
 
 namespace {
 
@@ -60,4 +61,5 @@ PYBIND11_MODULE(_core, m) {
   curvkit::register_hutchinson(m, testing);
   curvkit::register_newton_schulz(m, testing);
   curvkit::register_inverse_root(m, testing);
+  curvkit::register_mfac(m, testing);
 }

@@ -19,6 +19,14 @@ from .hutchinson import (
     trace_estimate,
 )
 from .inverse_root import eigenbasis_update, eigh, matrix_inverse_root, orthonormalize
+from .mfac import (
+    FisherWindow,
+    SparseFisherWindow,
+    fisher_ihvp,
+    fisher_inverse_diag,
+    fisher_inverse_entries,
+    fisher_inverse_factor,
+)
 from .newton_schulz import (
     matrix_inv_sqrt,
     matrix_sqrt,
@@ -41,6 +49,11 @@ __all__ = [
     "config",
     "diag_estimate",
     "eigenbasis_update",
+    "FisherWindow",
+    "fisher_ihvp",
+    "fisher_inverse_diag",
+    "fisher_inverse_entries",
+    "fisher_inverse_factor",
     "eigh",
     "get_num_threads",
     "has_cuda",
@@ -55,6 +68,7 @@ __all__ = [
     "probes_like",
     "set_num_threads",
     "show_config",
+    "SparseFisherWindow",
     "solve_lyapunov",
     "sophia_step_",
     "spectral_density",

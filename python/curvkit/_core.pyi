@@ -146,3 +146,43 @@ def eigenbasis_update(
     stream: int,
     workspace: Workspace,
 ) -> list[Info]: ...
+
+# mfac
+WindowState = tuple[int, int, int, int]  # size, oldest slot, count, pushes since refactor
+
+def fisher_window_push(
+    G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
+    refactor_every: int, g: Array, stream: int, workspace: Workspace,
+) -> WindowState: ...
+def fisher_window_ihvp(
+    G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
+    refactor_every: int, x: Array, out: Array, stream: int, workspace: Workspace,
+) -> None: ...
+def fisher_window_diag(
+    G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
+    refactor_every: int, out: Array, stream: int, workspace: Workspace,
+) -> None: ...
+def fisher_window_refactor(
+    G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
+    refactor_every: int, stream: int, workspace: Workspace,
+) -> None: ...
+def fisher_ihvp(G: Array, x: Array, out: Array, *, damp: float, stream: int, workspace: Workspace) -> None: ...
+def fisher_inverse_diag(G: Array, out: Array, *, damp: float, stream: int, workspace: Workspace) -> None: ...
+def fisher_inverse_factor(G: Array, V: Array, *, damp: float, stream: int, workspace: Workspace) -> None: ...
+def fisher_inverse_entries(
+    V: Array, rows: Array, cols: Array, out: Array, *, damp: float, stream: int, workspace: Workspace
+) -> None: ...
+def fisher_ihvp_blocks(
+    G: Array, x: Array, out: Array, *, damp: float, block_size: int, stream: int, workspace: Workspace
+) -> None: ...
+def fisher_inverse_diag_blocks(
+    G: Array, out: Array, *, damp: float, block_size: int, stream: int, workspace: Workspace
+) -> None: ...
+def fisher_sparse_window_push(
+    indices: Array, values: Array, error: Array, gram: Array, factor: Array, state: WindowState, *, damp: float,
+    normalize: str, refactor_every: int, block_size: int, k: int, g: Array, stream: int, workspace: Workspace,
+) -> WindowState: ...
+def fisher_sparse_window_ihvp(
+    indices: Array, values: Array, error: Array, gram: Array, factor: Array, state: WindowState, *, damp: float,
+    normalize: str, refactor_every: int, x: Array, out: Array, stream: int, workspace: Workspace,
+) -> None: ...

@@ -190,9 +190,6 @@ def polar_update_(param, G, lr: _ns.Factor, weight_decay: _ns.Factor = 0.0, scal
     return param
 
 
-__all__ = ["matrix_inv_sqrt", "matrix_sqrt", "matrix_sqrt_and_inv_sqrt", "polar", "polar_update_"]
-
-
 # ---------------------------------------------------------------------------------------
 # Hessian-vector products of a loss, and per-layer Hutchinson traces from shared probes
 
@@ -310,3 +307,76 @@ def layer_traces(loss_fn, params: Sequence[torch.Tensor], num_matvecs: int, kind
             entry["diagonal"] = means[i].reshape(p.shape).to(p.device)
         result.append(entry)
     return result
+
+
+class MFAC(torch.optim.Optimizer):
+    """M-FAC's optimizer (Frantar et al., 2021) over a :class:`curvkit.FisherWindow`: each step
+    pushes the model's flattened gradient g into a window of the last ``m`` gradients and moves
+    the parameters along ``-lr * F^-1 g``, ``F = damp I + (1/m) sum g_i g_i^T`` (optionally with
+    momentum and decoupled weight decay). A thin example of the window, not a tuned optimizer.
+
+    ``damp`` bounds the step: F^-1 g is at most g / damp, reached as the gradients shrink; too
+    small a damp makes late steps explode (M-FAC's published runs tune it, 1e-4 .. 1e-7 for
+    large models with normalized losses).
+
+    The window holds ``m * d`` values of ``dtype`` (default the parameters' dtype) on the
+    parameters' device; parameters without a gradient contribute zeros.
+
+    >>> import torch, curvkit.torch as ct
+    >>> torch.manual_seed(0) and None
+    >>> model = torch.nn.Linear(4, 1, dtype=torch.float64)
+    >>> X, y = torch.randn(64, 4, dtype=torch.float64), torch.randn(64, 1, dtype=torch.float64)
+    >>> opt = ct.MFAC(model.parameters(), lr=0.1, m=8, damp=0.1)
+    >>> first = torch.nn.functional.mse_loss(model(X), y).item()
+    >>> for _ in range(20):
+    ...     opt.zero_grad()
+    ...     torch.nn.functional.mse_loss(model(X), y).backward()
+    ...     opt.step()
+    >>> torch.nn.functional.mse_loss(model(X), y).item() < first
+    True
+    """
+
+    def __init__(self, params, lr: float = 1e-3, m: int = 32, damp: float = 1e-5, momentum: float = 0.0,
+                 weight_decay: float = 0.0, dtype=None, normalize: str = "capacity") -> None:
+        from .mfac import FisherWindow
+
+        defaults = dict(lr=_args.real(lr, "lr"), momentum=_args.real(momentum, "momentum"),
+                        weight_decay=_args.real(weight_decay, "weight_decay"))
+        super().__init__(params, defaults)
+        flat = [p for group in self.param_groups for p in group["params"]]
+        if not flat:
+            raise ArgumentTypeError("argument 'params' holds no tensors")
+        d = sum(p.numel() for p in flat)
+        self.window = FisherWindow(d, m, damp, dtype=dtype if dtype is not None else flat[0].dtype, like=flat[0],
+                                   normalize=normalize)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        flat = [p for group in self.param_groups for p in group["params"]]
+        dtype = getattr(torch, self.window.dtype)
+        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1).to(dtype) for p in flat])
+        self.window.push(g)
+        update = self.window.ihvp(g)
+        offset = 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                n = p.numel()
+                u = update[offset:offset + n].view_as(p).to(p.dtype)
+                offset += n
+                if group["momentum"]:
+                    buf = self.state[p].get("momentum")
+                    buf = u.clone() if buf is None else buf.mul_(group["momentum"]).add_(u)
+                    self.state[p]["momentum"] = buf
+                    u = buf
+                if group["weight_decay"]:
+                    p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(u, alpha=-group["lr"])
+        return loss
+
+
+__all__ = ["MFAC", "hessian_matvec", "layer_traces", "matrix_inv_sqrt", "matrix_sqrt", "matrix_sqrt_and_inv_sqrt",
+           "polar", "polar_update_"]

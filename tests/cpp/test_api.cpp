@@ -11,6 +11,7 @@
 #include "core/interrupt.h"
 #include "hutchinson/hutchinson.h"
 #include "inverse_root/inverse_root.h"
+#include "mfac/mfac.h"
 #include "newton_schulz/newton_schulz.h"
 
 namespace ck = curvkit;
@@ -190,6 +191,43 @@ void test_xtrace() {
                                "sketch_qr: a wrong-shaped R is refused");
 }
 
+void test_mfac() {
+  const int64_t d = 20, m = 3;
+  const double damp = 0.1;
+  std::vector<double> G(size_t(m * d)), K(size_t(m * m)), L(size_t(m * m)), grads(size_t(5 * d));
+  for (size_t i = 0; i < grads.size(); ++i) grads[i] = std::sin(0.7 * double(i) + 0.3 * double(i % 7));
+  const ck::FisherWindowArrays w{view(G, {m, d}), view(K, {m, m}), view(L, {m, m})};
+  ck::FisherWindowOptions o;
+  o.damp = damp;
+  ck::FisherWindowState state;
+  for (int64_t t = 0; t < 5; ++t) {
+    std::vector<double> g(grads.begin() + t * d, grads.begin() + (t + 1) * d);
+    state = ck::fisher_window_push(w, state, o, view(g, {d}), 0);
+  }
+  expect(state.size == 3 && state.count == 5, "fisher_window_push: the window holds the last m gradients");
+  std::vector<double> x(static_cast<size_t>(d)), y(static_cast<size_t>(d));
+  for (int64_t j = 0; j < d; ++j) x[size_t(j)] = std::cos(double(j));
+  ck::fisher_window_ihvp(w, state, o, view(x, {d}), view(y, {d}), 0);
+  // F y = damp y + sum over the last m gradients g (g.y) / m must give x back.
+  double worst = 0;
+  for (int64_t j = 0; j < d; ++j) {
+    double fy = damp * y[size_t(j)];
+    for (int64_t t = 2; t < 5; ++t) {
+      double dot = 0;
+      for (int64_t i = 0; i < d; ++i) dot += grads[size_t(t * d + i)] * y[size_t(i)];
+      fy += grads[size_t(t * d + j)] * dot / double(m);
+    }
+    worst = std::fmax(worst, std::fabs(fy - x[size_t(j)]));
+  }
+  expect(worst < 1e-10, "fisher_window_ihvp: F (F^-1 x) = x");
+  std::vector<double> bad(static_cast<size_t>(d), 1.0);
+  bad[3] = NAN;
+  const std::vector<double> before = G;
+  expect_error<ck::ValueError>([&] { ck::fisher_window_push(w, state, o, view(bad, {d}), 0); }, "argument 'g'",
+                               "fisher_window_push: NaN refused");
+  expect(G == before, "fisher_window_push: a refused gradient leaves G unchanged");
+}
+
 }  // namespace
 
 int main() {
@@ -199,6 +237,7 @@ int main() {
   test_interrupt();
   test_lyapunov_stall();
   test_xtrace();
+  test_mfac();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }

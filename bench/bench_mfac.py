@@ -1,0 +1,163 @@
+"""M-FAC sliding window: curvkit.FisherWindow against M-FAC's dynamic algorithm in plain PyTorch
+(bench/baselines/mfac.py: its O(m^3) setup at every gradient included), in one run.
+Run: python -m pytest bench/bench_mfac.py --benchmark-only
+
+Two groups:
+  step-d{d}-m{m}   one optimizer step, push(g) then ihvp(g), float32 storage, a full window.
+                   curvkit reads G three times (the push's Gram row, fused with the row write;
+                   G x; G^T w): the rate is 3 m d 4 bytes / time against the machine's memory
+                   bandwidth. The anchor makes three passes as well, plus its O(m^3) setup.
+  update-m{m}      push alone at d = 64, where the m x m work dominates: curvkit's O(m^2)
+                   Cholesky update against the anchor's O(m^3) refactorization.
+Cases marked large (d = 1e6, d = 1e7, m = 4096) run only when timing
+(skipped under --benchmark-disable, the CI smoke run); d = 1e7 also needs MFAC_BENCH_HUGE=1
+(10 GB per window, one implementation at a time).
+"""
+import os
+
+import numpy as np
+import pytest
+from baselines.mfac import MFACDynamic
+
+import curvkit
+
+torch = pytest.importorskip("torch")
+
+STEP_CASES = [(10_000, 64, False), (1_000_000, 256, True), (1_000_000, 1024, True), (10_000_000, 256, True)]
+UPDATE_CASES = [(64, False), (256, False), (1024, False), (4096, True)]
+DAMP_KAPPA = 1e4
+
+
+def _skip_large(request, large, d=0):
+    if large and request.config.getoption("benchmark_disable"):
+        pytest.skip("large case: timed runs only")
+    if d >= 10_000_000 and not os.environ.get("MFAC_BENCH_HUGE"):
+        pytest.skip("d = 1e7 holds a 10 GB window: set MFAC_BENCH_HUGE=1")
+
+
+def _gradients(m, d, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(m, d, generator=gen, dtype=torch.float32)
+
+
+def _damp(d, m):
+    return d / (m * DAMP_KAPPA)  # ||g||^2 ~ d: kappa ~ 1e4
+
+
+def _rows(m, d, seed=0, device="cpu"):
+    """m standard normal float32 rows of length d, one at a time (no m x d copy)."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for _ in range(m):
+        yield torch.randn(d, generator=gen, dtype=torch.float32, device=device)
+
+
+def _filled_window(d, m, dtype=torch.float32, device="cpu"):
+    w = curvkit.FisherWindow(d, m, _damp(d, m), dtype=dtype, like=torch.empty(0, device=device))
+    for g in _rows(m, d, device=device):
+        w.push(g.to(dtype))
+    return w
+
+
+def _filled_anchor(d, m, device="cpu"):
+    a = MFACDynamic(d, m, _damp(d, m), dtype=torch.float32, device=device)  # the anchor has no bfloat16 path
+    for i, g in enumerate(_rows(m, d, device=device)):
+        a.G[i] = g
+    torch.matmul(a.G, a.G.T, out=a.GG)
+    a.setup()
+    return a
+
+
+@pytest.mark.parametrize("d, m, large", STEP_CASES, ids=[f"d{d}-m{m}" for d, m, _ in STEP_CASES])
+@pytest.mark.parametrize("impl", ["curvkit", "anchor"])
+def test_step(benchmark, request, impl, d, m, large):
+    _skip_large(request, large, d)
+    new = _gradients(4, d, seed=1)
+    state = {"i": 0}
+    if impl == "curvkit":
+        w = _filled_window(d, m)
+
+        def step():
+            g = new[state["i"] % 4]
+            state["i"] += 1
+            w.push(g)
+            return w.ihvp(g)
+    else:
+        a = _filled_anchor(d, m)
+
+        def step():
+            g = new[state["i"] % 4]
+            state["i"] += 1
+            a.push(g)
+            return a.ihvp(g)
+    benchmark.group = f"step-d{d}-m{m}"
+    benchmark.extra_info.update(impl=impl, bytes=3 * m * d * 4)
+    rounds = 3 if m * d >= 10**9 else 5
+    out = benchmark.pedantic(step, rounds=rounds, iterations=1, warmup_rounds=1)
+    assert out.shape == (d,) and bool(torch.isfinite(out).all())
+
+
+CUDA_STEP_CASES = [(1_000_000, 256, "float32"), (1_000_000, 1024, "float32"), (100_000_000, 256, "bfloat16")]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and curvkit.has_cuda()), reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("d, m, dtype", CUDA_STEP_CASES, ids=[f"d{d}-m{m}-{t}" for d, m, t in CUDA_STEP_CASES])
+@pytest.mark.parametrize("impl", ["curvkit", "anchor"])
+def test_step_cuda(benchmark, request, impl, d, m, dtype):
+    """The step group on the GPU: curvkit stores G in `dtype` (bfloat16 at d = 1e8: 51 GB), the
+    anchor in float32 (its only low-precision path); synchronized after each step."""
+    _skip_large(request, True)
+    storage = getattr(torch, dtype)
+    new = [g.to(storage) for g in _rows(4, d, seed=1, device="cuda")]
+    state = {"i": 0}
+    obj = _filled_window(d, m, storage, "cuda") if impl == "curvkit" else _filled_anchor(d, m, "cuda")
+
+    def step():
+        g = new[state["i"] % 4]
+        state["i"] += 1
+        g = g if impl == "curvkit" else g.float()
+        obj.push(g)
+        out = obj.ihvp(g)
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"step-cuda-d{d}-m{m}-{dtype}"
+    itemsize = 2 if (dtype == "bfloat16" and impl == "curvkit") else 4
+    benchmark.extra_info.update(impl=impl, bytes=3 * m * d * itemsize)
+    out = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    assert bool(torch.isfinite(out.float()).all())
+
+
+@pytest.mark.parametrize("m, large", UPDATE_CASES, ids=[f"m{m}" for m, _ in UPDATE_CASES])
+@pytest.mark.parametrize("impl", ["curvkit", "anchor"])
+def test_update(benchmark, request, impl, m, large):
+    _skip_large(request, large)
+    d = 64
+    new = _gradients(8, d, seed=1)
+    state = {"i": 0}
+    target = _filled_window(d, m) if impl == "curvkit" else _filled_anchor(d, m)
+
+    def push():
+        target.push(new[state["i"] % 8])
+        state["i"] += 1
+
+    benchmark.group = f"update-m{m}"
+    # The anchor's setup: Cholesky (m^3/3), triangular inverse (m^3/3) and the products; curvkit's
+    # push: two triangular solves and the row update (about 3 m^2), amortizing its refactor.
+    benchmark.extra_info.update(impl=impl, flops=(2 * m ** 3 / 3 if impl == "anchor" else 3 * m ** 2))
+    benchmark.pedantic(push, rounds=5 if m >= 1024 else 20, iterations=1, warmup_rounds=1)
+
+
+def test_window_matches_anchor_float64():
+    """The two implementations compute the same F^-1 x (float64, a full window)."""
+    rng = np.random.default_rng(0)
+    d, m = 300, 12
+    G = torch.tensor(rng.standard_normal((3 * m, d)))
+    damp = 1e-2
+    w = curvkit.FisherWindow(d, m, damp, dtype=torch.float64)
+    a = MFACDynamic(d, m, damp, dtype=torch.float64)
+    for g in G:
+        w.push(g)
+        a.push(g)
+    x = torch.tensor(rng.standard_normal(d))
+    ours, theirs = w.ihvp(x), a.ihvp(x)
+    assert float((ours - theirs).norm() / theirs.norm()) < 1e-10
