@@ -3,9 +3,23 @@
 Functions take NumPy arrays, PyTorch tensors and CuPy arrays and return the caller's kind,
 on the caller's device. See the README for the contracts.
 """
-import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the extension links)
+import os as _os
 
-from . import _core
+# curvkit's OpenBLAS threads sleep right after each call instead of spinning for ~0.1 s
+# (OpenBLAS's default), so that they leave the cores to PyTorch's and NumPy's pools between
+# curvkit calls: a Muon step inside a PyTorch training loop took 2.6x the pure-torch step with
+# spinning threads and 1.5x without (bench/results/optimizers_cpu.md), at no measured cost to
+# curvkit alone. Set only while curvkit's OpenBLAS loads, unless the caller set it.
+_spin = _os.environ.get("OPENBLAS_THREAD_TIMEOUT")
+if _spin is None:
+    _os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+try:
+    import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the extension links)
+
+    from . import _core
+finally:
+    if _spin is None:
+        del _os.environ["OPENBLAS_THREAD_TIMEOUT"]
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
 from ._errors import ArgumentError, ArgumentTypeError, ConvergenceError, CudaError, CurvkitError
 from .hutchinson import (
