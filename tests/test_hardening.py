@@ -265,3 +265,16 @@ def test_tensors_on_other_devices_are_refused_by_name():
 def test_big_endian_input_is_named():
     with pytest.raises(ArgumentTypeError, match="argument 'G' is not in native byte order"):
         ck.polar(np.ones((3, 4), dtype=">f8"))
+
+
+def test_python_layer_argument_errors_are_curvkit_errors():
+    # a list where an array is expected, a bad device, a bad schedule: curvkit's classes (which
+    # are TypeError / ValueError too), naming the argument
+    with pytest.raises(ArgumentTypeError, match="'A' must be a NumPy array, PyTorch tensor or CuPy array"):
+        ck.eigh([[1.0, 0.0], [0.0, 1.0]][0])
+    with pytest.raises(ArgumentError, match="'device'"):
+        ck.probes(3, device="tpu")
+    with pytest.raises(ArgumentError, match="'coefficients'"):
+        ck.polar(np.eye(3), coefficients="nope")
+    with pytest.raises(ArgumentError, match="'shape'"):
+        ck.probes(())

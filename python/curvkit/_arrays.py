@@ -20,7 +20,7 @@ def framework_of(x, name="x"):
     module = type(x).__module__.split(".", 1)[0]
     if module in ("numpy", "torch", "cupy") and hasattr(x, "shape") and hasattr(x, "dtype"):
         return module
-    raise TypeError(
+    raise ArgumentTypeError(
         f"argument '{name}' must be a NumPy array, PyTorch tensor or CuPy array, "
         f"got {type(x).__module__}.{type(x).__qualname__}"
     )
@@ -51,7 +51,7 @@ def dtype_name(dtype, name="dtype"):
         try:
             s = np.dtype(dtype).name
         except TypeError:
-            raise TypeError(f"argument '{name}' is not a dtype: {dtype!r}") from None
+            raise ArgumentTypeError(f"argument '{name}' is not a dtype: {dtype!r}") from None
     aliases = {"half": "float16", "float": "float32", "double": "float64", "bf16": "bfloat16"}
     return aliases.get(s, s)
 
@@ -59,13 +59,13 @@ def dtype_name(dtype, name="dtype"):
 def native_dtype(name, framework):
     """The framework's dtype object for a canonical float dtype name."""
     if name not in FLOAT_DTYPES:
-        raise TypeError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got '{name}'")
+        raise ArgumentTypeError(f"dtype must be one of {', '.join(FLOAT_DTYPES)}, got '{name}'")
     if framework == "torch":
         import torch
 
         return getattr(torch, name)
     if name == "bfloat16":
-        raise TypeError(f"{'NumPy' if framework == 'numpy' else 'CuPy'} has no bfloat16; use a PyTorch tensor")
+        raise ArgumentTypeError(f"{'NumPy' if framework == 'numpy' else 'CuPy'} has no bfloat16; use a PyTorch tensor")
     return np.dtype(name)
 
 
@@ -78,7 +78,7 @@ def parse_device(device):
     module = type(device).__module__.split(".", 1)[0]
     if module == "torch":
         if device.type not in ("cpu", "cuda"):
-            raise ValueError(f"argument 'device' must be a CPU or CUDA device, got {device}")
+            raise ArgumentError(f"argument 'device' must be a CPU or CUDA device, got {device}")
         return (device.type, device.index or 0)
     if module == "cupy":
         return ("cuda", device.id)
@@ -86,7 +86,7 @@ def parse_device(device):
         kind, _, index = device.partition(":")
         if kind in ("cpu", "cuda") and (index == "" or index.isdigit()) and not (kind == "cpu" and index):
             return (kind, int(index) if index else 0)
-    raise ValueError(f"argument 'device' must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    raise ArgumentError(f"argument 'device' must be 'cpu', 'cuda' or 'cuda:N', got {device!r}")
 
 
 def cuda_framework():
@@ -99,7 +99,7 @@ def cuda_framework():
         if fw == "torch" and not module.cuda.is_available():
             continue
         return fw
-    raise ValueError("a CUDA device was asked for, but neither PyTorch with CUDA nor CuPy is available")
+    raise ArgumentError("a CUDA device was asked for, but neither PyTorch with CUDA nor CuPy is available")
 
 
 def empty(shape, dtype, framework, device=("cpu", 0)):
@@ -108,7 +108,7 @@ def empty(shape, dtype, framework, device=("cpu", 0)):
     native = native_dtype(dtype, framework)
     if framework == "numpy":
         if kind != "cpu":
-            raise ValueError("NumPy arrays live on the CPU; pass a torch or cupy array or device for CUDA")
+            raise ArgumentError("NumPy arrays live on the CPU; pass a torch or cupy array or device for CUDA")
         return np.empty(shape, dtype=native)
     if framework == "torch":
         import torch
@@ -117,7 +117,7 @@ def empty(shape, dtype, framework, device=("cpu", 0)):
     import cupy
 
     if kind != "cuda":
-        raise ValueError("CuPy arrays live on a CUDA device")
+        raise ArgumentError("CuPy arrays live on a CUDA device")
     with cupy.cuda.Device(index):
         return cupy.empty(shape, dtype=native)
 

@@ -83,9 +83,10 @@ def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int
         framework, dev, dtype = _target(like, device, dtype)
         out = _arrays.empty(shape, dtype, framework, dev)
     elif like is not None or device is not None or dtype is not None:
-        raise TypeError("argument 'out' gives the framework, device and dtype: pass no 'like', 'device' or 'dtype'")
+        raise ArgumentTypeError("argument 'out' gives the framework, device and dtype: pass no 'like', 'device' "
+                                "or 'dtype'")
     elif tuple(out.shape) != shape:
-        raise ValueError(f"argument 'out' must have shape {shape}, got {tuple(out.shape)}")
+        raise ArgumentError(f"argument 'out' must have shape {shape}, got {tuple(out.shape)}")
     framework, dev = _arrays.framework_of(out, "out"), _arrays.device_of(out)
     workspace = None
     ws_size = _core.probes_workspace_size(list(shape), kind, dev[0] == "cuda")
@@ -135,12 +136,12 @@ def _normalize_shape(shape: Union[int, Sequence[int]]) -> tuple[int, ...]:
     else:
         dims = (_args.index(shape, "shape", 0),)
     if len(dims) == 0:
-        raise ValueError("argument 'shape' must have at least one dimension: (n,) or (..., n, k)")
+        raise ArgumentError("argument 'shape' must have at least one dimension: (n,) or (..., n, k)")
     total = 1
     for s in dims:
         total *= s
     if total >= 2**62:
-        raise ValueError(f"argument 'shape' {dims} has {total} elements, more than curvkit indexes (2**62)")
+        raise ArgumentError(f"argument 'shape' {dims} has {total} elements, more than curvkit indexes (2**62)")
     return dims
 
 
@@ -152,7 +153,7 @@ def _target(like: Any, device: Any, dtype: Any) -> tuple[str, tuple[str, int], s
         if dtype is None:
             dtype = _arrays.dtype_name(like.dtype, "like")
             if dtype not in _arrays.FLOAT_DTYPES:
-                raise TypeError(f"argument 'like' has dtype {dtype}, which is not a float dtype; pass dtype=")
+                raise ArgumentTypeError(f"argument 'like' has dtype {dtype}, which is not a float dtype; pass dtype=")
     else:
         dev = _arrays.parse_device(device)
         module = type(device).__module__.split(".", 1)[0]
@@ -167,10 +168,10 @@ def _target(like: Any, device: Any, dtype: Any) -> tuple[str, tuple[str, int], s
             framework = "numpy"
     dtype = _arrays.dtype_name(dtype if dtype is not None else "float64")
     if dtype not in _arrays.FLOAT_DTYPES:
-        raise TypeError(f"argument 'dtype' must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got '{dtype}'")
+        raise ArgumentTypeError(f"argument 'dtype' must be one of {', '.join(_arrays.FLOAT_DTYPES)}, got '{dtype}'")
     _arrays.native_dtype(dtype, framework)  # bfloat16 needs PyTorch
     if dev[0] == "cuda" and not _core.built_with_cuda():
-        raise ValueError("a CUDA device was asked for, but this curvkit build has no CUDA kernels")
+        raise ArgumentError("a CUDA device was asked for, but this curvkit build has no CUDA kernels")
     return framework, dev, dtype
 
 

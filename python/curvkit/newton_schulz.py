@@ -182,16 +182,17 @@ def schedule(coefficients: Coefficients, steps: int) -> tuple[list[tuple[float, 
     steps = _args.steps(steps)
     if isinstance(coefficients, str):
         if coefficients not in SCHEDULES:
-            raise ValueError(f"argument 'coefficients' must be one of {', '.join(map(repr, SCHEDULES))} "
+            raise ArgumentError(f"argument 'coefficients' must be one of {', '.join(map(repr, SCHEDULES))} "
                              f"or a sequence of (a, b, c), got {coefficients!r}")
         table, norm_scale = SCHEDULES[coefficients]
     else:
         try:
             rows = [[float(v) for v in abc] for abc in coefficients]
         except (TypeError, ValueError):
-            raise TypeError("argument 'coefficients' must be a schedule name or a sequence of (a, b, c)") from None
+            raise ArgumentTypeError(
+                "argument 'coefficients' must be a schedule name or a sequence of (a, b, c)") from None
         if not rows or any(len(abc) != 3 for abc in rows):
-            raise ValueError("argument 'coefficients' must hold at least one (a, b, c) triple")
+            raise ArgumentError("argument 'coefficients' must hold at least one (a, b, c) triple")
         table = [(a, b, c) for a, b, c in rows]
         norm_scale = 1.0
     return [table[min(k, len(table) - 1)] for k in range(steps)], norm_scale
