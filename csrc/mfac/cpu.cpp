@@ -317,7 +317,7 @@ bool append_row(double* L, int64_t ld, int64_t n, std::vector<double> c, double 
   for (int64_t p = 0; p < n; ++p) rr += c[size_t(p)] * c[size_t(p)];
   const double pivot = diagonal - rr;
   if (!(pivot > 0) || !std::isfinite(pivot) || !std::isfinite(rr)) return false;
-  std::memcpy(L + n * ld, c.data(), size_t(n) * sizeof(double));
+  std::copy_n(c.data(), n, L + n * ld);  // n may be 0 (c empty: memcpy from null is undefined)
   L[n * ld + n] = std::sqrt(pivot);
   return true;
 }
@@ -562,8 +562,8 @@ FisherWindowState sparse_push_cpu(const SparseWindowArrays& w, const FisherWindo
       sparse_rows_times(I, V, nnz, kept, z.data(), 1, dots.data(), threads);
       // The error keeps what was not stored, the stored values' rounding included.
       for (int64_t j = 0; j < d; ++j) err[j] = E(acc[size_t(j)] - z[size_t(j)]);
-      std::memcpy(I + target * nnz, chosen.data(), size_t(nnz) * sizeof(int32_t));
-      std::memcpy(V + target * nnz, kept_values.data(), size_t(nnz) * sizeof(S));
+      std::copy_n(chosen.data(), nnz, I + target * nnz);  // nnz may be 0
+      std::copy_n(kept_values.data(), nnz, V + target * nnz);
       for (size_t i = 0; i < kept.size(); ++i) K[target * m + kept[i]] = K[kept[i] * m + target] = dots[i];
       K[target * m + target] = norm2;
       advance_factor(K, L, m, state, next, o, dots, norm2, threads);
