@@ -39,7 +39,43 @@ def _readonly(a: Any) -> Any:
     return a.view()
 
 
-class FisherWindow:
+class _Window:
+    """What the dense and the sparse windows share: the slots in age order, the Gram matrix and
+    its factor (their arrays and the (size, oldest, count, ...) state set by the subclass)."""
+
+    _m: int
+    _gram: Any
+    _factor: Any
+    _state: tuple[int, int, int, int]
+
+    @property
+    def size(self) -> int:
+        """Gradients held (at most m)."""
+        return self._state[0]
+
+    @property
+    def count(self) -> int:
+        """Gradients pushed since construction or the last ``reset``."""
+        return self._state[2]
+
+    @property
+    def slots(self) -> list[int]:
+        """Rows that hold gradients, oldest first."""
+        size, oldest = self._state[0], self._state[1]
+        return [(oldest + p) % self._m for p in range(size)]
+
+    @property
+    def gram(self) -> Any:
+        """G G^T by slot, float64 (read-only view)."""
+        return _readonly(self._gram)
+
+    @property
+    def factor(self) -> Any:
+        """L, C = L L^T for C = c damp I + G G^T in age order; the leading size x size block (read-only)."""
+        return _readonly(self._factor)
+
+
+class FisherWindow(_Window):
     """A sliding window of the last m gradients and products with the inverse of its Fisher.
 
     ``F = damp * I + (1/c) * sum g_i g_i^T`` over the gradients in the window, with c = m
@@ -135,35 +171,9 @@ class FisherWindow:
         return self._normalize
 
     @property
-    def size(self) -> int:
-        """Gradients held (at most m)."""
-        return self._state[0]
-
-    @property
-    def count(self) -> int:
-        """Gradients pushed since construction or the last :meth:`reset`."""
-        return self._state[2]
-
-    @property
-    def slots(self) -> list[int]:
-        """Rows of :attr:`G` that hold gradients, oldest first."""
-        size, oldest = self._state[0], self._state[1]
-        return [(oldest + p) % self._m for p in range(size)]
-
-    @property
     def G(self) -> Any:
         """The (m, d) gradient rows by slot (read-only view; see :attr:`slots` for their order)."""
         return _readonly(self._G)
-
-    @property
-    def gram(self) -> Any:
-        """G G^T by slot, float64 (read-only view)."""
-        return _readonly(self._gram)
-
-    @property
-    def factor(self) -> Any:
-        """L, C = L L^T for C = c damp I + G G^T in age order; the leading size x size block (read-only)."""
-        return _readonly(self._factor)
 
     @property
     def damp(self) -> float:
@@ -229,7 +239,7 @@ class FisherWindow:
                 f"normalize={self._normalize!r}, size={self.size}, count={self.count})")
 
 
-class SparseFisherWindow:
+class SparseFisherWindow(_Window):
     """A compressed sliding window (EFCP): each gradient is added to an error-feedback buffer,
     the buffer's ``k`` largest magnitudes in every block of ``block_size`` coordinates (the
     last block partial; default one block of d) are kept as (int32 column, value) pairs, and
@@ -286,20 +296,6 @@ class SparseFisherWindow:
         self._state: tuple[int, int, int, int] = (0, 0, 0, 0)
 
     @property
-    def size(self) -> int:
-        return self._state[0]
-
-    @property
-    def count(self) -> int:
-        return self._state[2]
-
-    @property
-    def slots(self) -> list[int]:
-        """Rows that hold gradients, oldest first."""
-        size, oldest = self._state[0], self._state[1]
-        return [(oldest + p) % self._m for p in range(size)]
-
-    @property
     def indices(self) -> Any:
         """(m, nnz) int32 columns of the stored values, by slot, ascending in each row (read-only)."""
         return _readonly(self._indices)
@@ -313,14 +309,6 @@ class SparseFisherWindow:
     def error(self) -> Any:
         """The error-feedback buffer (d,) (read-only)."""
         return _readonly(self._error)
-
-    @property
-    def gram(self) -> Any:
-        return _readonly(self._gram)
-
-    @property
-    def factor(self) -> Any:
-        return _readonly(self._factor)
 
     def densified(self) -> Any:
         """The stored rows as a dense (m, d) NumPy float64 array, by slot (rows not yet filled are zero)."""
