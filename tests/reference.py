@@ -282,3 +282,21 @@ def fisher_solve(G, x, damp, scale=None, block=None):
 def fisher_inverse(G, damp, scale=None, block=None):
     """The dense float64 inverse of F (see fisher_matrix)."""
     return np.linalg.inv(fisher_matrix(G, damp, scale, block))
+
+
+def sinkhorn_log(a, b, C, reg, tol=1e-13, max_iter=200000):
+    """Log-domain Sinkhorn in float64 NumPy to an L1 marginal error of tol: (plan, f, g)."""
+    a, b, C = (np.asarray(v, dtype=np.float64) for v in (a, b, C))
+
+    def lse(z, axis):
+        mx = z.max(axis=axis, keepdims=True)
+        return (mx + np.log(np.exp(z - mx).sum(axis=axis, keepdims=True))).squeeze(axis)
+
+    f, g = np.zeros(len(a)), np.zeros(len(b))
+    for _ in range(max_iter):
+        f = reg * np.log(a) - reg * lse((g[None, :] - C) / reg, 1)
+        g = reg * np.log(b) - reg * lse((f[:, None] - C) / reg, 0)
+        P = np.exp((f[:, None] + g[None, :] - C) / reg)
+        if np.abs(P.sum(1) - a).sum() < tol:
+            break
+    return P, f, g

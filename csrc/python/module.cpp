@@ -19,6 +19,7 @@ void register_hutchinson(py::module_& m, py::module_& testing);
 void register_newton_schulz(py::module_& m, py::module_& testing);
 void register_inverse_root(py::module_& m, py::module_& testing);
 void register_mfac(py::module_& m, py::module_& testing);
+void register_sinkhorn(py::module_& m, py::module_& testing);
 
 namespace {
 
@@ -62,4 +63,5 @@ PYBIND11_MODULE(_core, m) {
   curvkit::register_newton_schulz(m, testing);
   curvkit::register_inverse_root(m, testing);
   curvkit::register_mfac(m, testing);
+  curvkit::register_sinkhorn(m, testing);
 }

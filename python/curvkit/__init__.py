@@ -49,6 +49,7 @@ from .newton_schulz import (
     polar_update_,
     solve_lyapunov,
 )
+from .sinkhorn import sinkhorn, sinkhorn_cost
 
 __version__ = _core.build_info()["version"]
 
@@ -82,6 +83,8 @@ __all__ = [
     "probes_like",
     "set_num_threads",
     "show_config",
+    "sinkhorn",
+    "sinkhorn_cost",
     "SparseFisherWindow",
     "solve_lyapunov",
     "sophia_step_",

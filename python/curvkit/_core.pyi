@@ -186,3 +186,28 @@ def fisher_sparse_window_ihvp(
     indices: Array, values: Array, error: Array, gram: Array, factor: Array, state: WindowState, *, damp: float,
     normalize: str, refactor_every: int, x: Array, out: Array, stream: int, workspace: Workspace,
 ) -> None: ...
+
+# ---- sinkhorn
+def sinkhorn(
+    a: list[Array],
+    b: list[Array],
+    C: list[Optional[Array]],
+    x: list[Optional[Array]],
+    y: list[Optional[Array]],
+    f: list[Array],
+    g: list[Array],
+    plan: list[Optional[Array]],
+    *,
+    cost: str,
+    p: float,
+    reg: float,
+    method: str,
+    tol: float,
+    max_iter: int,
+    max_newton: int,
+    density: float,
+    float32_warmup: bool,
+    warm_start: bool,
+    stream: int,
+    workspace: Workspace,
+) -> list[dict[str, Any]]: ...

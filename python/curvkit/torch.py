@@ -35,11 +35,13 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from . import _args
 from . import newton_schulz as _ns
-from ._errors import ArgumentTypeError
+from ._errors import ArgumentTypeError, raise_unless_converged
+from .sinkhorn import sinkhorn_cost as _sinkhorn_cost
 
 
 def _tensor(x, name):
@@ -309,6 +311,72 @@ def layer_traces(loss_fn, params: Sequence[torch.Tensor], num_matvecs: int, kind
     return result
 
 
+def _point_costs(x, y, cost, p):
+    """The ground cost matrix of point clouds (..., n, d) and (..., m, d), differentiable."""
+    diff = x.unsqueeze(-2) - y.unsqueeze(-3)
+    if cost == "sqeuclidean":
+        return (diff * diff).sum(-1)
+    if cost == "euclidean":
+        return (diff * diff).sum(-1).sqrt()
+    if cost == "l1":
+        return diff.abs().sum(-1)
+    return diff.abs().pow(p).sum(-1)
+
+
+class _SinkhornCost(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, C, x, y, options):
+        a, b, C_, x_, y_ = (None if t is None else t.detach() for t in (a, b, C, x, y))
+        value, info = _sinkhorn_cost(a, b, C_, x=x_, y=y_, return_info=True, **options)
+        if not np.asarray(info["converged"]).all():
+            raise_unless_converged("curvkit.torch.sinkhorn_cost", [info], value, True)
+        like = C if C is not None else x
+        ctx.save_for_backward(info["f"], info["g"], C, x, y)
+        ctx.options = options
+        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+
+    @staticmethod
+    def backward(ctx, grad):
+        f, g, C, x, y = ctx.saved_tensors
+        o = ctx.options
+        if C is None:
+            with torch.enable_grad():
+                xs, ys = x.detach().requires_grad_(), y.detach().requires_grad_()
+                costs = _point_costs(xs, ys, o["cost"], o["p"])
+        else:
+            costs = C
+        plan = torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - costs.detach()) / o["reg"])
+        weight = grad[..., None, None] * plan
+        grad_x = grad_y = None
+        if C is None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
+            grad_x, grad_y = torch.autograd.grad(costs, (xs, ys), weight)
+        grad_C = weight if ctx.needs_input_grad[2] else None
+        grad_a = grad[..., None] * f if ctx.needs_input_grad[0] else None
+        grad_b = grad[..., None] * g if ctx.needs_input_grad[1] else None
+        return grad_a, grad_b, grad_C, grad_x, grad_y, None
+
+
+def sinkhorn_cost(a: Optional[torch.Tensor], b: Optional[torch.Tensor], C: Optional[torch.Tensor] = None, *,
+                  x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, cost: str = "sqeuclidean",
+                  p: float = 2.0, reg: float, **options) -> torch.Tensor:
+    """:func:`curvkit.sinkhorn_cost` with gradients with respect to a, b, C, x and y by the
+    envelope theorem: d/dC = P, d/da = f, d/db = g at the optimum (no unrolled iterations;
+    memory O(n m) in the backward pass, for the plan). Single problems or batches (B, ...)
+    of tensors; the loss has the cost's dtype and shape (B,) or (). Gradients with respect
+    to a and b are defined up to adding a constant (the potentials' shift): only
+    mass-preserving changes of a and b are meaningful.
+
+    >>> import torch, curvkit.torch as ct
+    >>> x = torch.rand(20, 2, dtype=torch.float64, requires_grad=True)
+    >>> y = torch.rand(25, 2, dtype=torch.float64)
+    >>> loss = ct.sinkhorn_cost(None, None, x=x, y=y, reg=0.05)
+    >>> loss.backward()
+    >>> x.grad.shape
+    torch.Size([20, 2])
+    """
+    return _SinkhornCost.apply(a, b, C, x, y, dict(options, cost=cost, p=p, reg=reg))
+
+
 class MFAC(torch.optim.Optimizer):
     """M-FAC's optimizer (Frantar et al., 2021) over a :class:`curvkit.FisherWindow`: each step
     pushes the model's flattened gradient g into a window of the last ``m`` gradients and moves
@@ -379,4 +447,4 @@ class MFAC(torch.optim.Optimizer):
 
 
 __all__ = ["MFAC", "hessian_matvec", "layer_traces", "matrix_inv_sqrt", "matrix_sqrt", "matrix_sqrt_and_inv_sqrt",
-           "polar", "polar_update_"]
+           "polar", "polar_update_", "sinkhorn_cost"]

@@ -1,0 +1,216 @@
+"""Sinkhorn family: plans, potentials and losses against float64 references (a NumPy log-domain
+Sinkhorn and, where installed, POT), over methods, batches, lists, point-cloud costs and dtypes."""
+import numpy as np
+import pytest
+from conftest import CPU_BACKENDS, backend_dtypes, make, needs_torch, to_numpy
+from reference import sinkhorn_log
+
+import curvkit
+
+METHODS = ["log", "sns", "auto"]
+# Error against the float64 reference on the stored inputs, relative to the largest entry (of
+# the plan; of reg for the potentials): the solve is float64 for every dtype, to the tolerance
+# (1e-11 here), so the other dtypes add only the one rounding of the result (2^-24 in float32).
+PLAN_TOL = {"float64": 1e-8, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+def problem(rng, n, m, batch=()):
+    a = rng.random(batch + (n,)) + 0.1
+    b = rng.random(batch + (m,)) + 0.1
+    a /= a.sum(-1, keepdims=True)
+    b /= b.sum(-1, keepdims=True)
+    return a, b, rng.random(batch + (n, m))
+
+
+def centered(f, g):
+    """Potentials are unique up to (f + c, g - c): fix c by mean(f) = 0."""
+    c = f.mean()
+    return f - c, g + c
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(["float32", "float64"], of=CPU_BACKENDS))
+def test_plan_and_potentials_match_reference(backend, dtype, method, rng):
+    a, b, C = problem(rng, 40, 50)
+    reg = 0.02
+    a_in, b_in, C_in = (make(v, backend, dtype) for v in (a, b, C))
+    P, info = curvkit.sinkhorn(a_in, b_in, C_in, reg=reg, method=method, tol=1e-11, return_info=True)
+    assert type(P) is type(C_in) and tuple(P.shape) == (40, 50)
+    assert bool(info["converged"]) and info["marginal_error"] <= 1e-11
+    # the reference solves the problem as stored (the inputs rounded to dtype)
+    a_s, b_s, C_s = (to_numpy(v) for v in (a_in, b_in, C_in))
+    P_ref, f_ref, g_ref = sinkhorn_log(a_s, b_s * a_s.sum() / b_s.sum(), C_s, reg)
+    assert np.abs(to_numpy(P) - P_ref).max() <= PLAN_TOL[dtype] * P_ref.max()
+    f, g = centered(to_numpy(info["f"]), to_numpy(info["g"]))
+    fr, gr = centered(f_ref, g_ref)
+    scale = PLAN_TOL[dtype] * reg
+    assert np.abs(f - fr).max() <= scale and np.abs(g - gr).max() <= scale
+    cost = float((P_ref * C_s).sum())
+    assert abs(float(info["cost"]) - cost) <= PLAN_TOL[dtype] * cost
+    objective = cost + reg * float((P_ref * (np.log(P_ref) - 1)).sum())
+    assert abs(float(info["objective"]) - objective) <= PLAN_TOL[dtype] * abs(objective) + 1e-12
+
+
+def test_against_pot(rng):
+    ot = pytest.importorskip("ot")
+    a, b, C = problem(rng, 30, 45)
+    reg = 0.05
+    P_pot, log = ot.sinkhorn(a, b, C, reg, method="sinkhorn_log", stopThr=1e-13, numItermax=100000, log=True)
+    for method in METHODS:
+        P, info = curvkit.sinkhorn(a, b, C, reg=reg, method=method, tol=1e-12, return_info=True)
+        assert np.abs(P - P_pot).max() <= 1e-8 * P_pot.max()
+        f, g = centered(info["f"], info["g"])
+        fp, gp = centered(reg * log["log_u"], reg * log["log_v"])
+        assert np.abs(f - fp).max() <= 1e-8 * reg and np.abs(g - gp).max() <= 1e-8 * reg
+
+
+def test_small_reg_approaches_exact_ot(rng):
+    ot = pytest.importorskip("ot")
+    n = 50
+    a, b = np.full(n, 1 / n), np.full(n, 1 / n)
+    C = rng.random((n, n))
+    exact = ot.emd2(a, b, C)
+    gaps = []
+    for reg in (1e-1, 1e-2, 1e-3):
+        P = curvkit.sinkhorn(a, b, C, reg=reg)
+        gaps.append(float((P * C).sum()) - exact)
+    assert gaps[0] > gaps[1] > gaps[2] >= -1e-12
+    assert gaps[2] < 0.05 * exact
+
+
+def test_sns_and_log_agree_on_a_hard_problem(rng):
+    """The SNS paper's random assignment case, smaller: Sinkhorn is slow there, Newton is not."""
+    n = 60
+    C = rng.random((n, n))
+    u = np.full(n, 1 / n)
+    P_log, i_log = curvkit.sinkhorn(u, u, C, reg=0.01, method="log", tol=1e-10, max_iter=50000, return_info=True)
+    P_sns, i_sns = curvkit.sinkhorn(u, u, C, reg=0.01, method="sns", tol=1e-10, return_info=True)
+    assert i_sns["method"] == "sns" and i_sns["newton_steps"] > 0
+    assert i_sns["iterations"] + 10 * i_sns["newton_steps"] < i_log["iterations"]
+    assert np.abs(P_log - P_sns).max() <= 1e-7 * P_log.max()
+
+
+def test_identity_recovery(rng):
+    x = rng.random((40, 3))
+    y = x + 1e-4 * rng.standard_normal(x.shape)
+    P = curvkit.sinkhorn(None, None, x=x, y=y, reg=1e-4)
+    assert np.trace(P) > 0.99
+    assert np.abs(P - np.eye(40) / 40).max() < 1e-3
+
+
+@pytest.mark.parametrize("cost, p", [("sqeuclidean", 2.0), ("euclidean", 2.0), ("l1", 1.0), ("pnorm", 1.5)])
+def test_point_cloud_costs_match_the_matrix(cost, p, rng):
+    x, y = rng.random((25, 3)), rng.random((35, 3))
+    diff = np.abs(x[:, None, :] - y[None, :, :])
+    C = {"sqeuclidean": (diff ** 2).sum(-1), "euclidean": np.sqrt((diff ** 2).sum(-1)), "l1": diff.sum(-1),
+         "pnorm": (diff ** p).sum(-1)}[cost]
+    a, b = np.full(25, 1 / 25), np.full(35, 1 / 35)
+    P_points, info = curvkit.sinkhorn(a, b, x=x, y=y, cost=cost, p=p, reg=0.01, return_info=True)
+    P_matrix = curvkit.sinkhorn(a, b, C, reg=0.01)
+    assert np.abs(P_points - P_matrix).max() <= 1e-9 * P_matrix.max()
+    assert abs(curvkit.sinkhorn_cost(a, b, x=x, y=y, cost=cost, p=p, reg=0.01) - info["objective"]) <= 1e-12
+
+
+def test_batches_and_lists_solve_each_problem_on_its_own(rng):
+    a, b, C = problem(rng, 20, 30, batch=(4,))
+    C[2] *= 20  # a harder problem in the batch: it stops later than the others
+    P, info = curvkit.sinkhorn(a, b, C, reg=0.02, tol=1e-11, return_info=True)
+    assert P.shape == (4, 20, 30) and info["converged"].shape == (4,)
+    for k in range(4):
+        P_k, info_k = curvkit.sinkhorn(a[k], b[k], C[k], reg=0.02, tol=1e-11, return_info=True)
+        assert np.abs(P[k] - P_k).max() <= 1e-14
+        assert info["iterations"][k] == info_k["iterations"]
+    assert len(set(info["iterations"].tolist())) > 1
+    sizes = [(5, 7), (30, 20), (64, 64)]
+    problems = [problem(rng, n, m) for n, m in sizes]
+    plans, infos = curvkit.sinkhorn([p[0] for p in problems], [p[1] for p in problems], [p[2] for p in problems],
+                                    reg=0.05, return_info=True)
+    assert isinstance(plans, list) and [P.shape for P in plans] == sizes
+    for (a_k, b_k, C_k), P_k, info_k in zip(problems, plans, infos):
+        assert np.abs(P_k - curvkit.sinkhorn(a_k, b_k, C_k, reg=0.05)).max() <= 1e-14
+        assert info_k["f"].shape == a_k.shape
+
+
+def test_small_reg_never_overflows(rng):
+    """exp(-C / reg) underflows for every entry here: the log domain does not care."""
+    a, b, C = problem(rng, 30, 30)
+    P, info = curvkit.sinkhorn(a, b, 1000 * C, reg=1e-3, return_info=True, max_iter=2000)
+    assert np.isfinite(P).all() and np.isfinite(info["f"]).all()
+    assert info["marginal_error"] <= 1e-9 or not info["converged"]
+
+
+def test_non_convergence_is_reported(rng):
+    a, b, C = problem(rng, 30, 30)
+    P, info = curvkit.sinkhorn(a, b, C, reg=1e-3, method="log", max_iter=3, return_info=True)
+    assert not info["converged"] and info["marginal_error"] > 1e-9 and np.isfinite(P).all()
+    with pytest.raises(curvkit.ConvergenceError) as e:
+        curvkit.sinkhorn(a, b, C, reg=1e-3, method="log", max_iter=3)
+    assert not e.value.info["converged"] and e.value.result.shape == (30, 30)
+
+
+def test_zero_mass_rows_and_columns(rng):
+    a, b, C = problem(rng, 10, 12)
+    a[3] = 0
+    b[[0, 5]] = 0
+    a /= a.sum()
+    b /= b.sum()
+    P, info = curvkit.sinkhorn(a, b, C, reg=0.05, tol=1e-12, return_info=True)
+    assert info["converged"] and (P[3] == 0).all() and (P[:, [0, 5]] == 0).all()
+    keep_r, keep_c = a > 0, b > 0
+    P_ref, _, _ = sinkhorn_log(a[keep_r], b[keep_c], C[np.ix_(keep_r, keep_c)], 0.05)
+    assert np.abs(P[np.ix_(keep_r, keep_c)] - P_ref).max() <= 1e-9
+
+
+def test_warm_start_and_float32_warmup(rng):
+    a, b, C = problem(rng, 50, 50)
+    P, info = curvkit.sinkhorn(a, b, C, reg=0.01, tol=1e-11, return_info=True)
+    P2, info2 = curvkit.sinkhorn(a, b, C, reg=0.01, tol=1e-11, init=(info["f"], info["g"]), return_info=True)
+    assert info2["iterations"] <= 1 and np.abs(P2 - P).max() <= 1e-10 * P.max()
+    for method in METHODS:
+        P3, info3 = curvkit.sinkhorn(a, b, C, reg=0.01, tol=1e-11, method=method, float32_warmup=True,
+                                     return_info=True)
+        assert info3["converged"] and np.abs(P3 - P).max() <= 1e-8 * P.max()
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_precision_inputs(dtype, rng):
+    torch = pytest.importorskip("torch")
+    a, b, C = problem(rng, 16, 16)
+    t = [torch.from_numpy(v).to(getattr(torch, dtype)) for v in (a, b, C)]
+    P, info = curvkit.sinkhorn(*t, reg=0.05, tol=1e-6, return_info=True)
+    assert P.dtype == getattr(torch, dtype) and info["converged"]
+    P_ref = sinkhorn_log(to_numpy(t[0]), to_numpy(t[1]) * float(to_numpy(t[0]).sum() / to_numpy(t[1]).sum()),
+                         to_numpy(t[2]), 0.05)[0]
+    assert np.abs(to_numpy(P) - P_ref).max() <= PLAN_TOL[dtype] * P_ref.max()
+
+
+@needs_torch
+def test_torch_gradients_by_the_envelope_theorem(rng):
+    import torch
+
+    import curvkit.torch as ct
+
+    a, b, C = problem(rng, 5, 6)
+    Ct = torch.from_numpy(C).requires_grad_()
+    at, bt = torch.from_numpy(a), torch.from_numpy(b)
+    options = dict(reg=0.1, tol=1e-14)
+    assert torch.autograd.gradcheck(lambda C_: ct.sinkhorn_cost(at, bt, C_, **options), (Ct,))
+    x = torch.from_numpy(rng.random((5, 2))).requires_grad_()
+    y = torch.from_numpy(rng.random((6, 2))).requires_grad_()
+    for cost in ("sqeuclidean", "l1"):
+        assert torch.autograd.gradcheck(
+            lambda x_, y_, cost=cost: ct.sinkhorn_cost(at, bt, x=x_, y=y_, cost=cost, **options), (x, y))
+    # a and b: along mass-preserving directions
+    a_var = at.clone().requires_grad_()
+    ct.sinkhorn_cost(a_var, bt, Ct.detach(), **options).backward()
+    d = torch.zeros(5, dtype=torch.float64)
+    d[1], d[3] = 1e-6, -1e-6
+    numeric = (ct.sinkhorn_cost(at + d, bt, Ct.detach(), **options) - ct.sinkhorn_cost(at - d, bt, Ct.detach(),
+                                                                                     **options)) / 2
+    assert abs(float(numeric) - float(a_var.grad @ d)) <= 1e-6 * abs(float(numeric)) + 1e-14
+    # batched losses
+    Cb = torch.from_numpy(rng.random((3, 5, 6))).requires_grad_()
+    loss = ct.sinkhorn_cost(None, None, Cb, reg=0.1)
+    assert loss.shape == (3,)
+    loss.sum().backward()
+    assert torch.allclose(Cb.grad.sum((1, 2)), torch.ones(3, dtype=torch.float64), atol=1e-8)  # the plans' mass
