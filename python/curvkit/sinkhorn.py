@@ -141,14 +141,22 @@ def _solve(a, b, C, x, y, cost, p, reg, method, tol, max_iter, max_newton, densi
     count = len(main)
     As, Bs = _matching(a, single, count, "a", "x" if points else "C"), _matching(b, single, count, "b",
                                                                                  "x" if points else "C")
-    inits = [None] * count if init is None else _inits(init, single, count)
+    inits: list[Any] = [None] * count if init is None else _inits(init, single, count)
     reg = _args.real(reg, "reg")
     tol = _args.real(tol, "tol")
     p = _args.real(p, "p")
     max_iter = _args.index(max_iter, "max_iter")
     max_newton = _args.index(max_newton, "max_newton")
     density = 0.0 if density is None else _args.real(density, "density")
-    av, bv, Cv, xv, yv, fv, gv, pv, shapes = [], [], [], [], [], [], [], [], []
+    av: list[Any] = []
+    bv: list[Any] = []
+    Cv: list[Any] = []
+    xv: list[Any] = []
+    yv: list[Any] = []
+    fv: list[Any] = []
+    gv: list[Any] = []
+    pv: list[Any] = []
+    shapes = []
     for k in range(count):
         name = "x" if points else "C"
         M = _arrays.prepare(main[k], name)
