@@ -463,7 +463,8 @@ Sparse sparse_plan(const Problem<S>& P, const std::vector<double>& f, const std:
   return sp;
 }
 
-// The log-P threshold that keeps at least `keep` entries, from the histogram.
+// The log-P threshold that keeps at least `keep` entries, from the histogram; entries below
+// e^kLogLow (of a plan of mass ~1) never matter beside the Hessian's diagonal.
 double threshold_for(const std::vector<int64_t>& histogram, int64_t keep) {
   int64_t count = 0;
   for (int k = kBins - 1; k >= 0; --k) {
@@ -543,6 +544,7 @@ void newton_direction(const Sparse& sp, const std::vector<double>& dr, const std
 constexpr int kMaxHalvings = 30;
 constexpr double kArmijo = 1e-4;
 constexpr int64_t kFallbackIterations = 20;  // Sinkhorn iterations after a failed Newton step
+constexpr double kLocalError = 1e-2;         // marginal error (of the mass) where Newton is local
 
 struct NewtonResult {
   int64_t steps = 0, sinkhorn_iterations = 0;
@@ -576,7 +578,7 @@ NewtonResult newton_phase(const Problem<S>& P, std::vector<double>& f, std::vect
     for (int64_t i = 0; i < P.n; ++i) dr[size_t(i)] = cur.r[size_t(i)] + shift * P.mass / double(P.n);
     for (int64_t j = 0; j < P.m; ++j) dc[size_t(j)] = cur.c[size_t(j)] + shift * P.mass / double(P.m);
     const int64_t keep = std::max<int64_t>(1, int64_t(std::ceil(density * double(P.n) * double(P.m))));
-    const Sparse sp = sparse_plan(P, f, g, density >= 1 ? -kInf : threshold_for(cur.histogram, keep));
+    const Sparse sp = sparse_plan(P, f, g, threshold_for(cur.histogram, keep));
     newton_direction(sp, dr, dc, grad_f, grad_g, P.eps, std::max(1e-12, std::min(0.1, err / P.mass)),
                      std::max<int64_t>(100, P.m), P.threads, df, dg);
     const double slope = dot(grad_f, df) + dot(grad_g, dg);
@@ -600,7 +602,9 @@ NewtonResult newton_phase(const Problem<S>& P, std::vector<double>& f, std::vect
     }
     if (accepted) {
       ++res.steps;
-      if (alpha < 1 || err_trial > 0.5 * err) density = std::min(1.0, 2 * density);
+      // A poor step near the solution is the sparse Hessian's fault: keep more of it. Far from
+      // the solution damped steps are Newton's own (the quadratic model is only local).
+      if ((alpha < 1 || err_trial > 0.5 * err) && err < kLocalError * P.mass) density = std::min(1.0, 2 * density);
       f.swap(ft);
       g.swap(gt);
       cur = std::move(trial);

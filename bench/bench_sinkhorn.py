@@ -1,0 +1,103 @@
+"""Entropic OT: curvkit.sinkhorn against POT's sinkhorn_log and sinkhorn_stabilized (and its
+batched solver), side by side in one run. Run: python -m pytest bench/bench_sinkhorn.py --benchmark-only
+
+Groups (time to the tolerance; ratio = anchor time / curvkit time):
+  sns-assignment-n500   C ~ U[0, 1], uniform marginals, reg = 1/1200, L1 marginal error 1e-9 (the
+                        SNS paper's case). POT and curvkit's own log-domain Sinkhorn are timed
+                        over a fixed budget and scaled to the iteration count log-domain Sinkhorn
+                        needs on this draw ("x N it" in the table: extrapolated).
+  regot1-n{n}           RegOT's Synthetic I: the same costs with reg = 1e-3, tol 1e-6 (n = 5000: timed
+                        runs only).
+  grid28-{l1,sqeuclidean}  a 28 x 28 grid, cost / max, blob marginals, reg = 1e-3, tol 1e-6.
+  batch-64x256          64 problems of 256 x 256 (sqeuclidean costs of random 2-D points), reg = 0.01,
+                        tol 1e-6 per problem: curvkit's batched call against ot.batch.solve_batch.
+Each log-domain iteration reads the n x m cost twice and takes 2 n m exponentials: the table's
+rate is those exponentials per second.
+"""
+import functools
+
+import numpy as np
+import pytest
+from baselines.sinkhorn import assignment_problem, grid_problem, marginal_error, pot_batch, pot_sinkhorn
+
+import curvkit
+
+ot = pytest.importorskip("ot")
+
+def _budget(request, n, m):
+    """Iterations per timed round of a fixed-budget run: about 2.5e7 cost entries' worth, 10 to
+    100 (10 in the smoke run)."""
+    if not _timing(request):
+        return 10
+    return int(min(100, max(10, 2.5e7 / (n * m))))
+
+
+def _timing(request):
+    return not request.config.getoption("benchmark_disable")
+
+
+@functools.lru_cache(maxsize=None)
+def _log_iterations(case, tol):
+    """Iterations log-domain Sinkhorn needs on a case (curvkit's, the same iterates as POT's)."""
+    a, b, C, reg = CASES[case]()
+    _, info = curvkit.sinkhorn(a, b, C, reg=reg, method="log", tol=tol, max_iter=1_000_000, return_info=True)
+    return int(info["iterations"])
+
+
+CASES = {
+    "sns-assignment-n500": lambda: assignment_problem(500) + (1 / 1200,),
+    "regot1-n1000": lambda: assignment_problem(1000, seed=42) + (1e-3,),
+    "regot1-n5000": lambda: assignment_problem(5000, seed=42) + (1e-3,),
+    "grid28-l1": lambda: grid_problem("l1") + (1e-3,),
+    "grid28-sqeuclidean": lambda: grid_problem("sqeuclidean") + (1e-3,),
+}
+TOLS = {"sns-assignment-n500": 1e-9}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit-log", "pot-log", "pot-stabilized"])
+def test_time_to_tolerance(benchmark, request, case, impl):
+    if case == "regot1-n5000" and not _timing(request):
+        pytest.skip("large case: timed runs only")
+    a, b, C, reg = CASES[case]()
+    tol = TOLS.get(case, 1e-6)
+    n, m = C.shape
+    benchmark.group = case
+    benchmark.extra_info.update(impl=impl, flops=2.0 * n * m)
+    if impl == "curvkit":
+        P, info = benchmark(curvkit.sinkhorn, a, b, C, reg=reg, tol=tol, return_info=True)
+        assert info["converged"] and marginal_error(P, a, b) <= tol * 1.001
+        benchmark.extra_info.update(iterations=float(info["iterations"]), newton=int(info["newton_steps"]),
+                                    flops=2.0 * n * m * (info["iterations"] + 3 * info["newton_steps"]))
+        return
+    # anchors (and curvkit's own log-domain Sinkhorn): a fixed budget, scaled to the count
+    budget = _budget(request, n, m)
+    count = _log_iterations(case, tol) if _timing(request) else budget
+    if impl == "curvkit-log":
+        benchmark(curvkit.sinkhorn, a, b, C, reg=reg, method="log", tol=tol, max_iter=budget, return_info=True)
+    else:
+        method = "sinkhorn_log" if impl == "pot-log" else "sinkhorn_stabilized"
+        benchmark(pot_sinkhorn, a, b, C, reg, budget, method)
+    benchmark.extra_info.update(iterations=float(count), scale=count / budget, flops=2.0 * n * m * count)
+
+
+@pytest.mark.parametrize("impl", ["curvkit", "pot-batch"])
+def test_batched_small_problems(benchmark, request, impl):
+    if impl == "pot-batch" and not _timing(request):
+        pytest.skip("POT's batched solve takes a minute: timed runs only")
+    rng = np.random.default_rng(0)
+    B, n = 64, 256
+    x, y = rng.random((B, n, 2)), rng.random((B, n, 2))
+    C = ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1)
+    a = np.full((B, n), 1 / n)
+    reg, tol = 0.01, 1e-6
+    benchmark.group = f"batch-{B}x{n}"
+    benchmark.extra_info.update(impl=impl)
+    if impl == "curvkit":
+        P, info = benchmark(curvkit.sinkhorn, a, a, C, reg=reg, tol=tol, return_info=True)
+        assert info["converged"].all()
+        benchmark.extra_info.update(iterations=float(info["iterations"].mean()))
+    else:
+        P = benchmark(pot_batch, a, a, C, reg, tol)
+    worst = max(marginal_error(P[k], a[k], a[k]) for k in range(B))
+    benchmark.extra_info.update(rel_error=worst)
