@@ -310,3 +310,46 @@ def test_fisher_results_never_hand_on_nan_or_inf():
         v.ihvp(np.array([1.0, np.nan, 0.0, 0.0]))
     with pytest.raises(ValueError, match="not finite in float32"):
         curvkit.fisher_ihvp(np.zeros((2, 4), dtype=np.float32), np.ones(4, dtype=np.float32), 1e-39, block_size=2)
+
+
+def test_sinkhorn_arguments():
+    a, b, C = np.full(3, 1 / 3), np.full(4, 1 / 4), np.ones((3, 4))
+    with pytest.raises(ValueError, match="'reg' must be a finite number > 0"):
+        curvkit.sinkhorn(a, b, C, reg=0.0)
+    with pytest.raises(ValueError, match="'tol'"):
+        curvkit.sinkhorn(a, b, C, reg=0.1, tol=-1.0)
+    with pytest.raises(ValueError, match="'a' and 'b' must have the same mass"):
+        curvkit.sinkhorn(a, 2 * b, C, reg=0.1)
+    with pytest.raises(ValueError, match="'a' must be finite and >= 0"):
+        curvkit.sinkhorn(np.array([0.5, 0.6, -0.1]), b, C, reg=0.1)
+    with pytest.raises(ValueError, match="'b' must be finite and >= 0"):
+        curvkit.sinkhorn(a, np.array([np.nan, 0.5, 0.25, 0.25]), C, reg=0.1)
+    with pytest.raises(ValueError, match="'C' must be finite"):
+        curvkit.sinkhorn(a, b, np.full((3, 4), np.nan), reg=0.1)
+    with pytest.raises(ValueError, match="'x' must be finite"):
+        curvkit.sinkhorn(a, b, x=np.full((3, 2), np.inf), y=np.ones((4, 2)), reg=0.1)
+    with pytest.raises(ValueError, match="'C' must have shape"):
+        curvkit.sinkhorn(a, b, np.ones(12), reg=0.1)
+    with pytest.raises(ValueError, match=r"'a' must have shape \(4,\)"):
+        curvkit.sinkhorn(a, b, np.ones((4, 3)), reg=0.1)
+    with pytest.raises(ValueError, match="'y' must have shape"):
+        curvkit.sinkhorn(a, b, x=np.ones((3, 2)), y=np.ones((4, 3)), reg=0.1)
+    with pytest.raises(ValueError, match="'a' must have shape"):
+        curvkit.sinkhorn(np.full(5, 0.2), b, C, reg=0.1)
+    with pytest.raises(ValueError, match="not both"):
+        curvkit.sinkhorn(a, b, C, x=np.ones((3, 2)), y=np.ones((4, 2)), reg=0.1)
+    with pytest.raises(ValueError, match="'cost' must be one of"):
+        curvkit.sinkhorn(a, b, x=np.ones((3, 2)), y=np.ones((4, 2)), cost="cosine", reg=0.1)
+    with pytest.raises(ValueError, match="'method' must be one of"):
+        curvkit.sinkhorn(a, b, C, reg=0.1, method="greenkhorn")
+    with pytest.raises(ValueError, match="'density' must be in"):
+        curvkit.sinkhorn(a, b, C, reg=0.1, density=2.0)
+    with pytest.raises(ValueError, match="'p' must be a finite number > 0"):
+        curvkit.sinkhorn(a, b, x=np.ones((3, 2)), y=np.ones((4, 2)), cost="pnorm", p=0.0, reg=0.1)
+    with pytest.raises(TypeError, match="'b' must have the dtype of 'a'"):
+        curvkit._core.sinkhorn([a[None]], [b[None].astype(np.float32)], [C[None]], [None], [None],
+                               [np.empty((1, 3))], [np.empty((1, 4))], [None], cost="matrix", p=2.0, reg=0.1,
+                               method="log", tol=1e-9, max_iter=10, max_newton=1, density=0.0, float32_warmup=False,
+                               warm_start=False, stream=0, workspace=None)
+    with pytest.raises(ValueError, match="list item 1, problem 0"):
+        curvkit.sinkhorn([a, a], [b, 2 * b], [C, C], reg=0.1)

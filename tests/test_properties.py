@@ -212,3 +212,27 @@ def test_fisher_window_inverts_its_fisher(seed, d, m, pushes, normalize, log_dam
         for g in held[rng.permutation(len(held))]:
             v.push(g)
         np.testing.assert_allclose(v.ihvp(x), y, rtol=1e-9, atol=1e-9 * np.abs(y).max())
+
+
+# ---- Sinkhorn
+
+@settings(max_examples=25, **SETTINGS)
+@given(seed=seeds, n=st.integers(1, 30), m=st.integers(1, 30), log_reg=st.floats(-2.5, 0),
+       method=st.sampled_from(["log", "sns", "auto"]), shift=st.floats(-5, 5))
+def test_sinkhorn_plan_meets_its_marginals_and_ignores_cost_shifts(seed, n, m, log_reg, method, shift):
+    # The plan has the marginals to tol, and adding a constant to C (or a row/column constant)
+    # leaves the optimal plan unchanged: only the potentials move. (Plain Sinkhorn needs
+    # millions of iterations to 1e-11 at the smallest regs: those are SNS's.)
+    if method == "log":
+        log_reg = max(log_reg, -1.5)
+    rng = np.random.default_rng(seed)
+    a, b = rng.random(n) + 0.05, rng.random(m) + 0.05
+    a, b = a / a.sum(), b / b.sum()
+    C = rng.random((n, m))
+    reg = 10.0 ** log_reg
+    P, info = curvkit.sinkhorn(a, b, C, reg=reg, method=method, tol=1e-11, return_info=True)
+    assert info["converged"]
+    assert np.abs(P.sum(1) - a).sum() + np.abs(P.sum(0) - b).sum() <= 1.01e-11
+    shifted = C + shift + rng.random(n)[:, None]
+    P2 = curvkit.sinkhorn(a, b, shifted, reg=reg, method=method, tol=1e-11)
+    np.testing.assert_allclose(P2, P, atol=1e-8 * P.max())

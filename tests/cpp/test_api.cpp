@@ -13,6 +13,7 @@
 #include "inverse_root/inverse_root.h"
 #include "mfac/mfac.h"
 #include "newton_schulz/newton_schulz.h"
+#include "sinkhorn/sinkhorn.h"
 
 namespace ck = curvkit;
 
@@ -228,6 +229,32 @@ void test_mfac() {
   expect(G == before, "fisher_window_push: a refused gradient leaves G unchanged");
 }
 
+void test_sinkhorn() {
+  // A 2 x 2 problem with a closed form: C = [[0, 1], [1, 0]], uniform marginals; the plan is
+  // [[p, q], [q, p]] / 2 with p / q = e^(1 / reg), p + q = 1.
+  const double reg = 0.5;
+  std::vector<double> a{0.5, 0.5}, b{0.5, 0.5}, C{0, 1, 1, 0}, f(2), g(2), P(4);
+  ck::OTProblems problem;
+  problem.a = view(a, {1, 2});
+  problem.b = view(b, {1, 2});
+  problem.C = view(C, {1, 2, 2});
+  const ck::ArrayView plan = view(P, {1, 2, 2});
+  ck::OTOutputs out{view(f, {1, 2}), view(g, {1, 2}), &plan};
+  ck::SinkhornOptions o;
+  o.reg = reg;
+  o.tol = 1e-12;
+  for (ck::SinkhornMethod method : {ck::SinkhornMethod::Log, ck::SinkhornMethod::SNS}) {
+    o.method = method;
+    const auto status = ck::sinkhorn({problem}, {out}, o, 0);
+    const double p = 0.5 / (1 + std::exp(-1 / reg));
+    expect(status[0][0].converged && std::fabs(P[0] - p) < 1e-12 && std::fabs(P[1] - (0.5 - p)) < 1e-12,
+           "sinkhorn: the 2 x 2 closed form");
+  }
+  o.reg = -1;
+  expect_error<ck::ValueError>([&] { ck::sinkhorn({problem}, {out}, o, 0); }, "argument 'reg'",
+                               "sinkhorn: reg <= 0 refused");
+}
+
 }  // namespace
 
 int main() {
@@ -238,6 +265,7 @@ int main() {
   test_lyapunov_stall();
   test_xtrace();
   test_mfac();
+  test_sinkhorn();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }
