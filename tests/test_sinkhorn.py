@@ -214,3 +214,30 @@ def test_torch_gradients_by_the_envelope_theorem(rng):
     assert loss.shape == (3,)
     loss.sum().backward()
     assert torch.allclose(Cb.grad.sum((1, 2)), torch.ones(3, dtype=torch.float64), atol=1e-8)  # the plans' mass
+
+
+@pytest.mark.parametrize("framework", ["numpy", "torch"])
+def test_sparse_plan(framework, rng):
+    pytest.importorskip("scipy" if framework == "numpy" else "torch")
+    x = rng.random((40, 2))
+    y = x + 1e-4 * rng.standard_normal(x.shape)
+    a, b, C = problem(rng, 30, 35)
+    if framework == "torch":
+        import torch
+
+        x, y, a, b, C = (torch.from_numpy(v) for v in (x, y, a, b, C))
+    S = curvkit.sinkhorn(None, None, x=x, y=y, reg=1e-4, sparse_tol=1e-9)
+    dense = to_numpy(curvkit.sinkhorn(None, None, x=x, y=y, reg=1e-4))
+    S_dense = S.toarray() if framework == "numpy" else S.to_dense().numpy()
+    kept = dense >= 1e-9
+    assert (S_dense[kept] == dense[kept]).all() and (S_dense[~kept] == 0).all()
+    assert kept.sum() < 2 * 40  # nearly the identity
+    plans = curvkit.sinkhorn(a[None].repeat(2, 0) if framework == "numpy" else a.repeat(2, 1),
+                             b[None].repeat(2, 0) if framework == "numpy" else b.repeat(2, 1),
+                             C[None].repeat(2, 0) if framework == "numpy" else C.repeat(2, 1, 1),
+                             reg=0.05, sparse_tol=0.0 + 1e-300)
+    assert isinstance(plans, list) and len(plans) == 2
+    full = to_numpy(curvkit.sinkhorn(a, b, C, reg=0.05))
+    for S in plans:
+        S_dense = S.toarray() if framework == "numpy" else S.to_dense().numpy()
+        np.testing.assert_array_equal(S_dense, full)

@@ -2,6 +2,7 @@
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 
+#include <optional>
 #include <string>
 #include <vector>
 
@@ -105,6 +106,40 @@ void register_sinkhorn(py::module_& m, py::module_& /*testing*/) {
       py::arg("max_iter"), py::arg("max_newton"), py::arg("density"), py::arg("float32_warmup"), py::arg("warm_start"),
       py::arg("stream"), py::arg("workspace"),
       "Entropic OT over lists of batches (see curvkit.sinkhorn); one status dict per batch.");
+  m.def(
+      "sinkhorn_sparse_plan",
+      [](py::handle a, py::handle b, py::handle C, py::handle x, py::handle y, py::handle f, py::handle g,
+         const std::string& cost, double p, double reg, double threshold, int64_t index) {
+        const GroundCost kind = binding::parse_choice(kCosts, cost, "cost");
+        interop::ImportedArray ai = interop::import_array(a, "a"), bi = interop::import_array(b, "b"),
+                               fi = interop::import_output(f, "f"), gi = interop::import_output(g, "g");
+        std::optional<interop::ImportedArray> Ci, xi, yi;
+        OTProblems pr;
+        pr.a = ai.view;
+        pr.b = bi.view;
+        pr.cost = kind;
+        pr.p = p;
+        if (kind == GroundCost::Matrix) {
+          Ci.emplace(interop::import_array(C, "C"));
+          pr.C = Ci->view;
+        } else {
+          xi.emplace(interop::import_array(x, "x"));
+          yi.emplace(interop::import_array(y, "y"));
+          pr.x = xi->view;
+          pr.y = yi->view;
+        }
+        CsrPlan plan;
+        {
+          binding::CallScope scope(py::none());
+          plan = sinkhorn_sparse_plan(pr, fi.view, gi.view, index, reg, threshold);
+        }
+        return py::make_tuple(py::array_t<int64_t>(py::ssize_t(plan.indptr.size()), plan.indptr.data()),
+                              py::array_t<int64_t>(py::ssize_t(plan.indices.size()), plan.indices.data()),
+                              py::array_t<double>(py::ssize_t(plan.values.size()), plan.values.data()));
+      },
+      py::arg("a"), py::arg("b"), py::arg("C"), py::arg("x"), py::arg("y"), py::arg("f"), py::arg("g"), py::kw_only(),
+      py::arg("cost"), py::arg("p"), py::arg("reg"), py::arg("threshold"), py::arg("index"),
+      "The entries >= threshold of the plan of potentials (f, g) as CSR arrays (indptr, indices, values).");
 }
 
 }  // namespace curvkit

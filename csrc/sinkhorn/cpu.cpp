@@ -434,7 +434,7 @@ Sparse sparse_plan(const Problem<S>& P, const std::vector<double>& f, const std:
         const double z = (f[size_t(i)] + g[size_t(j)] - buf.c[size_t(j)]) * inv_eps;
         if (z >= threshold) {
           cols[size_t(t)].push_back(int32_t(j));
-          vals[size_t(t)].push_back(std::exp(z));
+          vals[size_t(t)].push_back(fast_exp(z));
           ++kept;
         }
       }
@@ -711,6 +711,23 @@ void solve_one(const OTProblems& ps, const OTOutputs& out, int64_t index, const 
 }
 
 }  // namespace
+
+CsrPlan sparse_plan_cpu(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index, double reg,
+                        double threshold) {
+  CsrPlan out;
+  CK_DISPATCH_FLOATING(problems.a.dtype, "a", S, [&] {
+    const double work = double(problems.a.size(1)) * double(problems.b.size(1));
+    const Problem<S> P = make_problem<S>(problems, index, reg, work >= kParallelWork ? num_threads() : 1);
+    std::vector<double> fd(static_cast<size_t>(P.n)), gd(static_cast<size_t>(P.m));
+    for (int64_t i = 0; i < P.n; ++i) fd[size_t(i)] = to_double(f.ptr<S>()[index * P.n + i]);
+    for (int64_t j = 0; j < P.m; ++j) gd[size_t(j)] = to_double(g.ptr<S>()[index * P.m + j]);
+    const Sparse sp = sparse_plan(P, fd, gd, std::log(threshold));
+    out.indptr = sp.row_ptr;
+    out.indices.assign(sp.cols.begin(), sp.cols.end());
+    out.values = sp.vals;
+  });
+  return out;
+}
 
 void solve_cpu(const std::vector<OTProblems>& problems, const std::vector<OTOutputs>& outputs, const SinkhornOptions& o,
                std::vector<std::vector<SinkhornStatus>>& status) {

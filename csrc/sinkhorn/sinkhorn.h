@@ -82,6 +82,16 @@ inline double mass_tolerance(const DType& dt) {
   return dt == DType::float16() ? 4 * 0x1p-11 : 4 * 0x1p-8;
 }
 
+// The entries P_ij >= threshold of the plan of potentials (f, g) (shapes (B, n), (B, m), the
+// problems' dtype) of problem `index`, in CSR form (rows in order, columns ascending), without
+// forming the dense plan. CPU only in this version.
+struct CsrPlan {
+  std::vector<int64_t> indptr, indices;
+  std::vector<double> values;
+};
+CsrPlan sinkhorn_sparse_plan(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index,
+                             double reg, double threshold);
+
 // The automatic density of the sparse Hessian for an n x m problem.
 double sns_default_density(int64_t n, int64_t m);
 
@@ -90,6 +100,8 @@ namespace sinkhorn_impl {
 
 void solve_cpu(const std::vector<OTProblems>& problems, const std::vector<OTOutputs>& outputs, const SinkhornOptions& o,
                std::vector<std::vector<SinkhornStatus>>& status);
+CsrPlan sparse_plan_cpu(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index, double reg,
+                        double threshold);
 #ifdef CURVKIT_WITH_CUDA
 // Log-domain Sinkhorn on the device (SNS on CUDA: not in this version; "auto" resolves to "log").
 void solve_cuda(const std::vector<OTProblems>& problems, const std::vector<OTOutputs>& outputs,

@@ -211,3 +211,18 @@ def sinkhorn(
     stream: int,
     workspace: Workspace,
 ) -> list[dict[str, Any]]: ...
+def sinkhorn_sparse_plan(
+    a: Array,
+    b: Array,
+    C: Optional[Array],
+    x: Optional[Array],
+    y: Optional[Array],
+    f: Array,
+    g: Array,
+    *,
+    cost: str,
+    p: float,
+    reg: float,
+    threshold: float,
+    index: int,
+) -> tuple[Any, Any, Any]: ...

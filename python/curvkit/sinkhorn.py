@@ -15,7 +15,7 @@ _POINT_COSTS = ("sqeuclidean", "euclidean", "l1", "pnorm")
 def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cost: str = "sqeuclidean",
              p: float = 2.0, reg: float, method: str = "auto", tol: float = 1e-9, max_iter: int = 10000,
              max_newton: int = 200, density: Optional[float] = None, float32_warmup: bool = False,
-             init: Any = None, return_info: bool = False) -> Any:
+             init: Any = None, sparse_tol: Optional[float] = None, return_info: bool = False) -> Any:
     """Entropic optimal transport plan.
 
     Solves ``min_P <C, P> + reg * sum P (log P - 1)`` subject to ``P 1 = a`` and
@@ -62,6 +62,11 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
         reaches float32's floor (1e-5 of the mass), then go on in float64.
     init : tuple (f, g), optional
         Potentials to start from (shaped like a and b), e.g. from a nearby problem.
+    sparse_tol : float, optional
+        Return the plan sparse, without forming it densely: the entries ``P_ij >= sparse_tol
+        * mass`` as a ``scipy.sparse.csr_array`` (NumPy input; needs SciPy) or a
+        coalesced ``torch.sparse_coo_tensor`` (PyTorch), in the input dtype; one per problem (a list
+        for a batch). CPU only. At small reg an OT plan is nearly a permutation: n entries.
     return_info : bool
         Also return a dict of per-problem NumPy arrays (shape ``(B,)``, or ``()`` unbatched):
         "converged", "marginal_error", "iterations", "newton_steps", "cost" (``<C, P>``),
@@ -93,9 +98,15 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
     >>> P = curvkit.sinkhorn(None, None, x=x, y=y, reg=1e-3)     # uniform marginals
     >>> P.shape
     (30, 30)
+    >>> S = curvkit.sinkhorn(None, None, x=x, y=x + 1e-3, reg=1e-4, sparse_tol=1e-9)  # doctest: +SKIP
+    >>> S.nnz                                 # the identity: one entry a row  # doctest: +SKIP
+    30
     """
-    plans, infos, single = _solve(a, b, C, x, y, cost, p, reg, method, tol, max_iter, max_newton, density,
-                                  float32_warmup, init, want_plan=True)
+    plans, infos, single, calls = _solve(a, b, C, x, y, cost, p, reg, method, tol, max_iter, max_newton, density,
+                                         float32_warmup, init, want_plan=sparse_tol is None)
+    if sparse_tol is not None:
+        threshold = _args.real(sparse_tol, "sparse_tol")
+        plans = [_sparse_plans(call, cost, p, reg, threshold) for call in calls]
     return finish("sinkhorn", plans[0] if single else plans, infos, single, return_info)
 
 
@@ -116,8 +127,8 @@ def sinkhorn_cost(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None
     >>> bool(abs(loss - 0.25) < 0.01)        # every point moves by 0.5
     True
     """
-    _, infos, single = _solve(a, b, C, x, y, cost, p, reg, method, tol, max_iter, max_newton, density,
-                              float32_warmup, init, want_plan=False)
+    _, infos, single, _ = _solve(a, b, C, x, y, cost, p, reg, method, tol, max_iter, max_newton, density,
+                                 float32_warmup, init, want_plan=False)
     values = [np.asarray(info["objective"]) for info in infos]
     return finish("sinkhorn_cost", values[0] if single else values, infos, single, return_info)
 
@@ -203,7 +214,42 @@ def _solve(a, b, C, x, y, cost, p, reg, method, tol, max_iter, max_newton, densi
         infos.append(info)
         if want_plan:
             plans.append(pv[k] if batched else pv[k].reshape((n, m)))
-    return plans, infos, single
+    calls = [(av[k], bv[k], Cv[k], xv[k], yv[k], fv[k], gv[k], shapes[k][0]) for k in range(count)]
+    return plans, infos, single, calls
+
+
+def _sparse_plans(call, cost, p, reg, sparse_tol):
+    """The sparse plans of one batch's solved problems (a list for a batch)."""
+    A, B, C, X, Y, F, G, batched = call
+    fw = _arrays.framework_of(A)
+    if fw == "cupy" or _arrays.device_of(A)[0] != "cpu":
+        raise ArgumentError("a sparse plan ('sparse_tol') is computed on the CPU only in this version")
+    if fw == "numpy":
+        try:
+            import scipy.sparse as sparse
+        except ImportError as e:  # pragma: no cover - SciPy is optional
+            raise ArgumentTypeError("a sparse plan of NumPy arrays is a scipy.sparse.csr_array: install SciPy") from e
+    n, m = A.shape[1], B.shape[1]
+    out = []
+    for index in range(A.shape[0]):
+        mass = float(np.asarray(_host(A[index])).sum())
+        indptr, indices, values = _core.sinkhorn_sparse_plan(
+            A, B, C, X, Y, F, G, cost="matrix" if C is not None else cost, p=p, reg=reg, threshold=sparse_tol * mass,
+            index=index)
+        if fw == "numpy":
+            out.append(sparse.csr_array((values.astype(A.dtype), indices, indptr), shape=(n, m)))
+        else:
+            import torch
+
+            rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
+            out.append(torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, indices])),
+                                               torch.from_numpy(values).to(A.dtype), size=(n, m),
+                                               is_coalesced=True))  # row-major, columns ascending
+    return out if batched else out[0]
+
+
+def _host(v):
+    return v.double().numpy() if _arrays.framework_of(v) == "torch" else v
 
 
 def _matching(v, single, count, name, input_name):
