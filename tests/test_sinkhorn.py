@@ -2,7 +2,7 @@
 Sinkhorn and, where installed, POT), over methods, batches, lists, point-cloud costs and dtypes."""
 import numpy as np
 import pytest
-from conftest import CPU_BACKENDS, backend_dtypes, make, needs_torch, to_numpy
+from conftest import backend_dtypes, is_cuda, make, needs_torch, to_numpy
 from reference import sinkhorn_log
 
 import curvkit
@@ -29,11 +29,15 @@ def centered(f, g):
 
 
 @pytest.mark.parametrize("method", METHODS)
-@pytest.mark.parametrize("backend, dtype", backend_dtypes(["float32", "float64"], of=CPU_BACKENDS))
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(["float32", "float64"]))
 def test_plan_and_potentials_match_reference(backend, dtype, method, rng):
     a, b, C = problem(rng, 40, 50)
     reg = 0.02
     a_in, b_in, C_in = (make(v, backend, dtype) for v in (a, b, C))
+    if is_cuda(backend) and method == "sns":  # no Newton phase on CUDA yet
+        with pytest.raises(curvkit.ArgumentError, match="method='sns' runs on the CPU only"):
+            curvkit.sinkhorn(a_in, b_in, C_in, reg=reg, method=method)
+        return
     P, info = curvkit.sinkhorn(a_in, b_in, C_in, reg=reg, method=method, tol=1e-11, return_info=True)
     assert type(P) is type(C_in) and tuple(P.shape) == (40, 50)
     assert bool(info["converged"]) and info["marginal_error"] <= 1e-11
