@@ -423,3 +423,34 @@ def test_probes_refuse_a_strided_out_by_name(fw):
     out = make(np.zeros((4, 6)), (fw, "cpu"))[:, ::2]
     with pytest.raises(ArgumentError, match="'out'"):
         curvkit.probes((4, 3), out=out)
+
+
+# ---- Sinkhorn family
+
+# Plan error against the float64 reference on the stored costs, relative to its largest entry:
+# the solve is float64 for every dtype, so only the plan's rounding to the dtype is added.
+SINKHORN_PLAN_TOL = {"float64": 1e-8, "float32": 1e-6, "float16": 2e-3, "bfloat16": 1.6e-2}
+
+
+@settings(**SETTINGS)
+@given(case=cases("general"), method=st.sampled_from(["log", "sns", "auto"]))
+def test_sinkhorn(case, method):
+    # Costs of any magnitude, with reg a tenth of the largest: the same problem at every scale.
+    amax = float(np.abs(case.stored).max()) if case.stored.size and case.finite else 1.0
+    scale = amax if amax > 0 else 1.0
+    reg = 0.1 * scale
+    got, error = run(case, lambda: curvkit.sinkhorn(None, None, case.x, reg=reg, method=method, tol=1e-10))
+    batch, (n, m) = case.stored.shape[:-2], case.stored.shape[-2:]
+    if len(batch) > 1:
+        return refused_by_name(error, "C")
+    if not case.finite and case.stored.size:
+        return refused_by_name(error, "C")
+    if n == 0 or m == 0:
+        return refused_by_name(error, "a", "b")
+    if reg < np.finfo(np.float64).tiny:  # a subnormal reg
+        return refused_by_name(error, "reg")
+    assert error is None, error
+    plans = same_kind(got, case).reshape((-1, n, m))
+    for P, C in zip(plans, case.stored.reshape((-1, n, m))):
+        want = reference.sinkhorn_log(np.full(n, 1 / n), np.full(m, 1 / m), C / scale, 0.1, tol=1e-12)[0]
+        assert np.abs(P - want).max() <= SINKHORN_PLAN_TOL[case.dtype] * want.max()

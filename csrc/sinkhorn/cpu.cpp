@@ -152,18 +152,20 @@ struct CostRows {
   int64_t rows = 0, cols = 0, d = 0;
   GroundCost kind = GroundCost::Matrix;
   double p = 2;
+  double scale = 1;  // a power of two applied to every cost (Problem::scale)
 
   // Costs of row i in out[0..cols); `scratch` holds cols doubles.
   template <class T>
   void fill(int64_t i, T* out, double* scratch) const {
     if (K) {
       const S* row = K + i * cols;
-      for (int64_t j = 0; j < cols; ++j) out[j] = T(to_double(row[j]));
+      for (int64_t j = 0; j < cols; ++j) out[j] = T(to_double(row[j]) * scale);
     } else if constexpr (std::is_same_v<T, double>) {
       point_costs(X + i * d, YT, d, cols, kind, p, out);
+      for (int64_t j = 0; j < cols; ++j) out[j] *= scale;
     } else {
       point_costs(X + i * d, YT, d, cols, kind, p, scratch);
-      for (int64_t j = 0; j < cols; ++j) out[j] = T(scratch[j]);
+      for (int64_t j = 0; j < cols; ++j) out[j] = T(scratch[j] * scale);
     }
   }
 };
@@ -171,7 +173,9 @@ struct CostRows {
 template <class S>
 struct Problem {
   int64_t n = 0, m = 0;
-  double eps = 0, mass = 0;
+  // Costs, potentials and eps are solved multiplied by scale = 2^k, which brings eps into
+  // [1, 2): exact, and 1 / eps then never overflows (a subnormal reg) nor underflows.
+  double eps = 0, mass = 0, scale = 1;
   std::vector<double> a, b, loga, logb;
   std::vector<S> CT;                 // matrix problems: C transposed
   std::vector<double> X, Y, XT, YT;  // point problems, in double
@@ -186,7 +190,9 @@ Problem<S> make_problem(const OTProblems& ps, int64_t index, double eps, int thr
   Problem<S> P;
   P.n = ps.a.size(1);
   P.m = ps.b.size(1);
-  P.eps = eps;
+  const int k = -std::ilogb(eps);
+  P.scale = std::ldexp(1.0, k);
+  P.eps = std::ldexp(eps, k);
   // A parallel region per half-step pays a barrier: worth it only for large problems (and on a
   // busy machine a descheduled worker stalls every barrier by a time slice).
   const double work = double(P.n) * double(P.m) * (ps.cost == GroundCost::Matrix ? 1.0 : double(ps.x.size(2)));
@@ -208,6 +214,7 @@ Problem<S> make_problem(const OTProblems& ps, int64_t index, double eps, int thr
   for (CostRows<S>* cr : {&P.by_rows, &P.by_cols}) {
     cr->kind = ps.cost;
     cr->p = ps.p;
+    cr->scale = P.scale;
   }
   P.by_rows.rows = P.by_cols.cols = n;
   P.by_rows.cols = P.by_cols.rows = m;
@@ -672,8 +679,8 @@ void solve_one(const OTProblems& ps, const OTOutputs& out, int64_t index, const 
   S* fo = out.f.ptr<S>() + index * P.n;
   S* go = out.g.ptr<S>() + index * P.m;
   if (o.warm_start) {
-    for (int64_t i = 0; i < P.n; ++i) f[size_t(i)] = to_double(fo[i]);
-    for (int64_t j = 0; j < P.m; ++j) g[size_t(j)] = to_double(go[j]);
+    for (int64_t i = 0; i < P.n; ++i) f[size_t(i)] = to_double(fo[i]) * P.scale;
+    for (int64_t j = 0; j < P.m; ++j) g[size_t(j)] = to_double(go[j]) * P.scale;
   }
   const SinkhornMethod method = o.method == SinkhornMethod::Auto ? SinkhornMethod::SNS : o.method;
   const Handoff handoff = method == SinkhornMethod::Log     ? Handoff::Never
@@ -699,15 +706,15 @@ void solve_one(const OTProblems& ps, const OTOutputs& out, int64_t index, const 
   S* plan = out.plan ? out.plan->ptr<S>() + index * P.n * P.m : nullptr;
   const PlanSums s = plan_pass<S>(P, f, g, true, plan, false);
   st.marginal_error = marginal_error(P.a, P.b, s);
-  st.cost = s.cost;
+  st.cost = s.cost / P.scale;
   double objective = -P.eps * s.total;  // sum P (C + eps (log P - 1)) = <f, P1> + <g, P^T 1> - eps sum P
   for (int64_t i = 0; i < P.n; ++i) objective += s.r[size_t(i)] > 0 ? f[size_t(i)] * s.r[size_t(i)] : 0.0;
   for (int64_t j = 0; j < P.m; ++j) objective += s.c[size_t(j)] > 0 ? g[size_t(j)] * s.c[size_t(j)] : 0.0;
-  st.objective = objective;
+  st.objective = objective / P.scale;
   // The loop measured the error of the same plan; the final sums differ from its by rounding.
   st.converged = st.marginal_error <= o.tol || (r.converged && st.marginal_error <= o.tol + 1e3 * 0x1p-53 * P.mass);
-  for (int64_t i = 0; i < P.n; ++i) fo[i] = from_double<S>(f[size_t(i)]);
-  for (int64_t j = 0; j < P.m; ++j) go[j] = from_double<S>(g[size_t(j)]);
+  for (int64_t i = 0; i < P.n; ++i) fo[i] = from_double<S>(f[size_t(i)] / P.scale);
+  for (int64_t j = 0; j < P.m; ++j) go[j] = from_double<S>(g[size_t(j)] / P.scale);
 }
 
 }  // namespace
@@ -719,8 +726,8 @@ CsrPlan sparse_plan_cpu(const OTProblems& problems, const ArrayView& f, const Ar
     const double work = double(problems.a.size(1)) * double(problems.b.size(1));
     const Problem<S> P = make_problem<S>(problems, index, reg, work >= kParallelWork ? num_threads() : 1);
     std::vector<double> fd(static_cast<size_t>(P.n)), gd(static_cast<size_t>(P.m));
-    for (int64_t i = 0; i < P.n; ++i) fd[size_t(i)] = to_double(f.ptr<S>()[index * P.n + i]);
-    for (int64_t j = 0; j < P.m; ++j) gd[size_t(j)] = to_double(g.ptr<S>()[index * P.m + j]);
+    for (int64_t i = 0; i < P.n; ++i) fd[size_t(i)] = to_double(f.ptr<S>()[index * P.n + i]) * P.scale;
+    for (int64_t j = 0; j < P.m; ++j) gd[size_t(j)] = to_double(g.ptr<S>()[index * P.m + j]) * P.scale;
     const Sparse sp = sparse_plan(P, fd, gd, std::log(threshold));
     out.indptr = sp.row_ptr;
     out.indices.assign(sp.cols.begin(), sp.cols.end());

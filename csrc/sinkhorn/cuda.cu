@@ -34,14 +34,15 @@ struct Costs {
   int64_t n, m, d;
   GroundCost kind;
   double p;
+  double scale;  // a power of two: costs, potentials and eps are solved multiplied by it
 
   __device__ double operator()(int64_t b, int64_t i, int64_t j) const {
-    if (C) return to_double(C[(b * n + i) * m + j]);
+    if (C) return to_double(C[(b * n + i) * m + j]) * scale;
     const S* xi = x + (b * n + i) * d;
     const S* yj = y + (b * m + j) * d;
     double s = 0;
     for (int64_t k = 0; k < d; ++k) s += ot_math::cost_term(kind, to_double(xi[k]) - to_double(yj[k]), p);
-    return ot_math::cost_finish(kind, s);
+    return ot_math::cost_finish(kind, s) * scale;
   }
 };
 
@@ -175,20 +176,20 @@ __global__ void first_nonfinite_kernel(const S* v, int64_t count, unsigned long 
 
 template <class S>
 __global__ void init_kernel(const S* a, const S* b, const S* f0, const S* g0, const double* stats, int64_t B, int64_t n,
-                            int64_t m, bool warm, State st) {
+                            int64_t m, bool warm, double scale, State st) {
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < B * (n + m);
        k += int64_t(gridDim.x) * blockDim.x) {
     if (k < B * n) {
       const double v = to_double(a[k]);
       st.a[k] = v;
       st.loga[k] = log(v);
-      st.f[k] = warm ? to_double(f0[k]) : 0.0;
+      st.f[k] = warm ? to_double(f0[k]) * scale : 0.0;
     } else {
       const int64_t q = k - B * n, p = q / m;
       const double v = to_double(b[q]) * (stats[p * 4 + 0] / stats[p * 4 + 1]);
       st.b[q] = v;
       st.logb[q] = log(v);
-      st.g[q] = warm ? to_double(g0[q]) : 0.0;
+      st.g[q] = warm ? to_double(g0[q]) * scale : 0.0;
     }
     if (k < B) {
       st.active[k] = 1;
@@ -235,7 +236,7 @@ __global__ void final_cols_kernel(Costs<S> cost, State st, int64_t B, double eps
 // Per problem: {marginal error, <C, P>, objective}, and the potentials stored in S.
 template <class S>
 __global__ void status_kernel(State st, const double* row_sum, const double* row_cost, const double* col_sum, int64_t n,
-                              int64_t m, double eps, S* f_out, S* g_out, double* out) {
+                              int64_t m, double eps, double scale, S* f_out, S* g_out, double* out) {
   const int64_t b = blockIdx.x;
   double err = 0, total = 0, cost = 0, fr = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
@@ -244,13 +245,13 @@ __global__ void status_kernel(State st, const double* row_sum, const double* row
     total += row_sum[k];
     cost += row_cost[k];
     fr += row_sum[k] > 0 ? st.f[k] * row_sum[k] : 0.0;
-    f_out[k] = from_double<S>(st.f[k]);
+    f_out[k] = from_double<S>(st.f[k] / scale);
   }
   for (int64_t j = threadIdx.x; j < m; j += blockDim.x) {
     const int64_t k = b * m + j;
     err += fabs(st.b[k] - col_sum[k]);
     fr += col_sum[k] > 0 ? st.g[k] * col_sum[k] : 0.0;
-    g_out[k] = from_double<S>(st.g[k]);
+    g_out[k] = from_double<S>(st.g[k] / scale);
   }
   err = cuda::block_sum(err);
   total = cuda::block_sum(total);
@@ -310,7 +311,9 @@ void solve_batch(const OTProblems& ps, const OTOutputs& out, const SinkhornOptio
     CK_CUDA_CHECK(cudaStreamSynchronize(stream));
     CK_CHECK_VALUE(bad == none, "argument 'y' must be finite", where, int64_t(bad) / (ycount / B), ")");
   }
-  // ---- state
+  // ---- state; scaled by 2^k so that eps lies in [1, 2) (1 / eps never overflows)
+  const int scale_exponent = -std::ilogb(o.reg);
+  const double scale = std::ldexp(1.0, scale_exponent), eps = std::ldexp(o.reg, scale_exponent);
   const size_t dn = size_t(B * n), dm = size_t(B * m), db = size_t(B);
   DeviceBuffer doubles(sizeof(double) * (5 * dn + 4 * dm + 4 * db), stream);
   DeviceBuffer ints(sizeof(int64_t) * db + sizeof(int) * (db + 1), stream);
@@ -331,7 +334,7 @@ void solve_batch(const OTProblems& ps, const OTOutputs& out, const SinkhornOptio
   st.active = reinterpret_cast<int*>(st.iterations + db);
   int* active_count = st.active + db;
   init_kernel<S><<<grid_for(B * (n + m), kThreads), kThreads, 0, stream>>>(
-      ps.a.ptr<S>(), ps.b.ptr<S>(), out.f.ptr<S>(), out.g.ptr<S>(), st4, B, n, m, o.warm_start, st);
+      ps.a.ptr<S>(), ps.b.ptr<S>(), out.f.ptr<S>(), out.g.ptr<S>(), st4, B, n, m, o.warm_start, scale, st);
   const Costs<S> costs{ps.cost == GroundCost::Matrix ? ps.C.ptr<S>() : nullptr,
                        ps.cost == GroundCost::Matrix ? nullptr : ps.x.ptr<S>(),
                        ps.cost == GroundCost::Matrix ? nullptr : ps.y.ptr<S>(),
@@ -339,16 +342,17 @@ void solve_batch(const OTProblems& ps, const OTOutputs& out, const SinkhornOptio
                        m,
                        ps.cost == GroundCost::Matrix ? 1 : ps.x.size(2),
                        ps.cost,
-                       ps.p};
+                       ps.p,
+                       scale};
   const unsigned row_blocks = unsigned((B * n + kWarpsPerBlock - 1) / kWarpsPerBlock);
   const unsigned col_blocks = unsigned((B * m + kThreads - 1) / kThreads);
   // ---- iterations
   for (int64_t it = 0; it < o.max_iters;) {
     const int64_t burst = std::min(kCheckEvery, o.max_iters - it);
     for (int64_t k = 0; k < burst; ++k) {
-      f_step_kernel<S><<<row_blocks, kThreads, 0, stream>>>(costs, st, B, o.reg);
+      f_step_kernel<S><<<row_blocks, kThreads, 0, stream>>>(costs, st, B, eps);
       decide_kernel<<<unsigned(B), kThreads, 0, stream>>>(st, n, o.tol, error);
-      g_step_kernel<S><<<col_blocks, kThreads, 0, stream>>>(costs, st, B, o.reg);
+      g_step_kernel<S><<<col_blocks, kThreads, 0, stream>>>(costs, st, B, eps);
     }
     CK_CUDA_CHECK(cudaGetLastError());
     it += burst;
@@ -361,10 +365,10 @@ void solve_batch(const OTProblems& ps, const OTOutputs& out, const SinkhornOptio
   throw_if_interrupted();
   // ---- the plan, its sums and the status (one more synchronization)
   S* plan = out.plan ? out.plan->ptr<S>() : nullptr;
-  final_rows_kernel<S><<<row_blocks, kThreads, 0, stream>>>(costs, st, B, o.reg, plan, st.row_err, st.f_new);
-  final_cols_kernel<S><<<col_blocks, kThreads, 0, stream>>>(costs, st, B, o.reg, col_sum);
-  status_kernel<S><<<unsigned(B), kThreads, 0, stream>>>(st, st.row_err, st.f_new, col_sum, n, m, o.reg, out.f.ptr<S>(),
-                                                         out.g.ptr<S>(), results);
+  final_rows_kernel<S><<<row_blocks, kThreads, 0, stream>>>(costs, st, B, eps, plan, st.row_err, st.f_new);
+  final_cols_kernel<S><<<col_blocks, kThreads, 0, stream>>>(costs, st, B, eps, col_sum);
+  status_kernel<S><<<unsigned(B), kThreads, 0, stream>>>(st, st.row_err, st.f_new, col_sum, n, m, eps, scale,
+                                                         out.f.ptr<S>(), out.g.ptr<S>(), results);
   CK_CUDA_CHECK(cudaGetLastError());
   std::vector<double> res(size_t(B * 3));
   std::vector<int64_t> iters(db);
@@ -378,8 +382,8 @@ void solve_batch(const OTProblems& ps, const OTOutputs& out, const SinkhornOptio
     s.method = SinkhornMethod::Log;
     s.iterations = iters[size_t(p)];
     s.marginal_error = res[size_t(p * 3)];
-    s.cost = res[size_t(p * 3 + 1)];
-    s.objective = res[size_t(p * 3 + 2)];
+    s.cost = res[size_t(p * 3 + 1)] / scale;
+    s.objective = res[size_t(p * 3 + 2)] / scale;
     const double mass = host[size_t(p * 4)];
     // The device stopped a problem on the same error up to rounding (column sums computed anew).
     s.converged =

@@ -2,6 +2,7 @@
 #include "sinkhorn/sinkhorn.h"
 
 #include <algorithm>
+#include <cfloat>
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -29,7 +30,8 @@ void check_batch(const OTProblems& p, const OTOutputs& o) {
   const int64_t B = p.a.size(0), n = p.a.size(1), m = p.b.size(1);
   CK_CHECK_VALUE(p.b.size(0) == B, "arguments 'a' and 'b' must hold the same number of problems, got ", B, " and ",
                  p.b.size(0));
-  CK_CHECK_VALUE(n >= 1 && m >= 1, "each problem needs n >= 1 and m >= 1 points, got n = ", n, ", m = ", m);
+  CK_CHECK_VALUE(n >= 1, "argument 'a' must have n >= 1 entries per problem, got shape ", shape_text(p.a));
+  CK_CHECK_VALUE(m >= 1, "argument 'b' must have m >= 1 entries per problem, got shape ", shape_text(p.b));
   CK_CHECK_VALUE(n <= INT32_MAX && m <= INT32_MAX, "n (", n, ") and m (", m, ") must be below 2^31");
   if (p.cost == GroundCost::Matrix) {
     check_array(p.C, "C", 3, "(B, n, m)", p.a);
@@ -67,8 +69,14 @@ void check_batch(const OTProblems& p, const OTOutputs& o) {
   check_no_overlap({{outs, "the outputs"}}, {{ins, "the problem's arrays"}});
 }
 
+// A normal float64 reg keeps the solver's power-of-two rescaling (to eps in [1, 2)) finite.
+void check_reg(double reg) {
+  CK_CHECK_VALUE(std::isfinite(reg) && reg >= DBL_MIN,
+                 "argument 'reg' must be a finite number >= 2.2e-308 (a normal float64), got ", reg);
+}
+
 void check_options(const SinkhornOptions& o) {
-  CK_CHECK_VALUE(std::isfinite(o.reg) && o.reg > 0, "argument 'reg' must be a finite number > 0, got ", o.reg);
+  check_reg(o.reg);
   CK_CHECK_VALUE(std::isfinite(o.tol) && o.tol > 0, "argument 'tol' must be a finite number > 0, got ", o.tol);
   CK_CHECK_VALUE(o.max_iters >= 0, "argument 'max_iter' must be >= 0, got ", o.max_iters);
   CK_CHECK_VALUE(o.max_newton >= 0, "argument 'max_newton' must be >= 0, got ", o.max_newton);
@@ -102,7 +110,7 @@ std::vector<std::vector<SinkhornStatus>> sinkhorn(const std::vector<OTProblems>&
 
 CsrPlan sinkhorn_sparse_plan(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index,
                              double reg, double threshold) {
-  CK_CHECK_VALUE(std::isfinite(reg) && reg > 0, "argument 'reg' must be a finite number > 0, got ", reg);
+  check_reg(reg);
   CK_CHECK_VALUE(threshold > 0, "argument 'sparse_tol' must be > 0, got ", threshold);
   const OTOutputs outputs{f, g, nullptr};
   check_batch(problems, outputs);

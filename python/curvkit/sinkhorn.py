@@ -270,7 +270,8 @@ def _marginal(v, like, B, n, batched, name):
     """A marginal (or potential) as a (B, n) array of like's framework and dtype; None: uniform."""
     if v is None:
         out = _arrays.empty_like(like, (B, n))
-        out[...] = 1.0 / n
+        if n:  # no entries: the native call names the empty marginal
+            out[...] = 1.0 / n
         return out
     if _arrays.framework_of(v, name) != _arrays.framework_of(like):
         raise ArgumentTypeError(f"argument '{name}' must be of the cost's framework "
