@@ -18,7 +18,7 @@ def test_imports_without_torch_or_matplotlib():
             "        if name.split('.')[0] in ('torch', 'matplotlib'):\n"
             "            raise ImportError(name)\n"
             "sys.meta_path.insert(0, Block())\n"
-            "import curvkit.testing, curvkit.testing.anchors\n"
+            "import curvkit.testing, curvkit.testing.anchors, curvkit.accuracy, curvkit.bench\n"
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]"  # (an editable build may print before)
