@@ -127,7 +127,7 @@ def test_docs_accuracy_report_claims_hold():
     for row in rows:
         name = family_of[(row["kernel"], row["method"], row["impl"])]
         if row["impl"] == "curvkit" and int(row["n"]) == min(accuracy.FAMILIES[name].sizes) and \
-                name != "hutchinson":
+                name != "hutchinson" and (row["dtype"] != "bfloat16" or torch is not None):
             sample.append({**row, "family": name, "device": "cpu", "seed": 0})
     assert len(sample) > 20
     for row in sample[::4]:

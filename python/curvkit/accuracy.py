@@ -415,7 +415,7 @@ FAMILIES: dict[str, Family] = {
             M("fisher_ihvp", "static", "curvkit", "rel. 2-norm (dense solve)", _fisher_ihvp, _mfac_bound),
             M("FisherWindow.ihvp", "dynamic", "curvkit", "rel. 2-norm (dense solve)", _window, _mfac_bound),
             M("FisherWindow.ihvp", "dynamic", "anchor: M-FAC dynamic (torch)", "rel. 2-norm (dense solve)",
-              _window_anchor, torch=True),
+              _window_anchor, dtypes=("float64", "float32"), torch=True),  # torch has no half Cholesky
         )),
 }
 """The registry: family name -> :class:`Family`. A new family is one entry."""
@@ -446,6 +446,8 @@ def _run(m: Measurement, n: int, value: Any, seed: int, dtype: str, device: str)
         result = m.run(n, value, seed, dtype, device)
     except curvkit.ConvergenceError:
         return math.inf, "ConvergenceError"  # reported, never a silent NaN
+    except curvkit.ArgumentError:
+        return math.inf, "refused (ArgumentError): the input does not fit the dtype"
     return result if isinstance(result, tuple) else (float(result), "")
 
 

@@ -420,7 +420,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     command = "python -m curvkit.bench " + " ".join(argv if argv is not None else sys.argv[1:])
     (out / "bench.md").write_text(_markdown(rows, machine, rates, command.strip(), args.isolate))
     _report.write_csv(out / "bench.csv", rows, COLUMNS)
-    (out / "bench_machine.json").write_text(json.dumps({**machine, **{k: f"{v:.6g}" for k, v in rates.items()}}, indent=1))
+    described = {**machine, **{k: f"{v:.6g}" for k, v in rates.items()}}
+    (out / "bench_machine.json").write_text(json.dumps(described, indent=1))
     plots = [] if args.no_plots else plot(rows, out)
     for r in rows:
         if r["impl"] != "curvkit":
