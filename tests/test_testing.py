@@ -96,7 +96,7 @@ def test_sinkhorn_log_recovers_the_identity_and_reports_failure():
     P, _, _ = testing.sinkhorn_log(a, b, C, 1e-3)  # exp(-C / reg) alone would underflow to 0 here
     assert np.trace(P) > 0.95 and np.all(np.argmax(P, axis=1) == np.arange(10))
     with pytest.raises(curvkit.ConvergenceError, match="marginal error"):
-        testing.sinkhorn_log(a, b, C, 1e-4, tol=1e-15, max_iters=3)
+        testing.sinkhorn_log(a, b, C, 1e-4, tol=1e-15, max_iter=3)
     with pytest.raises(ValueError, match="reg"):
         testing.sinkhorn_log(a, b, C, 0.0)
 
