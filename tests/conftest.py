@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import curvkit
+from curvkit import testing
 
 try:
     import torch
@@ -62,38 +63,9 @@ def backend_dtypes(dtypes=DTYPES, of=None):
             if d != "bfloat16" or p.values[0][0] == "torch"]
 
 
-# The one tolerance table: (dtype, check) -> bound, the measured figures (with their margins)
-# the test files used to keep in tables of their own. Checks:
-#   "polar"         max abs distance of polar() from the float64 plain-product iteration after
-#                   5 steps (half types compute in float32 and differ by input/output rounding)
-#   "sqrt"          relative Frobenius error of matrix_sqrt against the extended reference;
-#                   the inverse square root is allowed 10x that ("inv_sqrt")
-#   "root_eigh",    relative error an inverse p-th root method may add beyond its input's
-#   "root_newton"   conditioning (n = 64 sweeps)
-#   "probe"         relative error of a gaussian/sphere probe against the float64 reference:
-#                   one rounding to the dtype plus a few float64 ulps of curvkit's log/sin/cos
-#   "sphere_norm"   distance of a sphere probe's column norm from 1
-#   "ulp"           unit roundoff of the half types (eigenvalues computed in float32, rounded)
-#   "mfac"          relative 2-norm error of an M-FAC product (fisher_ihvp, FisherWindow, diag,
-#                   entries) against the dense float64 solve on the stored inputs, at small kappa:
-#                   the result's rounding to its dtype (measured 0.4 u in float32 and bfloat16);
-#   "mfac_kappa"    plus this times kappa = ||g||^2 / (c damp) (float64 rounding amplified by the
-#                   cancellation in x - G^T w; measured <= 1.6e-15 kappa, m = 32, kappa to 1e7)
-TOL = {
-    ("float64", "polar"): 1e-11, ("float32", "polar"): 2e-5, ("float16", "polar"): 2e-3, ("bfloat16", "polar"): 1.6e-2,
-    ("float64", "sqrt"): 1e-12, ("float32", "sqrt"): 1e-6, ("float16", "sqrt"): 2e-3, ("bfloat16", "sqrt"): 1.6e-2,
-    ("float64", "inv_sqrt"): 1e-11, ("float32", "inv_sqrt"): 1e-5, ("float16", "inv_sqrt"): 2e-2,
-    ("bfloat16", "inv_sqrt"): 1.6e-1,
-    ("float64", "root_eigh"): 1e-13, ("float64", "root_newton"): 1e-10,
-    ("float32", "root_eigh"): 1e-4, ("float32", "root_newton"): 1e-4,
-    ("float64", "probe"): 1e-13, ("float32", "probe"): 2 ** -24 * 1.01, ("float16", "probe"): 2 ** -11 * 1.01,
-    ("bfloat16", "probe"): 2 ** -8 * 1.01,
-    ("float64", "sphere_norm"): 1e-14, ("float32", "sphere_norm"): 1e-6, ("float16", "sphere_norm"): 3e-3,
-    ("bfloat16", "sphere_norm"): 3e-2,
-    ("float16", "ulp"): 2.0 ** -11, ("bfloat16", "ulp"): 2.0 ** -8,
-    ("float64", "mfac"): 1e-10, ("float32", "mfac"): 2.0 ** -24, ("float16", "mfac"): 2.0 ** -11,
-    ("bfloat16", "mfac"): 2.0 ** -8, ("float64", "mfac_kappa"): 1e-14,
-}
+# The one tolerance table, (dtype, check) -> bound, lives in curvkit.testing (its checks are
+# described there), shared with python -m curvkit.accuracy.
+TOL = testing.TOL
 
 needs_torch = pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 needs_cuda = pytest.mark.skipif(not curvkit.has_cuda(), reason="needs a GPU and a CUDA build of curvkit")

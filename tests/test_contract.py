@@ -12,13 +12,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-import reference
 from conftest import TOL, make, to_numpy, torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import curvkit
 from curvkit import ArgumentError, ConvergenceError, CurvkitError
+from curvkit import testing as reference
 from curvkit.newton_schulz import schedule
 
 # CURVKIT_CONTRACT_EXAMPLES=1000 for a longer search than CI's.

@@ -8,7 +8,8 @@ import pytest
 
 import curvkit
 
-MODULES = sorted(f"curvkit.{m.name}" for m in pkgutil.iter_modules(curvkit.__path__) if m.name not in ("_core", "demo"))
+MODULES = sorted(m.name for m in pkgutil.walk_packages(curvkit.__path__, "curvkit.")
+                 if m.name not in ("curvkit._core", "curvkit.demo"))
 
 
 @pytest.mark.parametrize("name", MODULES)

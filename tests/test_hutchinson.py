@@ -3,10 +3,10 @@ import math
 
 import numpy as np
 import pytest
-import reference
 from conftest import CUDA_BACKENDS, TOL, backend_dtypes, make, needs_torch, raw_bits, to_numpy, torch
 
 import curvkit
+from curvkit import testing as reference
 
 KINDS = ["rademacher", "gaussian", "sphere"]
 # TOL[(dtype, "probe")]: largest relative error against the float64 reference: one rounding to
@@ -217,13 +217,7 @@ def test_vectorized_cpu_kernel_equals_scalar_definition_bit_for_bit(rng):
 # Estimators: trace, diagonal, eigenvalues, spectral density
 
 N_XTRACE = 1000  # the XTrace paper's test set (eepperly/XTrace tests/test_vectors.m)
-SPECTRA = {
-    "flat": np.linspace(1, 3, N_XTRACE),
-    "poly": np.arange(1, N_XTRACE + 1) ** -2.0,
-    "exp9": 0.9 ** np.arange(N_XTRACE),
-    "exp7": 0.7 ** np.arange(N_XTRACE),
-    "step": np.r_[np.ones(N_XTRACE // 20), 1e-3 * np.ones(N_XTRACE - N_XTRACE // 20)],
-}
+SPECTRA = {name: reference.xtrace_spectrum(name, N_XTRACE) for name in reference.XTRACE_SPECTRA}
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import weakref
 
 import numpy as np
 import pytest
-import reference
 from conftest import DTYPES, backend_dtypes, backends, make, needs_torch, raw_bits, to_numpy
 
 import curvkit
 from curvkit import _arrays, _core
+from curvkit import testing as reference
 
 
 def _values(rng, shape):

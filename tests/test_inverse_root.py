@@ -2,10 +2,10 @@
 rank deficiency, warm starts, ragged lists, failure policy."""
 import numpy as np
 import pytest
-import reference
 from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, is_cuda, make, needs_torch, to_numpy
 
 import curvkit
+from curvkit import testing as reference
 
 
 def root_reference(A, p, eps=0.0):

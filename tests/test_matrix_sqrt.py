@@ -1,10 +1,10 @@
 """Matrix square roots, inverse square roots and the Lyapunov solve against float64 eigh."""
 import numpy as np
 import pytest
-import reference
 from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, needs_torch, to_numpy
 
 import curvkit
+from curvkit import testing as reference
 
 # "auto" is LAPACK's eigh on the CPU and the coupled Newton-Schulz iteration on CUDA.
 AUTO = {"cpu": "eigh", "cuda": "newton_schulz"}

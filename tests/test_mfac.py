@@ -2,9 +2,10 @@
 import numpy as np
 import pytest
 from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, make, needs_torch, to_numpy
-from reference import fisher_inverse, fisher_matrix, fisher_solve
 
 import curvkit
+from curvkit.testing import fisher_inverse, fisher_matrix, fisher_solve
+from curvkit.testing import gradient_window as gradients
 
 F64 = TOL[("float64", "mfac")]
 
@@ -12,13 +13,6 @@ F64 = TOL[("float64", "mfac")]
 def rel(a, b):
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     return np.linalg.norm(a - b) / np.linalg.norm(b)
-
-
-def gradients(rng, m, d, kappa=1e3, scale=None):
-    """m gradients of dimension d and the damp giving them ||g||^2 / (c damp) ~ kappa."""
-    G = rng.standard_normal((m, d)) * np.exp(rng.uniform(-1, 1, size=(m, 1)))
-    damp = float(np.mean(np.sum(G ** 2, axis=1)) / ((scale or m) * kappa))
-    return G, damp
 
 
 def stored(values, backend, dtype):

@@ -2,10 +2,10 @@
 iteration), over schedules, routes, shapes, dtypes and frameworks."""
 import numpy as np
 import pytest
-import reference
 from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, needs_torch, to_numpy
 
 import curvkit
+from curvkit import testing as reference
 from curvkit.newton_schulz import schedule
 
 # TOL[(dtype, "polar")]: distance from the float64 plain-product iteration after 5 steps. Sides

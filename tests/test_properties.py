@@ -4,12 +4,12 @@ sizes, a few dozen examples); the examples are derived from the test (derandomiz
 reproducible, and nothing is written to disk (no example database)."""
 import numpy as np
 import pytest
-import reference
 from conftest import make, raw_bits, to_numpy, torch
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 import curvkit
+from curvkit import testing as reference
 from curvkit.newton_schulz import schedule
 
 SETTINGS = dict(deadline=None, database=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
