@@ -18,7 +18,7 @@ import functools
 
 import numpy as np
 import pytest
-from baselines.sinkhorn import assignment_problem, grid_problem, marginal_error, pot_batch, pot_sinkhorn
+from baselines.sinkhorn import marginal_error, ot_assignment, ot_grid, pot_batch, pot_sinkhorn
 
 import curvkit
 
@@ -45,11 +45,11 @@ def _log_iterations(case, tol):
 
 
 CASES = {
-    "sns-assignment-n500": lambda: assignment_problem(500) + (1 / 1200,),
-    "regot1-n1000": lambda: assignment_problem(1000, seed=42) + (1e-3,),
-    "regot1-n5000": lambda: assignment_problem(5000, seed=42) + (1e-3,),
-    "grid28-l1": lambda: grid_problem("l1") + (1e-3,),
-    "grid28-sqeuclidean": lambda: grid_problem("sqeuclidean") + (1e-3,),
+    "sns-assignment-n500": lambda: ot_assignment(500) + (1 / 1200,),
+    "regot1-n1000": lambda: ot_assignment(1000, seed=42) + (1e-3,),
+    "regot1-n5000": lambda: ot_assignment(5000, seed=42) + (1e-3,),
+    "grid28-l1": lambda: ot_grid(cost="l1") + (1e-3,),
+    "grid28-sqeuclidean": lambda: ot_grid(cost="l2") + (1e-3,),
 }
 TOLS = {"sns-assignment-n500": 1e-9}
 
