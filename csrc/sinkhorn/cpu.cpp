@@ -32,52 +32,43 @@ constexpr double kInf = std::numeric_limits<double>::infinity();
 // error below 2^-52 for double, 2^-23 for float) and 2^k from the bits. 0 below the smallest
 // normal, inf above the largest finite result, NaN kept. The round-to-nearest of x / ln2 is the
 // magic-number addition, whose low mantissa bits then hold k.
-CK_INLINE double fast_exp(double x) {
+CK_INLINE double fast_exp(double x_in) {
+  const double x = x_in < -708.0 ? -708.0 : (x_in > 709.0 ? 709.0 : x_in);  // k in [-1022, 1023]
   const double magic = 0x1.8p52, t = x * 1.4426950408889634 + magic, k = t - magic;
   const double r = (x - k * 0x1.62e42fee00000p-1) - k * 0x1.a39ef35793c76p-33;
-  double q = 1.0 / 6227020800.0;
-  q = q * r + 1.0 / 479001600.0;
-  q = q * r + 1.0 / 39916800.0;
-  q = q * r + 1.0 / 3628800.0;
-  q = q * r + 1.0 / 362880.0;
-  q = q * r + 1.0 / 40320.0;
-  q = q * r + 1.0 / 5040.0;
-  q = q * r + 1.0 / 720.0;
-  q = q * r + 1.0 / 120.0;
-  q = q * r + 1.0 / 24.0;
-  q = q * r + 1.0 / 6.0;
-  q = q * r + 0.5;
-  q = q * r + 1.0;
-  q = q * r + 1.0;
-  int64_t tb, mb;
+  // Estrin's scheme: the Horner chain's 14 dependent multiply-adds made 4 levels deep, so the
+  // loop is bound by throughput rather than latency.
+  const double r2 = r * r, r4 = r2 * r2, r8 = r4 * r4;
+  const double p01 = 1.0 + r, p23 = 0.5 + r * (1.0 / 6.0), p45 = 1.0 / 24.0 + r * (1.0 / 120.0),
+               p67 = 1.0 / 720.0 + r * (1.0 / 5040.0), p89 = 1.0 / 40320.0 + r * (1.0 / 362880.0),
+               p1011 = 1.0 / 3628800.0 + r * (1.0 / 39916800.0), p1213 = 1.0 / 479001600.0 + r * (1.0 / 6227020800.0);
+  const double q0 = p01 + r2 * p23, q1 = p45 + r2 * p67, q2 = p89 + r2 * p1011;
+  const double q = (q0 + r4 * q1) + r8 * (q2 + r4 * p1213);
+  uint64_t tb, mb;  // unsigned: a NaN's bits wrap harmlessly (its result is selected away)
   std::memcpy(&tb, &t, 8);
   std::memcpy(&mb, &magic, 8);
-  const int64_t scale_bits = ((tb - mb) + 1023) << 52;
+  const uint64_t scale_bits = ((tb - mb) + 1023) << 52;
   double scale;
   std::memcpy(&scale, &scale_bits, 8);
   const double e = q * scale;
-  return x < -708.0 ? 0.0 : (x > 709.0 ? kInf : (x != x ? x : e));
+  return x_in < -708.0 ? 0.0 : (x_in > 709.0 ? kInf : (x_in != x_in ? x_in : e));
 }
 
-CK_INLINE float fast_exp(float x) {
+CK_INLINE float fast_exp(float x_in) {
+  const float x = x_in < -87.0f ? -87.0f : (x_in > 88.0f ? 88.0f : x_in);  // k in [-126, 127]
   const float magic = 0x1.8p23f, t = x * 1.44269504f + magic, k = t - magic;
   const float r = (x - k * 0x1.62e400p-1f) - k * 0x1.7f7d1cp-20f;
-  float q = 1.0f / 5040.0f;
-  q = q * r + 1.0f / 720.0f;
-  q = q * r + 1.0f / 120.0f;
-  q = q * r + 1.0f / 24.0f;
-  q = q * r + 1.0f / 6.0f;
-  q = q * r + 0.5f;
-  q = q * r + 1.0f;
-  q = q * r + 1.0f;
-  int32_t tb, mb;
+  const float r2 = r * r, r4 = r2 * r2;
+  const float q = ((1.0f + r) + r2 * (0.5f + r * (1.0f / 6.0f))) +
+                  r4 * ((1.0f / 24.0f + r * (1.0f / 120.0f)) + r2 * (1.0f / 720.0f + r * (1.0f / 5040.0f)));
+  uint32_t tb, mb;
   std::memcpy(&tb, &t, 4);
   std::memcpy(&mb, &magic, 4);
-  const int32_t scale_bits = ((tb - mb) + 127) << 23;
+  const uint32_t scale_bits = ((tb - mb) + 127) << 23;
   float scale;
   std::memcpy(&scale, &scale_bits, 4);
   const float e = q * scale;
-  return x < -87.0f ? 0.0f : (x > 88.0f ? std::numeric_limits<float>::infinity() : (x != x ? x : e));
+  return x_in < -87.0f ? 0.0f : (x_in > 88.0f ? std::numeric_limits<float>::infinity() : (x_in != x_in ? x_in : e));
 }
 
 // ---- Inner loops over one row (SIMD clones)
