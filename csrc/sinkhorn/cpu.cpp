@@ -279,9 +279,10 @@ double half_step(const CostRows<S>& cr, const T* h, const std::vector<double>& l
 
 // How the Sinkhorn phase ends when it does not converge.
 enum class Handoff { Never, AfterWarmup, WhenSlow };
-constexpr int64_t kWarmup = 20;          // SNS's N1 for the random-assignment case
-constexpr int64_t kRateWindow = 10;      // iterations over which the linear rate is measured
-constexpr double kSlowIterations = 100;  // predicted iterations to tolerance that count as slow
+constexpr int64_t kWarmup = 20;         // SNS's N1 for the random-assignment case
+constexpr int64_t kRateWindow = 10;     // iterations over which the linear rate is measured
+constexpr double kSlowIterations = 30;  // predicted iterations to tolerance that count as slow: about
+                                        // what a few Newton steps (4 passes and a CG solve each) cost
 
 struct PhaseResult {
   int64_t iterations = 0;
@@ -543,6 +544,7 @@ constexpr int kMaxHalvings = 30;
 constexpr double kArmijo = 1e-4;
 constexpr int64_t kFallbackIterations = 20;  // Sinkhorn iterations after a failed Newton step
 constexpr double kLocalError = 1e-2;         // marginal error (of the mass) where Newton is local
+constexpr int64_t kStallSteps = 10;          // accepted steps over which the error must halve
 
 struct NewtonResult {
   int64_t steps = 0, sinkhorn_iterations = 0;
@@ -563,6 +565,7 @@ NewtonResult newton_phase(const Problem<S>& P, std::vector<double>& f, std::vect
       dc(static_cast<size_t>(P.m)), df, dg;
   std::vector<double> ft(static_cast<size_t>(P.n)), gt(static_cast<size_t>(P.m));
   int64_t attempts = 0;
+  double window_error = err;  // the error kStallSteps accepted steps ago
   while (err > o.tol && attempts < o.max_newton) {
     if (interrupted()) {
       res.interrupted = true;
@@ -603,6 +606,12 @@ NewtonResult newton_phase(const Problem<S>& P, std::vector<double>& f, std::vect
       // A poor step near the solution is the sparse Hessian's fault: keep more of it. Far from
       // the solution damped steps are Newton's own (the quadratic model is only local).
       if ((alpha < 1 || err_trial > 0.5 * err) && err < kLocalError * P.mass) density = std::min(1.0, 2 * density);
+      // Anywhere, steps that keep the error from halving over kStallSteps mean the sparse model
+      // misses what matters: keep more of it.
+      if (res.steps % kStallSteps == 0) {
+        if (err_trial > 0.5 * window_error) density = std::min(1.0, 2 * density);
+        window_error = err_trial;
+      }
       f.swap(ft);
       g.swap(gt);
       cur = std::move(trial);
