@@ -353,6 +353,41 @@ def _mfac_bound(dtype: str, kappa: float) -> Optional[float]:
     return testing.TOL[(dtype, "mfac")] + testing.TOL[("float64", "mfac_kappa")] * kappa
 
 
+# sinkhorn: plans of the SNS assignment problem (C ~ U[0, 1], uniform marginals) against the
+# float64 log-domain reference, swept over reg (the reference, plain Sinkhorn, needs reg large
+# enough to converge to 1e-12 in its iteration budget).
+
+
+@functools.lru_cache(maxsize=32)
+def _ot_input(n: int, reg: float, seed: int, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    a, b, C = testing.ot_assignment(n, seed=seed)
+    a, b, C = (_stored(v, dtype) for v in (a, b, C))
+    b = b * (a.sum() / b.sum())  # as curvkit does: b rescaled to a's mass
+    P = testing.sinkhorn_log(a, b, C, reg, tol=1e-12)[0]
+    return a, b, C, P
+
+
+def _sinkhorn(method: str) -> Callable[[int, float, int, str, str], float]:
+    def run(n: int, reg: float, seed: int, dtype: str, device: str) -> float:
+        a, b, C, P = _ot_input(n, reg, seed, dtype)
+        got = curvkit.sinkhorn(_to(a, dtype, device), _to(b, dtype, device), _to(C, dtype, device), reg=reg,
+                               method=method, tol=1e-11, max_iter=200_000)  # the reference's budget
+        return float(np.abs(_f64(got) - P).max() / P.max())
+    return run
+
+
+def _sinkhorn_pot(n: int, reg: float, seed: int, dtype: str, device: str) -> float:
+    import ot  # the anchor: POT's log-domain Sinkhorn, as installed
+
+    a, b, C, P = _ot_input(n, reg, seed, dtype)
+    got = ot.sinkhorn(a, b, C, reg, method="sinkhorn_log", stopThr=1e-12, numItermax=200_000)
+    return float(np.abs(_f64(got) - P).max() / P.max())
+
+
+def _sinkhorn_bound(dtype: str, reg: float) -> Optional[float]:
+    return testing.TOL[(dtype, "ot_plan")]
+
+
 def _polar_bound(dtype: str, cond: float) -> Optional[float]:
     return testing.TOL[(dtype, "polar")]
 
@@ -416,6 +451,15 @@ FAMILIES: dict[str, Family] = {
             M("FisherWindow.ihvp", "dynamic", "curvkit", "rel. 2-norm (dense solve)", _window, _mfac_bound),
             M("FisherWindow.ihvp", "dynamic", "anchor: M-FAC dynamic (torch)", "rel. 2-norm (dense solve)",
               _window_anchor, dtypes=("float64", "float32"), torch=True),  # torch has no half Cholesky
+        )),
+    "sinkhorn": Family(
+        "Entropic OT plans (SNS assignment problem) to marginal error 1e-11, against the float64 log-domain "
+        "reference (max |P - P_ref| / max P_ref)",
+        "reg", (1e-1, 3e-2, 1e-2), (1e-1, 1e-2), (64,), (32,), (
+            M("sinkhorn", "log", "curvkit", "max |P - P_ref| / max P_ref", _sinkhorn("log"), _sinkhorn_bound),
+            M("sinkhorn", "sns", "curvkit", "max |P - P_ref| / max P_ref", _sinkhorn("sns"), _sinkhorn_bound),
+            M("sinkhorn", "log", "anchor: POT sinkhorn_log", "max |P - P_ref| / max P_ref", _sinkhorn_pot,
+              dtypes=("float64",)),
         )),
 }
 """The registry: family name -> :class:`Family`. A new family is one entry."""

@@ -24,7 +24,7 @@ Examples
 --------
 >>> from curvkit import bench
 >>> sorted(bench.FAMILIES)
-['hutchinson', 'inverse_root', 'mfac', 'newton_schulz']
+['hutchinson', 'inverse_root', 'mfac', 'newton_schulz', 'sinkhorn']
 >>> seconds = bench.median_time(lambda: sum(range(100)), budget=0.01)
 >>> seconds > 0
 True
@@ -189,6 +189,25 @@ def _mfac(d: int, dtype: str, device: str) -> tuple[Callable[[], Any], Callable[
     return (lambda: window.ihvp(ours_x)), (lambda: anchor.ihvp(theirs_x))
 
 
+SINKHORN_REG, SINKHORN_TOL = 1e-2, 1e-6
+
+
+def _sinkhorn(n: int, dtype: str, device: str) -> tuple[Callable[[], Any], Optional[Callable[[], Any]]]:
+    a, b, C = testing.ot_assignment(n, seed=n)
+    ours = [_pair(v, dtype, device)[0] for v in (a, b, C)]
+
+    def anchor() -> Any:
+        # POT stops on the 2-norm of the column error, checked every 10 iterations: at least as
+        # strict as curvkit's L1 stop at the same tolerance
+        return anchors.pot_sinkhorn(a, b, C, SINKHORN_REG, 100_000, "sinkhorn_log", SINKHORN_TOL)
+
+    try:
+        import ot  # noqa: F401  (the anchor: POT, when installed)
+    except ImportError:
+        return (lambda: curvkit.sinkhorn(*ours, reg=SINKHORN_REG, tol=SINKHORN_TOL)), None
+    return (lambda: curvkit.sinkhorn(*ours, reg=SINKHORN_REG, tol=SINKHORN_TOL)), anchor
+
+
 def _itemsize(dtype: str) -> int:
     return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
@@ -218,6 +237,11 @@ FAMILIES: dict[str, list[Case]] = {
         # two passes over G (G x, then G^T w): the bytes read bound the product
         Case(f"FisherWindow.ihvp, m={MFAC_M}", "M-FAC dynamic (torch)", (1 << 16, 1 << 18, 1 << 20),
              (1 << 14, 1 << 17), "float32", _mfac, lambda d, dtype: (2.0 * MFAC_M * d * _itemsize(dtype), "read")),
+    ],
+    "sinkhorn": [
+        # the iteration counts differ by method: no common work count, times and ratios only
+        Case(f"sinkhorn (auto) to {SINKHORN_TOL:g}, assignment, reg {SINKHORN_REG:g}", "POT sinkhorn_log",
+             (256, 512, 1024), (128, 256), "float64", _sinkhorn, lambda n, dtype: None),
     ],
 }
 """The registry: family name -> its cases. A new family is one entry."""

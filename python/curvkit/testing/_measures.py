@@ -101,6 +101,9 @@ UNIT_ROUNDOFF = {"float64": 2.0 ** -53, "float32": 2.0 ** -24, "float16": 2.0 **
 #                   the result's rounding to its dtype (measured 0.4 u in float32 and bfloat16);
 #   "mfac_kappa"    plus this times kappa = ||g||^2 / (c damp) (float64 rounding amplified by the
 #                   cancellation in x - G^T w; measured <= 1.6e-15 kappa, m = 32, kappa to 1e7)
+#   "ot_plan"       max |P - P_ref| / max P_ref of an entropic OT plan solved to marginal error
+#                   1e-11 against the float64 log-domain reference on the stored inputs: the solve
+#                   is float64 for every dtype, so beyond float64 only the plan's one rounding
 TOL = {
     ("float64", "polar"): 1e-11, ("float32", "polar"): 2e-5, ("float16", "polar"): 2e-3, ("bfloat16", "polar"): 1.6e-2,
     ("float64", "sqrt"): 1e-12, ("float32", "sqrt"): 1e-6, ("float16", "sqrt"): 2e-3, ("bfloat16", "sqrt"): 1.6e-2,
@@ -115,6 +118,8 @@ TOL = {
     ("float16", "ulp"): 2.0 ** -11, ("bfloat16", "ulp"): 2.0 ** -8,
     ("float64", "mfac"): 1e-10, ("float32", "mfac"): 2.0 ** -24, ("float16", "mfac"): 2.0 ** -11,
     ("bfloat16", "mfac"): 2.0 ** -8, ("float64", "mfac_kappa"): 1e-14,
+    ("float64", "ot_plan"): 1e-8, ("float32", "ot_plan"): 1e-6, ("float16", "ot_plan"): 2e-3,
+    ("bfloat16", "ot_plan"): 1.6e-2,
 }
 """The one tolerance table, (dtype, check) -> bound; the checks are described in the source."""
 

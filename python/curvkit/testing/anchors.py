@@ -279,17 +279,19 @@ class MFACDynamic:
         return self.lambd * x - self.G.T @ (self.coef.T @ (y / self.denom))
 
 
-def pot_sinkhorn(a: Any, b: Any, C: Any, reg: float, iterations: int, method: str = "sinkhorn_log") -> Any:
-    """POT's Sinkhorn run for exactly ``iterations`` iterations (no early stop: a budget timed and
-    scaled to the iteration count at a tolerance, log-domain Sinkhorn's iterates being the same
-    in every implementation)."""
+def pot_sinkhorn(a: Any, b: Any, C: Any, reg: float, iterations: int, method: str = "sinkhorn_log",
+                 tol: float = 0.0) -> Any:
+    """POT's Sinkhorn: to ``tol`` (its stop: the 2-norm of the column error, every 10
+    iterations) within ``iterations``, or with tol 0 for exactly ``iterations`` iterations (a
+    budget timed and scaled to the count at a tolerance: log-domain Sinkhorn's iterates are the
+    same in every implementation)."""
     import warnings
 
     import ot
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "did not converge": the budget is the point
-        return ot.sinkhorn(a, b, C, reg, method=method, numItermax=iterations, stopThr=0.0)
+        return ot.sinkhorn(a, b, C, reg, method=method, numItermax=iterations, stopThr=tol)
 
 
 def pot_batch(a: Any, b: Any, C: Any, reg: float, tol: float, max_iter: int = 100000) -> Any:
