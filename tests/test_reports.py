@@ -175,5 +175,9 @@ def test_docs_bench_report_claims_hold():
             assert float(row["ratio"]) == 1.0
         # rate x time is the case's work, to the table's 3 digits
         case = next(c for cases in bench.FAMILIES.values() for c in cases if c.name == row["case"])
-        amount, _ = case.work(int(row["n"]), row["dtype"])
+        work = case.work(int(row["n"]), row["dtype"])
+        if work is None:  # no common work count (Sinkhorn's iterations differ by method): no rate
+            assert row["rate"] == "-"
+            continue
+        amount, _ = work
         assert float(row["rate"]) * float(row["median_ms"]) * 1e6 == pytest.approx(amount, rel=2e-2)
