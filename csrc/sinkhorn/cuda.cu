@@ -167,7 +167,7 @@ __global__ void marginal_stats_kernel(const S* a, const S* b, int64_t n, int64_t
   }
 }
 
-// The first non-finite entry of v (count entries), as an index; count when none.
+// The index of the first non-finite entry of v (count entries); *first is left as it was when none.
 template <class S>
 __global__ void first_nonfinite_kernel(const S* v, int64_t count, unsigned long long* first) {
   for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < count; k += int64_t(gridDim.x) * blockDim.x)

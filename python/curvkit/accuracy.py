@@ -48,6 +48,7 @@ import curvkit
 from . import _report, testing
 from .newton_schulz import schedule as _schedule
 from .testing import anchors
+from .testing._measures import _f64
 
 # ---- moving inputs to the framework, device and dtype under test
 
@@ -76,15 +77,6 @@ def _torch(x: np.ndarray, dtype: str, device: str) -> Any:
     import torch
 
     return torch.from_numpy(np.ascontiguousarray(x)).to(device=device, dtype=getattr(torch, dtype))
-
-
-def _f64(x: Any) -> np.ndarray:
-    module = type(x).__module__.split(".")[0]
-    if module == "torch":
-        return x.detach().to("cpu").double().numpy()
-    if module == "cupy":
-        return np.asarray(x.get(), dtype=np.float64)
-    return np.asarray(x, dtype=np.float64)
 
 
 def _stored(x: np.ndarray, dtype: str) -> np.ndarray:
