@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib.util
 import math
 import sys
 from dataclasses import dataclass, field
@@ -114,7 +115,8 @@ class Measurement:
     ``run(n, value, seed, dtype, device) -> error`` (or ``(error, note)``, the note saying what
     the kernel reported: a fallback, unresolved eigenvalues); ``bound(dtype, value) -> float or None``,
     the documented bound where there is one; ``dtypes``: those it runs in (None: all);
-    ``torch``: needs PyTorch (an anchor, or a dtype NumPy lacks is handled separately)."""
+    ``torch``: needs PyTorch (an anchor, or a dtype NumPy lacks is handled separately);
+    ``package``: another package an anchor calls (POT), skipped where it is not installed."""
 
     kernel: str
     method: str
@@ -124,6 +126,7 @@ class Measurement:
     bound: Callable[[str, float], Optional[float]] = lambda dtype, value: None
     dtypes: Optional[tuple[str, ...]] = None
     torch: bool = False
+    package: Optional[str] = None  # another package the anchor calls (run only where installed)
 
 
 @dataclass(frozen=True)
@@ -451,7 +454,7 @@ FAMILIES: dict[str, Family] = {
             M("sinkhorn", "log", "curvkit", "max |P - P_ref| / max P_ref", _sinkhorn("log"), _sinkhorn_bound),
             M("sinkhorn", "sns", "curvkit", "max |P - P_ref| / max P_ref", _sinkhorn("sns"), _sinkhorn_bound),
             M("sinkhorn", "log", "anchor: POT sinkhorn_log", "max |P - P_ref| / max P_ref", _sinkhorn_pot,
-              dtypes=("float64",)),
+              dtypes=("float64",), package="ot"),
         )),
 }
 """The registry: family name -> :class:`Family`. A new family is one entry."""
@@ -513,6 +516,8 @@ def sweep(families: Optional[Sequence[str]] = None, dtypes: Sequence[str] = ("fl
         values = family.quick_values if quick else family.values
         for m in family.measurements:
             if m.torch and not (with_anchors and torch_ok):
+                continue
+            if m.package and not (with_anchors and importlib.util.find_spec(m.package) is not None):
                 continue
             for dtype in dtypes:
                 if m.dtypes is not None and dtype not in m.dtypes:
