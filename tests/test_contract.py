@@ -88,14 +88,16 @@ def cases(draw, kind, fw=None, dtype=None, shape=None):
 
 
 def run(case, call):
-    """(result, None) or (None, the curvkit error), with case.threads threads; any other
-    exception propagates and fails the test."""
+    """(result, None) or (None, the curvkit error), with case.threads threads and the failure
+    policy "raise" (a miss is a ConvergenceError to inspect); any other exception propagates
+    and fails the test."""
     previous = curvkit.get_num_threads()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # more threads than cores is allowed
         curvkit.set_num_threads(case.threads)
     try:
-        return call(), None
+        with curvkit.failure_policy("raise"):
+            return call(), None
     except CurvkitError as e:
         return None, e
     finally:

@@ -1,4 +1,7 @@
 """Bad input gets a Python exception naming the argument, never a crash."""
+import threading
+import warnings
+
 import numpy as np
 import pytest
 from conftest import needs_torch
@@ -353,3 +356,42 @@ def test_sinkhorn_arguments():
                                warm_start=False, stream=0, workspace=None)
     with pytest.raises(ValueError, match="list item 1, problem 0"):
         curvkit.sinkhorn([a, a], [b, 2 * b], [C, C], reg=0.1)
+
+
+INDEFINITE = np.diag([1.0, -1.0])  # no square root: a true miss in every method
+
+
+def test_the_failure_policy_warns_by_default_and_raising_is_opt_in():
+    assert curvkit.get_failure_policy() == "warn"
+    with pytest.warns(curvkit.ConvergenceWarning, match=r"matrix_sqrt: 1 of 1 matrices did not converge") as w:
+        S = curvkit.matrix_sqrt(INDEFINITE)
+    assert w[0].filename == __file__  # points at the caller's line, not into curvkit
+    np.testing.assert_allclose(S, np.diag([1.0, 0.0]))  # the floored root, finite
+    with curvkit.failure_policy("raise"):
+        assert curvkit.get_failure_policy() == "raise"
+        with pytest.raises(curvkit.ConvergenceError) as e:
+            curvkit.matrix_sqrt(INDEFINITE)
+        assert not e.value.info["converged"] and np.isfinite(e.value.result).all()
+    assert curvkit.get_failure_policy() == "warn"
+    previous = curvkit.set_failure_policy("ignore")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            curvkit.matrix_sqrt(INDEFINITE)
+            _, info = curvkit.matrix_sqrt(INDEFINITE, return_info=True)  # return_info: never a warning
+    finally:
+        assert curvkit.set_failure_policy(previous) == "ignore"
+    with curvkit.failure_policy("raise"):
+        _, info = curvkit.matrix_sqrt(INDEFINITE, return_info=True)  # nor an error
+    assert not info["converged"]
+    with pytest.raises(curvkit.ArgumentError, match="'policy' must be one of 'warn', 'raise', 'ignore'"):
+        curvkit.set_failure_policy("strict")
+
+
+def test_the_failure_policy_is_per_thread():
+    seen = []
+    with curvkit.failure_policy("raise"):
+        thread = threading.Thread(target=lambda: seen.append(curvkit.get_failure_policy()))
+        thread.start()
+        thread.join()
+    assert seen == ["warn"]

@@ -165,7 +165,7 @@ def test_polar_orthonormalize_checks_shape_and_reports_what_it_could_not_orthono
     measured = [np.abs(x.T @ x - np.eye(5)).max() for x in to_numpy(r)]
     np.testing.assert_allclose(info["orthogonality"], measured, rtol=1e-6, atol=1e-15)
     assert info["orthogonality"][1] > 0.1
-    with pytest.raises(ck.ConvergenceError, match="1 of 2 matrices"):
+    with pytest.warns(ck.ConvergenceWarning, match="1 of 2 matrices"):
         ck.orthonormalize(stack, "polar")
     _, info = ck.orthonormalize(make(good, backend), "polar", steps=1, return_info=True)  # too few for float64
     assert not info["converged"] and 1e-8 < info["orthogonality"] < 1e-4

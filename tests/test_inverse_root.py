@@ -348,7 +348,7 @@ def test_orthonormalize_qr(backend, shape, rng):
     np.testing.assert_allclose(R, expected, atol=1e-12)
     R32 = curvkit.orthonormalize(make(Q, backend, "float32"), "qr")
     assert str(R32.dtype).endswith("float32") and np.abs(to_numpy(R32) - expected).max() < 1e-5
-    with pytest.raises(curvkit.ConvergenceError):
+    with pytest.warns(curvkit.ConvergenceWarning):
         curvkit.orthonormalize(make(np.ones((5, 3)), backend), "qr")  # rank 1
     with pytest.raises(ValueError, match="at least as many rows"):
         curvkit.orthonormalize(make(np.ones((3, 5)), backend), "qr")

@@ -1,4 +1,6 @@
 """Matrix square roots, inverse square roots and the Lyapunov solve against float64 eigh."""
+import warnings
+
 import numpy as np
 import pytest
 from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, backends, make, needs_torch, to_numpy
@@ -57,17 +59,46 @@ def test_batched_and_iteration_counts(rng):
 
 def test_pade_is_an_approximation_with_its_error_reported(rng):
     A = reference.spd_with_condition(rng, 32, 1e1)
-    S, info = curvkit.matrix_sqrt(A, method="pade", return_info=True)
+    S, info = curvkit.matrix_sqrt(A, method="pade", fallback=False, return_info=True)
     err = rel(S, reference.sqrt_and_inv_sqrt(A)[0])
     assert 0 < info["residual"] < 0.2 and err < 0.2
     assert not info["converged"]  # the default tol asks for more than [5/5] Pade gives
-    with pytest.raises(curvkit.ConvergenceError) as e:
-        curvkit.matrix_sqrt(A, method="pade")
+    with curvkit.failure_policy("raise"), pytest.raises(curvkit.ConvergenceError) as e:
+        curvkit.matrix_sqrt(A, method="pade", fallback=False)
     assert e.value.info["residual"] == info["residual"] and np.isfinite(e.value.result).all()
+    with pytest.warns(curvkit.ConvergenceWarning, match="1 of 1 matrices did not converge"):
+        np.testing.assert_array_equal(curvkit.matrix_sqrt(A, method="pade", fallback=False), S)
     np.testing.assert_allclose(curvkit.matrix_sqrt(A, method="pade", tol=0.2), S)
+    # with the fallback (the default) the miss is redone by eigh, and says so
+    S, info = curvkit.matrix_sqrt(A, method="pade", return_info=True)
+    assert info["converged"] and info["fell_back"] and info["method"] == "eigh"
+    assert rel(S, reference.sqrt_and_inv_sqrt(A)[0]) < 1e-13
     # near the identity it is accurate
     B = np.eye(16) + 1e-3 * reference.spd_with_condition(rng, 16, 2)
     assert rel(curvkit.matrix_sqrt(B, method="pade"), reference.sqrt_and_inv_sqrt(B)[0]) < 1e-12
+
+
+def test_a_float32_accumulated_rank_deficient_factor_is_floored_by_every_method(rng):
+    # The optimizer's input (Distributed Shampoo's pattern): a rank-32 EMA factor accumulated in
+    # float32, passed as float64 and as float32. Rounding leaves eigenvalues below zero, which
+    # used to fail every method (Newton-Schulz diverges on them): now the floored root, converged.
+    basis = rng.standard_normal((256, 32)).astype(np.float32)
+    A = np.zeros((256, 256), np.float32)
+    for _ in range(300):
+        g = basis @ rng.standard_normal((32, 8)).astype(np.float32) * np.float32(10 ** rng.uniform(-2, 2))
+        A = np.float32(0.95) * A + np.float32(0.05) * (g @ g.T)
+    w, V = np.linalg.eigh((A.astype(np.float64) + A.T) / 2)
+    assert w[0] < -1e-9 * w[-1]
+    want = (V * np.sqrt(np.maximum(w, 0))) @ V.T
+    for dtype, bound in (("float64", 1e-8), ("float32", TOL["float32", "sqrt"])):
+        for method in ("auto", "eigh", "newton_schulz", "pade"):
+            S, info = curvkit.matrix_sqrt(A.astype(dtype), method=method, return_info=True)
+            assert info["converged"] and info["method"] == "eigh" and info["negative"] < 0, (dtype, method)
+            assert info["fell_back"] == (method in ("newton_schulz", "pade")), (dtype, method)
+            assert rel(S.astype(np.float64), want) <= bound, (dtype, method)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning either
+        curvkit.matrix_sqrt(A, method="newton_schulz")
 
 
 def test_singular_indefinite_and_zero_inputs_are_reported_not_nan(rng):
@@ -83,8 +114,13 @@ def test_singular_indefinite_and_zero_inputs_are_reported_not_nan(rng):
         (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(indefinite, method=method, return_info=True)
         assert not info["converged"] and np.isfinite(S).all() and np.isfinite(R).all(), method
     for method in ["auto", "newton_schulz"]:
-        with pytest.raises(curvkit.ConvergenceError, match="did not converge"):
+        with pytest.warns(curvkit.ConvergenceWarning, match="did not converge"):
             curvkit.matrix_sqrt(indefinite, method=method)
+        with curvkit.failure_policy("raise"), pytest.raises(curvkit.ConvergenceError, match="did not converge"):
+            curvkit.matrix_sqrt(indefinite, method=method)
+        with curvkit.failure_policy("ignore"), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert np.isfinite(curvkit.matrix_sqrt(indefinite, method=method)).all()
     zero = np.zeros((2, 4, 4))
     S, info = curvkit.matrix_sqrt(zero, return_info=True)
     assert not S.any() and info["converged"].all()
@@ -128,7 +164,7 @@ def test_lyapunov_solve(backend, rng):
     assert info["converged"].all() and rel(to_numpy(X)[0], X0) < 1e-9 and rel(to_numpy(X)[1], X0) < 1e-14
     _, cpu = curvkit.solve_lyapunov(Sb, Cb, return_info=True)
     assert np.all(np.abs(info["iterations"] - cpu["iterations"]) <= 1)
-    with pytest.raises(curvkit.ConvergenceError):  # singular S: no unique solution
+    with pytest.warns(curvkit.ConvergenceWarning):  # singular S: no unique solution
         curvkit.solve_lyapunov(make(np.diag([1.0, 0.0]), backend), make(np.ones((2, 2)), backend))
     X, info = curvkit.solve_lyapunov(make(np.zeros((2, 0, 0)), backend), make(np.zeros((2, 0, 0)), backend),
                                      return_info=True)
@@ -226,8 +262,12 @@ def test_batches_conditioning_and_status(backend, rng):
 def test_failures_are_reported_not_nan(backend, rng):
     # the iteration ("auto" on CUDA; the CPU's "auto" is eigh, which has no iteration limit)
     A = reference.spd_with_condition(rng, 32, 1e3)
-    S, info = curvkit.matrix_sqrt(make(A, backend, "float32"), method="newton_schulz", max_iters=2, return_info=True)
+    S, info = curvkit.matrix_sqrt(make(A, backend, "float32"), method="newton_schulz", max_iters=2, fallback=False,
+                                  return_info=True)
     assert not info["converged"] and np.isfinite(to_numpy(S)).all()
+    S, info = curvkit.matrix_sqrt(make(A, backend, "float32"), method="newton_schulz", max_iters=2, return_info=True)
+    assert info["converged"] and info["fell_back"] and info["method"] == "eigh"
+    assert rel(to_numpy(S), reference.sqrt_and_inv_sqrt(A)[0]) < 1e-6
     zero = make(np.zeros((2, 8, 8)), backend, "float32")
     S, info = curvkit.matrix_sqrt(zero, return_info=True)
     assert info["converged"].all() and not to_numpy(S).any()
@@ -242,3 +282,30 @@ def test_failures_are_reported_not_nan(backend, rng):
     with pytest.raises(ValueError, match="symmetric"):
         curvkit.matrix_sqrt(make(np.triu(np.ones((4, 4))), backend, "float32"))
 
+
+
+@pytest.mark.parametrize("fw", ["numpy", pytest.param("torch", marks=needs_torch)])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_the_cuda_eigh_fallback_redoes_only_the_failed_matrices(fw, dtype, rng):
+    # CUDA's Newton-Schulz failures are redone in Python through curvkit.eigh (cuSOLVER there);
+    # the same code runs here on CPU arrays, fed a Newton-Schulz run without the native fallback.
+    from curvkit.newton_schulz import _redo_by_eigh
+
+    good = reference.spd_with_condition(rng, 24, 1e3)
+    capped = reference.spd_with_condition(rng, 24, 1e3)                  # fails at max_iters=2
+    indefinite = reference.spd_with_condition(rng, 24, 10) - 0.5 * np.eye(24)
+    A = make(np.stack([good, capped, indefinite]), (fw, "cpu"), dtype)
+    (S, R), info = curvkit.matrix_sqrt_and_inv_sqrt(A, method="newton_schulz", max_iters=2, fallback=False,
+                                                    return_info=True)
+    before = to_numpy(S).copy()
+    info["converged"][0] = True  # pretend the first converged: it must be left alone
+    _redo_by_eigh(A, S, R, info, 1e-8)
+    assert info["converged"].tolist() == [True, True, False]
+    assert info["fell_back"].tolist() == [False, True, False] and info["method"][1] == "eigh"
+    assert info["negative"][2] < -0.01 and info["negative"][1] == 0
+    np.testing.assert_array_equal(to_numpy(S)[0], before[0])
+    np.testing.assert_array_equal(to_numpy(S)[2], before[2])
+    S0, R0 = reference.sqrt_and_inv_sqrt(to_numpy(A)[1].astype(np.float64))
+    bound = 1e-12 if dtype == "float64" else TOL["float32", "sqrt"]
+    assert rel(to_numpy(S)[1], S0) <= bound and rel(to_numpy(R)[1], R0) <= max(bound, 1e-12 * 1e3)
+    assert info["residual"][1] <= 1e-8

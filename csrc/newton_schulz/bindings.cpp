@@ -25,7 +25,8 @@ py::list sqrt_infos(const std::vector<std::vector<SqrtStatus>>& status, const st
   return binding::status_dicts(
       status, inputs, binding::field("converged", &SqrtStatus::converged),
       binding::field("iterations", &SqrtStatus::iterations), binding::field("residual", &SqrtStatus::residual),
-      binding::field("method", [](const SqrtStatus& s) { return binding::choice_name(kSqrtMethods, s.method); }));
+      binding::field("method", [](const SqrtStatus& s) { return binding::choice_name(kSqrtMethods, s.method); }),
+      binding::field("negative", &SqrtStatus::negative), binding::field("fell_back", &SqrtStatus::fell_back));
 }
 
 }  // namespace
@@ -58,11 +59,12 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
   m.def(
       "matrix_sqrt",
       [](const py::list& inputs, const py::list& sqrt_out, const py::list& inv_out, const std::string& method,
-         int max_iters, double tol, StreamHandle stream, py::object workspace) {
+         int max_iters, double tol, bool fallback, StreamHandle stream, py::object workspace) {
         SqrtOptions o;
         o.method = binding::parse_choice(kSqrtMethods, method, "method");
         o.max_iters = max_iters;
         o.tol = tol;
+        o.fallback = fallback;
         binding::ArrayList in(inputs, "A", stream), s(sqrt_out, "out", stream, binding::Access::Write),
             r(inv_out, "out", stream, binding::Access::Write);
         std::vector<std::vector<SqrtStatus>> status;
@@ -73,7 +75,7 @@ void register_newton_schulz(py::module_& m, py::module_& /*testing*/) {
         return sqrt_infos(status, in.views());
       },
       py::arg("inputs"), py::arg("sqrt_out"), py::arg("inv_sqrt_out"), py::kw_only(), py::arg("method"),
-      py::arg("max_iters"), py::arg("tol"), py::arg("stream"), py::arg("workspace"),
+      py::arg("max_iters"), py::arg("tol"), py::arg("fallback"), py::arg("stream"), py::arg("workspace"),
       "Square roots and/or inverse square roots of symmetric PSD matrices; an info dict per input "
       "(see curvkit.matrix_sqrt).");
   m.def(

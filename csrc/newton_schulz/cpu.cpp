@@ -304,15 +304,20 @@ void sqrt_pade(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
   if (want_inverse) symmetrize(w.z.data(), n);
 }
 
-// Eigendecomposition: y = S / sqrt(c), z = S^{-1} sqrt(c) from A/c = V diag(w) V^T.
+// Eigendecomposition: y = S / sqrt(c), z = S^{-1} sqrt(c) from A/c = V diag(w) V^T, negative
+// eigenvalues floored at 0 (a clearly indefinite A is not ok). floored: ||A/c - (A/c)_+||_F.
 template <class T>
-void sqrt_eigh(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
+void sqrt_eigh(int n, double c, bool want_inverse, SqrtWork<T>& w, SqrtStatus& st, bool& ok, double& floored) {
   const int64_t nn = int64_t(n) * n;
   std::vector<T> values(static_cast<size_t>(n));
   for (int64_t i = 0; i < nn; ++i) w.m[size_t(i)] = T(double(w.a[size_t(i)]) / c);
   ok = blas::syevd(n, w.m.data(), values.data()) == 0;
+  st.negative = numerics::negative_ratio(double(values[0]), double(values[size_t(n - 1)]));
+  ok &= !numerics::clearly_indefinite(st.negative);
+  floored = 0;
+  for (int64_t j = 0; j < n && values[size_t(j)] < 0; ++j) floored += double(values[size_t(j)]) * values[size_t(j)];
+  floored = std::sqrt(floored);
   const double negligible = double(n) * unit_roundoff<T>() * std::max(double(values[size_t(n - 1)]), 0.0);
-  ok &= double(values[0]) >= -negligible;  // indefinite: not a PSD input
   for (int pass = 0; pass < (want_inverse ? 2 : 1); ++pass) {
     std::vector<T>& out = pass == 0 ? w.y : w.z;
     if (pass == 1 && double(values[0]) <= negligible) ok = false;  // singular: no inverse
@@ -343,6 +348,7 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
   // smaller one puts the spectrum of A/c closest to 1 (near the identity ||A||_inf does).
   const double c = std::min(frobenius(w.a.data(), nn), max_row_sum(w.a.data(), n));
   st = SqrtStatus{};
+  st.method = o.method;
   if (c == 0) {  // sqrt(0) = 0; no inverse
     std::fill(w.y.begin(), w.y.end(), T(0));
     if (sqrt_out) store_matrix(w.y.data(), *sqrt_out, index, 0.0);
@@ -350,27 +356,35 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
     st.converged = inv_out == nullptr;
     return;
   }
+  // The requested method, then (with fallback) Eigh for a matrix it failed.
+  const double a_norm = frobenius(w.a.data(), nn);
   bool ok = false;
-  switch (o.method) {
-    case SqrtMethod::NewtonSchulz: sqrt_newton_schulz(n, c, o.max_iters, w, st, ok); break;
-    case SqrtMethod::Pade: sqrt_pade(n, c, inv_out != nullptr, w, ok); break;
-    case SqrtMethod::Eigh: sqrt_eigh(n, c, inv_out != nullptr, w, ok); break;
+  for (SqrtMethod method = o.method;; method = SqrtMethod::Eigh) {
+    double floored = 0;  // ||A - A_+||_F / c: what Eigh's floor removed
+    switch (method) {
+      case SqrtMethod::NewtonSchulz: sqrt_newton_schulz(n, c, o.max_iters, w, st, ok); break;
+      case SqrtMethod::Pade: sqrt_pade(n, c, inv_out != nullptr, w, ok); break;
+      default: sqrt_eigh(n, c, inv_out != nullptr, w, st, ok, floored); break;
+    }
+    ok &= all_finite(w.y) && (!inv_out || all_finite(w.z));
+    // residual ||S^2 - A||_F / ||A||_F with S = sqrt(c) y
+    double r = std::numeric_limits<double>::infinity();
+    if (all_finite(w.y)) {
+      blas::syrk(false, n, n, T(1), w.y.data(), n, T(0), w.t.data(), n);
+      double s = 0;
+      for (int64_t i = 0; i < n; ++i)
+        for (int64_t j = 0; j <= i; ++j) {
+          const double d = c * double(w.t[size_t(i * n + j)]) - double(w.a[size_t(i * n + j)]);
+          s += (i == j ? 1 : 2) * d * d;
+        }
+      r = std::sqrt(s) / a_norm;
+    }
+    st.residual = r;
+    st.converged = ok && r <= o.tol + c * floored / a_norm;
+    st.method = method;
+    if (st.converged || method == SqrtMethod::Eigh || !o.fallback || interrupted()) break;
+    st.fell_back = true;
   }
-  ok &= all_finite(w.y) && (!inv_out || all_finite(w.z));
-  // residual ||S^2 - A||_F / ||A||_F with S = sqrt(c) y
-  double r = std::numeric_limits<double>::infinity();
-  if (all_finite(w.y)) {
-    blas::syrk(false, n, n, T(1), w.y.data(), n, T(0), w.t.data(), n);
-    double s = 0;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j <= i; ++j) {
-        const double d = c * double(w.t[size_t(i * n + j)]) - double(w.a[size_t(i * n + j)]);
-        s += (i == j ? 1 : 2) * d * d;
-      }
-    r = std::sqrt(s) / frobenius(w.a.data(), nn);
-  }
-  st.residual = r;
-  st.converged = ok && r <= o.tol;
   if (!ok) {  // never hand on NaN or Inf: a failed matrix's non-finite output becomes zeros
     if (!all_finite(w.y)) std::fill(w.y.begin(), w.y.end(), T(0));
     if (!all_finite(w.z)) std::fill(w.z.begin(), w.z.end(), T(0));

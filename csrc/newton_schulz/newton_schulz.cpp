@@ -29,10 +29,10 @@ PolarMethod polar_route(const ArrayView& g, PolarMethod requested) {
 // One status per matrix, 0 x 0 matrices trivially solved.
 template <class Status>
 std::vector<Status> initial_status(const ArrayView& a, SqrtMethod method) {
-  Status empty;
-  empty.converged = true;
-  empty.method = method;
-  return std::vector<Status>(size_t(leading_count(a)), a.size(-1) ? Status{} : empty);
+  Status st;
+  st.converged = a.size(-1) == 0;
+  st.method = method;
+  return std::vector<Status>(size_t(leading_count(a)), st);
 }
 
 }  // namespace
@@ -109,7 +109,6 @@ void matrix_sqrt(const std::vector<ArrayView>& inputs, const std::vector<ArrayVi
     SqrtStatus* st = status.back().data();
     CK_DEVICE_DISPATCH(a.device, matrix_sqrt_cpu(a, s, r, resolved, st),
                        matrix_sqrt_cuda(a, s, r, resolved, st, stream));
-    for (SqrtStatus& x : status.back()) x.method = resolved.method;
   }
 }
 

@@ -67,26 +67,35 @@ void polar(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& o
 //   Pade:         [5/5] Pade approximant of sqrt(1 - z) at M = I - A/c: S = sqrt(c) Q(M)^{-1} P(M)
 //                 (Song et al., "Fast Differentiable Matrix Square Root"); fixed cost, accurate
 //                 only for well-conditioned A.
-//   Eigh:         LAPACK syevd, S = V diag(w^{1/2}) V^T.
+//   Eigh:         LAPACK syevd, S = V diag(max(w, 0)^{1/2}) V^T. Negative eigenvalues down to
+//                 -numerics::kIndefinite of the largest magnitude are floored at 0 (an accumulated factor
+//                 is PSD only up to its rounding, as for the inverse roots); below, A is
+//                 indefinite and not converged.
 //   Auto:         Eigh on the CPU (faster there at equal accuracy), NewtonSchulz on CUDA (the
 //                 only method there).
 // On CPU these compute in float64 for every input dtype: float32 arithmetic loses about
 // n * eps32 (2e-6 relative at n = 256, cond 1e3, measured, as float32 eigh does).
-// Status per matrix: converged <=> ||S^2 - A||_F / ||A||_F <= tol, the outputs are finite and,
-// when the inverse is asked for, A is numerically nonsingular (and NewtonSchulz converged).
+// Status per matrix: converged <=> ||S^2 - A||_F / ||A||_F <= tol (for Eigh, tol plus what the
+// floor removed, ||A - A_+||_F / ||A||_F), the outputs are finite and, when the inverse is asked
+// for, A is numerically nonsingular (and NewtonSchulz converged). With fallback, a matrix that
+// NewtonSchulz or Pade failed is redone by Eigh on the CPU (fell_back); CUDA leaves it to the
+// caller (the Python layer redoes it with cuSOLVER's eigh).
 enum class SqrtMethod { Auto, NewtonSchulz, Pade, Eigh };
 
 struct SqrtOptions {
   SqrtMethod method = SqrtMethod::Auto;
   int max_iters = 100;
-  double tol = 1e-8;  // on ||S^2 - A||_F / ||A||_F
+  double tol = 1e-8;     // on ||S^2 - A||_F / ||A||_F
+  bool fallback = true;  // redo a failed NewtonSchulz / Pade matrix by Eigh (CPU)
 };
 
 struct SqrtStatus {
   bool converged = false;
   int iterations = 0;
   double residual = 0;                   // ||S^2 - A||_F / ||A||_F
-  SqrtMethod method = SqrtMethod::Auto;  // the method that ran
+  SqrtMethod method = SqrtMethod::Auto;  // the method that gave the result
+  double negative = 0;                   // Eigh: min(lambda_min, 0) / max |lambda|
+  bool fell_back = false;                // the requested method failed; Eigh gave the result
 };
 
 // For each input A_i (..., n_i, n_i): sqrt_out[i] = A_i^{1/2} and inv_sqrt_out[i] = A_i^{-1/2},

@@ -21,7 +21,17 @@ finally:
     if _spin is None:
         del _os.environ["OPENBLAS_THREAD_TIMEOUT"]
 from ._config import config, get_num_threads, has_cuda, set_num_threads, show_config
-from ._errors import ArgumentError, ArgumentTypeError, ConvergenceError, CudaError, CurvkitError
+from ._errors import (
+    ArgumentError,
+    ArgumentTypeError,
+    ConvergenceError,
+    ConvergenceWarning,
+    CudaError,
+    CurvkitError,
+    failure_policy,
+    get_failure_policy,
+    set_failure_policy,
+)
 from .hutchinson import (
     adahessian_step_,
     diag_estimate,
@@ -59,17 +69,20 @@ __all__ = [
     "ArgumentError",
     "ArgumentTypeError",
     "ConvergenceError",
+    "ConvergenceWarning",
     "CudaError",
     "CurvkitError",
     "config",
     "diag_estimate",
     "eigenbasis_update",
+    "failure_policy",
     "FisherWindow",
     "fisher_ihvp",
     "fisher_inverse_diag",
     "fisher_inverse_entries",
     "fisher_inverse_factor",
     "eigh",
+    "get_failure_policy",
     "get_num_threads",
     "has_cuda",
     "matrix_inverse_root",
@@ -81,6 +94,7 @@ __all__ = [
     "polar_update_",
     "probes",
     "probes_like",
+    "set_failure_policy",
     "set_num_threads",
     "show_config",
     "sinkhorn",

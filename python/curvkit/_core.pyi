@@ -99,6 +99,7 @@ def matrix_sqrt(
     method: str,
     max_iters: int,
     tol: float,
+    fallback: bool,
     stream: int,
     workspace: Workspace,
 ) -> list[Info]: ...

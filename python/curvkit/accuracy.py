@@ -482,7 +482,8 @@ def _value(family: Family, value: Any) -> Any:
 
 def _run(m: Measurement, n: int, value: Any, seed: int, dtype: str, device: str) -> tuple[float, str]:
     try:
-        result = m.run(n, value, seed, dtype, device)
+        with curvkit.failure_policy("raise"):
+            result = m.run(n, value, seed, dtype, device)
     except curvkit.ConvergenceError:
         return math.inf, "ConvergenceError"  # reported, never a silent NaN
     except curvkit.ArgumentError:

@@ -8,7 +8,7 @@ from typing import Any, Optional, Sequence, Union
 import numpy as np
 
 from . import _args, _arrays, _core
-from ._errors import ArgumentError, ArgumentTypeError, ConvergenceError
+from ._errors import ArgumentError, ArgumentTypeError, report_failure
 
 
 def probes(shape: Union[int, Sequence[int]], kind: str = "rademacher", seed: int = 0, offset: int = 0,
@@ -321,9 +321,8 @@ def _finish(function: str, result: Any, info: dict, return_info: bool) -> Any:
     if return_info:
         return result, info
     if not info["converged"]:
-        raise ConvergenceError(f"{function}: the target standard error (tol) was not reached within the budget "
-                               f"of {info['matvecs']} matvecs (standard error {np.max(info['std_error']):.3g}); pass "
-                               "return_info=True to get the estimate anyway", info, result)
+        report_failure(function, f"{function}: the target standard error (tol) was not reached within the budget "
+                       f"of {info['matvecs']} matvecs (standard error {np.max(info['std_error']):.3g})", info, result)
     return result
 
 
@@ -369,8 +368,9 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
     tol : float, optional
         Target standard error: probes are drawn in blocks until the estimate's standard
         error is at most ``tol`` or the budget is spent ("hutchinson", "xtrace", "xnystrace";
-        for "hutch++" the residual probes are drawn this way). Missing it raises
-        ConvergenceError unless ``return_info``.
+        for "hutch++" the residual probes are drawn this way). Missing it is reported by the
+        failure policy (a ConvergenceWarning by default, see
+        :func:`curvkit.set_failure_policy`) unless ``return_info``.
     block_size : int, optional
         Probes per block when ``tol`` is given (default 16 for Hutchinson, 8 for the first
         block of XTrace/XNysTrace, whose later blocks double the probes).
@@ -633,7 +633,7 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
         Also return the eigenvectors (n, k) in the probes' framework (compute dtype).
     return_info : bool
         Also return {"converged", "matvecs", "residual" (k,), "steps"}. Without it a miss
-        raises ConvergenceError.
+        is reported by the failure policy (:func:`curvkit.set_failure_policy`).
 
     Returns
     -------
@@ -675,9 +675,8 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
     if return_info:
         return (*result, info) if return_vectors else (values, info)
     if not info["converged"]:
-        raise ConvergenceError(f"top_eigenvalues: not converged within {info['matvecs']} matvecs (largest "
-                               f"residual {np.max(info['residual']):.3g}); pass return_info=True to get the "
-                               "estimates anyway", info, result)
+        report_failure("top_eigenvalues", f"top_eigenvalues: not converged within {info['matvecs']} matvecs "
+                       f"(largest residual {np.max(info['residual']):.3g})", info, result)
     return result
 
 

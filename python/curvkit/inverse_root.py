@@ -99,7 +99,9 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
         for newton), "products" (the n x n matrix products spent,
         fallbacks included; a symmetric one counts its share of a plain one, 0.5 on CPU; a
         LAPACK / cuSOLVER decomposition none, nor the residual eigh reports). Without it, a matrix that did not converge
-        raises :class:`curvkit.ConvergenceError` (results are never NaN or Inf).
+        is reported by the failure policy (:func:`curvkit.set_failure_policy`: a
+        ConvergenceWarning by default, ConvergenceError under "raise"); results are never
+        NaN or Inf.
 
     Examples
     --------
@@ -155,8 +157,8 @@ def eigh(A: Any, basis: Any = None, out: Any = None, return_info: bool = False) 
 
     Batched, or a list of arrays of different sizes in one call (small matrices one per
     core). float64 computes in float64, other dtypes in float32. Only (A + A^T)/2 is used.
-    LAPACK on CPU, cuSOLVER's batched syev on CUDA; a failure raises
-    :class:`curvkit.ConvergenceError`.
+    LAPACK on CPU, cuSOLVER's batched syev on CUDA; a failure is reported by the failure
+    policy (:func:`curvkit.set_failure_policy`).
 
     ``basis`` (like A, or a list like A; not modified): eigenvectors of a nearby matrix to
     refine instead of decomposing from scratch, as in :func:`matrix_inverse_root` (3 matrix
@@ -208,8 +210,9 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
     array (or writes ``out``; a list for list input); float64 computes in float64, others in
     float32. CPU and CUDA (cuSOLVER geqrf/orgqr, one call per matrix, for "qr").
 
-    A matrix that fails raises :class:`curvkit.ConvergenceError` (the result attached), or
-    with ``return_info`` is reported in the info dict's "converged" per matrix: for "qr",
+    A matrix that fails is reported by the failure policy (:func:`curvkit.set_failure_policy`:
+    a ConvergenceWarning by default, ConvergenceError with the result attached under
+    "raise"), or with ``return_info`` is reported in the info dict's "converged" per matrix: for "qr",
     Q was rank-deficient; for "polar", the result is not orthonormal to
     max|Q^T Q - I| <= sqrt(u) of the output dtype (u its unit roundoff: 1.5e-8 float64,
     2.4e-4 float32, 0.022 float16, 0.063 bfloat16), which a rank-deficient Q, one too far
@@ -260,8 +263,8 @@ def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False
     "full_rank" in the info says whether the compute dtype resolved A Q (float16, bfloat16
     and float32 compute in float32, where SOAP's factors of condition 1e7-1e8 lose their
     small columns: pass float64 for those eigenvectors). A matrix whose factorization
-    fails, or whose estimates overflow d's dtype (zeros then), raises
-    :class:`curvkit.ConvergenceError`, or with ``return_info`` is reported in the info
+    fails, or whose estimates overflow d's dtype (zeros then), is reported by the failure
+    policy (:func:`curvkit.set_failure_policy`), or with ``return_info`` is reported in the info
     dict's "converged" (with "full_rank"). NaN or Inf in A or Q raises
     :class:`curvkit.ArgumentError`.
 

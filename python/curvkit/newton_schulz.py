@@ -2,6 +2,7 @@
 and its successors use them to orthogonalize updates."""
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence, Union
 
 import numpy as np
@@ -226,7 +227,7 @@ def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, bet
 # Square roots of symmetric positive (semi)definite matrices
 
 def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int = 100, out: Any = None,
-                return_info: bool = False) -> Any:
+                return_info: bool = False, fallback: bool = True) -> Any:
     """Square root S of symmetric positive semidefinite A (..., n, n): S S = A, S symmetric.
 
     Parameters
@@ -246,10 +247,13 @@ def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int 
         Differentiable Matrix Square Root", 2022), a fixed cost of 4 products and 2 Cholesky
         solves, accurate near the identity but only to ~1e-1 in general (measured: relative
         error 0.09 at n = 200, condition 1e2; 0.4 at 1e6); pass a looser ``tol`` to accept
-        it. "eigh": LAPACK's symmetric eigensolver.
+        it. "eigh": LAPACK's symmetric eigensolver, negative eigenvalues floored at 0 (the
+        optimizer's policy, as for :func:`matrix_inverse_root`: a factor accumulated in
+        float32 is PSD only up to its rounding, up to 1e-3 of its largest eigenvalue);
+        below -0.01 of the largest magnitude A is indefinite, not converged.
     tol : float
-        Converged means ||S^2 - A||_F / ||A||_F <= tol (and, for the inverse, A numerically
-        nonsingular).
+        Converged means ||S^2 - A||_F / ||A||_F <= tol (for "eigh", tol plus what the floor
+        removed, ||A - A_+||_F / ||A||_F), and, for the inverse, A numerically nonsingular.
     max_iters : int
         Iteration cap for "newton_schulz", 1 to 2**31 - 1; the iteration also stops, not
         converged, after log(sqrt(n)/u)/log(1.5) + 10 steps (a singular A).
@@ -258,21 +262,39 @@ def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int 
     return_info : bool
         Also return a dict of per-matrix NumPy arrays shaped like the batch dimensions:
         "converged", "iterations", "residual" (||S^2 - A||_F / ||A||_F), "method" (the
-        method that ran, "auto" resolved).
+        method that gave the result, "auto" resolved), "negative" (eigh's most negative
+        eigenvalue over the largest magnitude, 0 if none or not computed) and "fell_back".
+    fallback : bool
+        A matrix that "newton_schulz" or "pade" failed (rounding-level negative
+        eigenvalues make Newton–Schulz diverge; Pade misses tol away from the identity) is
+        redone by "eigh" in float64, floored ("fell_back" and "method" in the info say
+        so): on CPU natively, on CUDA through cuSOLVER's eigh (a host round trip per failed
+        matrix).
 
-    Failure policy: without ``return_info``, a matrix that does not converge raises
-    :class:`curvkit.ConvergenceError` (carrying the info and the result). With it, nothing is
-    raised and the caller reads ``info["converged"]``. Outputs are never NaN or Inf: a
-    failed matrix holds its last (finite) iterate, or zeros.
+    Failure policy (the same in every family, :func:`curvkit.set_failure_policy`): inputs
+    an optimizer meets (singular, ill-conditioned, rounding-level indefinite, slightly
+    asymmetric) converge. A matrix that still fails (clearly indefinite; or, for the
+    inverse, singular) gives a :class:`curvkit.ConvergenceWarning` by default, a
+    :class:`curvkit.ConvergenceError` carrying the info and the result under "raise", and
+    nothing under "ignore" or with ``return_info``, where the caller reads
+    ``info["converged"]``. Outputs are never NaN or Inf: a failed matrix holds its last
+    (finite) iterate, its floored root, or zeros.
+
+    Per dtype: float64, float32, float16 and bfloat16 inputs all compute in float64 (CPU and
+    CUDA) and round once into the output's dtype; the singularity threshold of the inverse
+    (n * 2^-53 * lambda_max) and the floor are the same for all, the asymmetry allowed is
+    the dtype's (see A).
+    An inverse root that overflows a float32 or half output (a tiny A) is zeros, not
+    converged.
 
     Accuracy (relative error against float64 eigh, measured): float64 1e-13 up to
     condition 1e6, 4e-12 at 1e10; float32 input 1e-7 (the output rounding). On CPU all
     methods compute in float64 for every input dtype: float32 arithmetic would lose about
     n * eps32 (2e-6 at n = 256). Singular A: the square root converges with "eigh";
-    "newton_schulz" reports non-convergence (the coupled inverse grows without bound).
-    Indefinite A: reported as not converged. CUDA arrays: "newton_schulz" only (computed in
-    float64 for every dtype; convergence tracked per matrix on the device, the host looking
-    every 4 steps); "pade" and "eigh" raise ValueError there.
+    "newton_schulz" does not (the coupled inverse grows without bound) and falls back to
+    "eigh". CUDA arrays: "newton_schulz" only (computed in float64 for every dtype;
+    convergence tracked per matrix on the device, the host looking every 4 steps), with
+    the eigh fallback; "pade" and "eigh" raise ValueError there.
 
     Examples
     --------
@@ -285,15 +307,24 @@ def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int 
     >>> S, info = curvkit.matrix_sqrt(A, return_info=True)
     >>> str(info["method"]), bool(info["converged"])
     ('eigh', True)
-    >>> S, info = curvkit.matrix_sqrt(A, method="pade", return_info=True)
+    >>> S, info = curvkit.matrix_sqrt(A, method="pade", fallback=False, return_info=True)
     >>> bool(info["converged"]), float(info["residual"]) < 0.2
     (False, True)
+
+    A factor accumulated in float32 is PSD only up to its rounding; its square root is the
+    floored one, by every method:
+
+    >>> G = np.random.default_rng(1).standard_normal((64, 8)).astype(np.float32)
+    >>> L = (G @ G.T).astype(np.float64) - 1e-4 * np.eye(64)     # rank 8, lambda_min < 0
+    >>> S, info = curvkit.matrix_sqrt(L, method="newton_schulz", return_info=True)
+    >>> bool(info["converged"]), str(info["method"]), bool(info["fell_back"])
+    (True, 'eigh', True)
     """
-    return _sqrt("matrix_sqrt", A, True, False, method, tol, max_iters, out, return_info)
+    return _sqrt("matrix_sqrt", A, True, False, method, tol, max_iters, out, return_info, fallback)
 
 
 def matrix_inv_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int = 100, out: Any = None,
-                    return_info: bool = False) -> Any:
+                    return_info: bool = False, fallback: bool = True) -> Any:
     """Inverse square root A^{-1/2} of symmetric positive definite A (..., n, n).
 
     Same arguments, methods and failure policy as :func:`matrix_sqrt` (the residual
@@ -308,11 +339,11 @@ def matrix_inv_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: 
     array([[0.5       , 0.        ],
            [0.        , 0.33333333]])
     """
-    return _sqrt("matrix_inv_sqrt", A, False, True, method, tol, max_iters, out, return_info)
+    return _sqrt("matrix_inv_sqrt", A, False, True, method, tol, max_iters, out, return_info, fallback)
 
 
 def matrix_sqrt_and_inv_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int = 100,
-                             out: Any = None, return_info: bool = False) -> Any:
+                             out: Any = None, return_info: bool = False, fallback: bool = True) -> Any:
     """(A^{1/2}, A^{-1/2}) from one computation (the coupled iteration yields both).
 
     See :func:`matrix_sqrt`; ``out`` is a pair (S, R), or for list input a pair of lists.
@@ -322,7 +353,7 @@ def matrix_sqrt_and_inv_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, ma
     >>> np.allclose(S @ R, np.eye(2))
     True
     """
-    return _sqrt("matrix_sqrt_and_inv_sqrt", A, True, True, method, tol, max_iters, out, return_info)
+    return _sqrt("matrix_sqrt_and_inv_sqrt", A, True, True, method, tol, max_iters, out, return_info, fallback)
 
 
 def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return_info: bool = False) -> Any:
@@ -358,7 +389,12 @@ def solve_lyapunov(S: Any, C: Any, max_iters: int = 100, out: Any = None, return
                    return_info)
 
 
-def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, return_info):
+# Below this fraction of the largest eigenvalue magnitude a negative eigenvalue is not rounding
+# (the native kIndefinite).
+_INDEFINITE = 1e-2
+
+
+def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, return_info, fallback):
     inputs, single = _arrays.as_list(A)
     inputs = [_arrays.prepare(a, "A") for a in inputs]
     if want_sqrt and want_inverse:
@@ -369,11 +405,62 @@ def _sqrt(function, A, want_sqrt, want_inverse, method, tol, max_iters, out, ret
         S, R = (given, []) if want_sqrt else ([], given)
     stream, workspace = _arrays.call_context(inputs)
     infos = _core.matrix_sqrt(inputs, S, R, method=_args.method_name(method),
-                              max_iters=_args.max_iters(max_iters),
-                              tol=_args.real(tol, "tol"), stream=stream, workspace=workspace)
+                              max_iters=_args.max_iters(max_iters), tol=_args.real(tol, "tol"),
+                              fallback=bool(fallback), stream=stream, workspace=workspace)
+    if fallback:  # the CPU falls back natively; CUDA here, through cuSOLVER's eigh
+        for i, a in enumerate(inputs):
+            if _arrays.device_of(a)[0] == "cuda":
+                _redo_by_eigh(a, S[i] if S else None, R[i] if R else None, infos[i], float(tol))
     if out is not None:
         result = out
     else:
         pick = (lambda xs: xs[0]) if single else (lambda xs: xs)
         result = (pick(S), pick(R)) if want_sqrt and want_inverse else pick(S if want_sqrt else R)
     return _finish(function, result, infos, single, return_info)
+
+
+def _redo_by_eigh(A, S, R, info, tol):
+    """Redo, by eigh in float64 with the eigh route's floor, the matrices of A (..., n, n) that
+    ``info`` marks failed, writing S = A_+^{1/2} and/or R = A_+^{-1/2} and updating ``info``
+    in place. The CPU does this natively; on CUDA eigh is cuSOLVER's."""
+    from .inverse_root import eigh
+
+    converged = np.asarray(info["converged"])
+    failed = [tuple(int(i) for i in ix) for ix in np.argwhere(~converged)] if converged.ndim else (
+        [] if converged else [()])
+    for index in failed:
+        a = _arrays.convert(A[index], "float64")
+        a = (a + a.swapaxes(-1, -2)) / 2
+        (w, V), eigh_info = eigh(a, return_info=True)
+        if not np.asarray(eigh_info["converged"]).all():
+            continue
+        n, w_min, w_max = a.shape[-1], float(w[0]), float(w[-1])
+        scale = max(abs(w_min), abs(w_max))
+        negative = w_min / scale if w_min < 0 and scale > 0 else 0.0
+        info["negative"][index] = negative
+        if negative < -_INDEFINITE:
+            continue
+        root = (w * (w > 0)) ** 0.5
+        Vt = V.swapaxes(-1, -2)
+        sqrt = (V * root) @ Vt
+        a_norm = float((a * a).sum()) ** 0.5
+        residual = float(((sqrt @ sqrt - a) ** 2).sum()) ** 0.5 / a_norm if a_norm > 0 else 0.0
+        floored = float(((w * (w < 0)) ** 2).sum()) ** 0.5 / a_norm if a_norm > 0 else 0.0
+        ok = residual <= tol + floored
+        if S is not None:
+            ok &= _store_finite(S, index, sqrt)
+        if R is not None:
+            singular = w_min <= n * 2.0 ** -53 * max(w_max, 0.0)
+            ok &= not singular and _store_finite(R, index, (V / root) @ Vt)
+        if ok:
+            info["converged"][index], info["residual"][index] = True, residual
+            info["method"][index], info["fell_back"][index] = "eigh", True
+
+
+def _store_finite(out, index, value) -> bool:
+    """out[index] = value; zeros instead where the output dtype overflowed (never Inf)."""
+    out[index] = value
+    if math.isfinite(float(abs(out[index]).max())):
+        return True
+    out[index] = 0
+    return False

@@ -76,8 +76,9 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
     Returns
     -------
     plan : array like C, ``(n, m)`` or ``(B, n, m)`` (a list for list input); with
-    ``return_info``, ``(plan, info)``. A problem that misses tol raises ConvergenceError
-    (carrying info and the plan) unless ``return_info`` is set.
+    ``return_info``, ``(plan, info)``. A problem that misses tol is reported by the failure
+    policy (:func:`curvkit.set_failure_policy`: a ConvergenceWarning by default,
+    ConvergenceError carrying info and the plan under "raise") unless ``return_info`` is set.
 
     Notes
     -----

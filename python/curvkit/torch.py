@@ -35,12 +35,11 @@ from __future__ import annotations
 
 from typing import List, Optional, Sequence, Tuple, Union
 
-import numpy as np
 import torch
 
 from . import _args
 from . import newton_schulz as _ns
-from ._errors import ArgumentTypeError, raise_unless_converged
+from ._errors import ArgumentTypeError, report_unconverged
 from .sinkhorn import sinkhorn_cost as _sinkhorn_cost
 
 
@@ -328,8 +327,7 @@ class _SinkhornCost(torch.autograd.Function):
     def forward(ctx, a, b, C, x, y, options):
         a, b, C_, x_, y_ = (None if t is None else t.detach() for t in (a, b, C, x, y))
         value, info = _sinkhorn_cost(a, b, C_, x=x_, y=y_, return_info=True, **options)
-        if not np.asarray(info["converged"]).all():
-            raise_unless_converged("curvkit.torch.sinkhorn_cost", [info], value, True)
+        report_unconverged("curvkit.torch.sinkhorn_cost", [info], value, True)
         like = C if C is not None else x
         ctx.save_for_backward(info["f"], info["g"], C, x, y)
         ctx.options = options
