@@ -225,7 +225,7 @@ GIL_CALLS = {
         norm_scale=1.0, norm_eps=1e-7, method="standard", alpha=[1.0], beta=[0.0], normalize=True, check_finite=True,
         **_NO_WORKSPACE),
     "matrix_sqrt": lambda h: _core.matrix_sqrt([h(_spd(300))], [np.empty((300, 300))], [], method="newton_schulz",
-                                               max_iters=100, tol=1e-8, **_NO_WORKSPACE),
+                                               max_iters=100, tol=1e-8, fallback=False, **_NO_WORKSPACE),
     "solve_lyapunov": lambda h: _core.solve_lyapunov([h(_spd(200))], [np.eye(200)], [np.empty((200, 200))],
                                                      max_iters=100, **_NO_WORKSPACE),
     "matrix_inverse_root": lambda h: _core.matrix_inverse_root(

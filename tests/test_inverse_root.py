@@ -589,3 +589,29 @@ def test_results_are_reproducible(backend, rng):
 
     for first, second in zip(run(), run()):
         np.testing.assert_array_equal(first, second)
+
+
+@needs_torch
+def test_a_factor_accumulated_in_float32_and_passed_as_float64_is_not_refused_as_asymmetric():
+    import torch
+
+    # An EMA of addmm_ steps in float32 is symmetric only up to its rounding (1.9e-8 here):
+    # passed as float64, every symmetric-input function takes its symmetric part.
+    gen = torch.Generator().manual_seed(0)
+    A = torch.zeros(128, 128)
+    for _ in range(50):
+        g = torch.randn(128, 32, generator=gen)
+        A.mul_(0.95).addmm_(g, g.T, alpha=0.05)
+    A = A.double()
+    assert 1e-10 < ((A - A.T).abs().max() / A.abs().max()).item() < 1e-6
+    S = (A + A.T) / 2
+    np.testing.assert_allclose(curvkit.matrix_inverse_root(A, 4).numpy(), curvkit.matrix_inverse_root(S, 4).numpy())
+    np.testing.assert_allclose(curvkit.matrix_sqrt(A).numpy(), curvkit.matrix_sqrt(S).numpy())
+    np.testing.assert_allclose(curvkit.eigh(A)[0].numpy(), curvkit.eigh(S)[0].numpy())
+    Q = torch.linalg.qr(A)[0]
+    for got, want in zip(curvkit.eigenbasis_update(A, Q), curvkit.eigenbasis_update(S, Q)):
+        np.testing.assert_allclose(to_numpy(got), to_numpy(want))
+    B = A.clone()
+    B[0, 1] += 1e-3 * A.abs().max()  # not rounding: refused by name
+    with pytest.raises(curvkit.ArgumentError, match="'A' must be symmetric"):
+        curvkit.matrix_inverse_root(B, 4)

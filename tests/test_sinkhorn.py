@@ -200,9 +200,9 @@ def test_torch_gradients_by_the_envelope_theorem(rng):
     assert torch.autograd.gradcheck(lambda C_: ct.sinkhorn_cost(at, bt, C_, **options), (Ct,))
     x = torch.from_numpy(rng.random((5, 2))).requires_grad_()
     y = torch.from_numpy(rng.random((6, 2))).requires_grad_()
-    for cost in ("sqeuclidean", "l1"):
+    for cost, p in (("sqeuclidean", 2.0), ("euclidean", 2.0), ("l1", 2.0), ("pnorm", 3.0)):
         assert torch.autograd.gradcheck(
-            lambda x_, y_, cost=cost: ct.sinkhorn_cost(at, bt, x=x_, y=y_, cost=cost, **options), (x, y))
+            lambda x_, y_, cost=cost, p=p: ct.sinkhorn_cost(at, bt, x=x_, y=y_, cost=cost, p=p, **options), (x, y))
     # a and b: along mass-preserving directions
     a_var = at.clone().requires_grad_()
     ct.sinkhorn_cost(a_var, bt, Ct.detach(), **options).backward()
@@ -217,6 +217,34 @@ def test_torch_gradients_by_the_envelope_theorem(rng):
     assert loss.shape == (3,)
     loss.sum().backward()
     assert torch.allclose(Cb.grad.sum((1, 2)), torch.ones(3, dtype=torch.float64), atol=1e-8)  # the plans' mass
+
+
+@needs_torch
+def test_torch_sinkhorn_cost_compiles_and_refuses_a_double_backward(rng):
+    import torch
+
+    import curvkit.torch as ct
+
+    a, b, C = problem(rng, 5, 6)
+    at, bt, Ct = torch.from_numpy(a), torch.from_numpy(b), torch.from_numpy(C).requires_grad_()
+    x = torch.from_numpy(rng.random((5, 2))).requires_grad_()
+    y = torch.from_numpy(rng.random((6, 2)))
+
+    def loss(C_, x_):
+        return ct.sinkhorn_cost(at, bt, C_, reg=0.1, tol=1e-13) + ct.sinkhorn_cost(None, bt, x=x_, y=y, reg=0.1)
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")  # fails on any graph break
+    value = compiled(Ct, x)
+    torch.testing.assert_close(value, loss(Ct, x), atol=0, rtol=0)
+    for g_compiled, g_eager in zip(torch.autograd.grad(value, (Ct, x)), torch.autograd.grad(loss(Ct, x), (Ct, x))):
+        torch.testing.assert_close(g_compiled, g_eager, atol=0, rtol=0)
+    torch._dynamo.reset()
+    torch.library.opcheck(torch.ops.curvkit.sinkhorn_cost.default,
+                          (at, bt, Ct.detach(), None, None, None, None, "sqeuclidean", 2.0, 0.1, "auto", 1e-12, 10000,
+                           200, None, False))
+    (g,) = torch.autograd.grad(ct.sinkhorn_cost(at, bt, Ct, reg=0.1), Ct, create_graph=True)
+    with pytest.raises(RuntimeError, match="curvkit.sinkhorn_cost_backward.*no autograd formula"):
+        g.sum().backward()
 
 
 @pytest.mark.parametrize("framework", ["numpy", "torch"])

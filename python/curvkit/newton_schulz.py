@@ -234,8 +234,9 @@ def matrix_sqrt(A: Any, method: str = "auto", tol: float = 1e-8, max_iters: int 
     ----------
     A : array (..., n, n), or a list of such arrays
         NumPy, PyTorch or CuPy, any float dtype; a list gives a list (and a list of infos).
-        Only (A + A^T)/2 is used; A further from symmetric than the dtype allows (relative
-        1e-10 float64, 1e-5 float32, 3e-2 half) is a ValueError, as is NaN or Inf.
+        Only (A + A^T)/2 is used; A further from symmetric than accumulated rounding
+        explains (max|A - A^T| / max|A| above 1e-4 for float64 and float32, 3e-2 for half
+        dtypes) is an ArgumentError, as is NaN or Inf.
     method : "auto", "newton_schulz", "pade" or "eigh"
         "auto": "eigh" on CPU, where it is 1.2-7x faster than Newton-Schulz at equal
         accuracy (bench/results/matrix_sqrt_cpu.md), "newton_schulz" on GPUs.

@@ -322,47 +322,103 @@ def _point_costs(x, y, cost, p):
     return diff.abs().pow(p).sum(-1)
 
 
-class _SinkhornCost(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, b, C, x, y, options):
-        a, b, C_, x_, y_ = (None if t is None else t.detach() for t in (a, b, C, x, y))
-        value, info = _sinkhorn_cost(a, b, C_, x=x_, y=y_, return_info=True, **options)
-        report_unconverged("curvkit.torch.sinkhorn_cost", [info], value, True)
-        like = C if C is not None else x
-        ctx.save_for_backward(info["f"], info["g"], C, x, y)
-        ctx.options = options
-        return torch.as_tensor(value, dtype=like.dtype, device=like.device)
+@torch.library.custom_op("curvkit::sinkhorn_cost", mutates_args=())
+def _sinkhorn_op(a: Optional[torch.Tensor], b: Optional[torch.Tensor], C: Optional[torch.Tensor],
+                 x: Optional[torch.Tensor], y: Optional[torch.Tensor], init_f: Optional[torch.Tensor],
+                 init_g: Optional[torch.Tensor], cost: str, p: float, reg: float, method: str, tol: float,
+                 max_iter: int, max_newton: int, density: Optional[float],
+                 float32_warmup: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (loss, f, g): the potentials are what the backward needs (the envelope theorem).
+    init = None if init_f is None else (init_f, init_g)
+    value, info = _sinkhorn_cost(a, b, C, x=x, y=y, cost=cost, p=p, reg=reg, method=method, tol=tol,
+                                 max_iter=max_iter, max_newton=max_newton, density=density,
+                                 float32_warmup=float32_warmup, init=init, return_info=True)
+    report_unconverged("curvkit.torch.sinkhorn_cost", [info], value, True)
+    like = C if C is not None else x
+    return (torch.as_tensor(value, dtype=like.dtype, device=like.device),
+            torch.as_tensor(info["f"]).to(like.device, like.dtype), torch.as_tensor(info["g"]).to(like.device, like.dtype))
 
-    @staticmethod
-    def backward(ctx, grad):
-        f, g, C, x, y = ctx.saved_tensors
-        o = ctx.options
-        if C is None:
-            with torch.enable_grad():
-                xs, ys = x.detach().requires_grad_(), y.detach().requires_grad_()
-                costs = _point_costs(xs, ys, o["cost"], o["p"])
-        else:
-            costs = C
-        plan = torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - costs.detach()) / o["reg"])
-        weight = grad[..., None, None] * plan
-        grad_x = grad_y = None
-        if C is None and (ctx.needs_input_grad[3] or ctx.needs_input_grad[4]):
-            grad_x, grad_y = torch.autograd.grad(costs, (xs, ys), weight)
-        grad_C = weight if ctx.needs_input_grad[2] else None
-        grad_a = grad[..., None] * f if ctx.needs_input_grad[0] else None
-        grad_b = grad[..., None] * g if ctx.needs_input_grad[1] else None
-        return grad_a, grad_b, grad_C, grad_x, grad_y, None
+
+@_sinkhorn_op.register_fake
+def _(a, b, C, x, y, init_f, init_g, cost, p, reg, method, tol, max_iter, max_newton, density, float32_warmup):
+    like, other = (C, C) if C is not None else (x, y)
+    batch, n, m = like.shape[:-2], like.shape[-2], other.shape[-1 if C is not None else -2]
+    return like.new_empty(batch), like.new_empty((*batch, n)), like.new_empty((*batch, m))
+
+
+@torch.library.custom_op("curvkit::sinkhorn_cost_backward", mutates_args=())
+def _sinkhorn_backward_op(grad: torch.Tensor, f: torch.Tensor, g: torch.Tensor, C: Optional[torch.Tensor],
+                          x: Optional[torch.Tensor], y: Optional[torch.Tensor], cost: str, p: float,
+                          reg: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    # (d/dC or empty, d/dx, d/dy): the plan P = exp((f + g - C) / reg) weighted by grad. An op
+    # of its own, without an autograd formula, so that a double backward raises instead of
+    # silently differentiating the envelope with the potentials held fixed.
+    costs = C if C is not None else _point_costs(x, y, cost, p)
+    weight = grad[..., None, None] * torch.exp((f.unsqueeze(-1) + g.unsqueeze(-2) - costs) / reg)
+    if C is not None:
+        return weight, f.new_empty(0), f.new_empty(0)
+    return (f.new_empty(0), *_point_cost_grads(x, y, weight, cost, p))
+
+
+def _point_cost_grads(x, y, weight, cost, p):
+    """(sum_j W_ij dC_ij/dx_i, sum_i W_ij dC_ij/dy_j) for the costs of :func:`_point_costs`; at
+    coincident points the euclidean and l1 costs take the subgradient 0."""
+    if cost == "sqeuclidean":  # 2 (x_i - y_j): no (n, m, d) tensor
+        return (2 * (x * weight.sum(-1, keepdim=True) - weight @ y),
+                2 * (y * weight.sum(-2).unsqueeze(-1) - weight.mT @ x))
+    diff = x.unsqueeze(-2) - y.unsqueeze(-3)
+    if cost == "euclidean":
+        norm = (diff * diff).sum(-1, keepdim=True).sqrt()
+        slope = torch.where(norm > 0, diff / torch.where(norm > 0, norm, 1), 0)
+    elif cost == "l1":
+        slope = diff.sign()
+    else:
+        slope = p * diff.abs().pow(p - 1) * diff.sign()
+    weighted = weight.unsqueeze(-1) * slope
+    return weighted.sum(-2), -weighted.sum(-3)
+
+
+@_sinkhorn_backward_op.register_fake
+def _(grad, f, g, C, x, y, cost, p, reg):
+    if C is None:
+        return f.new_empty(0), torch.empty_like(x), torch.empty_like(y)
+    return torch.empty_like(C), f.new_empty(0), f.new_empty(0)
+
+
+def _sinkhorn_setup_context(ctx, inputs, output):
+    a, b, C, x, y, _, _, cost, p, reg, *_ = inputs
+    _, f, g = output
+    ctx.save_for_backward(f, g, C, x, y)
+    ctx.options = (cost, p, reg)
+
+
+def _sinkhorn_backward(ctx, grad, grad_f, grad_g):
+    f, g, C, x, y = ctx.saved_tensors
+    grad_C, grad_x, grad_y = _sinkhorn_backward_op(grad, f, g, C, x, y, *ctx.options)
+    grad_a = grad[..., None] * f if ctx.needs_input_grad[0] else None
+    grad_b = grad[..., None] * g if ctx.needs_input_grad[1] else None
+    if C is not None:
+        return grad_a, grad_b, grad_C, None, None, *([None] * 11)
+    return grad_a, grad_b, None, grad_x, grad_y, *([None] * 11)
+
+
+_sinkhorn_op.register_autograd(_sinkhorn_backward, setup_context=_sinkhorn_setup_context)
 
 
 def sinkhorn_cost(a: Optional[torch.Tensor], b: Optional[torch.Tensor], C: Optional[torch.Tensor] = None, *,
                   x: Optional[torch.Tensor] = None, y: Optional[torch.Tensor] = None, cost: str = "sqeuclidean",
-                  p: float = 2.0, reg: float, **options) -> torch.Tensor:
+                  p: float = 2.0, reg: float, method: str = "auto", tol: float = 1e-9, max_iter: int = 10000,
+                  max_newton: int = 200, density: Optional[float] = None, float32_warmup: bool = False,
+                  init: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
     """:func:`curvkit.sinkhorn_cost` with gradients with respect to a, b, C, x and y by the
     envelope theorem: d/dC = P, d/da = f, d/db = g at the optimum (no unrolled iterations;
     memory O(n m) in the backward pass, for the plan). Single problems or batches (B, ...)
     of tensors; the loss has the cost's dtype and shape (B,) or (). Gradients with respect
     to a and b are defined up to adding a constant (the potentials' shift): only
-    mass-preserving changes of a and b are meaningful.
+    mass-preserving changes of a and b are meaningful. Once differentiable: a double
+    backward raises (no autograd formula for ``curvkit::sinkhorn_cost_backward``) rather
+    than differentiate with the potentials held fixed. A custom op
+    (``curvkit::sinkhorn_cost``): compiles with ``torch.compile(fullgraph=True)``.
 
     >>> import torch, curvkit.torch as ct
     >>> x = torch.rand(20, 2, dtype=torch.float64, requires_grad=True)
@@ -372,7 +428,10 @@ def sinkhorn_cost(a: Optional[torch.Tensor], b: Optional[torch.Tensor], C: Optio
     >>> x.grad.shape
     torch.Size([20, 2])
     """
-    return _SinkhornCost.apply(a, b, C, x, y, dict(options, cost=cost, p=p, reg=reg))
+    init_f, init_g = (None, None) if init is None else (_tensor(init[0], "init"), _tensor(init[1], "init"))
+    return _sinkhorn_op(a, b, C, x, y, init_f, init_g, cost, float(p), float(reg), method, float(tol),
+                        int(max_iter), int(max_newton), None if density is None else float(density),
+                        bool(float32_warmup))[0]
 
 
 class MFAC(torch.optim.Optimizer):
