@@ -335,8 +335,12 @@ def _sinkhorn_op(a: Optional[torch.Tensor], b: Optional[torch.Tensor], C: Option
                                  float32_warmup=float32_warmup, init=init, return_info=True)
     report_unconverged("curvkit.torch.sinkhorn_cost", [info], value, True)
     like = C if C is not None else x
-    return (torch.as_tensor(value, dtype=like.dtype, device=like.device),
-            torch.as_tensor(info["f"]).to(like.device, like.dtype), torch.as_tensor(info["g"]).to(like.device, like.dtype))
+    assert like is not None  # _sinkhorn_cost refused neither C nor x
+
+    def cast(v):
+        return torch.as_tensor(v).to(like.device, like.dtype)
+
+    return cast(value), cast(info["f"]), cast(info["g"])
 
 
 @_sinkhorn_op.register_fake
