@@ -80,12 +80,7 @@ def test_a_float32_accumulated_rank_deficient_factor_is_floored_not_refused(rng)
     # Distributed Shampoo's pattern: a rank-32 factor, an EMA of outer products accumulated in
     # float32, rooted in float64. Rounding leaves eigenvalues below zero (-2.8e-8 of the largest
     # here, beyond the old sqrt(u) "clearly negative" line): floored, as the anchors do.
-    basis = rng.standard_normal((256, 32)).astype(np.float32)
-    A = np.zeros((256, 256), np.float32)
-    for _ in range(300):
-        g = basis @ rng.standard_normal((32, 8)).astype(np.float32) * np.float32(10 ** rng.uniform(-2, 2))
-        A = np.float32(0.95) * A + np.float32(0.05) * (g @ g.T)
-    A = A.astype(np.float64)
+    A = reference.float32_accumulated_factor(rng).astype(np.float64)
     w, V = np.linalg.eigh((A + A.T) / 2)
     eps = 1e-12 * w[-1]
     X, info = curvkit.matrix_inverse_root(A, 4, eps=eps, return_info=True)

@@ -82,11 +82,7 @@ def test_a_float32_accumulated_rank_deficient_factor_is_floored_by_every_method(
     # The optimizer's input (Distributed Shampoo's pattern): a rank-32 EMA factor accumulated in
     # float32, passed as float64 and as float32. Rounding leaves eigenvalues below zero, which
     # used to fail every method (Newton-Schulz diverges on them): now the floored root, converged.
-    basis = rng.standard_normal((256, 32)).astype(np.float32)
-    A = np.zeros((256, 256), np.float32)
-    for _ in range(300):
-        g = basis @ rng.standard_normal((32, 8)).astype(np.float32) * np.float32(10 ** rng.uniform(-2, 2))
-        A = np.float32(0.95) * A + np.float32(0.05) * (g @ g.T)
+    A = reference.float32_accumulated_factor(rng)
     w, V = np.linalg.eigh((A.astype(np.float64) + A.T) / 2)
     assert w[0] < -1e-9 * w[-1]
     want = (V * np.sqrt(np.maximum(w, 0))) @ V.T

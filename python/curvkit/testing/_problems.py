@@ -121,6 +121,29 @@ def shampoo_factors(rng: Generator, m: int, n: int, steps: int, beta: float = 0.
     return out
 
 
+def float32_accumulated_factor(rng: Generator, n: int = 256, rank: int = 32, steps: int = 300,
+                               beta: float = 0.95) -> np.ndarray:
+    """A Shampoo factor as Distributed Shampoo accumulates it: the EMA ``L = beta L + (1 - beta)
+    g g^T`` of ``steps`` rank-``rank`` gradients of magnitudes 1e-2..1e2, in float32. Rank
+    deficient, and PSD only up to its rounding: its float64 eigenvalues reach below zero (a few
+    1e-8 of the largest), which the optimizer's floor must take. Returns float32 (n, n).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from curvkit import testing
+    >>> L = testing.float32_accumulated_factor(np.random.default_rng(0), 64, 8, steps=50)
+    >>> L.dtype, bool(np.linalg.eigvalsh(L.astype(np.float64))[0] < 0)
+    (dtype('float32'), True)
+    """
+    basis = rng.standard_normal((n, rank)).astype(np.float32)
+    L = np.zeros((n, n), np.float32)
+    for _ in range(steps):
+        g = basis @ rng.standard_normal((rank, 8)).astype(np.float32) * np.float32(10 ** rng.uniform(-2, 2))
+        L = np.float32(beta) * L + np.float32(1 - beta) * (g @ g.T)
+    return L
+
+
 XTRACE_SPECTRA = ("flat", "poly", "exp9", "exp7", "step")
 """The test spectra of the XTrace paper (Epperly, Tropp & Webber 2024; its tests/test_vectors.m)."""
 
