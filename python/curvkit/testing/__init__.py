@@ -78,7 +78,8 @@ from ._references import (
 __all__ = [
     "EXTENDED", "OT_DEFAULT_REG", "OT_KINDS", "TOL", "UNIT_ROUNDOFF", "XTRACE_SPECTRA",
     "adahessian_group_size", "adahessian_step", "cos_sin_2pi", "eigh_extended", "fisher_inverse", "fisher_matrix",
-    "fisher_solve", "float32_accumulated_factor", "gradient_window", "group_mean_abs", "inverse_root", "marginal_error", "matrix_with_spectrum",
+    "fisher_solve", "float32_accumulated_factor", "gradient_window", "group_mean_abs", "inverse_root",
+    "marginal_error", "matrix_with_spectrum",
     "max_residual", "newton_schulz", "orthogonality_error", "ot_assignment", "ot_grid", "ot_identity", "ot_problem",
     "ot_synthetic2", "philox4x32_10", "polar_factor", "probes", "rank_deficient_gram", "rel_frobenius",
     "round_to_bfloat16_bits", "shampoo_factors", "sinkhorn_log", "sophia_step", "spd_functions",
