@@ -643,6 +643,99 @@ def test_fused_step_argument_errors():
         curvkit.sophia_step_([np.zeros(3)], [np.zeros(3, "float32")], [np.zeros(3)], [np.zeros(3)])
 
 
+# Tensor 1 is longer than a CPU task (16384 entries): its bad entry is the last one, in a later
+# task than the writes of tensor 0 and of its own first entries.
+NONFINITE_SHAPES = [(5, 3), (40000,), (4, 3, 3, 3)]
+
+
+def _step_lists(rng, backend, dtype, names, bad=None, value=np.nan, tensor=1):
+    lists = {}
+    for name in names:
+        values = [rng.standard_normal(s) for s in NONFINITE_SHAPES]
+        if name in ("exp_avg_sq", "hessian"):
+            values = [np.abs(v) for v in values]
+        if name == bad:
+            values[tensor].reshape(-1)[-1] = value
+        lists[name] = [make(v, backend, dtype) for v in values]
+    return lists
+
+
+ADAHESSIAN_LISTS = ["params", "grads", "hessian_diag_samples", "exp_avg", "exp_avg_sq"]
+SOPHIA_LISTS = ["params", "grads", "exp_avg", "hessian", "hessian_estimate"]
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+@pytest.mark.parametrize("bad", ["params", "grads", "hessian_diag_samples"])
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_adahessian_refuses_nonfinite_before_writing(rng, backend, dtype, bad, value):
+    lists = _step_lists(rng, backend, dtype, ADAHESSIAN_LISTS, bad, value)
+    before = {name: [raw_bits(x) for x in lists[name]] for name in ("params", "exp_avg", "exp_avg_sq")}
+    with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}' contains NaN or Inf \\(tensor 1 of the list\\)"):
+        curvkit.adahessian_step_(**lists, step=3, lr=0.01)
+    for name, bits in before.items():
+        for x, b in zip(lists[name], bits):
+            np.testing.assert_array_equal(raw_bits(x), b, err_msg=f"{name} was written")
+    curvkit.adahessian_step_(**lists, step=3, lr=0.01, check_finite=False)  # the unchecked path runs on
+    assert not np.isfinite(to_numpy(lists["params"][1])).all() or bad == "hessian_diag_samples"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("bad", ["params", "grads", "hessian_estimate"])
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_sophia_refuses_nonfinite_before_writing(rng, backend, dtype, bad, value):
+    lists = _step_lists(rng, backend, dtype, SOPHIA_LISTS, bad, value)
+    before = {name: [raw_bits(x) for x in lists[name]] for name in ("params", "exp_avg", "hessian")}
+    with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}' contains NaN or Inf \\(tensor 1 of the list\\)"):
+        curvkit.sophia_step_(**lists, return_win_rate=True)
+    for name, bits in before.items():
+        for x, b in zip(lists[name], bits):
+            np.testing.assert_array_equal(raw_bits(x), b, err_msg=f"{name} was written")
+    if bad != "hessian_estimate":  # without estimates, only params and grads are read from outside
+        lists.pop("hessian_estimate")
+        with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}'"):
+            curvkit.sophia_step_(**lists)
+    curvkit.sophia_step_(**lists, check_finite=False)
+
+
+def test_nonfinite_reports_the_first_tensor_then_the_first_argument(rng):
+    lists = _step_lists(rng, ("numpy", "cpu"), "float64", ADAHESSIAN_LISTS, "grads", np.inf, tensor=2)
+    lists["hessian_diag_samples"][1][0] = np.nan
+    lists["params"][1][-1] = np.nan
+    with pytest.raises(curvkit.ArgumentError, match="'params' contains NaN or Inf \\(tensor 1 "):
+        curvkit.adahessian_step_(**lists, step=1)
+    lists["params"][1][-1] = 0.0
+    with pytest.raises(curvkit.ArgumentError, match="'hessian_diag_samples' contains NaN or Inf \\(tensor 1 "):
+        curvkit.adahessian_step_(**lists, step=1)
+    lists["hessian_diag_samples"][1][0] = 0.0
+    with pytest.raises(curvkit.ArgumentError, match="'grads' contains NaN or Inf \\(tensor 2 "):
+        curvkit.adahessian_step_(**lists, step=1)
+    # the states are not checked: what earlier steps wrote flows on
+    lists["grads"][2][...] = 0.0
+    lists["exp_avg"][0][0, 0] = np.nan
+    curvkit.adahessian_step_(**lists, step=1)
+    assert np.isnan(lists["params"][0][0, 0])
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_steps_on_cuda_match_the_cpu(rng, backend, dtype):
+    cpu = _step_lists(rng, ("numpy", "cpu"), dtype, ADAHESSIAN_LISTS + ["hessian", "hessian_estimate"])
+    gpu = {name: [make(x, backend) for x in xs] for name, xs in cpu.items()}
+    for lists in (cpu, gpu):
+        ada = {name: lists[name] for name in ADAHESSIAN_LISTS}
+        curvkit.adahessian_step_(**ada, step=4, lr=0.01, hessian_power=0.5)
+        rate = curvkit.sophia_step_(lists["params"], lists["grads"], lists["exp_avg"], lists["hessian"],
+                                    hessian_estimate=lists["hessian_estimate"], return_win_rate=True)
+        lists["rate"] = rate
+    assert gpu.pop("rate") == cpu.pop("rate")
+    for name in cpu:
+        for x, y in zip(cpu[name], gpu[name]):
+            if dtype == "float64":  # the same operations in the same order (no FMA on either side)
+                np.testing.assert_array_equal(raw_bits(y), raw_bits(x))
+            else:
+                np.testing.assert_allclose(to_numpy(y), x, rtol=4 * TOL.get((dtype, "ulp"), 2.0 ** -24), atol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # curvkit.torch: Hessian-vector products of a loss and per-layer traces
 

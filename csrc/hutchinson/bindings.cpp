@@ -108,14 +108,14 @@ void register_estimators(py::module_& m) {
   m.def(
       "lanczos_step",
       [](py::handle basis, py::handle w, py::handle alpha, py::handle beta, py::handle lengths, int64_t j,
-         bool reorthogonalize) {
+         bool reorthogonalize, bool restart) {
         auto a = out(basis, "basis"), b = out(w, "w"), c = out(alpha, "alpha"), d = out(beta, "beta"),
              e = out(lengths, "lengths");
         binding::CallScope scope{py::none()};
-        lanczos_step(a.view, b.view, c.view, d.view, e.view, j, reorthogonalize);
+        lanczos_step(a.view, b.view, c.view, d.view, e.view, j, reorthogonalize, restart);
       },
       py::arg("basis"), py::arg("w"), py::arg("alpha"), py::arg("beta"), py::arg("lengths"), py::arg("j"),
-      py::arg("reorthogonalize"), "One Lanczos step on p independent probes.");
+      py::arg("reorthogonalize"), py::arg("restart") = false, "One Lanczos step on p independent probes.");
   m.def(
       "tridiagonal_eigh",
       [](py::handle alpha, py::handle beta, py::handle lengths, int64_t steps, py::handle nodes, py::handle vectors) {
@@ -156,7 +156,7 @@ void register_steps(py::module_& m) {
       "adahessian_step",
       [](const py::list& params, const py::list& grads, const py::list& hessian, const py::list& exp_avg,
          const py::list& exp_avg_sq, double lr, double beta1, double beta2, double eps, double weight_decay,
-         double hessian_power, int64_t step, std::vector<int64_t> group_sizes, StreamHandle stream,
+         double hessian_power, int64_t step, std::vector<int64_t> group_sizes, bool check_finite, StreamHandle stream,
          py::object workspace) {
         AdaHessianOptions o;
         o.lr = lr;
@@ -167,6 +167,7 @@ void register_steps(py::module_& m) {
         o.hessian_power = hessian_power;
         o.step = step;
         o.group_sizes = std::move(group_sizes);
+        o.check_finite = check_finite;
         binding::ArrayList p(params, "params", stream, binding::Access::Write), g(grads, "grads", stream),
             h(hessian, "hessian_diag_samples", stream), m1(exp_avg, "exp_avg", stream, binding::Access::Write),
             m2(exp_avg_sq, "exp_avg_sq", stream, binding::Access::Write);
@@ -175,13 +176,13 @@ void register_steps(py::module_& m) {
       },
       py::arg("params"), py::arg("grads"), py::arg("hessian_diag_samples"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
       py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-      py::arg("hessian_power"), py::arg("step"), py::arg("group_sizes"), py::arg("stream"), py::arg("workspace"),
-      "The fused AdaHessian step over lists of tensors (see curvkit.adahessian_step_).");
+      py::arg("hessian_power"), py::arg("step"), py::arg("group_sizes"), py::arg("check_finite"), py::arg("stream"),
+      py::arg("workspace"), "The fused AdaHessian step over lists of tensors (see curvkit.adahessian_step_).");
   m.def(
       "sophia_step",
       [](const py::list& params, const py::list& grads, const py::list& exp_avg, const py::list& hessian,
          const py::list& estimates, double lr, double beta1, double beta2, double rho, double weight_decay,
-         double batch_size, double eps, bool count_wins, StreamHandle stream, py::object workspace) {
+         double batch_size, double eps, bool count_wins, bool check_finite, StreamHandle stream, py::object workspace) {
         SophiaOptions o;
         o.lr = lr;
         o.beta1 = beta1;
@@ -191,6 +192,7 @@ void register_steps(py::module_& m) {
         o.batch_size = batch_size;
         o.eps = eps;
         o.count_wins = count_wins;
+        o.check_finite = check_finite;
         binding::ArrayList p(params, "params", stream, binding::Access::Write), g(grads, "grads", stream),
             m1(exp_avg, "exp_avg", stream, binding::Access::Write),
             h(hessian, "hessian", stream, binding::Access::Write), e(estimates, "hessian_estimate", stream);
@@ -199,7 +201,8 @@ void register_steps(py::module_& m) {
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("hessian"), py::arg("hessian_estimate"),
       py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("rho"), py::arg("weight_decay"),
-      py::arg("batch_size"), py::arg("eps"), py::arg("count_wins"), py::arg("stream"), py::arg("workspace"),
+      py::arg("batch_size"), py::arg("eps"), py::arg("count_wins"), py::arg("check_finite"), py::arg("stream"),
+      py::arg("workspace"),
       "The fused Sophia step over lists of tensors; the unclipped count (see curvkit.sophia_step_).");
 }
 

@@ -17,7 +17,7 @@ void project_out_cpu(const ArrayView& q, const ArrayView& x);
 void accumulate_products_cpu(const ArrayView& x, const ArrayView& y, int64_t count, const ArrayView& mean,
                              const ArrayView& m2);
 void lanczos_step_cpu(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
-                      const ArrayView& lengths, int64_t j, bool reorthogonalize);
+                      const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart);
 void tridiagonal_eigh_cpu(const ArrayView& alpha, const ArrayView& beta, const ArrayView& lengths, int64_t steps,
                           const ArrayView& nodes, const ArrayView& vectors);
 void basis_combination_cpu(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out);

@@ -195,7 +195,7 @@ void accumulate_products(const ArrayView& x, const ArrayView& y, int64_t count, 
 }
 
 void lanczos_step(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
-                  const ArrayView& lengths, int64_t j, bool reorthogonalize) {
+                  const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart) {
   check_compute(basis, "basis");
   check_array(basis, "basis", {-1, -1, -1}, basis.dtype, true);
   const int64_t p = basis.size(0), m = basis.size(1) - 1, n = basis.size(2);
@@ -206,7 +206,7 @@ void lanczos_step(const ArrayView& basis, const ArrayView& w, const ArrayView& a
   check_array(lengths, "lengths", {p}, kI64, true);
   CK_CHECK_VALUE(j >= 0 && j < m, "argument 'j' must be in [0, ", m - 1, "], got ", j);
   blas::dim(n, "the dimension n");
-  lanczos_step_cpu(basis, w, alpha, beta, lengths, j, reorthogonalize);
+  lanczos_step_cpu(basis, w, alpha, beta, lengths, j, reorthogonalize, restart);
 }
 
 void tridiagonal_eigh(const ArrayView& alpha, const ArrayView& beta, const ArrayView& lengths, int64_t steps,
@@ -262,6 +262,19 @@ void check_step_lists(const std::vector<std::pair<const std::vector<ArrayView>*,
   }
 }
 
+// ValueError naming the first argument and tensor that holds NaN or Inf; nothing is written yet.
+void check_finite_lists(const std::vector<std::pair<const std::vector<ArrayView>*, const char*>>& lists,
+                        StreamHandle stream) {
+  std::vector<const std::vector<ArrayView>*> views;
+  for (const auto& entry : lists) views.push_back(entry.first);
+  NonFiniteEntry bad;
+  const Device& device = (*views[0])[0].device;
+  CK_DEVICE_DISPATCH(device, bad = first_nonfinite_cpu(views), bad = first_nonfinite_cuda(views, stream));
+  (void)stream;
+  CK_CHECK_VALUE(bad.list < 0, "argument '", lists[size_t(bad.list < 0 ? 0 : bad.list)].second,
+                 "' contains NaN or Inf (tensor ", bad.tensor, " of the list); nothing was updated");
+}
+
 }  // namespace
 
 void adahessian_step(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,
@@ -284,6 +297,8 @@ void adahessian_step(const std::vector<ArrayView>& params, const std::vector<Arr
   check_no_overlap({{params, "params"}, {exp_avg, "exp_avg"}, {exp_avg_sq, "exp_avg_sq"}},
                    {{grads, "grads"}, {hessian, "hessian_diag_samples"}});
   if (params.empty()) return;
+  if (o.check_finite)
+    check_finite_lists({{&params, "params"}, {&grads, "grads"}, {&hessian, "hessian_diag_samples"}}, stream);
   CK_DEVICE_DISPATCH(params[0].device, adahessian_step_cpu(params, grads, hessian, exp_avg, exp_avg_sq, o),
                      adahessian_step_cuda(params, grads, hessian, exp_avg, exp_avg_sq, o, stream));
 }
@@ -307,6 +322,12 @@ int64_t sophia_step(const std::vector<ArrayView>& params, const std::vector<Arra
   check_no_overlap({{params, "params"}, {exp_avg, "exp_avg"}, {hessian, "hessian"}},
                    {{grads, "grads"}, {estimates, "hessian_estimate"}});
   if (params.empty()) return 0;
+  if (o.check_finite) {
+    if (estimates.empty())
+      check_finite_lists({{&params, "params"}, {&grads, "grads"}}, stream);
+    else
+      check_finite_lists({{&params, "params"}, {&grads, "grads"}, {&estimates, "hessian_estimate"}}, stream);
+  }
   int64_t wins = 0;
   CK_DEVICE_DISPATCH(params[0].device, wins = sophia_step_cpu(params, grads, exp_avg, hessian, estimates, o),
                      wins = sophia_step_cuda(params, grads, exp_avg, hessian, estimates, o, stream));

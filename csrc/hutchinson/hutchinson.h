@@ -99,9 +99,13 @@ void accumulate_products(const ArrayView& x, const ArrayView& y, int64_t count, 
 // zero after a breakdown); alpha, beta (p, m) float64 receive alpha_j and beta_j; lengths (p,)
 // int64 holds each probe's Krylov dimension (j + 1 while it runs; it stops growing at an
 // invariant subspace). `reorthogonalize`: full reorthogonalization against the whole basis
-// (classical Gram–Schmidt twice); otherwise the three-term recurrence only.
+// (classical Gram–Schmidt twice); otherwise the three-term recurrence only. A probe whose step
+// j - 1 broke down stays stopped, unless `restart`: then the caller has put a new unit vector,
+// orthogonal to v_0 .. v_{j-1}, in basis[b, j] and its product in w, and the recurrence goes on
+// from there with beta_{j-1} = 0 (the tridiagonal matrix splits into blocks). Norms are
+// computed with scaling, so subnormal and huge (1e300) vectors keep their precision.
 void lanczos_step(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
-                  const ArrayView& lengths, int64_t j, bool reorthogonalize);
+                  const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart = false);
 
 // Eigenpairs of the symmetric tridiagonal matrices with diagonals alpha[b, :len] and
 // off-diagonals beta[b, :len-1], len = min(lengths[b], steps) (LAPACK stev): nodes (p, steps)
@@ -122,6 +126,9 @@ double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found
 struct AdaHessianOptions {
   double lr = 0.15, beta1 = 0.9, beta2 = 0.999, eps = 1e-4, weight_decay = 0.0, hessian_power = 1.0;
   int64_t step = 1;
+  // NaN or Inf in params, grads or hessian samples raises ValueError naming the argument and the
+  // tensor, before anything is written (one read-only pass; on CUDA one host synchronization).
+  bool check_finite = true;
   // One per tensor: the contiguous run of elements whose |z . Hz| are averaged (1: none).
   std::vector<int64_t> group_sizes;
 };
@@ -138,6 +145,8 @@ void adahessian_step(const std::vector<ArrayView>& params, const std::vector<Arr
 struct SophiaOptions {
   double lr = 1e-4, beta1 = 0.965, beta2 = 0.99, rho = 0.04, weight_decay = 0.1, batch_size = 5120, eps = 1e-15;
   bool count_wins = false;  // CUDA: the count needs a host synchronization
+  // As AdaHessianOptions::check_finite, over params, grads and the estimates.
+  bool check_finite = true;
 };
 
 // For each tensor: if estimates are given, h <- b2 h + (1 - b2) e; then
@@ -147,6 +156,16 @@ struct SophiaOptions {
 int64_t sophia_step(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,
                     const std::vector<ArrayView>& exp_avg, const std::vector<ArrayView>& hessian,
                     const std::vector<ArrayView>& estimates, const SophiaOptions& options, StreamHandle stream);
+
+// The first tensor (lowest index, then the first list of `lists`) holding NaN or Inf, found in
+// one read-only pass over the lists (same-shaped C-contiguous tensors, one device); list -1 when
+// every entry is finite. CUDA: one host synchronization reads the per-tensor flags back.
+struct NonFiniteEntry {
+  int list = -1;
+  int64_t tensor = -1;
+};
+NonFiniteEntry first_nonfinite_cpu(const std::vector<const std::vector<ArrayView>*>& lists);
+NonFiniteEntry first_nonfinite_cuda(const std::vector<const std::vector<ArrayView>*>& lists, StreamHandle stream);
 
 // Backends of the fused steps.
 void adahessian_step_cpu(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,

@@ -257,12 +257,27 @@ class _Operator:
                                 f"({self.framework} on {self.device[0]})")
         self.matvecs += k
         y = _arrays.detached(y, "matvec output")
+        if not _all_finite(y, self.framework):  # before the sketch algebra turns it into a LAPACK failure
+            raise ArgumentError("argument 'matvec' produced non-finite values (NaN or Inf) in its output")
         if copy or _arrays.dtype_name(y.dtype) != self.compute:
             return _arrays.convert(y, self.compute, name="matvec output")
         return _arrays.contiguous(y, "matvec output")
 
     def compute_copy(self, x: Any) -> Any:
         return _arrays.convert(x, self.compute)
+
+
+def _all_finite(x: Any, framework: str) -> bool:
+    """Whether an array holds no NaN or Inf (on CUDA: one host synchronization)."""
+    if framework == "torch":
+        import torch
+
+        return bool(torch.isfinite(x).all())
+    if framework == "cupy":
+        import cupy
+
+        return bool(cupy.isfinite(x).all())
+    return bool(np.isfinite(x).all())
 
 
 def _device_object(framework: str, device: tuple) -> Any:
@@ -708,12 +723,19 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: st
     converged, steps, chosen, residual = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf)
     nodes, vecs = np.zeros((1, 0)), np.zeros((1, 0, 0))
     purge_level = math.sqrt(float(np.finfo(op.compute).eps))
+    restart = False
     for j in range(m):
         w = op(w, copy=True)
-        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full")
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full", restart)
         steps = int(lengths[0])
         broke = beta[0, j] == 0.0
         _require_finite(alpha[0, :steps], "Lanczos coefficients")
+        restart = broke and steps < k and j < m - 1
+        if restart:
+            # An invariant subspace holding fewer than k eigenvalues (a repeated eigenvalue shows
+            # once per Krylov space): go on from a new vector orthogonal to it.
+            w = _restart_vector(op, basis, steps)
+            continue
         if not (mode == "selective" or steps >= k or broke or j == m - 1):
             continue
         nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
@@ -744,6 +766,18 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: st
     _core.basis_combination(basis, coefficients, steps, vectors)
     info = {"converged": converged, "matvecs": op.matvecs, "residual": residual, "steps": steps}
     return values, vectors[0], info
+
+
+def _restart_vector(op: _Operator, basis: Any, steps: int) -> Any:
+    """A fresh sphere probe made orthogonal to basis[0, :steps] and normalized, stored as
+    basis[0, steps] and returned as (n, 1)."""
+    found = _arrays.contiguous(basis[0, :steps].T, "basis")
+    w = op.compute_copy(op.draw(1, unit=True))
+    following = basis[0, steps].reshape(op.n, 1)
+    _core.power_step(following, w, found)  # following <- (I - F F^T) w / norm, twice below
+    w = op.compute_copy(following)
+    _core.power_step(following, w, found)
+    return op.compute_copy(following)
 
 
 def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
@@ -886,7 +920,7 @@ def _group_size(shape: tuple, block_size: Optional[int]) -> int:
 def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg: Any, exp_avg_sq: Any,
                      step: int, lr: float = 0.15, betas: tuple = (0.9, 0.999), eps: float = 1e-4,
                      weight_decay: float = 0.0, hessian_power: float = 1.0,
-                     block_size: Optional[int] = None) -> None:
+                     block_size: Optional[int] = None, check_finite: bool = True) -> None:
     """AdaHessian's update (Yao et al. 2021) of every tensor of a list, in one native call.
 
     For each tensor, with h its Hessian-diagonal samples (z * Hz; for Rademacher z, |Hz| is
@@ -904,8 +938,18 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
     per-tensor loop of tests/reference.py); other dtypes compute in float32. All tensors of
     one index share shape and dtype, are C-contiguous and on one device. ``step`` counts
     from 1. Nothing is returned: params, exp_avg and exp_avg_sq are updated in place.
-    CPU: one OpenMP loop over all tensors; CUDA: a launch per 24 tensors of one dtype, no
-    host synchronization.
+    CPU: one OpenMP loop over all tensors; CUDA: a launch per 24 tensors of one dtype.
+
+    Bad input: NaN or Inf in ``params``, ``grads`` or ``hessian_diag_samples`` (any dtype;
+    float16 and bfloat16 as stored) raises :class:`curvkit.ArgumentError` naming the argument
+    and the tensor's index in the list, and nothing is modified: a read-only pass over those
+    three lists precedes the update (on CUDA it sets per-tensor flags, read back with one host
+    synchronization per call). ``check_finite=False`` skips that pass (no host
+    synchronization on CUDA, so the call can be captured in a CUDA graph); non-finite values
+    then flow into the update. The optimizer states are not checked: they hold what earlier
+    steps wrote. The pass costs a read of those three lists, about a quarter of the step's time
+    on a memory-bound CPU (bench/results/hutchinson_cpu.md). Wrong dtypes, shapes, layouts,
+    list lengths, overlapping outputs or mixed devices raise before anything is read.
 
     >>> import numpy as np, curvkit
     >>> p, g = np.ones((2, 3)), np.full((2, 3), 0.5)
@@ -913,6 +957,14 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
     >>> m, v = np.zeros_like(p), np.zeros_like(p)
     >>> curvkit.adahessian_step_([p], [g], [h], [m], [v], step=1, lr=0.1)
     >>> v[:, 0]                                    # (1 - 0.999) * (row mean of |h|)^2
+    array([0.004, 0.001])
+    >>> g[1, 2] = np.nan
+    >>> try:
+    ...     curvkit.adahessian_step_([p], [g], [h], [m], [v], step=2)
+    ... except curvkit.ArgumentError as error:
+    ...     print(error)
+    argument 'grads' contains NaN or Inf (tensor 0 of the list); nothing was updated
+    >>> v[:, 0]                                    # unchanged
     array([0.004, 0.001])
     """
     lists, _ = _step_lists("adahessian_step_", params=params, grads=grads,
@@ -929,14 +981,14 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
                           lists["exp_avg_sq"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                           eps=_args.real(eps, "eps"), weight_decay=_args.real(weight_decay, "weight_decay"),
                           hessian_power=_args.real(hessian_power, "hessian_power"),
-                          step=_args.index(step, "step", 1, 2**62), group_sizes=groups, stream=stream,
-                          workspace=workspace)
+                          step=_args.index(step, "step", 1, 2**62), group_sizes=groups,
+                          check_finite=bool(check_finite), stream=stream, workspace=workspace)
 
 
 def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float = 1e-4,
                  betas: tuple = (0.965, 0.99), rho: float = 0.04, weight_decay: float = 0.1,
                  batch_size: float = 5120, eps: float = 1e-15, hessian_estimate: Any = None,
-                 return_win_rate: bool = False) -> Optional[float]:
+                 return_win_rate: bool = False, check_finite: bool = True) -> Optional[float]:
     """Sophia's clipped update (Liu et al. 2023) of every tensor of a list, in one native call.
 
     For each tensor: when ``hessian_estimate`` is given (an update step: Sophia-G's g * g of
@@ -950,6 +1002,13 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
     While hessian is 0 this is a sign-momentum step. float64 follows exactly this order
     (bit-for-bit equal to tests/reference.py); other dtypes compute in float32.
 
+    Bad input: NaN or Inf in ``params``, ``grads`` or ``hessian_estimate`` (any dtype;
+    float16 and bfloat16 as stored) raises :class:`curvkit.ArgumentError` naming the argument
+    and the tensor's index in the list, and nothing is modified (a read-only pass precedes the
+    update; on CUDA one host synchronization reads its per-tensor flags back).
+    ``check_finite=False`` skips it (no synchronization on CUDA unless ``return_win_rate``).
+    The states ``exp_avg`` and ``hessian`` are not checked: they hold what earlier steps wrote.
+
     Returns
     -------
     None, or with ``return_win_rate`` the fraction of entries whose step was not clipped
@@ -962,6 +1021,13 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
     >>> curvkit.sophia_step_(p, g, m, h, lr=0.5, weight_decay=0.0, return_win_rate=True)
     0.25
     >>> p                                      # h = 0: a sign step
+    array([-0.5,  0.5,  0. , -0.5])
+    >>> try:
+    ...     curvkit.sophia_step_([p, p.copy()], [g, np.array([0, np.inf, 0, 0])], [m, m.copy()], [h, h.copy()])
+    ... except curvkit.ArgumentError as error:
+    ...     print(error)
+    argument 'grads' contains NaN or Inf (tensor 1 of the list); nothing was updated
+    >>> p                                      # unchanged
     array([-0.5,  0.5,  0. , -0.5])
     """
     if hessian_estimate is None:
@@ -979,7 +1045,8 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
                              lists["hessian_estimate"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                              rho=_args.real(rho, "rho"), weight_decay=_args.real(weight_decay, "weight_decay"),
                              batch_size=_args.real(batch_size, "batch_size"), eps=_args.real(eps, "eps"),
-                             count_wins=bool(return_win_rate), stream=stream, workspace=workspace)
+                             count_wins=bool(return_win_rate), check_finite=bool(check_finite), stream=stream,
+                             workspace=workspace)
     if not return_win_rate:
         return None
     total = sum(math.prod(tuple(p.shape)) for p in lists["params"])
