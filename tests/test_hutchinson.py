@@ -501,6 +501,40 @@ def test_slq_density_of_a_known_spectrum(rng):
     np.testing.assert_allclose(weights, [[0.25, 0.5, 0.25, 0]] * 2, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [2.0 ** -1030, 2.0 ** -1000, 2.0 ** 1000])
+def test_estimators_at_subnormal_and_huge_scales(rng, scale):
+    # The products are rescaled by a power of two before the algebra: an operator scaled by
+    # 2^e gives the results scaled by 2^e (to the subnormals' spacing at 2^-1030).
+    b = rng.standard_normal((40, 40))
+    a = b @ b.T / 40 + np.diag(np.arange(40.0))
+    rel = 1e-9 if scale < 2.0 ** -1022 else 1e-13
+    for method, m in (("hutchinson", 20), ("hutch++", 30), ("xtrace", 30), ("xnystrace", 20)):
+        want = curvkit.trace_estimate(a, None, m, method=method, return_info=True)
+        got = curvkit.trace_estimate(a * scale, None, m, method=method, return_info=True)
+        assert got[0] == pytest.approx(want[0] * scale, rel=rel), method
+        assert got[1]["std_error"] == pytest.approx(want[1]["std_error"] * scale, rel=1e-6), method
+    for method, m in (("hutchinson", 20), ("diag++", 30), ("xdiag", 30)):
+        want = curvkit.diag_estimate(a, None, m, method=method)
+        np.testing.assert_allclose(curvkit.diag_estimate(a * scale, None, m, method=method) / scale, want, rtol=rel)
+    want = curvkit.top_eigenvalues(a, None, k=3, which="magnitude")
+    np.testing.assert_allclose(curvkit.top_eigenvalues(a * scale, None, k=3, which="magnitude") / scale, want,
+                               rtol=1e-8)
+    nodes, weights = curvkit.spectral_density(a, None, num_probes=2, steps=10)
+    nodes_s, weights_s = curvkit.spectral_density(a * scale, None, num_probes=2, steps=10)
+    np.testing.assert_allclose(nodes_s / scale, nodes, rtol=rel, atol=rel * np.abs(nodes).max())
+    np.testing.assert_allclose(weights_s, weights, rtol=0, atol=1e-8)
+
+
+def test_lanczos_finds_repeated_eigenvalues_by_restarting():
+    # One Krylov space holds each distinct eigenvalue once: k beyond them needs restarts, each
+    # from a vector orthogonal to the spaces found.
+    a = np.diag([5.0, 5.0, 5.0, 1.0])
+    values, info = curvkit.top_eigenvalues(a, None, k=4, return_info=True)
+    np.testing.assert_allclose(values, [5.0, 5.0, 5.0, 1.0], atol=1e-12)
+    assert info["converged"]
+    np.testing.assert_array_equal(curvkit.top_eigenvalues(np.zeros((3, 3)), None, k=3), [0.0, 0.0, 0.0])
+
+
 def test_estimator_argument_errors():
     a = np.eye(10)
     with pytest.raises(curvkit.ArgumentError, match="method"):

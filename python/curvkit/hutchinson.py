@@ -217,6 +217,10 @@ class _Operator:
         self.seed = _args.index(seed, "seed", 0, 2**64)
         self.offset = 0
         self.matvecs = 0
+        # Products are scaled by 2**-exponent (chosen from the first block's largest entry) so
+        # that the algebra between matvecs works near 1 whatever A's scale, from subnormal to
+        # 1e300; results go back through unscale().
+        self.exponent: Optional[int] = None
         self.stream = _arrays.current_stream(self.framework, self.device)
 
     @property
@@ -257,27 +261,50 @@ class _Operator:
                                 f"({self.framework} on {self.device[0]})")
         self.matvecs += k
         y = _arrays.detached(y, "matvec output")
-        if not _all_finite(y, self.framework):  # before the sketch algebra turns it into a LAPACK failure
+        largest = _largest(y, self.framework)
+        if not math.isfinite(largest):  # before the sketch algebra turns it into a LAPACK failure
             raise ArgumentError("argument 'matvec' produced non-finite values (NaN or Inf) in its output")
-        if copy or _arrays.dtype_name(y.dtype) != self.compute:
-            return _arrays.convert(y, self.compute, name="matvec output")
+        if self.exponent is None:
+            exponent = math.frexp(largest)[1] if largest > 0 else 0
+            self.exponent = exponent if abs(exponent) > 60 else 0
+        if copy or self.exponent or _arrays.dtype_name(y.dtype) != self.compute:
+            y = _arrays.convert(y, self.compute, name="matvec output")
+            if self.exponent:
+                _scale_by_power_of_two(y, -self.exponent)
+            return y
         return _arrays.contiguous(y, "matvec output")
+
+    def unscale(self, x: Any) -> Any:
+        """A quantity linear in the scaled products, in the operator's own units."""
+        if not self.exponent:
+            return x
+        if isinstance(x, float):
+            return math.ldexp(x, self.exponent)
+        if isinstance(x, np.ndarray):
+            return np.ldexp(x, self.exponent)
+        x = _arrays.convert(x, _arrays.dtype_name(x.dtype))
+        _scale_by_power_of_two(x, self.exponent)
+        return x
 
     def compute_copy(self, x: Any) -> Any:
         return _arrays.convert(x, self.compute)
 
 
-def _all_finite(x: Any, framework: str) -> bool:
-    """Whether an array holds no NaN or Inf (on CUDA: one host synchronization)."""
-    if framework == "torch":
-        import torch
+def _largest(x: Any, framework: str) -> float:
+    """max |x| as a float, NaN if x holds NaN (on CUDA: one host synchronization)."""
+    if int(np.prod(tuple(x.shape))) == 0:
+        return 0.0
+    if framework == "numpy":
+        return float(np.max(np.abs(x)))
+    return float(abs(x).max())
 
-        return bool(torch.isfinite(x).all())
-    if framework == "cupy":
-        import cupy
 
-        return bool(cupy.isfinite(x).all())
-    return bool(np.isfinite(x).all())
+def _scale_by_power_of_two(x: Any, exponent: int) -> None:
+    """x *= 2**exponent in place, in steps that stay within float32's range."""
+    while exponent:
+        step = max(-60, min(60, exponent))
+        x *= math.ldexp(1.0, step)
+        exponent -= step
 
 
 def _device_object(framework: str, device: tuple) -> Any:
@@ -433,6 +460,7 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
     else:
         estimates = _leave_one_out_trace(op, budget, tol, block_size or 8, method)
         value, error = _mean_and_error(estimates)
+    value, error, estimates = op.unscale(value), op.unscale(error), op.unscale(estimates)
     info = {"std_error": error, "matvecs": op.matvecs, "num_probes": op.offset, "estimates": estimates,
             "converged": tol is None or error <= tol}
     return _finish("trace_estimate", value, info, return_info)
@@ -450,7 +478,7 @@ def _hutchinson_trace(op: _Operator, budget: int, tol: Optional[float], block: i
         _require_finite(values, "quadratic forms")
         parts.append(values)
         estimates = np.concatenate(parts)
-        if tol is not None and estimates.size > 1 and _mean_and_error(estimates)[1] <= tol:
+        if tol is not None and estimates.size > 1 and op.unscale(_mean_and_error(estimates)[1]) <= tol:
             break
     return np.concatenate(parts)
 
@@ -477,7 +505,7 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
         _require_finite(values, "residual quadratic forms")
         parts.append(values)
         residual = np.concatenate(parts)
-        if tol is not None and residual.size > 1 and _mean_and_error(residual)[1] <= tol:
+        if tol is not None and residual.size > 1 and op.unscale(_mean_and_error(residual)[1]) <= tol:
             break
     mean, error = _mean_and_error(residual)
     return float(head.sum()) + mean, error, float(head.sum()) + residual
@@ -520,7 +548,7 @@ def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first
                                     "small n): xnystrace needs a PSD operator; use method='xtrace' or "
                                     "kind='gaussian'")
         _require_finite(estimates, "leave-one-out estimates")
-        if k >= limit or (tol is not None and k > 1 and _mean_and_error(estimates)[1] <= tol):
+        if k >= limit or (tol is not None and k > 1 and op.unscale(_mean_and_error(estimates)[1]) <= tol):
             return estimates
 
 
@@ -573,7 +601,7 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
         _core.sketch_qr(q, r, 0, **op.context)
         z = op(q)
         _core.xdiag_estimates(omega, q, r, z, mean, m2, **op.context)
-        error = np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0))
+        error = op.unscale(np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0)))
     else:
         count, q = 0, None
         base = None
@@ -592,11 +620,12 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
                 _core.project_out(q, y, **op.context)
             _core.accumulate_products(_arrays.contiguous(g, dtype=op.compute), y, count, mean, m2, stream=op.stream)
             count += k
-            error = _diag_error(m2, count)
+            error = op.unscale(_diag_error(m2, count))
             if tol is not None and count > 1 and error.max() <= tol:
                 break
         if base is not None:
             mean += base
+    mean = op.unscale(mean)
     _require_finite(_host(mean), "diagonal estimate")
     info = {"std_error": error, "matvecs": op.matvecs, "num_probes": op.offset,
             "converged": tol is None or bool(error.max() <= tol)}
@@ -764,8 +793,8 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: st
     coefficients = np.ascontiguousarray(vecs[:, :, chosen])
     vectors = op.empty((1, op.n, len(chosen)))
     _core.basis_combination(basis, coefficients, steps, vectors)
-    info = {"converged": converged, "matvecs": op.matvecs, "residual": residual, "steps": steps}
-    return values, vectors[0], info
+    info = {"converged": converged, "matvecs": op.matvecs, "residual": op.unscale(residual), "steps": steps}
+    return op.unscale(values), vectors[0], info
 
 
 def _restart_vector(op: _Operator, basis: Any, steps: int) -> Any:
@@ -804,8 +833,9 @@ def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
         values.append(theta)
         residual.append(change)
         found = v if found is None else _hstack([found, v], op, op.compute)
-    info = {"converged": converged, "matvecs": op.matvecs, "residual": np.array(residual), "steps": op.matvecs}
-    return np.array(values), found, info
+    info = {"converged": converged, "matvecs": op.matvecs, "residual": op.unscale(np.array(residual)),
+            "steps": op.matvecs}
+    return op.unscale(np.array(values)), found, info
 
 
 def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100, seed: int = 0,
@@ -873,6 +903,7 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     nodes, vectors = np.empty((p, steps)), np.empty((p, steps, steps))
     _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors)
     weights = vectors[:, 0, :] ** 2
+    nodes = op.unscale(nodes)
     if return_info:
         return nodes, weights, {"lengths": lengths.copy(), "matvecs": op.matvecs}
     return nodes, weights
