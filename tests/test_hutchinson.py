@@ -893,8 +893,59 @@ def test_cuda_estimators_match_the_cpu(rng, backend):
         cpu = curvkit.diag_estimate(a, None, m, method=method, seed=3)
         gpu = curvkit.diag_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
         np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-9, atol=1e-9 * np.abs(cpu).max())
-    with pytest.raises(curvkit.ArgumentError, match="xnystrace"):
-        curvkit.trace_estimate(lambda z: dense @ z, n, 40, method="xnystrace", like=like)
+    psd = make(a @ a.T / n, backend)
+    cpu = curvkit.trace_estimate(a @ a.T / n, None, 40, method="xnystrace", seed=3, return_info=True)
+    gpu = curvkit.trace_estimate(lambda z: psd @ z, n, 40, method="xnystrace", seed=3, like=like, return_info=True)
+    assert gpu[0] == pytest.approx(cpu[0], rel=1e-10)
+    np.testing.assert_allclose(gpu[1]["estimates"], cpu[1]["estimates"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cuda_lanczos_and_power_match_the_cpu(rng, backend, dtype):
+    # Lanczos steps on the device (cuBLAS batched reorthogonalization), the tridiagonal
+    # eigenproblem on the host; the same probes, so the same Krylov spaces as on the CPU.
+    n = 400
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.r_[-9.0, 7.0, 6.5, np.linspace(-1, 1, n - 3)]
+    a = (u * w) @ u.T
+    dense = make(a.astype(dtype), backend)
+    like = make(np.zeros(1, dtype=dtype), backend)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    for which in ("largest", "smallest", "magnitude"):
+        for reorthogonalize in ("full", "selective", "none"):
+            cpu = curvkit.top_eigenvalues(a.astype(dtype), None, k=3, which=which, reorthogonalize=reorthogonalize,
+                                          return_info=True)
+            gpu_values, gpu_vectors, info = curvkit.top_eigenvalues(
+                lambda z: dense @ z, n, k=3, which=which, like=like, reorthogonalize=reorthogonalize,
+                return_vectors=True, return_info=True)
+            np.testing.assert_allclose(gpu_values, cpu[0], rtol=tol, atol=tol)
+            assert info["converged"] == cpu[1]["converged"]
+            v = to_numpy(gpu_vectors)
+            if reorthogonalize == "none":  # lost orthogonality: ghost copies, their vectors mixed
+                continue
+            np.testing.assert_allclose(np.einsum("ij,ik,kj->j", v, a, v), gpu_values, rtol=10 * tol, atol=10 * tol)
+    power = curvkit.top_eigenvalues(lambda z: dense @ z, n, k=2, which="magnitude", method="power", like=like,
+                                    max_matvecs=3000)
+    np.testing.assert_allclose(power, [-9.0, 7.0], rtol=1e-3 if dtype == "float32" else 1e-6)
+    # repeated eigenvalues: restarts after a breakdown, on the device
+    rep = make(np.diag([5.0, 5.0, 5.0, 1.0]).astype(dtype), backend)
+    np.testing.assert_allclose(curvkit.top_eigenvalues(lambda z: rep @ z, 4, k=4, like=like), [5, 5, 5, 1],
+                               atol=tol)
+    for reorthogonalize in (True, False):
+        cpu_nodes, cpu_weights = curvkit.spectral_density(a.astype(dtype), None, num_probes=5, steps=30, seed=2,
+                                                          reorthogonalize=reorthogonalize)
+        nodes, weights, info = curvkit.spectral_density(lambda z: dense @ z, n, num_probes=5, steps=30, seed=2,
+                                                        like=like, reorthogonalize=reorthogonalize, return_info=True)
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=10 * tol)
+        # the first moment v^T A v is stable; without reorthogonalization the nodes are not
+        # (lost orthogonality amplifies the products' rounding, which differs between BLAS)
+        np.testing.assert_allclose((weights * nodes).sum(axis=1), (cpu_weights * cpu_nodes).sum(axis=1),
+                                   rtol=0, atol=100 * tol)
+        if reorthogonalize:
+            np.testing.assert_allclose(nodes, cpu_nodes, rtol=0, atol=1e3 * tol)
+            np.testing.assert_allclose(weights, cpu_weights, rtol=0, atol=1e3 * tol)
+        assert (info["lengths"] == 30).all()
 
 
 def test_probes_like_gives_one_reproducible_probe_per_tensor():

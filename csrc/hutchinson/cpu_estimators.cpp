@@ -341,41 +341,13 @@ bool xnystrace_impl(const T* omega, T* y, int64_t n, int64_t k, double relative_
   const double nu = relative_shift * std::sqrt(norm_y) / std::sqrt(double(n));
   for (int64_t i = 0; i < n * k; ++i) y[i] = T(double(y[i]) + nu * double(omega[i]));
   Dense c = cross(omega, y, n, k);
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < i; ++j)
-      c[size_t(i * k + j)] = c[size_t(j * k + i)] = 0.5 * (c[size_t(i * k + j)] + c[size_t(j * k + i)]);
-  if (!cholesky_upper(c, k)) return false;
-  // R of Y_shift = Q R; then B = Q F with F = R C^{-1}, so |B x| = |F x|.
+  // R of Y_shift = Q R (its rows are the first k rows of y after geqrf).
   std::vector<T> tau(static_cast<size_t>(k));
   CK_CHECK_VALUE(geqrf(blas::dim(n, "rows"), int(k), y, int(k), tau.data()) == 0, "XNysTrace QR failed (geqrf)");
-  Dense f(size_t(k * k), 0.0);
-  for (int64_t row = 0; row < k; ++row) {  // f C = r_row, C upper: solve left to right
-    for (int64_t j = 0; j < k; ++j) {
-      double acc = j >= row ? double(y[row * k + j]) : 0.0;
-      for (int64_t l = 0; l < j; ++l) acc -= f[size_t(row * k + l)] * c[size_t(l * k + j)];
-      f[size_t(row * k + j)] = acc / c[size_t(j * k + j)];
-    }
-  }
-  double trace_k = 0.0;
-  for (double v : f) trace_k += v * v;
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (k > 32)
-  for (int64_t i = 0; i < k; ++i) {
-    std::vector<double> x(static_cast<size_t>(k), 0.0);  // C^T x = e_i
-    for (int64_t j = i; j < k; ++j) {
-      double acc = j == i ? 1.0 : 0.0;
-      for (int64_t l = i; l < j; ++l) acc -= c[size_t(l * k + j)] * x[size_t(l)];
-      x[size_t(j)] = acc / c[size_t(j * k + j)];
-    }
-    double xx = 0.0, fxx = 0.0;
-    for (int64_t j = 0; j < k; ++j) xx += x[size_t(j)] * x[size_t(j)];
-    for (int64_t a = 0; a < k; ++a) {
-      double fx = 0.0;
-      for (int64_t j = 0; j < k; ++j) fx += f[size_t(a * k + j)] * x[size_t(j)];
-      fxx += fx * fx;
-    }
-    out[i] = trace_k - fxx / xx + 1.0 / xx - double(n) * nu;
-  }
-  return true;
+  Dense r(size_t(k * k), 0.0);
+  for (int64_t row = 0; row < k; ++row)
+    for (int64_t j = row; j < k; ++j) r[size_t(row * k + j)] = double(y[row * k + j]);
+  return xnystrace_leave_one_out(c, r, n, k, nu, out);
 }
 
 template <class T>
@@ -498,6 +470,44 @@ void lanczos_probe(T* basis, int64_t m, int64_t n, T* w, int64_t p, int64_t b, d
 }
 
 }  // namespace
+
+bool xnystrace_leave_one_out(std::vector<double>& gram, const std::vector<double>& r, int64_t n, int64_t k, double nu,
+                             double* out) {
+  Dense& c = gram;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < i; ++j)
+      c[size_t(i * k + j)] = c[size_t(j * k + i)] = 0.5 * (c[size_t(i * k + j)] + c[size_t(j * k + i)]);
+  if (!cholesky_upper(c, k)) return false;
+  // B = Q F with F = R C^{-1}, so |B x| = |F x|.
+  Dense f(size_t(k * k), 0.0);
+  for (int64_t row = 0; row < k; ++row) {  // f C = r_row, C upper: solve left to right
+    for (int64_t j = 0; j < k; ++j) {
+      double acc = r[size_t(row * k + j)];
+      for (int64_t l = 0; l < j; ++l) acc -= f[size_t(row * k + l)] * c[size_t(l * k + j)];
+      f[size_t(row * k + j)] = acc / c[size_t(j * k + j)];
+    }
+  }
+  double trace_k = 0.0;
+  for (double v : f) trace_k += v * v;
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (k > 32)
+  for (int64_t i = 0; i < k; ++i) {
+    std::vector<double> x(static_cast<size_t>(k), 0.0);  // C^T x = e_i
+    for (int64_t j = i; j < k; ++j) {
+      double acc = j == i ? 1.0 : 0.0;
+      for (int64_t l = i; l < j; ++l) acc -= c[size_t(l * k + j)] * x[size_t(l)];
+      x[size_t(j)] = acc / c[size_t(j * k + j)];
+    }
+    double xx = 0.0, fxx = 0.0;
+    for (int64_t j = 0; j < k; ++j) xx += x[size_t(j)] * x[size_t(j)];
+    for (int64_t a = 0; a < k; ++a) {
+      double fx = 0.0;
+      for (int64_t j = 0; j < k; ++j) fx += f[size_t(a * k + j)] * x[size_t(j)];
+      fxx += fx * fx;
+    }
+    out[i] = trace_k - fxx / xx + 1.0 / xx - double(n) * nu;
+  }
+  return true;
+}
 
 void sketch_qr_cpu(const ArrayView& q, const ArrayView& r, int64_t k0) {
   CK_DISPATCH_COMPUTE(q.dtype, T, [&] { sketch_qr_impl(q.ptr<T>(), r.ptr<T>(), q.size(0), q.size(1), k0); });

@@ -146,15 +146,21 @@ void xdiag_estimates(const ArrayView& omega, const ArrayView& q, const ArrayView
                      xdiag_estimates_cuda(omega, q, r, z, mean, variance, stream));
 }
 
-bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out) {
+bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out,
+                         StreamHandle stream) {
   check_compute(y, "y");
-  const int64_t n = y.size(0), k = y.ndim() == 2 ? y.size(1) : 0;
-  check_array(omega, "omega", {n, k}, y.dtype);
-  check_array(y, "y", {n, k}, y.dtype, true);
-  check_array(out, "out", {k}, kF64, true);
+  CK_CHECK_VALUE(y.ndim() == 2, "argument 'y' must have shape (n, k), got ", shape_text(y));
+  const int64_t n = y.size(0), k = y.size(1);
+  check_array(omega, "omega", {n, k}, y.dtype, false, &y);
+  check_array(y, "y", {n, k}, y.dtype, true, &y);
+  check_array(out, "out", {k}, kF64, true, &y);
   CK_CHECK_VALUE(k >= 1 && k <= n, "XNysTrace needs between 1 and n probes, got ", k);
   CK_CHECK_VALUE(relative_shift >= 0 && std::isfinite(relative_shift), "argument 'relative_shift' must be >= 0");
-  return xnystrace_estimates_cpu(omega, y, relative_shift, out);
+  blas::dim(n, "the dimension n");
+  bool ok = false;
+  CK_DEVICE_DISPATCH(y.device, ok = xnystrace_estimates_cpu(omega, y, relative_shift, out),
+                     ok = xnystrace_estimates_cuda(omega, y, relative_shift, out, stream));
+  return ok;
 }
 
 void column_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream) {
@@ -195,49 +201,59 @@ void accumulate_products(const ArrayView& x, const ArrayView& y, int64_t count, 
 }
 
 void lanczos_step(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
-                  const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart) {
+                  const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart, StreamHandle stream) {
   check_compute(basis, "basis");
-  check_array(basis, "basis", {-1, -1, -1}, basis.dtype, true);
+  check_array(basis, "basis", {-1, -1, -1}, basis.dtype, true, &basis);
   const int64_t p = basis.size(0), m = basis.size(1) - 1, n = basis.size(2);
   CK_CHECK_VALUE(m >= 1, "argument 'basis' must hold at least two vectors per probe");
-  check_array(w, "w", {n, p}, basis.dtype, true);
-  check_array(alpha, "alpha", {p, m}, kF64, true);
-  check_array(beta, "beta", {p, m}, kF64, true);
-  check_array(lengths, "lengths", {p}, kI64, true);
+  check_array(w, "w", {n, p}, basis.dtype, true, &basis);
+  check_array(alpha, "alpha", {p, m}, kF64, true, &basis);
+  check_array(beta, "beta", {p, m}, kF64, true, &basis);
+  check_array(lengths, "lengths", {p}, kI64, true, &basis);
   CK_CHECK_VALUE(j >= 0 && j < m, "argument 'j' must be in [0, ", m - 1, "], got ", j);
+  CK_CHECK_VALUE(!basis.device.is_cuda() || p <= 65535, "at most 65535 probes run Lanczos together on CUDA, got ", p);
   blas::dim(n, "the dimension n");
-  lanczos_step_cpu(basis, w, alpha, beta, lengths, j, reorthogonalize, restart);
+  CK_DEVICE_DISPATCH(basis.device, lanczos_step_cpu(basis, w, alpha, beta, lengths, j, reorthogonalize, restart),
+                     lanczos_step_cuda(basis, w, alpha, beta, lengths, j, reorthogonalize, restart, stream));
 }
 
 void tridiagonal_eigh(const ArrayView& alpha, const ArrayView& beta, const ArrayView& lengths, int64_t steps,
-                      const ArrayView& nodes, const ArrayView& vectors) {
-  check_array(alpha, "alpha", {-1, -1}, kF64);
+                      const ArrayView& nodes, const ArrayView& vectors, StreamHandle stream) {
+  check_array(alpha, "alpha", {-1, -1}, kF64, false, &alpha);
   const int64_t p = alpha.size(0), m = alpha.size(1);
-  check_array(beta, "beta", {p, m}, kF64);
-  check_array(lengths, "lengths", {p}, kI64);
+  check_array(beta, "beta", {p, m}, kF64, false, &alpha);
+  check_array(lengths, "lengths", {p}, kI64, false, &alpha);
   CK_CHECK_VALUE(steps >= 1 && steps <= m, "argument 'steps' must be in [1, ", m, "], got ", steps);
   check_array(nodes, "nodes", {p, steps}, kF64, true);
   check_array(vectors, "vectors", {p, steps, steps}, kF64, true);
-  tridiagonal_eigh_cpu(alpha, beta, lengths, steps, nodes, vectors);
+  CK_DEVICE_DISPATCH(alpha.device, tridiagonal_eigh_cpu(alpha, beta, lengths, steps, nodes, vectors),
+                     tridiagonal_eigh_cuda(alpha, beta, lengths, steps, nodes, vectors, stream));
 }
 
-void basis_combination(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out) {
+void basis_combination(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out,
+                       StreamHandle stream) {
   check_compute(basis, "basis");
-  check_array(basis, "basis", {-1, -1, -1}, basis.dtype);
+  check_array(basis, "basis", {-1, -1, -1}, basis.dtype, false, &basis);
   const int64_t p = basis.size(0), n = basis.size(2);
-  check_array(coefficients, "coefficients", {p, -1, -1}, kF64);
+  check_array(coefficients, "coefficients", {p, -1, -1}, kF64, false, &basis);
   CK_CHECK_VALUE(steps >= 0 && steps <= coefficients.size(1) && steps <= basis.size(1), "argument 'steps' (", steps,
                  ") exceeds the basis");
-  check_array(out, "out", {p, n, coefficients.size(2)}, basis.dtype, true);
-  basis_combination_cpu(basis, coefficients, steps, out);
+  check_array(out, "out", {p, n, coefficients.size(2)}, basis.dtype, true, &basis);
+  blas::dim(n, "the dimension n");
+  CK_DEVICE_DISPATCH(basis.device, basis_combination_cpu(basis, coefficients, steps, out),
+                     basis_combination_cuda(basis, coefficients, steps, out, stream));
 }
 
-double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found, double& norm) {
+double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found, double& norm, StreamHandle stream) {
   check_compute(v, "v");
-  check_array(v, "v", {-1, 1}, v.dtype, true);
-  check_array(w, "w", {v.size(0), 1}, v.dtype, true);
-  if (found) check_array(*found, "found", {v.size(0), -1}, v.dtype);
-  return power_step_cpu(v, w, found, norm);
+  check_array(v, "v", {-1, 1}, v.dtype, true, &v);
+  check_array(w, "w", {v.size(0), 1}, v.dtype, true, &v);
+  if (found) check_array(*found, "found", {v.size(0), -1}, v.dtype, false, &v);
+  blas::dim(v.size(0), "the dimension n");
+  double rayleigh = 0;
+  CK_DEVICE_DISPATCH(v.device, rayleigh = power_step_cpu(v, w, found, norm),
+                     rayleigh = power_step_cuda(v, w, found, norm, stream));
+  return rayleigh;
 }
 
 // ---- Fused optimizer steps

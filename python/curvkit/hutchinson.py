@@ -228,10 +228,36 @@ class _Operator:
         """The stream and workspace allocator of the native calls on this operator's device."""
         return {"stream": self.stream, "workspace": _arrays.workspace_allocator(self.framework, self.device)}
 
-    def require_cpu(self, what: str) -> None:
-        if self.device[0] == "cuda":
-            raise ArgumentError(f"{what} runs on CPU arrays only in this version (Hutchinson, Hutch++, XTrace, "
-                                "Diag++ and XDiag also run on CUDA): pass CPU probes (like=) and a CPU matvec")
+    @property
+    def cuda(self) -> bool:
+        return self.device[0] == "cuda"
+
+    def bookkeeping(self, shape: tuple, dtype: str = "float64") -> Any:
+        """Zeros for the native calls' float64/int64 bookkeeping: NumPy on the CPU, else on the
+        operator's device, so that CUDA steps never wait for the host."""
+        if not self.cuda:
+            return np.zeros(shape, dtype=dtype)
+        if self.framework == "torch":
+            import torch
+
+            return torch.zeros(shape, dtype=getattr(torch, dtype), device=f"cuda:{self.device[1]}")
+        import cupy
+
+        with cupy.cuda.Device(self.device[1]):
+            return cupy.zeros(shape, dtype=dtype)
+
+    def to_device(self, x: np.ndarray) -> Any:
+        """A float64 NumPy array as bookkeeping on the operator's device (itself on the CPU)."""
+        if not self.cuda:
+            return np.ascontiguousarray(x)
+        out = self.bookkeeping(x.shape)
+        if self.framework == "torch":
+            import torch
+
+            out.copy_(torch.from_numpy(np.ascontiguousarray(x)))
+        else:
+            out.set(np.ascontiguousarray(x))
+        return out
 
     def empty(self, shape: tuple, dtype: Any = None) -> Any:
         return _arrays.empty(shape, dtype or self.compute, self.framework, self.device)
@@ -512,8 +538,6 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
 
 
 def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first: int, method: str) -> np.ndarray:
-    if method == "xnystrace":
-        op.require_cpu("method 'xnystrace'")
     per_probe = 2 if method == "xtrace" else 1
     limit = min(budget // per_probe, op.n)
     if limit < 1:
@@ -540,9 +564,11 @@ def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first
             _core.xtrace_estimates(omega, y, q, r, z, op.kind == "sphere", out, **op.context)
             estimates = _host(out)
         else:
-            estimates = np.empty(k)
+            out = op.empty((k,), "float64")
             shift = 10 * float(np.finfo(op.compute).eps)
-            if not _core.xnystrace_estimates(omega, _arrays.convert(y), shift, estimates):
+            positive = _core.xnystrace_estimates(omega, _arrays.convert(y), shift, out, **op.context)
+            estimates = _host(out)
+            if not positive:
                 raise ArgumentError("argument 'matvec' is not positive semidefinite, or the probes are linearly "
                                     "dependent (Omega^T A Omega is not positive definite; sign probes can be for "
                                     "small n): xnystrace needs a PSD operator; use method='xtrace' or "
@@ -703,7 +729,6 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
         raise ArgumentError("power iteration finds the eigenvalues of largest magnitude: pass which='magnitude' "
                             "or method='lanczos'")
     op = _Operator(matvec, n, dtype, like, "sphere", seed)
-    op.require_cpu("top_eigenvalues")
     k = _args.index(k, "k", 1, op.n + 1)
     default_budget = min(op.n, 300) if method == "lanczos" else 300 * k
     budget = default_budget if max_matvecs is None else _args.index(max_matvecs, "max_matvecs", 1, 2**31)
@@ -742,57 +767,69 @@ def _reorthogonalization(value: Any, allow_selective: bool) -> str:
     return modes[value]
 
 
+# On CUDA, Lanczos reads its coefficients back every few steps only (selective
+# reorthogonalization: every step), so that the steps queue without waiting for the host.
+_CUDA_CHECK_EVERY = 8
+
+
 def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: str) -> tuple:
     basis = op.empty((1, m + 1, op.n))
-    alpha, beta = np.zeros((1, m)), np.zeros((1, m))
-    lengths = np.zeros(1, dtype=np.int64)
+    alpha, beta = op.bookkeeping((1, m)), op.bookkeeping((1, m))
+    lengths = op.bookkeeping((1,), "int64")
     start = op.compute_copy(op.draw(1, unit=True))
     basis[0, 0, :] = start[:, 0]
     w = start
     converged, steps, chosen, residual = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf)
     nodes, vecs = np.zeros((1, 0)), np.zeros((1, 0, 0))
     purge_level = math.sqrt(float(np.finfo(op.compute).eps))
-    restart = False
-    for j in range(m):
+    every = _CUDA_CHECK_EVERY if op.cuda and mode != "selective" else 1
+    restart, j = False, 0
+    while j < m and op.matvecs < m:
         w = op(w, copy=True)
-        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full", restart)
-        steps = int(lengths[0])
-        broke = beta[0, j] == 0.0
-        _require_finite(alpha[0, :steps], "Lanczos coefficients")
-        restart = broke and steps < k and j < m - 1
-        if restart:
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full", restart, **op.context)
+        restart, j = False, j + 1
+        if (j % every and j < m and op.matvecs < m):
+            continue
+        alpha_h, beta_h = _host(alpha), _host(beta)
+        steps = int(_host(lengths)[0])
+        last = beta_h[0, steps - 1]  # beta of the last step that ran (0: a breakdown)
+        broke = last == 0.0
+        _require_finite(alpha_h[0, :steps], "Lanczos coefficients")
+        if broke and steps < k and steps < m and op.matvecs < m:
             # An invariant subspace holding fewer than k eigenvalues (a repeated eigenvalue shows
             # once per Krylov space): go on from a new vector orthogonal to it.
             w = _restart_vector(op, basis, steps)
+            restart, j = True, steps
             continue
-        if not (mode == "selective" or steps >= k or broke or j == m - 1):
+        if not (mode == "selective" or steps >= k or broke or j >= m or op.matvecs >= m):
             continue
         nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
-        _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs)
+        _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs, stream=op.stream)
         _require_finite(nodes[0], "Lanczos coefficients")
         scale = max(float(np.max(np.abs(nodes[0]))), np.finfo(np.float64).tiny)
-        bounds = np.abs(beta[0, j] * vecs[0, steps - 1, :])
+        bounds = np.abs(last * vecs[0, steps - 1, :])
         chosen = _select(nodes[0], k, which)
         residual = bounds[chosen]
         converged = bool(len(chosen) == k and np.all(residual <= tol * scale))
         if converged or broke:
             break
+        j = steps  # on CUDA, steps queued after a breakdown did nothing
         if mode == "selective":
             # Parlett & Scott: the next vector loses orthogonality only towards Ritz vectors that
             # have converged (|beta_j s_ji| small); purge exactly those directions.
             good = np.nonzero(bounds <= purge_level * scale)[0]
             if good.size:
                 ritz = op.empty((1, op.n, good.size))
-                _core.basis_combination(basis, np.ascontiguousarray(vecs[:, :, good]), steps, ritz)
+                _core.basis_combination(basis, op.to_device(vecs[:, :, good]), steps, ritz, **op.context)
                 _core.project_out(ritz[0], w, **op.context)
-                following = basis[0, j + 1].reshape(op.n, 1)
-                _, norm = _core.power_step(following, w, None)
-                beta[0, j] *= norm
+                following = basis[0, steps].reshape(op.n, 1)
+                _, norm = _core.power_step(following, w, None, **op.context)
+                beta[0, steps - 1] *= norm
                 w = op.compute_copy(following)
     values = nodes[0, chosen]
-    coefficients = np.ascontiguousarray(vecs[:, :, chosen])
+    coefficients = op.to_device(vecs[:, :, chosen])
     vectors = op.empty((1, op.n, len(chosen)))
-    _core.basis_combination(basis, coefficients, steps, vectors)
+    _core.basis_combination(basis, coefficients, steps, vectors, **op.context)
     info = {"converged": converged, "matvecs": op.matvecs, "residual": op.unscale(residual), "steps": steps}
     return op.unscale(values), vectors[0], info
 
@@ -803,9 +840,9 @@ def _restart_vector(op: _Operator, basis: Any, steps: int) -> Any:
     found = _arrays.contiguous(basis[0, :steps].T, "basis")
     w = op.compute_copy(op.draw(1, unit=True))
     following = basis[0, steps].reshape(op.n, 1)
-    _core.power_step(following, w, found)  # following <- (I - F F^T) w / norm, twice below
+    _core.power_step(following, w, found, **op.context)  # following <- (I - F F^T) w / norm, twice
     w = op.compute_copy(following)
-    _core.power_step(following, w, found)
+    _core.power_step(following, w, found, **op.context)
     return op.compute_copy(following)
 
 
@@ -816,12 +853,12 @@ def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
     per_eigenvalue = max(1, budget // k)
     for _ in range(k):
         v = op.compute_copy(op.draw(1))
-        _core.power_step(v, op.compute_copy(v), found)  # deflate the start
+        _core.power_step(v, op.compute_copy(v), found, **op.context)  # deflate the start
         theta, ok, used = 0.0, False, 0
         while used < per_eigenvalue:
             w = op(v, copy=True)
             used += 1
-            new, norm = _core.power_step(v, w, found)
+            new, norm = _core.power_step(v, w, found, **op.context)
             if not math.isfinite(new):
                 _require_finite(np.array([new]), "power iteration")
             change = abs(new - theta)
@@ -880,7 +917,6 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     True
     """
     op = _Operator(matvec, n, dtype, like, kind, seed)
-    op.require_cpu("spectral_density")
     full = _reorthogonalization(reorthogonalize, allow_selective=False) == "full"
     p = _args.index(num_probes, "num_probes", 1, 2**20)
     steps = _args.index(steps, "steps", 1, op.n + 1)
@@ -891,21 +927,24 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
         z *= 1.0 / math.sqrt(op.n)
     basis = op.empty((p, steps + 1, op.n))
     basis[:, 0, :] = z.T
-    alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
-    lengths = np.zeros(p, dtype=np.int64)
+    alpha, beta = op.bookkeeping((p, steps)), op.bookkeeping((p, steps))
+    lengths = op.bookkeeping((p,), "int64")
+    every = _CUDA_CHECK_EVERY if op.cuda else 1
     w = z
     for j in range(steps):
         w = op(w, copy=True)
-        _core.lanczos_step(basis, w, alpha, beta, lengths, j, full)
-        _require_finite(alpha[:, j], "Lanczos coefficients")
-        if not np.any(beta[:, j] > 0):
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, full, **op.context)
+        if (j + 1) % every and j + 1 < steps:
+            continue
+        _require_finite(_host(alpha)[:, :j + 1], "Lanczos coefficients")
+        if not np.any(_host(beta)[:, j] > 0):  # every probe reached an invariant subspace
             break
     nodes, vectors = np.empty((p, steps)), np.empty((p, steps, steps))
-    _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors)
+    _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors, stream=op.stream)
     weights = vectors[:, 0, :] ** 2
     nodes = op.unscale(nodes)
     if return_info:
-        return nodes, weights, {"lengths": lengths.copy(), "matvecs": op.matvecs}
+        return nodes, weights, {"lengths": _host(lengths).copy(), "matvecs": op.matvecs}
     return nodes, weights
 
 
