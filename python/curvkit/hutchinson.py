@@ -453,9 +453,14 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
 
     Notes
     -----
-    "hutchinson", "hutch++" and "xtrace" also run on CUDA probes and matvecs (the sketch QR
-    on cuSOLVER, the products on cuBLAS; each block's estimates are read back to the host).
-    "xnystrace" runs on the CPU only in this version (ArgumentError for CUDA arrays).
+    Every method also runs on CUDA probes and matvecs (the sketch QR on cuSOLVER, the
+    products on cuBLAS; each block's estimates are read back to the host; XNysTrace's k x k
+    Cholesky runs on the host after one copy).
+
+    Bad input: a matvec output of the wrong shape, framework or device, or holding NaN or Inf
+    (any dtype; a float16 product beyond 65504 is Inf), raises ArgumentError naming 'matvec';
+    a non-PSD operator for "xnystrace" too. The products are rescaled by a power of two
+    before the algebra, so operators from subnormal to 1e300 keep their precision.
 
     Examples
     --------
@@ -594,7 +599,8 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
     -------
     array (n,) of the probes' framework and device, in the compute dtype (float64 for float64
     probes, float32 otherwise); with ``return_info`` also a dict with "std_error" (n,),
-    "matvecs", "num_probes", "converged".
+    "matvecs", "num_probes", "converged". Bad input as in :func:`trace_estimate`; every
+    method runs on CUDA too.
 
     Examples
     --------
@@ -708,6 +714,17 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
     Returns
     -------
     NumPy float64 array (k,), then the vectors and/or info as asked.
+
+    Notes
+    -----
+    A Krylov space holds each distinct eigenvalue once: after a breakdown with fewer than k
+    Ritz values, Lanczos restarts from a fresh probe orthogonal to the space found (a zero
+    operator gives k zeros); an eigenvalue repeated more often than the breakdowns reveal can
+    still be reported fewer times. On CUDA the Lanczos steps queue without host
+    synchronization; the coefficients are read back every 8 steps (every step with
+    "selective") for the convergence test, whose tridiagonal eigenproblem runs on the host
+    (LAPACK stev); power iteration reads two numbers back per step. Bad input as in
+    :func:`trace_estimate` (NaN or Inf in a product raises ArgumentError naming 'matvec').
 
     Examples
     --------
@@ -905,6 +922,10 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     (nodes, weights): NumPy float64 arrays (num_probes, steps), nodes ascending, the weights
     of each probe summing to 1. A probe whose Krylov space closed after L < steps steps
     (an invariant subspace: its quadrature is then exact) has zero weights past L.
+
+    On CUDA all probes' Lanczos steps run on the device (reorthogonalization by cuBLAS
+    batched products); the coefficients are read back every 8 steps and the tridiagonal
+    eigenproblems solved on the host once. Bad input as in :func:`trace_estimate`.
 
     Examples
     --------
