@@ -320,9 +320,10 @@ def _largest(x: Any, framework: str) -> float:
     """max |x| as a float, NaN if x holds NaN (on CUDA: one host synchronization)."""
     if int(np.prod(tuple(x.shape))) == 0:
         return 0.0
-    if framework == "numpy":
-        return float(np.max(np.abs(x)))
-    return float(abs(x).max())
+    if framework == "torch":
+        low, high = x.aminmax()
+        return max(float(high), -float(low)) if not bool(high != high) else math.nan
+    return max(float(x.max()), -float(x.min()))  # no temporary; NaN propagates
 
 
 def _scale_by_power_of_two(x: Any, exponent: int) -> None:
