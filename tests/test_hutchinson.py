@@ -525,6 +525,20 @@ def test_estimators_at_subnormal_and_huge_scales(rng, scale):
     np.testing.assert_allclose(weights_s, weights, rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("scale", [2.0 ** -62, 2.0 ** 62])
+def test_float32_estimators_far_from_one(rng, scale):
+    # Products beyond 2^60 are rescaled; float32 results are scaled back in the caller's arrays.
+    b = rng.standard_normal((300, 300))
+    a = (b @ b.T / 300).astype(np.float32)
+    for method in ("hutch++", "xtrace", "xnystrace"):
+        want = curvkit.trace_estimate(a, None, 60, method=method)
+        assert curvkit.trace_estimate(a * np.float32(scale), None, 60, method=method) == pytest.approx(want * scale,
+                                                                                                      rel=1e-6)
+    want = curvkit.diag_estimate(a, None, 60, method="xdiag")
+    np.testing.assert_allclose(curvkit.diag_estimate(a * np.float32(scale), None, 60, method="xdiag") / scale, want,
+                               rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
 def test_lanczos_finds_repeated_eigenvalues_by_restarting():
     # One Krylov space holds each distinct eigenvalue once: k beyond them needs restarts, each
     # from a vector orthogonal to the spaces found.
