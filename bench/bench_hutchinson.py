@@ -130,7 +130,7 @@ def _synced(fn, device):
 
 @pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["curvkit", "torch-loop"])
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit-unchecked", "torch-loop"])
 def test_adahessian_resnet18(benchmark, request, impl, device):
     _largest_case(request)
     shapes = resnet18_cifar_shapes()
@@ -139,15 +139,17 @@ def test_adahessian_resnet18(benchmark, request, impl, device):
     benchmark.group = f"adahessian-resnet18-float32-{device}"
     # reads p, g, h, m, v and writes p, m, v: 8 float32 per entry
     benchmark.extra_info.update(impl=impl if impl != "torch-loop" else "torch", bytes=8 * 4 * count)
-    if impl == "curvkit":
-        benchmark(_synced(lambda: curvkit.adahessian_step_(params, grads, h, m, v, step=10, lr=1e-3), device))
+    if impl.startswith("curvkit"):  # unchecked: without the NaN/Inf pass (check_finite=False)
+        check = impl == "curvkit"
+        benchmark(_synced(lambda: curvkit.adahessian_step_(params, grads, h, m, v, step=10, lr=1e-3,
+                                                           check_finite=check), device))
     else:
         benchmark(_synced(lambda: adahessian_step_torch(params, grads, h, m, v, step=10, lr=1e-3), device))
 
 
 @pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("impl", ["curvkit", "torch-loop"])
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit-unchecked", "torch-loop"])
 def test_sophia_resnet18(benchmark, request, impl, device):
     _largest_case(request)
     shapes = resnet18_cifar_shapes()
@@ -155,8 +157,9 @@ def test_sophia_resnet18(benchmark, request, impl, device):
     count = sum(p.numel() for p in params)
     benchmark.group = f"sophia-resnet18-float32-{device}"
     benchmark.extra_info.update(impl=impl if impl != "torch-loop" else "torch", bytes=6 * 4 * count)
-    if impl == "curvkit":
-        benchmark(_synced(lambda: curvkit.sophia_step_(params, grads, m, hess), device))
+    if impl.startswith("curvkit"):
+        check = impl == "curvkit"
+        benchmark(_synced(lambda: curvkit.sophia_step_(params, grads, m, hess, check_finite=check), device))
     else:
         benchmark(_synced(lambda: sophia_step_torch(params, grads, m, hess), device))
 

@@ -451,3 +451,135 @@ def test_sinkhorn(case, method):
     for P, C in zip(plans, case.stored.reshape((-1, n, m))):
         want = reference.sinkhorn_log(np.full(n, 1 / n), np.full(m, 1 / m), C / scale, 0.1, tol=1e-12)[0]
         assert np.abs(P - want).max() <= TOL[(case.dtype, "ot_plan")] * want.max()
+
+
+# ---- Hutchinson estimators over a dense operator (the stored SPD matrix)
+#
+# Each estimator takes the drawn array itself as its operator. A batch of matrices or n = 0 is
+# refused by name ('matvec', 'n'); a product that overflows the dtype (a half dtype at large
+# magnitudes) is refused as 'matvec' producing NaN or Inf. Accuracy is checked where it is
+# exact up to rounding: Hutch++ and Diag++ whose sketch spans the whole space (3n matvecs),
+# Lanczos run to n steps. The stochastic methods must return finite values of the documented
+# kind; their statistics are tested in tests/test_hutchinson.py.
+
+
+def operator_refused(case, error):
+    """Whether the call was refused as it must be (True), or the test goes on (False)."""
+    if case.stored.ndim != 2:
+        refused_by_name(error, "matvec")
+        return True
+    if case.stored.shape[0] == 0:
+        refused_by_name(error, "n")
+        return True
+    if isinstance(error, ArgumentError) and "argument 'matvec' produced non-finite" in str(error):
+        # the products in the dtype overflowed (or the input held Inf): allowed where the
+        # stored matrix times n entries reaches the dtype's largest value
+        n = case.stored.shape[0]
+        assert not case.finite or n * np.abs(case.stored).max() > LARGEST[case.dtype] / 8 or \
+            n * np.abs(case.stored).max() ** 2 > np.finfo(np.float64).max / 8, str(error)
+        return True
+    if not case.finite:  # Inf in a half dtype's rounding: the products are NaN or Inf
+        refused_by_name(error, "matvec")
+        return True
+    return False
+
+
+def product_unit(case):
+    """Relative rounding of one product A z in the dtype (the dtype's unit, or float32's)."""
+    return max(UNIT[case.dtype], COMPUTE_UNIT[case.dtype])
+
+
+def product_floor(case, n):
+    """Absolute rounding of n products among the dtype's subnormals (and float32's)."""
+    return 16 * n * max(SMALLEST[case.dtype], SMALLEST["float32" if case.dtype != "float64" else "float64"])
+
+
+@settings(**SETTINGS)
+@given(case=cases("spd"), method=st.sampled_from(["hutch++", "xtrace", "hutchinson", "xnystrace"]),
+       kind=st.sampled_from(["rademacher", "gaussian", "sphere"]))
+def test_trace_estimate(case, method, kind):
+    n = case.stored.shape[-1] if case.stored.ndim == 2 else 1
+    budget = {"hutch++": 3 * n, "xtrace": 2 * n, "hutchinson": n, "xnystrace": n}[method]
+    got, error = run(case, lambda: curvkit.trace_estimate(case.x, None, budget, method=method, kind=kind,
+                                                          return_info=True))
+    if operator_refused(case, error):
+        return
+    if method == "xnystrace" and error is not None:  # rounded to the dtype, A may have lost definiteness
+        return refused_by_name(error, "matvec")
+    assert error is None, error
+    value, info = got
+    assert isinstance(value, float) and np.isfinite(value) and info["matvecs"] == budget
+    if method == "hutch++":  # the sketch spans R^n: tr(Q^T A Q) = tr(A), nothing left to sample
+        scale = np.abs(case.stored).max()
+        assert abs(value - np.trace(case.stored)) <= 16 * n * n * product_unit(case) * scale + product_floor(case, n)
+
+
+@settings(**SETTINGS)
+@given(case=cases("spd"), method=st.sampled_from(["diag++", "xdiag", "hutchinson"]))
+def test_diag_estimate(case, method):
+    n = case.stored.shape[-1] if case.stored.ndim == 2 else 1
+    budget = {"diag++": 3 * n, "xdiag": 2 * n, "hutchinson": n}[method]
+    got, error = run(case, lambda: curvkit.diag_estimate(case.x, None, budget, method=method, kind="gaussian"))
+    if operator_refused(case, error):
+        return
+    assert error is None, error
+    compute = "float64" if case.dtype == "float64" else "float32"
+    assert type(got) is type(case.x) and str(got.dtype).replace("torch.", "") == compute
+    assert tuple(got.shape) == (n,)
+    values = to_numpy(got)
+    assert np.isfinite(values).all(), "NaN or Inf handed on"
+    if method == "diag++":  # diag(Q (AQ)^T) with Q spanning R^n is diag(A)
+        scale = np.abs(case.stored).max()
+        np.testing.assert_allclose(values, np.diag(case.stored), rtol=0,
+                                   atol=16 * n * n * product_unit(case) * scale + product_floor(case, n))
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), which=st.sampled_from(["largest", "smallest", "magnitude"]))
+def test_top_eigenvalues(data, which):
+    case = data.draw(cases("spd"))
+    n = case.stored.shape[-1] if case.stored.ndim == 2 else 1
+    k = data.draw(st.integers(1, max(n, 1)))
+    got, error = run(case, lambda: curvkit.top_eigenvalues(case.x, None, k=k, which=which, return_vectors=True))
+    if operator_refused(case, error):
+        return
+    if isinstance(error, ConvergenceError):  # allowed where rounding to the dtype is above tol
+        assert case.dtype in ("float16", "bfloat16"), error
+        got = error.result
+    else:
+        assert error is None, error
+    values, vectors = got
+    assert isinstance(values, np.ndarray) and values.dtype == np.float64 and values.shape == (k,)
+    assert type(vectors) is type(case.x) and tuple(vectors.shape) == (n, k)
+    assert np.isfinite(values).all() and np.isfinite(to_numpy(vectors)).all(), "NaN or Inf handed on"
+    w = np.linalg.eigvalsh(case.stored)  # n Lanczos steps: the whole spectrum, to rounding
+    want = {"largest": w[::-1], "smallest": w, "magnitude": w[np.argsort(-np.abs(w), kind="stable")]}[which][:k]
+    scale = np.abs(w).max()
+    np.testing.assert_allclose(values, want, rtol=0, atol=16 * n * product_unit(case) * scale + product_floor(case, n))
+
+
+@settings(**SETTINGS)
+@given(case=cases("spd"), num_probes=st.integers(1, 3), reorthogonalize=st.booleans())
+def test_spectral_density(case, num_probes, reorthogonalize):
+    n = case.stored.shape[-1] if case.stored.ndim == 2 else 1
+    got, error = run(case, lambda: curvkit.spectral_density(case.x, None, num_probes=num_probes, steps=max(n, 1),
+                                                             reorthogonalize=reorthogonalize))
+    if operator_refused(case, error):
+        return
+    assert error is None, error
+    nodes, weights = got
+    for a in (nodes, weights):
+        assert isinstance(a, np.ndarray) and a.dtype == np.float64 and a.shape == (num_probes, n)
+        assert np.isfinite(a).all(), "NaN or Inf handed on"
+    unit = 16 * n * product_unit(case)
+    np.testing.assert_allclose(weights.sum(axis=1), 1.0, rtol=0, atol=unit)
+    assert (weights >= 0).all()
+    w = np.linalg.eigvalsh(case.stored)
+    scale = np.abs(w).max() or 1.0
+    assert (nodes >= w[0] - unit * scale - product_floor(case, n)).all()
+    assert (nodes <= w[-1] + unit * scale + product_floor(case, n)).all()
+    # the Gauss rule of probe b integrates x exactly: sum_i w_i nodes_i = z_b^T A z_b / z_b^T z_b
+    z = reference.probes((n, num_probes), "rademacher", 0, 0)
+    moments = np.einsum("ib,ij,jb->b", z, case.stored / scale, z) / n * scale
+    np.testing.assert_allclose((weights * nodes).sum(axis=1), moments, rtol=0,
+                               atol=unit * scale + product_floor(case, n))

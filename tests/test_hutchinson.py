@@ -501,6 +501,54 @@ def test_slq_density_of_a_known_spectrum(rng):
     np.testing.assert_allclose(weights, [[0.25, 0.5, 0.25, 0]] * 2, atol=1e-12)
 
 
+@pytest.mark.parametrize("scale", [2.0 ** -1030, 2.0 ** -1000, 2.0 ** 1000])
+def test_estimators_at_subnormal_and_huge_scales(rng, scale):
+    # The products are rescaled by a power of two before the algebra: an operator scaled by
+    # 2^e gives the results scaled by 2^e (to the subnormals' spacing at 2^-1030).
+    b = rng.standard_normal((40, 40))
+    a = b @ b.T / 40 + np.diag(np.arange(40.0))
+    rel = 1e-9 if scale < 2.0 ** -1022 else 1e-13
+    for method, m in (("hutchinson", 20), ("hutch++", 30), ("xtrace", 30), ("xnystrace", 20)):
+        want = curvkit.trace_estimate(a, None, m, method=method, return_info=True)
+        got = curvkit.trace_estimate(a * scale, None, m, method=method, return_info=True)
+        assert got[0] == pytest.approx(want[0] * scale, rel=rel), method
+        assert got[1]["std_error"] == pytest.approx(want[1]["std_error"] * scale, rel=1e-6), method
+    for method, m in (("hutchinson", 20), ("diag++", 30), ("xdiag", 30)):
+        want = curvkit.diag_estimate(a, None, m, method=method)
+        np.testing.assert_allclose(curvkit.diag_estimate(a * scale, None, m, method=method) / scale, want, rtol=rel)
+    want = curvkit.top_eigenvalues(a, None, k=3, which="magnitude")
+    np.testing.assert_allclose(curvkit.top_eigenvalues(a * scale, None, k=3, which="magnitude") / scale, want,
+                               rtol=1e-8)
+    nodes, weights = curvkit.spectral_density(a, None, num_probes=2, steps=10)
+    nodes_s, weights_s = curvkit.spectral_density(a * scale, None, num_probes=2, steps=10)
+    np.testing.assert_allclose(nodes_s / scale, nodes, rtol=rel, atol=rel * np.abs(nodes).max())
+    np.testing.assert_allclose(weights_s, weights, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("scale", [2.0 ** -62, 2.0 ** 62])
+def test_float32_estimators_far_from_one(rng, scale):
+    # Products beyond 2^60 are rescaled; float32 results are scaled back in the caller's arrays.
+    b = rng.standard_normal((300, 300))
+    a = (b @ b.T / 300).astype(np.float32)
+    for method in ("hutch++", "xtrace", "xnystrace"):
+        want = curvkit.trace_estimate(a, None, 60, method=method)
+        assert curvkit.trace_estimate(a * np.float32(scale), None, 60, method=method) == pytest.approx(want * scale,
+                                                                                                      rel=1e-6)
+    want = curvkit.diag_estimate(a, None, 60, method="xdiag")
+    np.testing.assert_allclose(curvkit.diag_estimate(a * np.float32(scale), None, 60, method="xdiag") / scale, want,
+                               rtol=1e-5, atol=1e-5 * np.abs(want).max())
+
+
+def test_lanczos_finds_repeated_eigenvalues_by_restarting():
+    # One Krylov space holds each distinct eigenvalue once: k beyond them needs restarts, each
+    # from a vector orthogonal to the spaces found.
+    a = np.diag([5.0, 5.0, 5.0, 1.0])
+    values, info = curvkit.top_eigenvalues(a, None, k=4, return_info=True)
+    np.testing.assert_allclose(values, [5.0, 5.0, 5.0, 1.0], atol=1e-12)
+    assert info["converged"]
+    np.testing.assert_array_equal(curvkit.top_eigenvalues(np.zeros((3, 3)), None, k=3), [0.0, 0.0, 0.0])
+
+
 def test_estimator_argument_errors():
     a = np.eye(10)
     with pytest.raises(curvkit.ArgumentError, match="method"):
@@ -643,6 +691,99 @@ def test_fused_step_argument_errors():
         curvkit.sophia_step_([np.zeros(3)], [np.zeros(3, "float32")], [np.zeros(3)], [np.zeros(3)])
 
 
+# Tensor 1 is longer than a CPU task (16384 entries): its bad entry is the last one, in a later
+# task than the writes of tensor 0 and of its own first entries.
+NONFINITE_SHAPES = [(5, 3), (40000,), (4, 3, 3, 3)]
+
+
+def _step_lists(rng, backend, dtype, names, bad=None, value=np.nan, tensor=1):
+    lists = {}
+    for name in names:
+        values = [rng.standard_normal(s) for s in NONFINITE_SHAPES]
+        if name in ("exp_avg_sq", "hessian"):
+            values = [np.abs(v) for v in values]
+        if name == bad:
+            values[tensor].reshape(-1)[-1] = value
+        lists[name] = [make(v, backend, dtype) for v in values]
+    return lists
+
+
+ADAHESSIAN_LISTS = ["params", "grads", "hessian_diag_samples", "exp_avg", "exp_avg_sq"]
+SOPHIA_LISTS = ["params", "grads", "exp_avg", "hessian", "hessian_estimate"]
+
+
+@pytest.mark.parametrize("value", [np.nan, -np.inf])
+@pytest.mark.parametrize("bad", ["params", "grads", "hessian_diag_samples"])
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_adahessian_refuses_nonfinite_before_writing(rng, backend, dtype, bad, value):
+    lists = _step_lists(rng, backend, dtype, ADAHESSIAN_LISTS, bad, value)
+    before = {name: [raw_bits(x) for x in lists[name]] for name in ("params", "exp_avg", "exp_avg_sq")}
+    with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}' contains NaN or Inf \\(tensor 1 of the list\\)"):
+        curvkit.adahessian_step_(**lists, step=3, lr=0.01)
+    for name, bits in before.items():
+        for x, b in zip(lists[name], bits):
+            np.testing.assert_array_equal(raw_bits(x), b, err_msg=f"{name} was written")
+    curvkit.adahessian_step_(**lists, step=3, lr=0.01, check_finite=False)  # the unchecked path runs on
+    assert not np.isfinite(to_numpy(lists["params"][1])).all() or bad == "hessian_diag_samples"
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+@pytest.mark.parametrize("bad", ["params", "grads", "hessian_estimate"])
+@pytest.mark.parametrize("backend, dtype", backend_dtypes())
+def test_sophia_refuses_nonfinite_before_writing(rng, backend, dtype, bad, value):
+    lists = _step_lists(rng, backend, dtype, SOPHIA_LISTS, bad, value)
+    before = {name: [raw_bits(x) for x in lists[name]] for name in ("params", "exp_avg", "hessian")}
+    with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}' contains NaN or Inf \\(tensor 1 of the list\\)"):
+        curvkit.sophia_step_(**lists, return_win_rate=True)
+    for name, bits in before.items():
+        for x, b in zip(lists[name], bits):
+            np.testing.assert_array_equal(raw_bits(x), b, err_msg=f"{name} was written")
+    if bad != "hessian_estimate":  # without estimates, only params and grads are read from outside
+        lists.pop("hessian_estimate")
+        with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}'"):
+            curvkit.sophia_step_(**lists)
+    curvkit.sophia_step_(**lists, check_finite=False)
+
+
+def test_nonfinite_reports_the_first_tensor_then_the_first_argument(rng):
+    lists = _step_lists(rng, ("numpy", "cpu"), "float64", ADAHESSIAN_LISTS, "grads", np.inf, tensor=2)
+    lists["hessian_diag_samples"][1][0] = np.nan
+    lists["params"][1][-1] = np.nan
+    with pytest.raises(curvkit.ArgumentError, match="'params' contains NaN or Inf \\(tensor 1 "):
+        curvkit.adahessian_step_(**lists, step=1)
+    lists["params"][1][-1] = 0.0
+    with pytest.raises(curvkit.ArgumentError, match="'hessian_diag_samples' contains NaN or Inf \\(tensor 1 "):
+        curvkit.adahessian_step_(**lists, step=1)
+    lists["hessian_diag_samples"][1][0] = 0.0
+    with pytest.raises(curvkit.ArgumentError, match="'grads' contains NaN or Inf \\(tensor 2 "):
+        curvkit.adahessian_step_(**lists, step=1)
+    # the states are not checked: what earlier steps wrote flows on
+    lists["grads"][2][...] = 0.0
+    lists["exp_avg"][0][0, 0] = np.nan
+    curvkit.adahessian_step_(**lists, step=1)
+    assert np.isnan(lists["params"][0][0, 0])
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_fused_steps_on_cuda_match_the_cpu(rng, backend, dtype):
+    cpu = _step_lists(rng, ("numpy", "cpu"), dtype, ADAHESSIAN_LISTS + ["hessian", "hessian_estimate"])
+    gpu = {name: [make(x, backend) for x in xs] for name, xs in cpu.items()}
+    for lists in (cpu, gpu):
+        ada = {name: lists[name] for name in ADAHESSIAN_LISTS}
+        curvkit.adahessian_step_(**ada, step=4, lr=0.01, hessian_power=0.5)
+        rate = curvkit.sophia_step_(lists["params"], lists["grads"], lists["exp_avg"], lists["hessian"],
+                                    hessian_estimate=lists["hessian_estimate"], return_win_rate=True)
+        lists["rate"] = rate
+    assert gpu.pop("rate") == cpu.pop("rate")
+    for name in cpu:
+        for x, y in zip(cpu[name], gpu[name]):
+            if dtype == "float64":  # the same operations in the same order (no FMA on either side)
+                np.testing.assert_array_equal(raw_bits(y), raw_bits(x))
+            else:
+                np.testing.assert_allclose(to_numpy(y), x, rtol=4 * TOL.get((dtype, "ulp"), 2.0 ** -24), atol=0)
+
+
 # ---------------------------------------------------------------------------------------
 # curvkit.torch: Hessian-vector products of a loss and per-layer traces
 
@@ -766,8 +907,59 @@ def test_cuda_estimators_match_the_cpu(rng, backend):
         cpu = curvkit.diag_estimate(a, None, m, method=method, seed=3)
         gpu = curvkit.diag_estimate(lambda z: dense @ z, n, m, method=method, seed=3, like=like)
         np.testing.assert_allclose(to_numpy(gpu), cpu, rtol=1e-9, atol=1e-9 * np.abs(cpu).max())
-    with pytest.raises(curvkit.ArgumentError, match="xnystrace"):
-        curvkit.trace_estimate(lambda z: dense @ z, n, 40, method="xnystrace", like=like)
+    psd = make(a @ a.T / n, backend)
+    cpu = curvkit.trace_estimate(a @ a.T / n, None, 40, method="xnystrace", seed=3, return_info=True)
+    gpu = curvkit.trace_estimate(lambda z: psd @ z, n, 40, method="xnystrace", seed=3, like=like, return_info=True)
+    assert gpu[0] == pytest.approx(cpu[0], rel=1e-10)
+    np.testing.assert_allclose(gpu[1]["estimates"], cpu[1]["estimates"], rtol=1e-9)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_cuda_lanczos_and_power_match_the_cpu(rng, backend, dtype):
+    # Lanczos steps on the device (cuBLAS batched reorthogonalization), the tridiagonal
+    # eigenproblem on the host; the same probes, so the same Krylov spaces as on the CPU.
+    n = 400
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    w = np.r_[-9.0, 7.0, 6.5, np.linspace(-1, 1, n - 3)]
+    a = (u * w) @ u.T
+    dense = make(a.astype(dtype), backend)
+    like = make(np.zeros(1, dtype=dtype), backend)
+    tol = 1e-10 if dtype == "float64" else 1e-4
+    for which in ("largest", "smallest", "magnitude"):
+        for reorthogonalize in ("full", "selective", "none"):
+            cpu = curvkit.top_eigenvalues(a.astype(dtype), None, k=3, which=which, reorthogonalize=reorthogonalize,
+                                          return_info=True)
+            gpu_values, gpu_vectors, info = curvkit.top_eigenvalues(
+                lambda z: dense @ z, n, k=3, which=which, like=like, reorthogonalize=reorthogonalize,
+                return_vectors=True, return_info=True)
+            np.testing.assert_allclose(gpu_values, cpu[0], rtol=tol, atol=tol)
+            assert info["converged"] == cpu[1]["converged"]
+            v = to_numpy(gpu_vectors)
+            if reorthogonalize == "none":  # lost orthogonality: ghost copies, their vectors mixed
+                continue
+            np.testing.assert_allclose(np.einsum("ij,ik,kj->j", v, a, v), gpu_values, rtol=10 * tol, atol=10 * tol)
+    power = curvkit.top_eigenvalues(lambda z: dense @ z, n, k=2, which="magnitude", method="power", like=like,
+                                    max_matvecs=3000)
+    np.testing.assert_allclose(power, [-9.0, 7.0], rtol=1e-3 if dtype == "float32" else 1e-6)
+    # repeated eigenvalues: restarts after a breakdown, on the device
+    rep = make(np.diag([5.0, 5.0, 5.0, 1.0]).astype(dtype), backend)
+    np.testing.assert_allclose(curvkit.top_eigenvalues(lambda z: rep @ z, 4, k=4, like=like), [5, 5, 5, 1],
+                               atol=tol)
+    for reorthogonalize in (True, False):
+        cpu_nodes, cpu_weights = curvkit.spectral_density(a.astype(dtype), None, num_probes=5, steps=30, seed=2,
+                                                          reorthogonalize=reorthogonalize)
+        nodes, weights, info = curvkit.spectral_density(lambda z: dense @ z, n, num_probes=5, steps=30, seed=2,
+                                                        like=like, reorthogonalize=reorthogonalize, return_info=True)
+        np.testing.assert_allclose(weights.sum(axis=1), 1.0, atol=10 * tol)
+        # the first moment v^T A v is stable; without reorthogonalization the nodes are not
+        # (lost orthogonality amplifies the products' rounding, which differs between BLAS)
+        np.testing.assert_allclose((weights * nodes).sum(axis=1), (cpu_weights * cpu_nodes).sum(axis=1),
+                                   rtol=0, atol=100 * tol)
+        if reorthogonalize:
+            np.testing.assert_allclose(nodes, cpu_nodes, rtol=0, atol=1e3 * tol)
+            np.testing.assert_allclose(weights, cpu_weights, rtol=0, atol=1e3 * tol)
+        assert (info["lengths"] == 30).all()
 
 
 def test_probes_like_gives_one_reproducible_probe_per_tensor():

@@ -63,13 +63,14 @@ void register_estimators(py::module_& m) {
       "XDiag: the mean of the leave-one-out diagonal estimates and its variance.");
   m.def(
       "xnystrace_estimates",
-      [](py::handle omega, py::handle y, double relative_shift, py::handle o) {
-        auto a = in(omega, "omega"), b = out(y, "y"), f = out(o, "out");
-        binding::CallScope scope{py::none()};
-        return xnystrace_estimates(a.view, b.view, relative_shift, f.view);
+      [](py::handle omega, py::handle y, double relative_shift, py::handle o, StreamHandle stream,
+         py::object workspace) {
+        auto a = in(omega, "omega", stream), b = out(y, "y", stream), f = out(o, "out", stream);
+        binding::CallScope scope(std::move(workspace));
+        return xnystrace_estimates(a.view, b.view, relative_shift, f.view, stream);
       },
-      py::arg("omega"), py::arg("y"), py::arg("relative_shift"), py::arg("out"),
-      "Leave-one-out XNysTrace estimates; False when the operator is not PSD.");
+      py::arg("omega"), py::arg("y"), py::arg("relative_shift"), py::arg("out"), py::arg("stream") = 0,
+      py::arg("workspace") = py::none(), "Leave-one-out XNysTrace estimates; False when the operator is not PSD.");
   m.def(
       "column_dots",
       [](py::handle x, py::handle y, py::handle o, StreamHandle stream, py::object workspace) {
@@ -108,47 +109,51 @@ void register_estimators(py::module_& m) {
   m.def(
       "lanczos_step",
       [](py::handle basis, py::handle w, py::handle alpha, py::handle beta, py::handle lengths, int64_t j,
-         bool reorthogonalize) {
-        auto a = out(basis, "basis"), b = out(w, "w"), c = out(alpha, "alpha"), d = out(beta, "beta"),
-             e = out(lengths, "lengths");
-        binding::CallScope scope{py::none()};
-        lanczos_step(a.view, b.view, c.view, d.view, e.view, j, reorthogonalize);
+         bool reorthogonalize, bool restart, StreamHandle stream, py::object workspace) {
+        auto a = out(basis, "basis", stream), b = out(w, "w", stream), c = out(alpha, "alpha", stream),
+             d = out(beta, "beta", stream), e = out(lengths, "lengths", stream);
+        binding::CallScope scope(std::move(workspace));
+        lanczos_step(a.view, b.view, c.view, d.view, e.view, j, reorthogonalize, restart, stream);
       },
       py::arg("basis"), py::arg("w"), py::arg("alpha"), py::arg("beta"), py::arg("lengths"), py::arg("j"),
-      py::arg("reorthogonalize"), "One Lanczos step on p independent probes.");
+      py::arg("reorthogonalize"), py::arg("restart") = false, py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "One Lanczos step on p independent probes.");
   m.def(
       "tridiagonal_eigh",
-      [](py::handle alpha, py::handle beta, py::handle lengths, int64_t steps, py::handle nodes, py::handle vectors) {
-        auto a = in(alpha, "alpha"), b = in(beta, "beta"), c = in(lengths, "lengths"), d = out(nodes, "nodes"),
-             e = out(vectors, "vectors");
+      [](py::handle alpha, py::handle beta, py::handle lengths, int64_t steps, py::handle nodes, py::handle vectors,
+         StreamHandle stream) {
+        auto a = in(alpha, "alpha", stream), b = in(beta, "beta", stream), c = in(lengths, "lengths", stream),
+             d = out(nodes, "nodes"), e = out(vectors, "vectors");
         binding::CallScope scope{py::none()};
-        tridiagonal_eigh(a.view, b.view, c.view, steps, d.view, e.view);
+        tridiagonal_eigh(a.view, b.view, c.view, steps, d.view, e.view, stream);
       },
       py::arg("alpha"), py::arg("beta"), py::arg("lengths"), py::arg("steps"), py::arg("nodes"), py::arg("vectors"),
-      "Eigenpairs of the Lanczos tridiagonal matrices.");
+      py::arg("stream") = 0, "Eigenpairs of the Lanczos tridiagonal matrices.");
   m.def(
       "basis_combination",
-      [](py::handle basis, py::handle coefficients, int64_t steps, py::handle o) {
-        auto a = in(basis, "basis"), b = in(coefficients, "coefficients"), c = out(o, "out");
-        binding::CallScope scope{py::none()};
-        basis_combination(a.view, b.view, steps, c.view);
+      [](py::handle basis, py::handle coefficients, int64_t steps, py::handle o, StreamHandle stream,
+         py::object workspace) {
+        auto a = in(basis, "basis", stream), b = in(coefficients, "coefficients", stream), c = out(o, "out", stream);
+        binding::CallScope scope(std::move(workspace));
+        basis_combination(a.view, b.view, steps, c.view, stream);
       },
-      py::arg("basis"), py::arg("coefficients"), py::arg("steps"), py::arg("out"),
-      "Ritz vectors from a Lanczos basis.");
+      py::arg("basis"), py::arg("coefficients"), py::arg("steps"), py::arg("out"), py::arg("stream") = 0,
+      py::arg("workspace") = py::none(), "Ritz vectors from a Lanczos basis.");
   m.def(
       "power_step",
-      [](py::handle v, py::handle w, py::handle found) {
-        auto a = out(v, "v"), b = out(w, "w");
+      [](py::handle v, py::handle w, py::handle found, StreamHandle stream, py::object workspace) {
+        auto a = out(v, "v", stream), b = out(w, "w", stream);
         std::optional<interop::ImportedArray> f;
-        if (!found.is_none()) f.emplace(in(found, "found"));
+        if (!found.is_none()) f.emplace(in(found, "found", stream));
         double norm = 0, rayleigh = 0;
         {
-          binding::CallScope scope{py::none()};
-          rayleigh = power_step(a.view, b.view, f ? &f->view : nullptr, norm);
+          binding::CallScope scope(std::move(workspace));
+          rayleigh = power_step(a.view, b.view, f ? &f->view : nullptr, norm, stream);
         }
         return std::make_pair(rayleigh, norm);
       },
-      py::arg("v"), py::arg("w"), py::arg("found"), "One deflated power-iteration step: (v^T w, |w|).");
+      py::arg("v"), py::arg("w"), py::arg("found"), py::arg("stream") = 0, py::arg("workspace") = py::none(),
+      "One deflated power-iteration step: (v^T w, |w|).");
 }
 
 void register_steps(py::module_& m) {
@@ -156,7 +161,7 @@ void register_steps(py::module_& m) {
       "adahessian_step",
       [](const py::list& params, const py::list& grads, const py::list& hessian, const py::list& exp_avg,
          const py::list& exp_avg_sq, double lr, double beta1, double beta2, double eps, double weight_decay,
-         double hessian_power, int64_t step, std::vector<int64_t> group_sizes, StreamHandle stream,
+         double hessian_power, int64_t step, std::vector<int64_t> group_sizes, bool check_finite, StreamHandle stream,
          py::object workspace) {
         AdaHessianOptions o;
         o.lr = lr;
@@ -167,6 +172,7 @@ void register_steps(py::module_& m) {
         o.hessian_power = hessian_power;
         o.step = step;
         o.group_sizes = std::move(group_sizes);
+        o.check_finite = check_finite;
         binding::ArrayList p(params, "params", stream, binding::Access::Write), g(grads, "grads", stream),
             h(hessian, "hessian_diag_samples", stream), m1(exp_avg, "exp_avg", stream, binding::Access::Write),
             m2(exp_avg_sq, "exp_avg_sq", stream, binding::Access::Write);
@@ -175,13 +181,13 @@ void register_steps(py::module_& m) {
       },
       py::arg("params"), py::arg("grads"), py::arg("hessian_diag_samples"), py::arg("exp_avg"), py::arg("exp_avg_sq"),
       py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("eps"), py::arg("weight_decay"),
-      py::arg("hessian_power"), py::arg("step"), py::arg("group_sizes"), py::arg("stream"), py::arg("workspace"),
-      "The fused AdaHessian step over lists of tensors (see curvkit.adahessian_step_).");
+      py::arg("hessian_power"), py::arg("step"), py::arg("group_sizes"), py::arg("check_finite"), py::arg("stream"),
+      py::arg("workspace"), "The fused AdaHessian step over lists of tensors (see curvkit.adahessian_step_).");
   m.def(
       "sophia_step",
       [](const py::list& params, const py::list& grads, const py::list& exp_avg, const py::list& hessian,
          const py::list& estimates, double lr, double beta1, double beta2, double rho, double weight_decay,
-         double batch_size, double eps, bool count_wins, StreamHandle stream, py::object workspace) {
+         double batch_size, double eps, bool count_wins, bool check_finite, StreamHandle stream, py::object workspace) {
         SophiaOptions o;
         o.lr = lr;
         o.beta1 = beta1;
@@ -191,6 +197,7 @@ void register_steps(py::module_& m) {
         o.batch_size = batch_size;
         o.eps = eps;
         o.count_wins = count_wins;
+        o.check_finite = check_finite;
         binding::ArrayList p(params, "params", stream, binding::Access::Write), g(grads, "grads", stream),
             m1(exp_avg, "exp_avg", stream, binding::Access::Write),
             h(hessian, "hessian", stream, binding::Access::Write), e(estimates, "hessian_estimate", stream);
@@ -199,7 +206,8 @@ void register_steps(py::module_& m) {
       },
       py::arg("params"), py::arg("grads"), py::arg("exp_avg"), py::arg("hessian"), py::arg("hessian_estimate"),
       py::kw_only(), py::arg("lr"), py::arg("beta1"), py::arg("beta2"), py::arg("rho"), py::arg("weight_decay"),
-      py::arg("batch_size"), py::arg("eps"), py::arg("count_wins"), py::arg("stream"), py::arg("workspace"),
+      py::arg("batch_size"), py::arg("eps"), py::arg("count_wins"), py::arg("check_finite"), py::arg("stream"),
+      py::arg("workspace"),
       "The fused Sophia step over lists of tensors; the unclipped count (see curvkit.sophia_step_).");
 }
 

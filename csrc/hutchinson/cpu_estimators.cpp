@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 #include "core/blas.h"
@@ -340,41 +341,13 @@ bool xnystrace_impl(const T* omega, T* y, int64_t n, int64_t k, double relative_
   const double nu = relative_shift * std::sqrt(norm_y) / std::sqrt(double(n));
   for (int64_t i = 0; i < n * k; ++i) y[i] = T(double(y[i]) + nu * double(omega[i]));
   Dense c = cross(omega, y, n, k);
-  for (int64_t i = 0; i < k; ++i)
-    for (int64_t j = 0; j < i; ++j)
-      c[size_t(i * k + j)] = c[size_t(j * k + i)] = 0.5 * (c[size_t(i * k + j)] + c[size_t(j * k + i)]);
-  if (!cholesky_upper(c, k)) return false;
-  // R of Y_shift = Q R; then B = Q F with F = R C^{-1}, so |B x| = |F x|.
+  // R of Y_shift = Q R (its rows are the first k rows of y after geqrf).
   std::vector<T> tau(static_cast<size_t>(k));
   CK_CHECK_VALUE(geqrf(blas::dim(n, "rows"), int(k), y, int(k), tau.data()) == 0, "XNysTrace QR failed (geqrf)");
-  Dense f(size_t(k * k), 0.0);
-  for (int64_t row = 0; row < k; ++row) {  // f C = r_row, C upper: solve left to right
-    for (int64_t j = 0; j < k; ++j) {
-      double acc = j >= row ? double(y[row * k + j]) : 0.0;
-      for (int64_t l = 0; l < j; ++l) acc -= f[size_t(row * k + l)] * c[size_t(l * k + j)];
-      f[size_t(row * k + j)] = acc / c[size_t(j * k + j)];
-    }
-  }
-  double trace_k = 0.0;
-  for (double v : f) trace_k += v * v;
-#pragma omp parallel for schedule(static) num_threads(num_threads()) if (k > 32)
-  for (int64_t i = 0; i < k; ++i) {
-    std::vector<double> x(static_cast<size_t>(k), 0.0);  // C^T x = e_i
-    for (int64_t j = i; j < k; ++j) {
-      double acc = j == i ? 1.0 : 0.0;
-      for (int64_t l = i; l < j; ++l) acc -= c[size_t(l * k + j)] * x[size_t(l)];
-      x[size_t(j)] = acc / c[size_t(j * k + j)];
-    }
-    double xx = 0.0, fxx = 0.0;
-    for (int64_t j = 0; j < k; ++j) xx += x[size_t(j)] * x[size_t(j)];
-    for (int64_t a = 0; a < k; ++a) {
-      double fx = 0.0;
-      for (int64_t j = 0; j < k; ++j) fx += f[size_t(a * k + j)] * x[size_t(j)];
-      fxx += fx * fx;
-    }
-    out[i] = trace_k - fxx / xx + 1.0 / xx - double(n) * nu;
-  }
-  return true;
+  Dense r(size_t(k * k), 0.0);
+  for (int64_t row = 0; row < k; ++row)
+    for (int64_t j = row; j < k; ++j) r[size_t(row * k + j)] = double(y[row * k + j]);
+  return xnystrace_leave_one_out(c, r, n, k, nu, out);
 }
 
 template <class T>
@@ -393,6 +366,28 @@ double dot(const T* a, const T* b, int64_t n) {
   double s = 0.0;
   for (int64_t i = 0; i < n; ++i) s += double(a[i]) * double(b[i]);
   return s;
+}
+
+// The 2-norm, scaled by a power of two near the largest entry so that the squares of
+// subnormal or huge float64 entries neither underflow nor overflow (float squares in double
+// cannot). NaN or Inf entries give NaN or Inf.
+template <class T>
+double norm2(const T* x, int64_t n) {
+  if constexpr (!std::is_same_v<T, double>) {
+    return std::sqrt(dot(x, x, n));
+  } else {
+    double largest = 0.0;
+    for (int64_t i = 0; i < n; ++i) largest = std::max(largest, std::fabs(x[i]));
+    if (largest == 0.0 || !(largest <= std::numeric_limits<double>::max())) return std::sqrt(dot(x, x, n));
+    const int e = std::ilogb(largest);  // 2^-e in two factors: one alone overflows for subnormals
+    const double s1 = std::ldexp(1.0, -e / 2), s2 = std::ldexp(1.0, -e - (-e / 2));
+    double s = 0.0;
+    for (int64_t i = 0; i < n; ++i) {
+      const double y = x[i] * s1 * s2;
+      s += y * y;
+    }
+    return std::ldexp(std::sqrt(s), e);
+  }
 }
 
 template <class F>
@@ -431,17 +426,17 @@ void accumulate_impl(const T* a, const T* b, int64_t n, int64_t k, int64_t count
 
 template <class T>
 void lanczos_probe(T* basis, int64_t m, int64_t n, T* w, int64_t p, int64_t b, double* alpha, double* beta,
-                   int64_t* length, int64_t j, bool reorthogonalize) {
+                   int64_t* length, int64_t j, bool reorthogonalize, bool restart) {
   std::vector<T> wb(static_cast<size_t>(n));
   for (int64_t i = 0; i < n; ++i) wb[size_t(i)] = w[i * p + b];
-  const bool active = *length == j && (j == 0 || beta[j - 1] > 0.0);
+  const bool active = *length == j && (j == 0 || beta[j - 1] > 0.0 || restart);
   if (!active) {
     for (int64_t i = 0; i < n; ++i) w[i * p + b] = T(0);
     alpha[j] = beta[j] = 0.0;
     return;
   }
   const T* vj = basis + j * n;
-  const double input_norm = std::sqrt(dot(wb.data(), wb.data(), n));
+  const double input_norm = norm2(wb.data(), n);
   if (j > 0) {
     const T bprev = T(beta[j - 1]);
     const T* vprev = basis + (j - 1) * n;
@@ -457,7 +452,7 @@ void lanczos_probe(T* basis, int64_t m, int64_t n, T* w, int64_t p, int64_t b, d
       a += double(c[size_t(j)]);
     }
   }
-  const double norm = std::sqrt(dot(wb.data(), wb.data(), n));
+  const double norm = norm2(wb.data(), n);
   alpha[j] = a;
   *length = j + 1;
   // An invariant subspace: what is left is rounding of the input.
@@ -475,6 +470,44 @@ void lanczos_probe(T* basis, int64_t m, int64_t n, T* w, int64_t p, int64_t b, d
 }
 
 }  // namespace
+
+bool xnystrace_leave_one_out(std::vector<double>& gram, const std::vector<double>& r, int64_t n, int64_t k, double nu,
+                             double* out) {
+  Dense& c = gram;
+  for (int64_t i = 0; i < k; ++i)
+    for (int64_t j = 0; j < i; ++j)
+      c[size_t(i * k + j)] = c[size_t(j * k + i)] = 0.5 * (c[size_t(i * k + j)] + c[size_t(j * k + i)]);
+  if (!cholesky_upper(c, k)) return false;
+  // B = Q F with F = R C^{-1}, so |B x| = |F x|.
+  Dense f(size_t(k * k), 0.0);
+  for (int64_t row = 0; row < k; ++row) {  // f C = r_row, C upper: solve left to right
+    for (int64_t j = 0; j < k; ++j) {
+      double acc = r[size_t(row * k + j)];
+      for (int64_t l = 0; l < j; ++l) acc -= f[size_t(row * k + l)] * c[size_t(l * k + j)];
+      f[size_t(row * k + j)] = acc / c[size_t(j * k + j)];
+    }
+  }
+  double trace_k = 0.0;
+  for (double v : f) trace_k += v * v;
+#pragma omp parallel for schedule(static) num_threads(num_threads()) if (k > 32)
+  for (int64_t i = 0; i < k; ++i) {
+    std::vector<double> x(static_cast<size_t>(k), 0.0);  // C^T x = e_i
+    for (int64_t j = i; j < k; ++j) {
+      double acc = j == i ? 1.0 : 0.0;
+      for (int64_t l = i; l < j; ++l) acc -= c[size_t(l * k + j)] * x[size_t(l)];
+      x[size_t(j)] = acc / c[size_t(j * k + j)];
+    }
+    double xx = 0.0, fxx = 0.0;
+    for (int64_t j = 0; j < k; ++j) xx += x[size_t(j)] * x[size_t(j)];
+    for (int64_t a = 0; a < k; ++a) {
+      double fx = 0.0;
+      for (int64_t j = 0; j < k; ++j) fx += f[size_t(a * k + j)] * x[size_t(j)];
+      fxx += fx * fx;
+    }
+    out[i] = trace_k - fxx / xx + 1.0 / xx - double(n) * nu;
+  }
+  return true;
+}
 
 void sketch_qr_cpu(const ArrayView& q, const ArrayView& r, int64_t k0) {
   CK_DISPATCH_COMPUTE(q.dtype, T, [&] { sketch_qr_impl(q.ptr<T>(), r.ptr<T>(), q.size(0), q.size(1), k0); });
@@ -523,12 +556,12 @@ void accumulate_products_cpu(const ArrayView& x, const ArrayView& y, int64_t cou
 }
 
 void lanczos_step_cpu(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
-                      const ArrayView& lengths, int64_t j, bool reorthogonalize) {
+                      const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart) {
   CK_DISPATCH_COMPUTE(basis.dtype, T, [&] {
     const int64_t p = basis.size(0), m = basis.size(1) - 1, n = basis.size(2);
     const auto probe = [&](int64_t b) {
       lanczos_probe(basis.ptr<T>() + b * (m + 1) * n, m, n, w.ptr<T>(), p, b, alpha.ptr<double>() + b * m,
-                    beta.ptr<double>() + b * m, lengths.ptr<int64_t>() + b, j, reorthogonalize);
+                    beta.ptr<double>() + b * m, lengths.ptr<int64_t>() + b, j, reorthogonalize, restart);
     };
     if (p == 1) {
       probe(0);
@@ -586,7 +619,7 @@ double power_step_cpu(const ArrayView& v, const ArrayView& w, const ArrayView* f
     T *vp = v.ptr<T>(), *wp = w.ptr<T>();
     const double rayleigh = dot(vp, wp, n);
     if (found && found->numel() > 0) project_out_impl(found->ptr<T>(), wp, n, found->size(1), 1);
-    norm = std::sqrt(dot(wp, wp, n));
+    norm = norm2(wp, n);
     if (norm > 0)
       for (int64_t i = 0; i < n; ++i) vp[i] = T(double(wp[i]) / norm);
     return rayleigh;

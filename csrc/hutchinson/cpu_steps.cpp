@@ -3,6 +3,8 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "core/dispatch.h"
@@ -50,7 +52,55 @@ void store(float* p, float v) {
   *p = v;
 }
 
+// Whether x[begin, end) (at most one task, so the count fits 32 bits) holds NaN or Inf: all
+// exponent bits set, counted branch-free in 32-bit lanes so that the loop vectorizes and keeps
+// up with memory.
+template <class T>
+bool any_nonfinite(const T* x, int64_t begin, int64_t end) {
+  using Bits = std::conditional_t<sizeof(T) == 8, uint64_t, std::conditional_t<sizeof(T) == 4, uint32_t, uint16_t>>;
+  constexpr Bits exponent = sizeof(T) == 8              ? Bits(0x7FF0000000000000ull)
+                            : sizeof(T) == 4            ? Bits(0x7F800000u)
+                            : std::is_same_v<T, half_t> ? Bits(0x7C00)
+                                                        : Bits(0x7F80);
+  uint32_t bad = 0;
+  for (int64_t j = begin; j < end; ++j) {
+    Bits bits;
+    std::memcpy(&bits, x + j, sizeof bits);
+    bad += uint32_t((bits & exponent) == exponent);
+  }
+  return bad != 0;
+}
+
 }  // namespace
+
+NonFiniteEntry first_nonfinite_cpu(const std::vector<const std::vector<ArrayView>*>& lists) {
+  const std::vector<ArrayView>& first = *lists[0];
+  const std::vector<Task> tasks = chunk_tasks(first, {});
+  const size_t count = lists.size();
+  std::vector<unsigned char> flags(tasks.size() * count, 0);
+  // Backwards, so that the chunks the step then starts with were read last and may still be
+  // in the last-level cache.
+#pragma omp parallel for schedule(dynamic, 4) num_threads(num_threads()) if (tasks.size() > 1)
+  for (size_t r = 0; r < tasks.size(); ++r) {
+    const size_t i = tasks.size() - 1 - r;
+    const Task& task = tasks[i];
+    for (size_t l = 0; l < count; ++l) {
+      const ArrayView& a = (*lists[l])[task.tensor];
+      flags[i * count + l] = CK_DISPATCH_FLOATING(
+          a.dtype, "params", T, [&] { return any_nonfinite(a.ptr<const T>(), task.begin, task.end); });
+    }
+  }
+  NonFiniteEntry found;
+  for (size_t i = 0; i < tasks.size(); ++i) {
+    if (found.list >= 0 && tasks[i].tensor != size_t(found.tensor)) break;
+    for (size_t l = 0; l < count; ++l) {
+      if (!flags[i * count + l] || (found.list >= 0 && int(l) >= found.list)) continue;
+      found.list = int(l);
+      found.tensor = int64_t(tasks[i].tensor);
+    }
+  }
+  return found;
+}
 
 void adahessian_step_cpu(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,
                          const std::vector<ArrayView>& hessian, const std::vector<ArrayView>& exp_avg,

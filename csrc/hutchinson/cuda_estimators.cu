@@ -1,13 +1,18 @@
-// CUDA kernels of the estimator cores that the Hutchinson, Hutch++ and Diag++ estimators use:
-// the sketch QR (cuBLAS block Gram–Schmidt twice, cuSOLVER Householder QR), the projection
-// out of a basis, and the per-column and per-row sums of products. Row-major (n, k) arrays
-// are the column-major k x n matrices cuBLAS sees, so no copies are needed for the products.
+// CUDA kernels of the estimator cores: the sketch QR (cuBLAS block Gram–Schmidt twice,
+// cuSOLVER Householder QR), the projection out of a basis, the per-column and per-row sums of
+// products, the XTrace, XDiag and XNysTrace leave-one-out estimates, the Lanczos step (cuBLAS
+// batched products for the reorthogonalization), Ritz vectors and power steps. Row-major
+// (n, k) arrays are the column-major k x n matrices cuBLAS sees, so no copies are needed for
+// the products. Only the k x k and tridiagonal eigen-algebra runs on the host.
 #include <algorithm>
+#include <cmath>
 #include <limits>
+#include <vector>
 
 #include "core/cuda_utils.h"
 #include "core/dispatch.h"
 #include "core/linalg_cuda.h"
+#include "hutchinson/estimators_cpu.h"
 #include "hutchinson/estimators_cuda.h"
 
 namespace curvkit {
@@ -216,6 +221,131 @@ __global__ void xdiag_rows_kernel(const T* omega, const T* q, const T* z, const 
   }
 }
 
+// Per-probe sums of products over n entries, out of fixed-order per-chunk partials:
+// partial[b chunks + c] = sum over chunk c of x[b xs + i] y[b ys + i].
+template <class T>
+__global__ void probe_partials_kernel(const T* x, int64_t xs, const T* y, int64_t ys, int64_t n, int64_t chunks,
+                                      double* partial) {
+  const int64_t b = blockIdx.y, c = blockIdx.x;
+  double s = 0;
+  const int64_t end = min(n, (c + 1) * kChunkRows);
+  for (int64_t i = c * kChunkRows + threadIdx.x; i < end; i += blockDim.x)
+    s += double(x[b * xs + i]) * double(y[b * ys + i]);
+  s = cuda::block_sum(s);
+  if (threadIdx.x == 0) partial[b * chunks + c] = s;
+}
+
+// out[b] = x_b . y_b for p vectors of length n (device float64; no host synchronization).
+template <class T>
+void probe_dots(cudaStream_t s, const T* x, int64_t xs, const T* y, int64_t ys, int64_t n, int64_t p, double* out) {
+  const int64_t chunks = std::max<int64_t>(1, (n + kChunkRows - 1) / kChunkRows);
+  cuda::DeviceBuffer partial(sizeof(double) * size_t(chunks * p), s);
+  probe_partials_kernel<T>
+      <<<dim3(unsigned(chunks), unsigned(p)), kThreads, 0, s>>>(x, xs, y, ys, n, chunks, partial.as<double>());
+  CK_CUDA_CHECK(cudaGetLastError());
+  cuda::sum_slots(s, partial.as<double>(), chunks, p, out, sizeof(double));
+}
+
+// Whether probe b runs step j (hutchinson.h lanczos_step).
+__global__ void lanczos_active_kernel(const int64_t* lengths, const double* beta, int64_t m, int64_t j, bool restart,
+                                      int64_t p, int* active) {
+  for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < p; b += int64_t(gridDim.x) * blockDim.x)
+    active[b] = lengths[b] == j && (j == 0 || beta[b * m + j - 1] > 0.0 || restart);
+}
+
+// x (p, n) <- w (n, p) transposed, so each probe's vector is contiguous.
+template <class T>
+__global__ void gather_probes_kernel(const T* w, int64_t n, int64_t p, T* x) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n * p; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = t / n, i = t % n;
+    x[t] = w[i * p + b];
+  }
+}
+
+// x_b -= beta_{j-1} v_{j-1} (the previous basis vector), for active probes after a step that
+// did not break down.
+template <class T>
+__global__ void lanczos_previous_kernel(T* x, const T* basis, const double* beta, const int* active, int64_t m,
+                                        int64_t n, int64_t p, int64_t j) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n * p; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = t / n, i = t % n;
+    const double previous = beta[b * m + j - 1];
+    if (active[b] && previous > 0.0) x[t] -= T(previous) * basis[(b * (m + 1) + j - 1) * n + i];
+  }
+}
+
+// x_b -= a_b v_j.
+template <class T>
+__global__ void lanczos_axpy_kernel(T* x, const T* basis, const double* a, int64_t m, int64_t n, int64_t p, int64_t j) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n * p; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = t / n, i = t % n;
+    x[t] -= T(a[b]) * basis[(b * (m + 1) + j) * n + i];
+  }
+}
+
+// a_b += c_b[j]: the reorthogonalization's correction to alpha_j.
+template <class T>
+__global__ void lanczos_alpha_kernel(const T* c, int64_t j, int64_t p, double* a) {
+  for (int64_t b = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; b < p; b += int64_t(gridDim.x) * blockDim.x)
+    a[b] += double(c[b * (j + 1) + j]);
+}
+
+// v_{j+1} = x_b / |x_b| into the basis and w, alpha_j, beta_j and the Krylov dimension; a
+// breakdown (|x_b| at rounding level of the input) or an inactive probe leaves zeros.
+template <class T>
+__global__ void lanczos_finish_kernel(T* basis, T* w, const T* x, double* alpha, double* beta, int64_t* lengths,
+                                      const int* active, const double* input_sq, const double* a, const double* norm_sq,
+                                      int64_t m, int64_t n, int64_t p, int64_t j, double eps) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n * p; t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = t / n, i = t % n;
+    const bool on = active[b] != 0;
+    const double norm = sqrt(norm_sq[b]);
+    const bool grows = on && norm > 16 * eps * fmax(sqrt(input_sq[b]), fabs(a[b]));
+    T v = T(0);
+    if (grows) {
+      v = T(double(x[t]) / norm);
+      basis[(b * (m + 1) + j + 1) * n + i] = v;
+    }
+    w[i * p + b] = v;
+    if (i == 0) {
+      alpha[b * m + j] = on ? a[b] : 0.0;
+      beta[b * m + j] = grows ? norm : 0.0;
+      if (on) lengths[b] = j + 1;
+    }
+  }
+}
+
+// ct (p, steps, r) in the compute dtype from the float64 coefficients (p, rows, r).
+template <class T>
+__global__ void coefficients_kernel(const double* coefficients, int64_t p, int64_t rows, int64_t steps, int64_t r,
+                                    T* ct) {
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < p * steps * r;
+       t += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t b = t / (steps * r), rest = t % (steps * r);
+    ct[t] = T(coefficients[b * rows * r + rest]);
+  }
+}
+
+// v = w / norm.
+template <class T>
+__global__ void normalize_kernel(T* v, const T* w, int64_t n, double norm) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    v[i] = T(double(w[i]) / norm);
+}
+
+// XNysTrace's shift: nu = relative_shift |Y|_F / sqrt(n) from the column sums of squares, then
+// Y <- Y + nu Omega; nu also goes to nu_out.
+template <class T>
+__global__ void nystrom_shift_kernel(T* y, const T* omega, int64_t n, int64_t k, const double* column_squares,
+                                     double relative_shift, double* nu_out) {
+  double total = 0;
+  for (int64_t j = 0; j < k; ++j) total += column_squares[j];
+  const double nu = relative_shift * sqrt(total) / sqrt(double(n));
+  if (blockIdx.x == 0 && threadIdx.x == 0) *nu_out = nu;
+  for (int64_t t = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; t < n * k; t += int64_t(gridDim.x) * blockDim.x)
+    y[t] = T(double(y[t]) + nu * double(omega[t]));
+}
+
 }  // namespace
 
 void xdiag_estimates_cuda(const ArrayView& omega, const ArrayView& q, const ArrayView& r, const ArrayView& z,
@@ -364,6 +494,164 @@ void sketch_qr_cuda(const ArrayView& q, const ArrayView& r, int64_t k0, StreamHa
     CK_CUSOLVER_CHECK(orgqr(h, int(n), int(b), panel.as<T>(), tau.as<T>(), work.as<T>(), lwork_q, info.as<int>()));
     panel_kernel<T><<<grid_for(n * b, kThreads), kThreads, 0, s>>>(qp, n, k, k0, panel.as<T>(), false);
     CK_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+bool xnystrace_estimates_cuda(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out,
+                              StreamHandle stream) {
+  CudaDeviceGuard guard(y.device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  const int64_t n = y.size(0), k = y.size(1);
+  const int64_t chunks = std::max<int64_t>(1, (n + kChunkRows - 1) / kChunkRows);
+  std::vector<double> gram(static_cast<size_t>(k * k)), r(static_cast<size_t>(k * k)),
+      estimates(static_cast<size_t>(k));
+  double nu = 0;
+  CK_DISPATCH_COMPUTE(y.dtype, T, [&] {
+    cuda::DeviceBuffer partial(sizeof(double) * size_t(chunks * k), s), small(sizeof(double) * size_t(k + 1), s),
+        products(sizeof(T) * size_t(2 * k * k), s), panel(sizeof(T) * size_t(n * k), s), tau(sizeof(T) * size_t(k), s),
+        info(sizeof(int), s);
+    double* column_squares = small.as<double>();
+    column_partials_kernel<T><<<dim3(unsigned(chunks), unsigned(k)), kThreads, 0, s>>>(y.ptr<T>(), y.ptr<T>(), n, k,
+                                                                                       chunks, partial.as<double>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    cuda::sum_slots(s, partial.as<double>(), chunks, k, column_squares, sizeof(double));
+    nystrom_shift_kernel<T><<<grid_for(n * k, kThreads), kThreads, 0, s>>>(
+        y.ptr<T>(), omega.ptr<T>(), n, k, column_squares, relative_shift, column_squares + k);
+    CK_CUDA_CHECK(cudaGetLastError());
+    T* c = products.as<T>();  // column-major Omega^T (Y + nu Omega)
+    T* rp = c + k * k;        // row-major R of Y + nu Omega
+    cuda::gemm(s, y.dtype, cuda::Op::N, cuda::Op::T, int(k), int(k), int(n), 1.0, {omega.data, k, 0}, {y.data, k, 0},
+               0.0, {c, k, 0}, 1);
+    CK_CUDA_CHECK(cudaMemsetAsync(rp, 0, sizeof(T) * size_t(k * k), s));
+    panel_kernel<T><<<grid_for(n * k, kThreads), kThreads, 0, s>>>(y.ptr<T>(), n, k, 0, panel.as<T>(), true);
+    CK_CUDA_CHECK(cudaGetLastError());
+    cusolverDnHandle_t h = cusolver_handle(s);
+    int lwork = 0;
+    CK_CUSOLVER_CHECK(geqrf_size(h, int(n), int(k), panel.as<T>(), &lwork));
+    cuda::DeviceBuffer work(sizeof(T) * size_t(std::max(1, lwork)), s);
+    CK_CUSOLVER_CHECK(geqrf(h, int(n), int(k), panel.as<T>(), tau.as<T>(), work.as<T>(), lwork, info.as<int>()));
+    extract_r_kernel<T><<<grid_for(k * k, kThreads), kThreads, 0, s>>>(panel.as<T>(), n, k, 0, rp);
+    CK_CUDA_CHECK(cudaGetLastError());
+    // One synchronization: the k x k factors and nu to the host.
+    const std::vector<T> host = cuda::copy_to_host(s, products.as<T>(), 2 * k * k);
+    nu = cuda::copy_to_host(s, column_squares + k, 1)[0];
+    for (int64_t a = 0; a < k; ++a)
+      for (int64_t b = 0; b < k; ++b) {
+        gram[size_t(a * k + b)] = double(host[size_t(a + b * k)]);
+        r[size_t(a * k + b)] = double(host[size_t(k * k + a * k + b)]);
+      }
+  });
+  if (!xnystrace_leave_one_out(gram, r, n, k, nu, estimates.data())) return false;
+  CK_CUDA_CHECK(cudaMemcpyAsync(out.data, estimates.data(), sizeof(double) * size_t(k), cudaMemcpyHostToDevice, s));
+  CK_CUDA_CHECK(cudaStreamSynchronize(s));  // the host estimates go out of scope
+  return true;
+}
+
+void lanczos_step_cuda(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
+                       const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart, StreamHandle stream) {
+  CudaDeviceGuard guard(basis.device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  const int64_t p = basis.size(0), m = basis.size(1) - 1, n = basis.size(2);
+  if (p == 0 || n == 0) return;
+  CK_DISPATCH_COMPUTE(basis.dtype, T, [&] {
+    cuda::DeviceBuffer xbuf(sizeof(T) * size_t(p * n), s), state(sizeof(double) * size_t(3 * p), s),
+        flags(sizeof(int) * size_t(p), s);
+    T* x = xbuf.as<T>();
+    T* v = basis.ptr<T>();
+    double* input_sq = state.as<double>();
+    double* a = input_sq + p;
+    double* norm_sq = a + p;
+    int* active = flags.as<int>();
+    const unsigned grid = grid_for(n * p, kThreads);
+    lanczos_active_kernel<<<grid_for(p, kThreads), kThreads, 0, s>>>(lengths.ptr<int64_t>(), beta.ptr<double>(), m, j,
+                                                                     restart, p, active);
+    CK_CUDA_CHECK(cudaGetLastError());
+    gather_probes_kernel<T><<<grid, kThreads, 0, s>>>(w.ptr<T>(), n, p, x);
+    CK_CUDA_CHECK(cudaGetLastError());
+    probe_dots<T>(s, x, n, x, n, n, p, input_sq);
+    if (j > 0) {
+      lanczos_previous_kernel<T><<<grid, kThreads, 0, s>>>(x, v, beta.ptr<double>(), active, m, n, p, j);
+      CK_CUDA_CHECK(cudaGetLastError());
+    }
+    probe_dots<T>(s, v + j * n, (m + 1) * n, x, n, n, p, a);
+    lanczos_axpy_kernel<T><<<grid, kThreads, 0, s>>>(x, v, a, m, n, p, j);
+    CK_CUDA_CHECK(cudaGetLastError());
+    if (reorthogonalize) {  // classical Gram–Schmidt twice against v_0 .. v_j, every probe in one batch
+      cuda::DeviceBuffer cbuf(sizeof(T) * size_t(p * (j + 1)), s);
+      const cuda::Stack vs{basis.data, n, (m + 1) * n}, xs{x, n, n}, cs{cbuf.as<T>(), j + 1, j + 1};
+      for (int pass = 0; pass < 2; ++pass) {
+        cuda::gemm(s, basis.dtype, cuda::Op::T, cuda::Op::N, int(j + 1), 1, int(n), 1.0, vs, xs, 0.0, cs, p);
+        cuda::gemm(s, basis.dtype, cuda::Op::N, cuda::Op::N, int(n), 1, int(j + 1), -1.0, vs, cs, 1.0, xs, p);
+        lanczos_alpha_kernel<T><<<grid_for(p, kThreads), kThreads, 0, s>>>(cbuf.as<T>(), j, p, a);
+        CK_CUDA_CHECK(cudaGetLastError());
+      }
+    }
+    probe_dots<T>(s, x, n, x, n, n, p, norm_sq);
+    lanczos_finish_kernel<T><<<grid, kThreads, 0, s>>>(v, w.ptr<T>(), x, alpha.ptr<double>(), beta.ptr<double>(),
+                                                       lengths.ptr<int64_t>(), active, input_sq, a, norm_sq, m, n, p, j,
+                                                       double(std::numeric_limits<T>::epsilon()));
+    CK_CUDA_CHECK(cudaGetLastError());
+  });
+}
+
+void tridiagonal_eigh_cuda(const ArrayView& alpha, const ArrayView& beta, const ArrayView& lengths, int64_t steps,
+                           const ArrayView& nodes, const ArrayView& vectors, StreamHandle stream) {
+  CudaDeviceGuard guard(alpha.device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  // The p small tridiagonal matrices go to the host once per solve (LAPACK stev there).
+  std::vector<double> a(size_t(alpha.numel())), e(size_t(beta.numel()));
+  std::vector<int64_t> len(size_t(lengths.numel()));
+  CK_CUDA_CHECK(cudaMemcpyAsync(a.data(), alpha.data, sizeof(double) * a.size(), cudaMemcpyDeviceToHost, s));
+  CK_CUDA_CHECK(cudaMemcpyAsync(e.data(), beta.data, sizeof(double) * e.size(), cudaMemcpyDeviceToHost, s));
+  CK_CUDA_CHECK(cudaMemcpyAsync(len.data(), lengths.data, sizeof(int64_t) * len.size(), cudaMemcpyDeviceToHost, s));
+  CK_CUDA_CHECK(cudaStreamSynchronize(s));
+  ArrayView ha = alpha, he = beta, hl = lengths;
+  ha.data = a.data();
+  he.data = e.data();
+  hl.data = len.data();
+  ha.device = he.device = hl.device = Device{};
+  tridiagonal_eigh_cpu(ha, he, hl, steps, nodes, vectors);
+}
+
+void basis_combination_cuda(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out,
+                            StreamHandle stream) {
+  CudaDeviceGuard guard(basis.device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  const int64_t p = basis.size(0), m1 = basis.size(1), n = basis.size(2);
+  const int64_t rows = coefficients.size(1), r = coefficients.size(2);
+  if (p == 0 || n == 0 || r == 0) return;
+  if (steps == 0) {
+    CK_CUDA_CHECK(cudaMemsetAsync(out.data, 0, size_t(out.numel()) * size_t(out.dtype.itemsize()), s));
+    return;
+  }
+  CK_DISPATCH_COMPUTE(basis.dtype, T, [&] {
+    cuda::DeviceBuffer ct(sizeof(T) * size_t(p * steps * r), s);
+    coefficients_kernel<T><<<grid_for(p * steps * r, kThreads), kThreads, 0, s>>>(coefficients.ptr<double>(), p, rows,
+                                                                                  steps, r, ct.as<T>());
+    CK_CUDA_CHECK(cudaGetLastError());
+    // row-major out_b (n x r) is the column-major r x n matrix C_b^T V_b (V_b: steps rows of n)
+    cuda::gemm(s, basis.dtype, cuda::Op::N, cuda::Op::T, int(r), int(n), int(steps), 1.0, {ct.as<T>(), r, steps * r},
+               {basis.data, n, m1 * n}, 0.0, {out.data, r, n * r}, p);
+  });
+}
+
+double power_step_cuda(const ArrayView& v, const ArrayView& w, const ArrayView* found, double& norm,
+                       StreamHandle stream) {
+  CudaDeviceGuard guard(v.device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  const int64_t n = v.numel();
+  return CK_DISPATCH_COMPUTE(v.dtype, T, [&] {
+    cuda::DeviceBuffer sums(sizeof(double) * 2, s);
+    probe_dots<T>(s, v.ptr<T>(), 0, w.ptr<T>(), 0, n, 1, sums.as<double>());
+    if (found && found->numel() > 0) project_out_cuda(*found, w, stream);
+    probe_dots<T>(s, w.ptr<T>(), 0, w.ptr<T>(), 0, n, 1, sums.as<double>() + 1);
+    const std::vector<double> host = cuda::copy_to_host(s, sums.as<double>(), 2);  // the one synchronization
+    norm = std::sqrt(host[1]);
+    if (norm > 0) {
+      normalize_kernel<T><<<grid_for(n, kThreads), kThreads, 0, s>>>(v.ptr<T>(), w.ptr<T>(), n, norm);
+      CK_CUDA_CHECK(cudaGetLastError());
+    }
+    return host[0];
   });
 }
 

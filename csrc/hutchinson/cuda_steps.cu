@@ -95,7 +95,86 @@ void for_tensor_batches(const std::vector<ArrayView>& params, Fill fill, Launch 
   }
 }
 
+constexpr int kMaxChecked = 64;  // arrays per check launch
+
+template <class T>
+struct CheckedArrays {
+  const T* x[kMaxChecked];
+  int64_t numel[kMaxChecked];
+  int64_t slot[kMaxChecked];  // where its flag goes: tensor * lists + list
+};
+
+template <class T>
+__device__ __forceinline__ bool nonfinite(T v) {
+  return !(fabs(cuda::acc_t<T>(v)) <= cuda::acc_t<T>(3.4028234663852886e38));
+}
+template <>
+__device__ __forceinline__ bool nonfinite(double v) {
+  return !(fabs(v) <= 1.7976931348623157e308);
+}
+template <>
+__device__ __forceinline__ bool nonfinite(half_t v) {
+  return (v.bits & 0x7C00) == 0x7C00;
+}
+template <>
+__device__ __forceinline__ bool nonfinite(bfloat16_t v) {
+  return (v.bits & 0x7F80) == 0x7F80;
+}
+
+// flags[slot] = 1 for every array (blockIdx.y) that holds NaN or Inf; read only.
+template <class T>
+__global__ void nonfinite_kernel(CheckedArrays<T> arrays, int* flags) {
+  const int a = blockIdx.y;
+  const int64_t n = arrays.numel[a];
+  bool bad = false;
+  for (int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; j < n; j += int64_t(gridDim.x) * blockDim.x)
+    bad |= nonfinite(arrays.x[a][j]);
+  if (__syncthreads_or(bad) && threadIdx.x == 0) flags[arrays.slot[a]] = 1;
+}
+
 }  // namespace
+
+NonFiniteEntry first_nonfinite_cuda(const std::vector<const std::vector<ArrayView>*>& lists, StreamHandle stream) {
+  const std::vector<ArrayView>& first = *lists[0];
+  CudaDeviceGuard guard(first[0].device);
+  const cudaStream_t s = to_cuda_stream(stream);
+  const int64_t count = int64_t(lists.size()), tensors = int64_t(first.size());
+  cuda::DeviceBuffer buffer(sizeof(int) * size_t(count * tensors), s);
+  int* flags = buffer.as<int>();
+  CK_CUDA_CHECK(cudaMemsetAsync(flags, 0, sizeof(int) * size_t(count * tensors), s));
+  for (const DType dtype : {DType::float32(), DType::float64(), DType::float16(), DType::bfloat16()}) {
+    CK_DISPATCH_FLOATING(dtype, "params", T, [&] {
+      CheckedArrays<T> arrays{};
+      int filled = 0;
+      int64_t largest = 0;
+      const auto launch = [&] {
+        if (filled == 0) return;
+        const dim3 grid(grid_for(largest, kThreads), unsigned(filled));
+        nonfinite_kernel<T><<<grid, kThreads, 0, s>>>(arrays, flags);
+        CK_CUDA_CHECK(cudaGetLastError());
+        filled = 0;
+        largest = 0;
+      };
+      for (int64_t t = 0; t < tensors; ++t) {
+        if (first[size_t(t)].dtype != dtype || first[size_t(t)].numel() == 0) continue;
+        for (int64_t l = 0; l < count; ++l) {
+          const ArrayView& a = (*lists[size_t(l)])[size_t(t)];
+          arrays.x[filled] = a.ptr<const T>();
+          arrays.numel[filled] = a.numel();
+          arrays.slot[filled] = t * count + l;
+          largest = std::max(largest, a.numel());
+          if (++filled == kMaxChecked) launch();
+        }
+      }
+      launch();
+    });
+  }
+  const std::vector<int> host = cuda::copy_to_host(s, flags, count * tensors);
+  for (int64_t t = 0; t < tensors; ++t)
+    for (int64_t l = 0; l < count; ++l)
+      if (host[size_t(t * count + l)]) return {int(l), t};
+  return {};
+}
 
 void adahessian_step_cuda(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,
                           const std::vector<ArrayView>& hessian, const std::vector<ArrayView>& exp_avg,

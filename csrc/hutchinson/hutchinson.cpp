@@ -146,15 +146,21 @@ void xdiag_estimates(const ArrayView& omega, const ArrayView& q, const ArrayView
                      xdiag_estimates_cuda(omega, q, r, z, mean, variance, stream));
 }
 
-bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out) {
+bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out,
+                         StreamHandle stream) {
   check_compute(y, "y");
-  const int64_t n = y.size(0), k = y.ndim() == 2 ? y.size(1) : 0;
-  check_array(omega, "omega", {n, k}, y.dtype);
-  check_array(y, "y", {n, k}, y.dtype, true);
-  check_array(out, "out", {k}, kF64, true);
+  CK_CHECK_VALUE(y.ndim() == 2, "argument 'y' must have shape (n, k), got ", shape_text(y));
+  const int64_t n = y.size(0), k = y.size(1);
+  check_array(omega, "omega", {n, k}, y.dtype, false, &y);
+  check_array(y, "y", {n, k}, y.dtype, true, &y);
+  check_array(out, "out", {k}, kF64, true, &y);
   CK_CHECK_VALUE(k >= 1 && k <= n, "XNysTrace needs between 1 and n probes, got ", k);
   CK_CHECK_VALUE(relative_shift >= 0 && std::isfinite(relative_shift), "argument 'relative_shift' must be >= 0");
-  return xnystrace_estimates_cpu(omega, y, relative_shift, out);
+  blas::dim(n, "the dimension n");
+  bool ok = false;
+  CK_DEVICE_DISPATCH(y.device, ok = xnystrace_estimates_cpu(omega, y, relative_shift, out),
+                     ok = xnystrace_estimates_cuda(omega, y, relative_shift, out, stream));
+  return ok;
 }
 
 void column_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream) {
@@ -195,49 +201,59 @@ void accumulate_products(const ArrayView& x, const ArrayView& y, int64_t count, 
 }
 
 void lanczos_step(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
-                  const ArrayView& lengths, int64_t j, bool reorthogonalize) {
+                  const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart, StreamHandle stream) {
   check_compute(basis, "basis");
-  check_array(basis, "basis", {-1, -1, -1}, basis.dtype, true);
+  check_array(basis, "basis", {-1, -1, -1}, basis.dtype, true, &basis);
   const int64_t p = basis.size(0), m = basis.size(1) - 1, n = basis.size(2);
   CK_CHECK_VALUE(m >= 1, "argument 'basis' must hold at least two vectors per probe");
-  check_array(w, "w", {n, p}, basis.dtype, true);
-  check_array(alpha, "alpha", {p, m}, kF64, true);
-  check_array(beta, "beta", {p, m}, kF64, true);
-  check_array(lengths, "lengths", {p}, kI64, true);
+  check_array(w, "w", {n, p}, basis.dtype, true, &basis);
+  check_array(alpha, "alpha", {p, m}, kF64, true, &basis);
+  check_array(beta, "beta", {p, m}, kF64, true, &basis);
+  check_array(lengths, "lengths", {p}, kI64, true, &basis);
   CK_CHECK_VALUE(j >= 0 && j < m, "argument 'j' must be in [0, ", m - 1, "], got ", j);
+  CK_CHECK_VALUE(!basis.device.is_cuda() || p <= 65535, "at most 65535 probes run Lanczos together on CUDA, got ", p);
   blas::dim(n, "the dimension n");
-  lanczos_step_cpu(basis, w, alpha, beta, lengths, j, reorthogonalize);
+  CK_DEVICE_DISPATCH(basis.device, lanczos_step_cpu(basis, w, alpha, beta, lengths, j, reorthogonalize, restart),
+                     lanczos_step_cuda(basis, w, alpha, beta, lengths, j, reorthogonalize, restart, stream));
 }
 
 void tridiagonal_eigh(const ArrayView& alpha, const ArrayView& beta, const ArrayView& lengths, int64_t steps,
-                      const ArrayView& nodes, const ArrayView& vectors) {
-  check_array(alpha, "alpha", {-1, -1}, kF64);
+                      const ArrayView& nodes, const ArrayView& vectors, StreamHandle stream) {
+  check_array(alpha, "alpha", {-1, -1}, kF64, false, &alpha);
   const int64_t p = alpha.size(0), m = alpha.size(1);
-  check_array(beta, "beta", {p, m}, kF64);
-  check_array(lengths, "lengths", {p}, kI64);
+  check_array(beta, "beta", {p, m}, kF64, false, &alpha);
+  check_array(lengths, "lengths", {p}, kI64, false, &alpha);
   CK_CHECK_VALUE(steps >= 1 && steps <= m, "argument 'steps' must be in [1, ", m, "], got ", steps);
   check_array(nodes, "nodes", {p, steps}, kF64, true);
   check_array(vectors, "vectors", {p, steps, steps}, kF64, true);
-  tridiagonal_eigh_cpu(alpha, beta, lengths, steps, nodes, vectors);
+  CK_DEVICE_DISPATCH(alpha.device, tridiagonal_eigh_cpu(alpha, beta, lengths, steps, nodes, vectors),
+                     tridiagonal_eigh_cuda(alpha, beta, lengths, steps, nodes, vectors, stream));
 }
 
-void basis_combination(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out) {
+void basis_combination(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out,
+                       StreamHandle stream) {
   check_compute(basis, "basis");
-  check_array(basis, "basis", {-1, -1, -1}, basis.dtype);
+  check_array(basis, "basis", {-1, -1, -1}, basis.dtype, false, &basis);
   const int64_t p = basis.size(0), n = basis.size(2);
-  check_array(coefficients, "coefficients", {p, -1, -1}, kF64);
+  check_array(coefficients, "coefficients", {p, -1, -1}, kF64, false, &basis);
   CK_CHECK_VALUE(steps >= 0 && steps <= coefficients.size(1) && steps <= basis.size(1), "argument 'steps' (", steps,
                  ") exceeds the basis");
-  check_array(out, "out", {p, n, coefficients.size(2)}, basis.dtype, true);
-  basis_combination_cpu(basis, coefficients, steps, out);
+  check_array(out, "out", {p, n, coefficients.size(2)}, basis.dtype, true, &basis);
+  blas::dim(n, "the dimension n");
+  CK_DEVICE_DISPATCH(basis.device, basis_combination_cpu(basis, coefficients, steps, out),
+                     basis_combination_cuda(basis, coefficients, steps, out, stream));
 }
 
-double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found, double& norm) {
+double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found, double& norm, StreamHandle stream) {
   check_compute(v, "v");
-  check_array(v, "v", {-1, 1}, v.dtype, true);
-  check_array(w, "w", {v.size(0), 1}, v.dtype, true);
-  if (found) check_array(*found, "found", {v.size(0), -1}, v.dtype);
-  return power_step_cpu(v, w, found, norm);
+  check_array(v, "v", {-1, 1}, v.dtype, true, &v);
+  check_array(w, "w", {v.size(0), 1}, v.dtype, true, &v);
+  if (found) check_array(*found, "found", {v.size(0), -1}, v.dtype, false, &v);
+  blas::dim(v.size(0), "the dimension n");
+  double rayleigh = 0;
+  CK_DEVICE_DISPATCH(v.device, rayleigh = power_step_cpu(v, w, found, norm),
+                     rayleigh = power_step_cuda(v, w, found, norm, stream));
+  return rayleigh;
 }
 
 // ---- Fused optimizer steps
@@ -262,6 +278,19 @@ void check_step_lists(const std::vector<std::pair<const std::vector<ArrayView>*,
   }
 }
 
+// ValueError naming the first argument and tensor that holds NaN or Inf; nothing is written yet.
+void check_finite_lists(const std::vector<std::pair<const std::vector<ArrayView>*, const char*>>& lists,
+                        StreamHandle stream) {
+  std::vector<const std::vector<ArrayView>*> views;
+  for (const auto& entry : lists) views.push_back(entry.first);
+  NonFiniteEntry bad;
+  const Device& device = (*views[0])[0].device;
+  CK_DEVICE_DISPATCH(device, bad = first_nonfinite_cpu(views), bad = first_nonfinite_cuda(views, stream));
+  (void)stream;
+  CK_CHECK_VALUE(bad.list < 0, "argument '", lists[size_t(bad.list < 0 ? 0 : bad.list)].second,
+                 "' contains NaN or Inf (tensor ", bad.tensor, " of the list); nothing was updated");
+}
+
 }  // namespace
 
 void adahessian_step(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,
@@ -284,6 +313,8 @@ void adahessian_step(const std::vector<ArrayView>& params, const std::vector<Arr
   check_no_overlap({{params, "params"}, {exp_avg, "exp_avg"}, {exp_avg_sq, "exp_avg_sq"}},
                    {{grads, "grads"}, {hessian, "hessian_diag_samples"}});
   if (params.empty()) return;
+  if (o.check_finite)
+    check_finite_lists({{&params, "params"}, {&grads, "grads"}, {&hessian, "hessian_diag_samples"}}, stream);
   CK_DEVICE_DISPATCH(params[0].device, adahessian_step_cpu(params, grads, hessian, exp_avg, exp_avg_sq, o),
                      adahessian_step_cuda(params, grads, hessian, exp_avg, exp_avg_sq, o, stream));
 }
@@ -307,6 +338,12 @@ int64_t sophia_step(const std::vector<ArrayView>& params, const std::vector<Arra
   check_no_overlap({{params, "params"}, {exp_avg, "exp_avg"}, {hessian, "hessian"}},
                    {{grads, "grads"}, {estimates, "hessian_estimate"}});
   if (params.empty()) return 0;
+  if (o.check_finite) {
+    if (estimates.empty())
+      check_finite_lists({{&params, "params"}, {&grads, "grads"}}, stream);
+    else
+      check_finite_lists({{&params, "params"}, {&grads, "grads"}, {&estimates, "hessian_estimate"}}, stream);
+  }
   int64_t wins = 0;
   CK_DEVICE_DISPATCH(params[0].device, wins = sophia_step_cpu(params, grads, exp_avg, hessian, estimates, o),
                      wins = sophia_step_cuda(params, grads, exp_avg, hessian, estimates, o, stream));

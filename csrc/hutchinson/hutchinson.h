@@ -48,9 +48,12 @@ void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t o
 // between matvecs is here. Arrays are C-contiguous and row-major, float32 or float64, one
 // dtype per call (bookkeeping arrays named below are float64 or int64), all on one device.
 // Notation: n the operator's dimension, k the columns of a probe block, Omega the probes,
-// Y = A Omega, Q R = Y the sketch's QR, Z = A Q. sketch_qr, xtrace_estimates, xdiag_estimates,
-// column_dots, row_dots, project_out and accumulate_products also run on CUDA arrays (on `stream`; the float64
-// outputs then live on the device too); the others take CPU arrays.
+// Y = A Omega, Q R = Y the sketch's QR, Z = A Q. Every core also runs on CUDA arrays, on
+// `stream` (the float64 and int64 bookkeeping arrays then live on the device too, except the
+// outputs of tridiagonal_eigh, which stay on the host). Host synchronizations on CUDA:
+// xnystrace_estimates and power_step one each (their results are read on the host),
+// tridiagonal_eigh one (the tridiagonal matrices go to the host for LAPACK stev); none in
+// lanczos_step and the others.
 
 // q (n, k): columns [0, k0) hold an orthonormal basis; columns [k0, k) hold new sketch
 // columns on entry and, on exit, their orthonormal completion (block Gram–Schmidt twice
@@ -80,7 +83,10 @@ void xdiag_estimates(const ArrayView& omega, const ArrayView& q, const ArrayView
 // C the Cholesky factor of Omega^T (Y + nu Omega), x_i column i of C^{-T}, and the stabilizing
 // shift nu = relative_shift |Y|_F / sqrt(n). Each t_i is unbiased for tr(A + nu I) - n nu.
 // Returns false when Omega^T (Y + nu Omega) is not positive definite (A not PSD).
-bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out);
+// On CUDA the n x k work (the shift, Omega^T Y, the QR of Y) runs on the device and the k x k
+// leave-one-out algebra on the host.
+bool xnystrace_estimates(const ArrayView& omega, const ArrayView& y, double relative_shift, const ArrayView& out,
+                         StreamHandle stream = 0);
 
 // out (k,) float64: out[j] = sum_i x_ij y_ij (Hutchinson's quadratic forms).
 void column_dots(const ArrayView& x, const ArrayView& y, const ArrayView& out, StreamHandle stream = 0);
@@ -99,29 +105,41 @@ void accumulate_products(const ArrayView& x, const ArrayView& y, int64_t count, 
 // zero after a breakdown); alpha, beta (p, m) float64 receive alpha_j and beta_j; lengths (p,)
 // int64 holds each probe's Krylov dimension (j + 1 while it runs; it stops growing at an
 // invariant subspace). `reorthogonalize`: full reorthogonalization against the whole basis
-// (classical Gram–Schmidt twice); otherwise the three-term recurrence only.
+// (classical Gram–Schmidt twice); otherwise the three-term recurrence only. A probe whose step
+// j - 1 broke down stays stopped, unless `restart`: then the caller has put a new unit vector,
+// orthogonal to v_0 .. v_{j-1}, in basis[b, j] and its product in w, and the recurrence goes on
+// from there with beta_{j-1} = 0 (the tridiagonal matrix splits into blocks). Norms are
+// computed with scaling, so subnormal and huge (1e300) vectors keep their precision.
 void lanczos_step(const ArrayView& basis, const ArrayView& w, const ArrayView& alpha, const ArrayView& beta,
-                  const ArrayView& lengths, int64_t j, bool reorthogonalize);
+                  const ArrayView& lengths, int64_t j, bool reorthogonalize, bool restart = false,
+                  StreamHandle stream = 0);
 
 // Eigenpairs of the symmetric tridiagonal matrices with diagonals alpha[b, :len] and
 // off-diagonals beta[b, :len-1], len = min(lengths[b], steps) (LAPACK stev): nodes (p, steps)
-// ascending, vectors (p, steps, steps) as columns; entries past len are zero. float64.
+// ascending, vectors (p, steps, steps) as columns; entries past len are zero. float64. alpha,
+// beta and lengths may live on a CUDA device (copied to the host once); nodes and vectors are
+// host arrays.
 void tridiagonal_eigh(const ArrayView& alpha, const ArrayView& beta, const ArrayView& lengths, int64_t steps,
-                      const ArrayView& nodes, const ArrayView& vectors);
+                      const ArrayView& nodes, const ArrayView& vectors, StreamHandle stream = 0);
 
 // out (p, n, r) = sum_i basis[b, i, :] coefficients[b, i, :] over i < steps: Ritz vectors.
-void basis_combination(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out);
+void basis_combination(const ArrayView& basis, const ArrayView& coefficients, int64_t steps, const ArrayView& out,
+                       StreamHandle stream = 0);
 
 // One power-iteration step: returns v^T w (the Rayleigh quotient), then w <- w - F (F^T w)
 // (F (n, r) the eigenvectors found so far, may be null) and v <- w / |w|. Returns the norm of
 // the deflated w in `norm` (0 leaves v unchanged).
-double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found, double& norm);
+double power_step(const ArrayView& v, const ArrayView& w, const ArrayView* found, double& norm,
+                  StreamHandle stream = 0);
 
 // ---- Fused optimizer steps over lists of tensors (one call, every tensor)
 
 struct AdaHessianOptions {
   double lr = 0.15, beta1 = 0.9, beta2 = 0.999, eps = 1e-4, weight_decay = 0.0, hessian_power = 1.0;
   int64_t step = 1;
+  // NaN or Inf in params, grads or hessian samples raises ValueError naming the argument and the
+  // tensor, before anything is written (one read-only pass; on CUDA one host synchronization).
+  bool check_finite = true;
   // One per tensor: the contiguous run of elements whose |z . Hz| are averaged (1: none).
   std::vector<int64_t> group_sizes;
 };
@@ -138,6 +156,8 @@ void adahessian_step(const std::vector<ArrayView>& params, const std::vector<Arr
 struct SophiaOptions {
   double lr = 1e-4, beta1 = 0.965, beta2 = 0.99, rho = 0.04, weight_decay = 0.1, batch_size = 5120, eps = 1e-15;
   bool count_wins = false;  // CUDA: the count needs a host synchronization
+  // As AdaHessianOptions::check_finite, over params, grads and the estimates.
+  bool check_finite = true;
 };
 
 // For each tensor: if estimates are given, h <- b2 h + (1 - b2) e; then
@@ -147,6 +167,16 @@ struct SophiaOptions {
 int64_t sophia_step(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,
                     const std::vector<ArrayView>& exp_avg, const std::vector<ArrayView>& hessian,
                     const std::vector<ArrayView>& estimates, const SophiaOptions& options, StreamHandle stream);
+
+// The first tensor (lowest index, then the first list of `lists`) holding NaN or Inf, found in
+// one read-only pass over the lists (same-shaped C-contiguous tensors, one device); list -1 when
+// every entry is finite. CUDA: one host synchronization reads the per-tensor flags back.
+struct NonFiniteEntry {
+  int list = -1;
+  int64_t tensor = -1;
+};
+NonFiniteEntry first_nonfinite_cpu(const std::vector<const std::vector<ArrayView>*>& lists);
+NonFiniteEntry first_nonfinite_cuda(const std::vector<const std::vector<ArrayView>*>& lists, StreamHandle stream);
 
 // Backends of the fused steps.
 void adahessian_step_cpu(const std::vector<ArrayView>& params, const std::vector<ArrayView>& grads,

@@ -217,6 +217,10 @@ class _Operator:
         self.seed = _args.index(seed, "seed", 0, 2**64)
         self.offset = 0
         self.matvecs = 0
+        # Products are scaled by 2**-exponent (chosen from the first block's largest entry) so
+        # that the algebra between matvecs works near 1 whatever A's scale, from subnormal to
+        # 1e300; results go back through unscale().
+        self.exponent: Optional[int] = None
         self.stream = _arrays.current_stream(self.framework, self.device)
 
     @property
@@ -224,10 +228,36 @@ class _Operator:
         """The stream and workspace allocator of the native calls on this operator's device."""
         return {"stream": self.stream, "workspace": _arrays.workspace_allocator(self.framework, self.device)}
 
-    def require_cpu(self, what: str) -> None:
-        if self.device[0] == "cuda":
-            raise ArgumentError(f"{what} runs on CPU arrays only in this version (Hutchinson, Hutch++, XTrace, "
-                                "Diag++ and XDiag also run on CUDA): pass CPU probes (like=) and a CPU matvec")
+    @property
+    def cuda(self) -> bool:
+        return self.device[0] == "cuda"
+
+    def bookkeeping(self, shape: tuple, dtype: str = "float64") -> Any:
+        """Zeros for the native calls' float64/int64 bookkeeping: NumPy on the CPU, else on the
+        operator's device, so that CUDA steps never wait for the host."""
+        if not self.cuda:
+            return np.zeros(shape, dtype=dtype)
+        if self.framework == "torch":
+            import torch
+
+            return torch.zeros(shape, dtype=getattr(torch, dtype), device=f"cuda:{self.device[1]}")
+        import cupy
+
+        with cupy.cuda.Device(self.device[1]):
+            return cupy.zeros(shape, dtype=dtype)
+
+    def to_device(self, x: np.ndarray) -> Any:
+        """A float64 NumPy array as bookkeeping on the operator's device (itself on the CPU)."""
+        if not self.cuda:
+            return np.ascontiguousarray(x)
+        out = self.bookkeeping(x.shape)
+        if self.framework == "torch":
+            import torch
+
+            out.copy_(torch.from_numpy(np.ascontiguousarray(x)))
+        else:
+            out.set(np.ascontiguousarray(x))
+        return out
 
     def empty(self, shape: tuple, dtype: Any = None) -> Any:
         return _arrays.empty(shape, dtype or self.compute, self.framework, self.device)
@@ -257,12 +287,51 @@ class _Operator:
                                 f"({self.framework} on {self.device[0]})")
         self.matvecs += k
         y = _arrays.detached(y, "matvec output")
-        if copy or _arrays.dtype_name(y.dtype) != self.compute:
-            return _arrays.convert(y, self.compute, name="matvec output")
+        largest = _largest(y, self.framework)
+        if not math.isfinite(largest):  # before the sketch algebra turns it into a LAPACK failure
+            raise ArgumentError("argument 'matvec' produced non-finite values (NaN or Inf) in its output")
+        if self.exponent is None:
+            exponent = math.frexp(largest)[1] if largest > 0 else 0
+            self.exponent = exponent if abs(exponent) > 60 else 0
+        if copy or self.exponent or _arrays.dtype_name(y.dtype) != self.compute:
+            y = _arrays.convert(y, self.compute, name="matvec output")
+            if self.exponent:
+                _scale_by_power_of_two(y, -self.exponent)
+            return y
         return _arrays.contiguous(y, "matvec output")
+
+    def unscale(self, x: Any) -> Any:
+        """A quantity linear in the scaled products, in the operator's own units."""
+        if not self.exponent:
+            return x
+        if isinstance(x, float):
+            return math.ldexp(x, self.exponent)
+        if isinstance(x, np.ndarray):
+            return np.ldexp(x, self.exponent)
+        x = _arrays.convert(x, _arrays.dtype_name(x.dtype))
+        _scale_by_power_of_two(x, self.exponent)
+        return x
 
     def compute_copy(self, x: Any) -> Any:
         return _arrays.convert(x, self.compute)
+
+
+def _largest(x: Any, framework: str) -> float:
+    """max |x| as a float, NaN if x holds NaN (on CUDA: one host synchronization)."""
+    if int(np.prod(tuple(x.shape))) == 0:
+        return 0.0
+    if framework == "torch":
+        low, high = x.aminmax()
+        return max(float(high), -float(low)) if not bool(high != high) else math.nan
+    return max(float(x.max()), -float(x.min()))  # no temporary; NaN propagates
+
+
+def _scale_by_power_of_two(x: Any, exponent: int) -> None:
+    """x *= 2**exponent in place, in steps that stay within float32's range."""
+    while exponent:
+        step = max(-60, min(60, exponent))
+        x *= math.ldexp(1.0, step)
+        exponent -= step
 
 
 def _device_object(framework: str, device: tuple) -> Any:
@@ -385,9 +454,14 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
 
     Notes
     -----
-    "hutchinson", "hutch++" and "xtrace" also run on CUDA probes and matvecs (the sketch QR
-    on cuSOLVER, the products on cuBLAS; each block's estimates are read back to the host).
-    "xnystrace" runs on the CPU only in this version (ArgumentError for CUDA arrays).
+    Every method also runs on CUDA probes and matvecs (the sketch QR on cuSOLVER, the
+    products on cuBLAS; each block's estimates are read back to the host; XNysTrace's k x k
+    Cholesky runs on the host after one copy).
+
+    Bad input: a matvec output of the wrong shape, framework or device, or holding NaN or Inf
+    (any dtype; a float16 product beyond 65504 is Inf), raises ArgumentError naming 'matvec';
+    a non-PSD operator for "xnystrace" too. The products are rescaled by a power of two
+    before the algebra, so operators from subnormal to 1e300 keep their precision.
 
     Examples
     --------
@@ -418,6 +492,7 @@ def trace_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "xtrace"
     else:
         estimates = _leave_one_out_trace(op, budget, tol, block_size or 8, method)
         value, error = _mean_and_error(estimates)
+    value, error, estimates = op.unscale(value), op.unscale(error), op.unscale(estimates)
     info = {"std_error": error, "matvecs": op.matvecs, "num_probes": op.offset, "estimates": estimates,
             "converged": tol is None or error <= tol}
     return _finish("trace_estimate", value, info, return_info)
@@ -435,7 +510,7 @@ def _hutchinson_trace(op: _Operator, budget: int, tol: Optional[float], block: i
         _require_finite(values, "quadratic forms")
         parts.append(values)
         estimates = np.concatenate(parts)
-        if tol is not None and estimates.size > 1 and _mean_and_error(estimates)[1] <= tol:
+        if tol is not None and estimates.size > 1 and op.unscale(_mean_and_error(estimates)[1]) <= tol:
             break
     return np.concatenate(parts)
 
@@ -462,15 +537,13 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
         _require_finite(values, "residual quadratic forms")
         parts.append(values)
         residual = np.concatenate(parts)
-        if tol is not None and residual.size > 1 and _mean_and_error(residual)[1] <= tol:
+        if tol is not None and residual.size > 1 and op.unscale(_mean_and_error(residual)[1]) <= tol:
             break
     mean, error = _mean_and_error(residual)
     return float(head.sum()) + mean, error, float(head.sum()) + residual
 
 
 def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first: int, method: str) -> np.ndarray:
-    if method == "xnystrace":
-        op.require_cpu("method 'xnystrace'")
     per_probe = 2 if method == "xtrace" else 1
     limit = min(budget // per_probe, op.n)
     if limit < 1:
@@ -497,15 +570,17 @@ def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first
             _core.xtrace_estimates(omega, y, q, r, z, op.kind == "sphere", out, **op.context)
             estimates = _host(out)
         else:
-            estimates = np.empty(k)
+            out = op.empty((k,), "float64")
             shift = 10 * float(np.finfo(op.compute).eps)
-            if not _core.xnystrace_estimates(omega, _arrays.convert(y), shift, estimates):
+            positive = _core.xnystrace_estimates(omega, _arrays.convert(y), shift, out, **op.context)
+            estimates = _host(out)
+            if not positive:
                 raise ArgumentError("argument 'matvec' is not positive semidefinite, or the probes are linearly "
                                     "dependent (Omega^T A Omega is not positive definite; sign probes can be for "
                                     "small n): xnystrace needs a PSD operator; use method='xtrace' or "
                                     "kind='gaussian'")
         _require_finite(estimates, "leave-one-out estimates")
-        if k >= limit or (tol is not None and k > 1 and _mean_and_error(estimates)[1] <= tol):
+        if k >= limit or (tol is not None and k > 1 and op.unscale(_mean_and_error(estimates)[1]) <= tol):
             return estimates
 
 
@@ -525,7 +600,8 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
     -------
     array (n,) of the probes' framework and device, in the compute dtype (float64 for float64
     probes, float32 otherwise); with ``return_info`` also a dict with "std_error" (n,),
-    "matvecs", "num_probes", "converged".
+    "matvecs", "num_probes", "converged". Bad input as in :func:`trace_estimate`; every
+    method runs on CUDA too.
 
     Examples
     --------
@@ -558,7 +634,7 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
         _core.sketch_qr(q, r, 0, **op.context)
         z = op(q)
         _core.xdiag_estimates(omega, q, r, z, mean, m2, **op.context)
-        error = np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0))
+        error = op.unscale(np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0)))
     else:
         count, q = 0, None
         base = None
@@ -577,11 +653,12 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
                 _core.project_out(q, y, **op.context)
             _core.accumulate_products(_arrays.contiguous(g, dtype=op.compute), y, count, mean, m2, stream=op.stream)
             count += k
-            error = _diag_error(m2, count)
+            error = op.unscale(_diag_error(m2, count))
             if tol is not None and count > 1 and error.max() <= tol:
                 break
         if base is not None:
             mean += base
+    mean = op.unscale(mean)
     _require_finite(_host(mean), "diagonal estimate")
     info = {"std_error": error, "matvecs": op.matvecs, "num_probes": op.offset,
             "converged": tol is None or bool(error.max() <= tol)}
@@ -639,6 +716,17 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
     -------
     NumPy float64 array (k,), then the vectors and/or info as asked.
 
+    Notes
+    -----
+    A Krylov space holds each distinct eigenvalue once: after a breakdown with fewer than k
+    Ritz values, Lanczos restarts from a fresh probe orthogonal to the space found (a zero
+    operator gives k zeros); an eigenvalue repeated more often than the breakdowns reveal can
+    still be reported fewer times. On CUDA the Lanczos steps queue without host
+    synchronization; the coefficients are read back every 8 steps (every step with
+    "selective") for the convergence test, whose tridiagonal eigenproblem runs on the host
+    (LAPACK stev); power iteration reads two numbers back per step. Bad input as in
+    :func:`trace_estimate` (NaN or Inf in a product raises ArgumentError naming 'matvec').
+
     Examples
     --------
     >>> import numpy as np, curvkit
@@ -659,7 +747,6 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
         raise ArgumentError("power iteration finds the eigenvalues of largest magnitude: pass which='magnitude' "
                             "or method='lanczos'")
     op = _Operator(matvec, n, dtype, like, "sphere", seed)
-    op.require_cpu("top_eigenvalues")
     k = _args.index(k, "k", 1, op.n + 1)
     default_budget = min(op.n, 300) if method == "lanczos" else 300 * k
     budget = default_budget if max_matvecs is None else _args.index(max_matvecs, "max_matvecs", 1, 2**31)
@@ -697,52 +784,83 @@ def _reorthogonalization(value: Any, allow_selective: bool) -> str:
     return modes[value]
 
 
+# On CUDA, Lanczos reads its coefficients back every few steps only (selective
+# reorthogonalization: every step), so that the steps queue without waiting for the host.
+_CUDA_CHECK_EVERY = 8
+
+
 def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: str) -> tuple:
     basis = op.empty((1, m + 1, op.n))
-    alpha, beta = np.zeros((1, m)), np.zeros((1, m))
-    lengths = np.zeros(1, dtype=np.int64)
+    alpha, beta = op.bookkeeping((1, m)), op.bookkeeping((1, m))
+    lengths = op.bookkeeping((1,), "int64")
     start = op.compute_copy(op.draw(1, unit=True))
     basis[0, 0, :] = start[:, 0]
     w = start
     converged, steps, chosen, residual = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf)
     nodes, vecs = np.zeros((1, 0)), np.zeros((1, 0, 0))
     purge_level = math.sqrt(float(np.finfo(op.compute).eps))
-    for j in range(m):
+    every = _CUDA_CHECK_EVERY if op.cuda and mode != "selective" else 1
+    restart, j = False, 0
+    while j < m and op.matvecs < m:
         w = op(w, copy=True)
-        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full")
-        steps = int(lengths[0])
-        broke = beta[0, j] == 0.0
-        _require_finite(alpha[0, :steps], "Lanczos coefficients")
-        if not (mode == "selective" or steps >= k or broke or j == m - 1):
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full", restart, **op.context)
+        restart, j = False, j + 1
+        if (j % every and j < m and op.matvecs < m):
+            continue
+        alpha_h, beta_h = _host(alpha), _host(beta)
+        steps = int(_host(lengths)[0])
+        last = beta_h[0, steps - 1]  # beta of the last step that ran (0: a breakdown)
+        broke = last == 0.0
+        _require_finite(alpha_h[0, :steps], "Lanczos coefficients")
+        if broke and steps < k and steps < m and op.matvecs < m:
+            # An invariant subspace holding fewer than k eigenvalues (a repeated eigenvalue shows
+            # once per Krylov space): go on from a new vector orthogonal to it.
+            w = _restart_vector(op, basis, steps)
+            restart, j = True, steps
+            continue
+        if not (mode == "selective" or steps >= k or broke or j >= m or op.matvecs >= m):
             continue
         nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
-        _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs)
+        _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs, stream=op.stream)
         _require_finite(nodes[0], "Lanczos coefficients")
         scale = max(float(np.max(np.abs(nodes[0]))), np.finfo(np.float64).tiny)
-        bounds = np.abs(beta[0, j] * vecs[0, steps - 1, :])
+        bounds = np.abs(last * vecs[0, steps - 1, :])
         chosen = _select(nodes[0], k, which)
         residual = bounds[chosen]
         converged = bool(len(chosen) == k and np.all(residual <= tol * scale))
         if converged or broke:
             break
+        j = steps  # on CUDA, steps queued after a breakdown did nothing
         if mode == "selective":
             # Parlett & Scott: the next vector loses orthogonality only towards Ritz vectors that
             # have converged (|beta_j s_ji| small); purge exactly those directions.
             good = np.nonzero(bounds <= purge_level * scale)[0]
             if good.size:
                 ritz = op.empty((1, op.n, good.size))
-                _core.basis_combination(basis, np.ascontiguousarray(vecs[:, :, good]), steps, ritz)
+                _core.basis_combination(basis, op.to_device(vecs[:, :, good]), steps, ritz, **op.context)
                 _core.project_out(ritz[0], w, **op.context)
-                following = basis[0, j + 1].reshape(op.n, 1)
-                _, norm = _core.power_step(following, w, None)
-                beta[0, j] *= norm
+                following = basis[0, steps].reshape(op.n, 1)
+                _, norm = _core.power_step(following, w, None, **op.context)
+                beta[0, steps - 1] *= norm
                 w = op.compute_copy(following)
     values = nodes[0, chosen]
-    coefficients = np.ascontiguousarray(vecs[:, :, chosen])
+    coefficients = op.to_device(vecs[:, :, chosen])
     vectors = op.empty((1, op.n, len(chosen)))
-    _core.basis_combination(basis, coefficients, steps, vectors)
-    info = {"converged": converged, "matvecs": op.matvecs, "residual": residual, "steps": steps}
-    return values, vectors[0], info
+    _core.basis_combination(basis, coefficients, steps, vectors, **op.context)
+    info = {"converged": converged, "matvecs": op.matvecs, "residual": op.unscale(residual), "steps": steps}
+    return op.unscale(values), vectors[0], info
+
+
+def _restart_vector(op: _Operator, basis: Any, steps: int) -> Any:
+    """A fresh sphere probe made orthogonal to basis[0, :steps] and normalized, stored as
+    basis[0, steps] and returned as (n, 1)."""
+    found = _arrays.contiguous(basis[0, :steps].T, "basis")
+    w = op.compute_copy(op.draw(1, unit=True))
+    following = basis[0, steps].reshape(op.n, 1)
+    _core.power_step(following, w, found, **op.context)  # following <- (I - F F^T) w / norm, twice
+    w = op.compute_copy(following)
+    _core.power_step(following, w, found, **op.context)
+    return op.compute_copy(following)
 
 
 def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
@@ -752,12 +870,12 @@ def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
     per_eigenvalue = max(1, budget // k)
     for _ in range(k):
         v = op.compute_copy(op.draw(1))
-        _core.power_step(v, op.compute_copy(v), found)  # deflate the start
+        _core.power_step(v, op.compute_copy(v), found, **op.context)  # deflate the start
         theta, ok, used = 0.0, False, 0
         while used < per_eigenvalue:
             w = op(v, copy=True)
             used += 1
-            new, norm = _core.power_step(v, w, found)
+            new, norm = _core.power_step(v, w, found, **op.context)
             if not math.isfinite(new):
                 _require_finite(np.array([new]), "power iteration")
             change = abs(new - theta)
@@ -769,8 +887,9 @@ def _power_top(op: _Operator, k: int, budget: int, tol: float) -> tuple:
         values.append(theta)
         residual.append(change)
         found = v if found is None else _hstack([found, v], op, op.compute)
-    info = {"converged": converged, "matvecs": op.matvecs, "residual": np.array(residual), "steps": op.matvecs}
-    return np.array(values), found, info
+    info = {"converged": converged, "matvecs": op.matvecs, "residual": op.unscale(np.array(residual)),
+            "steps": op.matvecs}
+    return op.unscale(np.array(values)), found, info
 
 
 def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100, seed: int = 0,
@@ -804,6 +923,10 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     of each probe summing to 1. A probe whose Krylov space closed after L < steps steps
     (an invariant subspace: its quadrature is then exact) has zero weights past L.
 
+    On CUDA all probes' Lanczos steps run on the device (reorthogonalization by cuBLAS
+    batched products); the coefficients are read back every 8 steps and the tridiagonal
+    eigenproblems solved on the host once. Bad input as in :func:`trace_estimate`.
+
     Examples
     --------
     >>> import numpy as np, curvkit
@@ -815,7 +938,6 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
     True
     """
     op = _Operator(matvec, n, dtype, like, kind, seed)
-    op.require_cpu("spectral_density")
     full = _reorthogonalization(reorthogonalize, allow_selective=False) == "full"
     p = _args.index(num_probes, "num_probes", 1, 2**20)
     steps = _args.index(steps, "steps", 1, op.n + 1)
@@ -826,20 +948,24 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
         z *= 1.0 / math.sqrt(op.n)
     basis = op.empty((p, steps + 1, op.n))
     basis[:, 0, :] = z.T
-    alpha, beta = np.zeros((p, steps)), np.zeros((p, steps))
-    lengths = np.zeros(p, dtype=np.int64)
+    alpha, beta = op.bookkeeping((p, steps)), op.bookkeeping((p, steps))
+    lengths = op.bookkeeping((p,), "int64")
+    every = _CUDA_CHECK_EVERY if op.cuda else 1
     w = z
     for j in range(steps):
         w = op(w, copy=True)
-        _core.lanczos_step(basis, w, alpha, beta, lengths, j, full)
-        _require_finite(alpha[:, j], "Lanczos coefficients")
-        if not np.any(beta[:, j] > 0):
+        _core.lanczos_step(basis, w, alpha, beta, lengths, j, full, **op.context)
+        if (j + 1) % every and j + 1 < steps:
+            continue
+        _require_finite(_host(alpha)[:, :j + 1], "Lanczos coefficients")
+        if not np.any(_host(beta)[:, j] > 0):  # every probe reached an invariant subspace
             break
     nodes, vectors = np.empty((p, steps)), np.empty((p, steps, steps))
-    _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors)
+    _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors, stream=op.stream)
     weights = vectors[:, 0, :] ** 2
+    nodes = op.unscale(nodes)
     if return_info:
-        return nodes, weights, {"lengths": lengths.copy(), "matvecs": op.matvecs}
+        return nodes, weights, {"lengths": _host(lengths).copy(), "matvecs": op.matvecs}
     return nodes, weights
 
 
@@ -885,7 +1011,7 @@ def _group_size(shape: tuple, block_size: Optional[int]) -> int:
 def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg: Any, exp_avg_sq: Any,
                      step: int, lr: float = 0.15, betas: tuple = (0.9, 0.999), eps: float = 1e-4,
                      weight_decay: float = 0.0, hessian_power: float = 1.0,
-                     block_size: Optional[int] = None) -> None:
+                     block_size: Optional[int] = None, check_finite: bool = True) -> None:
     """AdaHessian's update (Yao et al. 2021) of every tensor of a list, in one native call.
 
     For each tensor, with h its Hessian-diagonal samples (z * Hz; for Rademacher z, |Hz| is
@@ -903,8 +1029,18 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
     per-tensor loop of tests/reference.py); other dtypes compute in float32. All tensors of
     one index share shape and dtype, are C-contiguous and on one device. ``step`` counts
     from 1. Nothing is returned: params, exp_avg and exp_avg_sq are updated in place.
-    CPU: one OpenMP loop over all tensors; CUDA: a launch per 24 tensors of one dtype, no
-    host synchronization.
+    CPU: one OpenMP loop over all tensors; CUDA: a launch per 24 tensors of one dtype.
+
+    Bad input: NaN or Inf in ``params``, ``grads`` or ``hessian_diag_samples`` (any dtype;
+    float16 and bfloat16 as stored) raises :class:`curvkit.ArgumentError` naming the argument
+    and the tensor's index in the list, and nothing is modified: a read-only pass over those
+    three lists precedes the update (on CUDA it sets per-tensor flags, read back with one host
+    synchronization per call). ``check_finite=False`` skips that pass (no host
+    synchronization on CUDA, so the call can be captured in a CUDA graph); non-finite values
+    then flow into the update. The optimizer states are not checked: they hold what earlier
+    steps wrote. The pass costs a read of those three lists, about a quarter of the step's time
+    on a memory-bound CPU (bench/results/hutchinson_cpu.md). Wrong dtypes, shapes, layouts,
+    list lengths, overlapping outputs or mixed devices raise before anything is read.
 
     >>> import numpy as np, curvkit
     >>> p, g = np.ones((2, 3)), np.full((2, 3), 0.5)
@@ -912,6 +1048,14 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
     >>> m, v = np.zeros_like(p), np.zeros_like(p)
     >>> curvkit.adahessian_step_([p], [g], [h], [m], [v], step=1, lr=0.1)
     >>> v[:, 0]                                    # (1 - 0.999) * (row mean of |h|)^2
+    array([0.004, 0.001])
+    >>> g[1, 2] = np.nan
+    >>> try:
+    ...     curvkit.adahessian_step_([p], [g], [h], [m], [v], step=2)
+    ... except curvkit.ArgumentError as error:
+    ...     print(error)
+    argument 'grads' contains NaN or Inf (tensor 0 of the list); nothing was updated
+    >>> v[:, 0]                                    # unchanged
     array([0.004, 0.001])
     """
     lists, _ = _step_lists("adahessian_step_", params=params, grads=grads,
@@ -928,14 +1072,14 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
                           lists["exp_avg_sq"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                           eps=_args.real(eps, "eps"), weight_decay=_args.real(weight_decay, "weight_decay"),
                           hessian_power=_args.real(hessian_power, "hessian_power"),
-                          step=_args.index(step, "step", 1, 2**62), group_sizes=groups, stream=stream,
-                          workspace=workspace)
+                          step=_args.index(step, "step", 1, 2**62), group_sizes=groups,
+                          check_finite=bool(check_finite), stream=stream, workspace=workspace)
 
 
 def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float = 1e-4,
                  betas: tuple = (0.965, 0.99), rho: float = 0.04, weight_decay: float = 0.1,
                  batch_size: float = 5120, eps: float = 1e-15, hessian_estimate: Any = None,
-                 return_win_rate: bool = False) -> Optional[float]:
+                 return_win_rate: bool = False, check_finite: bool = True) -> Optional[float]:
     """Sophia's clipped update (Liu et al. 2023) of every tensor of a list, in one native call.
 
     For each tensor: when ``hessian_estimate`` is given (an update step: Sophia-G's g * g of
@@ -949,6 +1093,13 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
     While hessian is 0 this is a sign-momentum step. float64 follows exactly this order
     (bit-for-bit equal to tests/reference.py); other dtypes compute in float32.
 
+    Bad input: NaN or Inf in ``params``, ``grads`` or ``hessian_estimate`` (any dtype;
+    float16 and bfloat16 as stored) raises :class:`curvkit.ArgumentError` naming the argument
+    and the tensor's index in the list, and nothing is modified (a read-only pass precedes the
+    update; on CUDA one host synchronization reads its per-tensor flags back).
+    ``check_finite=False`` skips it (no synchronization on CUDA unless ``return_win_rate``).
+    The states ``exp_avg`` and ``hessian`` are not checked: they hold what earlier steps wrote.
+
     Returns
     -------
     None, or with ``return_win_rate`` the fraction of entries whose step was not clipped
@@ -961,6 +1112,13 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
     >>> curvkit.sophia_step_(p, g, m, h, lr=0.5, weight_decay=0.0, return_win_rate=True)
     0.25
     >>> p                                      # h = 0: a sign step
+    array([-0.5,  0.5,  0. , -0.5])
+    >>> try:
+    ...     curvkit.sophia_step_([p, p.copy()], [g, np.array([0, np.inf, 0, 0])], [m, m.copy()], [h, h.copy()])
+    ... except curvkit.ArgumentError as error:
+    ...     print(error)
+    argument 'grads' contains NaN or Inf (tensor 1 of the list); nothing was updated
+    >>> p                                      # unchanged
     array([-0.5,  0.5,  0. , -0.5])
     """
     if hessian_estimate is None:
@@ -978,7 +1136,8 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
                              lists["hessian_estimate"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                              rho=_args.real(rho, "rho"), weight_decay=_args.real(weight_decay, "weight_decay"),
                              batch_size=_args.real(batch_size, "batch_size"), eps=_args.real(eps, "eps"),
-                             count_wins=bool(return_win_rate), stream=stream, workspace=workspace)
+                             count_wins=bool(return_win_rate), check_finite=bool(check_finite), stream=stream,
+                             workspace=workspace)
     if not return_win_rate:
         return None
     total = sum(math.prod(tuple(p.shape)) for p in lists["params"])

@@ -255,6 +255,26 @@ void test_sinkhorn() {
                                "sinkhorn: reg <= 0 refused");
 }
 
+// The fused steps refuse NaN or Inf by argument and tensor before writing anything.
+void test_fused_step_check() {
+  const int64_t small = 5, large = 40000;  // the large tensor spans several CPU tasks
+  std::vector<double> p0(small, 1.0), p1(large, 1.0), g0(small, 0.5), g1(large, 0.5), h0(small, 2.0), h1(large, 2.0),
+      m0(small, 0.0), m1(large, 0.0), v0(small, 0.0), v1(large, 0.0);
+  g1.back() = NAN;
+  ck::AdaHessianOptions o;
+  o.group_sizes = {1, 1};
+  const std::vector<ck::ArrayView> params{view(p0, {small}), view(p1, {large})},
+      grads{view(g0, {small}), view(g1, {large})}, hess{view(h0, {small}), view(h1, {large})},
+      m{view(m0, {small}), view(m1, {large})}, v{view(v0, {small}), view(v1, {large})};
+  expect_error<ck::ValueError>([&] { ck::adahessian_step(params, grads, hess, m, v, o, 0); },
+                               "argument 'grads' contains NaN or Inf (tensor 1 of the list)",
+                               "adahessian_step: NaN in grads refused");
+  expect(p0[0] == 1.0 && p1[0] == 1.0 && m0[0] == 0.0 && v1[0] == 0.0, "adahessian_step: nothing written");
+  o.check_finite = false;
+  ck::adahessian_step(params, grads, hess, m, v, o, 0);
+  expect(p0[0] != 1.0 && std::isnan(p1.back()), "adahessian_step: check_finite = false steps on");
+}
+
 }  // namespace
 
 int main() {
@@ -266,6 +286,7 @@ int main() {
   test_xtrace();
   test_mfac();
   test_sinkhorn();
+  test_fused_step_check();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }
