@@ -252,3 +252,60 @@ def test_static_anchors_match_float64(block):
     if block is None:
         assert float((torch_woodbury(G, x, damp) - want).norm() / want.norm()) < 1e-10
         assert float((torch_woodbury_diag(G, damp) - want_diag).norm() / want_diag.norm()) < 1e-10
+
+
+CUDA_BLOCK_CASES = [(10_000_000, 50, 64), (10_000_000, 128, 64)]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and curvkit.has_cuda()), reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("d, B, m", CUDA_BLOCK_CASES, ids=[f"d{d}-B{b}-m{m}" for d, b, m in CUDA_BLOCK_CASES])
+@pytest.mark.parametrize("what", ["ihvp", "diag"])
+@pytest.mark.parametrize("impl", ["curvkit", "obert", "mfac-static"])
+def test_blocks_cuda(benchmark, request, impl, what, d, B, m):
+    """The blockwise group on the GPU (float32 G), synchronized after each call."""
+    _skip_large(request, True)
+    G = torch.randn(m, d, device="cuda")
+    x = torch.randn(d, device="cuda")
+    call = _static_call(impl, what, G, x, _damp(B, m), B)
+
+    def synchronized():
+        out = call()
+        torch.cuda.synchronize()
+        return out
+
+    benchmark.group = f"blocks-cuda-{what}-d{d}-B{B}-m{m}"
+    benchmark.extra_info.update(impl=impl, bytes=m * d * 4)
+    out = benchmark.pedantic(synchronized, rounds=3, iterations=1, warmup_rounds=1)
+    assert bool(torch.isfinite(out).all())
+
+
+CUDA_SPARSE_CASES = [(100_000_000, 256, 32_768), (100_000_000, 256, 262_144)]
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and curvkit.has_cuda()), reason="needs a GPU and a CUDA build")
+@pytest.mark.parametrize("d, m, block", CUDA_SPARSE_CASES, ids=[f"d{d}-m{m}-B{b}" for d, m, b in CUDA_SPARSE_CASES])
+def test_sparse_step_cuda(benchmark, request, d, m, block):
+    """A compressed window's step (push + ihvp of the new gradient), k = 1% of each selection
+    block (EFCP's density), float32; the rate counts one read of the new gradient and of the
+    stored rows (m nnz 8 bytes)."""
+    _skip_large(request, True)
+    k = max(1, block // 100)
+    w = curvkit.SparseFisherWindow(d, m, k, damp=1e-4, block_size=block, like=torch.empty(0, device="cuda"))
+    new = [torch.randn(d, device="cuda") for _ in range(2)]
+    for i in range(m):
+        w.push(new[i % 2])
+    state = {"i": 0}
+
+    def step():
+        g = new[state["i"] % 2]
+        state["i"] += 1
+        w.push(g)
+        out = w.ihvp(g)
+        torch.cuda.synchronize()
+        return out
+
+    nnz = w.values.shape[1]
+    benchmark.group = f"sparse-step-cuda-d{d}-m{m}-B{block}"
+    benchmark.extra_info.update(impl="curvkit", bytes=4 * d + 8 * m * nnz)
+    out = benchmark.pedantic(step, rounds=5, iterations=1, warmup_rounds=1)
+    assert bool(torch.isfinite(out).all())
