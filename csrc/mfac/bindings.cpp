@@ -21,9 +21,9 @@ using State = std::tuple<int64_t, int64_t, int64_t, int64_t>;  // size, oldest, 
 
 FisherWindowState to_state(const State& s) { return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)}; }
 
-using Status = std::tuple<int64_t, int64_t>;  // fault, pushes accepted before it
+using Status = std::tuple<int64_t, int64_t, bool>;  // fault, pushes accepted before it, result finite
 
-Status to_tuple(const WindowStatus& s) { return {s.fault, s.accepted}; }
+Status to_tuple(const WindowStatus& s) { return {s.fault, s.accepted, s.result_finite}; }
 
 // The optional status word (None: no view).
 interop::ImportedArray import_status(py::handle status, StreamHandle stream) {
@@ -172,7 +172,7 @@ void register_mfac(py::module_& m, py::module_& /*testing*/) {
         return to_tuple(fisher_window_status(si.view, stream));
       },
       py::arg("status"), py::kw_only(), py::arg("stream"), py::arg("workspace"),
-      "Read and clear a window's status word: (fault, pushes accepted before it) (see FisherWindow.check).");
+      "Read and clear a window's status word: (fault, pushes accepted before it, True) (see FisherWindow.check).");
   m.def(
       "fisher_ihvp",
       [](py::handle G, py::handle x, py::handle out, double damp, StreamHandle stream, py::object workspace) {

@@ -221,8 +221,8 @@ __global__ void nonfinite_report_kernel(const S* __restrict__ a, int64_t size, i
 }
 
 // The one read-back of a result call: whether out is finite, and the window's status (read and
-// cleared) when there is one. A refused push is returned (out is then meaningless, the caller
-// reports the push); otherwise a non-finite result throws.
+// cleared) when there is one. With a status both are returned (out is meaningless when a push
+// was refused; the caller reports either); without one a non-finite result throws.
 template <class S>
 WindowStatus finish_result(cudaStream_t stream, const S* out, int64_t size, int64_t* status, double damp,
                            const char* what, const char* dtype) {
@@ -235,8 +235,8 @@ WindowStatus finish_result(cudaStream_t stream, const S* out, int64_t size, int6
   if (status) take_status_kernel<<<1, 1, 0, stream>>>(status, report.as<int64_t>());
   CK_CUDA_CHECK(cudaGetLastError());
   const std::vector<int64_t> host = cuda::copy_to_host(stream, report.as<int64_t>(), 3);
-  const WindowStatus result{host[1], host[2]};
-  if (result.fault != kFaultNone) return result;
+  const WindowStatus result{host[1], host[2], host[0] == 0};
+  if (status) return result;
   CK_CHECK_VALUE(host[0] == 0, "the result of ", what, " is not finite in ", dtype,
                  ": argument 'x' holds NaN or Inf, or |x| / damp (argument 'damp' = ", damp, ") overflows the dtype");
   return result;

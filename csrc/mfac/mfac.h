@@ -67,6 +67,9 @@ enum WindowFault : int64_t {
 struct WindowStatus {
   int64_t fault = kFaultNone;
   int64_t accepted = 0;
+  // CUDA ihvp / diag: whether the result is finite, read in the same copy. Reported rather than
+  // thrown, so that the caller always learns the status it has consumed (the CPU throws).
+  bool result_finite = true;
 };
 // Reads and clears a window's status (on CUDA: one synchronization). Without a status array,
 // or on the CPU, nothing was recorded: {0, 0}.

@@ -149,7 +149,7 @@ def eigenbasis_update(
 
 # mfac
 WindowState = tuple[int, int, int, int]  # size, oldest slot, count, pushes since refactor
-WindowStatus = tuple[int, int]  # fault (0: none), pushes the device accepted before it
+WindowStatus = tuple[int, int, bool]  # fault (0: none), pushes the device accepted before it, result finite
 
 def fisher_window_push(
     G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,

@@ -52,6 +52,8 @@ class _Window:
     the status word through which a CUDA window reports the pushes its device refused."""
 
     _m: int
+    _damp: float
+    _dtype: str
     _gram: Any
     _factor: Any
     _state: tuple[int, int, int, int]
@@ -71,12 +73,18 @@ class _Window:
         if self._on_cuda:
             self._pending.append(state)
 
-    def _settle(self, fault: int, accepted: int, breakdown_raises: bool = True) -> None:
+    def _settle(self, fault: int, accepted: int, finite: bool = True, what: str = "",
+                breakdown_raises: bool = True) -> None:
         """The status word as read back (it is cleared on the device): a refused push rolls the
-        state back to the pushes the device accepted before it, then raises."""
+        state back to the pushes the device accepted before it, then raises; else a result
+        read with it that is not finite raises."""
         if fault == 0:
             self._pending.clear()
             self._confirmed = self._state
+            if not finite:
+                raise ArgumentError(
+                    f"the result of {what} is not finite in {self._dtype}: argument 'x' holds NaN or Inf, or "
+                    f"|x| / damp (argument 'damp' = {self._damp}) overflows the dtype")
             return
         refused = len(self._pending) - accepted
         self._state = self._pending[accepted - 1] if accepted > 0 else self._confirmed
@@ -106,9 +114,9 @@ class _Window:
         """
         self._settle(*self._read_status())
 
-    def _read_status(self) -> tuple[int, int]:
+    def _read_status(self) -> tuple[int, int, bool]:
         if not self._on_cuda:
-            return 0, 0
+            return 0, 0, True
         stream, workspace = _arrays.call_context([self._status])
         return _core.fisher_window_status(self._status, stream=stream, workspace=workspace)
 
@@ -295,7 +303,7 @@ class FisherWindow(_Window):
         self._settle(*_core.fisher_window_ihvp(
             self._G, self._gram, self._factor, self._state, damp=self._damp, normalize=self._normalize,
             refactor_every=self._refactor_every, status=self._status, x=x, out=result, stream=stream,
-            workspace=workspace))
+            workspace=workspace), what="ihvp")
         return out if out is not None else result
 
     def diag(self, out: Any = None) -> Any:
@@ -306,7 +314,7 @@ class FisherWindow(_Window):
         self._settle(*_core.fisher_window_diag(
             self._G, self._gram, self._factor, self._state, damp=self._damp, normalize=self._normalize,
             refactor_every=self._refactor_every, status=self._status, out=result, stream=stream,
-            workspace=workspace))
+            workspace=workspace), what="diag")
         return out if out is not None else result
 
     def reset(self) -> None:
@@ -434,7 +442,7 @@ class SparseFisherWindow(_Window):
         self._settle(*_core.fisher_sparse_window_ihvp(
             self._indices, self._values, self._error, self._gram, self._factor, self._state, damp=self._damp,
             normalize=self._normalize, refactor_every=self._refactor_every, status=self._status, x=x, out=result,
-            stream=stream, workspace=workspace))
+            stream=stream, workspace=workspace), what="ihvp")
         return out if out is not None else result
 
     def reset(self) -> None:
