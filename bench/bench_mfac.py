@@ -18,7 +18,8 @@ Static and blockwise (pruning: m gradients at once, one call from G to the resul
                    algorithm batched over the blocks.
   The rate column is m d 4 bytes (one read of G, the least any method must move) over the time,
   for every implementation alike.
-Cases marked large (d = 1e6, d = 1e7, m = 4096) run only when timing
+MFAC_BENCH_THREADS=n sets curvkit's and PyTorch's threads (n = 1 for the figures of record
+on the shared VM). Cases marked large (d = 1e6, d = 1e7, m = 4096) run only when timing
 (skipped under --benchmark-disable, the CI smoke run); d = 1e7 also needs MFAC_BENCH_HUGE=1
 (10 GB per window, one implementation at a time).
 """
@@ -35,6 +36,22 @@ torch = pytest.importorskip("torch")
 STEP_CASES = [(10_000, 64, False), (1_000_000, 256, True), (1_000_000, 1024, True), (10_000_000, 256, True)]
 UPDATE_CASES = [(64, False), (256, False), (1024, False), (4096, True)]
 DAMP_KAPPA = 1e4
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _threads():
+    """MFAC_BENCH_THREADS=n runs curvkit and PyTorch on n threads each (on a shared VM one
+    thread each is the stable comparison, as docs/bench.md's runs are)."""
+    n = os.environ.get("MFAC_BENCH_THREADS")
+    if not n:
+        yield
+        return
+    before = (curvkit.get_num_threads(), torch.get_num_threads())
+    curvkit.set_num_threads(int(n))
+    torch.set_num_threads(int(n))
+    yield
+    curvkit.set_num_threads(before[0])
+    torch.set_num_threads(before[1])
 
 
 def _skip_large(request, large, d=0):
