@@ -1062,7 +1062,7 @@ void block_group(cudaStream_t stream, const S* g, int64_t m, int64_t d, int64_t 
                                             int(n), infos.as<int>(), int(nb)));
   record_failure_kernel<<<grid_for(nb, kThreads), kThreads, 0, stream>>>(infos.as<int>(), nb, first, failed);
   CK_CUDA_CHECK(cudaGetLastError());
-  if (X) {
+  if (X && k > 0) {  // (d, 0) vectors: nothing to solve (cuBLAS refuses a leading dimension 0)
     // The group's rows of X, float64: block j is the k x bw column-major X_j^T (ld k).
     DeviceBuffer xw(sizeof(double) * size_t(w * k), stream);
     double* Xd = xw.as<double>();
