@@ -425,6 +425,8 @@ def test_blockwise_routes_backends(backend, dtype, m, d, block, rng):
     assert rel(to_numpy(got), fisher_solve(G64, x64[:, 0], damp, block=block)) < bound
     diag = curvkit.fisher_inverse_diag(Gs, damp, block_size=block)
     assert rel(to_numpy(diag), np.diag(fisher_inverse(G64, damp, block=block))) < bound
+    empty = curvkit.fisher_ihvp(Gs, make(np.zeros((d, 0)), backend, dtype), damp, block_size=block)
+    assert tuple(empty.shape) == (d, 0)
 
 
 def top_k_reference(acc, k, block):
