@@ -583,3 +583,195 @@ def test_spectral_density(case, num_probes, reorthogonalize):
     moments = np.einsum("ib,ij,jb->b", z, case.stored / scale, z) / n * scale
     np.testing.assert_allclose((weights * nodes).sum(axis=1), moments, rtol=0,
                                atol=unit * scale + product_floor(case, n))
+
+
+# ---- M-FAC family
+#
+# F = damp I + R^T R / c over gradient rows R, with damp = 0.1 max|G|^2 (the same problem at
+# every magnitude: kappa = ||g||^2 / (c damp) <= 10 d / c). The float64 reference is solved on
+# R / max|G| and scaled back without overflow; the documented accuracy is the dtype's rounding of
+# the result plus float64 rounding times kappa (docs/mfac.md).
+
+def fisher_damp(g):
+    """damp = 0.1 max|G|^2 for a finite stored G (1.0 when G is zero, empty or not finite), and
+    that max."""
+    amax = float(np.abs(g).max()) if g.size and np.isfinite(g).all() else 0.0
+    return (0.1 * amax * amax if amax > 0 else 1.0), (amax if amax > 0 else 1.0)
+
+
+def fisher_reference(rows, c, damp, amax, X=None, block=None):
+    """(F^-1 X, diag(F^-1), F^-1) at their true scale, from the float64 solve on rows / amax."""
+    d = rows.shape[1]
+    r = rows / amax
+    F = rescale(damp, [], [amax, amax]) * np.eye(d) + r.T @ r / max(c, 1)
+    if block is not None:
+        starts = np.arange(d) // block
+        F = np.where(starts[:, None] == starts[None, :], F, 0.0)
+    inverse = np.linalg.inv(F) if d else np.zeros((0, 0))
+    diag = rescale(np.diag(inverse), [], [amax, amax])
+    if X is None:
+        return None, diag, rescale(inverse, [], [amax, amax])
+    xs = float(np.abs(X).max()) if X.size else 0.0
+    xs = xs if xs > 0 else 1.0
+    return rescale(np.linalg.solve(F, X / xs) if d else X, [xs], [amax, amax]), diag, None
+
+
+def check_fisher_result(got, case, want, shape=None):
+    """got (the caller's kind) within the documented bound of want; or, where want does not fit
+    the dtype, a curvkit error instead (the caller passes the error as got=None)."""
+    values = same_kind(got, case, shape)
+    scale = float(np.abs(want).max()) if want.size else 0.0
+    bound = (4 * UNIT[case.dtype] + 1e-11) * scale + SMALLEST[case.dtype]
+    assert np.all(np.abs(values - want) <= bound), float(np.abs(values - want).max() / max(scale, 1e-300))
+
+
+def fits(want, dtype):
+    """True / False where the result clearly fits the dtype's range or not, None at the edge."""
+    top = float(np.abs(want).max()) if want.size else 0.0
+    return True if top < 0.99 * LARGEST[dtype] else (False if top > 1.01 * LARGEST[dtype] else None)
+
+
+def expect_fisher(got, error, case, want, shape=None):
+    verdict = fits(want, case.dtype)
+    if verdict is None:
+        assert error is None or isinstance(error, CurvkitError), error
+        if error is None:
+            same_kind(got, case, shape)
+        return
+    if not verdict:  # |x| / damp beyond the dtype: refused, never handed on as Inf
+        assert isinstance(error, CurvkitError), error
+        return
+    assert error is None, error
+    check_fisher_result(got, case, want, shape)
+
+
+def fisher_refusal(g, x, damp, *names_ok):
+    """The argument names a call on G and x may be refused by, [] if none."""
+    names = []
+    if g.stored.ndim != 2:
+        names.append("G")
+    elif not g.finite:
+        names.append("G")
+    if x is not None and not x.finite:
+        names.append("x")
+    if not (np.isfinite(damp) and damp > 0):
+        names.append("damp")
+    return names + list(names_ok) if names else []
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), block=st.sampled_from([None, 1, 2, 3, 7]), k=st.integers(0, 3))
+def test_fisher_ihvp_and_diag(data, block, k):
+    g = data.draw(cases("general"))
+    d = g.stored.shape[-1]
+    x = data.draw(cases("general", g.framework, g.dtype, (d, k)))
+    damp, amax = fisher_damp(g.stored)
+    got, error = run(g, lambda: curvkit.fisher_ihvp(g.x, x.x, damp, block_size=block))
+    names = fisher_refusal(g, x, damp)
+    if names:
+        return refused_by_name(error, *names)
+    want, _, _ = fisher_reference(g.stored, g.stored.shape[0], damp, amax, x.stored, block)
+    expect_fisher(got, error, x, want)
+    got, error = run(g, lambda: curvkit.fisher_inverse_diag(g.x, damp, block_size=block))
+    _, want, _ = fisher_reference(g.stored, g.stored.shape[0], damp, amax, block=block)
+    expect_fisher(got, error, g, want, (d,))
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), count=st.integers(1, 4))
+def test_fisher_inverse_entries(data, count):
+    g = data.draw(cases("general"))
+    damp, amax = fisher_damp(g.stored)
+    got, error = run(g, lambda: curvkit.fisher_inverse_factor(g.x, damp))
+    names = fisher_refusal(g, None, damp)
+    if names:
+        return refused_by_name(error, *names)
+    assert error is None, error
+    assert type(got) is type(g.x) and tuple(got.shape) == g.stored.shape
+    m, d = g.stored.shape
+    if d == 0:
+        return
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    rows, cols = rng.integers(0, d, count), rng.integers(0, d, count)
+    entries, error = run(g, lambda: curvkit.fisher_inverse_entries(got, damp, rows, cols))
+    assert error is None, error
+    _, _, inverse = fisher_reference(g.stored, m, damp, amax)
+    assert type(entries) is type(g.x)
+    values = to_numpy(entries)
+    want = inverse[rows, cols]
+    scale = float(np.abs(inverse).max())
+    assert np.all(np.abs(values - want) <= 1e-11 * scale + SMALLEST["float64"])
+
+
+def push_rows(window, g, rows_of, may_refuse):
+    """Pushes each row of the stored case; a refused one must name 'g' and leave the window as
+    it was. Returns whether every row was taken."""
+    for i in range(g.stored.shape[0]):
+        before = (window.size, window.count)
+        _, error = run(g, lambda i=i: window.push(rows_of(i)))
+        if error is None:
+            continue
+        assert may_refuse(i), error
+        refused_by_name(error, "g")
+        assert (window.size, window.count) == before
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), capacity=st.integers(1, 3), normalize=st.sampled_from(["capacity", "count"]),
+       k=st.integers(1, 2))
+def test_fisher_window(data, capacity, normalize, k):
+    g = data.draw(cases("general"))
+    if g.stored.ndim != 2:
+        return
+    m, d = g.stored.shape
+    x = data.draw(cases("general", g.framework, g.dtype, (d, k)))
+    damp, amax = fisher_damp(g.stored[np.isfinite(g.stored).all(axis=1)] if m else g.stored)
+    window, error = run(g, lambda: curvkit.FisherWindow(d, capacity, damp, dtype=g.dtype, like=g.x,
+                                                        normalize=normalize))
+    if d == 0:
+        return refused_by_name(error, "d")
+    if not (np.isfinite(damp) and damp > 0):
+        return refused_by_name(error, "damp")
+    assert error is None, error
+    push_rows(window, g, lambda i: g.x[i], lambda i: not np.isfinite(g.stored[i]).all())
+    taken = [i for i in range(m) if np.isfinite(g.stored[i]).all()][-capacity:]
+    assert window.size == len(taken)
+    rows = g.stored[taken] if taken else np.zeros((0, d))
+    c = capacity if normalize == "capacity" else max(len(taken), 1)
+    got, error = run(g, lambda: window.ihvp(x.x))
+    if not x.finite:
+        return refused_by_name(error, "x")
+    want, diag, _ = fisher_reference(rows, c, damp, amax, x.stored)
+    expect_fisher(got, error, x, want)
+    got, error = run(g, lambda: window.diag())
+    expect_fisher(got, error, g, diag, (d,))
+
+
+@settings(**SETTINGS)
+@given(data=st.data(), capacity=st.integers(1, 3), keep=st.integers(1, 3), block=st.sampled_from([None, 1, 2, 4]),
+       normalize=st.sampled_from(["capacity", "count"]))
+def test_sparse_fisher_window(data, capacity, keep, block, normalize):
+    g = data.draw(cases("general"))
+    if g.stored.ndim != 2:
+        return
+    m, d = g.stored.shape
+    x = data.draw(cases("general", g.framework, g.dtype, (d, 1)))
+    damp, amax = fisher_damp(g.stored[np.isfinite(g.stored).all(axis=1)] if m else g.stored)
+    window, error = run(g, lambda: curvkit.SparseFisherWindow(d, capacity, keep, damp, block_size=block,
+                                                              dtype=g.dtype, like=g.x, normalize=normalize))
+    if d == 0:
+        return refused_by_name(error, "d")
+    if not (np.isfinite(damp) and damp > 0):
+        return refused_by_name(error, "damp")
+    assert error is None, error
+    # The error feedback sums the rows: near the top of the dtype's range it may overflow.
+    near_top = amax * max(m, 1) > 0.1 * LARGEST[g.dtype]
+    push_rows(window, g, lambda i: g.x[i], lambda i: near_top or not np.isfinite(g.stored[i]).all())
+    rows = window.densified()[window.slots] if window.size else np.zeros((0, d))
+    c = capacity if normalize == "capacity" else max(window.size, 1)
+    got, error = run(g, lambda: window.ihvp(x.x))
+    if not x.finite:
+        return refused_by_name(error, "x")
+    scale = max(amax, float(np.abs(rows).max()) if rows.size else 0.0)
+    want, _, _ = fisher_reference(rows, c, damp, scale, x.stored)
+    expect_fisher(got, error, x, want)

@@ -1,9 +1,10 @@
 """M-FAC family against dense float64 references: solve(damp I + G^T G / c, x)."""
 import numpy as np
 import pytest
-from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, make, needs_torch, to_numpy
+from conftest import KERNEL_BACKENDS, TOL, backend_dtypes, is_cuda, make, needs_torch, to_numpy
 
 import curvkit
+from curvkit import ArgumentError
 from curvkit.testing import fisher_inverse, fisher_matrix, fisher_solve
 from curvkit.testing import gradient_window as gradients
 
@@ -341,3 +342,127 @@ def test_sparse_window_refuses_bad_gradients_unchanged(rng):
     assert all(np.array_equal(a, b) for a, b in zip(before[:5], after[:5])) and before[5:] == after[5:]
     w.reset()
     assert w.size == 0 and not np.array(w.error).any()
+
+
+# ---------------------------------------------------------------------------------------
+# Every kernel path (CPU, and CUDA where there is one): refusals, result checks, blockwise
+# routes and compressed windows
+
+def refuse_push(window, g, backend):
+    """Push a gradient the window must refuse: raised by the push on the CPU; on CUDA the push
+    does not wait for the device and the next check raises."""
+    if is_cuda(backend):
+        window.push(g)
+        with pytest.raises(ArgumentError, match="refused on the device"):
+            window.check()
+    else:
+        with pytest.raises(ArgumentError, match="argument 'g'"):
+            window.push(g)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("sparse", [False, True])
+def test_refused_push_leaves_the_window_as_it_was(backend, sparse, rng):
+    m, d, damp = 4, 60, 1e-1
+    G = rng.standard_normal((6, d))
+    new = (lambda: curvkit.SparseFisherWindow(d, m, 8, damp, block_size=20, dtype="float64",
+                                              like=make(np.zeros(1), backend))) if sparse else \
+        (lambda: curvkit.FisherWindow(d, m, damp, dtype="float64", like=make(np.zeros(1), backend)))
+    w, reference = new(), new()
+    for g in G[:5]:
+        w.push(make(g, backend))
+        reference.push(make(g, backend))
+    bad = G[5].copy()
+    bad[3] = np.nan
+    refuse_push(w, make(bad, backend), backend)
+    huge = G[5] * 1e8  # ||g||^2 / (m damp) ~ 1e18 > 1e12
+    refuse_push(w, make(huge, backend), backend)
+    assert (w.size, w.count, w.slots) == (reference.size, reference.count, reference.slots)
+    x = make(rng.standard_normal(d), backend)
+    assert rel(to_numpy(w.ihvp(x)), to_numpy(reference.ihvp(x))) < F64
+    if is_cuda(backend):
+        # A refusal is also reported by the next product, with the pushes after it dropped.
+        w.push(make(bad, backend))
+        w.push(make(G[0], backend))
+        with pytest.raises(ArgumentError, match="push 1 of the 2 since the last check"):
+            w.ihvp(x)
+        assert (w.size, w.count) == (reference.size, reference.count)
+        assert rel(to_numpy(w.ihvp(x)), to_numpy(reference.ihvp(x))) < F64
+    w.push(make(G[0], backend))  # the window goes on
+    reference.push(make(G[0], backend))
+    assert rel(to_numpy(w.ihvp(x)), to_numpy(reference.ihvp(x))) < F64
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_results_beyond_the_dtype_are_refused(backend, rng):
+    d = 20
+    G = make(rng.standard_normal((3, d)), backend, "float32")
+    x = make(np.full(d, 1e36), backend, "float32")
+    with pytest.raises(ArgumentError, match="not finite in float32"):
+        curvkit.fisher_ihvp(G, x, 1e-4)
+    with pytest.raises(ArgumentError, match="not finite in float32"):
+        curvkit.fisher_ihvp(G, x, 1e-4, block_size=8)
+    w = curvkit.FisherWindow(d, 2, 1e-4, dtype="float32", like=G)
+    w.push(G[0])
+    with pytest.raises(ArgumentError, match="not finite in float32"):
+        w.ihvp(x)
+    assert w.size == 1  # the window itself is fine
+    assert np.isfinite(to_numpy(w.ihvp(G[1]))).all()
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(["float32", "float64"], of=KERNEL_BACKENDS))
+@pytest.mark.parametrize("m, d, block", [(16, 100, 8), (16, 100, 16), (4, 90, 30), (6, 1000, 96), (5, 7, 50)])
+def test_blockwise_routes_backends(backend, dtype, m, d, block, rng):
+    """Both routes (dense B x B when B <= m, Woodbury when B > m), a last partial block, and on
+    CUDA blocks batched in groups."""
+    G, damp = gradients(rng, m, d, kappa=1e2)
+    Gs, G64 = stored(G, backend, dtype)
+    xs, x64 = stored(rng.standard_normal((d, 3)), backend, dtype)
+    bound = window_bound(dtype, 1e2)
+    got = curvkit.fisher_ihvp(Gs, xs, damp, block_size=block)
+    assert rel(to_numpy(got), fisher_solve(G64, x64, damp, block=block)) < bound
+    got = curvkit.fisher_ihvp(Gs, xs[:, 0], damp, block_size=block)
+    assert rel(to_numpy(got), fisher_solve(G64, x64[:, 0], damp, block=block)) < bound
+    diag = curvkit.fisher_inverse_diag(Gs, damp, block_size=block)
+    assert rel(to_numpy(diag), np.diag(fisher_inverse(G64, damp, block=block))) < bound
+    empty = curvkit.fisher_ihvp(Gs, make(np.zeros((d, 0)), backend, dtype), damp, block_size=block)
+    assert tuple(empty.shape) == (d, 0)
+
+
+def top_k_reference(acc, k, block):
+    """The columns a compressed window keeps from acc: the k largest |acc| per block, ties to the
+    smaller index, ascending."""
+    chosen = []
+    for b0 in range(0, len(acc), block):
+        part = np.abs(acc[b0:b0 + block])
+        order = np.lexsort((np.arange(len(part)), -part))[:min(k, len(part))]
+        chosen.extend(sorted(order + b0))
+    return np.array(chosen)
+
+
+@pytest.mark.parametrize("backend, dtype", backend_dtypes(["float32", "float64", "bfloat16"], of=KERNEL_BACKENDS)
+                         + backend_dtypes(["bfloat16"]))
+@pytest.mark.parametrize("d, k, block", [(500, 7, None), (1000, 3, 96), (40_000, 5, 33_000), (64, 40, 16)])
+def test_sparse_window_backends(backend, dtype, d, k, block, rng):
+    """Selection (ties included: repeated magnitudes), error feedback and products on every
+    kernel path, against the NumPy selection and the dense solve on the densified rows."""
+    m, damp = 3, 1e-1
+    w = curvkit.SparseFisherWindow(d, m, k, damp, block_size=block, dtype=dtype, like=make(np.zeros(1), backend))
+    G = np.round(rng.standard_normal((2 * m, d)), 1)  # many equal magnitudes
+    error = np.zeros(d)
+    for g in G:
+        gs, g64 = stored(g, backend, dtype)
+        acc = error + g64
+        w.push(gs)
+        slot = w.slots[-1]
+        idx = to_numpy(w.indices[slot]).astype(np.int64)
+        assert np.array_equal(idx, top_k_reference(acc, k, block or d))
+        error = to_numpy(w.error)
+        kept = np.zeros(d)
+        kept[idx] = to_numpy(w.values[slot])
+        assert np.allclose(error + kept, acc, rtol=0, atol=4 * np.abs(acc).max() * TOL[(dtype, "mfac")])
+    S = w.densified()[w.slots]
+    xs, x64 = stored(rng.standard_normal((d, 2)), backend, dtype)
+    # float64 Woodbury on the densified rows (a dense d x d solve would not fit at d = 40000)
+    ref = (x64 - S.T @ np.linalg.solve(m * damp * np.eye(len(S)) + S @ S.T, S @ x64)) / damp
+    assert rel(to_numpy(w.ihvp(xs)), ref) < window_bound(dtype, 1e3)

@@ -21,25 +21,39 @@ using State = std::tuple<int64_t, int64_t, int64_t, int64_t>;  // size, oldest, 
 
 FisherWindowState to_state(const State& s) { return {std::get<0>(s), std::get<1>(s), std::get<2>(s), std::get<3>(s)}; }
 
-// The window's arrays, imported writable (push writes all three; the others only read).
+using Status = std::tuple<int64_t, int64_t, bool>;  // fault, pushes accepted before it, result finite
+
+Status to_tuple(const WindowStatus& s) { return {s.fault, s.accepted, s.result_finite}; }
+
+// The optional status word (None: no view).
+interop::ImportedArray import_status(py::handle status, StreamHandle stream) {
+  if (status.is_none()) return {};
+  return interop::import_output(status, "status", stream);
+}
+
+// The window's arrays, imported writable (push writes all of them; the others only read).
 struct Window {
-  interop::ImportedArray G, gram, factor;
-  Window(py::handle g, py::handle k, py::handle l, StreamHandle stream)
+  interop::ImportedArray G, gram, factor, status;
+  Window(py::handle g, py::handle k, py::handle l, py::handle st, StreamHandle stream)
       : G(interop::import_output(g, "G", stream)),
         gram(interop::import_output(k, "gram", stream)),
-        factor(interop::import_output(l, "factor", stream)) {}
-  FisherWindowArrays arrays() const { return {G.view, gram.view, factor.view}; }
+        factor(interop::import_output(l, "factor", stream)),
+        status(import_status(st, stream)) {}
+  FisherWindowArrays arrays() const { return {G.view, gram.view, factor.view, status.view}; }
 };
 
 struct SparseWindow {
-  interop::ImportedArray indices, values, error, gram, factor;
-  SparseWindow(py::handle i, py::handle v, py::handle e, py::handle k, py::handle l, StreamHandle stream)
+  interop::ImportedArray indices, values, error, gram, factor, status;
+  SparseWindow(py::handle i, py::handle v, py::handle e, py::handle k, py::handle l, py::handle st, StreamHandle stream)
       : indices(interop::import_output(i, "indices", stream)),
         values(interop::import_output(v, "values", stream)),
         error(interop::import_output(e, "error", stream)),
         gram(interop::import_output(k, "gram", stream)),
-        factor(interop::import_output(l, "factor", stream)) {}
-  SparseWindowArrays arrays() const { return {indices.view, values.view, error.view, gram.view, factor.view}; }
+        factor(interop::import_output(l, "factor", stream)),
+        status(import_status(st, stream)) {}
+  SparseWindowArrays arrays() const {
+    return {indices.view, values.view, error.view, gram.view, factor.view, status.view};
+  }
 };
 
 FisherWindowOptions options(double damp, const std::string& normalize, int64_t refactor_every) {
@@ -56,10 +70,10 @@ void register_mfac(py::module_& m, py::module_& /*testing*/) {
   m.def(
       "fisher_window_push",
       [](py::handle G, py::handle gram, py::handle factor, const State& state, double damp,
-         const std::string& normalize, int64_t refactor_every, py::handle g, StreamHandle stream,
+         const std::string& normalize, int64_t refactor_every, py::handle status, py::handle g, StreamHandle stream,
          py::object workspace) {
         const FisherWindowOptions o = options(damp, normalize, refactor_every);
-        Window w(G, gram, factor, stream);
+        Window w(G, gram, factor, status, stream);
         interop::ImportedArray gi = interop::import_array(g, "g", stream);
         FisherWindowState next;
         {
@@ -69,59 +83,60 @@ void register_mfac(py::module_& m, py::module_& /*testing*/) {
         return State{next.size, next.oldest, next.count, next.since_refactor};
       },
       py::arg("G"), py::arg("gram"), py::arg("factor"), py::arg("state"), py::kw_only(), py::arg("damp"),
-      py::arg("normalize"), py::arg("refactor_every"), py::arg("g"), py::arg("stream"), py::arg("workspace"),
-      "Push g into a FisherWindow's arrays; returns the new state (see curvkit.FisherWindow).");
+      py::arg("normalize"), py::arg("refactor_every"), py::arg("status").none(true), py::arg("g"), py::arg("stream"),
+      py::arg("workspace"), "Push g into a FisherWindow's arrays; returns the new state (see curvkit.FisherWindow).");
   m.def(
       "fisher_window_ihvp",
       [](py::handle G, py::handle gram, py::handle factor, const State& state, double damp,
-         const std::string& normalize, int64_t refactor_every, py::handle x, py::handle out, StreamHandle stream,
-         py::object workspace) {
+         const std::string& normalize, int64_t refactor_every, py::handle status, py::handle x, py::handle out,
+         StreamHandle stream, py::object workspace) {
         const FisherWindowOptions o = options(damp, normalize, refactor_every);
-        Window w(G, gram, factor, stream);
+        Window w(G, gram, factor, status, stream);
         interop::ImportedArray xi = interop::import_array(x, "x", stream);
         interop::ImportedArray oi = interop::import_output(out, "out", stream);
         binding::CallScope scope(std::move(workspace));
-        fisher_window_ihvp(w.arrays(), to_state(state), o, xi.view, oi.view, stream);
+        return to_tuple(fisher_window_ihvp(w.arrays(), to_state(state), o, xi.view, oi.view, stream));
       },
       py::arg("G"), py::arg("gram"), py::arg("factor"), py::arg("state"), py::kw_only(), py::arg("damp"),
-      py::arg("normalize"), py::arg("refactor_every"), py::arg("x"), py::arg("out"), py::arg("stream"),
-      py::arg("workspace"), "out = F^-1 x for a FisherWindow (see curvkit.FisherWindow.ihvp).");
+      py::arg("normalize"), py::arg("refactor_every"), py::arg("status").none(true), py::arg("x"), py::arg("out"),
+      py::arg("stream"), py::arg("workspace"), "out = F^-1 x for a FisherWindow (see curvkit.FisherWindow.ihvp).");
   m.def(
       "fisher_window_diag",
       [](py::handle G, py::handle gram, py::handle factor, const State& state, double damp,
-         const std::string& normalize, int64_t refactor_every, py::handle out, StreamHandle stream,
+         const std::string& normalize, int64_t refactor_every, py::handle status, py::handle out, StreamHandle stream,
          py::object workspace) {
         const FisherWindowOptions o = options(damp, normalize, refactor_every);
-        Window w(G, gram, factor, stream);
+        Window w(G, gram, factor, status, stream);
         interop::ImportedArray oi = interop::import_output(out, "out", stream);
         binding::CallScope scope(std::move(workspace));
-        fisher_window_diag(w.arrays(), to_state(state), o, oi.view, stream);
+        return to_tuple(fisher_window_diag(w.arrays(), to_state(state), o, oi.view, stream));
       },
       py::arg("G"), py::arg("gram"), py::arg("factor"), py::arg("state"), py::kw_only(), py::arg("damp"),
-      py::arg("normalize"), py::arg("refactor_every"), py::arg("out"), py::arg("stream"), py::arg("workspace"),
-      "out = diag(F^-1) for a FisherWindow (see curvkit.FisherWindow.diag).");
+      py::arg("normalize"), py::arg("refactor_every"), py::arg("status").none(true), py::arg("out"), py::arg("stream"),
+      py::arg("workspace"), "out = diag(F^-1) for a FisherWindow (see curvkit.FisherWindow.diag).");
   m.def(
       "fisher_window_refactor",
       [](py::handle G, py::handle gram, py::handle factor, const State& state, double damp,
-         const std::string& normalize, int64_t refactor_every, StreamHandle stream, py::object workspace) {
+         const std::string& normalize, int64_t refactor_every, py::handle status, StreamHandle stream,
+         py::object workspace) {
         const FisherWindowOptions o = options(damp, normalize, refactor_every);
-        Window w(G, gram, factor, stream);
+        Window w(G, gram, factor, status, stream);
         binding::CallScope scope(std::move(workspace));
         fisher_window_refactor(w.arrays(), to_state(state), o, stream);
       },
       py::arg("G"), py::arg("gram"), py::arg("factor"), py::arg("state"), py::kw_only(), py::arg("damp"),
-      py::arg("normalize"), py::arg("refactor_every"), py::arg("stream"), py::arg("workspace"),
-      "Refactor a FisherWindow's capacitance matrix from its Gram matrix.");
+      py::arg("normalize"), py::arg("refactor_every"), py::arg("status").none(true), py::arg("stream"),
+      py::arg("workspace"), "Refactor a FisherWindow's capacitance matrix from its Gram matrix.");
   m.def(
       "fisher_sparse_window_push",
       [](py::handle indices, py::handle values, py::handle error, py::handle gram, py::handle factor,
-         const State& state, double damp, const std::string& normalize, int64_t refactor_every, int64_t block_size,
-         int64_t k, py::handle g, StreamHandle stream, py::object workspace) {
+         const State& state, double damp, const std::string& normalize, int64_t refactor_every, py::handle status,
+         int64_t block_size, int64_t k, py::handle g, StreamHandle stream, py::object workspace) {
         const FisherWindowOptions o = options(damp, normalize, refactor_every);
         SparseOptions so;
         so.block = block_size;
         so.k_per_block = k;
-        SparseWindow w(indices, values, error, gram, factor, stream);
+        SparseWindow w(indices, values, error, gram, factor, status, stream);
         interop::ImportedArray gi = interop::import_array(g, "g", stream);
         FisherWindowState next;
         {
@@ -131,24 +146,33 @@ void register_mfac(py::module_& m, py::module_& /*testing*/) {
         return State{next.size, next.oldest, next.count, next.since_refactor};
       },
       py::arg("indices"), py::arg("values"), py::arg("error"), py::arg("gram"), py::arg("factor"), py::arg("state"),
-      py::kw_only(), py::arg("damp"), py::arg("normalize"), py::arg("refactor_every"), py::arg("block_size"),
-      py::arg("k"), py::arg("g"), py::arg("stream"), py::arg("workspace"),
+      py::kw_only(), py::arg("damp"), py::arg("normalize"), py::arg("refactor_every"), py::arg("status").none(true),
+      py::arg("block_size"), py::arg("k"), py::arg("g"), py::arg("stream"), py::arg("workspace"),
       "Push g into a SparseFisherWindow's arrays; returns the new state (see curvkit.SparseFisherWindow).");
   m.def(
       "fisher_sparse_window_ihvp",
       [](py::handle indices, py::handle values, py::handle error, py::handle gram, py::handle factor,
-         const State& state, double damp, const std::string& normalize, int64_t refactor_every, py::handle x,
-         py::handle out, StreamHandle stream, py::object workspace) {
+         const State& state, double damp, const std::string& normalize, int64_t refactor_every, py::handle status,
+         py::handle x, py::handle out, StreamHandle stream, py::object workspace) {
         const FisherWindowOptions o = options(damp, normalize, refactor_every);
-        SparseWindow w(indices, values, error, gram, factor, stream);
+        SparseWindow w(indices, values, error, gram, factor, status, stream);
         interop::ImportedArray xi = interop::import_array(x, "x", stream);
         interop::ImportedArray oi = interop::import_output(out, "out", stream);
         binding::CallScope scope(std::move(workspace));
-        sparse_window_ihvp(w.arrays(), to_state(state), o, xi.view, oi.view, stream);
+        return to_tuple(sparse_window_ihvp(w.arrays(), to_state(state), o, xi.view, oi.view, stream));
       },
       py::arg("indices"), py::arg("values"), py::arg("error"), py::arg("gram"), py::arg("factor"), py::arg("state"),
-      py::kw_only(), py::arg("damp"), py::arg("normalize"), py::arg("refactor_every"), py::arg("x"), py::arg("out"),
-      py::arg("stream"), py::arg("workspace"), "out = F^-1 x for a SparseFisherWindow.");
+      py::kw_only(), py::arg("damp"), py::arg("normalize"), py::arg("refactor_every"), py::arg("status").none(true),
+      py::arg("x"), py::arg("out"), py::arg("stream"), py::arg("workspace"), "out = F^-1 x for a SparseFisherWindow.");
+  m.def(
+      "fisher_window_status",
+      [](py::handle status, StreamHandle stream, py::object workspace) {
+        interop::ImportedArray si = interop::import_output(status, "status", stream);
+        binding::CallScope scope(std::move(workspace));
+        return to_tuple(fisher_window_status(si.view, stream));
+      },
+      py::arg("status"), py::kw_only(), py::arg("stream"), py::arg("workspace"),
+      "Read and clear a window's status word: (fault, pushes accepted before it, True) (see FisherWindow.check).");
   m.def(
       "fisher_ihvp",
       [](py::handle G, py::handle x, py::handle out, double damp, StreamHandle stream, py::object workspace) {

@@ -191,7 +191,7 @@ void check_result(const S* out, int64_t size, double damp, const char* what) {
   bool finite = true;
   for (int64_t i = 0; i < size; ++i) finite &= std::fabs(load(out[i])) <= DBL_MAX;
   CK_CHECK_VALUE(finite, "the result of ", what, " is not finite in ", dtype_name<S>(),
-                 ": 'x' holds NaN or Inf, or 1 / damp (damp = ", damp, ") overflows the dtype");
+                 ": argument 'x' holds NaN or Inf, or |x| / damp (argument 'damp' = ", damp, ") overflows the dtype");
 }
 
 // Sum of squares of a vector in the storage dtype (chunk order), and whether it is finite.

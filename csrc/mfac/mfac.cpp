@@ -61,6 +61,22 @@ void check_diag_out(const ArrayView& G, const ArrayView& out) {
   check_contiguous(out, "out");
 }
 
+// The optional status word: int64 (2,) on the window's device; required on CUDA.
+void check_status(const ArrayView& status, const ArrayView& like, const char* like_name) {
+  if (status.data == nullptr) {
+    CK_CHECK_VALUE(!like.device.is_cuda(), "argument 'status' (an int64 array of shape (2,)) is required for a ",
+                   "window on CUDA");
+    return;
+  }
+  CK_CHECK_TYPE(status.dtype == (DType{DTypeCode::Int, 64}), "argument 'status' must be int64, got ",
+                status.dtype.name());
+  CK_CHECK_VALUE(status.ndim() == 1 && status.size(0) == 2, "argument 'status' must have shape (2,), got ",
+                 shape_text(status));
+  check_contiguous(status, "status");
+  check_writable(status, "status");
+  check_same_device(like, like_name, status, "status");
+}
+
 void check_window(const FisherWindowArrays& w, const FisherWindowState& s, const FisherWindowOptions& o) {
   check_gradients(w.G, "G");
   check_writable(w.G, "G");
@@ -76,11 +92,21 @@ void check_window(const FisherWindowArrays& w, const FisherWindowState& s, const
   CK_CHECK_VALUE(
       s.size >= 0 && s.size <= m && s.oldest >= 0 && s.oldest < m && s.count >= s.size && s.since_refactor >= 0,
       "the window state (size ", s.size, ", oldest ", s.oldest, ", count ", s.count, ") does not fit its capacity ", m);
+  check_status(w.status, w.G, "G");
   const std::vector<ArrayView> state{w.G, w.gram, w.factor};
   check_no_overlap({{state, "window arrays"}}, {});
 }
 
 }  // namespace
+
+WindowStatus fisher_window_status(const ArrayView& status, StreamHandle stream) {
+  if (status.data == nullptr) return {};
+  check_status(status, status, "status");
+  (void)stream;
+  WindowStatus result;
+  CK_DEVICE_DISPATCH(status.device, (void)0, result = mfac::status_cuda(status, stream));
+  return result;
+}
 
 double fisher_window_scale(int64_t capacity, int64_t size, FisherNormalize normalize) {
   if (normalize == FisherNormalize::Count) return double(size > 0 ? size : 1);
@@ -118,26 +144,31 @@ FisherWindowState fisher_window_push(const FisherWindowArrays& w, const FisherWi
   return next;
 }
 
-void fisher_window_ihvp(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
-                        const ArrayView& x, const ArrayView& out, StreamHandle stream) {
+WindowStatus fisher_window_ihvp(const FisherWindowArrays& w, const FisherWindowState& state,
+                                const FisherWindowOptions& o, const ArrayView& x, const ArrayView& out,
+                                StreamHandle stream) {
   check_window(w, state, o);
   check_vectors(w.G, x, "x", &out);
   const std::vector<ArrayView> state_arrays{w.G, w.gram, w.factor}, outs{out}, ins{x};
   check_no_overlap({{outs, "out"}}, {{state_arrays, "window arrays"}, {ins, "x"}});
   const mfac::Capacitance cap = mfac::window_capacitance(state, w.G.size(0), o);
   (void)stream;
-  CK_DEVICE_DISPATCH(w.G.device, mfac::ihvp_cpu(w, cap, x, out), mfac::ihvp_cuda(w, cap, x, out, stream));
+  WindowStatus status;
+  CK_DEVICE_DISPATCH(w.G.device, mfac::ihvp_cpu(w, cap, x, out), status = mfac::ihvp_cuda(w, cap, x, out, stream));
+  return status;
 }
 
-void fisher_window_diag(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
-                        const ArrayView& out, StreamHandle stream) {
+WindowStatus fisher_window_diag(const FisherWindowArrays& w, const FisherWindowState& state,
+                                const FisherWindowOptions& o, const ArrayView& out, StreamHandle stream) {
   check_window(w, state, o);
   check_diag_out(w.G, out);
   const std::vector<ArrayView> state_arrays{w.G, w.gram, w.factor}, outs{out};
   check_no_overlap({{outs, "out"}}, {{state_arrays, "window arrays"}});
   const mfac::Capacitance cap = mfac::window_capacitance(state, w.G.size(0), o);
   (void)stream;
-  CK_DEVICE_DISPATCH(w.G.device, mfac::diag_cpu(w, cap, out), mfac::diag_cuda(w, cap, out, stream));
+  WindowStatus status;
+  CK_DEVICE_DISPATCH(w.G.device, mfac::diag_cpu(w, cap, out), status = mfac::diag_cuda(w, cap, out, stream));
+  return status;
 }
 
 void fisher_window_refactor(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
@@ -259,12 +290,9 @@ void check_sparse_window(const SparseWindowArrays& w, const FisherWindowState& s
   CK_CHECK_VALUE(
       s.size >= 0 && s.size <= m && s.oldest >= 0 && s.oldest < m && s.count >= s.size && s.since_refactor >= 0,
       "the window state (size ", s.size, ", oldest ", s.oldest, ", count ", s.count, ") does not fit its capacity ", m);
+  check_status(w.status, w.values, "values");
   const std::vector<ArrayView> state{w.indices, w.values, w.error, w.gram, w.factor};
   check_no_overlap({{state, "window arrays"}}, {});
-}
-
-[[noreturn]] void throw_sparse_cpu_only() {
-  throw ValueError("compressed (sparse) windows run on the CPU only in this version; pass CPU arrays");
 }
 
 }  // namespace
@@ -282,12 +310,15 @@ FisherWindowState sparse_window_push(const SparseWindowArrays& w, const FisherWi
   const std::vector<ArrayView> state_arrays{w.indices, w.values, w.error, w.gram, w.factor}, inputs{g};
   check_no_overlap({{state_arrays, "window arrays"}}, {{inputs, "g"}});
   (void)stream;
-  if (w.values.device.is_cuda()) throw_sparse_cpu_only();
-  return mfac::sparse_push_cpu(w, state, o, so, g);
+  FisherWindowState next;
+  CK_DEVICE_DISPATCH(w.values.device, next = mfac::sparse_push_cpu(w, state, o, so, g),
+                     next = mfac::sparse_push_cuda(w, state, o, so, g, stream));
+  return next;
 }
 
-void sparse_window_ihvp(const SparseWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
-                        const ArrayView& x, const ArrayView& out, StreamHandle stream) {
+WindowStatus sparse_window_ihvp(const SparseWindowArrays& w, const FisherWindowState& state,
+                                const FisherWindowOptions& o, const ArrayView& x, const ArrayView& out,
+                                StreamHandle stream) {
   check_sparse_window(w, state, o, nullptr);
   const int64_t d = w.error.size(0);
   CK_CHECK_TYPE(x.dtype == w.values.dtype, "argument 'x' must have the window's dtype ", w.values.dtype.name(),
@@ -301,8 +332,11 @@ void sparse_window_ihvp(const SparseWindowArrays& w, const FisherWindowState& st
   const std::vector<ArrayView> state_arrays{w.indices, w.values, w.error, w.gram, w.factor}, outs{out}, ins{x};
   check_no_overlap({{outs, "out"}}, {{state_arrays, "window arrays"}, {ins, "x"}});
   (void)stream;
-  if (w.values.device.is_cuda()) throw_sparse_cpu_only();
-  mfac::sparse_ihvp_cpu(w, mfac::window_capacitance(state, w.indices.size(0), o), x, out);
+  const mfac::Capacitance cap = mfac::window_capacitance(state, w.indices.size(0), o);
+  WindowStatus status;
+  CK_DEVICE_DISPATCH(w.values.device, mfac::sparse_ihvp_cpu(w, cap, x, out),
+                     status = mfac::sparse_ihvp_cuda(w, cap, x, out, stream));
+  return status;
 }
 
 namespace {

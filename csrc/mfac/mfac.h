@@ -46,10 +46,34 @@ struct FisherWindowOptions {
 };
 
 // Caller-owned arrays of a window of capacity m over dimension d: G (m, d) in the storage dtype,
-// gram (m, m) float64, factor (m, m) float64; all C-contiguous, on one device.
+// gram (m, m) float64, factor (m, m) float64; all C-contiguous, on one device. status: int64
+// (2,) on that device, required on CUDA (optional on the CPU, where it stays zero): a push that
+// the device refuses (see WindowFault) is a no-op there and is recorded in it, so that no push
+// waits for the host.
 struct FisherWindowArrays {
-  ArrayView G, gram, factor;
+  ArrayView G, gram, factor, status;
 };
+
+// Why the device refused a push. status[0]: the first refusal since status was last read (and
+// every later push is a no-op too, until it is read); status[1]: the pushes accepted since then,
+// before that refusal.
+enum WindowFault : int64_t {
+  kFaultNone = 0,
+  kFaultNonFinite = 1,  // g held NaN or Inf: window unchanged
+  kFaultKappa = 2,      // ||g||^2 / (c damp) > kMaxKappa: window unchanged
+  kFaultBreakdown = 3,  // the refactored capacitance matrix was not positive definite in float64:
+                        // G and the Gram matrix hold the gradient, the factor is stale
+};
+struct WindowStatus {
+  int64_t fault = kFaultNone;
+  int64_t accepted = 0;
+  // CUDA ihvp / diag: whether the result is finite, read in the same copy. Reported rather than
+  // thrown, so that the caller always learns the status it has consumed (the CPU throws).
+  bool result_finite = true;
+};
+// Reads and clears a window's status (on CUDA: one synchronization). Without a status array,
+// or on the CPU, nothing was recorded: {0, 0}.
+WindowStatus fisher_window_status(const ArrayView& status, StreamHandle stream);
 
 // The normalization c for a window holding `size` gradients.
 double fisher_window_scale(int64_t capacity, int64_t size, FisherNormalize normalize);
@@ -59,16 +83,22 @@ double fisher_window_scale(int64_t capacity, int64_t size, FisherNormalize norma
 constexpr double kMaxKappa = 1e12;
 
 // Adds g (shape (d,), the storage dtype, finite) to the window, replacing the oldest when full;
-// returns the new state. g is checked before anything is written (a refused g leaves the window
-// as it was; on CUDA that check reads one value back to the host).
+// returns the new state. g is checked before anything is written: on the CPU a refused g throws
+// and leaves the window as it was; on CUDA the check runs on the device (no synchronization), a
+// refused g leaves the window as it was and is recorded in w.status, reported by the next
+// ihvp, diag or fisher_window_status.
 FisherWindowState fisher_window_push(const FisherWindowArrays& w, const FisherWindowState& state,
                                      const FisherWindowOptions& o, const ArrayView& g, StreamHandle stream);
-// out = F^-1 x for x of shape (d,) or (d, k), in the storage dtype; out like x.
-void fisher_window_ihvp(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
-                        const ArrayView& x, const ArrayView& out, StreamHandle stream);
-// out (d,) = diag(F^-1).
-void fisher_window_diag(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
-                        const ArrayView& out, StreamHandle stream);
+// out = F^-1 x for x of shape (d,) or (d, k), in the storage dtype; out like x. Returns the
+// window's status, read (and cleared) with the result's finiteness check (CUDA: one
+// synchronization): when its fault is set, `state` did not describe the window and out is
+// meaningless; the caller rolls its state back to the accepted pushes.
+WindowStatus fisher_window_ihvp(const FisherWindowArrays& w, const FisherWindowState& state,
+                                const FisherWindowOptions& o, const ArrayView& x, const ArrayView& out,
+                                StreamHandle stream);
+// out (d,) = diag(F^-1); status as fisher_window_ihvp.
+WindowStatus fisher_window_diag(const FisherWindowArrays& w, const FisherWindowState& state,
+                                const FisherWindowOptions& o, const ArrayView& out, StreamHandle stream);
 // Refactors L from K now (after the caller changed damp, or to check drift).
 void fisher_window_refactor(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
                             StreamHandle stream);
@@ -86,8 +116,9 @@ void fisher_inverse_entries(const ArrayView& V, const ArrayView& rows, const Arr
 
 // Blockwise: F restricted to the contiguous coordinate blocks [b*B, min((b+1)*B, d)) (the last
 // one partial), each block F_b = damp I + G_b^T G_b / m with G_b = G[:, block]; blocks solved
-// independently in float64 (CPU: in parallel, dense B x B Cholesky when B <= m and Woodbury
-// otherwise; CUDA: Woodbury, block by block).
+// independently in float64, dense B x B Cholesky when B <= m and Woodbury otherwise (CPU: in
+// parallel; CUDA: all blocks of a group in strided-batched cuBLAS products and batched
+// cuSOLVER / cuBLAS factorizations and solves).
 void fisher_ihvp_blocks(const ArrayView& G, const ArrayView& x, const ArrayView& out, double damp, int64_t block,
                         StreamHandle stream);
 void fisher_inverse_diag_blocks(const ArrayView& G, const ArrayView& out, double damp, int64_t block,
@@ -100,9 +131,10 @@ void fisher_inverse_diag_blocks(const ArrayView& G, const ArrayView& out, double
 // no block size overflows them (d < 2^31). F is the Fisher of the densified rows: products equal
 // the dense window's on the same rows. Arrays: indices (m, nnz) int32, values (m, nnz) in the
 // storage dtype, error (d,) float64 for float64 storage, float32 otherwise, gram and factor
-// (m, m) float64. CPU only in this version.
+// (m, m) float64, status as FisherWindowArrays'. On CUDA the selection is a radix select per
+// block of coordinates (one thread block each) and refused pushes are recorded in status.
 struct SparseWindowArrays {
-  ArrayView indices, values, error, gram, factor;
+  ArrayView indices, values, error, gram, factor, status;
 };
 struct SparseOptions {
   int64_t block = 0;        // coordinates per selection block (0: d)
@@ -113,8 +145,9 @@ int64_t sparse_row_nnz(int64_t d, int64_t block, int64_t k_per_block);
 FisherWindowState sparse_window_push(const SparseWindowArrays& w, const FisherWindowState& state,
                                      const FisherWindowOptions& o, const SparseOptions& so, const ArrayView& g,
                                      StreamHandle stream);
-void sparse_window_ihvp(const SparseWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
-                        const ArrayView& x, const ArrayView& out, StreamHandle stream);
+WindowStatus sparse_window_ihvp(const SparseWindowArrays& w, const FisherWindowState& state,
+                                const FisherWindowOptions& o, const ArrayView& x, const ArrayView& out,
+                                StreamHandle stream);
 
 // ---- Backends, called once arguments are checked.
 namespace mfac {
@@ -144,9 +177,15 @@ void sparse_ihvp_cpu(const SparseWindowArrays& w, const Capacitance& cap, const 
 #ifdef CURVKIT_WITH_CUDA
 FisherWindowState push_cuda(const FisherWindowArrays& w, const FisherWindowState& state, const FisherWindowOptions& o,
                             const ArrayView& g, StreamHandle stream);
-void ihvp_cuda(const FisherWindowArrays& w, const Capacitance& cap, const ArrayView& x, const ArrayView& out,
-               StreamHandle stream);
-void diag_cuda(const FisherWindowArrays& w, const Capacitance& cap, const ArrayView& out, StreamHandle stream);
+WindowStatus ihvp_cuda(const FisherWindowArrays& w, const Capacitance& cap, const ArrayView& x, const ArrayView& out,
+                       StreamHandle stream);
+WindowStatus diag_cuda(const FisherWindowArrays& w, const Capacitance& cap, const ArrayView& out, StreamHandle stream);
+WindowStatus status_cuda(const ArrayView& status, StreamHandle stream);
+FisherWindowState sparse_push_cuda(const SparseWindowArrays& w, const FisherWindowState& state,
+                                   const FisherWindowOptions& o, const SparseOptions& so, const ArrayView& g,
+                                   StreamHandle stream);
+WindowStatus sparse_ihvp_cuda(const SparseWindowArrays& w, const Capacitance& cap, const ArrayView& x,
+                              const ArrayView& out, StreamHandle stream);
 void refactor_cuda(const FisherWindowArrays& w, const Capacitance& cap, StreamHandle stream);
 void static_cuda(const ArrayView& G, const ArrayView* x, const ArrayView* out, const ArrayView* diag,
                  const ArrayView* V, double damp, StreamHandle stream);

@@ -157,23 +157,25 @@ def eigenbasis_update(
 
 # mfac
 WindowState = tuple[int, int, int, int]  # size, oldest slot, count, pushes since refactor
+WindowStatus = tuple[int, int, bool]  # fault (0: none), pushes the device accepted before it, result finite
 
 def fisher_window_push(
     G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
-    refactor_every: int, g: Array, stream: int, workspace: Workspace,
+    refactor_every: int, status: Optional[Array], g: Array, stream: int, workspace: Workspace,
 ) -> WindowState: ...
 def fisher_window_ihvp(
     G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
-    refactor_every: int, x: Array, out: Array, stream: int, workspace: Workspace,
-) -> None: ...
+    refactor_every: int, status: Optional[Array], x: Array, out: Array, stream: int, workspace: Workspace,
+) -> WindowStatus: ...
 def fisher_window_diag(
     G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
-    refactor_every: int, out: Array, stream: int, workspace: Workspace,
-) -> None: ...
+    refactor_every: int, status: Optional[Array], out: Array, stream: int, workspace: Workspace,
+) -> WindowStatus: ...
 def fisher_window_refactor(
     G: Array, gram: Array, factor: Array, state: WindowState, *, damp: float, normalize: str,
-    refactor_every: int, stream: int, workspace: Workspace,
+    refactor_every: int, status: Optional[Array], stream: int, workspace: Workspace,
 ) -> None: ...
+def fisher_window_status(status: Array, *, stream: int, workspace: Workspace) -> WindowStatus: ...
 def fisher_ihvp(G: Array, x: Array, out: Array, *, damp: float, stream: int, workspace: Workspace) -> None: ...
 def fisher_inverse_diag(G: Array, out: Array, *, damp: float, stream: int, workspace: Workspace) -> None: ...
 def fisher_inverse_factor(G: Array, V: Array, *, damp: float, stream: int, workspace: Workspace) -> None: ...
@@ -188,12 +190,14 @@ def fisher_inverse_diag_blocks(
 ) -> None: ...
 def fisher_sparse_window_push(
     indices: Array, values: Array, error: Array, gram: Array, factor: Array, state: WindowState, *, damp: float,
-    normalize: str, refactor_every: int, block_size: int, k: int, g: Array, stream: int, workspace: Workspace,
+    normalize: str, refactor_every: int, status: Optional[Array], block_size: int, k: int, g: Array,
+    stream: int, workspace: Workspace,
 ) -> WindowState: ...
 def fisher_sparse_window_ihvp(
     indices: Array, values: Array, error: Array, gram: Array, factor: Array, state: WindowState, *, damp: float,
-    normalize: str, refactor_every: int, x: Array, out: Array, stream: int, workspace: Workspace,
-) -> None: ...
+    normalize: str, refactor_every: int, status: Optional[Array], x: Array, out: Array, stream: int,
+    workspace: Workspace,
+) -> WindowStatus: ...
 
 # ---- sinkhorn
 def sinkhorn(

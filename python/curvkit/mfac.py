@@ -21,6 +21,13 @@ from .hutchinson import _target
 
 NORMALIZATIONS = ("capacity", "count")
 
+# The device's reasons for refusing a push (csrc/mfac/mfac.h, WindowFault).
+_FAULTS = {
+    1: "argument 'g' contained NaN or Inf",
+    2: "argument 'g' had ||g||^2 / (c * damp) above 1e12: 'damp' is too small for float64 to hold the "
+       "capacitance matrix positive definite",
+}
+
 
 def _zero(a: Any) -> Any:
     a[...] = 0
@@ -41,12 +48,77 @@ def _readonly(a: Any) -> Any:
 
 class _Window:
     """What the dense and the sparse windows share: the slots in age order, the Gram matrix and
-    its factor (their arrays and the (size, oldest, count, ...) state set by the subclass)."""
+    its factor (their arrays and the (size, oldest, count, ...) state set by the subclass), and
+    the status word through which a CUDA window reports the pushes its device refused."""
 
     _m: int
+    _damp: float
+    _dtype: str
     _gram: Any
     _factor: Any
     _state: tuple[int, int, int, int]
+    _status: Any
+    _on_cuda: bool
+    _pending: list[tuple[int, int, int, int]]  # CUDA: the state after each push since the last read
+    _confirmed: tuple[int, int, int, int]  # CUDA: the state at the last read
+
+    def _init_status(self, like: Any) -> None:
+        self._status = _int_like(like, (2,), "int64")
+        self._on_cuda = _arrays.device_of(like)[0] == "cuda"
+        self._pending = []
+        self._confirmed = (0, 0, 0, 0)
+
+    def _pushed(self, state: tuple[int, int, int, int]) -> None:
+        self._state = state
+        if self._on_cuda:
+            self._pending.append(state)
+
+    def _settle(self, fault: int, accepted: int, finite: bool = True, what: str = "",
+                breakdown_raises: bool = True) -> None:
+        """The status word as read back (it is cleared on the device): a refused push rolls the
+        state back to the pushes the device accepted before it, then raises; else a result
+        read with it that is not finite raises."""
+        if fault == 0:
+            self._pending.clear()
+            self._confirmed = self._state
+            if not finite:
+                raise ArgumentError(
+                    f"the result of {what} is not finite in {self._dtype}: argument 'x' holds NaN or Inf, or "
+                    f"|x| / damp (argument 'damp' = {self._damp}) overflows the dtype")
+            return
+        refused = len(self._pending) - accepted
+        self._state = self._pending[accepted - 1] if accepted > 0 else self._confirmed
+        self._pending.clear()
+        self._confirmed = self._state
+        if fault == 3:
+            if not breakdown_raises:
+                return
+            raise ArgumentError(
+                "a push refactored the capacitance matrix damp * c * I + G G^T and it was not positive definite in "
+                "float64: 'damp' is too small for the gradients' norms; the window holds that gradient but its "
+                "factor is stale: set a larger damp (which refactors) or reset() the window")
+        reason = _FAULTS.get(fault, f"the device refused it (status {fault})")
+        raise ArgumentError(f"push {accepted + 1} of the {accepted + refused} since the last check was refused on the "
+                            f"device: {reason}; the window is as it was before that push (it and the {refused - 1} "
+                            "pushes after it were not applied)")
+
+    def check(self) -> None:
+        """Raise now if the device refused a push since the last check (CUDA windows).
+
+        On CUDA a push checks its gradient (finite, ``||g||^2 / (c * damp) <= 1e12``) on the
+        device and never waits for it: a refused push leaves the window unchanged there (and
+        so does every push after it until the refusal is reported). The refusal is raised at the
+        next point that synchronizes anyway: :meth:`ihvp`, :meth:`diag`, setting :attr:`damp`,
+        or this method, as ArgumentError, with :attr:`size` and :attr:`count` rolled back to the
+        pushes that were applied. On the CPU a push raises at once and this does nothing.
+        """
+        self._settle(*self._read_status())
+
+    def _read_status(self) -> tuple[int, int, bool]:
+        if not self._on_cuda:
+            return 0, 0, True
+        stream, workspace = _arrays.call_context([self._status])
+        return _core.fisher_window_status(self._status, stream=stream, workspace=workspace)
 
     @property
     def size(self) -> int:
@@ -130,6 +202,11 @@ class FisherWindow(_Window):
     True
     >>> bool(np.allclose(w.diag(), np.diag(np.linalg.inv(F)), rtol=1e-9))
     True
+    >>> w.check()  # nothing pending: on the CPU a refused push raises from push itself
+
+    On CUDA a push does not wait for the device: a gradient it refuses (NaN/Inf, or kappa
+    above 1e12) is raised by the next :meth:`ihvp`, :meth:`diag` or :meth:`check` (see
+    :meth:`check`).
     """
 
     def __init__(self, d: int, m: int, damp: float, dtype: Any = "float32", like: Any = None, device: Any = None,
@@ -148,6 +225,7 @@ class FisherWindow(_Window):
         self._gram = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
         self._factor = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
         self._state: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._init_status(self._G)
 
     # ---- state
 
@@ -183,10 +261,12 @@ class FisherWindow(_Window):
     @damp.setter
     def damp(self, value: float) -> None:
         damp = _positive(value)
+        # A factor that broke down in a push is what this refactorization repairs: not raised.
+        self._settle(*self._read_status(), breakdown_raises=False)
         stream, workspace = _arrays.call_context([self._G])
         _core.fisher_window_refactor(self._G, self._gram, self._factor, self._state, damp=damp,
                                      normalize=self._normalize, refactor_every=self._refactor_every,
-                                     stream=stream, workspace=workspace)
+                                     status=self._status, stream=stream, workspace=workspace)
         self._damp = damp
 
     # ---- operations
@@ -196,25 +276,34 @@ class FisherWindow(_Window):
         the oldest when the window is full.
 
         A non-finite ``g``, or one with ``||g||^2 / (c * damp)`` above 1e12 (where float64 can
-        no longer hold the capacitance matrix positive definite), raises ArgumentError before
-        anything is written: the window is unchanged. On CUDA that check reads one value back.
+        no longer hold the capacitance matrix positive definite), is refused before anything is
+        written: the window is unchanged. On the CPU that raises ArgumentError here. On CUDA the
+        check runs on the device and the push never waits for the host: the refusal (and every
+        push after it, also left out) is raised as ArgumentError by the next :meth:`ihvp`,
+        :meth:`diag` or :meth:`check`, which roll :attr:`size` and :attr:`count` back to the
+        pushes that were applied.
         """
         g = _arrays.prepare(g, "g")
         stream, workspace = _arrays.call_context([self._G])
         size, oldest, count, since = _core.fisher_window_push(
             self._G, self._gram, self._factor, self._state, damp=self._damp, normalize=self._normalize,
-            refactor_every=self._refactor_every, g=g, stream=stream, workspace=workspace)
-        self._state = (size, oldest, count, since)
+            refactor_every=self._refactor_every, status=self._status, g=g, stream=stream, workspace=workspace)
+        self._pushed((size, oldest, count, since))
 
     def ihvp(self, x: Any, out: Any = None) -> Any:
         """``F^-1 x`` for x of shape (d,) or (d, k) (k vectors in one pass over G), in the
-        window's dtype; returned in ``out`` when given (C-contiguous, shaped like x)."""
+        window's dtype; returned in ``out`` when given (C-contiguous, shaped like x).
+
+        A result that is not finite (x held NaN or Inf, or ``|x| / damp`` overflows the dtype)
+        raises ArgumentError; on CUDA that check and the window's status (see :meth:`check`)
+        come back in one read, and a refused push is raised here instead of a result."""
         x = _arrays.prepare(x, "x")
         result = _arrays.empty_like(x) if out is None else _arrays.written_in_place(_arrays.detached(out, "out"))
         stream, workspace = _arrays.call_context([self._G])
-        _core.fisher_window_ihvp(self._G, self._gram, self._factor, self._state, damp=self._damp,
-                                 normalize=self._normalize, refactor_every=self._refactor_every, x=x, out=result,
-                                 stream=stream, workspace=workspace)
+        self._settle(*_core.fisher_window_ihvp(
+            self._G, self._gram, self._factor, self._state, damp=self._damp, normalize=self._normalize,
+            refactor_every=self._refactor_every, status=self._status, x=x, out=result, stream=stream,
+            workspace=workspace), what="ihvp")
         return out if out is not None else result
 
     def diag(self, out: Any = None) -> Any:
@@ -222,17 +311,18 @@ class FisherWindow(_Window):
         result = _arrays.empty_like(self._G, (self._d,)) if out is None else \
             _arrays.written_in_place(_arrays.detached(out, "out"))
         stream, workspace = _arrays.call_context([self._G])
-        _core.fisher_window_diag(self._G, self._gram, self._factor, self._state, damp=self._damp,
-                                 normalize=self._normalize, refactor_every=self._refactor_every, out=result,
-                                 stream=stream, workspace=workspace)
+        self._settle(*_core.fisher_window_diag(
+            self._G, self._gram, self._factor, self._state, damp=self._damp, normalize=self._normalize,
+            refactor_every=self._refactor_every, status=self._status, out=result, stream=stream,
+            workspace=workspace), what="diag")
         return out if out is not None else result
 
     def reset(self) -> None:
-        """Empty the window (its arrays are zeroed)."""
-        _zero(self._G)
-        _zero(self._gram)
-        _zero(self._factor)
-        self._state = (0, 0, 0, 0)
+        """Empty the window (its arrays are zeroed; a refusal not yet reported is dropped)."""
+        for a in (self._G, self._gram, self._factor, self._status):
+            _zero(a)
+        self._state = self._confirmed = (0, 0, 0, 0)
+        self._pending.clear()
 
     def __repr__(self) -> str:
         return (f"FisherWindow(d={self._d}, m={self._m}, damp={self._damp!r}, dtype={self._dtype!r}, "
@@ -249,7 +339,11 @@ class SparseFisherWindow(_Window):
     equal those of a dense :class:`FisherWindow` holding the same rows (:meth:`densified`).
     Columns are absolute int32 indices (d < 2^31), so no block size overflows them. The m x m
     system is the dense window's (float64 Gram matrix and Cholesky factor, O(m^2) update per
-    push); a push costs O(d log k + m nnz), a product O(m nnz k + d k). CPU only for now.
+    push); a push costs O(d log k + m nnz), a product O(m nnz k + d k). On CUDA the selection is
+    a radix select per block of coordinates (one thread block each: choose ``block_size`` so
+    that there are many blocks), refused pushes are reported as :meth:`FisherWindow.check`
+    says, and the scatter of ``G^T w`` adds in float64 atomics (its last float64 bits vary from
+    run to run, far below the storage rounding).
 
     Parameters are those of :class:`FisherWindow`, plus ``k`` (values kept per block, >= 1)
     and ``block_size`` (coordinates per selection block, default d).
@@ -288,12 +382,13 @@ class SparseFisherWindow(_Window):
         full, rest = divmod(self._d, self._block)
         nnz = full * min(self._k, self._block) + min(self._k, rest)
         self._values = _zero(_arrays.empty((self._m, nnz), dtype, framework, dev))
-        self._indices = _int32_like(self._values, (self._m, nnz))
+        self._indices = _int_like(self._values, (self._m, nnz), "int32")
         self._error = _zero(_arrays.empty((self._d,), "float64" if dtype == "float64" else "float32", framework,
                                           dev))
         self._gram = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
         self._factor = _zero(_arrays.empty((self._m, self._m), "float64", framework, dev))
         self._state: tuple[int, int, int, int] = (0, 0, 0, 0)
+        self._init_status(self._values)
 
     @property
     def indices(self) -> Any:
@@ -327,44 +422,50 @@ class SparseFisherWindow(_Window):
 
     def push(self, g: Any) -> None:
         """Add gradient g (shape (d,), the window's dtype) through the error-feedback buffer; a
-        non-finite g (or kappa above 1e12) raises with the window and the buffer unchanged."""
+        non-finite g (or kappa above 1e12) is refused with the window and the buffer unchanged:
+        raised here on the CPU, by the next :meth:`ihvp` or :meth:`check` on CUDA (as
+        :meth:`FisherWindow.push`)."""
         g = _arrays.prepare(g, "g")
+        stream, workspace = _arrays.call_context([self._values])
         size, oldest, count, since = _core.fisher_sparse_window_push(
             self._indices, self._values, self._error, self._gram, self._factor, self._state, damp=self._damp,
-            normalize=self._normalize, refactor_every=self._refactor_every, block_size=self._block, k=self._k, g=g,
-            stream=0, workspace=None)
-        self._state = (size, oldest, count, since)
+            normalize=self._normalize, refactor_every=self._refactor_every, status=self._status,
+            block_size=self._block, k=self._k, g=g, stream=stream, workspace=workspace)
+        self._pushed((size, oldest, count, since))
 
     def ihvp(self, x: Any, out: Any = None) -> Any:
-        """``F^-1 x`` for x of shape (d,) or (d, k), in the window's dtype."""
+        """``F^-1 x`` for x of shape (d,) or (d, k), in the window's dtype (a non-finite result,
+        or on CUDA a refused push, raises as :meth:`FisherWindow.ihvp`)."""
         x = _arrays.prepare(x, "x")
         result = _arrays.empty_like(x) if out is None else _arrays.written_in_place(_arrays.detached(out, "out"))
-        _core.fisher_sparse_window_ihvp(self._indices, self._values, self._error, self._gram, self._factor,
-                                        self._state, damp=self._damp, normalize=self._normalize,
-                                        refactor_every=self._refactor_every, x=x, out=result, stream=0,
-                                        workspace=None)
+        stream, workspace = _arrays.call_context([self._values])
+        self._settle(*_core.fisher_sparse_window_ihvp(
+            self._indices, self._values, self._error, self._gram, self._factor, self._state, damp=self._damp,
+            normalize=self._normalize, refactor_every=self._refactor_every, status=self._status, x=x, out=result,
+            stream=stream, workspace=workspace), what="ihvp")
         return out if out is not None else result
 
     def reset(self) -> None:
         """Empty the window and the error-feedback buffer."""
-        for a in (self._indices, self._values, self._error, self._gram, self._factor):
+        for a in (self._indices, self._values, self._error, self._gram, self._factor, self._status):
             _zero(a)
-        self._state = (0, 0, 0, 0)
+        self._state = self._confirmed = (0, 0, 0, 0)
+        self._pending.clear()
 
 
-def _int32_like(a: Any, shape: tuple[int, int]) -> Any:
-    """A zeroed int32 array with a's framework and device."""
+def _int_like(a: Any, shape: tuple[int, ...], dtype: str) -> Any:
+    """A zeroed integer array (dtype "int32" or "int64") with a's framework and device."""
     fw = _arrays.framework_of(a)
     if fw == "numpy":
-        return np.zeros(shape, dtype=np.int32)
+        return np.zeros(shape, dtype=dtype)
     if fw == "torch":
         import torch
 
-        return torch.zeros(shape, dtype=torch.int32, device=a.device)
+        return torch.zeros(shape, dtype=getattr(torch, dtype), device=a.device)
     import cupy
 
     with a.device:
-        return cupy.zeros(shape, dtype=cupy.int32)
+        return cupy.zeros(shape, dtype=dtype)
 
 
 def _positive(damp: Any) -> float:
@@ -391,8 +492,8 @@ def fisher_ihvp(G: Any, x: Any, damp: float, block_size: Optional[int] = None, o
     block_size : int, optional
         Restrict F to contiguous blocks of ``block_size`` coordinates (the last one partial),
         ``F_b = damp I + G_b^T G_b / m`` (oBERT's and M-FAC's block pruners), blocks solved
-        independently: on the CPU in parallel, dense B x B when B <= m and Woodbury otherwise;
-        on CUDA block by block through Woodbury.
+        independently, dense B x B when B <= m and Woodbury otherwise: on the CPU in parallel,
+        on CUDA in groups of blocks, each step one batched cuBLAS / cuSOLVER call.
     out : array, optional
         Where to write the result (shaped like x).
 

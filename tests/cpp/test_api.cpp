@@ -208,7 +208,8 @@ void test_mfac() {
   expect(state.size == 3 && state.count == 5, "fisher_window_push: the window holds the last m gradients");
   std::vector<double> x(static_cast<size_t>(d)), y(static_cast<size_t>(d));
   for (int64_t j = 0; j < d; ++j) x[size_t(j)] = std::cos(double(j));
-  ck::fisher_window_ihvp(w, state, o, view(x, {d}), view(y, {d}), 0);
+  const ck::WindowStatus status = ck::fisher_window_ihvp(w, state, o, view(x, {d}), view(y, {d}), 0);
+  expect(status.fault == ck::kFaultNone, "fisher_window_ihvp: a CPU window reports no refused push");
   // F y = damp y + sum over the last m gradients g (g.y) / m must give x back.
   double worst = 0;
   for (int64_t j = 0; j < d; ++j) {
@@ -227,6 +228,14 @@ void test_mfac() {
   expect_error<ck::ValueError>([&] { ck::fisher_window_push(w, state, o, view(bad, {d}), 0); }, "argument 'g'",
                                "fisher_window_push: NaN refused");
   expect(G == before, "fisher_window_push: a refused gradient leaves G unchanged");
+  std::vector<int64_t> word{0, 0};
+  const ck::FisherWindowArrays with_status{view(G, {m, d}), view(K, {m, m}), view(L, {m, m}),
+                                           ck::ArrayView{word.data(), ck::DType{ck::DTypeCode::Int, 64}, {}, {2}, {1}}};
+  expect_error<ck::ValueError>([&] { ck::fisher_window_push(with_status, state, o, view(bad, {d}), 0); },
+                               "argument 'g'", "fisher_window_push: a CPU window raises at once, status or not");
+  const ck::WindowStatus read = ck::fisher_window_status(with_status.status, 0);
+  expect(read.fault == ck::kFaultNone && read.accepted == 0 && word[0] == 0,
+         "fisher_window_status: nothing recorded on the CPU");
 }
 
 void test_sinkhorn() {
