@@ -8,10 +8,12 @@ import warnings
 
 import numpy as np
 import pytest
-from conftest import torch
+from conftest import TOL, torch
 
 import curvkit
 from curvkit import _core
+from curvkit import testing as reference
+from curvkit.newton_schulz import schedule
 
 
 @pytest.fixture
@@ -96,6 +98,20 @@ def test_many_threads_run(restore_threads):
     _core.set_num_threads(256)
     got = curvkit.polar(G)
     assert all(np.array_equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 5])
+@pytest.mark.parametrize("method", ["standard", "gram"])
+@pytest.mark.parametrize("shape", [(300, 517), (517, 300), (257, 257)])
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_polar_products_split_over_a_team(restore_threads, threads, method, shape, dtype):
+    # One matrix: its products are cut into bands of rows or columns, one per thread
+    # (team_blas); uneven bands, and more threads than cores, give the reference iteration.
+    G = np.random.default_rng(threads).standard_normal(shape).astype(dtype)
+    _core.set_num_threads(threads)
+    X = curvkit.polar(G, 5, "you", method=method)
+    expected = reference.newton_schulz(G.astype(np.float64), *schedule("you", 5))
+    np.testing.assert_allclose(X, expected, atol=TOL[(np.dtype(dtype).name, "polar")])
 
 
 def test_set_num_threads_during_polar(restore_threads):

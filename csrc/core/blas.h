@@ -46,6 +46,30 @@ inline void gemm(int m, int n, int k, double alpha, const double* a, const doubl
   scipy_cblas_dgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, m, n, k, alpha, a, k, b, n, beta, c, n);
 }
 
+// C (m x n) = alpha * op(A) op(B) + beta * C, op(X) = X or X^T, any leading dimensions.
+inline void gemm_ex(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b,
+                    int ldb, float beta, float* c, int ldc) {
+  scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
+                    lda, b, ldb, beta, c, ldc);
+}
+inline void gemm_ex(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
+                    int ldb, double beta, double* c, int ldc) {
+  scipy_cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
+                    lda, b, ldb, beta, c, ldc);
+}
+
+// Lower triangle of C (n x n) = alpha * op(A) op(B) + beta * C, op(A) n x k, op(B) k x n.
+inline void gemmt_ex(bool ta, bool tb, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
+                     float beta, float* c, int ldc) {
+  scipy_cblas_sgemmt(CblasRowMajor, CblasLower, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, n, k,
+                     alpha, a, lda, b, ldb, beta, c, ldc);
+}
+inline void gemmt_ex(bool ta, bool tb, int n, int k, double alpha, const double* a, int lda, const double* b, int ldb,
+                     double beta, double* c, int ldc) {
+  scipy_cblas_dgemmt(CblasRowMajor, CblasLower, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, n, k,
+                     alpha, a, lda, b, ldb, beta, c, ldc);
+}
+
 // Lower triangle of C (n x n) = alpha * A B + beta * C, A and B n x n: for products known to
 // be symmetric (polynomials in one matrix), at half the flops of a full product.
 inline void gemmt(int n, float alpha, const float* a, const float* b, float beta, float* c) {

@@ -141,10 +141,25 @@ double max_abs(const T* a, int64_t size) {
   return m;
 }
 
+// Calls body(pow2) with pow2(x) = std::ldexp(x, k) for every x: where 2^k is a normal double, a
+// product by it (rounded once, as ldexp rounds), so that body's loops vectorize (a call of
+// scalbn per entry was a fifth of a 256 x 784 polar); ldexp itself beyond.
+template <class Body>
+void with_pow2(int k, Body body) {
+  if (k >= DBL_MIN_EXP - 1 && k < DBL_MAX_EXP) {
+    const double factor = std::ldexp(1.0, k);
+    body([factor](double x) { return x * factor; });
+  } else {
+    body([k](double x) { return std::ldexp(x, k); });
+  }
+}
+
 // a <- 2^k a, exact (no entry overflows when k comes from numerics::even_scale_exponent).
 template <class T>
 void scale_pow2(T* a, int64_t size, int k) {
-  for (int64_t i = 0; i < size; ++i) a[i] = std::ldexp(a[i], k);
+  with_pow2(k, [&](auto pow2) {
+    for (int64_t i = 0; i < size; ++i) a[i] = T(pow2(double(a[i])));
+  });
 }
 
 template <class T>
@@ -209,26 +224,58 @@ struct ConvergenceWatch {
   }
 };
 
-// Runs body(i, slot) for every task i in [0, count) on `threads` threads (the caller's one
-// snapshot of num_threads(), also used to size per-slot workspaces): tasks with cost(i) <=
-// small_task one per thread with single-threaded BLAS, largest first; the others one at a time
-// with all threads inside BLAS. `slot` (< threads) names the worker, so callers can keep one
-// workspace per slot. Bodies must not throw: check inputs before. Bodies may poll
-// interrupted() and stop early; the call then throws Interrupted once every started task is
-// done (so no exception crosses a parallel region).
-// LAPACK's eigensolvers scale poorly over threads (the tridiagonal reduction is bound by
-// memory): with at least as many matrices as threads, one matrix per thread is faster at
-// every size (measured: 8 x 1024^2 roots 1.4x faster than threaded LAPACK on 2 cores).
-inline double lapack_small_task(int64_t count, int threads) {
-  return count >= threads ? std::numeric_limits<double>::infinity() : kSmallTask;
+// How run_matrix_tasks splits a batch: tasks of cost at most `small_task` run one per thread,
+// and threads inside one task reach `threaded_efficiency` of linear speed-up (products on
+// curvkit's team: ~85% on 2 cores).
+struct TaskPolicy {
+  double small_task = kSmallTask;
+  double threaded_efficiency = 0.85;
+};
+
+// LAPACK's eigensolvers and QR scale poorly over threads (the tridiagonal reduction is bound by
+// memory; QR panels are level-2 BLAS): with at least as many matrices as threads, one matrix
+// per thread is faster at every size (measured: 8 x 1024^2 roots 1.4x faster than threaded
+// LAPACK on 2 cores), and a threaded 784^2 QR or 1024^2 eigh gains ~0-40% on 2 cores.
+inline TaskPolicy lapack_tasks(int64_t count, int threads) {
+  return {count >= threads ? std::numeric_limits<double>::infinity() : kSmallTask, 0.5};
 }
 
+// One matrix per thread leaves threads idle when one matrix outweighs the rest (Muon's
+// 256 x 784 beside a 256 x 256 and a 10 x 256): moves the k largest of `small` (sorted by cost,
+// largest first) to `large`, for the k that minimizes the estimated time: the k threaded, then
+// the makespan's lower bound for the rest one per thread.
+template <class Cost>
+void balance_matrix_tasks(int threads, double efficiency, Cost cost, std::vector<int64_t>& small,
+                          std::vector<int64_t>& large) {
+  double rest = 0;
+  for (int64_t i : small) rest += cost(i);
+  double threaded = 0, best = std::max(small.empty() ? 0.0 : cost(small[0]), rest / threads);
+  size_t best_k = 0;
+  for (size_t k = 1; k <= small.size(); ++k) {
+    threaded += cost(small[k - 1]) / (threads * efficiency);
+    rest -= cost(small[k - 1]);
+    const double time = threaded + (k < small.size() ? std::max(cost(small[k]), rest / threads) : 0.0);
+    if (time < best) best = time, best_k = k;
+  }
+  large.insert(large.end(), small.begin(), small.begin() + std::ptrdiff_t(best_k));
+  small.erase(small.begin(), small.begin() + std::ptrdiff_t(best_k));
+}
+
+// Runs body(i, slot) for every task i in [0, count) on `threads` threads (the caller's one
+// snapshot of num_threads(), also used to size per-slot workspaces): tasks with cost(i) <=
+// policy.small_task one per thread with single-threaded BLAS, largest first, unless one outweighs the
+// rest (balance_matrix_tasks); the others one at a time with all threads inside BLAS (or on
+// curvkit's OpenMP team: team_blas). `slot` (< threads) names the worker, so callers can keep
+// one workspace per slot. Bodies must not throw: check inputs before. Bodies may poll
+// interrupted() and stop early; the call then throws Interrupted once every started task is
+// done (so no exception crosses a parallel region).
 template <class Cost, class Body>
-void run_matrix_tasks(int threads, int64_t count, Cost cost, Body body, double small_task = kSmallTask) {
+void run_matrix_tasks(int threads, int64_t count, Cost cost, Body body, TaskPolicy policy = {}) {
   std::vector<int64_t> small, large;
-  for (int64_t i = 0; i < count; ++i) (count > 1 && cost(i) <= small_task ? small : large).push_back(i);
+  for (int64_t i = 0; i < count; ++i) (count > 1 && cost(i) <= policy.small_task ? small : large).push_back(i);
+  std::stable_sort(small.begin(), small.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
+  if (threads > 1) balance_matrix_tasks(threads, policy.threaded_efficiency, cost, small, large);
   if (small.size() > 1) {
-    std::stable_sort(small.begin(), small.end(), [&](int64_t a, int64_t b) { return cost(a) > cost(b); });
     SingleThreadedBlas single;
     InterruptState* caller = current_interrupt();
 #pragma omp parallel num_threads(threads)

@@ -11,6 +11,7 @@
 #include "core/dispatch.h"
 #include "core/matrix_utils.h"
 #include "core/runtime.h"
+#include "core/team_blas.h"
 #include "newton_schulz/newton_schulz.h"
 
 namespace curvkit {
@@ -52,10 +53,9 @@ void measure(PolarTask& t, const PolarOptions& o) {
   if (amax == 0.0) return;
   t.exponent = -std::ilogb(amax);
   double sum = 0.0;
-  for (int64_t i = 0; i < size; ++i) {
-    const double v = std::ldexp(to_double(g[i]), t.exponent);
-    sum += v * v;
-  }
+  with_pow2(t.exponent, [&](auto pow2) {
+    for (int64_t i = 0; i < size; ++i) sum += pow2(to_double(g[i])) * pow2(to_double(g[i]));
+  });
   // Without normalization, G / (its RMS singular value ||G||_F / sqrt(r)).
   t.inv_scale =
       o.normalize ? 1.0 / ((o.norm_scale + o.norm_eps) * std::sqrt(sum)) : 1.0 / std::sqrt(sum / double(t.r()));
@@ -73,26 +73,31 @@ struct Workspace {
 
 // The short-side Gram matrix and the product with a symmetric r x r matrix, for a wide X
 // (r x c, row-major) or a tall one (c x r, row-major: the product is then X P).
+// Products run on a team of `threads` (team_blas).
 template <class T>
 struct Shape {
   int r, c;
   bool tall;
+  int threads;
   void gram(const T* x, T* a) const {
-    blas::syrk(tall, r, c, T(1), x, tall ? r : c, T(0), a, r);
+    team_blas::syrk(threads, tall, r, c, T(1), x, tall ? r : c, T(0), a, r);
     blas::mirror_lower(a, r);
   }
   void apply(const T* p, const T* x, T* dst, T alpha, T beta) const {
     if (tall)
-      blas::symm(false, c, r, alpha, p, r, x, r, beta, dst, r);
+      team_blas::symm(threads, false, c, r, alpha, p, r, x, r, beta, dst, r);
     else
-      blas::symm(true, r, c, alpha, p, r, x, c, beta, dst, c);
+      team_blas::symm(threads, true, r, c, alpha, p, r, x, c, beta, dst, c);
+  }
+  void gemmt(T alpha, const T* a, const T* b, T* dst) const {
+    team_blas::gemmt(threads, false, r, alpha, a, b, T(0), dst);
   }
 };
 
 // P = a I + b A + c A^2 (full), A full; uses t for A^2.
 template <class T>
-void step_polynomial(const PolarStep& s, const T* a, T* p, T* t, int r) {
-  blas::syrk(false, r, r, T(1), a, r, T(0), t, r);  // A A^T = A^2, lower
+void step_polynomial(const PolarStep& s, const T* a, T* p, T* t, int r, int threads) {
+  team_blas::syrk(threads, false, r, r, T(1), a, r, T(0), t, r);  // A A^T = A^2, lower
   for (int64_t i = 0; i < r; ++i)
     for (int64_t j = 0; j <= i; ++j)
       p[i * r + j] = T(s.c) * t[i * r + j] + T(s.b) * a[i * r + j] + (i == j ? T(s.a) : T(0));
@@ -108,7 +113,7 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
   if (o.method == PolarMethod::Standard) {
     for (size_t k = 0; k < steps && !interrupted(); ++k) {
       sh.gram(ws.x.data(), ws.a.data());
-      step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r);
+      step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r, sh.threads);
       if (k + 1 == steps) return;  // the caller applies the last P
       sh.apply(ws.p.data(), ws.x.data(), ws.x2.data(), T(1), T(0));
       std::swap(ws.x, ws.x2);
@@ -119,10 +124,10 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
   sh.gram(ws.x.data(), ws.a.data());
   bool have_q = false;
   for (size_t k = 0; k < steps; ++k) {
-    step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r);
+    step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r, sh.threads);
     if (k + 1 == steps || interrupted()) break;
     if (have_q) {
-      blas::gemmt(r, T(1), ws.p.data(), ws.q.data(), T(0), ws.t.data());  // P Q, symmetric
+      sh.gemmt(T(1), ws.p.data(), ws.q.data(), ws.t.data());  // P Q, symmetric
       blas::mirror_lower(ws.t.data(), r);
       std::swap(ws.q, ws.t);
     } else {
@@ -136,24 +141,24 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
       have_q = false;
       continue;
     }
-    blas::syrk(false, r, r, T(1), ws.p.data(), r, T(0), ws.t.data(), r);  // P^2
+    team_blas::syrk(sh.threads, false, r, r, T(1), ws.p.data(), r, T(0), ws.t.data(), r);  // P^2
     blas::mirror_lower(ws.t.data(), r);
-    blas::gemmt(r, T(1), ws.a.data(), ws.t.data(), T(0), ws.x2.data());  // A P^2, symmetric
+    sh.gemmt(T(1), ws.a.data(), ws.t.data(), ws.x2.data());  // A P^2, symmetric
     std::copy_n(ws.x2.data(), size_t(r) * r, ws.a.data());
     blas::mirror_lower(ws.a.data(), r);
   }
   if (have_q) {  // F = P Q (only its lower triangle is read by symm)
-    blas::gemmt(r, T(1), ws.p.data(), ws.q.data(), T(0), ws.t.data());
+    sh.gemmt(T(1), ws.p.data(), ws.q.data(), ws.t.data());
     std::swap(ws.p, ws.t);
   }
 }
 
 template <class T, class S, class D>
-void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
+void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws, int threads) {
   const int64_t size = t.m * t.n;
   const S* g = t.in->ptr<const S>() + t.index * size;
   D* out = t.out->ptr<D>() + t.index * size;
-  const Shape<T> sh{blas::dim(t.r(), "matrix dimension"), blas::dim(t.c(), "matrix dimension"), t.tall()};
+  const Shape<T> sh{blas::dim(t.r(), "matrix dimension"), blas::dim(t.c(), "matrix dimension"), t.tall(), threads};
   // a zero factor gives beta out (as in BLAS, it reads nothing); unchecked NaN/Inf input, NaN
   if (o.alpha == 0.0 || !t.finite) {
     const double v = o.alpha == 0.0 ? 0.0 : std::numeric_limits<double>::quiet_NaN();
@@ -168,7 +173,11 @@ void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
     return;
   }
   ws.reserve(size, t.r());
-  for (int64_t i = 0; i < size; ++i) ws.x[size_t(i)] = T(std::ldexp(to_double(g[i]), t.exponent) * t.inv_scale);
+  T* x = ws.x.data();
+  const double inv_scale = t.inv_scale;
+  with_pow2(t.exponent, [&](auto pow2) {
+    for (int64_t i = 0; i < size; ++i) x[i] = T(pow2(to_double(g[i])) * inv_scale);
+  });
   iterate(sh, o, ws);
   if constexpr (std::is_same_v<T, D>) {
     sh.apply(ws.p.data(), ws.x.data(), out, T(o.alpha), T(o.beta));  // fused into the last product
@@ -182,9 +191,10 @@ void polar_one(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
 }
 
 template <class T>
-void run(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws) {
-  CK_DISPATCH_FLOATING(t.in->dtype, "G", S,
-                       [&] { CK_DISPATCH_FLOATING(t.out->dtype, "out", D, [&] { polar_one<T, S, D>(t, o, ws); }); });
+void run(const PolarTask& t, const PolarOptions& o, Workspace<T>& ws, int threads) {
+  CK_DISPATCH_FLOATING(t.in->dtype, "G", S, [&] {
+    CK_DISPATCH_FLOATING(t.out->dtype, "out", D, [&] { polar_one<T, S, D>(t, o, ws, threads); });
+  });
 }
 
 }  // namespace
@@ -215,12 +225,14 @@ void polar_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView
 
   // one workspace per slot of run_matrix_tasks, sized from the same snapshot it runs on
   std::tuple<std::vector<Workspace<float>>, std::vector<Workspace<double>>> ws{size_t(threads), size_t(threads)};
+  SingleThreadedBlas single;  // a matrix's products run on curvkit's OpenMP team (team_blas)
   run_matrix_tasks(
       threads, count, [&](int64_t i) { return tasks[size_t(i)].cost(); },
       [&](int64_t i, int slot) {
         const PolarTask& t = tasks[size_t(i)];
-        CK_DISPATCH_COMPUTE(t.in->dtype, T,
-                            [&] { run<T>(t, options, std::get<std::vector<Workspace<T>>>(ws)[size_t(slot)]); });
+        CK_DISPATCH_COMPUTE(t.in->dtype, T, [&] {
+          run<T>(t, options, std::get<std::vector<Workspace<T>>>(ws)[size_t(slot)], threads);
+        });
       });
 }
 
@@ -411,7 +423,7 @@ void matrix_sqrt_cpu(const ArrayView& a, const ArrayView* sqrt_out, const ArrayV
         SqrtWork<double> w;  // float64 for every input dtype (see newton_schulz.h)
         sqrt_one(a, b, sqrt_out, inv_out, o, w, status[b]);
       },
-      o.method == SqrtMethod::Eigh ? lapack_small_task(batch, threads) : kSmallTask);
+      o.method == SqrtMethod::Eigh ? lapack_tasks(batch, threads) : TaskPolicy{});
 }
 
 namespace {

@@ -9,6 +9,7 @@
 
 #include "core/check.h"
 #include "core/interrupt.h"
+#include "core/matrix_utils.h"
 #include "hutchinson/hutchinson.h"
 #include "inverse_root/inverse_root.h"
 #include "mfac/mfac.h"
@@ -286,6 +287,26 @@ void test_fused_step_check() {
 
 }  // namespace
 
+// Which matrices of a batch run one per thread and which with all threads (run_matrix_tasks).
+void test_task_balance() {
+  auto threaded = [](std::vector<double> costs, double efficiency) {
+    std::vector<int64_t> small, large;
+    for (size_t i = 0; i < costs.size(); ++i) small.push_back(int64_t(i));  // sorted, largest first
+    ck::balance_matrix_tasks(2, efficiency, [&](int64_t i) { return costs[size_t(i)]; }, small, large);
+    return large;
+  };
+  // Muon's MLP: 256 x 784 (r^2 c = 51M) beside 256 x 256 and 10 x 256: all threaded
+  const std::vector<int64_t> muon = threaded({51.4e6, 16.8e6, 2.6e4}, 0.85);
+  expect(muon.size() >= 2 && muon[0] == 0 && muon[1] == 1, "balance: a dominant matrix and the next run threaded");
+  expect(threaded({1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0}, 0.85).empty(), "balance: equal matrices one per thread");
+  expect(threaded({1.0, 1.0, 1.0}, 0.5).empty(), "balance: three equal LAPACK tasks one per thread");
+  // SOAP's 784^2 factor beside four 256^2: LAPACK at 50% keeps it on one thread
+  expect(threaded({482e6, 16.8e6, 16.8e6, 16.8e6, 16.8e6}, 0.5).empty(),
+         "balance: LAPACK efficiency keeps one per thread");
+  expect(threaded({482e6, 16.8e6, 16.8e6, 16.8e6, 16.8e6}, 0.85).size() == 1, "balance: the dominant product threaded");
+  expect(threaded({}, 0.85).empty(), "balance: no tasks");
+}
+
 int main() {
   test_probes();
   test_polar();
@@ -296,6 +317,7 @@ int main() {
   test_mfac();
   test_sinkhorn();
   test_fused_step_check();
+  test_task_balance();
   std::printf("%d failed\n", failures);
   return failures ? 1 : 0;
 }
