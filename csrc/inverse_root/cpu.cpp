@@ -426,7 +426,7 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
           root_one(inputs[t.input], outputs[t.input], inits[t.input], bases[t.input], t.index, o, w, st);
         });
       },
-      lapack_small_task(int64_t(tasks.size()), threads));
+      lapack_tasks(int64_t(tasks.size()), threads));
 }
 
 namespace {
@@ -472,7 +472,7 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   run_matrix_tasks(
       threads, batch, [&](int64_t) { return cost; },
       [&](int64_t b, int) { good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); }); },
-      lapack_small_task(batch, threads));
+      lapack_tasks(batch, threads));
   ok.assign(good.begin(), good.end());
 }
 
@@ -507,21 +507,35 @@ void orthogonality_cpu(const ArrayView& q, std::vector<double>& error) {
   });
 }
 
-void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                           const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
-                           std::vector<bool>& full_rank) {
-  const int64_t n = q.size(-2), k = q.size(-1);
-  const int64_t batch = n * k ? q.numel() / (n * k) : 0;
-  std::vector<char> resolved(size_t(batch), 1);
-  for (int64_t b = 0; b < batch; ++b) {
-    check_symmetric(a_in, b, "A");
-    check_finite_matrix(q, b, "Q");
+void eigenbasis_update_cpu(const std::vector<ArrayView>& a_in, const std::vector<ArrayView>& q,
+                           const std::vector<ArrayView>& q_out, const std::vector<ArrayView>& estimates,
+                           const std::vector<ArrayView>& perm, std::vector<std::vector<bool>>& ok,
+                           std::vector<std::vector<bool>>& full_rank) {
+  // Every matrix of every input is one task, so that a model's factors of many sizes share the
+  // threads (a list used to run one input after another).
+  struct Task {
+    size_t input;
+    int64_t index, n, k;
+  };
+  std::vector<Task> tasks;
+  for (size_t i = 0; i < q.size(); ++i) {
+    if (q[i].numel() == 0) continue;  // solved as it is
+    const int64_t n = q[i].size(-2), k = q[i].size(-1), batch = leading_count(q[i]);
+    blas::dim(n, "matrix dimension");
+    for (int64_t b = 0; b < batch; ++b) {
+      check_symmetric(a_in[i], b, "A");
+      check_finite_matrix(q[i], b, "Q");
+      tasks.push_back({i, b, n, k});
+    }
   }
-  for_each_basis(q, ok, [&](auto tag, int64_t b) {
+  std::vector<char> good(tasks.size()), full(tasks.size(), 1);
+  auto update = [&](auto tag, size_t id) {
     using T = decltype(tag);
+    const Task& t = tasks[id];
+    const int64_t n = t.n, k = t.k, b = t.index;
     std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
-    load_symmetrized(a_in, b, a.data());
-    load_matrix(q, b, qb.data());
+    load_symmetrized(a_in[t.input], b, a.data());
+    load_matrix(q[t.input], b, qb.data());
     // A Q and the estimates from 2^e A and 2^f Q (exact; A Q and q^T A q of huge or tiny
     // inputs would overflow or underflow), d unscaled below.
     const double amax = max_abs(a.data(), n * n), qmax = max_abs(qb.data(), n * k);
@@ -540,18 +554,32 @@ void eigenbasis_update_cpu(const ArrayView& a_in, const ArrayView& q, const Arra
     for (int64_t i = 0; i < n; ++i)
       for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
     // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the
-    // basis), as SOAP's own QR: not a failure; resolved says whether this dtype resolved it.
-    bool full = true;
-    bool good = all_finite(p) && qr_positive(int(n), int(k), p.data(), &full);
-    resolved[size_t(b)] = full;
-    store_matrix(p.data(), q_out, b);
+    // basis), as SOAP's own QR: not a failure; full says whether this dtype resolved it.
+    bool full_column_rank = true;
+    bool done = all_finite(p) && qr_positive(int(n), int(k), p.data(), &full_column_rank);
+    full[id] = full_column_rank;
+    store_matrix(p.data(), q_out[t.input], b);
     std::vector<double> sorted(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e - 2 * f);
-    good &= store_vector(sorted.data(), k, estimates, b);  // q^T A q of a huge A and Q can overflow
-    std::copy(order.begin(), order.end(), perm.ptr<int64_t>() + b * k);
-    return good;
-  });
-  full_rank.assign(resolved.begin(), resolved.end());
+    done &= store_vector(sorted.data(), k, estimates[t.input], b);  // q^T A q of a huge A and Q can overflow
+    std::copy(order.begin(), order.end(), perm[t.input].ptr<int64_t>() + b * k);
+    return done;
+  };
+  const int threads = num_threads();
+  run_matrix_tasks(
+      threads, int64_t(tasks.size()),
+      [&](int64_t t) { return double(tasks[size_t(t)].n) * double(tasks[size_t(t)].k) * double(tasks[size_t(t)].k); },
+      [&](int64_t t, int) {
+        good[size_t(t)] =
+            CK_DISPATCH_COMPUTE(q[tasks[size_t(t)].input].dtype, T, [&] { return update(T(), size_t(t)); });
+      },
+      lapack_tasks(int64_t(tasks.size()), threads));
+  ok.assign(q.size(), {});
+  full_rank.assign(q.size(), {});
+  for (size_t t = 0; t < tasks.size(); ++t) {
+    ok[tasks[t].input].push_back(good[t]);
+    full_rank[tasks[t].input].push_back(full[t]);
+  }
 }
 
 void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>& values,
@@ -594,7 +622,7 @@ void eigh_cpu(const std::vector<ArrayView>& inputs, const std::vector<ArrayView>
         const RootTask& t = tasks[size_t(k)];
         task_ok[size_t(k)] = CK_DISPATCH_COMPUTE(inputs[t.input].dtype, T, [&] { return solve(T(), t); });
       },
-      lapack_small_task(int64_t(tasks.size()), threads));
+      lapack_tasks(int64_t(tasks.size()), threads));
   for (size_t k = 0; k < tasks.size(); ++k) ok[tasks[k].input][size_t(tasks[k].index)] = task_ok[k];
 }
 

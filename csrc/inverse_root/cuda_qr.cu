@@ -219,9 +219,11 @@ void orthogonality_cuda(const ArrayView& q, std::vector<double>& error, StreamHa
   });
 }
 
-void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out,
-                            const ArrayView& estimates, const ArrayView& perm, std::vector<bool>& ok,
-                            std::vector<bool>& full_rank, StreamHandle stream_handle) {
+namespace {
+
+void update_bases(const ArrayView& a_in, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
+                  const ArrayView& perm, std::vector<bool>& ok, std::vector<bool>& full_rank,
+                  StreamHandle stream_handle) {
   const int64_t n = q.size(-2), k = q.size(-1), count = bases_in(q, ok);
   full_rank.assign(size_t(count), true);
   if (count == 0) return;
@@ -264,6 +266,18 @@ void eigenbasis_update_cuda(const ArrayView& a_in, const ArrayView& q, const Arr
                                   cudaMemcpyDeviceToHost, stream));
     CK_CUDA_CHECK(cudaStreamSynchronize(stream));
   });
+}
+
+}  // namespace
+
+void eigenbasis_update_cuda(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
+                            const std::vector<ArrayView>& q_out, const std::vector<ArrayView>& estimates,
+                            const std::vector<ArrayView>& perm, std::vector<std::vector<bool>>& ok,
+                            std::vector<std::vector<bool>>& full_rank, StreamHandle stream) {
+  ok.assign(a.size(), {});
+  full_rank.assign(a.size(), {});
+  for (size_t i = 0; i < a.size(); ++i)
+    if (q[i].numel() != 0) update_bases(a[i], q[i], q_out[i], estimates[i], perm[i], ok[i], full_rank[i], stream);
 }
 
 }  // namespace curvkit

@@ -198,17 +198,16 @@ void eigenbasis_update(const std::vector<ArrayView>& a, const std::vector<ArrayV
   check_no_overlap({{q_out, "out"}, {estimates, "out"}, {perm, "out"}}, {{a, "A"}, {q, "Q"}});
   check_one_device(a, "A");
   status.clear();
-  for (size_t i = 0; i < a.size(); ++i) {
-    status.push_back(solved<BasisStatus>(q[i]));
-    if (q[i].numel() == 0) continue;
-    std::vector<bool> ok, full_rank;
-    CK_DEVICE_DISPATCH(a[i].device, eigenbasis_update_cpu(a[i], q[i], q_out[i], estimates[i], perm[i], ok, full_rank),
-                       eigenbasis_update_cuda(a[i], q[i], q_out[i], estimates[i], perm[i], ok, full_rank, stream));
-    for (size_t b = 0; b < ok.size() && b < status.back().size(); ++b) {
-      status.back()[b].converged = ok[b];
-      status.back()[b].full_rank = full_rank[b];
+  for (const ArrayView& x : q) status.push_back(solved<BasisStatus>(x));
+  if (a.empty()) return;
+  std::vector<std::vector<bool>> ok, full_rank;
+  CK_DEVICE_DISPATCH(a[0].device, eigenbasis_update_cpu(a, q, q_out, estimates, perm, ok, full_rank),
+                     eigenbasis_update_cuda(a, q, q_out, estimates, perm, ok, full_rank, stream));
+  for (size_t i = 0; i < a.size(); ++i)
+    for (size_t b = 0; b < ok[i].size() && b < status[i].size(); ++b) {
+      status[i][b].converged = ok[i][b];
+      status[i][b].full_rank = full_rank[i][b];
     }
-  }
 }
 
 }  // namespace curvkit

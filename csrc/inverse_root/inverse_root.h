@@ -163,11 +163,15 @@ void orthonormalize_qr_cuda(const ArrayView& q, std::vector<bool>& ok, StreamHan
 
 // ok: factored, finite, estimates within d's dtype; full_rank: A Q kept its rank in the compute
 // dtype (information: a rank-deficient A Q is not a failure).
-void eigenbasis_update_cpu(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                           const ArrayView& perm, std::vector<bool>& ok, std::vector<bool>& full_rank);
+// ok[i][b] and full_rank[i][b] for matrix b of input i (empty for an input without elements).
+void eigenbasis_update_cpu(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
+                           const std::vector<ArrayView>& q_out, const std::vector<ArrayView>& estimates,
+                           const std::vector<ArrayView>& perm, std::vector<std::vector<bool>>& ok,
+                           std::vector<std::vector<bool>>& full_rank);
 // The same on CUDA arrays (perm on the host: a NumPy array), on `stream`.
-void eigenbasis_update_cuda(const ArrayView& a, const ArrayView& q, const ArrayView& q_out, const ArrayView& estimates,
-                            const ArrayView& perm, std::vector<bool>& ok, std::vector<bool>& full_rank,
-                            StreamHandle stream);
+void eigenbasis_update_cuda(const std::vector<ArrayView>& a, const std::vector<ArrayView>& q,
+                            const std::vector<ArrayView>& q_out, const std::vector<ArrayView>& estimates,
+                            const std::vector<ArrayView>& perm, std::vector<std::vector<bool>>& ok,
+                            std::vector<std::vector<bool>>& full_rank, StreamHandle stream);
 
 }  // namespace curvkit
