@@ -5,14 +5,15 @@ on the caller's device. See the README for the contracts.
 """
 import os as _os
 
-# curvkit's OpenBLAS threads sleep right after each call instead of spinning for ~0.1 s
-# (OpenBLAS's default), so that they leave the cores to PyTorch's and NumPy's pools between
-# curvkit calls: a Muon step inside a PyTorch training loop took 2.6x the pure-torch step with
-# spinning threads and 1.5x without (bench/results/optimizers_cpu.md), at no measured cost to
-# curvkit alone. Set only while curvkit's OpenBLAS loads, unless the caller set it.
+# curvkit's OpenBLAS threads spin for about 0.3 ms (2^20 cycles) after a call, not OpenBLAS's
+# default ~0.1 s: long enough to bridge the many short BLAS calls inside one LAPACK call (with
+# 2^4, sleeping at once, a threaded 784^2 QR took 2x as long), short enough to leave the cores
+# to PyTorch's and NumPy's pools between curvkit calls (with the default, a Muon step in a
+# PyTorch training loop took 2.6x the pure-torch step). bench/results/optimizers_cpu.md. Set
+# only while curvkit's OpenBLAS loads, unless the caller set it.
 _spin = _os.environ.get("OPENBLAS_THREAD_TIMEOUT")
 if _spin is None:
-    _os.environ["OPENBLAS_THREAD_TIMEOUT"] = "4"
+    _os.environ["OPENBLAS_THREAD_TIMEOUT"] = "20"
 try:
     import scipy_openblas32 as _openblas  # noqa: F401  (loads the OpenBLAS the extension links)
 
