@@ -90,6 +90,29 @@ def test_gemm_rate(benchmark, shape):
     benchmark(lambda: X @ X.mT)
 
 
+# Interleaved with PyTorch work, as in a training loop: each timed call is a forward and
+# backward GEMM of the MLP 784-256-256-10 (batch 256, PyTorch's pool) and then the
+# orthogonalization of its three weight matrices, so each side pays for the other pool's threads
+# (curvkit's products run on the OpenMP pool PyTorch uses too; OpenBLAS's would contend).
+MLP_SHAPES = [(256, 784), (256, 256), (10, 256)]
+
+
+@pytest.mark.parametrize("impl", ["curvkit", "torch NS5"])
+def test_interleaved_with_torch(benchmark, impl):
+    benchmark.group = "polar-float32-interleaved-mlp784"
+    grads = [torch.randn(shape) for shape in MLP_SHAPES]
+    x, w = torch.randn(256, 784), torch.randn(784, 256)
+    orthogonalize = (lambda: curvkit.polar(grads, STEPS)) if impl == "curvkit" else (
+        lambda: [muon_newton_schulz(g, STEPS) for g in grads])
+    benchmark.extra_info.update(impl=impl)  # no rate: the time is the model's and the step's
+
+    def step():
+        x.T @ (x @ w)  # the model's own work, on PyTorch's threads
+        orthogonalize()
+
+    benchmark(step)
+
+
 # Equal final accuracy: Muon's 5 steps against the fewest steps of a better schedule that
 # reach the same singular-value band, on a spectrum spread from 1 to 0.1.
 ACCURACY_SHAPE = (1024, 4096)
