@@ -17,17 +17,6 @@
 namespace curvkit {
 namespace {
 
-// Row-major general product C = alpha op(A) op(B) + beta C with leading dimensions.
-inline void gemm(bool ta, bool tb, int m, int n, int k, float alpha, const float* a, int lda, const float* b, int ldb,
-                 float beta, float* c, int ldc) {
-  scipy_cblas_sgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
-                    lda, b, ldb, beta, c, ldc);
-}
-inline void gemm(bool ta, bool tb, int m, int n, int k, double alpha, const double* a, int lda, const double* b,
-                 int ldb, double beta, double* c, int ldc) {
-  scipy_cblas_dgemm(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, tb ? CblasTrans : CblasNoTrans, m, n, k, alpha, a,
-                    lda, b, ldb, beta, c, ldc);
-}
 // y = alpha op(A) x + beta y, A (m x n) row-major.
 inline void gemv(bool ta, int m, int n, float alpha, const float* a, const float* x, float beta, float* y) {
   scipy_cblas_sgemv(CblasRowMajor, ta ? CblasTrans : CblasNoTrans, m, n, alpha, a, n, x, 1, beta, y, 1);
@@ -129,8 +118,8 @@ Dense tn_product(const T* a, int64_t lda, int64_t k1, const T* b, int64_t ldb, i
   const int64_t chunks = std::max<int64_t>(1, (n + kProductRows - 1) / kProductRows);
   std::vector<T> partial(static_cast<size_t>(chunks * k1 * k2), T(0));
   for_row_chunks(n, [&](int64_t row0, int64_t rows) {
-    gemm(true, false, int(k1), int(k2), int(rows), T(1), a + row0 * lda, int(lda), b + row0 * ldb, int(ldb), T(0),
-         partial.data() + (row0 / kProductRows) * k1 * k2, int(k2));
+    blas::gemm_ex(true, false, int(k1), int(k2), int(rows), T(1), a + row0 * lda, int(lda), b + row0 * ldb, int(ldb),
+                  T(0), partial.data() + (row0 / kProductRows) * k1 * k2, int(k2));
   });
   Dense out(static_cast<size_t>(k1 * k2), 0.0);
   for (int64_t c = 0; c < chunks; ++c)
@@ -143,8 +132,8 @@ template <class T>
 void nn_product(const T* a, int64_t lda, int64_t k1, const T* c, int64_t k2, T alpha, T beta, T* out, int64_t ldo,
                 int64_t n) {
   for_row_chunks(n, [&](int64_t row0, int64_t rows) {
-    gemm(false, false, int(rows), int(k2), int(k1), alpha, a + row0 * lda, int(lda), c, int(k2), beta, out + row0 * ldo,
-         int(ldo));
+    blas::gemm_ex(false, false, int(rows), int(k2), int(k1), alpha, a + row0 * lda, int(lda), c, int(k2), beta,
+                  out + row0 * ldo, int(ldo));
   });
 }
 
@@ -607,8 +596,8 @@ void basis_combination_cpu(const ArrayView& basis, const ArrayView& coefficients
       std::vector<T> c(static_cast<size_t>(steps * r));
       for (int64_t i = 0; i < steps; ++i)
         for (int64_t j = 0; j < r; ++j) c[size_t(i * r + j)] = T(coefficients.ptr<double>()[(b * rows + i) * r + j]);
-      gemm(true, false, blas::dim(n, "rows"), int(r), int(steps), T(1), basis.ptr<T>() + b * m1 * n, int(n), c.data(),
-           int(r), T(0), out.ptr<T>() + b * n * r, int(r));
+      blas::gemm_ex(true, false, blas::dim(n, "rows"), int(r), int(steps), T(1), basis.ptr<T>() + b * m1 * n, int(n),
+                    c.data(), int(r), T(0), out.ptr<T>() + b * n * r, int(r));
     }
   });
 }
