@@ -573,7 +573,7 @@ void eigenbasis_update_cpu(const std::vector<ArrayView>& a_in, const std::vector
         good[size_t(t)] =
             CK_DISPATCH_COMPUTE(q[tasks[size_t(t)].input].dtype, T, [&] { return update(T(), size_t(t)); });
       },
-      lapack_tasks(int64_t(tasks.size()), threads));
+      qr_tasks(int64_t(tasks.size()), threads));
   ok.assign(q.size(), {});
   full_rank.assign(q.size(), {});
   for (size_t t = 0; t < tasks.size(); ++t) {
