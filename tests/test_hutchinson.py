@@ -708,6 +708,16 @@ def _step_lists(rng, backend, dtype, names, bad=None, value=np.nan, tensor=1):
     return lists
 
 
+def _expect_refused_before_writing(step, lists, bad, written):
+    """step() raises ArgumentError naming `bad` and tensor 1, and leaves the `written` lists' bits as they were."""
+    before = {name: [raw_bits(x) for x in lists[name]] for name in written}
+    with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}' contains NaN or Inf \\(tensor 1 of the list\\)"):
+        step()
+    for name, bits in before.items():
+        for x, b in zip(lists[name], bits):
+            np.testing.assert_array_equal(raw_bits(x), b, err_msg=f"{name} was written")
+
+
 ADAHESSIAN_LISTS = ["params", "grads", "hessian_diag_samples", "exp_avg", "exp_avg_sq"]
 SOPHIA_LISTS = ["params", "grads", "exp_avg", "hessian", "hessian_estimate"]
 
@@ -717,12 +727,8 @@ SOPHIA_LISTS = ["params", "grads", "exp_avg", "hessian", "hessian_estimate"]
 @pytest.mark.parametrize("backend, dtype", backend_dtypes())
 def test_adahessian_refuses_nonfinite_before_writing(rng, backend, dtype, bad, value):
     lists = _step_lists(rng, backend, dtype, ADAHESSIAN_LISTS, bad, value)
-    before = {name: [raw_bits(x) for x in lists[name]] for name in ("params", "exp_avg", "exp_avg_sq")}
-    with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}' contains NaN or Inf \\(tensor 1 of the list\\)"):
-        curvkit.adahessian_step_(**lists, step=3, lr=0.01)
-    for name, bits in before.items():
-        for x, b in zip(lists[name], bits):
-            np.testing.assert_array_equal(raw_bits(x), b, err_msg=f"{name} was written")
+    _expect_refused_before_writing(lambda: curvkit.adahessian_step_(**lists, step=3, lr=0.01), lists, bad,
+                                   ("params", "exp_avg", "exp_avg_sq"))
     curvkit.adahessian_step_(**lists, step=3, lr=0.01, check_finite=False)  # the unchecked path runs on
     assert not np.isfinite(to_numpy(lists["params"][1])).all() or bad == "hessian_diag_samples"
 
@@ -732,12 +738,8 @@ def test_adahessian_refuses_nonfinite_before_writing(rng, backend, dtype, bad, v
 @pytest.mark.parametrize("backend, dtype", backend_dtypes())
 def test_sophia_refuses_nonfinite_before_writing(rng, backend, dtype, bad, value):
     lists = _step_lists(rng, backend, dtype, SOPHIA_LISTS, bad, value)
-    before = {name: [raw_bits(x) for x in lists[name]] for name in ("params", "exp_avg", "hessian")}
-    with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}' contains NaN or Inf \\(tensor 1 of the list\\)"):
-        curvkit.sophia_step_(**lists, return_win_rate=True)
-    for name, bits in before.items():
-        for x, b in zip(lists[name], bits):
-            np.testing.assert_array_equal(raw_bits(x), b, err_msg=f"{name} was written")
+    _expect_refused_before_writing(lambda: curvkit.sophia_step_(**lists, return_win_rate=True), lists, bad,
+                                   ("params", "exp_avg", "hessian"))
     if bad != "hessian_estimate":  # without estimates, only params and grads are read from outside
         lists.pop("hessian_estimate")
         with pytest.raises(curvkit.ArgumentError, match=f"argument '{bad}'"):

@@ -15,7 +15,7 @@
 
 namespace curvkit::team_blas {
 
-// Below this many flops (about 20 us on one core) a product runs as one call.
+// Below this many flops (about 30 us on one core) a product runs as one call.
 constexpr double kMinTeamFlops = 1 << 21;
 
 // Row where band t of `parts` starts: equal rows, or equal areas of the lower triangle.

@@ -516,6 +516,7 @@ void eigenbasis_update_cpu(const std::vector<ArrayView>& a_in, const std::vector
   struct Task {
     size_t input;
     int64_t index, n, k;
+    double cost() const { return double(n) * double(k) * double(k); }
   };
   std::vector<Task> tasks;
   for (size_t i = 0; i < q.size(); ++i) {
@@ -567,8 +568,7 @@ void eigenbasis_update_cpu(const std::vector<ArrayView>& a_in, const std::vector
   };
   const int threads = num_threads();
   run_matrix_tasks(
-      threads, int64_t(tasks.size()),
-      [&](int64_t t) { return double(tasks[size_t(t)].n) * double(tasks[size_t(t)].k) * double(tasks[size_t(t)].k); },
+      threads, int64_t(tasks.size()), [&](int64_t t) { return tasks[size_t(t)].cost(); },
       [&](int64_t t, int) {
         good[size_t(t)] =
             CK_DISPATCH_COMPUTE(q[tasks[size_t(t)].input].dtype, T, [&] { return update(T(), size_t(t)); });

@@ -54,7 +54,10 @@ void measure(PolarTask& t, const PolarOptions& o) {
   t.exponent = -std::ilogb(amax);
   double sum = 0.0;
   with_pow2(t.exponent, [&](auto pow2) {
-    for (int64_t i = 0; i < size; ++i) sum += pow2(to_double(g[i])) * pow2(to_double(g[i]));
+    for (int64_t i = 0; i < size; ++i) {
+      const double v = pow2(to_double(g[i]));
+      sum += v * v;
+    }
   });
   // Without normalization, G / (its RMS singular value ||G||_F / sqrt(r)).
   t.inv_scale =
@@ -358,7 +361,7 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
   scale_pow2(w.a.data(), nn, k);
   // Scale: both ||A||_F and ||A||_inf bound the largest eigenvalue of symmetric A; the
   // smaller one puts the spectrum of A/c closest to 1 (near the identity ||A||_inf does).
-  const double c = std::min(frobenius(w.a.data(), nn), max_row_sum(w.a.data(), n));
+  const double a_norm = frobenius(w.a.data(), nn), c = std::min(a_norm, max_row_sum(w.a.data(), n));
   st = SqrtStatus{};
   st.method = o.method;
   if (c == 0) {  // sqrt(0) = 0; no inverse
@@ -369,7 +372,6 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
     return;
   }
   // The requested method, then (with fallback) Eigh for a matrix it failed.
-  const double a_norm = frobenius(w.a.data(), nn);
   bool ok = false;
   for (SqrtMethod method = o.method;; method = SqrtMethod::Eigh) {
     double floored = 0;  // ||A - A_+||_F / c: what Eigh's floor removed
