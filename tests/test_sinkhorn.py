@@ -2,7 +2,7 @@
 Sinkhorn and, where installed, POT), over methods, batches, lists, point-cloud costs and dtypes."""
 import numpy as np
 import pytest
-from conftest import backend_dtypes, is_cuda, make, needs_torch, to_numpy
+from conftest import backend_dtypes, make, needs_torch, to_numpy
 
 import curvkit
 from curvkit.testing import TOL, sinkhorn_log
@@ -33,10 +33,6 @@ def test_plan_and_potentials_match_reference(backend, dtype, method, rng):
     a, b, C = problem(rng, 40, 50)
     reg = 0.02
     a_in, b_in, C_in = (make(v, backend, dtype) for v in (a, b, C))
-    if is_cuda(backend) and method == "sns":  # no Newton phase on CUDA yet
-        with pytest.raises(curvkit.ArgumentError, match="method='sns' runs on the CPU only"):
-            curvkit.sinkhorn(a_in, b_in, C_in, reg=reg, method=method)
-        return
     P, info = curvkit.sinkhorn(a_in, b_in, C_in, reg=reg, method=method, tol=1e-11, return_info=True)
     assert type(P) is type(C_in) and tuple(P.shape) == (40, 50)
     assert bool(info["converged"]) and info["marginal_error"] <= 1e-11
@@ -91,6 +87,34 @@ def test_sns_and_log_agree_on_a_hard_problem(rng):
     assert i_sns["method"] == "sns" and i_sns["newton_steps"] > 0
     assert i_sns["iterations"] + 10 * i_sns["newton_steps"] < i_log["iterations"]
     assert np.abs(P_log - P_sns).max() <= 1e-7 * P_log.max()
+
+
+def test_cuda_solves_as_the_cpu_does(cuda_backend, rng):
+    """The CUDA solver against the CPU one on the same inputs: Sinkhorn warm-up, hand-over, Newton
+    with its sparse Hessian, CG and line search, per problem of a batch, with the float32 warm-up,
+    on point clouds and with zero-mass rows. Both follow sinkhorn/schedule.h, so the paths agree
+    (the Newton steps may differ by one where the sums' rounding decides a line search)."""
+    n = 60
+    C = rng.random((3, n, n))
+    C[1] *= 0.2  # easier: log-domain Sinkhorn meets tol before "auto" hands over
+    u = np.full((3, n), 1 / n)
+    u[2, 5] = 0
+    u[2] /= u[2].sum()
+    x, y = rng.random((n, 2)), rng.random((n, 2))
+    cases = [dict(a=u, b=u, C=C, method=method, float32_warmup=warm)
+             for method in ("sns", "auto") for warm in (False, True)]
+    cases.append(dict(a=u[0], b=u[0], x=x, y=y, cost="euclidean", method="sns", float32_warmup=False))
+    for case in cases:
+        options = dict(case, reg=0.01, tol=1e-10, return_info=True)
+        P_cpu, i_cpu = curvkit.sinkhorn(**options)
+        on_device = {k: make(v, cuda_backend) if isinstance(v, np.ndarray) else v for k, v in options.items()}
+        P, info = curvkit.sinkhorn(**on_device)
+        assert type(P) is type(on_device["a"]) and np.all(info["converged"]) and np.all(info["marginal_error"] <= 1e-10)
+        assert np.array_equal(info["method"], i_cpu["method"]), case
+        assert np.all(np.abs(np.asarray(info["newton_steps"]) - i_cpu["newton_steps"]) <= 1), case
+        assert np.abs(to_numpy(P) - P_cpu).max() <= 1e-8 * P_cpu.max(), case
+        if case["method"] == "auto":  # the batch exercises both outcomes of the hand-over
+            assert set(i_cpu["method"]) == {"sns", "log"}
 
 
 def test_identity_recovery(rng):
@@ -272,3 +296,22 @@ def test_sparse_plan(framework, rng):
     for S in plans:
         S_dense = S.toarray() if framework == "numpy" else S.to_dense().numpy()
         np.testing.assert_array_equal(S_dense, full)
+
+
+def test_sparse_plan_on_cuda(cuda_backend, rng):
+    """Built on the device, returned there: the entries >= sparse_tol * mass of the dense plan,
+    bit for bit (the same expression of the same potentials)."""
+    x = rng.random((40, 2))
+    y = x + 1e-4 * rng.standard_normal(x.shape)
+    a, b, C = problem(rng, 30, 35, batch=(2,))
+    x_d, y_d, a_d, b_d, C_d = (make(v, cuda_backend) for v in (x, y, a, b, C))
+    cases = [(curvkit.sinkhorn(None, None, x=x_d, y=y_d, reg=1e-4, sparse_tol=1e-9),
+              curvkit.sinkhorn(None, None, x=x_d, y=y_d, reg=1e-4), 1e-9)]
+    cases += [(S, P, 1e-3) for S, P in zip(curvkit.sinkhorn(a_d, b_d, C_d, reg=0.05, sparse_tol=1e-3),
+                                           curvkit.sinkhorn(a_d, b_d, C_d, reg=0.05))]
+    for S, dense, sparse_tol in cases:
+        S_dense = to_numpy(S.to_dense() if cuda_backend[0] == "torch" else S.toarray())
+        dense = to_numpy(dense)
+        kept = dense >= sparse_tol
+        assert 0 < kept.sum() < dense.size
+        assert (S_dense[kept] == dense[kept]).all() and (S_dense[~kept] == 0).all()

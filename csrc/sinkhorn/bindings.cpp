@@ -109,7 +109,8 @@ void register_sinkhorn(py::module_& m, py::module_& /*testing*/) {
   m.def(
       "sinkhorn_sparse_plan",
       [](py::handle a, py::handle b, py::handle C, py::handle x, py::handle y, py::handle f, py::handle g,
-         const std::string& cost, double p, double reg, double threshold, int64_t index) {
+         const std::string& cost, double p, double reg, double threshold, int64_t index, StreamHandle stream,
+         py::object workspace) {
         const GroundCost kind = binding::parse_choice(kCosts, cost, "cost");
         interop::ImportedArray ai = interop::import_array(a, "a"), bi = interop::import_array(b, "b"),
                                fi = interop::import_output(f, "f"), gi = interop::import_output(g, "g");
@@ -130,15 +131,16 @@ void register_sinkhorn(py::module_& m, py::module_& /*testing*/) {
         }
         CsrPlan plan;
         {
-          binding::CallScope scope(py::none());
-          plan = sinkhorn_sparse_plan(pr, fi.view, gi.view, index, reg, threshold);
+          binding::CallScope scope(std::move(workspace));
+          plan = sinkhorn_sparse_plan(pr, fi.view, gi.view, index, reg, threshold, stream);
         }
         return py::make_tuple(py::array_t<int64_t>(py::ssize_t(plan.indptr.size()), plan.indptr.data()),
                               py::array_t<int64_t>(py::ssize_t(plan.indices.size()), plan.indices.data()),
                               py::array_t<double>(py::ssize_t(plan.values.size()), plan.values.data()));
       },
       py::arg("a"), py::arg("b"), py::arg("C"), py::arg("x"), py::arg("y"), py::arg("f"), py::arg("g"), py::kw_only(),
-      py::arg("cost"), py::arg("p"), py::arg("reg"), py::arg("threshold"), py::arg("index"),
+      py::arg("cost"), py::arg("p"), py::arg("reg"), py::arg("threshold"), py::arg("index"), py::arg("stream"),
+      py::arg("workspace"),
       "The entries >= threshold of the plan of potentials (f, g) as CSR arrays (indptr, indices, values).");
 }
 

@@ -109,14 +109,17 @@ std::vector<std::vector<SinkhornStatus>> sinkhorn(const std::vector<OTProblems>&
 }
 
 CsrPlan sinkhorn_sparse_plan(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index,
-                             double reg, double threshold) {
+                             double reg, double threshold, StreamHandle stream) {
   check_reg(reg);
   CK_CHECK_VALUE(threshold > 0, "argument 'sparse_tol' must be > 0, got ", threshold);
   const OTOutputs outputs{f, g, nullptr};
   check_batch(problems, outputs);
   CK_CHECK_VALUE(index >= 0 && index < problems.a.size(0), "problem index ", index, " out of range");
-  CK_CHECK_VALUE(!problems.a.device.is_cuda(), "a sparse plan is computed on the CPU only in this version");
-  return sinkhorn_impl::sparse_plan_cpu(problems, f, g, index, reg, threshold);
+  (void)stream;
+  CsrPlan plan;
+  CK_DEVICE_DISPATCH(problems.a.device, plan = sinkhorn_impl::sparse_plan_cpu(problems, f, g, index, reg, threshold),
+                     plan = sinkhorn_impl::sparse_plan_cuda(problems, f, g, index, reg, threshold, stream));
+  return plan;
 }
 
 }  // namespace curvkit

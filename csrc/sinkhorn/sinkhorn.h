@@ -84,13 +84,13 @@ inline double mass_tolerance(const DType& dt) {
 
 // The entries P_ij >= threshold of the plan of potentials (f, g) (shapes (B, n), (B, m), the
 // problems' dtype) of problem `index`, in CSR form (rows in order, columns ascending), without
-// forming the dense plan. CPU only in this version.
+// forming the dense plan; on CUDA built on the device (on `stream`) and copied to the host.
 struct CsrPlan {
   std::vector<int64_t> indptr, indices;
   std::vector<double> values;
 };
 CsrPlan sinkhorn_sparse_plan(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index,
-                             double reg, double threshold);
+                             double reg, double threshold, StreamHandle stream = 0);
 
 // The automatic density of the sparse Hessian for an n x m problem.
 double sns_default_density(int64_t n, int64_t m);
@@ -103,9 +103,11 @@ void solve_cpu(const std::vector<OTProblems>& problems, const std::vector<OTOutp
 CsrPlan sparse_plan_cpu(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index, double reg,
                         double threshold);
 #ifdef CURVKIT_WITH_CUDA
-// Log-domain Sinkhorn on the device (SNS on CUDA: not in this version; "auto" resolves to "log").
+// Log-domain Sinkhorn and SNS on the device, on the CPU's schedule (sinkhorn/schedule.h).
 void solve_cuda(const std::vector<OTProblems>& problems, const std::vector<OTOutputs>& outputs,
                 const SinkhornOptions& o, std::vector<std::vector<SinkhornStatus>>& status, StreamHandle stream);
+CsrPlan sparse_plan_cuda(const OTProblems& problems, const ArrayView& f, const ArrayView& g, int64_t index, double reg,
+                         double threshold, StreamHandle stream);
 #endif
 
 }  // namespace sinkhorn_impl

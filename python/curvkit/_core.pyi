@@ -237,4 +237,6 @@ def sinkhorn_sparse_plan(
     reg: float,
     threshold: float,
     index: int,
+    stream: int,
+    workspace: Workspace,
 ) -> tuple[Any, Any, Any]: ...

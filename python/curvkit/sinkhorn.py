@@ -47,7 +47,7 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
         reg). "sns": Sinkhorn-Newton-Sparse, 20 Sinkhorn iterations then Newton steps on
         the dual with a sparsified Hessian (CG on its Schur complement, line search).
         "auto": Sinkhorn, handing over to Newton once Sinkhorn's measured linear rate
-        predicts more than 30 further iterations (on CUDA: "log").
+        predicts more than 30 further iterations. CPU and CUDA run the same schedule.
     tol : float > 0
         On the L1 marginal error (absolute; the masses are usually 1).
     max_iter : int
@@ -65,8 +65,9 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
     sparse_tol : float, optional
         Return the plan sparse, without forming it densely: the entries ``P_ij >= sparse_tol
         * mass`` as a ``scipy.sparse.csr_array`` (NumPy input; needs SciPy) or a
-        coalesced ``torch.sparse_coo_tensor`` (PyTorch), in the input dtype; one per problem (a list
-        for a batch). CPU only. At small reg an OT plan is nearly a permutation: n entries.
+        coalesced ``torch.sparse_coo_tensor`` (PyTorch), in the input dtype, or a
+        ``cupyx.scipy.sparse.csr_matrix`` (CuPy; float32 for half inputs), on the input's device;
+        one per problem (a list for a batch). At small reg an OT plan is nearly a permutation: n entries.
     return_info : bool
         Also return a dict of per-problem NumPy arrays (shape ``(B,)``, or ``()`` unbatched):
         "converged", "marginal_error", "iterations", "newton_steps", "cost" (``<C, P>``),
@@ -220,37 +221,51 @@ def _solve(a, b, C, x, y, cost, p, reg, method, tol, max_iter, max_newton, densi
 
 
 def _sparse_plans(call, cost, p, reg, sparse_tol):
-    """The sparse plans of one batch's solved problems (a list for a batch)."""
+    """The sparse plans of one batch's solved problems (a list for a batch), built where the
+    problems live and returned on their device."""
     A, B, C, X, Y, F, G, batched = call
     fw = _arrays.framework_of(A)
-    if fw == "cupy" or _arrays.device_of(A)[0] != "cpu":
-        raise ArgumentError("a sparse plan ('sparse_tol') is computed on the CPU only in this version")
     if fw == "numpy":
         try:
             import scipy.sparse as sparse
         except ImportError as e:  # pragma: no cover - SciPy is optional
             raise ArgumentTypeError("a sparse plan of NumPy arrays is a scipy.sparse.csr_array: install SciPy") from e
     n, m = A.shape[1], B.shape[1]
+    stream, workspace = _arrays.call_context([A])
     out = []
     for index in range(A.shape[0]):
-        mass = float(np.asarray(_host(A[index])).sum())
+        mass = float(_host(A[index]).sum())
         indptr, indices, values = _core.sinkhorn_sparse_plan(
             A, B, C, X, Y, F, G, cost="matrix" if C is not None else cost, p=p, reg=reg, threshold=sparse_tol * mass,
-            index=index)
+            index=index, stream=stream, workspace=workspace)
         if fw == "numpy":
             out.append(sparse.csr_array((values.astype(A.dtype), indices, indptr), shape=(n, m)))
+        elif fw == "cupy":
+            import cupy
+            import cupyx.scipy.sparse as cusparse
+
+            with cupy.cuda.Device(A.device.id):
+                # cupyx's CSR holds float32/float64 only: half inputs come back as float32
+                dtype = A.dtype if A.dtype.itemsize >= 4 else cupy.float32
+                parts = (cupy.asarray(values, dtype=dtype), cupy.asarray(indices, dtype=cupy.int32),
+                         cupy.asarray(indptr, dtype=cupy.int32))
+                out.append(cusparse.csr_matrix(parts, shape=(n, m)))
         else:
             import torch
 
             rows = np.repeat(np.arange(n, dtype=np.int64), np.diff(indptr))
             out.append(torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, indices])),
                                                torch.from_numpy(values).to(A.dtype), size=(n, m),
-                                               is_coalesced=True, check_invariants=False))  # built sorted, in range
+                                               is_coalesced=True, check_invariants=False).to(A.device))  # sorted
     return out if batched else out[0]
 
 
 def _host(v):
-    return v.double().numpy() if _arrays.framework_of(v) == "torch" else v
+    """v as a NumPy array on the host."""
+    fw = _arrays.framework_of(v)
+    if fw == "torch":
+        return v.detach().double().cpu().numpy()
+    return v.get() if fw == "cupy" else np.asarray(v)
 
 
 def _matching(v, single, count, name, input_name):
