@@ -11,6 +11,7 @@ Groups (time to the tolerance; ratio = anchor time / curvkit time):
   grid28-{l1,sqeuclidean}  a 28 x 28 grid, cost / max, blob marginals, reg = 1e-3, tol 1e-6.
   batch-64x256          64 problems of 256 x 256 (sqeuclidean costs of random 2-D points), reg = 0.01,
                         tol 1e-6 per problem: curvkit's batched call against ot.batch.solve_batch.
+CUDA (-k cuda, on a GPU machine): the same groups prefixed "cuda-", POT on torch CUDA tensors.
 Each log-domain iteration reads the n x m cost twice and takes 2 n m exponentials: the table's
 rate is those exponentials per second.
 """
@@ -101,3 +102,83 @@ def test_batched_small_problems(benchmark, request, impl):
         P = benchmark(pot_batch, a, a, C, reg, tol)
     worst = max(marginal_error(P[k], a[k], a[k]) for k in range(B))
     benchmark.extra_info.update(rel_error=worst)
+
+
+# ---- CUDA (run with -k cuda on a GPU machine): the same cases as torch CUDA tensors, curvkit
+# ("auto" and "log") beside POT's sinkhorn_log on the same device (a fixed budget scaled to the
+# log-domain iteration count, as above), and the batched case against POT's batched solver there.
+def _cuda_ready():
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() and curvkit.has_cuda()
+
+
+cuda = pytest.mark.skipif(not _cuda_ready(), reason="needs a GPU, PyTorch with CUDA and a CUDA build of curvkit")
+
+
+def _on_gpu(*values):
+    import torch
+
+    return [torch.from_numpy(v).cuda() if isinstance(v, np.ndarray) else v for v in values]
+
+
+def _synchronized(benchmark, fn):
+    """Times fn() with the device synchronized after each call; returns its last result."""
+    import torch
+
+    out = []
+
+    def run():
+        out[:] = [fn()]
+        torch.cuda.synchronize()
+
+    benchmark.pedantic(run, rounds=3, warmup_rounds=1)
+    return out[0]
+
+
+@cuda
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit-log", "pot-log"])
+def test_cuda_time_to_tolerance(benchmark, request, case, impl):
+    a, b, C, reg = _on_gpu(*CASES[case]())
+    tol = TOLS.get(case, 1e-6)
+    n, m = C.shape
+    benchmark.group = f"cuda-{case}"
+    benchmark.extra_info.update(impl=impl, flops=2.0 * n * m)
+    if impl == "curvkit":
+        P, info = _synchronized(benchmark, lambda: curvkit.sinkhorn(a, b, C, reg=reg, tol=tol, return_info=True))
+        assert info["converged"] and info["marginal_error"] <= tol
+        benchmark.extra_info.update(iterations=float(info["iterations"]), newton=int(info["newton_steps"]),
+                                    flops=2.0 * n * m * (info["iterations"] + 3 * info["newton_steps"]))
+        return
+    budget = _budget(request, n, m)
+    count = _log_iterations(case, tol) if _timing(request) else budget
+    if impl == "curvkit-log":
+        _synchronized(benchmark, lambda: curvkit.sinkhorn(a, b, C, reg=reg, method="log", tol=tol, max_iter=budget,
+                                                          return_info=True))
+    else:
+        _synchronized(benchmark, lambda: pot_sinkhorn(a, b, C, reg, budget, "sinkhorn_log"))
+    benchmark.extra_info.update(iterations=float(count), scale=count / budget, flops=2.0 * n * m * count)
+
+
+@cuda
+@pytest.mark.parametrize("impl", ["curvkit", "pot-batch"])
+def test_cuda_batched_small_problems(benchmark, impl):
+    rng = np.random.default_rng(0)
+    B, n = 64, 256
+    x, y = rng.random((B, n, 2)), rng.random((B, n, 2))
+    a, C = _on_gpu(np.full((B, n), 1 / n), ((x[:, :, None, :] - y[:, None, :, :]) ** 2).sum(-1))
+    reg, tol = 0.01, 1e-6
+    benchmark.group = f"cuda-batch-{B}x{n}"
+    benchmark.extra_info.update(impl=impl)
+    if impl == "curvkit":
+        P, info = _synchronized(benchmark, lambda: curvkit.sinkhorn(a, a, C, reg=reg, tol=tol, return_info=True))
+        assert info["converged"].all()
+        benchmark.extra_info.update(iterations=float(info["iterations"].mean()))
+    else:
+        P = _synchronized(benchmark, lambda: pot_batch(a, a, C, reg, tol))
+    P = P.cpu().numpy()
+    a_host = a.cpu().numpy()
+    benchmark.extra_info.update(rel_error=max(marginal_error(P[k], a_host[k], a_host[k]) for k in range(B)))
