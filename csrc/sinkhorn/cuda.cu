@@ -1,11 +1,12 @@
 // Sinkhorn family, CUDA: the batch solver. Log-domain Sinkhorn over every problem of a batch at
-// once: one kernel per half-step (f: a warp per row; g: a thread per column, reading the rows of
-// C coalesced), in float32 arithmetic for the optional warm-up and float64 after it, and a kernel
-// that decides each problem's fate on the device (met tol, float32's floor, out of budget, handed
-// over to Newton by sinkhorn/schedule.h); the host asks whether any problem still runs every
-// kCheckEvery iterations, never per iteration. Problems handed over go to the Newton phase
-// (cuda_newton.cu); then one pass writes the plans, sums and potentials. Sums go in a fixed
-// order (warp shuffles, block_sum): the same bits every run.
+// once: one kernel per half-step (f: a warp per row; g: 32 columns a block, their rows split over
+// kRowGroups thread rows, each warp reading 32 consecutive costs of a row), in float32 arithmetic
+// for the optional warm-up and float64 after it, and a kernel that decides each problem's fate on
+// the device (met tol, float32's floor, out of budget, handed over to Newton by
+// sinkhorn/schedule.h); the host asks whether any problem still runs every kCheckEvery
+// iterations, never per iteration. Problems handed over go to the Newton phase (cuda_newton.cu);
+// then one pass writes the plans, sums and potentials. Sums go in a fixed order (warp shuffles,
+// block_sum, column_sum): the same bits every run.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -112,21 +113,25 @@ __global__ void decide_kernel(State st, int64_t n, Decision rule, double* error)
     for (int64_t i = threadIdx.x; i < n; i += blockDim.x) st.f[b * n + i] = st.f_new[b * n + i];
 }
 
-// g half-step in compute type T: a thread per column of every running problem, over the rows in order.
+// g half-step in compute type T over the columns of every running problem (column_block()).
 template <class S, class T>
 __global__ void g_step_kernel(Costs<S> cost, State st, int64_t B, double eps) {
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= B * cost.m) return;
-  const int64_t b = col / cost.m, j = col % cost.m;
-  if (st.code[b] != kRunning) return;
-  if (!(st.b[col] > 0)) {
-    st.g[col] = -INFINITY;
-  } else {
-    const T teps = T(eps);
-    T mx = -T(INFINITY), s = 0;
-    for (int64_t i = 0; i < cost.n; ++i) lse_add(mx, s, (T(st.f[b * cost.n + i]) - T(cost(b, i, j))) / teps);
-    st.g[col] = eps * (st.logb[col] - (double(mx) + log(double(s))));
-  }
+  __shared__ T part_mx[kRowGroups][32], part_s[kRowGroups][32];
+  const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const bool valid = col < B * cost.m;
+  const int64_t b = valid ? col / cost.m : 0, j = valid ? col % cost.m : 0;
+  const bool running = valid && st.code[b] == kRunning, live = running && st.b[col] > 0;
+  const T teps = T(eps);
+  T mx = -T(INFINITY), s = 0;
+  if (live)
+    for (int64_t i = threadIdx.y; i < cost.n; i += kRowGroups)
+      lse_add(mx, s, (T(st.f[b * cost.n + i]) - T(cost(b, i, j))) / teps);
+  part_mx[threadIdx.y][threadIdx.x] = mx;
+  part_s[threadIdx.y][threadIdx.x] = s;
+  __syncthreads();
+  if (threadIdx.y != 0 || !running) return;
+  for (int k = 1; k < kRowGroups; ++k) lse_merge(mx, s, part_mx[k][threadIdx.x], part_s[k][threadIdx.x]);
+  st.g[col] = live ? eps * (st.logb[col] - (double(mx) + log(double(s)))) : -INFINITY;
   if (j == 0) ++st.iterations[b];
 }
 
@@ -236,14 +241,18 @@ __global__ void final_rows_kernel(Costs<S> cost, State st, int64_t B, double eps
   }
 }
 
+// Column sums of every problem's plan (column_block()).
 template <class S>
 __global__ void final_cols_kernel(Costs<S> cost, State st, int64_t B, double eps, double* col_sum) {
-  const int64_t col = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (col >= B * cost.m) return;
-  const int64_t b = col / cost.m, j = col % cost.m;
+  const int64_t col = int64_t(blockIdx.x) * 32 + threadIdx.x;
+  const bool valid = col < B * cost.m;
+  const int64_t b = valid ? col / cost.m : 0, j = valid ? col % cost.m : 0;
   double s = 0;
-  for (int64_t i = 0; i < cost.n; ++i) s += exp((st.f[b * cost.n + i] + st.g[col] - cost(b, i, j)) / eps);
-  col_sum[col] = s;
+  if (valid)
+    for (int64_t i = threadIdx.y; i < cost.n; i += kRowGroups)
+      s += exp((st.f[b * cost.n + i] + st.g[col] - cost(b, i, j)) / eps);
+  s = column_sum(s);
+  if (threadIdx.y == 0 && valid) col_sum[col] = s;
 }
 
 // Per problem: {marginal error, <C, P>, objective, potentials overflow}, and the potentials stored
@@ -335,13 +344,12 @@ template <class S, class T>
 void sinkhorn_phase(const Costs<S>& costs, const State& st, int64_t B, double eps, const Decision& rule, double* error,
                     int* running_count, cudaStream_t stream) {
   const unsigned row_blocks = unsigned((B * costs.n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const unsigned col_blocks = unsigned((B * costs.m + kThreads - 1) / kThreads);
   // Each problem stops by its budget at the latest: max_iters + 1 decisions.
   for (int64_t it = 0; it <= rule.max_iters; it += kCheckEvery) {
     for (int64_t k = 0; k < kCheckEvery; ++k) {
       f_step_kernel<S, T><<<row_blocks, kThreads, 0, stream>>>(costs, st, B, eps);
       decide_kernel<<<unsigned(B), kThreads, 0, stream>>>(st, costs.n, rule, error);
-      g_step_kernel<S, T><<<col_blocks, kThreads, 0, stream>>>(costs, st, B, eps);
+      g_step_kernel<S, T><<<column_grid(B * costs.m), column_block(), 0, stream>>>(costs, st, B, eps);
     }
     CK_CUDA_CHECK(cudaGetLastError());
     int running = 0;
@@ -430,9 +438,8 @@ void solve_batch(const OTProblems& ps, const OTOutputs& out, const SinkhornOptio
   // ---- the plan, its sums and the status (one more synchronization)
   S* plan = out.plan ? out.plan->ptr<S>() : nullptr;
   const unsigned row_blocks = unsigned((B * n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  const unsigned col_blocks = unsigned((B * m + kThreads - 1) / kThreads);
   final_rows_kernel<S><<<row_blocks, kThreads, 0, stream>>>(costs, st, B, eps, plan, st.row_err, st.f_new);
-  final_cols_kernel<S><<<col_blocks, kThreads, 0, stream>>>(costs, st, B, eps, col_sum);
+  final_cols_kernel<S><<<column_grid(B * m), column_block(), 0, stream>>>(costs, st, B, eps, col_sum);
   status_kernel<S><<<unsigned(B), kThreads, 0, stream>>>(st, st.row_err, st.f_new, col_sum, n, m, eps, scale,
                                                          out.f.ptr<S>(), out.g.ptr<S>(), results);
   CK_CUDA_CHECK(cudaGetLastError());

@@ -70,15 +70,16 @@ __global__ void plan_rows_kernel(Costs<S> cost, int64_t p, const double* f, cons
   }
 }
 
-// Column sums of the plan of problem p at (f, g): a thread per column, over the rows in order.
+// Column sums of the plan of problem p at (f, g) (column_block()).
 template <class S>
 __global__ void plan_cols_kernel(Costs<S> cost, int64_t p, const double* f, const double* g, double eps, double* c) {
-  const int64_t j = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (j >= cost.m) return;
+  const int64_t j = int64_t(blockIdx.x) * 32 + threadIdx.x;
   double s = 0;
-  for (int64_t i = 0; i < cost.n; ++i)
-    if (f[i] > -INFINITY) s += exp(log_plan(f[i], g[j], cost(p, i, j), eps));
-  c[j] = s;
+  if (j < cost.m)
+    for (int64_t i = threadIdx.y; i < cost.n; i += kRowGroups)
+      if (f[i] > -INFINITY) s += exp(log_plan(f[i], g[j], cost(p, i, j), eps));
+  s = column_sum(s);
+  if (threadIdx.y == 0 && j < cost.m) c[j] = s;
 }
 
 // {marginal error, sum of the plan, dual value <a, f> + <b, g> - eps sum P} from the sums (one block).
@@ -446,8 +447,7 @@ class NewtonSolver {
     CK_CUDA_CHECK(cudaMemsetAsync(out.histogram, 0, sizeof(unsigned long long) * kBins, stream_));
     const unsigned row_blocks = unsigned((n_ + kWarpsPerBlock - 1) / kWarpsPerBlock);
     plan_rows_kernel<S><<<row_blocks, kThreads, 0, stream_>>>(costs_, p_, f, g, eps_, out.r, out.histogram);
-    plan_cols_kernel<S>
-        <<<unsigned((m_ + kThreads - 1) / kThreads), kThreads, 0, stream_>>>(costs_, p_, f, g, eps_, out.c);
+    plan_cols_kernel<S><<<column_grid(m_), column_block(), 0, stream_>>>(costs_, p_, f, g, eps_, out.c);
     plan_summary_kernel<<<1, kVectorThreads, 0, stream_>>>(a_, b_, f, g, out.r, out.c, n_, m_, eps_, out.values);
     CK_CUDA_CHECK(cudaGetLastError());
     double host[3];

@@ -21,6 +21,27 @@ constexpr int kWarpsPerBlock = kThreads / 32;
 constexpr int64_t kCheckEvery = 16;  // iterations (Sinkhorn or CG) between host checks
 constexpr unsigned kFullMask = 0xffffffffu;
 
+// Column kernels run 32 columns a block with their rows split over kRowGroups thread rows (the
+// partial results merged in a fixed order): a thread per column alone leaves most of the device
+// idle when B m is a few thousand, and each warp still reads 32 consecutive costs of one row.
+constexpr int kRowGroups = 16;
+inline dim3 column_block() { return dim3(32, kRowGroups); }
+inline unsigned column_grid(int64_t columns) { return unsigned((columns + 31) / 32); }
+
+#ifdef __CUDACC__
+// The sum of v over the block's thread rows, for column threadIdx.x: valid in thread row 0
+// (every thread calls it).
+__device__ inline double column_sum(double v) {
+  __shared__ double part[kRowGroups][32];
+  part[threadIdx.y][threadIdx.x] = v;
+  __syncthreads();
+  double s = 0;
+  if (threadIdx.y == 0)
+    for (int k = 0; k < kRowGroups; ++k) s += part[k][threadIdx.x];
+  return s;
+}
+#endif
+
 // The costs of one batch: C (B, n, m) or points x (B, n, d), y (B, m, d), in the storage type.
 template <class S>
 struct Costs {
