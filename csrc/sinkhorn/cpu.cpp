@@ -13,10 +13,13 @@
 #include "core/matrix_utils.h"
 #include "core/runtime.h"
 #include "sinkhorn/ot_math.h"
+#include "sinkhorn/schedule.h"
 #include "sinkhorn/sinkhorn.h"
 
 namespace curvkit::sinkhorn_impl {
 namespace {
+
+using namespace sns_schedule;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 
@@ -277,13 +280,6 @@ double half_step(const CostRows<S>& cr, const T* h, const std::vector<double>& l
   return err;
 }
 
-// How the Sinkhorn phase ends when it does not converge.
-enum class Handoff { Never, AfterWarmup, WhenSlow };
-constexpr int64_t kWarmup = 20;         // SNS's N1 for the random-assignment case
-constexpr int64_t kRateWindow = 10;     // iterations over which the linear rate is measured
-constexpr double kSlowIterations = 30;  // predicted iterations to tolerance that count as slow: about
-                                        // what a few Newton steps (4 passes and a CG solve each) cost
-
 struct PhaseResult {
   int64_t iterations = 0;
   double error = kInf;  // of the plan of the returned potentials
@@ -311,12 +307,8 @@ PhaseResult sinkhorn_phase(const Problem<S>& P, std::vector<double>& f, std::vec
     }
     if (!(r.error > floor)) break;
     history.push_back(r.error);
-    const int64_t total = done_before + it;
-    if (handoff == Handoff::AfterWarmup && total >= kWarmup) r.handed_off = true;
-    if (handoff == Handoff::WhenSlow && int64_t(history.size()) > kRateWindow) {
-      const double rate = std::pow(r.error / history[history.size() - 1 - kRateWindow], 1.0 / kRateWindow);
-      r.handed_off = rate >= 1 || std::log(tol / r.error) / std::log(rate) > kSlowIterations;
-    }
+    const double window_error = int64_t(history.size()) > kRateWindow ? history[history.size() - 1 - kRateWindow] : 0;
+    r.handed_off = hand_over(handoff, r.error, window_error, done_before + it, tol);
     if (r.handed_off) break;
     std::swap(fo, fn);
     half_step<S, T>(P.by_cols, fo.data(), P.logb, P.b, P.eps, nullptr, gn.data(), P.threads);
@@ -331,10 +323,7 @@ PhaseResult sinkhorn_phase(const Problem<S>& P, std::vector<double>& f, std::vec
 // ---- Newton (SNS), in float64
 
 // The plan at (f, g): row sums r, column sums c, sum of entries, and optionally <C, P>, the
-// plan itself (written in S) or a histogram of log P (bins of 1/kBinsPerUnit on [kLogLow, kLogHigh)).
-constexpr double kLogLow = -80, kLogHigh = 20;
-constexpr int kBinsPerUnit = 16;
-constexpr int kBins = int(kLogHigh - kLogLow) * kBinsPerUnit;
+// plan itself (written in S) or a histogram of log P (sinkhorn/schedule.h).
 
 struct PlanSums {
   std::vector<double> r, c;
@@ -371,7 +360,8 @@ PlanSums plan_pass(const Problem<S>& P, const std::vector<double>& f, const std:
         if (with_histogram)
           for (int64_t j = 0; j < P.m; ++j) {
             const double z = (f[size_t(i)] + g[size_t(j)] - buf.c[size_t(j)]) * inv_eps;
-            if (z >= kLogLow) ++hist[size_t(std::min(double(kBins - 1), (z - kLogLow) * kBinsPerUnit))];
+            const int bin = log_bin(z);
+            if (bin >= 0) ++hist[size_t(bin)];
           }
       }
       if (plan)
@@ -462,17 +452,6 @@ Sparse sparse_plan(const Problem<S>& P, const std::vector<double>& f, const std:
   return sp;
 }
 
-// The log-P threshold that keeps at least `keep` entries, from the histogram; entries below
-// e^kLogLow (of a plan of mass ~1) never matter beside the Hessian's diagonal.
-double threshold_for(const std::vector<int64_t>& histogram, int64_t keep) {
-  int64_t count = 0;
-  for (int k = kBins - 1; k >= 0; --k) {
-    count += histogram[size_t(k)];
-    if (count >= keep) return kLogLow + double(k) / kBinsPerUnit;
-  }
-  return kLogLow;
-}
-
 // y = S v (rows) and y = S^T v (columns), over the threads when large.
 void spmv(const std::vector<int64_t>& ptr, const std::vector<int32_t>& idx, const std::vector<double>& val,
           const double* v, double* y, int64_t rows, int threads) {
@@ -540,12 +519,6 @@ void newton_direction(const Sparse& sp, const std::vector<double>& dr, const std
   for (int64_t i = 0; i < n; ++i) df[size_t(i)] = (eps * grad_f[size_t(i)] - t[size_t(i)]) / dr[size_t(i)];
 }
 
-constexpr int kMaxHalvings = 30;
-constexpr double kArmijo = 1e-4;
-constexpr int64_t kFallbackIterations = 20;  // Sinkhorn iterations after a failed Newton step
-constexpr double kLocalError = 1e-2;         // marginal error (of the mass) where Newton is local
-constexpr int64_t kStallSteps = 10;          // accepted steps over which the error must halve
-
 struct NewtonResult {
   int64_t steps = 0, sinkhorn_iterations = 0;
   double error = kInf;
@@ -574,14 +547,13 @@ NewtonResult newton_phase(const Problem<S>& P, std::vector<double>& f, std::vect
     ++attempts;
     for (int64_t i = 0; i < P.n; ++i) grad_f[size_t(i)] = P.a[size_t(i)] - cur.r[size_t(i)];
     for (int64_t j = 0; j < P.m; ++j) grad_g[size_t(j)] = P.b[size_t(j)] - cur.c[size_t(j)];
-    // The ridge removes the null direction (1, -1) and fades as the error does.
-    const double shift = std::min(1e-3, err / P.mass);
+    const double shift = newton_shift(err, P.mass);
     for (int64_t i = 0; i < P.n; ++i) dr[size_t(i)] = cur.r[size_t(i)] + shift * P.mass / double(P.n);
     for (int64_t j = 0; j < P.m; ++j) dc[size_t(j)] = cur.c[size_t(j)] + shift * P.mass / double(P.m);
     const int64_t keep = std::max<int64_t>(1, int64_t(std::ceil(density * double(P.n) * double(P.m))));
-    const Sparse sp = sparse_plan(P, f, g, threshold_for(cur.histogram, keep));
-    newton_direction(sp, dr, dc, grad_f, grad_g, P.eps, std::max(1e-12, std::min(0.1, err / P.mass)),
-                     std::max<int64_t>(100, P.m), P.threads, df, dg);
+    const Sparse sp = sparse_plan(P, f, g, threshold_for(cur.histogram.data(), keep));
+    newton_direction(sp, dr, dc, grad_f, grad_g, P.eps, cg_tolerance(err, P.mass), cg_max_steps(P.m), P.threads, df,
+                     dg);
     const double slope = dot(grad_f, df) + dot(grad_g, dg);
     double alpha = 1;
     bool accepted = false;
@@ -596,22 +568,13 @@ NewtonResult newton_phase(const Problem<S>& P, std::vector<double>& f, std::vect
       err_trial = marginal_error(P.a, P.b, trial);
       F_trial = dual_value(P, ft, gt, trial.total);
       if (!(F_trial > -kInf) || F_trial != F_trial) continue;
-      if (F_trial >= F + kArmijo * alpha * slope || (F_trial >= F - noise && err_trial < 0.9 * err)) {
+      if (accept_step(F_trial, F, alpha, slope, noise, err_trial, err)) {
         accepted = true;
         break;
       }
     }
     if (accepted) {
-      ++res.steps;
-      // A poor step near the solution is the sparse Hessian's fault: keep more of it. Far from
-      // the solution damped steps are Newton's own (the quadratic model is only local).
-      if ((alpha < 1 || err_trial > 0.5 * err) && err < kLocalError * P.mass) density = std::min(1.0, 2 * density);
-      // Anywhere, steps that keep the error from halving over kStallSteps mean the sparse model
-      // misses what matters: keep more of it.
-      if (res.steps % kStallSteps == 0) {
-        if (err_trial > 0.5 * window_error) density = std::min(1.0, 2 * density);
-        window_error = err_trial;
-      }
+      density = density_after_step(density, ++res.steps, alpha, err_trial, err, P.mass, window_error);
       f.swap(ft);
       g.swap(gt);
       cur = std::move(trial);
