@@ -13,8 +13,12 @@ namespace curvkit::sns_schedule {
 enum class Handoff { Never, AfterWarmup, WhenSlow };
 constexpr int64_t kWarmup = 20;         // SNS's N1 for the random-assignment case
 constexpr int64_t kRateWindow = 10;     // iterations over which the linear rate is measured
-constexpr double kSlowIterations = 30;  // predicted iterations to tolerance that count as slow: about
-                                        // what a few Newton steps (4 passes and a CG solve each) cost
+// Predicted iterations to tolerance that count as slow: a Newton step costs 2-4 Sinkhorn
+// iterations (a pass for the plan's sums and histogram, one for the sparse plan, one per
+// line-search trial; the CG on ~10 entries a row is cheap beside them) and a handful of steps
+// finish from where the rate is first measured. bench/results/sinkhorn_cpu.md: at 30, RegOT's
+// Synthetic I n = 1000 stayed with Sinkhorn for 82 iterations, 5.9x the time of handing over.
+constexpr double kSlowIterations = 20;
 
 // Whether the Sinkhorn phase hands over to Newton after an iteration of error `error`:
 // `iterations` Sinkhorn iterations done before it (all phases), `window_error` the error

@@ -47,7 +47,7 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
         reg). "sns": Sinkhorn-Newton-Sparse, 20 Sinkhorn iterations then Newton steps on
         the dual with a sparsified Hessian (CG on its Schur complement, line search).
         "auto": Sinkhorn, handing over to Newton once Sinkhorn's measured linear rate
-        predicts more than 30 further iterations. CPU and CUDA run the same schedule.
+        predicts more than 20 further iterations. CPU and CUDA run the same schedule.
     tol : float > 0
         On the L1 marginal error (absolute; the masses are usually 1).
     max_iter : int
