@@ -2,7 +2,7 @@
 Sinkhorn and, where installed, POT), over methods, batches, lists, point-cloud costs and dtypes."""
 import numpy as np
 import pytest
-from conftest import backend_dtypes, make, needs_torch, to_numpy
+from conftest import KERNEL_BACKENDS, backend_dtypes, make, needs_torch, to_numpy
 
 import curvkit
 from curvkit.testing import TOL, sinkhorn_log
@@ -226,6 +226,34 @@ def test_half_precision_inputs(dtype, rng):
     P_ref = sinkhorn_log(to_numpy(t[0]), to_numpy(t[1]) * float(to_numpy(t[0]).sum() / to_numpy(t[1]).sum()),
                          to_numpy(t[2]), 0.05, tol=1e-12)[0]
     assert np.abs(to_numpy(P) - P_ref).max() <= PLAN_TOL[dtype] * P_ref.max()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_half_precision_potentials_are_balanced_or_reported(backend, rng):
+    """float16 potentials are stored as (f + c, g - c), the same plan, centred so that they fit
+    whenever the costs do; a potential no shift brings into range is reported, not passed on as
+    a silent Inf."""
+    n = 16
+    u = np.full(n, 1 / n)
+    # Costs near float16's lower limit: the solver's own potentials reach -65,860 here.
+    C = -65000 - 400 * rng.random((n, n))
+    P, info = curvkit.sinkhorn(*(make(v, backend, "float16") for v in (u, u, C)), reg=100.0, tol=1e-3,
+                               return_info=True)
+    f, g = to_numpy(info["f"]), to_numpy(info["g"])
+    assert info["converged"] and not info["potentials_overflow"]
+    assert np.isfinite(f).all() and np.isfinite(g).all()
+    C_s = to_numpy(make(C, backend, "float16"))
+    P_ref = sinkhorn_log(u, u, C_s, 100.0, tol=1e-12)[0]
+    assert np.abs(to_numpy(P) - P_ref).max() <= PLAN_TOL["float16"] * P_ref.max()
+    # A mass of 1.2e-7 at reg 2e4: f spans 2.6e5, beyond float16 under any shift.
+    a = np.full(8, 1 / 7)
+    a[0] = 1.2e-7
+    a /= a.sum()
+    args = [make(v, backend, "float16") for v in (a, np.full(8, 1 / 8), 100 * rng.random((8, 8)))]
+    P, info = curvkit.sinkhorn(*args, reg=2e4, tol=1e-3, return_info=True)
+    assert info["potentials_overflow"] and not info["converged"] and np.isfinite(to_numpy(P)).all()
+    with curvkit.failure_policy("raise"), pytest.raises(curvkit.ConvergenceError):
+        curvkit.sinkhorn(*args, reg=2e4, tol=1e-3)
 
 
 @needs_torch

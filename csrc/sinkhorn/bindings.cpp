@@ -35,6 +35,7 @@ py::dict status_dict(const std::vector<SinkhornStatus>& status) {
   d["cost"] = get(&SinkhornStatus::cost);
   d["objective"] = get(&SinkhornStatus::objective);
   d["method"] = get([](const SinkhornStatus& s) { return binding::choice_name(kMethods, s.method); });
+  d["potentials_overflow"] = get(&SinkhornStatus::potentials_overflow);
   return d;
 }
 

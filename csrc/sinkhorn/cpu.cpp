@@ -676,8 +676,21 @@ void solve_one(const OTProblems& ps, const OTOutputs& out, int64_t index, const 
   st.objective = objective / P.scale;
   // The loop measured the error of the same plan; the final sums differ from its by rounding.
   st.converged = st.marginal_error <= o.tol || (r.converged && st.marginal_error <= o.tol + 1e3 * 0x1p-53 * P.mass);
-  for (int64_t i = 0; i < P.n; ++i) fo[i] = from_double<S>(f[size_t(i)] / P.scale);
-  for (int64_t j = 0; j < P.m; ++j) go[j] = from_double<S>(g[size_t(j)] / P.scale);
+  double shift = 0;
+  if constexpr (ot_math::is_half_precision<S>) {
+    double lo[2] = {kInf, kInf}, hi[2] = {-kInf, -kInf};
+    for (int side = 0; side < 2; ++side)
+      for (const double v : side == 0 ? f : g)
+        if (std::isfinite(v)) lo[side] = std::min(lo[side], v), hi[side] = std::max(hi[side], v);
+    if (hi[0] >= lo[0] && hi[1] >= lo[1]) shift = ot_math::balancing_shift(lo[0], hi[0], lo[1], hi[1]);
+  }
+  auto store = [&](double v, S& out) {
+    out = from_double<S>(v / P.scale);
+    st.potentials_overflow |= std::isfinite(v) && !std::isfinite(to_double(out));
+  };
+  for (int64_t i = 0; i < P.n; ++i) store(f[size_t(i)] + shift, fo[i]);
+  for (int64_t j = 0; j < P.m; ++j) store(g[size_t(j)] - shift, go[j]);
+  st.converged = st.converged && !st.potentials_overflow;
 }
 
 }  // namespace

@@ -255,12 +255,38 @@ __global__ void final_cols_kernel(Costs<S> cost, State st, int64_t B, double eps
   if (threadIdx.y == 0 && valid) col_sum[col] = s;
 }
 
+// The largest v over the block (-inf when none), to every thread (every thread calls it).
+__device__ double block_signed_max(double v) {
+  __shared__ double warp_max[32];
+  for (int o = 16; o > 0; o >>= 1) v = fmax(v, __shfl_xor_sync(kFullMask, v, o));
+  if ((threadIdx.x & 31) == 0) warp_max[threadIdx.x >> 5] = v;
+  __syncthreads();
+  double m = -INFINITY;
+  for (int w = 0; w < int(blockDim.x >> 5); ++w) m = fmax(m, warp_max[w]);
+  __syncthreads();
+  return m;
+}
+
 // Per problem: {marginal error, <C, P>, objective, potentials overflow}, and the potentials stored
-// in S (a finite potential beyond S's range is flagged).
+// in S, balanced for half precision (ot_math::balancing_shift); a finite potential beyond S's
+// range is flagged.
 template <class S>
 __global__ void status_kernel(State st, const double* row_sum, const double* row_cost, const double* col_sum, int64_t n,
                               int64_t m, double eps, double scale, S* f_out, S* g_out, double* out) {
   const int64_t b = blockIdx.x;
+  double shift = 0;
+  if constexpr (ot_math::is_half_precision<S>) {
+    double f_hi = -INFINITY, f_lo = -INFINITY, g_hi = -INFINITY, g_lo = -INFINITY;  // lo: the max of -v
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+      if (isfinite(st.f[b * n + i])) f_hi = fmax(f_hi, st.f[b * n + i]), f_lo = fmax(f_lo, -st.f[b * n + i]);
+    for (int64_t j = threadIdx.x; j < m; j += blockDim.x)
+      if (isfinite(st.g[b * m + j])) g_hi = fmax(g_hi, st.g[b * m + j]), g_lo = fmax(g_lo, -st.g[b * m + j]);
+    f_hi = block_signed_max(f_hi);
+    f_lo = block_signed_max(f_lo);
+    g_hi = block_signed_max(g_hi);
+    g_lo = block_signed_max(g_lo);
+    if (f_hi >= -f_lo && g_hi >= -g_lo) shift = ot_math::balancing_shift(-f_lo, f_hi, -g_lo, g_hi);
+  }
   double err = 0, total = 0, cost = 0, fr = 0, overflow = 0;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
     const int64_t k = b * n + i;
@@ -268,7 +294,7 @@ __global__ void status_kernel(State st, const double* row_sum, const double* row
     total += row_sum[k];
     cost += row_cost[k];
     fr += row_sum[k] > 0 ? st.f[k] * row_sum[k] : 0.0;
-    const double v = st.f[k] / scale;
+    const double v = (st.f[k] + shift) / scale;
     f_out[k] = from_double<S>(v);
     overflow = fmax(overflow, isfinite(v) && !isfinite(to_double(f_out[k])) ? 1.0 : 0.0);
   }
@@ -276,7 +302,7 @@ __global__ void status_kernel(State st, const double* row_sum, const double* row
     const int64_t k = b * m + j;
     err += fabs(st.b[k] - col_sum[k]);
     fr += col_sum[k] > 0 ? st.g[k] * col_sum[k] : 0.0;
-    const double v = st.g[k] / scale;
+    const double v = (st.g[k] - shift) / scale;
     g_out[k] = from_double<S>(v);
     overflow = fmax(overflow, isfinite(v) && !isfinite(to_double(g_out[k])) ? 1.0 : 0.0);
   }
@@ -459,8 +485,10 @@ void solve_batch(const OTProblems& ps, const OTOutputs& out, const SinkhornOptio
     s.objective = res[size_t(p * 4 + 2)] / scale;
     const double mass = host[size_t(p * 4)];
     // The device stopped a problem on the same error up to rounding (column sums computed anew).
-    s.converged = s.marginal_error <= o.tol ||
-                  (!newton_ran && codes[size_t(p)] == kMetTol && s.marginal_error <= o.tol + 1e3 * 0x1p-53 * mass);
+    s.potentials_overflow = res[size_t(p * 4 + 3)] > 0;
+    s.converged = !s.potentials_overflow &&
+                  (s.marginal_error <= o.tol ||
+                   (!newton_ran && codes[size_t(p)] == kMetTol && s.marginal_error <= o.tol + 1e3 * 0x1p-53 * mass));
   }
 }
 

@@ -2,6 +2,7 @@
 // is a sum over coordinates of term(x_k - y_k), then finish(sum).
 #pragma once
 #include <cmath>
+#include <type_traits>
 
 #include "core/half.h"
 #include "sinkhorn/sinkhorn.h"
@@ -21,5 +22,16 @@ template <class T>
 CK_HD T cost_finish(GroundCost kind, T sum) {
   return kind == GroundCost::Euclidean ? sqrt(sum) : sum;
 }
+
+// The shift c that stores potentials balanced, (f + c, g - c) (the same plan), minimizing the
+// largest magnitude: f in [f_lo, f_hi], g in [g_lo, g_hi] (their finite entries). Half-precision
+// potentials are stored so: they then fit whenever the costs do (f_i + g_j ~ C_ij on the support).
+CK_HD double balancing_shift(double f_lo, double f_hi, double g_lo, double g_hi) {
+  const double down = f_lo < -g_hi ? -f_lo : g_hi, up = f_hi > -g_lo ? f_hi : -g_lo;
+  return (down - up) / 2;
+}
+
+template <class S>
+constexpr bool is_half_precision = !std::is_same_v<S, float> && !std::is_same_v<S, double>;
 
 }  // namespace curvkit::ot_math

@@ -11,8 +11,8 @@ namespace curvkit::sns_schedule {
 
 // How the Sinkhorn phase ends when it does not converge.
 enum class Handoff { Never, AfterWarmup, WhenSlow };
-constexpr int64_t kWarmup = 20;         // SNS's N1 for the random-assignment case
-constexpr int64_t kRateWindow = 10;     // iterations over which the linear rate is measured
+constexpr int64_t kWarmup = 20;      // SNS's N1 for the random-assignment case
+constexpr int64_t kRateWindow = 10;  // iterations over which the linear rate is measured
 // Predicted iterations to tolerance that count as slow: a Newton step costs 2-4 Sinkhorn
 // iterations (a pass for the plan's sums and histogram, one for the sparse plan, one per
 // line-search trial; the CG on ~10 entries a row is cheap beside them) and a handful of steps

@@ -65,6 +65,7 @@ struct SinkhornStatus {
   int64_t newton_steps = 0;  // accepted Newton steps
   double marginal_error = 0, cost = 0, objective = 0;
   SinkhornMethod method = SinkhornMethod::Log;  // the method that ran (Auto resolved)
+  bool potentials_overflow = false;             // a finite potential beyond the dtype's range (then not converged)
 };
 
 // Solves every problem of every batch (a list of batches of different sizes, solved in one
