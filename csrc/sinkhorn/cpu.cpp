@@ -324,7 +324,6 @@ PhaseResult sinkhorn_phase(const Problem<S>& P, std::vector<double>& f, std::vec
 
 // The plan at (f, g): row sums r, column sums c, sum of entries, and optionally <C, P>, the
 // plan itself (written in S) or a histogram of log P (sinkhorn/schedule.h).
-
 struct PlanSums {
   std::vector<double> r, c;
   double total = 0, cost = 0;
