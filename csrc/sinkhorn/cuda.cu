@@ -269,7 +269,7 @@ __device__ double block_signed_max(double v) {
 
 // Per problem: {marginal error, <C, P>, objective, potentials overflow}, and the potentials stored
 // in S, balanced for half precision (ot_math::balancing_shift); a finite potential beyond S's
-// range is flagged.
+// range is flagged and the problem's potentials are written as zeros.
 template <class S>
 __global__ void status_kernel(State st, const double* row_sum, const double* row_cost, const double* col_sum, int64_t n,
                               int64_t m, double eps, double scale, S* f_out, S* g_out, double* out) {
@@ -311,6 +311,12 @@ __global__ void status_kernel(State st, const double* row_sum, const double* row
   cost = cuda::block_sum(cost);
   fr = cuda::block_sum(fr);
   overflow = cuda::block_max(overflow);
+  if (overflow > 0) {  // never an Inf handed on: zeros, as for every family (a zero mass keeps -inf)
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x)
+      if (isfinite(st.f[b * n + i])) f_out[b * n + i] = from_double<S>(0.0);
+    for (int64_t j = threadIdx.x; j < m; j += blockDim.x)
+      if (isfinite(st.g[b * m + j])) g_out[b * m + j] = from_double<S>(0.0);
+  }
   if (threadIdx.x == 0) {
     out[b * 4 + 0] = err;
     out[b * 4 + 1] = cost;
