@@ -256,6 +256,48 @@ def test_half_precision_potentials_are_balanced_or_reported(backend, rng):
         curvkit.sinkhorn(*args, reg=2e4, tol=1e-3)
 
 
+# The largest finite value of each dtype, and offsets of point clouds whose squared distances
+# (computed in float64) put the potentials beyond it (the first) or within it (the second):
+# f_i + g_j ~ C_ij ~ 2 offset^2 on the plan's support.
+DTYPE_MAX = {"float16": 65504.0, "bfloat16": 3.3895e38, "float32": 3.4028e38}
+OFFSETS = {"float16": (300.0, 100.0), "bfloat16": (2e19, 2e18), "float32": (2e19, 2e18)}
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_potentials_beyond_the_dtype_are_reported(dtype, rng):
+    """float16 holds up to 65504, and f carries the costs' scale: costs ~ 1.8e5 from float16
+    points give potentials that fit in no gauge ((f + c, g - c): max |f|, |g| >= max (f + g) / 2).
+    Reported per problem (the batch's second problem fits), never stored as Inf; the plan fits
+    and stays right."""
+    backend = ("torch", "cpu") if dtype == "bfloat16" else ("numpy", None)
+    if backend[0] == "torch":
+        pytest.importorskip("torch")
+    n, offsets = 20, np.array(OFFSETS[dtype])
+    scale = offsets[0] / 30
+    x = make(scale * rng.random((2, n, 2)), backend, dtype)
+    y = make(scale * rng.random((2, n, 2)) + offsets[:, None, None], backend, dtype)
+    ab = make(np.full((2, n), 1 / n), backend, dtype)
+    xs, ys, a = to_numpy(x), to_numpy(y), to_numpy(ab)
+    reg = scale * offsets[0] / 3
+    P, info = curvkit.sinkhorn(ab, ab, x=x, y=y, reg=reg, tol=1e-11, return_info=True)
+    assert info["potentials_overflow"].tolist() == [True, False] and info["converged"].tolist() == [False, True]
+    for k in range(2):
+        C = ((xs[k][:, None] - ys[k][None]) ** 2).sum(-1)
+        P_ref, f_ref, g_ref = sinkhorn_log(a[k], a[k], C, reg, tol=1e-12)
+        fg_ref = f_ref[:, None] + g_ref[None, :]
+        assert (fg_ref.max() / 2 > DTYPE_MAX[dtype]) == (k == 0)  # the float64 reference's potentials
+        f, g = to_numpy(info["f"][k]), to_numpy(info["g"][k])
+        assert np.isfinite(f).all() and np.isfinite(g).all()
+        if k == 0:
+            assert (f == 0).all() and (g == 0).all()
+        else:
+            assert np.abs(f[:, None] + g[None, :] - fg_ref).max() <= 1e-2 * C.max()
+        assert np.abs(to_numpy(P[k]) - P_ref).max() <= PLAN_TOL[dtype] * P_ref.max()
+    with curvkit.failure_policy("raise"), pytest.raises(curvkit.ConvergenceError) as e:
+        curvkit.sinkhorn(ab, ab, x=x, y=y, reg=reg, tol=1e-11)
+    assert e.value.info["potentials_overflow"].tolist() == [True, False]
+
+
 @needs_torch
 def test_torch_gradients_by_the_envelope_theorem(rng):
     import torch

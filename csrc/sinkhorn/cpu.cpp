@@ -689,6 +689,10 @@ void solve_one(const OTProblems& ps, const OTOutputs& out, int64_t index, const 
   };
   for (int64_t i = 0; i < P.n; ++i) store(f[size_t(i)] + shift, fo[i]);
   for (int64_t j = 0; j < P.m; ++j) store(g[size_t(j)] - shift, go[j]);
+  if (st.potentials_overflow) {  // never an Inf handed on: zeros, as for every family (a zero mass keeps -inf)
+    for (int64_t i = 0; i < P.n; ++i) fo[i] = from_double<S>(std::isfinite(f[size_t(i)]) ? 0.0 : f[size_t(i)]);
+    for (int64_t j = 0; j < P.m; ++j) go[j] = from_double<S>(std::isfinite(g[size_t(j)]) ? 0.0 : g[size_t(j)]);
+  }
   st.converged = st.converged && !st.potentials_overflow;
 }
 
