@@ -9,8 +9,13 @@ Groups (time to the tolerance; ratio = anchor time / curvkit time):
   regot1-n{n}           RegOT's Synthetic I: the same costs with reg = 1e-3, tol 1e-6 (n = 5000: timed
                         runs only).
   grid28-{l1,sqeuclidean}  a 28 x 28 grid, cost / max, blob marginals, reg = 1e-3, tol 1e-6.
+  easy-points500-reg{1,0.1}  squared distances of 500 random 2-D points, reg = 1 and 0.1, tol 1e-6:
+                        Sinkhorn converges in 3 and 20 iterations; "auto" must not pay for Newton.
   batch-64x256          64 problems of 256 x 256 (sqeuclidean costs of random 2-D points), reg = 0.01,
                         tol 1e-6 per problem: curvkit's batched call against ot.batch.solve_batch.
+"curvkit" is the default method="auto" (Sinkhorn, handing over to Newton when its rate is slow),
+"curvkit-sns" method="sns" (20 Sinkhorn iterations, then Newton) and "curvkit-log" method="log",
+side by side: "auto" should be within ~1.2x of the better of the two on every case.
 CUDA (-k cuda, on a GPU machine): the same groups prefixed "cuda-", POT on torch CUDA tensors.
 Each log-domain iteration reads the n x m cost twice and takes 2 n m exponentials: the table's
 rate is those exponentials per second.
@@ -45,18 +50,28 @@ def _log_iterations(case, tol):
     return int(info["iterations"])
 
 
+def _points(n, reg, seed=1):
+    """Squared distances of n random 2-D points to n others, uniform marginals: easy at large reg."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.random((n, 2)), rng.random((n, 2))
+    a = np.full(n, 1 / n)
+    return a, a.copy(), ((x[:, None] - y[None]) ** 2).sum(-1), reg
+
+
 CASES = {
     "sns-assignment-n500": lambda: ot_assignment(500) + (1 / 1200,),
     "regot1-n1000": lambda: ot_assignment(1000, seed=42) + (1e-3,),
     "regot1-n5000": lambda: ot_assignment(5000, seed=42) + (1e-3,),
     "grid28-l1": lambda: ot_grid(cost="l1") + (1e-3,),
     "grid28-sqeuclidean": lambda: ot_grid(cost="l2") + (1e-3,),
+    "easy-points500-reg1": lambda: _points(500, 1.0),
+    "easy-points500-reg0.1": lambda: _points(500, 0.1),
 }
 TOLS = {"sns-assignment-n500": 1e-9}
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["curvkit", "curvkit-log", "pot-log", "pot-stabilized"])
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit-sns", "curvkit-log", "pot-log", "pot-stabilized"])
 def test_time_to_tolerance(benchmark, request, case, impl):
     if case == "regot1-n5000" and not _timing(request):
         pytest.skip("large case: timed runs only")
@@ -65,8 +80,9 @@ def test_time_to_tolerance(benchmark, request, case, impl):
     n, m = C.shape
     benchmark.group = case
     benchmark.extra_info.update(impl=impl, flops=2.0 * n * m)
-    if impl == "curvkit":
-        P, info = benchmark(curvkit.sinkhorn, a, b, C, reg=reg, tol=tol, return_info=True)
+    if impl in ("curvkit", "curvkit-sns"):  # "auto" (the default) and "sns", to the tolerance
+        method = "sns" if impl == "curvkit-sns" else "auto"
+        P, info = benchmark(curvkit.sinkhorn, a, b, C, reg=reg, tol=tol, method=method, return_info=True)
         assert info["converged"] and marginal_error(P, a, b) <= tol * 1.001
         benchmark.extra_info.update(iterations=float(info["iterations"]), newton=int(info["newton_steps"]),
                                     flops=2.0 * n * m * (info["iterations"] + 3 * info["newton_steps"]))
@@ -82,10 +98,10 @@ def test_time_to_tolerance(benchmark, request, case, impl):
     benchmark.extra_info.update(iterations=float(count), scale=count / budget, flops=2.0 * n * m * count)
 
 
-@pytest.mark.parametrize("impl", ["curvkit", "pot-batch"])
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit-sns", "curvkit-log", "pot-batch"])
 def test_batched_small_problems(benchmark, request, impl):
-    if impl == "pot-batch" and not _timing(request):
-        pytest.skip("POT's batched solve takes a minute: timed runs only")
+    if impl in ("pot-batch", "curvkit-log") and not _timing(request):
+        pytest.skip("POT's batched solve takes a minute, log-domain Sinkhorn seconds: timed runs only")
     rng = np.random.default_rng(0)
     B, n = 64, 256
     x, y = rng.random((B, n, 2)), rng.random((B, n, 2))
@@ -94,10 +110,12 @@ def test_batched_small_problems(benchmark, request, impl):
     reg, tol = 0.01, 1e-6
     benchmark.group = f"batch-{B}x{n}"
     benchmark.extra_info.update(impl=impl)
-    if impl == "curvkit":
-        P, info = benchmark(curvkit.sinkhorn, a, a, C, reg=reg, tol=tol, return_info=True)
+    if impl.startswith("curvkit"):  # "auto", "sns" and "log", each to the tolerance
+        method = {"curvkit": "auto", "curvkit-sns": "sns", "curvkit-log": "log"}[impl]
+        P, info = benchmark(curvkit.sinkhorn, a, a, C, reg=reg, tol=tol, method=method, return_info=True)
         assert info["converged"].all()
-        benchmark.extra_info.update(iterations=float(info["iterations"].mean()))
+        benchmark.extra_info.update(iterations=float(info["iterations"].mean()),
+                                    newton=float(info["newton_steps"].mean()))
     else:
         P = benchmark(pot_batch, a, a, C, reg, tol)
     worst = max(marginal_error(P[k], a[k], a[k]) for k in range(B))
