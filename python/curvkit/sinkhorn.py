@@ -47,7 +47,11 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
         reg). "sns": Sinkhorn-Newton-Sparse, 20 Sinkhorn iterations then Newton steps on
         the dual with a sparsified Hessian (CG on its Schur complement, line search).
         "auto": Sinkhorn, handing over to Newton once Sinkhorn's measured linear rate
-        predicts more than 20 further iterations. CPU and CUDA run the same schedule.
+        predicts more than 20 further iterations: about what the ~10 Newton steps that
+        finish from there cost (a step is 1-3 iterations' work), the prediction being
+        optimistic as Sinkhorn slows (docs/sinkhorn.md). A problem Sinkhorn solves in a
+        few dozen iterations (a large reg) does not pay for Newton. CPU and CUDA run the
+        same schedule.
     tol : float > 0
         On the L1 marginal error (absolute; the masses are usually 1).
     max_iter : int
