@@ -77,9 +77,9 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
         "converged", "marginal_error", "iterations", "newton_steps", "cost" (``<C, P>``),
         "objective" (the regularized primal value, equal to the dual at the optimum), "method"
         (what ran: "log" or "sns"), "potentials_overflow" (a finite potential does not fit the
-        dtype: then not converged, f and g written as zeros), and "f", "g" (the potentials, arrays like a and b; defined up
-        to (f + c, g - c), and float16/bfloat16 ones are stored with the c that centres their
-        ranges, so they fit whenever the costs do).
+        dtype: then not converged, f and g written as zeros), and "f", "g" (the potentials,
+        arrays like a and b; defined up to (f + c, g - c), and float16/bfloat16 ones are
+        stored with the c that centres their ranges, so they fit whenever the costs do).
 
     Returns
     -------
