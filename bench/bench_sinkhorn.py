@@ -159,21 +159,24 @@ def _synchronized(benchmark, fn):
 
 @cuda
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("impl", ["curvkit", "curvkit-log", "pot-log"])
+@pytest.mark.parametrize("impl", ["curvkit", "curvkit-sns", "curvkit-log", "pot-log"])
 def test_cuda_time_to_tolerance(benchmark, request, case, impl):
     a, b, C, reg = _on_gpu(*CASES[case]())
     tol = TOLS.get(case, 1e-6)
     n, m = C.shape
     benchmark.group = f"cuda-{case}"
     benchmark.extra_info.update(impl=impl, flops=2.0 * n * m)
-    if impl == "curvkit":
-        P, info = _synchronized(benchmark, lambda: curvkit.sinkhorn(a, b, C, reg=reg, tol=tol, return_info=True))
+    if impl in ("curvkit", "curvkit-sns"):
+        method = "sns" if impl == "curvkit-sns" else "auto"
+        P, info = _synchronized(benchmark, lambda: curvkit.sinkhorn(a, b, C, reg=reg, tol=tol, method=method,
+                                                                    return_info=True))
         assert info["converged"] and info["marginal_error"] <= tol
         benchmark.extra_info.update(iterations=float(info["iterations"]), newton=int(info["newton_steps"]),
                                     flops=2.0 * n * m * (info["iterations"] + 3 * info["newton_steps"]))
         return
     budget = _budget(request, n, m)
     count = _log_iterations(case, tol) if _timing(request) else budget
+    budget = min(budget, count)
     if impl == "curvkit-log":
         _synchronized(benchmark, lambda: curvkit.sinkhorn(a, b, C, reg=reg, method="log", tol=tol, max_iter=budget,
                                                           return_info=True))
