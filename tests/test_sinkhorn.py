@@ -402,3 +402,15 @@ def test_sparse_plan_on_cuda(cuda_backend, rng):
         kept = dense >= sparse_tol
         assert 0 < kept.sum() < dense.size
         assert (S_dense[kept] == dense[kept]).all() and (S_dense[~kept] == 0).all()
+
+
+def test_sparse_plan_of_half_inputs(rng):
+    """SciPy does not compute in float16: the plan comes back float32, its entries those of the
+    float16 potentials (documented: about ten times the dense plan's error)."""
+    pytest.importorskip("scipy")
+    x, y = (10 * rng.random((50, 2))).astype(np.float16), (10 * rng.random((50, 2))).astype(np.float16)
+    u = np.full(50, 1 / 50, dtype=np.float16)
+    S = curvkit.sinkhorn(u, u, x=x, y=y, reg=1.0, sparse_tol=1e-12)
+    dense = curvkit.sinkhorn(u, u, x=x, y=y, reg=1.0).astype(np.float64)
+    assert S.dtype == np.float32 and S.nnz > 0
+    assert np.abs(S.toarray() - dense).max() <= 20 * PLAN_TOL["float16"] * dense.max()

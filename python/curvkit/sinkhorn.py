@@ -70,8 +70,11 @@ def sinkhorn(a: Any, b: Any, C: Any = None, *, x: Any = None, y: Any = None, cos
         Return the plan sparse, without forming it densely: the entries ``P_ij >= sparse_tol
         * mass`` as a ``scipy.sparse.csr_array`` (NumPy input; needs SciPy) or a
         coalesced ``torch.sparse_coo_tensor`` (PyTorch), in the input dtype, or a
-        ``cupyx.scipy.sparse.csr_matrix`` (CuPy; float32 for half inputs), on the input's device;
-        one per problem (a list for a batch). At small reg an OT plan is nearly a permutation: n entries.
+        ``cupyx.scipy.sparse.csr_matrix`` (CuPy), on the input's device; SciPy and CuPy hold
+        float16 inputs' plans in float32. One per problem (a list for a batch). At small reg an
+        OT plan is nearly a permutation: n entries. The entries are computed from the returned
+        potentials, so float16/bfloat16 ones carry those potentials' rounding (about ten times
+        the dense plan's error): pass float32 inputs for an accurate sparse plan.
     return_info : bool
         Also return a dict of per-problem NumPy arrays (shape ``(B,)``, or ``()`` unbatched):
         "converged", "marginal_error", "iterations", "newton_steps", "cost" (``<C, P>``),
@@ -245,8 +248,9 @@ def _sparse_plans(call, cost, p, reg, sparse_tol):
         indptr, indices, values = _core.sinkhorn_sparse_plan(
             A, B, C, X, Y, F, G, cost="matrix" if C is not None else cost, p=p, reg=reg, threshold=sparse_tol * mass,
             index=index, stream=stream, workspace=workspace)
-        if fw == "numpy":
-            out.append(sparse.csr_array((values.astype(A.dtype), indices, indptr), shape=(n, m)))
+        if fw == "numpy":  # SciPy's sparse arrays do not compute in float16: half inputs give float32
+            dtype = A.dtype if A.dtype.itemsize >= 4 else np.float32
+            out.append(sparse.csr_array((values.astype(dtype), indices, indptr), shape=(n, m)))
         elif fw == "cupy":
             import cupy
             import cupyx.scipy.sparse as cusparse
