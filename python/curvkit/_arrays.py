@@ -232,6 +232,16 @@ def detached(x, name="x"):
     return x.detach()
 
 
+def to_host(x):
+    """x as a NumPy array on the host (a view where it already is one); a torch bfloat16 tensor
+    as float32 (exact: NumPy has no bfloat16)."""
+    fw = framework_of(x)
+    if fw == "torch":
+        x = x.detach().cpu()
+        return (x.float() if str(x.dtype) == "torch.bfloat16" else x).numpy()
+    return x.get() if fw == "cupy" else np.asarray(x)
+
+
 def prepare(x, name):
     """An input as the native call takes it: detached and C-contiguous (copied if not)."""
     return contiguous(detached(x, name), name)

@@ -346,16 +346,6 @@ def _device_object(framework: str, device: tuple) -> Any:
     return cupy.cuda.Device(device[1])
 
 
-def _host(x: Any) -> np.ndarray:
-    """A NumPy view or copy of a CPU array of any framework (float64 results of native calls)."""
-    fw = _arrays.framework_of(x)
-    if fw == "torch":
-        return x.detach().cpu().numpy()
-    if fw == "cupy":
-        return x.get()
-    return np.asarray(x)
-
-
 def _hstack(parts: list, op: _Operator, dtype: str) -> Any:
     """The columns of `parts` side by side, as one C-contiguous array of op's framework."""
     k = sum(int(p.shape[1]) for p in parts)
@@ -506,7 +496,7 @@ def _hutchinson_trace(op: _Operator, budget: int, tol: Optional[float], block: i
         y = op(z)
         out = op.empty((k,), "float64")
         _core.column_dots(_arrays.contiguous(z, dtype=op.compute), y, out, **op.context)
-        values = _host(out)
+        values = _arrays.to_host(out)
         _require_finite(values, "quadratic forms")
         parts.append(values)
         estimates = np.concatenate(parts)
@@ -524,7 +514,7 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
     aq = op(q)
     head_out = op.empty((k,), "float64")
     _core.column_dots(q, aq, head_out, **op.context)
-    head = _host(head_out)
+    head = _arrays.to_host(head_out)
     _require_finite(head, "sketch")
     parts: list[np.ndarray] = []
     while op.matvecs < budget:
@@ -533,7 +523,7 @@ def _hutchpp_trace(op: _Operator, budget: int, tol: Optional[float], block: int)
         _core.project_out(q, g, **op.context)
         out = op.empty((count,), "float64")
         _core.column_dots(g, op(g), out, **op.context)
-        values = _host(out)
+        values = _arrays.to_host(out)
         _require_finite(values, "residual quadratic forms")
         parts.append(values)
         residual = np.concatenate(parts)
@@ -568,12 +558,12 @@ def _leave_one_out_trace(op: _Operator, budget: int, tol: Optional[float], first
             z = z_new if z is None else _hstack([z, z_new], op, op.compute)
             out = op.empty((k,), "float64")
             _core.xtrace_estimates(omega, y, q, r, z, op.kind == "sphere", out, **op.context)
-            estimates = _host(out)
+            estimates = _arrays.to_host(out)
         else:
             out = op.empty((k,), "float64")
             shift = 10 * float(np.finfo(op.compute).eps)
             positive = _core.xnystrace_estimates(omega, _arrays.convert(y), shift, out, **op.context)
-            estimates = _host(out)
+            estimates = _arrays.to_host(out)
             if not positive:
                 raise ArgumentError("argument 'matvec' is not positive semidefinite, or the probes are linearly "
                                     "dependent (Omega^T A Omega is not positive definite; sign probes can be for "
@@ -634,7 +624,7 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
         _core.sketch_qr(q, r, 0, **op.context)
         z = op(q)
         _core.xdiag_estimates(omega, q, r, z, mean, m2, **op.context)
-        error = op.unscale(np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0)))
+        error = op.unscale(np.sqrt(np.maximum(_arrays.to_host(m2).astype(np.float64), 0.0)))
     else:
         count, q = 0, None
         base = None
@@ -659,7 +649,7 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
         if base is not None:
             mean += base
     mean = op.unscale(mean)
-    _require_finite(_host(mean), "diagonal estimate")
+    _require_finite(_arrays.to_host(mean), "diagonal estimate")
     info = {"std_error": error, "matvecs": op.matvecs, "num_probes": op.offset,
             "converged": tol is None or bool(error.max() <= tol)}
     return _finish("diag_estimate", mean, info, return_info)
@@ -668,7 +658,7 @@ def diag_estimate(matvec: Any, n: Any, num_matvecs: int, method: str = "hutchins
 def _diag_error(m2: Any, count: int) -> np.ndarray:
     if count < 2:
         return np.full(int(m2.shape[0]), math.inf)
-    return np.sqrt(np.maximum(_host(m2).astype(np.float64), 0.0) / (count - 1) / count)
+    return np.sqrt(np.maximum(_arrays.to_host(m2).astype(np.float64), 0.0) / (count - 1) / count)
 
 
 WHICH = ("largest", "smallest", "magnitude")
@@ -807,8 +797,8 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: st
         restart, j = False, j + 1
         if (j % every and j < m and op.matvecs < m):
             continue
-        alpha_h, beta_h = _host(alpha), _host(beta)
-        steps = int(_host(lengths)[0])
+        alpha_h, beta_h = _arrays.to_host(alpha), _arrays.to_host(beta)
+        steps = int(_arrays.to_host(lengths)[0])
         last = beta_h[0, steps - 1]  # beta of the last step that ran (0: a breakdown)
         broke = last == 0.0
         _require_finite(alpha_h[0, :steps], "Lanczos coefficients")
@@ -957,15 +947,15 @@ def spectral_density(matvec: Any, n: Any, num_probes: int = 1, steps: int = 100,
         _core.lanczos_step(basis, w, alpha, beta, lengths, j, full, **op.context)
         if (j + 1) % every and j + 1 < steps:
             continue
-        _require_finite(_host(alpha)[:, :j + 1], "Lanczos coefficients")
-        if not np.any(_host(beta)[:, j] > 0):  # every probe reached an invariant subspace
+        _require_finite(_arrays.to_host(alpha)[:, :j + 1], "Lanczos coefficients")
+        if not np.any(_arrays.to_host(beta)[:, j] > 0):  # every probe reached an invariant subspace
             break
     nodes, vectors = np.empty((p, steps)), np.empty((p, steps, steps))
     _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vectors, stream=op.stream)
     weights = vectors[:, 0, :] ** 2
     nodes = op.unscale(nodes)
     if return_info:
-        return nodes, weights, {"lengths": _host(lengths).copy(), "matvecs": op.matvecs}
+        return nodes, weights, {"lengths": _arrays.to_host(lengths).copy(), "matvecs": op.matvecs}
     return nodes, weights
 
 

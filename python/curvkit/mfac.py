@@ -407,15 +407,10 @@ class SparseFisherWindow(_Window):
 
     def densified(self) -> Any:
         """The stored rows as a dense (m, d) NumPy float64 array, by slot (rows not yet filled are zero)."""
-        from ._arrays import framework_of
+        from ._arrays import to_host
 
-        def host(a: Any) -> np.ndarray:
-            fw = framework_of(a)
-            if fw == "torch":
-                return a.detach().cpu().double().numpy() if a.dtype.is_floating_point else a.cpu().numpy()
-            return np.asarray(a.get() if fw == "cupy" else a)
         rows = np.zeros((self._m, self._d))
-        idx, val = host(self._indices), host(self._values).astype(np.float64)
+        idx, val = to_host(self._indices), to_host(self._values).astype(np.float64)
         for s in self.slots:
             rows[s, idx[s]] = val[s]
         return rows

@@ -244,7 +244,7 @@ def _sparse_plans(call, cost, p, reg, sparse_tol):
     stream, workspace = _arrays.call_context([A])
     out = []
     for index in range(A.shape[0]):
-        mass = float(_host(A[index]).sum())
+        mass = float(_arrays.to_host(A[index]).astype(np.float64).sum())
         indptr, indices, values = _core.sinkhorn_sparse_plan(
             A, B, C, X, Y, F, G, cost="matrix" if C is not None else cost, p=p, reg=reg, threshold=sparse_tol * mass,
             index=index, stream=stream, workspace=workspace)
@@ -269,14 +269,6 @@ def _sparse_plans(call, cost, p, reg, sparse_tol):
                                                torch.from_numpy(values).to(A.dtype), size=(n, m),
                                                is_coalesced=True, check_invariants=False).to(A.device))  # sorted
     return out if batched else out[0]
-
-
-def _host(v):
-    """v as a NumPy array on the host."""
-    fw = _arrays.framework_of(v)
-    if fw == "torch":
-        return v.detach().double().cpu().numpy()
-    return v.get() if fw == "cupy" else np.asarray(v)
 
 
 def _matching(v, single, count, name, input_name):
