@@ -324,6 +324,32 @@ void prefix_sums(const int64_t* counts, int64_t* ptr, int64_t count, Growing<uns
   CK_CUDA_CHECK(cub::DeviceScan::InclusiveSum(scratch, bytes, counts, ptr + 1, int(count), stream));
 }
 
+// The entries of problem p's plan at (f, g) with log P >= *threshold, by rows: their count per
+// row, row_ptr, and the total (one read-back).
+template <class S>
+int64_t count_sparse_rows(const Costs<S>& costs, int64_t p, const double* f, const double* g, double eps,
+                          const double* threshold, int64_t* counts, int64_t* row_ptr, Growing<unsigned char>& temp,
+                          cudaStream_t stream) {
+  const unsigned row_blocks = unsigned((costs.n + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  sparse_rows_kernel<S, false>
+      <<<row_blocks, kThreads, 0, stream>>>(costs, p, f, g, eps, threshold, counts, nullptr, nullptr, nullptr, nullptr);
+  prefix_sums(counts, row_ptr, costs.n, temp, stream);
+  int64_t nnz = 0;
+  CK_CUDA_CHECK(cudaMemcpyAsync(&nnz, row_ptr + costs.n, sizeof nnz, cudaMemcpyDeviceToHost, stream));
+  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
+  return nnz;
+}
+
+// Their columns (ascending in each row), rows and values at row_ptr.
+template <class S>
+void fill_sparse_rows(const Costs<S>& costs, int64_t p, const double* f, const double* g, double eps,
+                      const double* threshold, const int64_t* row_ptr, int32_t* cols, int32_t* rows, double* vals,
+                      cudaStream_t stream) {
+  const unsigned row_blocks = unsigned((costs.n + kWarpsPerBlock - 1) / kWarpsPerBlock);
+  sparse_rows_kernel<S, true>
+      <<<row_blocks, kThreads, 0, stream>>>(costs, p, f, g, eps, threshold, nullptr, row_ptr, cols, rows, vals);
+}
+
 // The sums of the plan at one pair of potentials.
 struct PlanSummary {
   double* r;                      // row sums (n)
@@ -461,13 +487,8 @@ class NewtonSolver {
   // The sparse plan at the threshold in scalars_[0], by rows and by columns; false when it would
   // hold more entries than 32-bit indices address.
   bool build_sparse() {
-    const unsigned row_blocks = unsigned((n_ + kWarpsPerBlock - 1) / kWarpsPerBlock);
-    sparse_rows_kernel<S, false><<<row_blocks, kThreads, 0, stream_>>>(costs_, p_, f_, g_, eps_, scalars_, row_counts_,
-                                                                       nullptr, nullptr, nullptr, nullptr);
-    prefix_sums(row_counts_, row_ptr_, n_, temp_buffer_, stream_);
-    int64_t nnz = 0;
-    CK_CUDA_CHECK(cudaMemcpyAsync(&nnz, row_ptr_ + n_, sizeof nnz, cudaMemcpyDeviceToHost, stream_));
-    CK_CUDA_CHECK(cudaStreamSynchronize(stream_));
+    const int64_t nnz =
+        count_sparse_rows(costs_, p_, f_, g_, eps_, scalars_, row_counts_, row_ptr_, temp_buffer_, stream_);
     if (nnz > INT32_MAX) return false;
     cols_ = cols_buffer_.at_least(nnz, stream_);
     rows_ = rows_buffer_.at_least(nnz, stream_);
@@ -476,8 +497,7 @@ class NewtonSolver {
     vals_t_ = vals_t_buffer_.at_least(nnz, stream_);
     int32_t* order = order_buffer_.at_least(2 * nnz, stream_);
     int32_t* sorted_cols = sorted_cols_buffer_.at_least(nnz, stream_);
-    sparse_rows_kernel<S, true><<<row_blocks, kThreads, 0, stream_>>>(costs_, p_, f_, g_, eps_, scalars_, nullptr,
-                                                                      row_ptr_, cols_, rows_, vals_);
+    fill_sparse_rows(costs_, p_, f_, g_, eps_, scalars_, row_ptr_, cols_, rows_, vals_, stream_);
     // The transpose: the entries sorted by column, stably, so rows stay ascending in each column.
     CK_CUDA_CHECK(cudaMemsetAsync(col_counts_, 0, sizeof(int64_t) * size_t(m_), stream_));
     column_counts_kernel<<<grid_for(nnz, kThreads), kThreads, 0, stream_>>>(cols_, nnz, col_counts_);
@@ -589,23 +609,17 @@ CsrPlan sparse_plan(const OTProblems& ps, const ArrayView& f, const ArrayView& g
   CK_CUDA_CHECK(cudaMemcpyAsync(log_threshold, &host_threshold, sizeof(double), cudaMemcpyHostToDevice, stream));
   scaled_potentials_kernel<S><<<grid_for(n + m, kThreads), kThreads, 0, stream>>>(
       f.ptr<S>() + index * n, g.ptr<S>() + index * m, n, m, scale, fd, gd);
-  const unsigned row_blocks = unsigned((n + kWarpsPerBlock - 1) / kWarpsPerBlock);
-  sparse_rows_kernel<S, false><<<row_blocks, kThreads, 0, stream>>>(costs, index, fd, gd, eps, log_threshold, counts,
-                                                                    nullptr, nullptr, nullptr, nullptr);
   Growing<unsigned char> temp;
-  prefix_sums(counts, row_ptr, n, temp, stream);
+  const int64_t nnz = count_sparse_rows(costs, index, fd, gd, eps, log_threshold, counts, row_ptr, temp, stream);
   CsrPlan plan;
   plan.indptr.resize(size_t(n + 1));
   CK_CUDA_CHECK(
       cudaMemcpyAsync(plan.indptr.data(), row_ptr, sizeof(int64_t) * size_t(n + 1), cudaMemcpyDeviceToHost, stream));
-  CK_CUDA_CHECK(cudaStreamSynchronize(stream));
-  const int64_t nnz = plan.indptr.back();
   Growing<int32_t> cols, rows;
   Growing<double> vals;
   int32_t* c = cols.at_least(nnz, stream);
   double* v = vals.at_least(nnz, stream);
-  sparse_rows_kernel<S, true><<<row_blocks, kThreads, 0, stream>>>(costs, index, fd, gd, eps, log_threshold, nullptr,
-                                                                   row_ptr, c, rows.at_least(nnz, stream), v);
+  fill_sparse_rows(costs, index, fd, gd, eps, log_threshold, row_ptr, c, rows.at_least(nnz, stream), v, stream);
   CK_CUDA_CHECK(cudaGetLastError());
   std::vector<int32_t> host_cols(static_cast<size_t>(nnz));
   plan.values.resize(static_cast<size_t>(nnz));
