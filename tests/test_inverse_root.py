@@ -349,6 +349,75 @@ def test_orthonormalize_qr(backend, shape, rng):
         curvkit.orthonormalize(make(np.ones((3, 5)), backend), "qr")
 
 
+def gram_schmidt_basis(X):
+    """Q of X's QR in float64 with R's diagonal made nonnegative, and X's condition number."""
+    q, r = np.linalg.qr(np.asarray(X, dtype=np.float64))
+    return q * np.sign(np.diagonal(r, axis1=-2, axis2=-1))[..., None, :], np.linalg.cond(X).max()
+
+
+def with_condition(rng, shape, kappa):
+    """A (..., m, k) matrix with singular values spread from 1 to 1 / kappa in random directions."""
+    m, k = shape[-2:]
+    U = np.linalg.qr(rng.standard_normal(shape))[0]
+    V = np.linalg.qr(rng.standard_normal(shape[:-2] + (k, k)))[0]
+    return (U * np.geomspace(1, 1 / kappa, k)) @ V
+
+
+def in_threads(threads, call):
+    previous = curvkit.get_num_threads()
+    curvkit.set_num_threads(threads)
+    try:
+        return call()
+    finally:
+        curvkit.set_num_threads(previous)
+
+
+# Past 32 columns the QR runs in blocks of 32 reflectors on curvkit's team of threads, the next
+# block factored while the rest is updated (csrc/core/team_qr.h): shapes of one, several and a
+# partial last block, a batch (one matrix per thread), tall and square.
+BLOCKED_QR_CASES = [((300, 100), 1e3), ((200, 200), 1e2), ((130, 64), 1e6), ((3, 100, 70), 1e3), ((96, 33), 1e1)]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("shape, kappa", BLOCKED_QR_CASES)
+def test_orthonormalize_qr_past_one_block_of_reflectors(threads, dtype, shape, kappa, rng):
+    u = np.finfo(dtype).eps / 2
+    if u * kappa > 1e-3:
+        pytest.skip("beyond the dtype's precision")
+    X = with_condition(rng, shape, kappa)
+    expected, cond = gram_schmidt_basis(X)
+    R = in_threads(threads, lambda: curvkit.orthonormalize(X.astype(dtype), "qr"))
+    m, k = shape[-2:]
+    identity = np.broadcast_to(np.eye(k), R.shape[:-2] + (k, k))
+    # Householder QR: orthonormal to a fraction of m u whatever X is; the basis moves by X's
+    # condition times u (its rounding to the dtype included). Measured: at most 0.12 m u and
+    # 0.04 sqrt(m) u cond over these cases.
+    assert np.abs(np.swapaxes(R, -1, -2) @ R.astype(np.float64) - identity).max() <= m * u / 2
+    assert np.abs(R - expected).max() <= np.sqrt(m) * u * cond / 4
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_eigenbasis_update_of_large_factors_is_the_qr_of_the_sorted_power_step(threads, dtype, rng):
+    # A 150^2 factor (threaded: products and QR on the team) beside two small ones (one per thread),
+    # and a k < n basis: the refresh is the Gram-Schmidt basis of A Q with its columns sorted by
+    # q_j^T A q_j, descending.
+    u = np.finfo(dtype).eps / 2
+    factors = [reference.spd_with_condition(rng, n, 1e2) for n in (150, 40, 40, 120)]
+    bases = [np.linalg.qr(rng.standard_normal((n, k)))[0] for n, k in ((150, 150), (40, 40), (40, 40), (120, 90))]
+    got = in_threads(threads, lambda: curvkit.eigenbasis_update([a.astype(dtype) for a in factors],
+                                                                [q.astype(dtype) for q in bases]))
+    for A, Q, (Qn, d, perm) in zip(factors, bases, got):
+        A, Q = A.astype(dtype).astype(np.float64), Q.astype(dtype).astype(np.float64)  # as stored
+        estimates = np.einsum("ij,ik,kj->j", Q, A, Q)
+        order = np.argsort(-estimates, kind="stable")
+        np.testing.assert_array_equal(perm, order)
+        np.testing.assert_allclose(d, estimates[order], rtol=0, atol=16 * A.shape[0] * u * np.abs(estimates).max())
+        expected, cond = gram_schmidt_basis((A @ Q)[:, order])
+        assert np.abs(Qn - expected).max() <= np.sqrt(A.shape[0]) * u * cond / 4
+
+
 def test_orthonormalize_polar_is_bjorck_to_the_nearest_orthonormal(rng):
     Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
     noisy = Q + 1e-2 * rng.standard_normal((30, 30))

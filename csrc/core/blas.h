@@ -4,6 +4,7 @@
 #include <cblas.h>
 #include <lapacke.h>
 
+#include <algorithm>
 #include <climits>
 #include <cstdint>
 
@@ -98,16 +99,30 @@ inline int syevd(int n, double* a, double* w) { return scipy_LAPACKE_dsyevd(LAPA
 inline int posv(int n, float* s, float* b) { return scipy_LAPACKE_sposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
 inline int posv(int n, double* s, double* b) { return scipy_LAPACKE_dposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
 
-// QR of a (m x k, row-major, m >= k): geqrf then orgqr leave the explicit Q in a.
-inline int geqrf(int m, int k, float* a, float* tau) { return scipy_LAPACKE_sgeqrf(LAPACK_ROW_MAJOR, m, k, a, k, tau); }
-inline int geqrf(int m, int k, double* a, double* tau) {
-  return scipy_LAPACKE_dgeqrf(LAPACK_ROW_MAJOR, m, k, a, k, tau);
+// QR of a column-major m x k matrix a (m >= k, leading dimension m): geqrf leaves R and the
+// reflectors, orgqr then the explicit Q. Column-major through LAPACKE's _work entry points, which
+// call LAPACK as they are: the row-major ones transposed the matrix in and out of every call and
+// scanned it for NaN (a fifth of a 784^2 QR). `work` holds qr_work_size(m, k) entries.
+inline int geqrf(int m, int k, float* a, float* tau, float* work, int lwork) {
+  return scipy_LAPACKE_sgeqrf_work(LAPACK_COL_MAJOR, m, k, a, m, tau, work, lwork);
 }
-inline int orgqr(int m, int k, float* a, const float* tau) {
-  return scipy_LAPACKE_sorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau);
+inline int geqrf(int m, int k, double* a, double* tau, double* work, int lwork) {
+  return scipy_LAPACKE_dgeqrf_work(LAPACK_COL_MAJOR, m, k, a, m, tau, work, lwork);
 }
-inline int orgqr(int m, int k, double* a, const double* tau) {
-  return scipy_LAPACKE_dorgqr(LAPACK_ROW_MAJOR, m, k, k, a, k, tau);
+inline int orgqr(int m, int k, float* a, const float* tau, float* work, int lwork) {
+  return scipy_LAPACKE_sorgqr_work(LAPACK_COL_MAJOR, m, k, k, a, m, tau, work, lwork);
+}
+inline int orgqr(int m, int k, double* a, const double* tau, double* work, int lwork) {
+  return scipy_LAPACKE_dorgqr_work(LAPACK_COL_MAJOR, m, k, k, a, m, tau, work, lwork);
+}
+
+// LAPACK's optimal workspace for geqrf and orgqr of an m x k matrix (its own query).
+template <class T>
+int qr_work_size(int m, int k) {
+  T geqrf_size = 0, orgqr_size = 0;
+  geqrf(m, k, static_cast<T*>(nullptr), nullptr, &geqrf_size, -1);
+  orgqr(m, k, static_cast<T*>(nullptr), nullptr, &orgqr_size, -1);
+  return std::max(1, static_cast<int>(std::max(geqrf_size, orgqr_size)));
 }
 
 // Copy the lower triangle of a row-major n x n matrix to its upper triangle.

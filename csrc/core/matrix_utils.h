@@ -97,6 +97,42 @@ bool store_matrix(const T* src, const ArrayView& out, int64_t index, double scal
   });
 }
 
+// Tiles of a blocked transpose: 32 x 32 entries of the source and the destination stay in cache.
+constexpr int64_t kTransposeTile = 32;
+
+// Matrix `index` of a (..., m, k) array, as T in column-major order (dst[j m + i] = a[i, j]): what
+// LAPACK's QR takes, read once in cache-sized tiles.
+template <class T>
+void load_matrix_transposed(const ArrayView& a, int64_t index, T* dst) {
+  const int64_t m = a.size(-2), k = a.size(-1);
+  CK_DISPATCH_FLOATING(a.dtype, "input", S, [&] {
+    const S* p = a.ptr<const S>() + index * m * k;
+    for (int64_t i0 = 0; i0 < m; i0 += kTransposeTile)
+      for (int64_t j0 = 0; j0 < k; j0 += kTransposeTile)
+        for (int64_t i = i0; i < std::min(m, i0 + kTransposeTile); ++i)
+          for (int64_t j = j0; j < std::min(k, j0 + kTransposeTile); ++j) dst[j * m + i] = T(to_double(p[i * k + j]));
+  });
+}
+
+// Column-major src (m x k) into matrix `index` of a (..., m, k) output, as store_matrix.
+template <class T>
+bool store_matrix_transposed(const T* src, const ArrayView& out, int64_t index) {
+  const int64_t m = out.size(-2), k = out.size(-1);
+  return CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
+    D* p = out.ptr<D>() + index * m * k;
+    bool finite = true;
+    for (int64_t i0 = 0; i0 < m; i0 += kTransposeTile)
+      for (int64_t j0 = 0; j0 < k; j0 += kTransposeTile)
+        for (int64_t i = i0; i < std::min(m, i0 + kTransposeTile); ++i)
+          for (int64_t j = j0; j < std::min(k, j0 + kTransposeTile); ++j) {
+            p[i * k + j] = from_double<D>(double(src[j * m + i]));
+            finite &= std::fabs(to_double(p[i * k + j])) <= DBL_MAX;
+          }
+    if (!finite) std::fill(p, p + m * k, from_double<D>(0.0));
+    return finite;
+  });
+}
+
 // (X + X^T)/2 of a row-major n x n matrix, in place.
 template <class T>
 void symmetrize(T* x, int64_t n) {
@@ -232,18 +268,18 @@ struct TaskPolicy {
   double threaded_efficiency = 0.85;
 };
 
-// LAPACK's eigensolvers and QR scale poorly over threads (the tridiagonal reduction is bound by
-// memory; QR panels are level-2 BLAS): with at least as many matrices as threads, one matrix
-// per thread is faster at every size (measured: 8 x 1024^2 roots 1.4x faster than threaded
-// LAPACK on 2 cores), and a threaded 784^2 QR or 1024^2 eigh gains ~0-40% on 2 cores.
+// LAPACK's eigensolvers scale poorly over threads (the tridiagonal reduction is bound by
+// memory): with at least as many matrices as threads, one matrix per thread is faster at every
+// size (measured: 8 x 1024^2 roots 1.4x faster than threaded LAPACK on 2 cores), and a threaded
+// 1024^2 eigh gains ~0-40% on 2 cores.
 inline TaskPolicy lapack_tasks(int64_t count, int threads) {
   return {count >= threads ? std::numeric_limits<double>::infinity() : kSmallTask, 0.5};
 }
 
-// QR (geqrf + orgqr) is as LAPACK-bound, but a threaded 784^2 float32 QR reaches 65% of
-// linear speed-up on 2 cores (19.2 against 24.6 ms on one thread): worth threading for the one
+// QR on curvkit's team (team_qr.h) reaches ~80% of linear speed-up on 2 cores (784^2 float32:
+// 12.5 against 20.7 ms on one thread; 256^2: 0.8 against 1.2 ms): worth threading for the one
 // large factor beside small ones (SOAP's 784^2 beside 256^2 ones).
-inline TaskPolicy qr_tasks(int64_t count, int threads) { return {lapack_tasks(count, threads).small_task, 0.65}; }
+inline TaskPolicy qr_tasks(int64_t count, int threads) { return {lapack_tasks(count, threads).small_task, 0.8}; }
 
 // One matrix per thread leaves threads idle when one matrix outweighs the rest (Muon's
 // 256 x 784 beside a 256 x 256 and a 10 x 256): moves the k largest of `small` (sorted by cost,

@@ -5,6 +5,8 @@
 
 #include "core/blas.h"
 #include "core/matrix_utils.h"
+#include "core/team_blas.h"
+#include "core/team_qr.h"
 #include "inverse_root/inverse_root.h"
 
 namespace curvkit {
@@ -431,28 +433,28 @@ void matrix_inverse_root_cpu(const std::vector<ArrayView>& inputs, const std::ve
 
 namespace {
 
-// In-place QR of row-major a (m x k) keeping Q, with column j multiplied by sign(R_jj).
-// False when LAPACK fails or a column was (numerically) dependent on the previous ones; with
-// full_rank_out given, only when LAPACK fails (the rank verdict goes there).
+// Q of column-major a (m x k, destroyed) into column-major q, with column j multiplied by
+// sign(R_jj), on `threads` threads (team_qr). False when a column was (numerically) dependent
+// on the previous ones, unless full_rank_out is given (the rank verdict goes there).
 template <class T>
-bool qr_positive(int m, int k, T* a, bool* full_rank_out = nullptr) {
-  std::vector<T> tau(static_cast<size_t>(k));
+bool qr_positive(int threads, int m, int k, T* a, T* q, bool* full_rank_out = nullptr) {
+  const int64_t size = int64_t(m) * k;
   // Q is the same for any positive multiple of a: scaling by a power of two (exact) to a largest
   // entry near 1 keeps ||a||_F and the rank floor finite (1e300 inputs read as "lost rank").
-  const double amax = max_abs(a, int64_t(m) * k);
-  if (amax > 0 && amax <= DBL_MAX) scale_pow2(a, int64_t(m) * k, numerics::even_scale_exponent(amax));
-  const double scale = frobenius(a, int64_t(m) * k);
-  if (blas::geqrf(m, k, a, tau.data()) != 0) return false;
-  std::vector<T> sign(static_cast<size_t>(k));
-  bool full_rank = true;
-  for (int j = 0; j < k; ++j) {
-    const double r = double(a[size_t(j) * k + j]);
-    full_rank &= std::fabs(r) > numerics::rank_floor(m, unit_roundoff<T>(), scale);
-    sign[size_t(j)] = r < 0 ? T(-1) : T(1);
+  const double amax = max_abs(a, size);
+  if (amax > 0 && amax <= DBL_MAX) scale_pow2(a, size, numerics::even_scale_exponent(amax));
+  const double scale = frobenius(a, size);
+  {
+    SingleThreadedBlas single;
+    team_qr::qr(threads, m, k, a, q);
   }
-  if (blas::orgqr(m, k, a, tau.data()) != 0) return false;
-  for (int64_t i = 0; i < m; ++i)
-    for (int64_t j = 0; j < k; ++j) a[size_t(i * k + j)] *= sign[size_t(j)];
+  bool full_rank = true;
+  for (int64_t j = 0; j < k; ++j) {
+    const double r = double(a[j * m + j]);
+    full_rank &= std::fabs(r) > numerics::rank_floor(m, unit_roundoff<T>(), scale);
+    if (r < 0)
+      for (int64_t i = 0; i < m; ++i) q[j * m + i] = -q[j * m + i];
+  }
   if (full_rank_out) {
     *full_rank_out = full_rank;
     return true;
@@ -472,7 +474,7 @@ void for_each_basis(const ArrayView& q, std::vector<bool>& ok, Solve solve) {
   run_matrix_tasks(
       threads, batch, [&](int64_t) { return cost; },
       [&](int64_t b, int) { good[size_t(b)] = CK_DISPATCH_COMPUTE(q.dtype, T, [&] { return solve(T(), b); }); },
-      lapack_tasks(batch, threads));
+      qr_tasks(batch, threads));
   ok.assign(good.begin(), good.end());
 }
 
@@ -483,10 +485,11 @@ void orthonormalize_qr_cpu(const ArrayView& q, std::vector<bool>& ok) {
   for (int64_t b = 0; b < leading_count(q); ++b) check_finite_matrix(q, b, "Q");
   for_each_basis(q, ok, [&](auto tag, int64_t b) {
     using T = decltype(tag);
-    std::vector<T> a(static_cast<size_t>(m * k));
-    load_matrix(q, b, a.data());
-    bool good = all_finite(a) && qr_positive(int(m), int(k), a.data());
-    store_matrix(a.data(), q, b);
+    std::vector<T> a(static_cast<size_t>(m * k)), result(a.size());
+    load_matrix_transposed(q, b, a.data());
+    const bool finite = all_finite(a);
+    const bool good = finite && qr_positive(num_threads(), int(m), int(k), a.data(), result.data());
+    store_matrix_transposed(finite ? result.data() : a.data(), q, b);
     return good;
   });
 }
@@ -530,43 +533,46 @@ void eigenbasis_update_cpu(const std::vector<ArrayView>& a_in, const std::vector
     }
   }
   std::vector<char> good(tasks.size()), full(tasks.size(), 1);
+  const int threads = num_threads();
   auto update = [&](auto tag, size_t id) {
     using T = decltype(tag);
     const Task& t = tasks[id];
     const int64_t n = t.n, k = t.k, b = t.index;
-    std::vector<T> a(static_cast<size_t>(n * n)), qb(static_cast<size_t>(n * k)), aq(qb.size()), p(qb.size());
+    // Column-major throughout (LAPACK's QR takes it): qt = Q^T row-major, and Q^T A = (A Q)^T.
+    std::vector<T> a(static_cast<size_t>(n * n)), qt(static_cast<size_t>(n * k)), aqt(qt.size());
     load_symmetrized(a_in[t.input], b, a.data());
-    load_matrix(q[t.input], b, qb.data());
+    load_matrix_transposed(q[t.input], b, qt.data());
     // A Q and the estimates from 2^e A and 2^f Q (exact; A Q and q^T A q of huge or tiny
     // inputs would overflow or underflow), d unscaled below.
-    const double amax = max_abs(a.data(), n * n), qmax = max_abs(qb.data(), n * k);
+    const double amax = max_abs(a.data(), n * n), qmax = max_abs(qt.data(), n * k);
     const int e = amax > 0 ? numerics::even_scale_exponent(amax) : 0;
     const int f = qmax > 0 ? numerics::even_scale_exponent(qmax) : 0;
     scale_pow2(a.data(), n * n, e);
-    scale_pow2(qb.data(), n * k, f);
-    blas::symm(true, int(n), int(k), T(1), a.data(), int(n), qb.data(), int(k), T(0), aq.data(), int(k));  // A Q
+    scale_pow2(qt.data(), n * k, f);
+    team_blas::symm(threads, false, int(k), int(n), T(1), a.data(), int(n), qt.data(), int(n), T(0), aqt.data(),
+                    int(n));  // Q^T A
     std::vector<double> d(static_cast<size_t>(k), 0.0);
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < k; ++j) d[size_t(j)] += double(qb[size_t(i * k + j)]) * double(aq[size_t(i * k + j)]);
+    for (int64_t j = 0; j < k; ++j)
+      for (int64_t i = 0; i < n; ++i) d[size_t(j)] += double(qt[size_t(j * n + i)]) * double(aqt[size_t(j * n + i)]);
     std::vector<int64_t> order(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) order[size_t(j)] = j;
     std::stable_sort(order.begin(), order.end(),
                      [&](int64_t x, int64_t y) { return nan_last(d[size_t(x)], true) > nan_last(d[size_t(y)], true); });
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < k; ++j) p[size_t(i * k + j)] = aq[size_t(i * k + order[size_t(j)])];
+    std::vector<T>& p = qt;  // A Q with its columns in that order, column-major
+    for (int64_t j = 0; j < k; ++j) std::copy_n(aqt.begin() + order[size_t(j)] * n, n, p.begin() + j * n);
     // A rank-deficient A Q still gives an orthonormal Q (its last columns complete the
     // basis), as SOAP's own QR: not a failure; full says whether this dtype resolved it.
     bool full_column_rank = true;
-    bool done = all_finite(p) && qr_positive(int(n), int(k), p.data(), &full_column_rank);
+    bool done = all_finite(p) && qr_positive(threads, int(n), int(k), p.data(), aqt.data(), &full_column_rank);
     full[id] = full_column_rank;
-    store_matrix(p.data(), q_out[t.input], b);
+    store_matrix_transposed(done ? aqt.data() : p.data(), q_out[t.input], b);  // Q, or the non-finite A Q
     std::vector<double> sorted(static_cast<size_t>(k));
     for (int64_t j = 0; j < k; ++j) sorted[size_t(j)] = std::ldexp(d[size_t(order[size_t(j)])], -e - 2 * f);
     done &= store_vector(sorted.data(), k, estimates[t.input], b);  // q^T A q of a huge A and Q can overflow
     std::copy(order.begin(), order.end(), perm[t.input].ptr<int64_t>() + b * k);
     return done;
   };
-  const int threads = num_threads();
+  SingleThreadedBlas single;  // a large matrix's products and QR run on curvkit's OpenMP team
   run_matrix_tasks(
       threads, int64_t(tasks.size()), [&](int64_t t) { return tasks[size_t(t)].cost(); },
       [&](int64_t t, int) {
