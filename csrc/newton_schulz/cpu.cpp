@@ -84,7 +84,7 @@ struct Shape {
   int threads;
   void gram(const T* x, T* a) const {
     team_blas::syrk(threads, tall, r, c, T(1), x, tall ? r : c, T(0), a, r);
-    blas::mirror_lower(a, r);
+    team_blas::mirror_lower(threads, a, r);
   }
   void apply(const T* p, const T* x, T* dst, T alpha, T beta) const {
     if (tall)
@@ -97,14 +97,17 @@ struct Shape {
   }
 };
 
-// P = a I + b A + c A^2 (full), A full; uses t for A^2.
+// P = a I + b A + c A^2, A full; uses t for A^2. P's lower triangle, the whole of it with `full`
+// (symm reads the lower triangle only; the Gram route's general products read all of P).
 template <class T>
-void step_polynomial(const PolarStep& s, const T* a, T* p, T* t, int r, int threads) {
+void step_polynomial(const PolarStep& s, const T* a, T* p, T* t, int r, int threads, bool full) {
   team_blas::syrk(threads, false, r, r, T(1), a, r, T(0), t, r);  // A A^T = A^2, lower
-  for (int64_t i = 0; i < r; ++i)
-    for (int64_t j = 0; j <= i; ++j)
-      p[i * r + j] = T(s.c) * t[i * r + j] + T(s.b) * a[i * r + j] + (i == j ? T(s.a) : T(0));
-  blas::mirror_lower(p, r);
+  team_blas::run(threads, team_blas::kFlopsPerCopiedEntry * r * r / 2, [&](int th, int parts) {
+    for (int64_t i = team_blas::triangle_band(r, parts, th); i < team_blas::triangle_band(r, parts, th + 1); ++i)
+      for (int64_t j = 0; j <= i; ++j)
+        p[i * r + j] = T(s.c) * t[i * r + j] + T(s.b) * a[i * r + j] + (i == j ? T(s.a) : T(0));
+  });
+  if (full) team_blas::mirror_lower(threads, p, r);
 }
 
 // Runs the iteration on ws.x (X_0, normalized) and leaves the final symmetric factor F in
@@ -116,7 +119,7 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
   if (o.method == PolarMethod::Standard) {
     for (size_t k = 0; k < steps && !interrupted(); ++k) {
       sh.gram(ws.x.data(), ws.a.data());
-      step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r, sh.threads);
+      step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r, sh.threads, false);
       if (k + 1 == steps) return;  // the caller applies the last P
       sh.apply(ws.p.data(), ws.x.data(), ws.x2.data(), T(1), T(0));
       std::swap(ws.x, ws.x2);
@@ -127,11 +130,11 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
   sh.gram(ws.x.data(), ws.a.data());
   bool have_q = false;
   for (size_t k = 0; k < steps; ++k) {
-    step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r, sh.threads);
+    step_polynomial(o.steps[k], ws.a.data(), ws.p.data(), ws.t.data(), r, sh.threads, true);
     if (k + 1 == steps || interrupted()) break;
     if (have_q) {
       sh.gemmt(T(1), ws.p.data(), ws.q.data(), ws.t.data());  // P Q, symmetric
-      blas::mirror_lower(ws.t.data(), r);
+      team_blas::mirror_lower(sh.threads, ws.t.data(), r);
       std::swap(ws.q, ws.t);
     } else {
       ws.q = ws.p;
@@ -145,10 +148,10 @@ void iterate(const Shape<T>& sh, const PolarOptions& o, Workspace<T>& ws) {
       continue;
     }
     team_blas::syrk(sh.threads, false, r, r, T(1), ws.p.data(), r, T(0), ws.t.data(), r);  // P^2
-    blas::mirror_lower(ws.t.data(), r);
+    team_blas::mirror_lower(sh.threads, ws.t.data(), r);
     sh.gemmt(T(1), ws.a.data(), ws.t.data(), ws.x2.data());  // A P^2, symmetric
     std::copy_n(ws.x2.data(), size_t(r) * r, ws.a.data());
-    blas::mirror_lower(ws.a.data(), r);
+    team_blas::mirror_lower(sh.threads, ws.a.data(), r);
   }
   if (have_q) {  // F = P Q (only its lower triangle is read by symm)
     sh.gemmt(T(1), ws.p.data(), ws.q.data(), ws.t.data());
