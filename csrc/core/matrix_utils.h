@@ -33,13 +33,12 @@ inline void check_symmetric(const ArrayView& a, int64_t index, const char* name)
     const S* p = a.ptr<const S>() + index * n * n;
     double amax = 0, dmax = 0;
     bool finite = true;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j <= i; ++j) {
-        const double x = to_double(p[i * n + j]), y = to_double(p[j * n + i]);
-        finite &= std::fabs(x) <= DBL_MAX && std::fabs(y) <= DBL_MAX;
-        amax = std::max(amax, std::max(std::fabs(x), std::fabs(y)));
-        dmax = std::max(dmax, std::fabs(x - y));
-      }
+    blas::for_lower_tiles(n, [&](int64_t i, int64_t j) {
+      const double x = to_double(p[i * n + j]), y = to_double(p[j * n + i]);
+      finite &= std::fabs(x) <= DBL_MAX && std::fabs(y) <= DBL_MAX;
+      amax = std::max(amax, std::max(std::fabs(x), std::fabs(y)));
+      dmax = std::max(dmax, std::fabs(x - y));
+    });
     CK_CHECK_VALUE(finite, "argument '", name, "' contains NaN or Inf (matrix ", index, ")");
     CK_CHECK_VALUE(dmax <= symmetry_tolerance(a.dtype) * amax, "argument '", name, "' must be symmetric: matrix ",
                    index, " has max|A - A^T| / max|A| = ", amax > 0 ? dmax / amax : 0.0);
@@ -63,9 +62,9 @@ void load_symmetrized(const ArrayView& a, int64_t index, T* dst) {
   const int64_t n = a.size(-1);
   CK_DISPATCH_FLOATING(a.dtype, "A", S, [&] {
     const S* p = a.ptr<const S>() + index * n * n;
-    for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j <= i; ++j)
-        dst[i * n + j] = dst[j * n + i] = T(0.5 * (to_double(p[i * n + j]) + to_double(p[j * n + i])));
+    blas::for_lower_tiles(n, [&](int64_t i, int64_t j) {
+      dst[i * n + j] = dst[j * n + i] = T(0.5 * (to_double(p[i * n + j]) + to_double(p[j * n + i])));
+    });
   });
 }
 
@@ -136,8 +135,8 @@ bool store_matrix_transposed(const T* src, const ArrayView& out, int64_t index) 
 // (X + X^T)/2 of a row-major n x n matrix, in place.
 template <class T>
 void symmetrize(T* x, int64_t n) {
-  for (int64_t i = 0; i < n; ++i)
-    for (int64_t j = 0; j < i; ++j) x[i * n + j] = x[j * n + i] = T(0.5) * (x[i * n + j] + x[j * n + i]);
+  blas::for_lower_tiles(
+      n, [x, n](int64_t i, int64_t j) { x[i * n + j] = x[j * n + i] = T(0.5) * (x[i * n + j] + x[j * n + i]); });
 }
 
 // ||A||_inf (largest absolute row sum) of a row-major n x n matrix: with ||A||_F, a cheap
