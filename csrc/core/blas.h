@@ -7,6 +7,9 @@
 #include <algorithm>
 #include <climits>
 #include <cstdint>
+#include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "core/check.h"
 
@@ -89,10 +92,41 @@ inline void gemmt_tn(int n, double alpha, const double* a, const double* b, doub
   scipy_cblas_dgemmt(CblasRowMajor, CblasLower, CblasTrans, CblasNoTrans, n, n, alpha, a, n, b, n, beta, c, n);
 }
 
-// Symmetric eigendecomposition (LAPACK syevd): a (n x n, row-major, full) is overwritten by
-// the eigenvectors (columns), w by the eigenvalues in ascending order. Returns LAPACK's info.
-inline int syevd(int n, float* a, float* w) { return scipy_LAPACKE_ssyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, a, n, w); }
-inline int syevd(int n, double* a, double* w) { return scipy_LAPACKE_dsyevd(LAPACK_ROW_MAJOR, 'V', 'L', n, a, n, w); }
+// Calls f(i, j) for every j <= i of an n x n row-major matrix, in 16 x 16 tiles of the lower
+// triangle, tile rows first, first + step, ...: work that touches both (i, j) and (j, i) then
+// stays in cache. Row by row, the (j, i) side walks down columns, which at a power-of-two n
+// conflict in cache (mirroring 1024^2 float32: 2.6 ms row by row, 1.2 ms in tiles).
+template <class F>
+void for_lower_tiles(int64_t n, F f, int64_t first = 0, int64_t step = 1) {
+  constexpr int64_t kTile = 16;
+  for (int64_t i0 = first * kTile; i0 < n; i0 += step * kTile)
+    for (int64_t j0 = 0; j0 <= i0; j0 += kTile)
+      for (int64_t i = i0; i < std::min(n, i0 + kTile); ++i)
+        for (int64_t j = j0; j <= std::min(i, j0 + kTile - 1); ++j) f(i, j);
+}
+
+// Symmetric eigendecomposition (LAPACK syevd): a (n x n, row-major, symmetric: both triangles
+// equal) is overwritten by the eigenvectors (columns), w by the eigenvalues in ascending order.
+// Returns LAPACK's info. LAPACK reads the same buffer column-major (a symmetric matrix is its own
+// transpose), and one tiled in-place transpose turns its column eigenvectors row-major: LAPACKE's
+// row-major entry point copied the matrix out and back transposed and scanned it for NaN.
+template <class T>
+int syevd(int n, T* a, T* w) {
+  const auto call = [&](T* work, int lwork, int* iwork, int liwork) {
+    if constexpr (std::is_same_v<T, float>)
+      return scipy_LAPACKE_ssyevd_work(LAPACK_COL_MAJOR, 'V', 'L', n, a, n, w, work, lwork, iwork, liwork);
+    else
+      return scipy_LAPACKE_dsyevd_work(LAPACK_COL_MAJOR, 'V', 'L', n, a, n, w, work, lwork, iwork, liwork);
+  };
+  T work_size = 0;
+  int iwork_size = 0;
+  if (int info = call(&work_size, -1, &iwork_size, -1); info != 0) return info;
+  std::vector<T> work(std::max<size_t>(1, size_t(work_size)));
+  std::vector<int> iwork(std::max<size_t>(1, size_t(iwork_size)));
+  const int info = call(work.data(), int(work.size()), iwork.data(), int(iwork.size()));
+  for_lower_tiles(n, [a, n](int64_t i, int64_t j) { std::swap(a[i * n + j], a[j * n + i]); });
+  return info;
+}
 
 // Solves S X = B for SPD S (n x n, lower triangle; overwritten by its Cholesky factor), B
 // (n x n) overwritten by X. Returns LAPACK's info (> 0: S not positive definite).
@@ -123,19 +157,6 @@ int qr_work_size(int m, int k) {
   geqrf(m, k, static_cast<T*>(nullptr), nullptr, &geqrf_size, -1);
   orgqr(m, k, static_cast<T*>(nullptr), nullptr, &orgqr_size, -1);
   return std::max(1, static_cast<int>(std::max(geqrf_size, orgqr_size)));
-}
-
-// Calls f(i, j) for every j <= i of an n x n row-major matrix, in 16 x 16 tiles of the lower
-// triangle, tile rows first, first + step, ...: work that touches both (i, j) and (j, i) then
-// stays in cache. Row by row, the (j, i) side walks down columns, which at a power-of-two n
-// conflict in cache (mirroring 1024^2 float32: 2.6 ms row by row, 1.2 ms in tiles).
-template <class F>
-void for_lower_tiles(int64_t n, F f, int64_t first = 0, int64_t step = 1) {
-  constexpr int64_t kTile = 16;
-  for (int64_t i0 = first * kTile; i0 < n; i0 += step * kTile)
-    for (int64_t j0 = 0; j0 <= i0; j0 += kTile)
-      for (int64_t i = i0; i < std::min(n, i0 + kTile); ++i)
-        for (int64_t j = j0; j <= std::min(i, j0 + kTile - 1); ++j) f(i, j);
 }
 
 // Copies the lower triangle of a row-major n x n matrix to its upper triangle (tile rows first,
