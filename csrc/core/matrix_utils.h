@@ -265,20 +265,24 @@ struct ConvergenceWatch {
 struct TaskPolicy {
   double small_task = kSmallTask;
   double threaded_efficiency = 0.85;
+  double alone_single_threaded = 0;  // a lone task at most this costly runs in single-threaded BLAS
 };
 
 // LAPACK's eigensolvers scale poorly over threads (the tridiagonal reduction is bound by
 // memory): with at least as many matrices as threads, one matrix per thread is faster at every
 // size (measured: 8 x 1024^2 roots 1.4x faster than threaded LAPACK on 2 cores), and a threaded
-// 1024^2 eigh gains ~0-40% on 2 cores.
+// 1024^2 eigh gains ~0-40% on 2 cores. Up to 384^2 even a lone matrix runs on one thread: right
+// after a PyTorch op, OpenBLAS's threads meet libgomp's spinning workers (a 256^2 eigh square
+// root took 13.2 ms there against 7.6 ms on one thread; even at 384^2, threads ahead from 512^2).
+constexpr double kLoneLapackSingleThreaded = 384.0 * 384.0 * 384.0;
 inline TaskPolicy lapack_tasks(int64_t count, int threads) {
-  return {count >= threads ? std::numeric_limits<double>::infinity() : kSmallTask, 0.5};
+  return {count >= threads ? std::numeric_limits<double>::infinity() : kSmallTask, 0.5, kLoneLapackSingleThreaded};
 }
 
 // QR on curvkit's team (team_qr.h) reaches ~80% of linear speed-up on 2 cores (784^2 float32:
 // 12.5 against 20.7 ms on one thread; 256^2: 0.8 against 1.2 ms): worth threading for the one
 // large factor beside small ones (SOAP's 784^2 beside 256^2 ones).
-inline TaskPolicy qr_tasks(int64_t count, int threads) { return {lapack_tasks(count, threads).small_task, 0.8}; }
+inline TaskPolicy qr_tasks(int64_t count, int threads) { return {lapack_tasks(count, threads).small_task, 0.8, 0.0}; }
 
 // One matrix per thread leaves threads idle when one matrix outweighs the rest (Muon's
 // 256 x 784 beside a 256 x 256 and a 10 x 256): moves the k largest of `small` (sorted by cost,
@@ -305,7 +309,8 @@ void balance_matrix_tasks(int threads, double efficiency, Cost cost, std::vector
 // snapshot of num_threads(), also used to size per-slot workspaces): tasks with cost(i) <=
 // policy.small_task one per thread with single-threaded BLAS, largest first, unless one outweighs the
 // rest (balance_matrix_tasks); the others one at a time with all threads inside BLAS (or on
-// curvkit's OpenMP team: team_blas). `slot` (< threads) names the worker, so callers can keep
+// curvkit's OpenMP team: team_blas), those of cost at most policy.alone_single_threaded in
+// single-threaded BLAS. `slot` (< threads) names the worker, so callers can keep
 // one workspace per slot. Bodies must not throw: check inputs before. Bodies may poll
 // interrupted() and stop early; the call then throws Interrupted once every started task is
 // done (so no exception crosses a parallel region).
@@ -330,7 +335,12 @@ void run_matrix_tasks(int threads, int64_t count, Cost cost, Body body, TaskPoli
   }
   for (int64_t i : large) {
     throw_if_interrupted();
-    body(i, 0);
+    if (cost(i) <= policy.alone_single_threaded) {
+      SingleThreadedBlas single;
+      body(i, 0);
+    } else {
+      body(i, 0);
+    }
   }
   throw_if_interrupted();
 }

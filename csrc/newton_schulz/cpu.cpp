@@ -253,8 +253,11 @@ namespace {
 template <class T>
 struct SqrtWork {
   std::vector<T> a, y, z, m, t, u, p, q;
-  void reserve(int64_t n) {
-    for (auto* v : {&a, &y, &z, &m, &t, &u, &p, &q}) v->resize(size_t(n * n));
+  // The buffers given, n x n each: a call sizes only those its method uses (eight 512^2 float64
+  // buffers zeroed per call were a tenth of an eigh square root).
+  template <class... V>
+  void size(int64_t n, V*... v) {
+    (v->resize(size_t(n * n)), ...);
   }
 };
 
@@ -268,6 +271,7 @@ void sqrt_newton_schulz(int n, double c, int max_iters, SqrtWork<T>& w, SqrtStat
     w.y[size_t(i)] = T(double(w.a[size_t(i)]) / c);
     w.z[size_t(i)] = T(i % (n + 1) == 0 ? 1 : 0);
   }
+  w.size(n, &w.m, &w.u);
   ConvergenceWatch watch(unit_roundoff<T>(), n);
   for (st.iterations = 0; st.iterations < max_iters && !interrupted(); ++st.iterations) {
     blas::gemm(n, n, n, T(1), w.z.data(), w.y.data(), T(0), w.m.data());  // Z Y
@@ -289,6 +293,7 @@ constexpr double kPadeQ[6] = {1.0, -9.0 / 4, 7.0 / 4, -35.0 / 64, 15.0 / 256, -1
 template <class T>
 void sqrt_pade(int n, double c, bool want_inverse, SqrtWork<T>& w, bool& ok) {
   const int64_t nn = int64_t(n) * n;
+  w.size(n, &w.p, &w.q);
   std::vector<T> powers[6];
   for (auto& v : powers) v.assign(size_t(nn), T(0));
   for (int64_t i = 0; i < nn; ++i)
@@ -328,6 +333,7 @@ template <class T>
 void sqrt_eigh(int n, double c, bool want_inverse, SqrtWork<T>& w, SqrtStatus& st, bool& ok, double& floored) {
   const int64_t nn = int64_t(n) * n;
   std::vector<T> values(static_cast<size_t>(n));
+  w.size(n, &w.m);
   for (int64_t i = 0; i < nn; ++i) w.m[size_t(i)] = T(double(w.a[size_t(i)]) / c);
   ok = blas::syevd(n, w.m.data(), values.data()) == 0;
   st.negative = numerics::negative_ratio(double(values[0]), double(values[size_t(n - 1)]));
@@ -339,11 +345,12 @@ void sqrt_eigh(int n, double c, bool want_inverse, SqrtWork<T>& w, SqrtStatus& s
   for (int pass = 0; pass < (want_inverse ? 2 : 1); ++pass) {
     std::vector<T>& out = pass == 0 ? w.y : w.z;
     if (pass == 1 && double(values[0]) <= negligible) ok = false;  // singular: no inverse
+    std::vector<double> factor(static_cast<size_t>(n));
+    for (int64_t j = 0; j < n; ++j)
+      factor[size_t(j)] =
+          std::pow(std::max(double(values[size_t(j)]), pass == 0 ? 0.0 : negligible), pass == 0 ? 0.25 : -0.25);
     for (int64_t i = 0; i < n; ++i)
-      for (int64_t j = 0; j < n; ++j) {
-        const double lambda = std::max(double(values[size_t(j)]), pass == 0 ? 0.0 : negligible);
-        w.t[size_t(i * n + j)] = T(double(w.m[size_t(i * n + j)]) * std::pow(lambda, pass == 0 ? 0.25 : -0.25));
-      }
+      for (int64_t j = 0; j < n; ++j) w.t[size_t(i * n + j)] = T(double(w.m[size_t(i * n + j)]) * factor[size_t(j)]);
     blas::syrk(false, n, n, T(1), w.t.data(), n, T(0), out.data(), n);
     blas::mirror_lower(out.data(), n);
   }
@@ -354,7 +361,7 @@ void sqrt_one(const ArrayView& a, int64_t index, const ArrayView* sqrt_out, cons
               const SqrtOptions& o, SqrtWork<T>& w, SqrtStatus& st) {
   const int n = blas::dim(a.size(-1), "matrix dimension");
   const int64_t nn = int64_t(n) * n;
-  w.reserve(n);
+  w.size(n, &w.a, &w.y, &w.z, &w.t);
   load_symmetrized(a, index, w.a.data());
   // Work on 2^k A with max|2^k A| near 1 (k even, exact): c below, its square and the residual
   // then neither underflow (A = 1e-300 I gave c = 0, "converged" zeros) nor overflow (1e300 gave
@@ -443,7 +450,7 @@ void lyapunov_one(const ArrayView& s_in, const ArrayView& c_in, const ArrayView&
                   SqrtWork<T>& w, SqrtStatus& st) {
   const int n = blas::dim(s_in.size(-1), "matrix dimension");
   const int64_t nn = int64_t(n) * n;
-  w.reserve(n);
+  w.size(n, &w.a, &w.y, &w.z, &w.m, &w.t, &w.u, &w.p, &w.q);
   load_symmetrized(s_in, index, w.a.data());  // S', kept for the residual
   load_matrix(c_in, index, w.q.data());       // C', kept for the residual
   const double s_max = max_abs(w.a.data(), nn), c_max = max_abs(w.q.data(), nn);

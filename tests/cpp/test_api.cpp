@@ -303,8 +303,22 @@ void test_task_balance() {
   // SOAP's 784^2 factor beside four 256^2: LAPACK at 50% keeps it on one thread
   expect(threaded({482e6, 16.8e6, 16.8e6, 16.8e6, 16.8e6}, 0.5).empty(),
          "balance: LAPACK efficiency keeps one per thread");
-  expect(threaded({482e6, 16.8e6, 16.8e6, 16.8e6, 16.8e6}, 0.65).size() == 1, "balance: the dominant QR threaded");
+  expect(threaded({482e6, 16.8e6, 16.8e6, 16.8e6, 16.8e6}, ck::qr_tasks(5, 2).threaded_efficiency).size() == 1,
+         "balance: the dominant QR threaded");
   expect(threaded({}, 0.85).empty(), "balance: no tasks");
+  // A lone LAPACK task up to 384^2 runs in single-threaded BLAS, a larger one on all threads.
+  const int previous = ck::num_threads();
+  ck::set_num_threads(2);
+  auto blas_threads_inside = [](double cost) {
+    int seen = 0;
+    ck::run_matrix_tasks(
+        2, 1, [&](int64_t) { return cost; }, [&](int64_t, int) { seen = scipy_openblas_get_num_threads(); },
+        ck::lapack_tasks(1, 2));
+    return seen;
+  };
+  expect(blas_threads_inside(256.0 * 256 * 256) == 1 && blas_threads_inside(1024.0 * 1024 * 1024) == 2,
+         "balance: a lone small LAPACK task on one thread");
+  ck::set_num_threads(previous);
 }
 
 int main() {
