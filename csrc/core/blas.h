@@ -95,7 +95,7 @@ inline void gemmt_tn(int n, double alpha, const double* a, const double* b, doub
 // Calls f(i, j) for every j <= i of an n x n row-major matrix, in 16 x 16 tiles of the lower
 // triangle, tile rows first, first + step, ...: work that touches both (i, j) and (j, i) then
 // stays in cache. Row by row, the (j, i) side walks down columns, which at a power-of-two n
-// conflict in cache (mirroring 1024^2 float32: 2.6 ms row by row, 1.2 ms in tiles).
+// conflict in cache (mirroring 1024^2 float32: 2.6 ms row by row, 1.2-1.4 ms in tiles).
 template <class F>
 void for_lower_tiles(int64_t n, F f, int64_t first = 0, int64_t step = 1) {
   constexpr int64_t kTile = 16;
@@ -132,32 +132,6 @@ int syevd(int n, T* a, T* w) {
 // (n x n) overwritten by X. Returns LAPACK's info (> 0: S not positive definite).
 inline int posv(int n, float* s, float* b) { return scipy_LAPACKE_sposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
 inline int posv(int n, double* s, double* b) { return scipy_LAPACKE_dposv(LAPACK_ROW_MAJOR, 'L', n, n, s, n, b, n); }
-
-// QR of a column-major m x k matrix a (m >= k, leading dimension m): geqrf leaves R and the
-// reflectors, orgqr then the explicit Q. Column-major through LAPACKE's _work entry points, which
-// call LAPACK as they are: the row-major ones transposed the matrix in and out of every call and
-// scanned it for NaN (a fifth of a 784^2 QR). `work` holds qr_work_size(m, k) entries.
-inline int geqrf(int m, int k, float* a, float* tau, float* work, int lwork) {
-  return scipy_LAPACKE_sgeqrf_work(LAPACK_COL_MAJOR, m, k, a, m, tau, work, lwork);
-}
-inline int geqrf(int m, int k, double* a, double* tau, double* work, int lwork) {
-  return scipy_LAPACKE_dgeqrf_work(LAPACK_COL_MAJOR, m, k, a, m, tau, work, lwork);
-}
-inline int orgqr(int m, int k, float* a, const float* tau, float* work, int lwork) {
-  return scipy_LAPACKE_sorgqr_work(LAPACK_COL_MAJOR, m, k, k, a, m, tau, work, lwork);
-}
-inline int orgqr(int m, int k, double* a, const double* tau, double* work, int lwork) {
-  return scipy_LAPACKE_dorgqr_work(LAPACK_COL_MAJOR, m, k, k, a, m, tau, work, lwork);
-}
-
-// LAPACK's optimal workspace for geqrf and orgqr of an m x k matrix (its own query).
-template <class T>
-int qr_work_size(int m, int k) {
-  T geqrf_size = 0, orgqr_size = 0;
-  geqrf(m, k, static_cast<T*>(nullptr), nullptr, &geqrf_size, -1);
-  orgqr(m, k, static_cast<T*>(nullptr), nullptr, &orgqr_size, -1);
-  return std::max(1, static_cast<int>(std::max(geqrf_size, orgqr_size)));
-}
 
 // Copies the lower triangle of a row-major n x n matrix to its upper triangle (tile rows first,
 // first + step, ...).
