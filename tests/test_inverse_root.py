@@ -395,6 +395,8 @@ def test_orthonormalize_qr_past_one_block_of_reflectors(threads, dtype, shape, k
     # 0.04 sqrt(m) u cond over these cases.
     assert np.abs(np.swapaxes(R, -1, -2) @ R.astype(np.float64) - identity).max() <= m * u / 2
     assert np.abs(R - expected).max() <= np.sqrt(m) * u * cond / 4
+    # the team's threads take chunks as they come, but each chunk's columns are fixed: same bits
+    np.testing.assert_array_equal(in_threads(threads, lambda: curvkit.orthonormalize(X.astype(dtype), "qr")), R)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
