@@ -420,6 +420,23 @@ def test_eigenbasis_update_of_large_factors_is_the_qr_of_the_sorted_power_step(t
         assert np.abs(Qn - expected).max() <= np.sqrt(A.shape[0]) * u * cond / 4
 
 
+@needs_torch
+def test_eigenbasis_update_is_soaps_qr_refresh(rng):
+    # SOAP's get_orthogonal_matrix_QR (curvkit.testing.anchors), whose QR leaves R's signs as
+    # they come: the same order, the same columns up to sign.
+    import torch
+
+    from curvkit.testing.anchors import soap_qr_refresh
+
+    A = reference.spd_with_condition(rng, 200, 1e3)
+    Q = np.linalg.qr(np.linalg.eigh(A)[1] + 1e-2 * rng.standard_normal((200, 200)))[0]
+    Qn, _, perm = curvkit.eigenbasis_update(A, Q)
+    Qa, order = soap_qr_refresh(torch.from_numpy(A), torch.from_numpy(Q))
+    np.testing.assert_array_equal(perm, order.numpy())
+    signs = np.sign(np.sum(Qn * Qa.numpy(), axis=0))
+    np.testing.assert_allclose(Qn, Qa.numpy() * signs, atol=1e-10)
+
+
 def test_orthonormalize_polar_is_bjorck_to_the_nearest_orthonormal(rng):
     Q, _ = np.linalg.qr(rng.standard_normal((30, 30)))
     noisy = Q + 1e-2 * rng.standard_normal((30, 30))

@@ -21,6 +21,7 @@ from optimizers import SOAP, AdaHessian, Muon, Shampoo  # noqa: E402
 
 from baselines.hutchinson import adahessian_step_torch  # noqa: E402
 from baselines.newton_schulz import muon_newton_schulz  # noqa: E402
+from curvkit.testing.anchors import soap_qr_refresh  # noqa: E402
 
 
 class MuonNS5(Muon):
@@ -50,12 +51,7 @@ class SOAPQR(SOAP):
         return tuple(torch.linalg.eigh(m + 1e-30 * e)[1].flip(-1) for m, e in zip((L, R), eye))
 
     def _refresh(self, factors, bases):
-        out = []
-        for F, Q in zip(factors, bases):
-            estimates = torch.diag(Q.T @ F @ Q)
-            order = torch.argsort(estimates, descending=True, stable=True)
-            out.append((torch.linalg.qr(F @ Q[:, order]).Q, order))
-        return out
+        return [soap_qr_refresh(F, Q) for F, Q in zip(factors, bases)]
 
 
 class AdaHessianLoop(AdaHessian):

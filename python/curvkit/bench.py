@@ -153,6 +153,15 @@ def _root(n: int, dtype: str, device: str) -> tuple[Callable[[], Any], Callable[
     return (lambda: curvkit.matrix_inverse_root(ours, 4, eps=1e-6)), (lambda: anchors.eigh_root(theirs, 4, 1e-6))
 
 
+def _eigenbasis(n: int, dtype: str, device: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    A = _spd(n)
+    rng = np.random.default_rng(n + 1)
+    Q = np.linalg.qr(np.linalg.eigh(A)[1] + 1e-2 * rng.standard_normal((n, n)))[0]  # a basis off by a step
+    ours_a, theirs_a = _pair(A, dtype, device)
+    ours_q, theirs_q = _pair(Q, dtype, device)
+    return (lambda: curvkit.eigenbasis_update(ours_a, ours_q)), (lambda: anchors.soap_qr_refresh(theirs_a, theirs_q))
+
+
 def _probes(n: int, dtype: str, device: str) -> tuple[Callable[[], Any], Callable[[], Any]]:
     torch = _torch()
     generator = torch.Generator(device=device).manual_seed(0)
@@ -215,7 +224,8 @@ def _itemsize(dtype: str) -> int:
 # Nominal flop counts, the same for both sides so that the rates compare: a Muon step does
 # three products of n^3 multiply-adds on a square matrix (X X^T, A A, B X); a symmetric
 # eigendecomposition with vectors ~9 n^3 (Golub & Van Loan, Matrix Computations, 4th ed.,
-# section 8.3) plus the rebuild V diag(f(w)) V^T, 2 n^3.
+# section 8.3) plus the rebuild V diag(f(w)) V^T, 2 n^3; SOAP's refresh the power step A Q, 2 n^3,
+# and a QR with Q formed, 8/3 n^3 (geqrf and orgqr, 4/3 n^3 each).
 FAMILIES: dict[str, list[Case]] = {
     "newton_schulz": [
         Case("polar, Muon 5 steps", "Muon NS5 (torch)", (256, 512, 1024), (128, 256), "float32", _polar,
@@ -226,6 +236,8 @@ FAMILIES: dict[str, list[Case]] = {
     "inverse_root": [
         Case("matrix_inverse_root p=4 (auto)", "Distributed Shampoo eigh (torch)", (128, 256, 512), (64, 128),
              "float32", _root, lambda n, dtype: (11.0 * n ** 3, "flop")),
+        Case("eigenbasis_update (SOAP's refresh)", "SOAP QR refresh (torch)", (256, 512, 1024), (128, 256),
+             "float32", _eigenbasis, lambda n, dtype: (14.0 / 3.0 * n ** 3, "flop")),
     ],
     "hutchinson": [
         Case("probes, gaussian", "torch.randn", (1 << 20, 1 << 23), (1 << 18, 1 << 20), "float32", _probes,

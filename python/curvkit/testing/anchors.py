@@ -21,6 +21,9 @@ Anil et al. 2020, arXiv 2002.09018)
     z^{1/p} I, M_0 = z A, M' = (1 - alpha) I + alpha M with alpha = -1/p, X <- X M',
     M <- M'^p M, until ||M - I||_max <= 1e-6 or 100 iterations). :func:`loop` runs either over
     a list of blocks in Python, as the anchors do.
+Eigenbasis refresh (SOAP, Vyas et al. 2024, arXiv 2409.11321)
+    :func:`soap_qr_refresh`: SOAP's ``get_orthogonal_matrix_QR``: the estimates diag(Q^T A Q),
+    Q's columns sorted by them, descending, then one power step and a QR, Q <- qr(A Q).Q.
 Probes
     AdaHessian draws Rademacher probes as ``2 * randint_like(p, high=2) - 1`` (its
     optim_adahessian.py); Gaussian probes are ``randn``; sphere probes are ``randn`` divided by
@@ -133,6 +136,15 @@ def coupled_newton_root(A: Any, p: int, eps: float = 0.0, tol: float = 1e-6, max
 def loop(fn: Callable[..., Any], blocks: Sequence[Any], *args: Any) -> list:
     """fn(block, *args) for each block, in a Python loop (the anchors' per-block structure)."""
     return [fn(b, *args) for b in blocks]
+
+
+def soap_qr_refresh(A: Any, Q: Any) -> tuple[Any, Any]:
+    """SOAP's eigenbasis refresh of a torch factor A with basis Q: (qr(A Q[:, order]).Q, order),
+    order sorting the estimates diag(Q^T A Q) descending (stable)."""
+    torch = _torch()
+    estimates = torch.diag(Q.T @ A @ Q)
+    order = torch.argsort(estimates, descending=True, stable=True)
+    return torch.linalg.qr(A @ Q[:, order]).Q, order
 
 
 # ---- Probes
