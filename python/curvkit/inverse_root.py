@@ -208,7 +208,8 @@ def orthonormalize(Q: Any, method: str = "qr", steps: int = 4, out: Any = None, 
     orthonormal columns when the scaled singular values lie in (0, sqrt(3)), converging
     quadratically near 1. Returns a new
     array (or writes ``out``; a list for list input); float64 computes in float64, others in
-    float32. CPU and CUDA (cuSOLVER geqrf/orgqr, one call per matrix, for "qr").
+    float32. CPU ("qr": LAPACK's blocked Householder QR on curvkit's threads) and CUDA
+    (cuSOLVER geqrf/orgqr, one call per matrix, for "qr").
 
     A matrix that fails is reported by the failure policy (:func:`curvkit.set_failure_policy`:
     a ConvergenceWarning by default, ConvergenceError with the result attached under
