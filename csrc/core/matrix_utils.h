@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <optional>
 #include <vector>
 
 #include "core/array.h"
@@ -96,20 +97,14 @@ bool store_matrix(const T* src, const ArrayView& out, int64_t index, double scal
   });
 }
 
-// Tiles of a blocked transpose: 32 x 32 entries of the source and the destination stay in cache.
-constexpr int64_t kTransposeTile = 32;
-
 // Matrix `index` of a (..., m, k) array, as T in column-major order (dst[j m + i] = a[i, j]): what
-// LAPACK's QR takes, read once in cache-sized tiles.
+// LAPACK's QR takes, read in tiles.
 template <class T>
 void load_matrix_transposed(const ArrayView& a, int64_t index, T* dst) {
   const int64_t m = a.size(-2), k = a.size(-1);
   CK_DISPATCH_FLOATING(a.dtype, "input", S, [&] {
     const S* p = a.ptr<const S>() + index * m * k;
-    for (int64_t i0 = 0; i0 < m; i0 += kTransposeTile)
-      for (int64_t j0 = 0; j0 < k; j0 += kTransposeTile)
-        for (int64_t i = i0; i < std::min(m, i0 + kTransposeTile); ++i)
-          for (int64_t j = j0; j < std::min(k, j0 + kTransposeTile); ++j) dst[j * m + i] = T(to_double(p[i * k + j]));
+    blas::for_tiles(m, k, [&](int64_t i, int64_t j) { dst[j * m + i] = T(to_double(p[i * k + j])); });
   });
 }
 
@@ -120,13 +115,10 @@ bool store_matrix_transposed(const T* src, const ArrayView& out, int64_t index) 
   return CK_DISPATCH_FLOATING(out.dtype, "out", D, [&] {
     D* p = out.ptr<D>() + index * m * k;
     bool finite = true;
-    for (int64_t i0 = 0; i0 < m; i0 += kTransposeTile)
-      for (int64_t j0 = 0; j0 < k; j0 += kTransposeTile)
-        for (int64_t i = i0; i < std::min(m, i0 + kTransposeTile); ++i)
-          for (int64_t j = j0; j < std::min(k, j0 + kTransposeTile); ++j) {
-            p[i * k + j] = from_double<D>(double(src[j * m + i]));
-            finite &= std::fabs(to_double(p[i * k + j])) <= DBL_MAX;
-          }
+    blas::for_tiles(m, k, [&](int64_t i, int64_t j) {
+      p[i * k + j] = from_double<D>(double(src[j * m + i]));
+      finite &= std::fabs(to_double(p[i * k + j])) <= DBL_MAX;
+    });
     if (!finite) std::fill(p, p + m * k, from_double<D>(0.0));
     return finite;
   });
@@ -335,12 +327,9 @@ void run_matrix_tasks(int threads, int64_t count, Cost cost, Body body, TaskPoli
   }
   for (int64_t i : large) {
     throw_if_interrupted();
-    if (cost(i) <= policy.alone_single_threaded) {
-      SingleThreadedBlas single;
-      body(i, 0);
-    } else {
-      body(i, 0);
-    }
+    std::optional<SingleThreadedBlas> single;
+    if (cost(i) <= policy.alone_single_threaded) single.emplace();
+    body(i, 0);
   }
   throw_if_interrupted();
 }
