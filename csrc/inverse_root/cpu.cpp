@@ -337,7 +337,8 @@ bool root_newton(int n, const RootOptions& o, const ArrayView* init, int64_t ind
   double previous = std::numeric_limits<double>::infinity();
   for (st.iterations = 0;; ++st.iterations) {
     const double r = max_distance_to_identity(w.m.data(), n);
-    if (numerics::error_grew(r, previous)) {  // growing in the convergent region: keep the previous iterate
+    // growing in the convergent region: keep the previous iterate
+    if (numerics::error_grew(r, previous, st.iterations)) {
       std::swap(w.x, w.v);
       break;
     }

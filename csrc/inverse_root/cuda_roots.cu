@@ -128,7 +128,7 @@ __global__ void newton_watch_kernel(RootState* st, int64_t count, double stop, d
   if (s.revert == 1) s.revert = 2;
   if (s.active) {
     const double r = s.distance;
-    if (numerics::error_grew(r, s.previous)) {
+    if (numerics::error_grew(r, s.previous, s.iterations)) {
       s.active = 0;
       s.revert = 1;
     } else if (!(r <= DBL_MAX)) {
