@@ -282,10 +282,9 @@ __global__ void sumsq_kernel(const T* const* ptrs, int64_t size, const double* a
   const T* x = ptrs[blockIdx.y];
   const double m = amax[blockIdx.y];
   double local = 0.0;
-  if (m > 0.0 && m <= DBL_MAX) {
-    const double inv = 1.0 / m;
+  if (m > 0.0 && m <= DBL_MAX) {  // x / m, not x * (1 / m): 1 / m overflows for a subnormal m
     for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < size; i += int64_t(gridDim.x) * blockDim.x) {
-      const double v = double(load(x + i)) * inv;
+      const double v = double(load(x + i)) / m;
       local += v * v;
     }
   }
