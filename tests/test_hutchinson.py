@@ -916,6 +916,32 @@ def test_cuda_estimators_match_the_cpu(rng, backend):
     np.testing.assert_allclose(gpu[1]["estimates"], cpu[1]["estimates"], rtol=1e-9)
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_lanczos_read_back_every_8_steps_stops_where_every_step_would(monkeypatch, rng, dtype):
+    # CUDA's schedule (coefficients read back every 8 steps) on the CPU kernels: the same Ritz
+    # values from the same number of steps as a check after every step. Steps queued past
+    # convergence once added ghosts without reorthogonalization (on CUDA, [-9, -9, 7] where the
+    # CPU found [-9, 7, 6.5]), and products queued after a breakdown left no budget for the restart.
+    from curvkit import hutchinson
+    n = 400
+    u, _ = np.linalg.qr(rng.standard_normal((n, n)))
+    a = ((u * np.r_[-9.0, 7.0, 6.5, np.linspace(-1, 1, n - 3)]) @ u.T).astype(dtype)
+    rep = np.diag([5.0, 5.0, 5.0, 1.0]).astype(dtype)
+    runs = {}
+    for every in (1, 8):
+        monkeypatch.setattr(hutchinson, "_check_every", lambda op, mode, e=every: 1 if mode == "selective" else e)
+        for which in ("largest", "smallest", "magnitude"):
+            for mode in ("full", "selective", "none"):
+                values, info = curvkit.top_eigenvalues(a, None, k=3, which=which, reorthogonalize=mode,
+                                                       return_info=True)
+                runs.setdefault((which, mode), []).append((values, info["steps"], info["converged"]))
+        np.testing.assert_allclose(curvkit.top_eigenvalues(rep, None, k=4), [5, 5, 5, 1],
+                                   rtol=1e-6 if dtype == "float32" else 1e-14)
+    for (which, mode), ((values, steps, converged), (values8, steps8, converged8)) in runs.items():
+        assert converged and converged8 and steps8 == steps, (which, mode)
+        np.testing.assert_array_equal(values8, values)
+
+
 @pytest.mark.parametrize("backend", CUDA_BACKENDS)
 @pytest.mark.parametrize("dtype", ["float64", "float32"])
 def test_cuda_lanczos_and_power_match_the_cpu(rng, backend, dtype):

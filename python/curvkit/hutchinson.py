@@ -713,8 +713,10 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
     operator gives k zeros); an eigenvalue repeated more often than the breakdowns reveal can
     still be reported fewer times. On CUDA the Lanczos steps queue without host
     synchronization; the coefficients are read back every 8 steps (every step with
-    "selective") for the convergence test, whose tridiagonal eigenproblem runs on the host
-    (LAPACK stev); power iteration reads two numbers back per step. Bad input as in
+    "selective", and in the last 8 + k of the budget) and each step since the last read-back
+    is tested in turn, so the run ends at the step a check after every step would (the
+    tridiagonal eigenproblems run on the host, LAPACK stev); power iteration reads two numbers
+    back per step. Bad input as in
     :func:`trace_estimate` (NaN or Inf in a product raises ArgumentError naming 'matvec').
 
     Examples
@@ -789,35 +791,43 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: st
     converged, steps, chosen, residual = False, 0, np.zeros(0, dtype=np.int64), np.full(k, np.inf)
     nodes, vecs = np.zeros((1, 0)), np.zeros((1, 0, 0))
     purge_level = math.sqrt(float(np.finfo(op.compute).eps))
-    every = _CUDA_CHECK_EVERY if op.cuda and mode != "selective" else 1
-    restart, j = False, 0
+    every = _check_every(op, mode)
+    restart, j, checked = False, 0, 0
     while j < m and op.matvecs < m:
         w = op(w, copy=True)
         _core.lanczos_step(basis, w, alpha, beta, lengths, j, mode == "full", restart, **op.context)
         restart, j = False, j + 1
-        if (j % every and j < m and op.matvecs < m):
+        # Near the end of the budget, a check after every step: products queued after a
+        # breakdown do nothing, and would leave no room for the restart.
+        if j % every and j < m and op.matvecs < m - every - k:
             continue
         alpha_h, beta_h = _arrays.to_host(alpha), _arrays.to_host(beta)
-        steps = int(_arrays.to_host(lengths)[0])
-        last = beta_h[0, steps - 1]  # beta of the last step that ran (0: a breakdown)
-        broke = last == 0.0
-        _require_finite(alpha_h[0, :steps], "Lanczos coefficients")
-        if broke and steps < k and steps < m and op.matvecs < m:
+        reached = int(_arrays.to_host(lengths)[0])
+        broke = beta_h[0, reached - 1] == 0.0  # the last step that ran broke down
+        _require_finite(alpha_h[0, :reached], "Lanczos coefficients")
+        if broke and reached < k and reached < m and op.matvecs < m:
             # An invariant subspace holding fewer than k eigenvalues (a repeated eigenvalue shows
             # once per Krylov space): go on from a new vector orthogonal to it.
-            w = _restart_vector(op, basis, steps)
-            restart, j = True, steps
+            w = _restart_vector(op, basis, reached)
+            restart, j, checked = True, reached, reached
             continue
-        if not (mode == "selective" or steps >= k or broke or j >= m or op.matvecs >= m):
+        if not (mode == "selective" or reached >= k or broke or j >= m or op.matvecs >= m):
             continue
-        nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
-        _core.tridiagonal_eigh(alpha, beta, lengths, steps, nodes, vecs, stream=op.stream)
-        _require_finite(nodes[0], "Lanczos coefficients")
-        scale = max(float(np.max(np.abs(nodes[0]))), np.finfo(np.float64).tiny)
-        bounds = np.abs(last * vecs[0, steps - 1, :])
-        chosen = _select(nodes[0], k, which)
-        residual = bounds[chosen]
-        converged = bool(len(chosen) == k and np.all(residual <= tol * scale))
+        # Each step since the last read-back in turn, as a check after every step would see
+        # them: the first that meets the tolerance ends the run (later ones, without
+        # reorthogonalization, may already hold ghost copies of the converged values).
+        for steps in range(max(checked + 1, min(k, reached)), reached + 1):
+            nodes, vecs = _ritz_pairs(alpha_h, beta_h, steps)
+            _require_finite(nodes[0], "Lanczos coefficients")
+            last = beta_h[0, steps - 1]
+            scale = max(float(np.max(np.abs(nodes[0]))), np.finfo(np.float64).tiny)
+            bounds = np.abs(last * vecs[0, steps - 1, :])
+            chosen = _select(nodes[0], k, which)
+            residual = bounds[chosen]
+            converged = bool(len(chosen) == k and np.all(residual <= tol * scale))
+            if converged:
+                break
+        checked = reached
         if converged or broke:
             break
         j = steps  # on CUDA, steps queued after a breakdown did nothing
@@ -839,6 +849,18 @@ def _lanczos_top(op: _Operator, k: int, which: str, m: int, tol: float, mode: st
     _core.basis_combination(basis, coefficients, steps, vectors, **op.context)
     info = {"converged": converged, "matvecs": op.matvecs, "residual": op.unscale(residual), "steps": steps}
     return op.unscale(values), vectors[0], info
+
+
+def _check_every(op: _Operator, mode: str) -> int:
+    """Lanczos steps between read-backs of the coefficients (see _CUDA_CHECK_EVERY)."""
+    return _CUDA_CHECK_EVERY if op.cuda and mode != "selective" else 1
+
+
+def _ritz_pairs(alpha: np.ndarray, beta: np.ndarray, steps: int) -> tuple:
+    """Eigenpairs of the leading steps x steps tridiagonal matrix of host coefficients (1, m)."""
+    nodes, vecs = np.empty((1, steps)), np.empty((1, steps, steps))
+    _core.tridiagonal_eigh(alpha, beta, np.array([steps], dtype=np.int64), steps, nodes, vecs)
+    return nodes, vecs
 
 
 def _restart_vector(op: _Operator, basis: Any, steps: int) -> Any:
