@@ -249,7 +249,9 @@ def test_batches_conditioning_and_status(backend, rng):
         assert (info["method"] == ran).all() and info["converged"].all()
         if ran == "newton_schulz":
             its = info["iterations"]
-            assert its[0] < its[1] < its[2] and np.all(np.abs(its - cpu["iterations"]) <= 1)
+            # Condition 1e8 ends on the rounding floor, where the stall is seen a step sooner or
+            # later: 12 symmetric permutations of one such matrix took 29 to 31 steps on one CPU.
+            assert its[0] < its[1] < its[2] and np.all(np.abs(its - cpu["iterations"]) <= [1, 1, 2])
         for (S0, R0), b, cond in zip(references, range(3), (1e1, 1e4, 1e8)):
             assert rel(to_numpy(S)[b], S0) <= 1e-12 * max(1.0, cond / 1e6)
             assert rel(to_numpy(R)[b], R0) <= max(1e-12, 2.2e-16 * cond)

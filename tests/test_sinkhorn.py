@@ -237,7 +237,9 @@ def test_half_precision_potentials_are_balanced_or_reported(backend, rng):
     u = np.full(n, 1 / n)
     # Costs near float16's lower limit: the solver's own potentials reach -65,860 here.
     C = -65000 - 400 * rng.random((n, n))
-    P, info = curvkit.sinkhorn(*(make(v, backend, "float16") for v in (u, u, C)), reg=100.0, tol=1e-3,
+    # solved to 1e-9: PLAN_TOL bounds the plan's rounding, and a solve to 1e-3 was itself up to
+    # 3.3e-3 max P from the converged plan (seen on CUDA, then on the CPU for the same costs)
+    P, info = curvkit.sinkhorn(*(make(v, backend, "float16") for v in (u, u, C)), reg=100.0, tol=1e-9,
                                return_info=True)
     f, g = to_numpy(info["f"]), to_numpy(info["g"])
     assert info["converged"] and not info["potentials_overflow"]
