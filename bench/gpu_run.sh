@@ -4,6 +4,7 @@
 # build curvkit with CUDA for the local card, run the tests, the benchmarks and
 # bench/gpu_timings.py, and leave logs in $OUT (each phase stamped with its seconds).
 # Usage: bash bench/gpu_run.sh [--no-build] [--no-tests] [--no-timings] [family ...]
+# (TEST_K="cuda or cupy" narrows the tests to the CUDA backends; the CPU ones also run in CI.)
 # (runs bench/bench_<family>.py -k cuda; every family when none is named, none with "none").
 # Tests and each benchmark phase are killed after TEST_LIMIT / BENCH_LIMIT seconds (300 / 200).
 # A device command may run 600 s at most: split a long session into calls, e.g.
@@ -32,10 +33,14 @@ if [ $build -eq 1 ]; then
 fi
 python3 -c "import curvkit; curvkit.show_config()" | tee -a "$OUT/device.txt"
 if [ $tests -eq 1 ]; then
-  # A hung kernel must not eat the whole call: the tests get TEST_LIMIT seconds (default 300).
-  timeout -s KILL "${TEST_LIMIT:-300}" python3 -m pytest tests -q -p no:cacheprovider -n 8 --durations=10 \
+  # A hung kernel must not eat the whole call: the tests get TEST_LIMIT seconds (default 300),
+  # each at most 120 (pytest-timeout), names streamed (-v) so that a killed run still says what
+  # failed. One BLAS and OpenMP thread per worker: 8 workers of 16 spinning OpenBLAS threads
+  # each made CPU-side references take minutes (2026-12-04).
+  OPENBLAS_NUM_THREADS=1 OMP_NUM_THREADS=1 CURVKIT_NUM_THREADS=2 timeout -s KILL "${TEST_LIMIT:-300}" \
+    python3 -m pytest tests -v -p no:cacheprovider -n 8 --timeout=120 --tb=short -rfE --durations=20 ${TEST_K:+-k "$TEST_K"} \
     > "$OUT/tests.log" 2>&1 || echo "pytest exit status $?" >> "$OUT/tests.log"
-  grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -40; tail -25 "$OUT/tests.log"
+  grep -E "(FAILED|ERROR|Timeout)" "$OUT/tests.log" | head -40; tail -25 "$OUT/tests.log"
   stamp tested
 fi
 [ ${#families[@]} -eq 0 ] && families=(hutchinson newton_schulz matrix_sqrt inverse_root)
