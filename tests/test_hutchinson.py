@@ -647,6 +647,28 @@ def test_sophia_bitwise_float64(rng, with_estimate):
         np.testing.assert_array_equal(raw_bits(got), raw_bits(want))
 
 
+@needs_torch
+def test_fused_steps_on_torch_lists_match_numpy_and_mark_writes(rng):
+    # torch lists go to the native call as capsules from torch's C exporter: the same bits as
+    # NumPy arrays, and the written tensors' version counters bumped (autograd cannot see a write
+    # through DLPack), so a graph that saved a parameter refuses to backpropagate.
+    params, grads, h, m = (step_state(rng, STEP_SHAPES) for _ in range(4))
+    v = [np.abs(x) for x in step_state(rng, STEP_SHAPES)]
+    tensors = [[torch.tensor(x) for x in xs] for xs in (params, grads, h, m, v)]
+    leaf = tensors[0][0].requires_grad_()
+    saved = (leaf * leaf).sum()
+    curvkit.adahessian_step_(params, grads, h, m, v, step=2, lr=0.1)
+    curvkit.adahessian_step_(*tensors, step=2, lr=0.1)
+    for got, want in zip(tensors[0] + tensors[3] + tensors[4], params + m + v):
+        np.testing.assert_array_equal(raw_bits(got.detach().numpy()), raw_bits(want))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        saved.backward()
+    hess = [torch.tensor(np.abs(x)) for x in step_state(rng, STEP_SHAPES)]
+    versions = [t._version for t in tensors[0] + tensors[3] + hess]
+    curvkit.sophia_step_(tensors[0], tensors[1], tensors[3], hess, lr=0.05)
+    assert all(t._version > k for t, k in zip(tensors[0] + tensors[3] + hess, versions))
+
+
 def test_sophia_sign_step_and_saturation():
     p, g, m, h = np.zeros(5), np.array([1.0, -1.0, 0.0, 4.0, -4.0]), np.zeros(5), np.zeros(5)
     assert curvkit.sophia_step_(p, g, m, h, lr=1.0, betas=(0.0, 0.5), weight_decay=0.0,

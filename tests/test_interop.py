@@ -141,6 +141,13 @@ def test_import_paths():
     _core.convert(np.array([4.0, 5.0, 6.0]), buf)
     assert list(buf) == [4.0, 5.0, 6.0]
 
+    # a capsule exported ahead (the Python layer's path for lists of torch tensors), read once
+    capsule = x.__dlpack__()
+    info = _core._testing.array_info(capsule)
+    assert info["path"] == "dlpack" and info["shape"] == (2, 3) and info["data"] == x.ctypes.data
+    with pytest.raises(TypeError, match="argument 'x' is a capsule that holds no unused DLPack tensor"):
+        _core._testing.array_info(capsule)
+
 
 def test_read_only_inputs_are_accepted_read_only_outputs_refused():
     x = np.arange(4.0)

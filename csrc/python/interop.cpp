@@ -95,6 +95,32 @@ ArrayView view_from_dltensor(const dlpack::DLTensor& t, const char* name) {
 // A Python exception of the given type (e.g. PyExc_TypeError) is pending in `e`.
 bool is_error(const py::error_already_set& e, PyObject* type) { return e.matches(type); }
 
+// Reads a DLPack capsule (versioned or legacy) into `out` and marks it used; false if `cap` is no
+// unused DLPack capsule.
+bool import_capsule(PyObject* cap, const char* name, ImportedArray& out) {
+  auto owner = std::make_unique<ImportedArray::Owner>();
+  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
+    auto* t = static_cast<dlpack::DLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
+    PyCapsule_SetName(cap, "used_dltensor_versioned");
+    owner->versioned = t;
+    CK_CHECK_VALUE(t->version.major == 1, "argument '", name, "' was exported with DLPack ", t->version.major, ".",
+                   t->version.minor, "; curvkit reads DLPack 1.x");
+    out.view = view_from_dltensor(t->dl_tensor, name);
+    out.view.writable = !(t->flags & dlpack::kFlagReadOnly);
+    out.path = "dlpack_versioned";
+  } else if (PyCapsule_IsValid(cap, "dltensor")) {
+    auto* t = static_cast<dlpack::DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
+    PyCapsule_SetName(cap, "used_dltensor");
+    owner->legacy = t;
+    out.view = view_from_dltensor(t->dl_tensor, name);
+    out.path = "dlpack";
+  } else {
+    return false;
+  }
+  out.owner = std::move(owner);
+  return true;
+}
+
 bool import_dlpack(py::handle obj, const char* name, StreamHandle stream, ImportedArray& out) {
   py::object dev = obj.attr("__dlpack_device__")();
   const int device_type = dev[py::int_(0)].cast<int>();
@@ -116,28 +142,8 @@ bool import_dlpack(py::handle obj, const char* name, StreamHandle stream, Import
       throw ValueError(cat("argument '", name, "' could not be exported through DLPack: ", e2.what()));
     }
   }
-  PyObject* cap = capsule.ptr();
-  auto owner = std::make_unique<ImportedArray::Owner>();
-  if (PyCapsule_IsValid(cap, "dltensor_versioned")) {
-    auto* t = static_cast<dlpack::DLManagedTensorVersioned*>(PyCapsule_GetPointer(cap, "dltensor_versioned"));
-    PyCapsule_SetName(cap, "used_dltensor_versioned");
-    owner->versioned = t;
-    CK_CHECK_VALUE(t->version.major == 1, "argument '", name, "' was exported with DLPack ", t->version.major, ".",
-                   t->version.minor, "; curvkit reads DLPack 1.x");
-    out.view = view_from_dltensor(t->dl_tensor, name);
-    out.view.writable = !(t->flags & dlpack::kFlagReadOnly);
-    out.path = "dlpack_versioned";
-  } else if (PyCapsule_IsValid(cap, "dltensor")) {
-    auto* t = static_cast<dlpack::DLManagedTensor*>(PyCapsule_GetPointer(cap, "dltensor"));
-    PyCapsule_SetName(cap, "used_dltensor");
-    owner->legacy = t;
-    out.view = view_from_dltensor(t->dl_tensor, name);
-    out.path = "dlpack";
-  } else {
-    throw TypeError(cat("argument '", name, "': __dlpack__ of ", type_name(obj),
-                        " returned something other than a DLPack capsule"));
-  }
-  out.owner = std::move(owner);
+  CK_CHECK_TYPE(import_capsule(capsule.ptr(), name, out), "argument '", name, "': __dlpack__ of ", type_name(obj),
+                " returned something other than a DLPack capsule");
   return true;
 }
 
@@ -183,6 +189,11 @@ void import_buffer(py::handle obj, const char* name, ImportedArray& out) {
 
 ImportedArray import_array(py::handle obj, const char* name, StreamHandle stream) {
   ImportedArray out;
+  if (PyCapsule_CheckExact(obj.ptr())) {  // exported by the Python layer (_arrays.exported)
+    CK_CHECK_TYPE(import_capsule(obj.ptr(), name, out), "argument '", name,
+                  "' is a capsule that holds no unused DLPack tensor");
+    return out;
+  }
   if (py::hasattr(obj, "__dlpack__") && py::hasattr(obj, "__dlpack_device__") &&
       import_dlpack(obj, name, stream, out)) {
     return out;

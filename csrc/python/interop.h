@@ -1,7 +1,9 @@
 // The one intake path from Python arrays to ArrayView, zero-copy:
 //   1. __dlpack__ (versioned capsule first, then the legacy one), passing the CUDA stream
 //      the kernel will run on so the producer orders its pending work before ours;
-//   2. the buffer protocol (NumPy arrays DLPack refuses, e.g. read-only ones on old NumPy).
+//   2. the buffer protocol (NumPy arrays DLPack refuses, e.g. read-only ones on old NumPy);
+//   0. a DLPack capsule itself, exported on the caller's current stream by the Python layer
+//      (curvkit._arrays.exported: lists of torch tensors, whose __dlpack__ costs 6 us each).
 // Strides are kept as they are (negative and zero included); kernels that need a layout
 // check it and the Python layer copies explicitly (curvkit._arrays.contiguous).
 #pragma once

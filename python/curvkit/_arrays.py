@@ -15,10 +15,17 @@ from ._errors import ArgumentError, ArgumentTypeError
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 
 
+_FRAMEWORK_OF_TYPE: dict = {}  # array types seen so far -> their framework (a lookup per array)
+
+
 def framework_of(x, name="x"):
     """'numpy', 'torch' or 'cupy' for an array; TypeError naming `name` otherwise."""
+    known = _FRAMEWORK_OF_TYPE.get(type(x))
+    if known is not None:
+        return known
     module = type(x).__module__.split(".", 1)[0]
     if module in ("numpy", "torch", "cupy") and hasattr(x, "shape") and hasattr(x, "dtype"):
+        _FRAMEWORK_OF_TYPE[type(x)] = module
         return module
     raise ArgumentTypeError(
         f"argument '{name}' must be a NumPy array, PyTorch tensor or CuPy array, "
@@ -230,6 +237,31 @@ def detached(x, name="x"):
         return x
     device_of(x, name)  # a tensor on another device (meta, mps, ...) is refused by name
     return x.detach()
+
+
+def exported(items):
+    """A list of arrays for a native call, its torch tensors as DLPack capsules from torch's C
+    exporter: 0.4 us a tensor against 6 us for the __dlpack__ / __dlpack_device__ protocol
+    calls, which the fused steps' hundreds of small tensors made most of a call's time. The
+    native call runs on the framework's current stream (call_context), so the stream handshake
+    that __dlpack__(stream=) performs has nothing to order. Other arrays pass unchanged."""
+    out = list(items)
+    for i, x in enumerate(out):
+        if framework_of(x) == "torch":
+            from torch.utils.dlpack import to_dlpack
+
+            out[i] = to_dlpack(x)
+    return out
+
+
+def all_written_in_place(items):
+    """written_in_place for every array of a list, torch tensors in one call."""
+    tensors = [x for x in items if x is not None and framework_of(x) == "torch"]
+    if tensors:
+        import torch
+
+        torch.autograd.graph.increment_version(tensors)
+    return items
 
 
 def to_host(x):

@@ -1077,11 +1077,11 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
         block_size = _args.index(block_size, "block_size", 1, 2**62)
     groups = [_group_size(tuple(p.shape), block_size) for p in lists["params"]]
     for name in ("params", "exp_avg", "exp_avg_sq"):
-        for x in lists[name]:
-            _arrays.written_in_place(x)
+        _arrays.all_written_in_place(lists[name])
     stream, workspace = _arrays.call_context(lists["params"])
-    _core.adahessian_step(lists["params"], lists["grads"], lists["hessian_diag_samples"], lists["exp_avg"],
-                          lists["exp_avg_sq"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
+    native = {name: _arrays.exported(items) for name, items in lists.items()}
+    _core.adahessian_step(native["params"], native["grads"], native["hessian_diag_samples"], native["exp_avg"],
+                          native["exp_avg_sq"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                           eps=_args.real(eps, "eps"), weight_decay=_args.real(weight_decay, "weight_decay"),
                           hessian_power=_args.real(hessian_power, "hessian_power"),
                           step=_args.index(step, "step", 1, 2**62), group_sizes=groups,
@@ -1141,11 +1141,11 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
                                hessian_estimate=hessian_estimate)
     beta1, beta2 = _betas(betas)
     for name in ("params", "exp_avg", "hessian"):
-        for x in lists[name]:
-            _arrays.written_in_place(x)
+        _arrays.all_written_in_place(lists[name])
     stream, workspace = _arrays.call_context(lists["params"])
-    wins = _core.sophia_step(lists["params"], lists["grads"], lists["exp_avg"], lists["hessian"],
-                             lists["hessian_estimate"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
+    native = {name: _arrays.exported(items) for name, items in lists.items()}
+    wins = _core.sophia_step(native["params"], native["grads"], native["exp_avg"], native["hessian"],
+                             native["hessian_estimate"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                              rho=_args.real(rho, "rho"), weight_decay=_args.real(weight_decay, "weight_decay"),
                              batch_size=_args.real(batch_size, "batch_size"), eps=_args.real(eps, "eps"),
                              count_wins=bool(return_win_rate), check_finite=bool(check_finite), stream=stream,
