@@ -60,16 +60,22 @@ __device__ __forceinline__ void store(half_t* p, float v) {
   p->bits = __half_as_ushort(__float2half_rn(v));
 }
 
+// Sum of v over the warp in a fixed order (a butterfly), returned to every lane (all 32 call it).
+__device__ __forceinline__ double warp_sum(double v) {
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
 // Sum of v over the block in a fixed order, returned to every thread (every thread calls it).
 // Sums across blocks go through per-block slots and sum_slots, never float atomics: those add
 // in the order the blocks finish, so results would change from run to run in the last bits.
 __device__ inline double block_sum(double v) {
-  __shared__ double warp_sum[32];
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  if ((threadIdx.x & 31) == 0) warp_sum[threadIdx.x >> 5] = v;
+  __shared__ double per_warp[32];
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) per_warp[threadIdx.x >> 5] = v;
   __syncthreads();
   double total = 0;
-  for (int w = 0; w < int(blockDim.x >> 5); ++w) total += warp_sum[w];
+  for (int w = 0; w < int(blockDim.x >> 5); ++w) total += per_warp[w];
   __syncthreads();
   return total;
 }
