@@ -243,9 +243,9 @@ def exported(items):
     """A list of arrays for a native call, its torch tensors as DLPack capsules from torch's C
     exporter: 0.4 us a tensor against 6 us for the __dlpack__ / __dlpack_device__ protocol
     calls, which made most of a call's time for the fused steps' hundreds of small tensors
-    (and a Muon step's list of parameters on a GPU). The
-    native call runs on the framework's current stream (call_context), so the stream handshake
-    that __dlpack__(stream=) performs has nothing to order. Other arrays pass unchanged."""
+    (and a Muon step's list of parameters on a GPU). The native call runs on the framework's
+    current stream (call_context), so the stream handshake that __dlpack__(stream=) performs
+    has nothing to order. Other arrays pass unchanged."""
     out = list(items)
     for i, x in enumerate(out):
         if framework_of(x) == "torch":
