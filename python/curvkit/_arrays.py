@@ -239,16 +239,18 @@ def detached(x, name="x"):
     return x.detach()
 
 
-def exported(items):
+def exported(items, lead):
     """A list of arrays for a native call, its torch tensors as DLPack capsules from torch's C
     exporter: 0.4 us a tensor against 6 us for the __dlpack__ / __dlpack_device__ protocol
     calls, which made most of a call's time for the fused steps' hundreds of small tensors
-    (and a Muon step's list of parameters on a GPU). The native call runs on the framework's
-    current stream (call_context), so the stream handshake that __dlpack__(stream=) performs
-    has nothing to order. Other arrays pass unchanged."""
+    (and a Muon step's list of parameters on a GPU). The capsule skips the stream handshake of
+    __dlpack__(stream=), so a CUDA tensor goes this way only when the call runs on torch's
+    current stream (`lead`, the array call_context chose the stream by, is a torch tensor);
+    CPU tensors always do. Other arrays (and None) pass unchanged."""
     out = list(items)
+    on_torch_stream = lead is not None and framework_of(lead) == "torch"
     for i, x in enumerate(out):
-        if framework_of(x) == "torch":
+        if x is not None and framework_of(x) == "torch" and (on_torch_stream or x.device.type == "cpu"):
             from torch.utils.dlpack import to_dlpack
 
             out[i] = to_dlpack(x)
