@@ -719,8 +719,8 @@ def top_eigenvalues(matvec: Any, n: Any, k: int = 1, which: str = "largest", met
     "selective", and in the last 8 + k of the budget) and each step since the last read-back
     is tested in turn, so the run ends at the step a check after every step would (the
     tridiagonal eigenproblems run on the host, LAPACK stev); power iteration reads two numbers
-    back per step. Bad input as in
-    :func:`trace_estimate` (NaN or Inf in a product raises ArgumentError naming 'matvec').
+    back per step. Bad input as in :func:`trace_estimate` (NaN or Inf in a product raises
+    ArgumentError naming 'matvec').
 
     Examples
     --------
