@@ -5,6 +5,7 @@
 
 #include "core/dispatch.h"
 #include "core/runtime.h"
+#include "core/simd.h"
 #include "hutchinson/hutchinson.h"
 #include "hutchinson/probe_math.h"
 
@@ -18,11 +19,8 @@ constexpr int64_t kRowsPerTask = 128;  // rows of the (n, k) probe matrix per pa
 // Gaussian pairs pair0 .. pair0+count-1 of one probe into z0[], z1[]. The loop vectorizes
 // (branch-free portable math); clones for AVX-512 and AVX2 run the same IEEE operations per
 // lane, so every clone gives the same bits as the scalar definition.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#endif
-void gaussian_pairs(uint64_t seed, uint64_t probe, uint64_t pair0, int64_t count, double* __restrict__ z0,
-                    double* __restrict__ z1) {
+CK_SIMD_CLONES void gaussian_pairs(uint64_t seed, uint64_t probe, uint64_t pair0, int64_t count,
+                                   double* __restrict__ z0, double* __restrict__ z1) {
   for (int64_t p = 0; p < count; ++p) gaussian_pair(seed, probe, pair0 + uint64_t(p), z0[p], z1[p]);
 }
 

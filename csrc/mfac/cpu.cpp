@@ -20,6 +20,7 @@
 #include "core/interrupt.h"
 #include "core/matrix_utils.h"
 #include "core/runtime.h"
+#include "core/simd.h"
 #include "mfac/mfac.h"
 
 namespace curvkit::mfac {
@@ -59,33 +60,88 @@ struct Chunks {
   }
 };
 
-// Dot products of up to four rows with one float64 vector, each row on two independent
-// accumulators (eight chains in flight: the float64 add latency, not memory, bounds a single
-// chain), x loaded once for the four rows. The order of each row's sum is fixed.
+// Four consecutive elements widened to float64: float and double as one vector load (an
+// element-wise form had the compiler gather them lane by lane), the half types one by one.
+// (Out by reference: a 32-byte vector returned by value would change the ABI without AVX.)
+using Double4 = double __attribute__((vector_size(32)));
+CK_INLINE void load4(const float* p, Double4& out) {
+  using Float4 = float __attribute__((vector_size(16)));
+  Float4 v;
+  std::memcpy(&v, p, sizeof v);
+  out = __builtin_convertvector(v, Double4);
+}
+CK_INLINE void load4(const double* p, Double4& out) { std::memcpy(&out, p, sizeof out); }
 template <class S>
-void dot_rows(const S* const* rows, int count, const double* x, int64_t len, double* out) {
-  double acc[4][2] = {{0, 0}, {0, 0}, {0, 0}, {0, 0}};
+CK_INLINE void load4(const S* p, Double4& out) {
+  out = Double4{load(p[0]), load(p[1]), load(p[2]), load(p[3])};
+}
+
+// Dot products of R rows with one float64 vector, each row on four accumulators (lane j mod
+// 4: 4 R chains in flight, one 256-bit vector a row under AVX2; a single chain is bound by the
+// float64 add latency, not memory), x loaded once for the R rows, the lanes added pairwise at
+// the end. The order of each row's sum is fixed, the same in every clone.
+template <int R, class S>
+CK_INLINE void dot_rows_fixed(const S* const* rows, const double* x, int64_t len, double* out) {
+  Double4 acc[R] = {};
   int64_t j = 0;
-  if (count == 4) {
-    for (; j + 2 <= len; j += 2) {
-      const double x0 = x[j], x1 = x[j + 1];
-      for (int r = 0; r < 4; ++r) {
-        acc[r][0] += load(rows[r][j]) * x0;
-        acc[r][1] += load(rows[r][j + 1]) * x1;
-      }
+  for (; j + 4 <= len; j += 4) {
+    Double4 xv, g;
+    load4(x + j, xv);
+    for (int r = 0; r < R; ++r) {
+      load4(rows[r] + j, g);
+      acc[r] += g * xv;
     }
-  } else {
-    for (; j + 2 <= len; j += 2)
-      for (int r = 0; r < count; ++r) {
-        acc[r][0] += load(rows[r][j]) * x[j];
-        acc[r][1] += load(rows[r][j + 1]) * x[j + 1];
-      }
   }
-  for (int r = 0; r < count; ++r) {
-    double s = acc[r][0] + acc[r][1];
+  for (int r = 0; r < R; ++r) {
+    double s = (acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]);
     for (int64_t t = j; t < len; ++t) s += load(rows[r][t]) * x[t];
     out[r] = s;
   }
+}
+
+template <class S>
+CK_INLINE void dot_rows_any(const S* const* rows, int count, const double* x, int64_t len, double* out) {
+  switch (count) {
+    case 4: return dot_rows_fixed<4>(rows, x, len, out);
+    case 3: return dot_rows_fixed<3>(rows, x, len, out);
+    case 2: return dot_rows_fixed<2>(rows, x, len, out);
+    default: return dot_rows_fixed<1>(rows, x, len, out);
+  }
+}
+
+// Up to four rows; float and double storage in AVX2 / AVX-512 clones (the widening and the
+// products vectorize), the half types as written.
+CK_SIMD_CLONES void dot_rows(const float* const* rows, int count, const double* x, int64_t len, double* out) {
+  dot_rows_any(rows, count, x, len, out);
+}
+CK_SIMD_CLONES void dot_rows(const double* const* rows, int count, const double* x, int64_t len, double* out) {
+  dot_rows_any(rows, count, x, len, out);
+}
+template <class S>
+void dot_rows(const S* const* rows, int count, const double* x, int64_t len, double* out) {
+  dot_rows_any(rows, count, x, len, out);
+}
+
+// acc[j] += (g0[j] w0 + g1[j] w1) + (g2[j] w2 + g3[j] w3): four rows of G^T w per sweep of the
+// accumulator (a quarter of its loads and stores), in clones as dot_rows.
+template <class S>
+CK_INLINE void add_rows4_any(double* __restrict__ acc, const S* __restrict__ g0, const S* __restrict__ g1,
+                             const S* __restrict__ g2, const S* __restrict__ g3, const double* w, int64_t len) {
+  const double w0 = w[0], w1 = w[1], w2 = w[2], w3 = w[3];
+  for (int64_t j = 0; j < len; ++j)
+    acc[j] += (load(g0[j]) * w0 + load(g1[j]) * w1) + (load(g2[j]) * w2 + load(g3[j]) * w3);
+}
+CK_SIMD_CLONES void add_rows4(double* acc, const float* g0, const float* g1, const float* g2, const float* g3,
+                              const double* w, int64_t len) {
+  add_rows4_any(acc, g0, g1, g2, g3, w, len);
+}
+CK_SIMD_CLONES void add_rows4(double* acc, const double* g0, const double* g1, const double* g2, const double* g3,
+                              const double* w, int64_t len) {
+  add_rows4_any(acc, g0, g1, g2, g3, w, len);
+}
+template <class S>
+void add_rows4(double* acc, const S* g0, const S* g1, const S* g2, const S* g3, const double* w, int64_t len) {
+  add_rows4_any(acc, g0, g1, g2, g3, w, len);
 }
 
 // Y (n, k) float64 = G[slots] X with X (d, k) in the storage dtype; rows of G in `slots` order.
@@ -156,16 +212,10 @@ void woodbury_finish(const S* G, int64_t d, const std::vector<int64_t>& slots, c
       const int64_t j0 = c * ch.size, len = std::min(ch.size, d - j0);
       std::fill(acc.begin(), acc.begin() + len * k, 0.0);
       int64_t i = 0;
-      if (k == 1)  // four rows per sweep of the accumulator: a quarter of its loads and stores
-        for (; i + 4 <= n; i += 4) {
-          const S* g0 = G + slots[size_t(i)] * d + j0;
-          const S* g1 = G + slots[size_t(i + 1)] * d + j0;
-          const S* g2 = G + slots[size_t(i + 2)] * d + j0;
-          const S* g3 = G + slots[size_t(i + 3)] * d + j0;
-          const double w0 = W[i], w1 = W[i + 1], w2 = W[i + 2], w3 = W[i + 3];
-          for (int64_t j = 0; j < len; ++j)
-            acc[size_t(j)] += (load(g0[j]) * w0 + load(g1[j]) * w1) + (load(g2[j]) * w2 + load(g3[j]) * w3);
-        }
+      if (k == 1)
+        for (; i + 4 <= n; i += 4)
+          add_rows4(acc.data(), G + slots[size_t(i)] * d + j0, G + slots[size_t(i + 1)] * d + j0,
+                    G + slots[size_t(i + 2)] * d + j0, G + slots[size_t(i + 3)] * d + j0, W + i, len);
       for (; i < n; ++i) {
         const S* g = G + slots[size_t(i)] * d + j0;
         if (k == 1) {

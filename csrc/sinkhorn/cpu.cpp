@@ -12,6 +12,7 @@
 #include "core/interrupt.h"
 #include "core/matrix_utils.h"
 #include "core/runtime.h"
+#include "core/simd.h"
 #include "sinkhorn/ot_math.h"
 #include "sinkhorn/schedule.h"
 #include "sinkhorn/sinkhorn.h"
@@ -22,14 +23,6 @@ namespace {
 using namespace sns_schedule;
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define CK_SIMD_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define CK_INLINE __attribute__((always_inline)) inline
-#else
-#define CK_SIMD_CLONES
-#define CK_INLINE inline
-#endif
 
 // ---- exp that vectorizes: x = k ln2 + r, |r| <= ln2 / 2, a Taylor polynomial for e^r (relative
 // error below 2^-52 for double, 2^-23 for float) and 2^k from the bits. 0 below the smallest
