@@ -7,6 +7,8 @@ torch or cupy only when handed one of their objects (or asked for a CUDA device)
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from . import _core
@@ -239,26 +241,37 @@ def detached(x, name="x"):
     return x.detach()
 
 
-def exported(items, lead):
-    """A list of arrays for a native call, its torch tensors as DLPack capsules from torch's C
+def exported(*lists):
+    """Lists of arrays for a native call, their torch tensors as DLPack capsules from torch's C
     exporter: 0.4 us a tensor against 6 us for the __dlpack__ / __dlpack_device__ protocol
     calls, which made most of a call's time for the fused steps' hundreds of small tensors
     (and a Muon step's list of parameters on a GPU). The capsule skips the stream handshake of
     __dlpack__(stream=), so a CUDA tensor goes this way only when the call runs on torch's
-    current stream (`lead`, the array call_context chose the stream by, is a torch tensor);
-    CPU tensors always do. Other arrays (and None) pass unchanged."""
-    out = list(items)
+    current stream: when the first array of the first list, the one call_context chose the
+    stream by, is a torch tensor. CPU tensors always do. Other arrays (and None) pass
+    unchanged. Returns the lists in the same order."""
+    lead = lists[0][0] if lists and lists[0] else None
     on_torch_stream = lead is not None and framework_of(lead) == "torch"
-    for i, x in enumerate(out):
-        if x is not None and framework_of(x) == "torch" and (on_torch_stream or x.device.type == "cpu"):
-            from torch.utils.dlpack import to_dlpack
+    result = []
+    for items in lists:
+        out = list(items)
+        for i, x in enumerate(out):
+            if x is not None and framework_of(x) == "torch" and (on_torch_stream or x.device.type == "cpu"):
+                out[i] = _torch_to_dlpack()(x)
+        result.append(out)
+    return result
 
-            out[i] = to_dlpack(x)
-    return out
+
+@functools.cache
+def _torch_to_dlpack():
+    """torch's C exporter, looked up once (torch is imported by then: a tensor was handed in)."""
+    from torch.utils.dlpack import to_dlpack
+
+    return to_dlpack
 
 
 def all_written_in_place(items):
-    """written_in_place for every array of a list, torch tensors in one call."""
+    """written_in_place for every array of a list (None skipped), torch tensors in one call."""
     tensors = [x for x in items if x is not None and framework_of(x) == "torch"]
     if tensors:
         import torch
@@ -316,10 +329,7 @@ def written_in_place(x):
     otherwise backpropagate through the new values silently; bumped, backward raises torch's
     usual "modified by an inplace operation" error. Bumped before the call, so a call that then
     fails also counts as a write (the safe side)."""
-    if x is not None and framework_of(x) == "torch":
-        import torch
-
-        torch.autograd.graph.increment_version(x)
+    all_written_in_place([x])
     return x
 
 

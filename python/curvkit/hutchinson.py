@@ -1036,12 +1036,6 @@ def _step_lists(function: str, **lists: Any) -> tuple[dict[str, list], bool]:
     return out, bool(single)
 
 
-def _exported_lists(lists: dict[str, list]) -> dict[str, list]:
-    """The lists as the native step takes them (see _arrays.exported; params lead the call)."""
-    lead = lists["params"][0] if lists["params"] else None
-    return {name: _arrays.exported(items, lead) for name, items in lists.items()}
-
-
 def _betas(betas: Any) -> tuple[float, float]:
     try:
         b1, b2 = betas
@@ -1121,7 +1115,7 @@ def adahessian_step_(params: Any, grads: Any, hessian_diag_samples: Any, exp_avg
     for name in ("params", "exp_avg", "exp_avg_sq"):
         _arrays.all_written_in_place(lists[name])
     stream, workspace = _arrays.call_context(lists["params"])
-    native = _exported_lists(lists)
+    native = dict(zip(lists, _arrays.exported(*lists.values())))  # params lead the call
     _core.adahessian_step(native["params"], native["grads"], native["hessian_diag_samples"], native["exp_avg"],
                           native["exp_avg_sq"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                           eps=_args.real(eps, "eps"), weight_decay=_args.real(weight_decay, "weight_decay"),
@@ -1185,7 +1179,7 @@ def sophia_step_(params: Any, grads: Any, exp_avg: Any, hessian: Any, lr: float 
     for name in ("params", "exp_avg", "hessian"):
         _arrays.all_written_in_place(lists[name])
     stream, workspace = _arrays.call_context(lists["params"])
-    native = _exported_lists(lists)
+    native = dict(zip(lists, _arrays.exported(*lists.values())))  # params lead the call
     wins = _core.sophia_step(native["params"], native["grads"], native["exp_avg"], native["hessian"],
                              native["hessian_estimate"], lr=_args.real(lr, "lr"), beta1=beta1, beta2=beta2,
                              rho=_args.real(rho, "rho"), weight_decay=_args.real(weight_decay, "weight_decay"),

@@ -143,9 +143,8 @@ def matrix_inverse_root(A: Any, p: int, eps: float = 0.0, method: str = "auto", 
     outputs = _arrays.outputs_for(out, inputs, single)
     stream, workspace = _arrays.call_context(inputs)
     p = _args.index(p, "p", 1, _args.INT_MAX + 1)
-    lead = inputs[0] if inputs else None
-    infos = _core.matrix_inverse_root(*(_arrays.exported(arrays, lead) for arrays in (inputs, outputs, inits, bases)),
-                                      p=p, eps=_args.real(eps, "eps"), method=_args.method_name(method),
+    infos = _core.matrix_inverse_root(*_arrays.exported(inputs, outputs, inits, bases), p=p,
+                                      eps=_args.real(eps, "eps"), method=_args.method_name(method),
                                       max_iters=_args.max_iters(max_iters),
                                       tol=None if tol is None else _args.real(tol, "tol"), fallback=bool(fallback),
                                       compute_residual=bool(return_info), stream=stream, workspace=workspace)
@@ -290,9 +289,8 @@ def eigenbasis_update(A: Any, Q: Any, out: Any = None, return_info: bool = False
         parts = _arrays.output_parts(out, 3, "a triple (Q, d, perm)")
         q_new, d, perm = (_arrays.given_outputs(o, single) for o in parts)
     stream, workspace = _arrays.call_context(a_list)
-    lead = a_list[0] if a_list else None
-    infos = _core.eigenbasis_update(*(_arrays.exported(arrays, lead) for arrays in (a_list, q_list, q_new, d, perm)),
-                                    stream=stream, workspace=workspace)
+    infos = _core.eigenbasis_update(*_arrays.exported(a_list, q_list, q_new, d, perm), stream=stream,
+                                    workspace=workspace)
     if out is not None:
         result = out
     else:

@@ -209,8 +209,7 @@ def _run(G, steps, coefficients, norm_eps, method, out, check_finite, alpha, bet
     written = [_arrays.contiguous(o, out_name) for o in outputs]
     table, norm_scale = schedule(coefficients, steps)
     stream, workspace = _arrays.call_context(inputs)
-    lead = inputs[0] if inputs else None
-    _core.polar(_arrays.exported(inputs, lead), _arrays.exported(written, lead), steps=table, norm_scale=norm_scale,
+    _core.polar(*_arrays.exported(inputs, written), steps=table, norm_scale=norm_scale,
                 norm_eps=_args.real(norm_eps, "norm_eps"),
                 method=_args.method_name(method),
                 alpha=[1.0] * len(inputs) if alpha is None else alpha,
