@@ -14,7 +14,8 @@ using std::pow;
 using std::sqrt;
 #endif
 
-// x^k as NumPy's `array ** k` evaluates it: exact shortcuts for the common exponents, pow else.
+// x^k with NumPy's exact shortcuts for the common exponents, the C library's pow else (as
+// testing's libm_power; NumPy's own `**` may take a vector pow that differs in the last bit).
 template <class C>
 CK_HD C power(C x, C k) {
   if (k == C(1)) return x;
