@@ -75,5 +75,11 @@ if [ $cpu_kind -eq 1 ]; then
     sed -n "/curvkit vs anchors/,/^---/p" /tmp/cpu.log >> "$log"
     stamp "cpu $file"
   done
+  # each kernel's rate against this host's own GEMM, copy and read rates, and the probes
+  echo "######## python -m curvkit.bench newton_schulz inverse_root hutchinson ($pin)" >> "$log"
+  CURVKIT_NUM_THREADS=2 OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 timeout -s KILL "${BENCH_LIMIT:-200}" \
+    $pin python3 -m curvkit.bench newton_schulz inverse_root hutchinson --no-plots --out /tmp/cpu_kind > /dev/null 2>&1
+  sed -n "/^- cpu/,\$p" /tmp/cpu_kind/bench.md | grep -v "^!\[" >> "$log"
+  stamp "cpu curvkit.bench"
   cat "$log"
 fi

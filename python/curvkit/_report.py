@@ -20,11 +20,40 @@ def _cpuinfo() -> dict[str, str]:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key in ("model name", "flags") and key not in fields:
+                if key in ("model name", "flags", "vendor_id", "cpu family", "model") and key not in fields:
                     fields[key] = value.strip()
     except OSError:
         pass
     return fields
+
+
+# x86 cores by (vendor, family, model range): a VM's "model name" often hides the part ("AMD
+# EPYC"), and the core decides how wide its AVX-512 really is (Zen 4 runs 512-bit operations as
+# two 256-bit halves) and which kernels OpenBLAS and MKL pick.
+_X86_CORES = [
+    ("AuthenticAMD", 23, range(0x00, 0x30), "Zen/Zen+"), ("AuthenticAMD", 23, range(0x30, 0x100), "Zen 2"),
+    ("AuthenticAMD", 25, range(0x00, 0x10), "Zen 3"), ("AuthenticAMD", 25, range(0x20, 0x60), "Zen 3"),
+    ("AuthenticAMD", 25, range(0x10, 0x20), "Zen 4"), ("AuthenticAMD", 25, range(0x60, 0x100), "Zen 4"),
+    ("AuthenticAMD", 26, range(0x00, 0x100), "Zen 5"),
+    ("GenuineIntel", 6, range(0x55, 0x56), "Skylake-SP/Cascade Lake"),
+    ("GenuineIntel", 6, range(0x6a, 0x6b), "Ice Lake-SP"),
+    ("GenuineIntel", 6, range(0x8f, 0x90), "Sapphire Rapids"), ("GenuineIntel", 6, range(0xcf, 0xd0), "Emerald Rapids"),
+    ("GenuineIntel", 6, range(0xad, 0xae), "Granite Rapids"),
+]
+
+
+def core_type(vendor: str, family: int, model: int) -> str:
+    """The x86 core's name for a CPUID vendor, family and model, or "family F model M".
+
+    >>> core_type("AuthenticAMD", 25, 17)
+    'Zen 4'
+    >>> core_type("GenuineIntel", 6, 143)
+    'Sapphire Rapids'
+    """
+    for v, f, models, name in _X86_CORES:
+        if v == vendor and f == family and model in models:
+            return name
+    return f"family {family} model {model}"
 
 
 def machine() -> dict[str, str]:
@@ -38,6 +67,8 @@ def machine() -> dict[str, str]:
     config = curvkit.config()
     out = {
         "cpu": info.get("model name") or platform.processor() or platform.machine(),
+        "core": (core_type(info["vendor_id"], int(info.get("cpu family") or 0), int(info.get("model") or 0))
+                 if "vendor_id" in info else platform.machine()),
         "cores": str(os.cpu_count()),
         "isa": " ".join(isa) or "-",
         "blas": str(config.get("blas", "?")),

@@ -446,7 +446,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     machine = _report.machine()
     machine["threads"] = str(curvkit.get_num_threads())
     machine["load average before"] = _load()
-    _report.progress(f"curvkit.bench on {machine['cpu']} ({machine['isa']}), {machine['blas']}, GPU: {machine['gpu']}")
+    _report.progress(f"curvkit.bench on {machine['cpu']} ({machine['core']}; {machine['isa']}), {machine['blas']}, "
+                     f"GPU: {machine['gpu']}")
     _report.progress("measuring this machine's GEMM and copy rates")
     rates = machine_rates(args.quick)
     _report.progress(f"  GEMM {rates['gemm_float32']:.1f} / {rates['gemm_float64']:.1f} GFLOP/s (float32 / float64), "
