@@ -97,17 +97,41 @@ def test_gemm_rate(benchmark, shape):
 MLP_SHAPES = [(256, 784), (256, 256), (10, 256)]
 
 
+def _orthogonalize(impl):
+    grads = [torch.randn(shape) for shape in MLP_SHAPES]
+    if impl == "curvkit":
+        return lambda: curvkit.polar(grads, STEPS)
+    return lambda: [muon_newton_schulz(g, STEPS) for g in grads]
+
+
 @pytest.mark.parametrize("impl", ["curvkit", "torch NS5"])
 def test_interleaved_with_torch(benchmark, impl):
     benchmark.group = "polar-float32-interleaved-mlp784"
-    grads = [torch.randn(shape) for shape in MLP_SHAPES]
+    orthogonalize = _orthogonalize(impl)
     x, w = torch.randn(256, 784), torch.randn(784, 256)
-    orthogonalize = (lambda: curvkit.polar(grads, STEPS)) if impl == "curvkit" else (
-        lambda: [muon_newton_schulz(g, STEPS) for g in grads])
     benchmark.extra_info.update(impl=impl)  # no rate: the time is the model's and the step's
 
     def step():
         x.T @ (x @ w)  # the model's own work, on PyTorch's threads
+        orthogonalize()
+
+    benchmark(step)
+
+
+# The same beside NumPy's own OpenBLAS (a third pool: NumPy's wheel bundles its own): one
+# 256^2 float64 product in NumPy, then the orthogonalization. NumPy's threads spin after it
+# for as long as its OpenBLAS was told when NumPy loaded (OPENBLAS_THREAD_TIMEOUT; 0.1 s by
+# default), taking a core from whatever runs next (docs/contracts.md, Threads).
+@pytest.mark.parametrize("impl", ["curvkit", "torch NS5"])
+def test_interleaved_with_numpy(benchmark, impl):
+    benchmark.group = "polar-float32-interleaved-numpy-mlp784"
+    orthogonalize = _orthogonalize(impl)
+    rng = np.random.default_rng(0)
+    a, b = rng.standard_normal((256, 256)), rng.standard_normal((256, 256))
+    benchmark.extra_info.update(impl=impl)
+
+    def step():
+        a @ b  # NumPy's BLAS, on NumPy's OpenBLAS threads
         orthogonalize()
 
     benchmark(step)
