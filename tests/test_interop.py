@@ -171,6 +171,24 @@ def test_torch_tensors_requiring_grad_and_bfloat16():
     np.testing.assert_array_equal(_arrays.convert(b, "float32").numpy(), b.float().numpy())
 
 
+@needs_torch
+def test_cpu_tensors_take_torchs_exporter_and_unsafe_views_are_refused():
+    import torch
+
+    x = torch.arange(6.0).reshape(2, 3)
+    info = _core._testing.array_info(x.T)
+    assert info["path"] == "torch" and info["strides"] == (1, 3) and info["data"] == x.data_ptr()
+    assert _core._testing.array_info(torch.nn.Parameter(x, requires_grad=False))["path"] == "torch"  # subclass
+    with pytest.raises(TypeError, match="argument 'x' is a tensor that requires grad"):
+        _core._testing.array_info(x.clone().requires_grad_())
+    # DLPack has no neg bit: a negated view would be read unnegated
+    negated = torch.complex(x, x).conj().imag
+    assert negated.is_neg()
+    with pytest.raises(TypeError, match="argument 'src' is a negated view"):
+        _core.convert(negated, np.empty((2, 3)))
+    np.testing.assert_array_equal(_arrays.prepare(negated, "x").numpy(), -x.numpy())  # inputs are resolved
+
+
 def test_work_is_ordered_on_the_callers_cuda_stream(cuda_backend, rng):
     fw, _ = cuda_backend
     v = _values(rng, (1 << 20,))

@@ -37,7 +37,7 @@ struct ImportedArray {
   };
 
   ArrayView view;
-  std::string path;  // "dlpack_versioned", "dlpack", or "buffer"
+  std::string path;  // "dlpack_versioned", "dlpack", "torch" (a CPU tensor, torch's exporter) or "buffer"
   std::unique_ptr<Owner> owner;
 };
 

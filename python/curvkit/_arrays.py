@@ -237,29 +237,25 @@ def detached(x, name="x"):
     refuses tensors that require grad, such as the parameters polar_update_ writes)."""
     if framework_of(x, name) != "torch":
         return x
-    device_of(x, name)  # a tensor on another device (meta, mps, ...) is refused by name
+    if not (x.is_cpu or x.is_cuda):
+        device_of(x, name)  # a tensor on another device (meta, mps, ...) is refused by name
     return x.detach()
 
 
 def exported(*lists):
-    """Lists of arrays for a native call, their torch tensors as DLPack capsules from torch's C
-    exporter: 0.4 us a tensor against 6 us for the __dlpack__ / __dlpack_device__ protocol
-    calls, which made most of a call's time for the fused steps' hundreds of small tensors
-    (and a Muon step's list of parameters on a GPU). The capsule skips the stream handshake of
-    __dlpack__(stream=), so a CUDA tensor goes this way only when the call runs on torch's
-    current stream: when the first array of the first list, the one call_context chose the
-    stream by, is a torch tensor. CPU tensors always do. Other arrays (and None) pass
-    unchanged. Returns the lists in the same order."""
+    """Lists of arrays for a native call on CUDA, their torch tensors as DLPack capsules from
+    torch's C exporter: 0.4 us a tensor against 6 us for the __dlpack__ / __dlpack_device__
+    protocol calls, which made most of a call's time for the fused steps' hundreds of small
+    tensors (and a Muon step's list of parameters on a GPU). The capsule skips the stream
+    handshake of __dlpack__(stream=), so it is taken only when the call runs on torch's current
+    stream: when the first array of the first list, the one call_context chose the stream by, is
+    a CUDA torch tensor. (CPU tensors take the same exporter in the native layer.) Other arrays
+    (and None) pass unchanged. Returns the lists in the same order."""
     lead = lists[0][0] if lists and lists[0] else None
-    on_torch_stream = lead is not None and framework_of(lead) == "torch"
-    result = []
-    for items in lists:
-        out = list(items)
-        for i, x in enumerate(out):
-            if x is not None and framework_of(x) == "torch" and (on_torch_stream or x.device.type == "cpu"):
-                out[i] = _torch_to_dlpack()(x)
-        result.append(out)
-    return result
+    if lead is None or framework_of(lead) != "torch" or not lead.is_cuda:
+        return [list(items) for items in lists]
+    return [[_torch_to_dlpack()(x) if x is not None and framework_of(x) == "torch" else x for x in items]
+            for items in lists]
 
 
 @functools.cache
@@ -291,8 +287,12 @@ def to_host(x):
 
 
 def prepare(x, name):
-    """An input as the native call takes it: detached and C-contiguous (copied if not)."""
-    return contiguous(detached(x, name), name)
+    """An input as the native call takes it: detached and C-contiguous (copied if not), a torch
+    negated view resolved (DLPack cannot carry the neg bit)."""
+    x = detached(x, name)
+    if framework_of(x) == "torch" and x.is_neg():
+        x = x.resolve_neg()
+    return contiguous(x, name)
 
 
 def as_list(x):
