@@ -172,6 +172,32 @@ def test_window_large_capacity(rng):
     assert rel(w.ihvp(x), fisher_solve(G[-m:], x, damp, scale=m)) < F64
 
 
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("d", [10_000, 70_000])
+def test_window_results_do_not_depend_on_the_thread_count(rng, dtype, d):
+    """Large enough for both threads: at d = 1e4 the passes over G split one column chunk's rows
+    (the product with x) and its columns (G^T w) between them; at 7e4 they take a chunk each."""
+    m = 16
+    G, damp = gradients(rng, m + 3, d, kappa=1e2)
+    x = rng.standard_normal(d).astype(dtype)
+    previous = curvkit.get_num_threads()
+    results = []
+    try:
+        for threads in (1, 2):
+            curvkit.set_num_threads(threads)
+            w = curvkit.FisherWindow(d, m, damp, dtype=dtype)
+            fill(w, G, dtype=dtype)
+            results.append((w.ihvp(x), np.array(w.gram), w.diag()))
+    finally:
+        curvkit.set_num_threads(previous)
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+    # Woodbury in float64 on the stored rows (a dense d x d solve would not fit)
+    last, x64 = G[-m:].astype(dtype).astype(np.float64), x.astype(np.float64)
+    want = (x64 - last.T @ np.linalg.solve(m * damp * np.eye(m) + last @ last.T, last @ x64)) / damp
+    assert rel(results[0][0], want) < (F64 if dtype == "float64" else window_bound(dtype, 1e2))
+
+
 @pytest.mark.parametrize("backend, dtype", backend_dtypes(["float32", "bfloat16"], of=KERNEL_BACKENDS)
                          + backend_dtypes(["bfloat16"]))
 @pytest.mark.parametrize("kappa", [1e2, 1e4, 1e5, 1e6, 1e7])

@@ -148,7 +148,8 @@ void add_rows4(double* acc, const S* g0, const S* g1, const S* g2, const S* g3, 
 // Tasks are (column chunk, group of four rows) pairs, chunk-major, so the threads stream
 // neighbouring rows against one chunk of X held in cache (64K columns: long row segments for the
 // prefetchers); each row's dot product is one task's, and the chunks are added in order: the
-// result does not depend on the thread count.
+// result does not depend on the thread count. A thread takes a chunk's row groups at a time, or
+// its share of them when there are fewer chunks than threads (d = 1e4: one chunk).
 template <class S>
 void gram_product(const S* G, int64_t d, const std::vector<int64_t>& slots, const S* X, int64_t k, double* Y,
                   int threads) {
@@ -156,13 +157,14 @@ void gram_product(const S* G, int64_t d, const std::vector<int64_t>& slots, cons
   constexpr int64_t chunk = 65536;
   const int64_t chunks = (d + chunk - 1) / chunk, groups = (n + 3) / 4, tasks = chunks * groups;
   std::vector<double> partial(static_cast<size_t>(chunks * n * k), 0.0);
-#pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
+  const int team_size = team(threads, double(n) * double(d) * double(k));
+  const int64_t grain = chunks >= team_size ? groups : (groups + team_size - 1) / team_size;
+#pragma omp parallel num_threads(team_size)
   {
     std::vector<double> xb(static_cast<size_t>(std::min(chunk, d) * k)), acc(static_cast<size_t>(k));
     int64_t loaded = -1;
-    // A column chunk's row groups at a time, dynamically: a thread slowed by a busy core takes
-    // fewer chunks instead of holding up the pass.
-#pragma omp for schedule(dynamic, groups)
+    // Dynamically: a thread slowed by a busy core takes fewer tasks instead of holding up the pass.
+#pragma omp for schedule(dynamic, grain)
     for (int64_t t = 0; t < tasks; ++t) {
       const int64_t c = t / groups, r0 = (t % groups) * 4, j0 = c * chunk, len = std::min(chunk, d - j0);
       const int count = int(std::min<int64_t>(4, n - r0));
@@ -201,10 +203,13 @@ template <class S>
 void woodbury_finish(const S* G, int64_t d, const std::vector<int64_t>& slots, const double* W, const S* X, int64_t k,
                      double damp, S* out, int threads) {
   const int64_t n = int64_t(slots.size());
-  Chunks ch(d);  // 32K columns per task: the float64 accumulator stays in L2, row segments stay long
-  ch.size = std::max<int64_t>(1, std::min<int64_t>(32768, std::max<int64_t>(d, 1)));
+  // 32K columns per task (the float64 accumulator stays in L2, row segments stay long), fewer when
+  // that leaves a thread without one. Each column adds its rows in the same order whatever the split.
+  const int team_size = team(threads, double(n) * double(d) * double(k));
+  Chunks ch(d);
+  ch.size = std::max<int64_t>(1, std::min<int64_t>(32768, (d + team_size - 1) / team_size));
   ch.count = (d + ch.size - 1) / ch.size;
-#pragma omp parallel num_threads(team(threads, double(n) * double(d) * double(k)))
+#pragma omp parallel num_threads(team_size)
   {
     std::vector<double> acc(static_cast<size_t>(ch.size * k));
 #pragma omp for schedule(dynamic)
