@@ -1050,6 +1050,39 @@ def test_probes_like_gives_one_reproducible_probe_per_tensor():
         curvkit.probes_like(tensors, step=-1)
 
 
+@pytest.mark.parametrize("kind", ["rademacher", "gaussian", "sphere"])
+def test_probes_like_in_one_call_equals_one_probe_at_a_time(kind):
+    # every framework of the list at once (one native call each), any layout and size of tensor
+    tensors = [np.zeros((3, 4)).T, np.zeros(()), np.zeros((0, 5)), np.zeros(300, dtype=np.float32)]
+    if torch is not None:
+        tensors += [torch.zeros(7, 2, dtype=torch.bfloat16).T, torch.zeros(129)]
+    z = curvkit.probes_like(tensors, kind=kind, seed=11, step=2)
+    for i, (x, t) in enumerate(zip(z, tensors)):
+        assert type(x) is type(t) and x.dtype == t.dtype and tuple(x.shape) == tuple(t.shape)
+        alone = curvkit.probes((math.prod(t.shape),), kind, seed=11, offset=2 * 2**24 + i, like=t)
+        assert raw_bits(x.reshape(-1)).tolist() == raw_bits(alone).tolist(), i
+    with pytest.raises(curvkit.ArgumentTypeError, match=r"'tensors' holds an array of dtype int64 \(entry 1\)"):
+        curvkit.probes_like([np.zeros(3), np.zeros(3, dtype=np.int64)])
+    with pytest.raises(curvkit.ArgumentError, match="'kind'"):
+        curvkit.probes_like([np.zeros(3)], kind="uniform")
+    with pytest.raises(curvkit.ArgumentError, match="'offsets' must have one entry per output"):
+        curvkit._core.probes_flat([np.zeros(3)], kind=kind, seed=0, offsets=[], workspace=None, stream=0)
+    with pytest.raises(curvkit.ArgumentError, match="entry 1 is not"):
+        curvkit._core.probes_flat([np.zeros(3), np.zeros((3, 2)).T], kind=kind, seed=0, offsets=[0, 1],
+                                  workspace=None, stream=0)
+
+
+@pytest.mark.parametrize("backend", CUDA_BACKENDS)
+@pytest.mark.parametrize("kind", ["rademacher", "sphere"])
+def test_probes_like_on_cuda_gives_the_cpu_bits(backend, kind):
+    # one call over the list, sphere's workspace reused from probe to probe on the stream
+    shapes = [(300, 7), (5,), (4096,), ()]
+    on_device = curvkit.probes_like([make(np.zeros(s), backend, "float32") for s in shapes], kind=kind, seed=5, step=1)
+    on_host = curvkit.probes_like([np.zeros(s, dtype=np.float32) for s in shapes], kind=kind, seed=5, step=1)
+    for x, y in zip(on_device, on_host):
+        assert raw_bits(to_numpy(x)).tolist() == raw_bits(y).tolist()
+
+
 @pytest.mark.skipif(torch is None, reason="PyTorch is not installed")
 def test_a_torch_dtype_gives_a_torch_tensor():
     z = curvkit.probes(5, dtype=torch.float32)

@@ -228,6 +228,19 @@ void register_hutchinson(py::module_& m, py::module_& testing) {
       py::arg("out"), py::kw_only(), py::arg("kind"), py::arg("seed"), py::arg("offset"), py::arg("workspace"),
       py::arg("stream"), "Fill `out` with probe vectors (see curvkit.probes).");
   m.def(
+      "probes_flat",
+      [](const py::list& outs, const std::string& kind, uint64_t seed, const std::vector<uint64_t>& offsets,
+         py::handle workspace, StreamHandle stream) {
+        const ProbeKind k = binding::parse_choice(kProbeKinds, kind, "kind");
+        binding::ArrayList o(outs, "out", stream, binding::Access::Write);
+        std::optional<interop::ImportedArray> ws;
+        if (!workspace.is_none()) ws.emplace(interop::import_output(workspace, "workspace", stream));
+        binding::CallScope scope{py::none()};
+        probes_flat(o.views(), k, seed, offsets, ws ? &ws->view : nullptr, stream);
+      },
+      py::arg("outs"), py::kw_only(), py::arg("kind"), py::arg("seed"), py::arg("offsets"), py::arg("workspace"),
+      py::arg("stream"), "Fill each array of `outs` with one flat probe (see curvkit.probes_like).");
+  m.def(
       "probes_workspace_size",
       [](const std::vector<int64_t>& shape, const std::string& kind, bool cuda) {
         ArrayView v;

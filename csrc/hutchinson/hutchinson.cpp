@@ -57,6 +57,20 @@ void probes(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset
   CK_DEVICE_DISPATCH(out.device, probes_cpu(out, kind, seed, offset), probes_cuda(out, kind, seed, offset, ws, stream));
 }
 
+void probes_flat(const std::vector<ArrayView>& outs, ProbeKind kind, uint64_t seed,
+                 const std::vector<uint64_t>& offsets, const ArrayView* workspace, StreamHandle stream) {
+  CK_CHECK_VALUE(offsets.size() == outs.size(), "argument 'offsets' must have one entry per output (", outs.size(),
+                 "), got ", offsets.size());
+  for (size_t i = 0; i < outs.size(); ++i) {
+    if (i > 0) check_same_device(outs[0], "out", outs[i], "out");
+    CK_CHECK_VALUE(outs[i].is_contiguous(), "argument 'out' must hold C-contiguous arrays (entry ", i, " is not)");
+    ArrayView flat = outs[i];
+    flat.shape = {outs[i].numel()};
+    flat.strides = {1};
+    probes(flat, kind, seed, offsets[i], workspace, stream);
+  }
+}
+
 }  // namespace curvkit
 
 // ---- Estimator cores: checks, then the CPU kernels (estimators_cpu.h)

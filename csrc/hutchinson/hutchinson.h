@@ -37,6 +37,12 @@ int64_t probes_workspace_size(ProbeKind kind, const ProbeLayout& layout, bool cu
 void probes(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset, const ArrayView* workspace,
             StreamHandle stream);
 
+// One probe per output (probes_like's list in one call): outs[i], C-contiguous of any shape, gets
+// probe number offsets[i] of length numel in C order, as a 1-D probes() would give it. Outputs on
+// one device; the workspace is probes()'s, sized for the largest (one stream, reused in turn).
+void probes_flat(const std::vector<ArrayView>& outs, ProbeKind kind, uint64_t seed,
+                 const std::vector<uint64_t>& offsets, const ArrayView* workspace, StreamHandle stream);
+
 // Backends, called by probes() once arguments are checked.
 void probes_cpu(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset);
 void probes_cuda(const ArrayView& out, ProbeKind kind, uint64_t seed, uint64_t offset, double* workspace,
