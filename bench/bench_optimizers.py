@@ -5,6 +5,9 @@ Muon's NS5, Distributed Shampoo's eigh roots, SOAP's QR refresh, AdaHessian's pe
 forward, a backward and the step, so the ratio is what a training loop sees.
 Run: python -m pytest bench/bench_optimizers.py --benchmark-only
 """
+import statistics
+import time
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -48,3 +51,23 @@ def test_step(benchmark, name, impl):
     benchmark.group = f"optimizer-step-{name}-mlp784"
     benchmark.extra_info.update(impl=impl)
     benchmark(training_step(OPTIMIZERS[name][impl]))
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_alternating(benchmark, name):
+    """Both steps of one optimizer in turn, each timed on its own (60 pairs): the VM's slow spells
+    then fall on both alike, where the groups above time one side for seconds, then the other.
+    The summary prints each side's median and their ratio."""
+    steps = {impl: training_step(make) for impl, make in OPTIMIZERS[name].items()}
+    times = {impl: [] for impl in steps}
+
+    def pair():
+        for impl, step in steps.items():
+            start = time.perf_counter()
+            step()
+            times[impl].append(time.perf_counter() - start)
+
+    benchmark.group = f"optimizer-alternating-{name}"
+    benchmark.pedantic(pair, rounds=60, warmup_rounds=2)
+    benchmark.extra_info.update(impl="both, in turn",
+                                alternating={impl: statistics.median(t[2:]) for impl, t in times.items()})

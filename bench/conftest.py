@@ -43,3 +43,8 @@ def pytest_terminal_summary(terminalreporter, config):
             ratio = median / (ours.stats.median * ours.extra_info.get("scale", 1.0)) if ours else float("nan")
             impl = b.extra_info.get("impl", "?")
             tr.write_line(f"{group:34s} {impl:18s} {median * 1e3:10.3f} {rate:>28s} {ratio:7.2f}")
+            # implementations timed in turn within one benchmark: each one's median, ratio to curvkit's
+            alternating = b.extra_info.get("alternating", {})
+            for other, t in alternating.items():
+                tr.write_line(f"{group:34s} {'  ' + other:18s} {t * 1e3:10.3f} {'-':>28s} "
+                              f"{t / alternating.get('curvkit', float('nan')):7.2f}")
