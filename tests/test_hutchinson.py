@@ -616,14 +616,19 @@ def step_state(rng, shapes, scale=1.0):
     return [rng.standard_normal(s) * scale for s in shapes]
 
 
+# Several tasks a tensor (16K elements each), eight groups summed at a time and the tails.
+LARGE_STEP_SHAPES = [(300, 70), (20000,), (130, 2, 9, 9)]
+
+
+@pytest.mark.parametrize("shapes", [STEP_SHAPES, LARGE_STEP_SHAPES], ids=["small", "large"])
 @pytest.mark.parametrize("block_size", [None, 1, 4, 1000])
 @pytest.mark.parametrize("hessian_power", [1.0, 0.5, 0.7])
-def test_adahessian_bitwise_float64(rng, block_size, hessian_power):
-    params, grads, m = step_state(rng, STEP_SHAPES), step_state(rng, STEP_SHAPES), step_state(rng, STEP_SHAPES)
-    v = [np.abs(x) for x in step_state(rng, STEP_SHAPES)]
+def test_adahessian_bitwise_float64(rng, block_size, hessian_power, shapes):
+    params, grads, m = step_state(rng, shapes), step_state(rng, shapes), step_state(rng, shapes)
+    v = [np.abs(x) for x in step_state(rng, shapes)]
     ref = [[x.copy() for x in xs] for xs in (params, m, v)]
     for step in (1, 2, 5):
-        h = step_state(rng, STEP_SHAPES)
+        h = step_state(rng, shapes)
         kw = dict(lr=0.1, betas=(0.9, 0.99), eps=1e-4, weight_decay=0.01, hessian_power=hessian_power,
                   block_size=block_size)
         curvkit.adahessian_step_(params, grads, h, m, v, step=step, **kw)

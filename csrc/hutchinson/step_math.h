@@ -26,6 +26,9 @@ CK_HD C power(C x, C k) {
   return pow(x, k);
 }
 
+// Whether power(x, k) takes a shortcut (no call to the C library's pow, which does not vectorize).
+inline bool power_is_exact_shortcut(double k) { return k == 1 || k == 0.5 || k == 2 || k == 0 || k == -1; }
+
 // The scalars of one AdaHessian step, computed once per call in float64 as the reference does.
 struct AdaHessianScalars {
   double lr, beta1, one_minus_beta1, beta2, one_minus_beta2, bias1, sqrt_bias2_pow, eps, weight_decay, power;
