@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+from _in_turn import in_turn
 
 import curvkit
 
@@ -62,6 +63,23 @@ def test_curvkit(benchmark, case, p, method):
     X = curvkit.matrix_inverse_root(A, p, method=method)
     benchmark.extra_info.update(impl="curvkit" if method == "eigh" else "curvkit newton", rel_error=_error(X, A, p))
     benchmark.pedantic(lambda: curvkit.matrix_inverse_root(A, p, method=method), rounds=3, warmup_rounds=1)
+
+
+# The target case in the interleaved setting: each root after a forward and backward GEMM of the
+# MLP on PyTorch's threads, curvkit and the float64 eigh route in turn (_in_turn.py), 8 rounds.
+@pytest.mark.parametrize("p", [4])
+def test_in_turn_after_torch_work(benchmark, p):
+    A, x, w = _batch(8, 1024), torch.randn(256, 784), torch.randn(784, 256)
+    benchmark.group = f"root-p{p}-float32-in-turn-8x1024"
+
+    def after_torch_work(root):
+        def call():
+            x.T @ (x @ w)
+            root(A, p)
+        return call
+
+    in_turn(benchmark, {"curvkit": after_torch_work(curvkit.matrix_inverse_root),
+                        "torch eigh f64": after_torch_work(eigh_root)}, rounds=8)
 
 
 @pytest.mark.parametrize("impl", ["curvkit", "torch eigh f64"])

@@ -5,10 +5,8 @@ Muon's NS5, Distributed Shampoo's eigh roots, SOAP's QR refresh, AdaHessian's pe
 forward, a backward and the step, so the ratio is what a training loop sees.
 Run: python -m pytest bench/bench_optimizers.py --benchmark-only
 """
-import statistics
-import time
-
 import pytest
+from _in_turn import in_turn
 
 torch = pytest.importorskip("torch")
 from baselines.optimizers import SOAPQR, AdaHessianLoop, MuonNS5, ShampooEigh  # noqa: E402
@@ -54,21 +52,7 @@ def test_step(benchmark, name, impl):
 
 
 @pytest.mark.parametrize("name", list(OPTIMIZERS))
-def test_alternating(benchmark, name):
-    """Both steps of one optimizer in turn, each timed on its own (60 pairs): the VM's slow spells
-    then fall on both alike, where the groups above time one side for seconds, then the other.
-    The summary prints each side's median and their ratio."""
-    steps = {impl: training_step(make) for impl, make in OPTIMIZERS[name].items()}
-    times = {impl: [] for impl in steps}
-
-    def pair():
-        for impl, step in steps.items():
-            start = time.perf_counter()
-            step()
-            times[impl].append(time.perf_counter() - start)
-
-    benchmark.group = f"optimizer-alternating-{name}"
-    rounds = 60
-    benchmark.pedantic(pair, rounds=rounds, warmup_rounds=2)
-    benchmark.extra_info.update(impl="both, in turn",  # the timed rounds only (one with --benchmark-disable)
-                                alternating={impl: statistics.median(t[-rounds:]) for impl, t in times.items()})
+def test_in_turn(benchmark, name):
+    """Both steps of one optimizer in turn (_in_turn.py), 60 rounds."""
+    benchmark.group = f"optimizer-in-turn-{name}"
+    in_turn(benchmark, {impl: training_step(make) for impl, make in OPTIMIZERS[name].items()}, rounds=60)

@@ -22,6 +22,12 @@ def pytest_terminal_summary(terminalreporter, config):
     for group, benches in sorted(groups.items()):
         ours = next((b for b in benches if b.extra_info.get("impl") == "curvkit"), None)
         for b in sorted(benches, key=lambda b: b.extra_info.get("impl", "")):
+            # implementations timed in turn within one benchmark (_in_turn.py): each one's median
+            in_turn = b.extra_info.get("alternating", {})
+            for impl, t in in_turn.items():
+                tr.write_line(f"{group:34s} {impl:18s} {t * 1e3:10.3f} {'-':>28s} {t / in_turn['curvkit']:7.2f}")
+            if in_turn:
+                continue
             # a solve timed over a fixed budget of iterations, scaled to its count at the tolerance
             median = b.stats.median * b.extra_info.get("scale", 1.0)
             if "flops" in b.extra_info:
@@ -43,8 +49,3 @@ def pytest_terminal_summary(terminalreporter, config):
             ratio = median / (ours.stats.median * ours.extra_info.get("scale", 1.0)) if ours else float("nan")
             impl = b.extra_info.get("impl", "?")
             tr.write_line(f"{group:34s} {impl:18s} {median * 1e3:10.3f} {rate:>28s} {ratio:7.2f}")
-            # implementations timed in turn within one benchmark: each one's median, ratio to curvkit's
-            alternating = b.extra_info.get("alternating", {})
-            for other, t in alternating.items():
-                tr.write_line(f"{group:34s} {'  ' + other:18s} {t * 1e3:10.3f} {'-':>28s} "
-                              f"{t / alternating.get('curvkit', float('nan')):7.2f}")
