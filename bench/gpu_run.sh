@@ -66,8 +66,8 @@ if [ $cpu_kind -eq 1 ]; then
   lscpu | grep -E "Model name|^Flags" > "$log"
   python3 -c "import curvkit; curvkit.show_config()" >> "$log"
   pin=""; command -v taskset > /dev/null && pin="taskset -c 0,1"
-  for spec in "bench_newton_schulz.py|not cuda and not equal" "bench_inverse_root.py|8x1024 and not cuda" \
-              "bench_optimizers.py|not cuda"; do
+  for spec in "bench_newton_schulz.py|not cuda and not equal and not in_turn" "bench_inverse_root.py|8x1024 and not cuda" \
+              "bench_newton_schulz.py|in_turn" "bench_inverse_root.py|in_turn" "bench_optimizers.py|not cuda"; do
     file=${spec%%|*} expr=${spec#*|}
     echo "######## $file -k \"$expr\" ($pin)" >> "$log"
     CURVKIT_NUM_THREADS=2 OMP_NUM_THREADS=2 OPENBLAS_NUM_THREADS=2 timeout -s KILL "${BENCH_LIMIT:-200}" \
