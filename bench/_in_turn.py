@@ -18,5 +18,13 @@ def in_turn(benchmark, calls, rounds):
             times[impl].append(time.perf_counter() - start)
 
     benchmark.pedantic(turn, rounds=rounds, warmup_rounds=1)
-    benchmark.extra_info.update(impl="in turn", alternating={impl: statistics.median(t[-rounds:])
-                                                             for impl, t in times.items()})
+    benchmark.extra_info.update(impl="in turn", in_turn={impl: statistics.median(t[-rounds:])
+                                                         for impl, t in times.items()})
+
+
+def after(first, call, *args):
+    """A call that runs first() (the model's own PyTorch work, say) and then call(*args)."""
+    def both():
+        first()
+        call(*args)
+    return both

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 import pytest
-from _in_turn import in_turn
+from _in_turn import after, in_turn
 
 import curvkit
 
@@ -72,14 +72,11 @@ def test_in_turn_after_torch_work(benchmark, p):
     A, x, w = _batch(8, 1024), torch.randn(256, 784), torch.randn(784, 256)
     benchmark.group = f"root-p{p}-float32-in-turn-8x1024"
 
-    def after_torch_work(root):
-        def call():
-            x.T @ (x @ w)
-            root(A, p)
-        return call
+    def torch_work():
+        return x.T @ (x @ w)
 
-    in_turn(benchmark, {"curvkit": after_torch_work(curvkit.matrix_inverse_root),
-                        "torch eigh f64": after_torch_work(eigh_root)}, rounds=8)
+    in_turn(benchmark, {"curvkit": after(torch_work, curvkit.matrix_inverse_root, A, p),
+                        "torch eigh f64": after(torch_work, eigh_root, A, p)}, rounds=8)
 
 
 @pytest.mark.parametrize("impl", ["curvkit", "torch eigh f64"])

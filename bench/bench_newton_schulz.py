@@ -8,7 +8,7 @@ rate; `gemm` times one plain X X^T product in torch for the machine's GEMM rate.
 """
 import numpy as np
 import pytest
-from _in_turn import in_turn
+from _in_turn import after, in_turn
 
 import curvkit
 from curvkit.newton_schulz import _GRAM_RESTART
@@ -126,14 +126,11 @@ def test_in_turn_after_torch_work(benchmark, shape):
     benchmark.group = f"polar-float32-in-turn-{_name(shape)}"
     G, x, w = torch.randn(shape), torch.randn(256, 784), torch.randn(784, 256)
 
-    def after_torch_work(orthogonalize):
-        def call():
-            x.T @ (x @ w)
-            orthogonalize(G, STEPS)
-        return call
+    def torch_work():
+        return x.T @ (x @ w)
 
-    in_turn(benchmark, {"curvkit": after_torch_work(curvkit.polar),
-                        "torch NS5": after_torch_work(muon_newton_schulz)}, rounds=10)
+    in_turn(benchmark, {"curvkit": after(torch_work, curvkit.polar, G, STEPS),
+                        "torch NS5": after(torch_work, muon_newton_schulz, G, STEPS)}, rounds=10)
 
 
 # The same beside NumPy's own OpenBLAS (a third pool: NumPy's wheel bundles its own): one

@@ -23,7 +23,7 @@ def pytest_terminal_summary(terminalreporter, config):
         ours = next((b for b in benches if b.extra_info.get("impl") == "curvkit"), None)
         for b in sorted(benches, key=lambda b: b.extra_info.get("impl", "")):
             # implementations timed in turn within one benchmark (_in_turn.py): each one's median
-            in_turn = b.extra_info.get("alternating", {})
+            in_turn = b.extra_info.get("in_turn", {})
             for impl, t in in_turn.items():
                 tr.write_line(f"{group:34s} {impl:18s} {t * 1e3:10.3f} {'-':>28s} {t / in_turn['curvkit']:7.2f}")
             if in_turn:
