@@ -127,18 +127,19 @@ def probes_like(tensors: Sequence[Any], kind: str = "rademacher", seed: int = 0,
     out: list = []
     groups: dict[tuple, list[int]] = {}  # one native call per (framework, device) of the list
     for i, t in enumerate(tensors):
-        _arrays.framework_of(t, "tensors")  # an array of a supported framework
+        framework, dev = _arrays.framework_of(t, "tensors"), _arrays.device_of(t, "tensors")
         dtype = _arrays.dtype_name(t.dtype)
         if dtype not in _arrays.FLOAT_DTYPES:
             raise ArgumentTypeError(f"argument 'tensors' holds an array of dtype {dtype} (entry {i}); probes are "
                                     f"float: one of {', '.join(_arrays.FLOAT_DTYPES)}")
-        framework, dev, dtype = _target(t, None, None)
         out.append(_arrays.empty(tuple(t.shape), dtype, framework, dev))
         groups.setdefault((framework, dev), []).append(i)
     for (framework, dev), members in groups.items():
         zs = [out[i] for i in members]
         workspace = None
         if dev[0] == "cuda":  # sphere probes normalize through device workspace, reused in turn
+            if not _core.built_with_cuda():
+                raise ArgumentError("argument 'tensors' holds CUDA arrays, but this curvkit build has no CUDA kernels")
             size = max(_core.probes_workspace_size([math.prod(z.shape)], kind, True) for z in zs)
             workspace = _arrays.empty((size,), "float64", framework, dev) if size else None
         _core.probes_flat(zs, kind=kind, seed=seed, offsets=[step * _TENSORS_PER_STEP + i for i in members],
